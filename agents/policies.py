@@ -1,0 +1,134 @@
+"""Policy networks for image observations, shaped as Stable-Baselines3 features extractors.
+
+Every backbone is split in two so that attribution (Grad-CAM++) and defenses can reach the
+last spatial feature map without forward hooks:
+
+    spatial(x) -> (B, D, h, w)   the last spatial map (conv channels, or the ViT token grid)
+    head(fmap) -> (B, features_dim)
+
+``ImageFeatures`` puts an input *gate* in front of the backbone. It is ``nn.Identity`` unless a
+defense (SGAM) installs a masking layer there; all inputs reaching the extractor are floats in
+[0, 1] (SB3 divides uint8 images by 255 before calling it), which is also the attacker's scale.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import gymnasium as gym
+import torch
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from torch import Tensor, nn
+
+BackboneName = Literal["cnn", "vit"]
+
+
+class CnnBackbone(nn.Module):
+    """Three 3x3 convolutions (two with stride 2) and a linear head over the flattened map.
+
+    The head flattens instead of pooling because positions matter in the coverage task: which
+    landmark is nearest depends on where things are, and pooling would throw that away.
+    """
+
+    def __init__(self, in_channels: int, height: int, width: int, channels: tuple[int, int, int] = (16, 32, 32),
+                 features_dim: int = 128) -> None:
+        super().__init__()
+        c1, c2, c3 = channels
+        self.convs = nn.Sequential(
+            nn.Conv2d(in_channels, c1, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(c2, c3, 3, stride=1, padding=1), nn.ReLU(),
+        )
+        with torch.no_grad():
+            fmap_numel = self.convs(torch.zeros(1, in_channels, height, width)).numel()
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(fmap_numel, features_dim), nn.ReLU())
+        self.features_dim = features_dim
+
+    def spatial(self, x: Tensor) -> Tensor:
+        return self.convs(x)
+
+    def head(self, fmap: Tensor) -> Tensor:
+        return self.fc(fmap)
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block (attention + MLP), as in ViT."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 2.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        y = self.norm1(tokens)
+        tokens = tokens + self.attn(y, y, y, need_weights=False)[0]
+        return tokens + self.mlp(self.norm2(tokens))
+
+
+class VitBackbone(nn.Module):
+    """A small Vision Transformer: patch embedding, learned positions, a few blocks.
+
+    ``spatial`` returns the token grid after the last block as (B, D, H/p, W/p), the ViT
+    analogue of a conv feature map (this is what Grad-CAM++ uses for ViTs). There is no class
+    token; the head flattens the normalised tokens so positional information reaches the policy.
+    """
+
+    def __init__(self, in_channels: int, height: int, width: int, patch_size: int = 6, dim: int = 64,
+                 depth: int = 2, heads: int = 4, features_dim: int = 128) -> None:
+        super().__init__()
+        if height % patch_size or width % patch_size:
+            raise ValueError(f"ViT patch_size={patch_size} must divide the image size {height}x{width}")
+        self.grid = (height // patch_size, width // patch_size)
+        self.embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
+        self.pos = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], dim))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        self.blocks = nn.Sequential(*[_Block(dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(dim * self.grid[0] * self.grid[1], features_dim), nn.ReLU())
+        self.features_dim = features_dim
+
+    def spatial(self, x: Tensor) -> Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2) + self.pos  # (B, T, D)
+        tokens = self.blocks(tokens)
+        b, t, d = tokens.shape
+        return tokens.transpose(1, 2).reshape(b, d, *self.grid)
+
+    def head(self, fmap: Tensor) -> Tensor:
+        tokens = self.norm(fmap.flatten(2).transpose(1, 2))
+        return self.fc(tokens)
+
+
+class ImageFeatures(BaseFeaturesExtractor):
+    """SB3 features extractor: ``gate`` (identity or a defense's masking layer) then a backbone.
+
+    Pass it through ``policy_kwargs=dict(features_extractor_class=ImageFeatures,
+    features_extractor_kwargs=dict(backbone="cnn", ...))``.
+    """
+
+    def __init__(self, observation_space: gym.spaces.Box, backbone: BackboneName = "cnn",
+                 features_dim: int = 128, **backbone_kwargs: object) -> None:
+        shape = observation_space.shape
+        if shape is None or len(shape) != 3:
+            raise ValueError(f"ImageFeatures needs channel-first image observations (C, H, W), got shape {shape}")
+        channels, height, width = shape
+        if backbone == "cnn":
+            net: nn.Module = CnnBackbone(channels, height, width, features_dim=features_dim, **backbone_kwargs)
+        elif backbone == "vit":
+            net = VitBackbone(channels, height, width, features_dim=features_dim, **backbone_kwargs)
+        else:
+            raise ValueError(f"unknown backbone {backbone!r}; known: cnn, vit")
+        super().__init__(observation_space, features_dim)
+        self.gate: nn.Module = nn.Identity()
+        self.backbone = net
+
+    def spatial(self, x: Tensor) -> Tensor:
+        """Last spatial feature map of the gated input; x is a float image batch in [0, 1]."""
+        return self.backbone.spatial(self.gate(x))
+
+    def head(self, fmap: Tensor) -> Tensor:
+        return self.backbone.head(fmap)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.spatial(x))
