@@ -1,0 +1,214 @@
+"""The one config type of fgmf-marl: nested dataclasses, loaded strictly from YAML and overrides.
+
+Every configurable part of the project (env, policy, PPO, defenses, attacks) is a ``@dataclass``
+with typed fields and defaults. ``from_dict`` builds one from plain data and rejects, with a
+one-line :class:`ConfigError`, unknown keys and values of the wrong type; value checks live in an
+optional ``validate(self)`` method on each dataclass and run for every nested section. CLIs turn
+``ConfigError`` into exit code 2 before anything is written.
+
+Overrides use dotted paths (``ppo.learning_rate=1e-4``, ``env.native.n_agents=4``); the value is
+parsed as YAML, so ``true``, ``3``, ``[16, 32, 32]`` and ``null`` mean what they look like.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; its message is one line naming the value and what is accepted."""
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin in (tuple, list):
+        args = [a for a in get_args(tp) if a is not Ellipsis]
+        return f"list of {_type_name(args[0])}" if args else "list"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in the field's Python type."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{where}' must be a mapping of {tp.__name__} settings, got {value!r}")
+        return _build(tp, value, where + ".")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"config key '{where}' is {value!r}; accepted: {_type_name(tp)}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"config key '{where}' is {value!r}; accepted: {_type_name(tp)}")
+    if origin in (tuple, list):
+        args = [a for a in get_args(tp) if a is not Ellipsis]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{where}' must be a list, got {value!r}")
+        if origin is tuple and len(get_args(tp)) > 1 and Ellipsis not in get_args(tp) and len(value) != len(args):
+            raise ConfigError(f"config key '{where}' must have {len(args)} items, got {len(value)}")
+        items = [_coerce(v, args[min(i, len(args) - 1)], f"{where}[{i}]") if args else v for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{where}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"config key '{where}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{where}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{where}' must be a string, got {value!r}")
+        return value
+    if tp is typing.Any:
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at '{where}'")
+
+
+def _build(cls: type[T], data: dict, prefix: str) -> T:
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; known keys here: {', '.join(sorted(fields))}")
+    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def validate(obj: Any) -> None:
+    """Run ``validate()`` on ``obj`` and on every nested config section, innermost first."""
+    for field in dataclasses.fields(obj):
+        value = getattr(obj, field.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            validate(value)
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        check()
+
+
+def from_dict(cls: type[T], data: dict | None) -> T:
+    """Build and validate a config of type ``cls`` from plain data (missing keys keep defaults)."""
+    obj = _build(cls, data or {}, "")
+    validate(obj)
+    return obj
+
+
+def to_dict(obj: Any) -> dict:
+    """Plain, YAML-friendly data (tuples become lists) that ``from_dict`` reads back unchanged."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(obj))
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Return a copy of ``data`` with ``a.b.c=value`` overrides applied (values parsed as YAML)."""
+    data = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: '{'.'.join(parts[:i + 1])}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, turning a missing file or bad syntax into a one-line ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "syntax error"
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+         base: dict | None = None) -> T:
+    """Defaults, then ``base`` data, then the YAML file, then dotted overrides; validated."""
+    data = apply_overrides(base or {}, [])
+    if path is not None:
+        data = _merge(data, read_yaml(path))
+    return from_dict(cls, apply_overrides(data, overrides or []))
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write via a temp file in the same folder + fsync + rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_yaml(obj: Any, path: str | Path) -> None:
+    """Write a config (dataclass) as YAML, atomically."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
