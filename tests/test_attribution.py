@@ -120,3 +120,127 @@ def test_gradcampp_target_none_is_greedy_and_bad_target_rejected() -> None:
         method.attribute(obs, target=[0, 1])
     with pytest.raises(ValueError, match="float tensor"):
         method.attribute(obs[0], target=[0])
+
+
+# ---------------------------------------------------------------- perturbation map P
+from captum.attr import Occlusion  # noqa: E402
+from scipy import ndimage, stats  # noqa: E402
+
+from fgmf_marl.attribution import PGCA, IntegratedGradientsMap, OcclusionMap, PerturbationMap  # noqa: E402
+from fgmf_marl.attribution.perturbation import cell_masks, cells_to_pixels  # noqa: E402
+from fgmf_marl.attribution.pgca import gaussian_blur, percentile_stretch, spearman, topk_iou  # noqa: E402
+
+
+@pytest.mark.parametrize("kind", ["logit", "prob"])
+def test_batched_perturbation_equals_naive_loop(kind: str) -> None:
+    view = make_view()
+    obs = random_obs(3)
+    target = torch.tensor([2, 0, 4])
+    method = PerturbationMap(view, grid=4, target_kind=kind, seed=7, chunk_size=10)  # chunks straddle samples
+    parts = method.parts(obs, target)
+    noise = method.noise_field(obs.shape[1:])
+    masks = cell_masks(24, 24, 4)
+    with torch.no_grad():
+        for s in range(3):
+            def score(x):
+                out = view(x[None])[0]
+                out = out if kind == "logit" else torch.softmax(out, -1)
+                return out[target[s]]
+            base = score(obs[s])
+            for cell in range(16):
+                m = masks[cell][None]
+                zero = base - score(obs[s] * (1 - m))
+                noisy = base - score(obs[s] * (1 - m) + noise * m)
+                i, j = divmod(cell, 4)
+                assert torch.isclose(parts.drop_zero[s, i, j], zero, atol=1e-5, rtol=1e-4)
+                assert torch.isclose(parts.drop_noise[s, i, j], noisy, atol=1e-5, rtol=1e-4)
+    maps = method.attribute(obs, target)
+    expected = cells_to_pixels(torch.relu((parts.drop_zero + parts.drop_noise) / 2), 24, 24)
+    expected = expected / expected.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    torch.testing.assert_close(maps, expected)
+
+
+def test_perturbation_equals_captum_occlusion() -> None:
+    view = make_view()
+    obs = random_obs(4)
+    target = torch.tensor([1, 1, 3, 0])
+    method = PerturbationMap(view, grid=8, seed=3)
+    parts = method.parts(obs, target)
+    occ = Occlusion(view)
+    window = dict(sliding_window_shapes=(3, 3, 3), strides=(3, 3, 3), target=target)
+    with torch.no_grad():
+        captum_zero = occ.attribute(obs, baselines=0.0, **window)
+        captum_noise = occ.attribute(obs, baselines=method.noise_field(obs.shape[1:])[None].expand_as(obs), **window)
+    for c in range(3):
+        torch.testing.assert_close(cells_to_pixels(parts.drop_zero, 24, 24), captum_zero[:, c], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(cells_to_pixels(parts.drop_noise, 24, 24), captum_noise[:, c], atol=1e-5, rtol=1e-4)
+
+
+def test_perturbation_rejects_bad_settings() -> None:
+    view = make_view()
+    with pytest.raises(ValueError, match="grid must be"):
+        PerturbationMap(view, grid=0)
+    with pytest.raises(ValueError, match="strategies"):
+        PerturbationMap(view, strategies=("blur",))
+
+
+# ---------------------------------------------------------------- PGCA
+def test_pgca_stages_have_documented_ranges_and_are_deterministic() -> None:
+    view = make_view()
+    obs = random_obs(6)
+    target = torch.arange(6) % 5
+    res = PGCA(view, grid=4, seed=11).explain(obs, target)
+    for name in ("P", "G", "consensus", "final"):
+        m = getattr(res, name)
+        assert m.shape == (6, 24, 24), name
+        assert float(m.min()) >= 0.0 and float(m.max()) <= 1.0 + 1e-6, name
+    assert torch.all(res.agreement.abs() <= 1.0 + 1e-6)
+    assert torch.all((res.topk_iou >= 0) & (res.topk_iou <= 1))
+    # consensus is the weighted geometric mean, so it is zero wherever either part is zero
+    torch.testing.assert_close(res.consensus, (res.P * res.G).sqrt())
+    assert torch.all(res.consensus[(res.P == 0) | (res.G == 0)] == 0)
+    # the final map is stretched: it reaches 1 for each non-flat sample
+    assert torch.all(res.final.flatten(1).amax(1) > 0.99)
+    again = PGCA(view, grid=4, seed=11).explain(obs, target)
+    torch.testing.assert_close(res.final, again.final, rtol=0, atol=0)
+    other = PGCA(view, grid=4, seed=12).explain(obs, target)
+    assert not torch.equal(res.P, other.P)  # the seed drives the noise replacement
+
+
+def test_pgca_target_probability_differs_from_logit() -> None:
+    view = make_view()
+    obs = random_obs(2)
+    a = PGCA(view, grid=4, target_kind="logit").explain(obs, [0, 1])
+    b = PGCA(view, grid=4, target_kind="prob").explain(obs, [0, 1])
+    assert not torch.allclose(a.P, b.P)
+
+
+def test_gaussian_blur_matches_scipy() -> None:
+    maps = torch.rand(2, 17, 13, generator=torch.Generator().manual_seed(0))
+    ours = gaussian_blur(maps, 1.5)
+    ref = np.stack([ndimage.gaussian_filter(m.double().numpy(), 1.5, mode="mirror", truncate=3.0) for m in maps])
+    np.testing.assert_allclose(ours.numpy(), ref, atol=1e-6)
+
+
+def test_percentile_stretch_and_rank_statistics_match_numpy_scipy() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.random((3, 50)).astype(np.float32)
+    x[1, :10] = x[1, 0]  # ties
+    out = percentile_stretch(torch.from_numpy(x), 5, 90, gamma=2.0).numpy()
+    lo, hi = np.percentile(x, 5, axis=1, keepdims=True), np.percentile(x, 90, axis=1, keepdims=True)
+    np.testing.assert_allclose(out, np.clip((x - lo) / (hi - lo), 0, 1) ** 2, atol=1e-5)
+    y = rng.random((3, 50)).astype(np.float32)
+    rho = spearman(torch.from_numpy(x), torch.from_numpy(y)).numpy()
+    np.testing.assert_allclose(rho, [stats.spearmanr(a, b).statistic for a, b in zip(x, y)], atol=1e-5)
+    a = torch.tensor([[5.0, 4, 3, 2, 1, 0]])
+    b = torch.tensor([[5.0, 0, 4, 1, 2, 3]])
+    assert float(topk_iou(a, b, 2)) == pytest.approx(1 / 3)  # {0,1} vs {0,2}
+
+
+def test_captum_baselines_behind_the_interface() -> None:
+    view = make_view()
+    obs = random_obs(2)
+    for method in (IntegratedGradientsMap(view, n_steps=8), OcclusionMap(view)):
+        maps = method.attribute(obs, target=[1, 2])
+        assert maps.shape == (2, 24, 24) and float(maps.min()) >= 0 and float(maps.max()) <= 1
+        assert float(maps.max()) > 0

@@ -3,6 +3,18 @@
 ``method.attribute(obs01, target=actions) -> (B, H, W)``; see :mod:`fgmf_marl.attribution.base`.
 """
 from fgmf_marl.attribution.base import Attribution, as_target, normalise_maps, target_score
+from fgmf_marl.attribution.captum_baselines import IntegratedGradientsMap, OcclusionMap
 from fgmf_marl.attribution.gradcam import GradCAMPlusPlus
+from fgmf_marl.attribution.perturbation import PerturbationMap, PerturbationParts
+from fgmf_marl.attribution.pgca import PGCA, PGCAResult
 
-__all__ = ["Attribution", "GradCAMPlusPlus", "as_target", "normalise_maps", "target_score"]
+METHODS = {
+    "pgca": PGCA,
+    "perturbation": PerturbationMap,
+    "gradcam++": GradCAMPlusPlus,
+    "ig": IntegratedGradientsMap,
+    "occlusion": OcclusionMap,
+}
+
+__all__ = ["Attribution", "GradCAMPlusPlus", "IntegratedGradientsMap", "METHODS", "OcclusionMap", "PGCA",
+           "PGCAResult", "PerturbationMap", "PerturbationParts", "as_target", "normalise_maps", "target_score"]
