@@ -1,4 +1,10 @@
-"""Builds and loads the PPO variant that a ``DefenseConfig`` asks for."""
+"""Builds and loads the PPO variant that a ``DefenseConfig`` asks for.
+
+``none`` is SB3's own ``PPO``; ``scorpio``, ``sgam`` and ``fgmf`` are ``agents.fgmf_ppo.FGMFPPO``;
+``sappo`` is ``agents.sappo.SAPPO``. SGAM changes the network (a gate module in front of the
+backbone), so a checkpoint is loaded through the defended class, which rebuilds the gate from the
+run's ``defense`` config before the weights are read.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,19 +13,38 @@ from typing import Any
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import VecEnv
 
-from fgmf_marl.defenses.config import DefenseConfig
+from fgmf_marl import config as cfglib
+from fgmf_marl.config import ConfigError
+from fgmf_marl.defenses.config import DEFENSE_KINDS, DefenseConfig
 
 
 def algorithm_class(kind: str) -> type[PPO]:
     """The algorithm class that trains (and loads) a policy with defense ``kind``."""
-    return PPO
+    if kind == "none":
+        return PPO
+    if kind in ("scorpio", "sgam", "fgmf"):
+        from agents.fgmf_ppo import FGMFPPO
+
+        return FGMFPPO
+    if kind == "sappo":
+        from agents.sappo import SAPPO
+
+        return SAPPO
+    raise ConfigError(f"defense.kind={kind!r} is unknown; accepted: {', '.join(DEFENSE_KINDS)}")
 
 
 def build_model(defense: DefenseConfig, env: VecEnv, policy_kwargs: dict[str, Any], ppo_kwargs: dict[str, Any]) -> PPO:
-    """A fresh model for ``env`` with the defense installed."""
-    return algorithm_class(defense.kind)("CnnPolicy", env, policy_kwargs=policy_kwargs, **ppo_kwargs)
+    """A fresh model for ``env`` with the defense installed (the config is validated first)."""
+    cfglib.validate(defense)
+    cls = algorithm_class(defense.kind)
+    if cls is PPO:
+        return PPO("CnnPolicy", env, policy_kwargs=policy_kwargs, **ppo_kwargs)
+    return cls("CnnPolicy", env, defense=defense, policy_kwargs=policy_kwargs, **ppo_kwargs)  # type: ignore[call-arg]
 
 
 def load_model(path: str | Path, defense: DefenseConfig, env: VecEnv | None, device: str) -> PPO:
-    """Load a checkpoint written by ``build_model``'s model."""
-    return algorithm_class(defense.kind).load(str(path), env=env, device=device)
+    """Load a checkpoint written by ``build_model``'s model; ``defense`` (the run's config) decides the layers."""
+    cls = algorithm_class(defense.kind)
+    if cls is PPO:
+        return PPO.load(str(path), env=env, device=device)
+    return cls.load(str(path), env=env, device=device, defense=defense)

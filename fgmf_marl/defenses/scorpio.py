@@ -1,0 +1,238 @@
+"""SCOR-PIO 2.0: the saliency-aware curvature regulariser of FGMF (DESIGN.md, component 1).
+
+For a minibatch of float images x in [0, 1] and a policy's logits z(x) (a ``PolicyView``):
+
+* attack loss l(x) = CE(z(x), a*) with the greedy action a* = argmax z(x) detached;
+  g = grad_x l, H = Hessian of l w.r.t. x (only ever used through Hessian-vector products);
+* saliency: Integrated Gradients of z_{a*} (Captum, baseline 0), |IG| summed over channels; the
+  top-q fraction of pixels of each image form the mask m;
+* pixel weights w = (1 - m) + beta * m (beta = 1 is plain SCORPIO);
+* exploitable direction: delta0 = eps * w * sign(g), then optionally K Frank-Wolfe steps on
+  Q(delta) = g^T delta + 1/2 delta^T H delta over the weighted box |delta_i| <= eps * w_i;
+* R = lambda1 * g^T delta* + lambda2 * 1/2 delta*^T H delta*, averaged over the batch.
+
+Choices the design leaves open, made here:
+
+* delta* is treated as a constant when R is differentiated w.r.t. the policy parameters (as in
+  SCORPIO and CURE): R penalises the first- and second-order growth of the attack loss along the
+  worst direction, and gradients flow through g and H delta* (double backprop).
+* Frank-Wolfe with gamma_k = 2 / (k + 2) is not monotone on an indefinite quadratic; every
+  iterate's Q is evaluated anyway (it needs H delta_k for the next step) and each image keeps its
+  best iterate, so delta* never has a lower model value than delta0.
+* Finite differences use the forward quotient (grad l(x + h delta) - grad l(x)) / h, reusing g.
+  ``fd_step`` h is relative to delta: h = 1 (default) is the secant over the actual perturbation,
+  which for ReLU networks (whose exact Hessian only sees the softmax curvature) measures the
+  curvature an eps-attacker really meets, as CURE does; a small h recovers the exact HVP.
+* Default cost knobs (measured in ``benchmarks/bench_defense.py``): finite differences (one extra
+  forward + backward, cheaper than Pearlmutter's double backward, and sees ReLU kinks), no
+  Frank-Wolfe steps, 4 Gauss-Legendre IG steps, a quarter of every second minibatch. This keeps
+  FGMF-PPO's training throughput within the >= 0.6x of vanilla PPO the project asks for.
+* Attention layers are run on PyTorch's math SDPA kernel inside the regulariser, because the
+  fused CPU attention kernel has no double backward; this does not change the policy.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fgmf_marl.config import ConfigError
+from fgmf_marl.defenses.config import HVP_METHODS, ScorpioConfig
+
+LogitsFn = Callable[[Tensor], Tensor]
+HvpFn = Callable[[Tensor], Tensor]
+
+
+@contextmanager
+def double_backward_safe() -> Iterator[None]:
+    """Run attention on the math SDPA kernel, the one whose backward is itself differentiable."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def _bdot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample inner product of two (B, ...) tensors -> (B,)."""
+    return (a * b).flatten(1).sum(1)
+
+
+def attack_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Per-sample cross-entropy toward ``target`` (the greedy action): the loss an attacker raises."""
+    return F.cross_entropy(logits, target, reduction="none")
+
+
+def input_gradient(model: LogitsFn, x: Tensor, target: Tensor, create_graph: bool = False) -> Tensor:
+    """grad_x of the per-sample attack loss (each sample's gradient only depends on its own loss)."""
+    x = x.detach().requires_grad_(True)
+    loss = attack_loss(model(x), target).sum()
+    return torch.autograd.grad(loss, x, create_graph=create_graph)[0]
+
+
+def hvp_pearlmutter(g: Tensor, x: Tensor, v: Tensor, create_graph: bool = False) -> Tensor:
+    """H v by Pearlmutter's trick: d/dx (g . v), where ``g`` was built from ``x`` with ``create_graph``."""
+    return torch.autograd.grad(g, x, grad_outputs=v, retain_graph=True, create_graph=create_graph)[0]
+
+
+def hvp_finite_difference(model: LogitsFn, x: Tensor, target: Tensor, v: Tensor, g: Tensor, h: float,
+                          create_graph: bool = False) -> Tensor:
+    """H v ~ (grad l(x + h v) - grad l(x)) / h, with ``g`` = grad l(x) already computed."""
+    xh = (x.detach() + h * v.detach()).requires_grad_(True)
+    loss = attack_loss(model(xh), target).sum()
+    gh = torch.autograd.grad(loss, xh, create_graph=create_graph)[0]
+    return (gh - g) / h
+
+
+def integrated_gradients_saliency(model: nn.Module | LogitsFn, x: Tensor, target: Tensor, steps: int) -> Tensor:
+    """|IG| of the logit ``target`` (baseline 0), summed over channels, per-sample max-normalised (B, H, W).
+
+    This is the project's IG attribution (``fgmf_marl.attribution.IntegratedGradientsMap``, Captum's
+    ``IntegratedGradients`` with Gauss-Legendre steps); Captum differentiates w.r.t. the inputs only,
+    so no parameter ``.grad`` is touched. Normalisation does not change the top-q mask.
+    """
+    from fgmf_marl.attribution import IntegratedGradientsMap
+
+    return IntegratedGradientsMap(model, n_steps=steps, internal_batch_size=None).attribute(x.detach(), target=target)
+
+
+def top_q_mask(saliency: Tensor, q: float) -> Tensor:
+    """Boolean (B, H, W) mask of each image's top ``ceil(q * H * W)`` most salient pixels."""
+    if not 0.0 < q <= 1.0:
+        raise ConfigError(f"q={q} must be in (0, 1]")
+    b = saliency.shape[0]
+    flat = saliency.reshape(b, -1)
+    k = max(1, math.ceil(q * flat.shape[1]))
+    idx = flat.topk(k, dim=1).indices
+    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, idx, True)
+    return mask.reshape(saliency.shape)
+
+
+def pixel_weights(mask: Tensor, beta: float) -> Tensor:
+    """w = (1 - m) + beta * m as (B, 1, H, W), broadcast over channels."""
+    m = mask.to(torch.get_default_dtype() if not mask.is_floating_point() else mask.dtype).unsqueeze(1)
+    return (1.0 - m) + beta * m
+
+
+def quadratic_model(g: Tensor, delta: Tensor, h_delta: Tensor) -> Tensor:
+    """Q(delta) = g^T delta + 1/2 delta^T H delta per sample -> (B,)."""
+    return _bdot(g, delta) + 0.5 * _bdot(delta, h_delta)
+
+
+@dataclass
+class FrankWolfeResult:
+    delta: Tensor        # (B, ...) the best iterate per sample
+    h_delta: Tensor      # H delta at that iterate (no graph)
+    q_values: Tensor     # (K + 1, B) Q of delta0 .. delta_K
+    best: Tensor         # (B,) index of the chosen iterate
+
+
+def frank_wolfe(g: Tensor, hvp: HvpFn, radius: Tensor, steps: int) -> FrankWolfeResult:
+    """Maximise Q(delta) = g^T delta + 1/2 delta^T H delta over the box |delta| <= radius.
+
+    Starts at the vertex delta0 = radius * sign(g); step k moves toward the box vertex
+    v_k = radius * sign(g + H delta_k) with gamma_k = 2 / (k + 2). Returns each sample's best
+    iterate, so the result never has a lower model value than delta0.
+    """
+    g = g.detach()
+    radius = radius.detach().expand_as(g)
+    delta = radius * torch.sign(g)
+    h_delta = hvp(delta).detach()
+    best_delta, best_h = delta, h_delta
+    q = quadratic_model(g, delta, h_delta)
+    best_q, best_idx = q, torch.zeros_like(q, dtype=torch.long)
+    history = [q]
+    for k in range(steps):
+        vertex = radius * torch.sign(g + h_delta)
+        gamma = 2.0 / (k + 2.0)
+        delta = delta + gamma * (vertex - delta)
+        h_delta = hvp(delta).detach()
+        q = quadratic_model(g, delta, h_delta)
+        history.append(q)
+        better = q > best_q
+        shape = (-1,) + (1,) * (g.dim() - 1)
+        best_delta = torch.where(better.view(shape), delta, best_delta)
+        best_h = torch.where(better.view(shape), h_delta, best_h)
+        best_idx = torch.where(better, torch.full_like(best_idx, k + 1), best_idx)
+        best_q = torch.maximum(best_q, q)
+    return FrankWolfeResult(best_delta, best_h, torch.stack(history), best_idx)
+
+
+@dataclass
+class ScorpioTerms:
+    """The regulariser and its parts, for the loss and for logging."""
+
+    loss: Tensor            # R = lambda1 * first_order + lambda2 * second_order (differentiable)
+    first_order: Tensor     # mean g^T delta*
+    second_order: Tensor    # mean 1/2 delta*^T H delta*
+    delta: Tensor           # delta* (detached), (B, C, H, W)
+    mask: Tensor            # salient-pixel mask m, (B, H, W) bool
+    n: int                  # number of samples it ran on
+
+
+class ScorpioRegularizer:
+    """SCOR-PIO 2.0 on a policy's logits; call it on a batch of float images in [0, 1].
+
+    ``model`` maps (B, C, H, W) images to logits: a ``PolicyView`` or any ``nn.Module``. The
+    per-call work is independent of the trainer, so tests and the benchmark can call it directly.
+    """
+
+    def __init__(self, eps: float = 4.0 / 255, q: float = 0.1, beta: float = 0.5, lambda1: float = 1.0,
+                 lambda2: float = 1.0, fw_steps: int = 0, hvp: str = "finite_difference", fd_step: float = 1.0,
+                 ig_steps: int = 4) -> None:
+        """``eps`` here is in the image scale [0, 1] (``from_config`` converts from 1/255 units)."""
+        if not eps > 0:
+            raise ConfigError(f"SCOR-PIO eps={eps} must be > 0")
+        if not 0.0 < q <= 1.0:
+            raise ConfigError(f"SCOR-PIO q={q} must be in (0, 1]")
+        if not 0.0 <= beta <= 1.0:
+            raise ConfigError(f"SCOR-PIO beta={beta} must be in [0, 1]")
+        if hvp not in HVP_METHODS:
+            raise ConfigError(f"SCOR-PIO hvp={hvp!r} is unknown; accepted: {', '.join(HVP_METHODS)}")
+        if fw_steps < 0 or ig_steps < 1 or not fd_step > 0:
+            raise ConfigError(f"SCOR-PIO needs fw_steps >= 0, ig_steps >= 1, fd_step > 0; got {fw_steps}, {ig_steps}, {fd_step}")
+        self.eps, self.q, self.beta = eps, q, beta
+        self.lambda1, self.lambda2 = lambda1, lambda2
+        self.fw_steps, self.hvp, self.fd_step, self.ig_steps = fw_steps, hvp, fd_step, ig_steps
+
+    @classmethod
+    def from_config(cls, cfg: ScorpioConfig) -> "ScorpioRegularizer":
+        return cls(eps=cfg.eps / 255.0, q=cfg.q, beta=cfg.beta, lambda1=cfg.lambda1, lambda2=cfg.lambda2,
+                   fw_steps=cfg.fw_steps, hvp=cfg.hvp, fd_step=cfg.fd_step, ig_steps=cfg.ig_steps)
+
+    def saliency_mask(self, model: LogitsFn, x: Tensor, target: Tensor) -> Tensor:
+        """Top-q |IG| mask (B, H, W); skipped (all False) when beta = 1 makes it irrelevant."""
+        if self.beta == 1.0:
+            return torch.zeros(x.shape[0], *x.shape[2:], dtype=torch.bool, device=x.device)
+        return top_q_mask(integrated_gradients_saliency(model, x, target, self.ig_steps), self.q)
+
+    def __call__(self, model: LogitsFn, x: Tensor, eps: float | None = None) -> ScorpioTerms:
+        eps = self.eps if eps is None else eps
+        with double_backward_safe():
+            x = x.detach().requires_grad_(True)
+            logits = model(x)
+            target = logits.argmax(dim=1).detach()
+            # g with a graph: R's parameter gradient flows through it (and Pearlmutter needs it).
+            g = torch.autograd.grad(attack_loss(logits, target).sum(), x, create_graph=True)[0]
+            mask = self.saliency_mask(model, x, target)
+            radius = eps * pixel_weights(mask, self.beta).to(x.dtype)
+
+            def hvp(v: Tensor, create_graph: bool = False) -> Tensor:
+                if self.hvp == "pearlmutter":
+                    return hvp_pearlmutter(g, x, v, create_graph=create_graph)
+                return hvp_finite_difference(model, x, target, v, g, self.fd_step, create_graph=create_graph)
+
+            if self.fw_steps > 0:
+                delta = frank_wolfe(g, hvp, radius, self.fw_steps).delta
+            else:
+                delta = radius * torch.sign(g.detach())
+            first = _bdot(g, delta).mean()
+            # The curvature term is always measured (it is logged); it only carries a graph when weighted.
+            second = 0.5 * _bdot(delta, hvp(delta, create_graph=self.lambda2 != 0.0)).mean()
+            loss = self.lambda1 * first + self.lambda2 * second
+        return ScorpioTerms(loss=loss, first_order=first.detach(), second_order=second.detach(),
+                            delta=delta.detach(), mask=mask, n=int(x.shape[0]))

@@ -1,0 +1,185 @@
+"""SGAM: the saliency-guided adaptive masking layer of FGMF (DESIGN.md, component 2).
+
+``SGAM`` is an ``nn.Module`` installed as ``ImageFeatures.gate``, in front of the policy's
+backbone. A small attention net (two or three cheap convs) predicts a low-resolution saliency
+map s(x); upsampled, it gives the soft keep-mask k = sigmoid((s - tau) / T), and the backbone sees
+
+    x_tilde = k * x + (1 - k) * b        (b: a neutral baseline image)
+
+so perturbations where k ~ 0 are cut off before the backbone. ``mask(x)`` returns k (B, 1, H, W)
+for the oversight log, the replay and the attacks' BPDA.
+
+Training signals besides the RL loss (computed by ``agents.fgmf_ppo.FGMFPPO``):
+
+* ``distillation_loss``: binary cross-entropy between the low-resolution keep map and the
+  policy's own Grad-CAM++ map (``fgmf_marl.attribution.GradCAMPlusPlus``, detached). The teacher is
+  computed with the gate bypassed, i.e. on the un-masked image: otherwise regions the mask has
+  closed get no Grad-CAM++ evidence and could never re-open (a self-confirming loop). It is
+  refreshed from the current policy every time it is used (every ``distill_every``-th minibatch),
+  the limit of "refreshed periodically" at the same compute as a stale snapshot.
+* ``keep_ratio_loss``: (mean_pixels k - rho)^2 per image, averaged: keeps the layer from closing
+  (or opening) everything.
+
+Other choices: the baseline b defaults to zero (black), the same baseline IG uses, which carries no
+information about the masked region; ``mean`` (per-image channel mean) leaks a little of the
+attacker's perturbation through the mean and is offered for images whose background is not dark.
+The last conv starts with a small weight and a bias giving k ~ ``init_keep`` everywhere, so a fresh
+SGAM is nearly transparent and early PPO learning is not slowed by a random mask.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fgmf_marl.config import ConfigError
+from fgmf_marl.defenses.config import SGAM_BASELINES, SgamConfig
+
+
+class _GradientShield(torch.autograd.Function):
+    """Identity forward; backward multiplies the incoming gradient by ``1 - strength * weight``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, strength: float) -> Tensor:
+        ctx.save_for_backward(weight)
+        ctx.strength = strength
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (weight,) = ctx.saved_tensors
+        return grad * (1.0 - ctx.strength * weight), None, None
+
+
+class SGAM(nn.Module):
+    """Saliency-guided adaptive masking layer: x -> k(x) * x + (1 - k(x)) * b.
+
+    ``gradient_shield=True`` is a DELIBERATELY BROKEN POSITIVE CONTROL for the gradient-masking
+    audit, never a defense: it leaves the forward pass unchanged and only damps input gradients
+    at high-saliency pixels (by ``shield_strength * k``) in the backward pass. This is gradient
+    obfuscation by construction (Athalye et al. 2018): it makes white-box gradient attacks look
+    weaker without making the policy any more robust, and the audit must flag it. It is off by
+    default and must never be used to report robustness.
+    """
+
+    def __init__(self, in_channels: int, hidden: int = 8, downsample: int = 4, tau: float = 0.0,
+                 temperature: float = 0.25, init_keep: float = 0.95, baseline: str = "zero",
+                 gradient_shield: bool = False, shield_strength: float = 0.99) -> None:
+        super().__init__()
+        if downsample not in (1, 2, 4, 8):
+            raise ConfigError(f"SGAM downsample={downsample} must be one of 1, 2, 4, 8")
+        if not temperature > 0:
+            raise ConfigError(f"SGAM temperature={temperature} must be > 0")
+        if not 0.0 < init_keep < 1.0:
+            raise ConfigError(f"SGAM init_keep={init_keep} must be in (0, 1)")
+        if baseline not in SGAM_BASELINES:
+            raise ConfigError(f"SGAM baseline={baseline!r} is unknown; accepted: {', '.join(SGAM_BASELINES)}")
+        if not 0.0 <= shield_strength <= 1.0:
+            raise ConfigError(f"SGAM shield_strength={shield_strength} must be in [0, 1]")
+        strides = {1: (1, 1), 2: (2, 1), 4: (2, 2), 8: (2, 2, 2)}[downsample]
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for stride in strides:
+            layers += [nn.Conv2d(channels, hidden, 3, stride=stride, padding=1), nn.ReLU()]
+            channels = hidden
+        score = nn.Conv2d(hidden, 1, 1)
+        nn.init.normal_(score.weight, std=1e-2)
+        nn.init.constant_(score.bias, tau + temperature * math.log(init_keep / (1.0 - init_keep)))
+        layers.append(score)
+        self.attention = nn.Sequential(*layers)
+        self.tau, self.temperature, self.baseline = tau, temperature, baseline
+        self.gradient_shield, self.shield_strength = gradient_shield, shield_strength
+        self.downsample = downsample
+
+    @classmethod
+    def from_config(cls, cfg: SgamConfig, in_channels: int) -> "SGAM":
+        return cls(in_channels, hidden=cfg.hidden, downsample=cfg.downsample, tau=cfg.tau,
+                   temperature=cfg.temperature, init_keep=cfg.init_keep, baseline=cfg.baseline,
+                   gradient_shield=cfg.gradient_shield, shield_strength=cfg.shield_strength)
+
+    def saliency(self, x: Tensor) -> Tensor:
+        """Low-resolution saliency logits s(x): (B, 1, ~H/downsample, ~W/downsample)."""
+        return self.attention(x)
+
+    def keep_lowres(self, x: Tensor) -> Tensor:
+        """The keep-mask at the saliency map's own resolution (what distillation compares)."""
+        return torch.sigmoid((self.saliency(x) - self.tau) / self.temperature)
+
+    def mask(self, x: Tensor) -> Tensor:
+        """Soft keep-mask k(x) in [0, 1], shape (B, 1, H, W): 1 = pixel passes, 0 = replaced by b."""
+        s = self.saliency(x)
+        if s.shape[-2:] != x.shape[-2:]:
+            s = F.interpolate(s, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return torch.sigmoid((s - self.tau) / self.temperature)
+
+    def baseline_image(self, x: Tensor) -> Tensor:
+        if self.baseline == "zero":
+            return torch.zeros_like(x)
+        if self.baseline == "gray":
+            return torch.full_like(x, 0.5)
+        return x.mean(dim=(2, 3), keepdim=True).expand_as(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gradient_shield:
+            with torch.no_grad():
+                weight = self.mask(x)
+            x = _GradientShield.apply(x, weight, self.shield_strength)
+        k = self.mask(x)
+        return k * x + (1.0 - k) * self.baseline_image(x)
+
+    def extra_repr(self) -> str:
+        shield = ", gradient_shield=True (POSITIVE CONTROL, NOT A DEFENSE)" if self.gradient_shield else ""
+        return f"tau={self.tau}, temperature={self.temperature}, baseline={self.baseline!r}{shield}"
+
+
+def keep_ratio_loss(mask: Tensor, rho: float) -> Tensor:
+    """Keep-ratio prior: mean over images of (mean keep of the image - rho)^2."""
+    return (mask.flatten(1).mean(dim=1) - rho).pow(2).mean()
+
+
+@contextmanager
+def gate_bypassed(view: Any) -> Iterator[None]:
+    """Temporarily replace the view's input gate with the identity (the teacher sees the raw image)."""
+    extractor = view.extractor
+    gate = extractor.gate
+    extractor.gate = nn.Identity()
+    try:
+        yield
+    finally:
+        extractor.gate = gate
+
+
+def gradcam_teacher(view: Any, obs01: Tensor, actions: Tensor, size: tuple[int, int]) -> Tensor:
+    """The policy's own Grad-CAM++ map of ``actions`` on the un-gated image, at ``size``, in [0, 1], detached."""
+    from fgmf_marl.attribution import GradCAMPlusPlus, normalise_maps
+
+    with gate_bypassed(view):
+        cam = GradCAMPlusPlus(view).attribute(obs01.detach(), target=actions, raw=True)  # (B, h, w), ReLU'd
+    if tuple(cam.shape[-2:]) != tuple(size):
+        cam = F.adaptive_avg_pool2d(cam[:, None], size)[:, 0] if cam.shape[-1] >= size[-1] else \
+            F.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    return normalise_maps(cam).detach()
+
+
+def distillation_loss(gate: SGAM, obs01: Tensor, teacher: Tensor) -> Tensor:
+    """BCE between the low-resolution keep map and the detached Grad-CAM++ teacher (B, h, w)."""
+    student = gate.keep_lowres(obs01)[:, 0].clamp(1e-6, 1 - 1e-6)
+    return F.binary_cross_entropy(student, teacher.detach())
+
+
+def install_sgam(policy: nn.Module, gate: SGAM) -> None:
+    """Put ``gate`` in front of every ``ImageFeatures`` extractor of an SB3 policy (one shared module)."""
+    from agents.policies import ImageFeatures
+
+    found = False
+    for name in ("features_extractor", "pi_features_extractor", "vf_features_extractor"):
+        extractor = getattr(policy, name, None)
+        if isinstance(extractor, ImageFeatures):
+            extractor.gate = gate
+            found = True
+    if not found:
+        raise TypeError(f"SGAM needs a policy with an ImageFeatures extractor, got {type(policy).__name__}")

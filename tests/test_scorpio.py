@@ -1,0 +1,246 @@
+"""SCOR-PIO 2.0 against independent references: explicit Hessians, closed forms, IG completeness."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gymnasium import spaces
+from stable_baselines3 import PPO
+from stable_baselines3.common.vec_env import DummyVecEnv
+from torch import nn
+
+from agents.policies import ImageFeatures
+from agents.policy_view import PolicyView
+from fgmf_marl import config as cfglib
+from fgmf_marl.attribution import IntegratedGradientsMap
+from fgmf_marl.config import ConfigError
+from fgmf_marl.defenses.config import DefenseConfig
+from fgmf_marl.defenses.scorpio import (ScorpioRegularizer, frank_wolfe, hvp_finite_difference, hvp_pearlmutter,
+                                        pixel_weights, quadratic_model, top_q_mask)
+
+SHAPE = (2, 3, 3)  # tiny images: C, H, W -> 18 input dimensions, explicit Hessians are cheap
+
+
+class TinyNet(nn.Module):
+    """Smooth (tanh) network with a conv and a linear layer: non-trivial, fully twice differentiable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 2)
+        self.fc = nn.Linear(4 * 2 * 2, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.conv(x)).flatten(1))
+
+
+@pytest.fixture
+def net() -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet().double()
+
+
+def per_sample_hessians(net: nn.Module, x: torch.Tensor, target: torch.Tensor, create_graph: bool = False) -> list[torch.Tensor]:
+    """Explicit (n, n) Hessian of CE(net(x_i), a_i) w.r.t. x_i, by torch.autograd.functional.hessian."""
+    n = x[0].numel()
+    out = []
+    for i in range(x.shape[0]):
+        def loss(xi: torch.Tensor, i: int = i) -> torch.Tensor:
+            return F.cross_entropy(net(xi.reshape(1, *x.shape[1:])), target[i:i + 1])
+        out.append(torch.autograd.functional.hessian(loss, x[i].reshape(-1), create_graph=create_graph).reshape(n, n))
+    return out
+
+
+def test_hvp_pearlmutter_and_finite_difference_match_explicit_hessian(net: TinyNet) -> None:
+    torch.manual_seed(1)
+    x = torch.rand(3, *SHAPE, dtype=torch.float64, requires_grad=True)
+    target = net(x).argmax(1).detach()
+    v = torch.randn_like(x)
+    g = torch.autograd.grad(F.cross_entropy(net(x), target, reduction="sum"), x, create_graph=True)[0]
+    expected = torch.stack([h @ v[i].reshape(-1) for i, h in enumerate(per_sample_hessians(net, x.detach(), target))])
+    pearl = hvp_pearlmutter(g, x, v).reshape(3, -1)
+    # Pearlmutter is exact: agreement to float64 round-off.
+    torch.testing.assert_close(pearl, expected, rtol=1e-10, atol=1e-12)
+    # Forward differences have O(h) truncation error: with h = 1e-6 in float64, 1e-4 relative is ample.
+    fd = hvp_finite_difference(net, x, target, v, g.detach(), h=1e-6).reshape(3, -1)
+    torch.testing.assert_close(fd, expected, rtol=1e-4, atol=1e-7)
+    # ... and a coarse step is visibly not the exact HVP (the test can tell the two apart).
+    coarse = hvp_finite_difference(net, x, target, v, g.detach(), h=1.0).reshape(3, -1)
+    assert (coarse - expected).abs().max() > 1e-3
+
+
+def _random_quadratics(seed: int, batch: int = 64, n: int = 12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(batch, n, generator=gen, dtype=torch.float64)
+    a = torch.randn(batch, n, n, generator=gen, dtype=torch.float64)
+    h = (a + a.transpose(1, 2)) * 2.0  # symmetric, indefinite, curvature comparable to g
+    mask = torch.rand(batch, n, generator=gen) < 0.3
+    beta = float(torch.rand(1, generator=gen))
+    radius = 0.1 * ((~mask).double() + beta * mask.double())
+    return g, h, radius
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("steps", [1, 3, 10])
+def test_frank_wolfe_never_below_delta0_and_stays_in_ball(seed: int, steps: int) -> None:
+    g, h, radius = _random_quadratics(seed)
+    result = frank_wolfe(g, lambda v: torch.einsum("bij,bj->bi", h, v), radius, steps)
+
+    def q_explicit(d: torch.Tensor) -> torch.Tensor:
+        return (g * d).sum(1) + 0.5 * torch.einsum("bi,bij,bj->b", d, h, d)
+
+    delta0 = radius * torch.sign(g)
+    assert torch.all(result.delta.abs() <= radius + 1e-12)
+    assert torch.all(q_explicit(result.delta) >= q_explicit(delta0) - 1e-12)
+    torch.testing.assert_close(result.q_values[0], q_explicit(delta0))
+    torch.testing.assert_close(q_explicit(result.delta), result.q_values.max(0).values)
+    # FW finds strictly better points on a good share of these indefinite instances.
+    assert (q_explicit(result.delta) > q_explicit(delta0) + 1e-9).float().mean() > 0.2
+
+
+def test_top_q_mask_and_weights() -> None:
+    sal = torch.arange(2 * 4 * 5, dtype=torch.float32).reshape(2, 4, 5)
+    mask = top_q_mask(sal, 0.25)
+    assert mask.shape == (2, 4, 5) and mask.sum(dim=(1, 2)).tolist() == [5, 5]
+    assert mask.flatten(1)[:, -5:].all()  # the five largest values of each image
+    w = pixel_weights(mask, 0.3)
+    assert w.shape == (2, 1, 4, 5)
+    assert torch.allclose(w[:, 0][mask], torch.tensor(0.3)) and torch.all(w[:, 0][~mask] == 1)
+    with pytest.raises(ConfigError, match="q="):
+        top_q_mask(sal, 0.0)
+
+
+def _reference_scorpio(net: nn.Module, x: torch.Tensor, eps: float, lam1: float, lam2: float) -> torch.Tensor:
+    """Plain SCORPIO (no saliency weights), one-step delta0 = eps sign(g), explicit Hessian (differentiable)."""
+    x = x.detach().requires_grad_(True)
+    logits = net(x)
+    target = logits.argmax(1).detach()
+    g = torch.autograd.grad(F.cross_entropy(logits, target, reduction="sum"), x, create_graph=True)[0]
+    delta = eps * torch.sign(g.detach())
+    hessians = per_sample_hessians(net, x.detach(), target, create_graph=True)
+    first = (g * delta).flatten(1).sum(1)
+    second = torch.stack([0.5 * delta[i].reshape(-1) @ h @ delta[i].reshape(-1) for i, h in enumerate(hessians)])
+    return (lam1 * first + lam2 * second).mean()
+
+
+def test_beta_one_is_plain_scorpio_including_parameter_gradients(net: TinyNet) -> None:
+    torch.manual_seed(2)
+    x = torch.rand(4, *SHAPE, dtype=torch.float64)
+    ref = _reference_scorpio(net, x, eps=0.05, lam1=0.7, lam2=1.3)
+    ref_grads = torch.autograd.grad(ref, list(net.parameters()))
+    for q in (0.1, 0.9):  # with beta = 1 the saliency mask must not matter
+        reg = ScorpioRegularizer(eps=0.05, q=q, beta=1.0, lambda1=0.7, lambda2=1.3, hvp="pearlmutter")
+        out = reg(net, x)
+        torch.testing.assert_close(out.loss, ref, rtol=1e-10, atol=1e-12)
+        grads = torch.autograd.grad(out.loss, list(net.parameters()))
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    fd = ScorpioRegularizer(eps=0.05, beta=1.0, lambda1=0.7, lambda2=1.3, hvp="finite_difference", fd_step=1e-6)(net, x)
+    torch.testing.assert_close(fd.loss, ref, rtol=1e-5, atol=1e-8)
+
+
+def test_beta_below_one_shrinks_delta_on_salient_pixels(net: TinyNet) -> None:
+    torch.manual_seed(3)
+    x = torch.rand(4, *SHAPE, dtype=torch.float64)
+    out = ScorpioRegularizer(eps=0.05, q=0.25, beta=0.2, ig_steps=8)(net, x)
+    salient = out.mask.unsqueeze(1).expand_as(out.delta)
+    assert out.mask.sum(dim=(1, 2)).tolist() == [3] * 4  # ceil(0.25 * 9)
+    mags = out.delta.abs()
+    assert torch.allclose(mags[salient][mags[salient] > 0], torch.tensor(0.01, dtype=torch.float64))
+    assert torch.allclose(mags[~salient][mags[~salient] > 0], torch.tensor(0.05, dtype=torch.float64))
+    plain = ScorpioRegularizer(eps=0.05, q=0.25, beta=1.0)(net, x)
+    assert not torch.allclose(out.loss, plain.loss)
+
+
+def test_frank_wolfe_inside_regularizer_improves_the_model_on_the_true_hessian(net: TinyNet) -> None:
+    torch.manual_seed(4)
+    x = torch.rand(6, *SHAPE, dtype=torch.float64)
+    reg = ScorpioRegularizer(eps=0.3, q=0.2, beta=0.5, fw_steps=4, hvp="pearlmutter", ig_steps=8)
+    out = reg(net, x)
+    radius = 0.3 * pixel_weights(out.mask, 0.5).double()
+    assert torch.all(out.delta.abs() <= radius + 1e-12)
+    xg = x.clone().requires_grad_(True)
+    logits = net(xg)
+    target = logits.argmax(1)
+    g = torch.autograd.grad(F.cross_entropy(logits, target, reduction="sum"), xg)[0].flatten(1)
+    hs = per_sample_hessians(net, x, target)
+    d0 = (radius * torch.sign(g.reshape(x.shape))).flatten(1)
+    d = out.delta.flatten(1)
+    q = lambda dd: torch.stack([g[i] @ dd[i] + 0.5 * dd[i] @ h @ dd[i] for i, h in enumerate(hs)])  # noqa: E731
+    assert torch.all(q(d) >= q(d0) - 1e-12)
+    torch.testing.assert_close(out.first_order + out.second_order, q(d).mean())
+    torch.testing.assert_close(quadratic_model(g, d, torch.stack([h @ d[i] for i, h in enumerate(hs)])), q(d))
+
+
+def _policy_view(backbone: str) -> PolicyView:
+    import gymnasium as gym
+
+    class Img(gym.Env):
+        observation_space = spaces.Box(0, 255, (3, 48, 48), np.uint8)
+        action_space = spaces.Discrete(5)
+
+        def reset(self, seed=None, options=None):  # noqa: ANN001, ANN202
+            return self.observation_space.sample(), {}
+
+        def step(self, action):  # noqa: ANN001, ANN202
+            return self.observation_space.sample(), 0.0, False, False, {}
+
+    model = PPO("CnnPolicy", DummyVecEnv([Img]), seed=0, n_steps=8, batch_size=8, policy_kwargs=dict(
+        features_extractor_class=ImageFeatures, features_extractor_kwargs=dict(backbone=backbone)))
+    return PolicyView.from_model(model)
+
+
+def test_integrated_gradients_completeness_on_the_cnn_policy() -> None:
+    view = _policy_view("cnn")
+    torch.manual_seed(5)
+    x = torch.rand(4, 3, 48, 48)
+    target = view(x).argmax(1)
+    igmap = IntegratedGradientsMap(view, n_steps=64)
+    raw = igmap.ig.attribute(x, baselines=torch.zeros_like(x), target=target, n_steps=64)
+    with torch.no_grad():
+        expected = view(x).gather(1, target[:, None])[:, 0] - view(torch.zeros_like(x)).gather(1, target[:, None])[:, 0]
+    total = raw.flatten(1).sum(1)
+    # Completeness: sum IG = f(x) - f(0). A ReLU net's path integrand is piecewise constant, so
+    # 64 Gauss-Legendre nodes leave a quadrature error; 2% of the score difference (+1e-3) bounds it.
+    torch.testing.assert_close(total, expected, rtol=2e-2, atol=1e-3)
+    # The saliency SCOR-PIO masks with is |IG| summed over channels (max-normalised) of the same Captum IG.
+    sal = igmap.attribute(x, target=target)
+    ref = raw.abs().sum(1)
+    torch.testing.assert_close(sal, ref / ref.flatten(1).amax(1)[:, None, None], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["cnn", "vit"])
+@pytest.mark.parametrize("hvp", ["finite_difference", "pearlmutter"])
+def test_regularizer_runs_and_backpropagates_on_real_policies(backbone: str, hvp: str) -> None:
+    view = _policy_view(backbone)
+    x = torch.rand(6, 3, 48, 48)
+    out = ScorpioRegularizer(eps=4 / 255, hvp=hvp, fw_steps=1)(view, x)
+    assert torch.isfinite(out.loss) and out.delta.shape == x.shape and out.mask.shape == (6, 48, 48)
+    assert out.delta.abs().max() <= 4 / 255 + 1e-7
+    view.policy.zero_grad()
+    out.loss.backward()
+    grads = [p.grad for p in view.extractor.backbone.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"eps": -1.0}, "defense.scorpio.eps"),
+    ({"q": 0.0}, "defense.scorpio.q"),
+    ({"q": 1.5}, "defense.scorpio.q"),
+    ({"beta": 2.0}, "defense.scorpio.beta"),
+    ({"hvp": "lanczos"}, "defense.scorpio.hvp='lanczos' is unknown; accepted: finite_difference, pearlmutter"),
+    ({"fw_steps": -1}, "defense.scorpio.fw_steps"),
+    ({"ig_steps": 0}, "defense.scorpio.ig_steps"),
+    ({"subsample": 0.0}, "defense.scorpio.subsample"),
+    ({"every": 0}, "defense.scorpio.every"),
+    ({"lambda1": -0.1}, "defense.scorpio.lambda1"),
+])
+def test_bad_scorpio_config_is_a_one_line_config_error(override: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        cfglib.from_dict(DefenseConfig, {"kind": "fgmf", "scorpio": override})
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_defense_kind_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="accepted: 'none' \\| 'scorpio' \\| 'sgam' \\| 'fgmf' \\| 'sappo'"):
+        cfglib.from_dict(DefenseConfig, {"kind": "magic"})
