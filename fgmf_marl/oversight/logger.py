@@ -1,0 +1,207 @@
+"""``OversightLogger``: records evaluated episodes with PGCA explanations, via the rollout's step hook.
+
+Usage (the one episode loop is :func:`fgmf_marl.rollout.rollout`)::
+
+    with OversightLogger("runs/x/eval/oversight", view, every=1, attack_name="pgd") as log:
+        rollout(view, venv, n_episodes, perturb=attack, step_hook=log.step_hook)
+
+Per step, all agents of all env copies are explained in ONE batched PGCA call (the perturbation
+copies of every agent go through the policy together). Cheap facts (actions, probabilities, values,
+rewards, attack facts) are kept for every step; images and explanations for every ``every``-th step
+of an episode (``every=1`` logs everything; larger values bound the overhead). An episode is written
+(atomically, then chained into the manifest, see :mod:`fgmf_marl.oversight.store`) when it ends;
+episodes still running when the logger closes are dropped, as ``rollout`` drops them from its returns.
+With ``n_episodes`` given, env copy ``i`` logs only its first ``(n_episodes + i) // n_envs`` episodes,
+exactly the episodes ``rollout`` counts.
+
+What is explained is the action the agent took, on the observation it saw (attacked or not): the
+reviewer's question is "what did the agent look at when it acted". Attack facts per agent-step:
+``linf = ||seen - clean||_inf`` and ``flipped`` = greedy action on seen != greedy action on clean.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fgmf_marl.attribution.metrics import pointing_game, relevance_mass_accuracy
+from fgmf_marl.attribution.pgca import PGCA
+from fgmf_marl.oversight.store import LogWriter
+
+PER_STEP = ("actions", "clean_actions", "greedy_actions", "probs", "values", "rewards", "linf", "flipped")
+PER_LOGGED = ("clean_obs", "seen_obs", "pgca_P", "pgca_G", "pgca_consensus", "pgca_final", "agreement", "topk_iou",
+              "sgam_mask", "relevance", "frames")
+
+
+def sgam_mask_of(view: Any, obs: Tensor) -> Tensor | None:
+    """The SGAM keep-mask (B, H, W) in [0, 1] when the policy's input gate has one, else None."""
+    gate = getattr(view, "gate", None)
+    fn = getattr(gate, "mask", None)
+    if fn is None:
+        return None
+    with torch.no_grad():
+        mask = fn(obs)
+    if mask.ndim == 4:
+        mask = mask.mean(dim=1)
+    if tuple(mask.shape[-2:]) != tuple(obs.shape[-2:]):
+        mask = torch.nn.functional.interpolate(mask[:, None], size=obs.shape[-2:], mode="bilinear",
+                                               align_corners=False)[:, 0]
+    return mask
+
+
+class OversightLogger:
+    """Step hook that buffers per-env episodes and writes them to an oversight log directory."""
+
+    def __init__(self, log_dir: str | Path, view: Any, *, every: int = 1, attack_name: str | None = None,
+                 n_episodes: int | None = None, pgca: PGCA | None = None,
+                 frame_fn: Callable[[], np.ndarray] | None = None, tb_writer: Any = None,
+                 run_info: dict[str, Any] | None = None) -> None:
+        if every < 1:
+            raise ValueError(f"log every must be >= 1 step, got {every}")
+        self.writer = LogWriter(log_dir)
+        self.view, self.every, self.attack_name = view, every, attack_name
+        self.n_episodes, self.frame_fn, self.tb = n_episodes, frame_fn, tb_writer
+        self.pgca = pgca or PGCA(view)
+        self.run_info = run_info or {}
+        self._buf: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        self._closed = False
+        self.written: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ hook
+    def _target_count(self, env: int, n_envs: int) -> float:
+        return float("inf") if self.n_episodes is None else (self.n_episodes + env) // n_envs
+
+    def step_hook(self, record: Any) -> None:
+        """Pass as ``rollout(..., step_hook=logger.step_hook)``."""
+        n = record.n_agents
+        n_envs = len(record.t)
+        active = [b for b in range(n_envs) if record.episode[b] < self._target_count(b, n_envs)]
+        if not active:
+            return
+        seen, clean = record.seen_obs.detach(), record.clean_obs.detach()
+        greedy = record.probs.argmax(dim=-1).cpu().numpy()
+        linf = (seen - clean).abs().flatten(1).amax(dim=1).cpu().numpy()
+        logged = [b for b in active if record.t[b] % self.every == 0]
+        slots = np.array([b * n + a for b in logged for a in range(n)], dtype=int)
+        expl = mask = frames = None
+        if len(slots):
+            obs = seen[torch.as_tensor(slots, device=seen.device)]
+            expl = self.pgca.explain(obs, torch.as_tensor(record.actions[slots], device=seen.device)).to("cpu")
+            mask = sgam_mask_of(self.view, obs)
+            if self.frame_fn is not None:
+                frames = np.asarray(self.frame_fn())
+        probs = record.probs.detach().cpu().numpy()
+        values = record.values.detach().cpu().numpy()
+        for b in active:
+            sl = slice(b * n, (b + 1) * n)
+            buf = self._buf[b]
+            buf["t"].append(int(record.t[b]))
+            for key, arr in (("actions", record.actions), ("clean_actions", record.clean_actions),
+                             ("greedy_actions", greedy), ("probs", probs), ("values", values),
+                             ("rewards", record.rewards), ("linf", linf)):
+                buf[key].append(np.asarray(arr[sl]))
+            buf["flipped"].append(greedy[sl] != np.asarray(record.clean_actions[sl]))
+            if b in logged:
+                j = logged.index(b)
+                rows = slice(j * n, (j + 1) * n)
+                buf["logged_t"].append(int(record.t[b]))
+                buf["clean_obs"].append(np.rint(clean[sl].cpu().numpy() * 255).astype(np.uint8))
+                buf["seen_obs"].append(seen[sl].cpu().numpy().astype(np.float16))
+                for key, val in (("pgca_P", expl.P), ("pgca_G", expl.G), ("pgca_consensus", expl.consensus),
+                                 ("pgca_final", expl.final)):
+                    buf[key].append(val[rows].numpy().astype(np.float16))
+                buf["agreement"].append(expl.agreement[rows].numpy())
+                buf["topk_iou"].append(expl.topk_iou[rows].numpy())
+                if mask is not None:
+                    buf["sgam_mask"].append(mask[rows].cpu().numpy().astype(np.float16))
+                if record.relevance is not None:
+                    buf["relevance"].append(np.asarray(record.relevance[sl]).astype(bool))
+                if frames is not None:
+                    buf["frames"].append(frames[b] if frames.ndim == 4 else frames)
+            if np.asarray(record.dones[sl]).all():
+                self._write(b, int(record.episode[b]), n)
+
+    # ------------------------------------------------------------------ episode
+    def _write(self, env: int, episode_in_env: int, n_agents: int) -> None:
+        buf = self._buf.pop(env)
+        arrays: dict[str, np.ndarray] = {}
+        for key in PER_STEP:
+            arrays[key] = np.stack(buf[key])
+        for key in PER_LOGGED:
+            if buf.get(key):
+                arrays[key] = np.stack(buf[key])
+        arrays["logged_t"] = np.asarray(buf["logged_t"], dtype=np.int64)
+        arrays["actions"] = arrays["actions"].astype(np.int64)
+        arrays["clean_actions"] = arrays["clean_actions"].astype(np.int64)
+        for key in ("probs", "values", "rewards", "linf", "agreement", "topk_iou"):
+            if key in arrays:
+                arrays[key] = arrays[key].astype(np.float32)
+        rewards = arrays["rewards"]
+        summary: dict[str, Any] = {
+            "steps": int(rewards.shape[0]), "logged_steps": int(len(arrays["logged_t"])),
+            "team_return": float(rewards.mean(axis=1).sum()),
+            "agent_returns": rewards.sum(axis=0).tolist(),
+            "flip_rate": float(arrays["flipped"].mean()),
+            "attacked_fraction": float((arrays["linf"] > 0).mean()),
+            "mean_linf_255": float(arrays["linf"].mean() * 255),
+            "max_linf_255": float(arrays["linf"].max() * 255),
+        }
+        if "agreement" in arrays:
+            summary.update(mean_agreement=float(arrays["agreement"].mean()),
+                           min_agreement=float(arrays["agreement"].min()),
+                           mean_topk_iou=float(arrays["topk_iou"].mean()))
+        if "relevance" in arrays:
+            h, w = arrays["relevance"].shape[-2:]
+            final = torch.from_numpy(arrays["pgca_final"].astype(np.float32)).reshape(-1, h, w)
+            rel = torch.from_numpy(arrays["relevance"]).reshape(-1, h, w)
+            summary.update(relevance_mass_accuracy=float(np.nanmean(relevance_mass_accuracy(final, rel).numpy())),
+                           pointing_game=float(np.nanmean(pointing_game(final, rel).numpy())))
+        records = []
+        logged_index = {t: i for i, t in enumerate(arrays["logged_t"].tolist())}
+        for i, t in enumerate(buf["t"]):
+            for a in range(n_agents):
+                rec = {"t": t, "agent": a, "action": int(arrays["actions"][i, a]),
+                       "clean_action": int(arrays["clean_actions"][i, a]),
+                       "prob": float(arrays["probs"][i, a, arrays["actions"][i, a]]),
+                       "value": float(arrays["values"][i, a]), "reward": float(rewards[i, a]),
+                       "linf_255": float(arrays["linf"][i, a] * 255), "flipped": bool(arrays["flipped"][i, a]),
+                       "logged": t in logged_index}
+                if t in logged_index and "agreement" in arrays:
+                    rec["agreement"] = float(arrays["agreement"][logged_index[t], a])
+                records.append(rec)
+        meta = {"env_index": env, "episode_in_env": episode_in_env, "n_agents": n_agents,
+                "attack": self.attack_name, "every": self.every,
+                "pgca": {"grid": self.pgca.grid, "weight": self.pgca.weight, "sigma": self.pgca.sigma,
+                         "target_kind": self.pgca.target_kind, "seed": self.pgca.perturbation.seed},
+                "run": self.run_info, "summary": summary, "records": records}
+        entry = self.writer.append(arrays, meta)
+        self.written.append(entry)
+        if self.tb is not None:
+            self._tensorboard(entry["index"], arrays, summary)
+
+    def _tensorboard(self, index: int, arrays: dict[str, np.ndarray], summary: dict[str, Any]) -> None:
+        from fgmf_marl.oversight.render import overlay
+        for key in ("team_return", "flip_rate", "mean_agreement", "relevance_mass_accuracy"):
+            if key in summary:
+                self.tb.add_scalar(f"oversight/{key}", summary[key], index)
+        if "pgca_final" in arrays:
+            j = int(np.argmin(arrays["agreement"].min(axis=1)))  # the step a reviewer should see first
+            tiles = [overlay(arrays["seen_obs"][j, a].astype(np.float32), arrays["pgca_final"][j, a].astype(np.float32))
+                     for a in range(arrays["seen_obs"].shape[1])]
+            self.tb.add_image("oversight/lowest_agreement_step", np.concatenate(tiles, axis=1), index, dataformats="HWC")
+        self.tb.flush()
+
+    def close(self) -> None:
+        """Drop unfinished episodes (as ``rollout`` does); the log on disk is already complete."""
+        self._buf.clear()
+        self._closed = True
+
+    def __enter__(self) -> "OversightLogger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,165 @@
+"""Self-contained HTML report of logged episodes (every image embedded as a data URI).
+
+For an episode: summary scores, an animated GIF of the replay (same frames as ``render``), per-agent
+timelines (cumulative return, attack size and flipped actions, PGCA agreement), and the steps a
+reviewer should look at first: flipped actions, then the lowest agreement between the perturbation
+and gradient maps (where the explanation itself is least trustworthy), each with its frame. For a log
+directory: the manifest verification verdict, a table of all episodes, then each episode's section.
+The page references no external file, script or stylesheet, so it can be archived or mailed as is.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from fgmf_marl.oversight.render import caption, compose_frame  # noqa: E402
+from fgmf_marl.oversight.store import Episode, atomic_write_bytes, list_episodes, load_episode, verify  # noqa: E402
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:24px;background:#fafafa;color:#222}
+h1{font-size:22px}h2{font-size:18px;border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:32px}
+table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}
+th{background:#eee}.ok{color:#060;font-weight:bold}.bad{color:#b00;font-weight:bold}
+.steps{display:flex;flex-wrap:wrap;gap:12px}.step{background:#fff;border:1px solid #ddd;padding:6px;font-size:12px}
+img{image-rendering:pixelated}"""
+
+
+def _png(img: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _gif(frames: list[np.ndarray], fps: float) -> str:
+    buf = io.BytesIO()
+    imgs = [Image.fromarray(f) for f in frames]
+    imgs[0].save(buf, format="GIF", save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
+    return "data:image/gif;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _fig(fig: plt.Figure) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def timelines(ep: Episode) -> str:
+    """Per-agent timelines as one embedded PNG."""
+    a = ep.arrays
+    t = np.arange(a["rewards"].shape[0])
+    fig, axes = plt.subplots(3, 1, figsize=(9, 6.5), sharex=True)
+    for k in range(ep.n_agents):
+        axes[0].plot(t, np.cumsum(a["rewards"][:, k]), label=f"agent {k}")
+        axes[1].plot(t, a["linf"][:, k] * 255, label=f"agent {k}")
+        flips = np.flatnonzero(a["flipped"][:, k])
+        axes[1].scatter(flips, a["linf"][flips, k] * 255, marker="x", color="red", zorder=3,
+                        label="flipped" if k == 0 and len(flips) else None)
+        if "agreement" in a:
+            axes[2].plot(a["logged_t"], a["agreement"][:, k], marker=".", label=f"agent {k}")
+    axes[0].set_ylabel("return so far")
+    axes[1].set_ylabel("attack ||δ||∞ (/255)")
+    axes[2].set_ylabel("PGCA agreement")
+    axes[2].set_ylim(-1.05, 1.05)
+    axes[2].set_xlabel("step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+    return _fig(fig)
+
+
+def review_steps(ep: Episode, limit: int = 8) -> list[tuple[int, int, str]]:
+    """(logged index j, agent, reason), flipped actions first, then lowest agreement."""
+    a = ep.arrays
+    out: list[tuple[int, int, str]] = []
+    seen: set[tuple[int, int]] = set()
+    logged = a["logged_t"]
+    for j, t in enumerate(logged):
+        for k in range(ep.n_agents):
+            if a["flipped"][t, k] and len(out) < limit:
+                out.append((j, k, "flipped action"))
+                seen.add((j, k))
+    if "agreement" in a:
+        order = np.argsort(a["agreement"], axis=None, kind="stable")
+        for flat in order:
+            j, k = divmod(int(flat), ep.n_agents)
+            if len(out) >= limit:
+                break
+            if (j, k) not in seen:
+                out.append((j, k, f"low agreement {float(a['agreement'][j, k]):+.2f}"))
+                seen.add((j, k))
+    return out
+
+
+def episode_section(ep: Episode, *, fps: float = 4.0, max_frames: int = 200, scale: int = 2) -> str:
+    s: dict[str, Any] = ep.meta.get("summary", {})
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in s.items())
+    parts = [f"<h2 id='{ep.name}'>Episode {html.escape(ep.name)} "
+             f"(env {ep.meta.get('env_index')}, attack: {html.escape(str(ep.meta.get('attack') or 'none'))})</h2>",
+             f"<table>{rows}</table>"]
+    if "pgca_final" in ep.arrays:
+        n = len(ep.arrays["logged_t"])
+        idx = np.linspace(0, n - 1, min(n, max_frames)).round().astype(int)
+        frames = [compose_frame(ep, int(j), scale) for j in idx]
+        parts.append(f"<h3>Replay ({n} logged steps; per agent: observation seen | PGCA overlay"
+                     f"{' | SGAM mask' if 'sgam_mask' in ep.arrays else ''})</h3>"
+                     f"<img alt='replay' src='{_gif(frames, fps)}'>")
+    parts.append(f"<h3>Timelines</h3><img alt='timelines' src='{timelines(ep)}'>")
+    steps = review_steps(ep) if "pgca_final" in ep.arrays else []
+    if steps:
+        parts.append("<h3>Look at these steps first</h3><div class='steps'>")
+        for j, k, why in steps:
+            parts.append(f"<div class='step'><b>{html.escape(why)}</b><br>{html.escape(caption(ep, j, k))}<br>"
+                         f"<img alt='step' src='{_png(compose_frame(ep, j, scale))}'></div>")
+        parts.append("</div>")
+    return "\n".join(parts)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return str(v)
+
+
+def build_report(target: str | Path, out: str | Path, *, max_episodes: int = 20) -> Path:
+    """Write the HTML report for an episode (``<dir>/ep_XXXXXX``) or a whole log directory."""
+    target = Path(target)
+    head = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+            "<title>fgmf-marl oversight report</title>", f"<style>{_CSS}</style></head><body>"]
+    if target.is_dir():
+        res = verify(target)
+        eps = [load_episode(p) for p in list_episodes(target)]
+        cls = "ok" if res.ok else "bad"
+        head.append(f"<h1>Oversight log {html.escape(str(target))}</h1>"
+                    f"<p>Integrity: <span class='{cls}'>{html.escape(res.message)}</span></p>")
+        keys = ["team_return", "flip_rate", "mean_linf_255", "mean_agreement", "min_agreement",
+                "relevance_mass_accuracy"]
+        table = ["<table><tr><th>episode</th><th>attack</th>" + "".join(f"<th>{k}</th>" for k in keys) + "</tr>"]
+        for ep in eps:
+            s = ep.meta.get("summary", {})
+            table.append(f"<tr><td><a href='#{ep.name}'>{ep.name}</a></td><td>{html.escape(str(ep.meta.get('attack')))}"
+                         "</td>" + "".join(f"<td>{_fmt(s.get(k, ''))}</td>" for k in keys) + "</tr>")
+        head.append("".join(table) + "</table>")
+        if len(eps) > max_episodes:
+            head.append(f"<p>Showing the first {max_episodes} of {len(eps)} episodes.</p>")
+        body = [episode_section(ep) for ep in eps[:max_episodes]]
+    else:
+        ep = load_episode(target)
+        head.append(f"<h1>Oversight report: {html.escape(ep.name)}</h1>")
+        body = [episode_section(ep)]
+    page = "\n".join(head + body + ["</body></html>"])
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, page.encode())
+    return out

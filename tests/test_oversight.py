@@ -1,0 +1,215 @@
+"""Oversight log: recording through the rollout hook, atomic writes, the hash chain and ``verify``."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from fgmf_marl.attribution import PGCA
+from fgmf_marl.oversight import OversightLogger, atomic_write, load_episode, read_manifest, verify
+from fgmf_marl.oversight.replay_cli import main as replay_main
+from fgmf_marl.oversight.store import MANIFEST
+from fgmf_marl.rollout import rollout
+from test_attribution import make_view
+
+SIZE = 24
+
+
+class SquareEnv(gym.Env):
+    """A bright square drifting over a dark image; fixed-length episodes so all agents end together."""
+
+    def __init__(self, length: int = 5, seed: int = 0) -> None:
+        self.observation_space = gym.spaces.Box(0, 255, (3, SIZE, SIZE), np.uint8)
+        self.action_space = gym.spaces.Discrete(5)
+        self.length, self.rng = length, np.random.default_rng(seed)
+
+    def _obs(self) -> np.ndarray:
+        img = np.zeros((3, SIZE, SIZE), np.uint8)
+        y, x = self.pos
+        img[:, y:y + 5, x:x + 5] = 220
+        return img
+
+    def reset(self, *, seed=None, options=None):
+        self.t, self.pos = 0, self.rng.integers(0, SIZE - 5, 2)
+        return self._obs(), {}
+
+    def step(self, action):
+        self.t += 1
+        self.pos = np.clip(self.pos + self.rng.integers(-2, 3, 2), 0, SIZE - 5)
+        return self._obs(), float(action == 1), False, self.t >= self.length, {}
+
+
+def make_venv(n_envs: int = 2, n_agents: int = 2, length: int = 5) -> DummyVecEnv:
+    venv = DummyVecEnv([lambda i=i: SquareEnv(length, seed=i) for i in range(n_envs * n_agents)])
+    venv.n_agents = n_agents
+    return venv
+
+
+def sign_noise(eps: float = 8 / 255):
+    gen = torch.Generator().manual_seed(0)
+
+    def perturb(x: torch.Tensor) -> torch.Tensor:
+        return (x + eps * torch.sign(torch.randn(x.shape, generator=gen))).clamp(0, 1)
+    return perturb
+
+
+def write_log(folder: Path, n_episodes: int = 3, every: int = 1, perturb=None, attack: str | None = None):
+    view = make_view()
+    venv = make_venv()
+    with OversightLogger(folder, view, every=every, n_episodes=n_episodes, attack_name=attack,
+                         pgca=PGCA(view, grid=4)) as log:
+        result = rollout(view, venv, n_episodes, perturb=perturb, step_hook=log.step_hook)
+    return result, log
+
+
+def test_logger_records_rollout_episodes(tmp_path: Path) -> None:
+    result, log = write_log(tmp_path, n_episodes=3)
+    entries = read_manifest(tmp_path)
+    assert len(entries) == 3 == len(result.team_returns)
+    assert verify(tmp_path).ok
+    returns = sorted(load_episode(tmp_path / e["episode"]).meta["summary"]["team_return"] for e in entries)
+    np.testing.assert_allclose(returns, sorted(result.team_returns), rtol=1e-6)
+    ep = load_episode(tmp_path / "ep_000000")
+    a = ep.arrays
+    assert a["actions"].shape == (5, 2) and a["probs"].shape == (5, 2, 5)
+    assert a["seen_obs"].shape == (5, 2, 3, SIZE, SIZE) and a["clean_obs"].dtype == np.uint8
+    for key in ("pgca_P", "pgca_G", "pgca_consensus", "pgca_final"):
+        assert a[key].shape == (5, 2, SIZE, SIZE) and a[key].min() >= 0 and a[key].max() <= 1
+    assert not a["flipped"].any() and (a["linf"] == 0).all()  # no attack
+    assert len(ep.meta["records"]) == 5 * 2 and ep.meta["summary"]["steps"] == 5
+    np.testing.assert_allclose(a["probs"].sum(-1), 1, atol=1e-5)
+
+
+def test_logger_every_k_steps_and_attack_facts(tmp_path: Path) -> None:
+    eps = 8 / 255
+    result, _ = write_log(tmp_path, n_episodes=2, every=2, perturb=sign_noise(eps), attack="sign-noise")
+    ep = load_episode(tmp_path / "ep_000001")
+    a = ep.arrays
+    assert a["logged_t"].tolist() == [0, 2, 4] and a["pgca_final"].shape[0] == 3 and a["actions"].shape[0] == 5
+    assert ep.meta["attack"] == "sign-noise"
+    np.testing.assert_allclose(a["linf"], eps, atol=1e-6)  # dark pixels can move up by the full eps
+    clean = a["clean_obs"].astype(np.float32) / 255
+    seen = a["seen_obs"].astype(np.float32)
+    assert np.abs(seen - clean).max() <= eps + 2e-3  # float16 storage
+    np.testing.assert_array_equal(a["flipped"], a["greedy_actions"] != a["clean_actions"])
+    assert ep.meta["summary"]["attacked_fraction"] == 1.0
+
+
+def _copy_log(tmp_path: Path) -> Path:
+    folder = tmp_path / "log"
+    write_log(folder, n_episodes=3)
+    assert verify(folder).ok
+    return folder
+
+
+def test_hash_chain_detects_edited_episode(tmp_path: Path) -> None:
+    folder = _copy_log(tmp_path)
+    ep = load_episode(folder / "ep_000001")
+    arrays = dict(ep.arrays)
+    arrays["actions"] = arrays["actions"].copy()
+    arrays["actions"][0, 0] = (arrays["actions"][0, 0] + 1) % 5
+    np.savez_compressed(folder / "ep_000001.npz", **arrays)
+    res = verify(folder)
+    assert not res.ok and res.first_bad == 1 and "ep_000001.npz was modified" in res.message
+
+
+def test_hash_chain_detects_edited_json_and_manifest(tmp_path: Path) -> None:
+    folder = _copy_log(tmp_path)
+    meta = json.loads((folder / "ep_000000.json").read_text())
+    meta["summary"]["team_return"] += 1
+    (folder / "ep_000000.json").write_text(json.dumps(meta))
+    assert verify(folder).first_bad == 0
+    folder = tmp_path / "log2"
+    write_log(folder, n_episodes=2)
+    lines = (folder / MANIFEST).read_text().splitlines()
+    entry = json.loads(lines[0])
+    entry["summary"]["flip_rate"] = 0.5  # the entry itself edited, files untouched
+    lines[0] = json.dumps(entry, sort_keys=True)
+    (folder / MANIFEST).write_text("\n".join(lines) + "\n")
+    res = verify(folder)
+    assert res.first_bad == 0 and "entry hash mismatch" in res.message
+
+
+def test_hash_chain_detects_removed_episode(tmp_path: Path) -> None:
+    folder = _copy_log(tmp_path)
+    lines = (folder / MANIFEST).read_text().splitlines()
+    (folder / MANIFEST).write_text("\n".join([lines[0], lines[2]]) + "\n")
+    for suffix in (".npz", ".json"):
+        (folder / f"ep_000001{suffix}").unlink()
+    res = verify(folder)
+    assert not res.ok and res.first_bad == 1 and "ep_000002" in res.message
+    # removing only the files is caught too
+    folder2 = _copy_log(tmp_path / "b")
+    (folder2 / "ep_000001.npz").unlink()
+    assert "missing" in verify(folder2).message
+
+
+def test_hash_chain_detects_reordered_episodes(tmp_path: Path) -> None:
+    folder = _copy_log(tmp_path)
+    lines = (folder / MANIFEST).read_text().splitlines()
+    (folder / MANIFEST).write_text("\n".join([lines[1], lines[0], lines[2]]) + "\n")
+    res = verify(folder)
+    assert not res.ok and res.first_bad == 0
+    # swapping the files' contents instead of the entries
+    folder2 = _copy_log(tmp_path / "b")
+    for suffix in (".npz", ".json"):
+        a, b = folder2 / f"ep_000000{suffix}", folder2 / f"ep_000002{suffix}"
+        da, db = a.read_bytes(), b.read_bytes()
+        a.write_bytes(db)
+        b.write_bytes(da)
+    assert verify(folder2).first_bad == 0
+
+
+def test_appending_to_a_tampered_log_is_refused(tmp_path: Path) -> None:
+    folder = _copy_log(tmp_path)
+    (folder / "ep_000000.json").write_text("{}")
+    with pytest.raises(ValueError, match="refusing to append"):
+        OversightLogger(folder, make_view())
+
+
+def test_crash_during_write_leaves_no_partial_file(tmp_path: Path) -> None:
+    target = tmp_path / "ep.npz"
+
+    def failing(fh):
+        fh.write(b"x" * 1000)
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, failing)
+    assert list(tmp_path.iterdir()) == []
+    target.write_bytes(b"old")
+    with pytest.raises(OSError):
+        atomic_write(target, failing)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["ep.npz"]
+
+
+def test_process_killed_mid_write_leaves_log_verifiable(tmp_path: Path) -> None:
+    folder = _copy_log(tmp_path)
+    code = ("import os, sys; from fgmf_marl.oversight.store import atomic_write\n"
+            "def w(fh):\n    fh.write(b'partial'); fh.flush(); os._exit(9)\n"
+            f"atomic_write({str(folder / 'ep_000003.npz')!r}, w)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert proc.returncode == 9
+    assert not (folder / "ep_000003.npz").exists()  # only a hidden temp file may remain
+    assert verify(folder).ok
+
+
+def test_replay_verify_cli_exit_codes(tmp_path: Path, capsys) -> None:
+    folder = _copy_log(tmp_path)
+    assert replay_main(["verify", str(folder)]) == 0
+    assert "OK: 3 episodes" in capsys.readouterr().out
+    (folder / "ep_000002.json").write_text("{}")
+    assert replay_main(["verify", str(folder)]) == 1
+    assert "entry 2 (ep_000002)" in capsys.readouterr().out
+    script = Path(__file__).resolve().parents[1] / "scripts" / "replay.py"
+    proc = subprocess.run([sys.executable, str(script), "verify", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = subprocess.run([sys.executable, str(script), "verify", str(folder)], capture_output=True, text=True)
+    assert proc.returncode == 1 and "ep_000002" in proc.stdout
