@@ -1,0 +1,164 @@
+"""The one attack interface of fgmf-marl.
+
+Threat model (DESIGN.md, "Adversary and evaluation"): the attacker perturbs the observation the
+victim's policy sees, in the policy's input scale [0, 1], with ``||delta||_inf <= eps``; the result
+is clamped to [0, 1] and optionally quantised to the uint8 grid (what a real sensor could emit).
+
+Every attack is an :class:`Attack`: options in a typed constructor, then
+
+    adv01 = attack(view, obs01, agent_mask=None, target=None)
+
+``view`` is a :class:`~agents.policy_view.PolicyView` (or any module with the same ``__call__`` /
+``value`` methods), ``obs01`` a float batch (B, C, H, W) in [0, 1] holding any number of agents x
+envs at once (slot = env * n_agents + agent). ``agent_mask`` (B,) selects the attacked rows (one
+compromised sensor, or a subset of agents); the other rows come back bit-identical. ``target``
+(B,) or an int holds target actions for targeted attacks. Subclasses implement :meth:`Attack._attack`
+on the selected rows only; the base class does the row selection and the final projection, so
+"within eps and [0, 1]" is enforced in one place for every attack.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+TargetLike = Tensor | np.ndarray | Sequence[int] | int | None
+Perturb = Callable[[Tensor], Tensor]
+
+
+def check_eps(eps: float, name: str = "eps") -> float:
+    """eps is in input units [0, 1]; a CLI converts from /255 units before it gets here."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not np.isfinite(eps) or not 0.0 <= eps <= 1.0:
+        raise ValueError(f"{name}={eps!r} must be a number in [0, 1] (input units; 8/255 = {8 / 255:.4f})")
+    return float(eps)
+
+
+def check_obs(obs: Tensor) -> Tensor:
+    if not isinstance(obs, Tensor) or obs.ndim != 4 or not obs.is_floating_point():
+        desc = f"{type(obs).__name__} shape {tuple(obs.shape)}" if hasattr(obs, "shape") else type(obs).__name__
+        raise ValueError(f"attack inputs must be a float tensor (B, C, H, W) in [0, 1], got {desc}")
+    return obs
+
+
+def project(adv: Tensor, clean: Tensor, eps: float, quantize: bool = False) -> Tensor:
+    """Project ``adv`` onto {x : ||x - clean||_inf <= eps} intersected with [0, 1].
+
+    With ``quantize`` the result lies on the uint8 grid k/255 *and* still inside the eps-ball: it
+    is rounded to the nearest grid value within [max(clean - eps, 0), min(clean + eps, 1)]. If that
+    interval holds no grid value (eps < 1/255 around an off-grid pixel) the clean pixel is kept.
+    """
+    adv = torch.max(torch.min(adv, clean + eps), clean - eps).clamp_(0.0, 1.0)
+    if not quantize:
+        return adv
+    lo = torch.ceil((clean - eps).clamp(0.0, 1.0) * 255.0 - 1e-4) / 255.0
+    hi = torch.floor((clean + eps).clamp(0.0, 1.0) * 255.0 + 1e-4) / 255.0
+    q = torch.round(adv * 255.0) / 255.0
+    q = torch.max(torch.min(q, hi), lo)
+    return torch.where(lo <= hi, q, clean)
+
+
+def as_target(target: TargetLike, batch: int, device: torch.device) -> Tensor | None:
+    if target is None:
+        return None
+    t = (target if isinstance(target, Tensor) else torch.as_tensor(np.asarray(target))).to(device).long()
+    if t.ndim == 0:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"target must be an int or one action per sample, shape ({batch},), got {tuple(t.shape)}")
+    return t
+
+
+def slot_mask(batch: int, n_agents: int, agents: Sequence[int] | None, device: torch.device | str = "cpu") -> Tensor | None:
+    """Row mask (B,) attacking only ``agents`` (indices within each env); None = all rows.
+
+    Slots are env-major (slot = env * n_agents + agent), the layout every VecEnv in fgmf-marl uses.
+    """
+    if agents is None:
+        return None
+    bad = [a for a in agents if not 0 <= int(a) < n_agents]
+    if bad:
+        raise ValueError(f"attacked agents {bad} out of range; accepted: 0..{n_agents - 1}")
+    if batch % n_agents:
+        raise ValueError(f"batch of {batch} observations is not a whole number of envs with {n_agents} agents")
+    per_env = torch.zeros(n_agents, dtype=torch.bool, device=device)
+    per_env[list(agents)] = True
+    return per_env.repeat(batch // n_agents)
+
+
+def greedy(view: Any, obs: Tensor) -> Tensor:
+    with torch.no_grad():
+        return view(obs).argmax(dim=-1)
+
+
+def margin(logits: Tensor, label: Tensor) -> Tensor:
+    """logit of ``label`` minus the best other logit (B,); < 0 means ``label`` is no longer chosen."""
+    own = logits.gather(1, label[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(label, logits.shape[1]).bool(), float("-inf")).amax(dim=1)
+    return own - other
+
+
+class Attack(ABC):
+    """Base class of every attack: ``attack(view, obs01, agent_mask=..., target=...) -> adv01``.
+
+    ``eps`` is the L-inf budget in input units [0, 1]; ``quantize`` rounds the result to the uint8
+    grid without leaving the eps-ball. ``targeted`` attacks need ``target`` at call time (or a
+    ``target_action`` option of the subclass).
+    """
+
+    name: str = "attack"
+    uses_gradients: bool = True     # white-box (gradient) or black-box (queries / surrogate only)
+    targeted: bool = False
+
+    def __init__(self, eps: float, *, quantize: bool = False) -> None:
+        self.eps = check_eps(eps)
+        self.quantize = bool(quantize)
+
+    def __call__(self, view: Any, obs: Tensor, *, agent_mask: Tensor | None = None, target: TargetLike = None) -> Tensor:
+        return self.perturb(view, obs, agent_mask=agent_mask, target=target)
+
+    def perturb(self, view: Any, obs: Tensor, *, agent_mask: Tensor | None = None, target: TargetLike = None) -> Tensor:
+        """Perturbed copy of ``obs``: rows outside ``agent_mask`` unchanged, the rest within eps and [0, 1]."""
+        clean = check_obs(obs).detach()
+        tgt = as_target(target, clean.shape[0], clean.device)
+        if agent_mask is None:
+            rows = None
+        else:
+            mask = torch.as_tensor(agent_mask, device=clean.device).bool()
+            if mask.shape != (clean.shape[0],):
+                raise ValueError(f"agent_mask must be a bool tensor of shape ({clean.shape[0]},), got {tuple(mask.shape)}")
+            rows = mask.nonzero().squeeze(1)
+            if rows.numel() == clean.shape[0]:
+                rows = None
+        sub = clean if rows is None else clean[rows]
+        if sub.shape[0] == 0 or self.eps == 0.0:
+            return clean.clone()
+        sub_target = tgt if tgt is None or rows is None else tgt[rows]
+        adv = project(self._attack(view, sub, sub_target).detach(), sub, self.eps, self.quantize)
+        if rows is None:
+            return adv
+        out = clean.clone()
+        out[rows] = adv
+        return out
+
+    @abstractmethod
+    def _attack(self, view: Any, clean: Tensor, target: Tensor | None) -> Tensor:
+        """Adversarial version of every row of ``clean`` (projection is done by the caller)."""
+
+    def as_perturb(self, view: Any, *, n_agents: int | None = None, agents: Sequence[int] | None = None) -> Perturb:
+        """Adapter to ``fgmf_marl.rollout.rollout``'s ``perturb(obs01) -> obs01`` (all slots each step)."""
+        if agents is not None and n_agents is None:
+            raise ValueError("attacking a subset of agents needs n_agents (slots per env)")
+
+        def perturb(obs01: Tensor) -> Tensor:
+            mask = slot_mask(obs01.shape[0], n_agents or 1, agents, obs01.device) if agents is not None else None
+            return self.perturb(view, obs01, agent_mask=mask)
+
+        return perturb
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and not hasattr(v, "parameters"))
+        return f"{type(self).__name__}({opts})"

@@ -1,0 +1,179 @@
+"""White-box gradient attacks: FGSM, PGD-k (untargeted / targeted), MAD (KL) and the critic attack.
+
+All are one algorithm, projected sign-gradient ascent on a per-sample objective, with different
+objectives and step schedules, so they share :class:`GradientAttack`:
+
+* ``ce``      CE(z(x+d), a*) with a* the greedy action on the clean input (Huang et al. 2017);
+* ``margin``  -(z_a*(x+d) - max_{j!=a*} z_j(x+d)) (Carlini-Wagner style; used by the audit's
+              unbounded check because CE saturates once the action has flipped);
+* ``targeted`` -CE(z(x+d), t): push toward target actions t;
+* ``kl``      KL(pi(x) || pi(x+d)), SA-PPO's MAD attack;
+* ``value``   -V(x+d), the critic attack (drive the agent into states it believes are bad).
+
+The whole batch (all agents x envs) is attacked at once: the objective is summed over rows, and
+because rows are independent in an eval-mode policy the input gradient of the sum is each row's own
+gradient. Gradients are taken w.r.t. the input only (``torch.autograd.grad``), so no parameter
+gradients are accumulated. ``eot_samples`` > 1 averages gradients over that many forward/backward
+passes (Expectation over Transformation, for policies with randomness in the forward pass).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fgmf_marl.attacks.base import Attack, greedy, margin, project
+
+Objective = Literal["ce", "margin", "targeted", "kl", "value"]
+OBJECTIVES: tuple[str, ...] = ("ce", "margin", "targeted", "kl", "value")
+
+
+def objective_values(view: Any, adv: Tensor, objective: str, labels: Tensor | None, clean_logp: Tensor | None) -> Tensor:
+    """Per-sample objective (B,) that the attacker maximises."""
+    if objective == "value":
+        return -view.value(adv)
+    logits = view(adv)
+    if objective == "ce":
+        return F.cross_entropy(logits, labels, reduction="none")
+    if objective == "margin":
+        return -margin(logits, labels)
+    if objective == "targeted":
+        return -F.cross_entropy(logits, labels, reduction="none")
+    if objective == "kl":
+        logp = F.log_softmax(logits, dim=-1)
+        return (clean_logp.exp() * (clean_logp - logp)).sum(dim=-1)
+    raise ValueError(f"unknown attack objective {objective!r}; accepted: {', '.join(OBJECTIVES)}")
+
+
+class GradientAttack(Attack):
+    """Projected sign-gradient ascent with optional random start, best-iterate tracking and EOT.
+
+    ``step_size`` defaults to 2.5 * eps / steps (Madry et al. 2018), enough to cross the ball
+    from a random start. With ``track_best`` each row returns the iterate with the highest
+    objective seen (as AutoAttack does), so more steps never return a worse point than fewer.
+    """
+
+    name = "gradient"
+
+    def __init__(self, eps: float, *, steps: int = 10, step_size: float | None = None, random_start: bool = True,
+                 objective: Objective = "ce", target_action: int | None = None, track_best: bool = True,
+                 eot_samples: int = 1, quantize: bool = False) -> None:
+        super().__init__(eps, quantize=quantize)
+        if int(steps) < 1:
+            raise ValueError(f"steps={steps} must be >= 1")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective={objective!r} is unknown; accepted: {', '.join(OBJECTIVES)}")
+        if step_size is not None and not step_size >= 0:
+            raise ValueError(f"step_size={step_size} must be >= 0")
+        if int(eot_samples) < 1:
+            raise ValueError(f"eot_samples={eot_samples} must be >= 1")
+        self.steps = int(steps)
+        self.step_size = float(step_size) if step_size is not None else 2.5 * self.eps / self.steps
+        self.random_start = bool(random_start)
+        self.objective: str = objective
+        self.target_action = target_action
+        self.track_best = bool(track_best)
+        self.eot_samples = int(eot_samples)
+        self.targeted = objective == "targeted"
+
+    def _labels(self, view: Any, clean: Tensor, target: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        if self.objective == "value":
+            return None, None
+        if self.objective == "targeted":
+            if target is None:
+                if self.target_action is None:
+                    raise ValueError("a targeted attack needs target actions (target=...) or target_action")
+                target = torch.full((clean.shape[0],), int(self.target_action), dtype=torch.long, device=clean.device)
+            return target, None
+        if self.objective == "kl":
+            with torch.no_grad():
+                return None, F.log_softmax(view(clean), dim=-1)
+        return greedy(view, clean), None
+
+    def _grad(self, view: Any, adv: Tensor, labels: Tensor | None, clean_logp: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Objective (B,) at ``adv`` and its input gradient (EOT-averaged)."""
+        total_grad = torch.zeros_like(adv)
+        total_obj = torch.zeros(adv.shape[0], device=adv.device)
+        for _ in range(self.eot_samples):
+            x = adv.detach().requires_grad_(True)
+            with torch.enable_grad():
+                obj = objective_values(view, x, self.objective, labels, clean_logp)
+                (grad,) = torch.autograd.grad(obj.sum(), x)
+            total_grad += grad
+            total_obj += obj.detach()
+        return total_obj / self.eot_samples, total_grad / self.eot_samples
+
+    def _attack(self, view: Any, clean: Tensor, target: Tensor | None) -> Tensor:
+        labels, clean_logp = self._labels(view, clean, target)
+        adv = clean.clone()
+        if self.random_start:
+            adv = project(clean + torch.empty_like(clean).uniform_(-self.eps, self.eps), clean, self.eps)
+        best = adv.clone()
+        best_obj = torch.full((clean.shape[0],), float("-inf"), device=clean.device)
+        for _ in range(self.steps):
+            obj, grad = self._grad(view, adv, labels, clean_logp)
+            if self.track_best:
+                better = obj > best_obj
+                best[better] = adv[better]
+                best_obj = torch.where(better, obj, best_obj)
+            adv = project(adv + self.step_size * grad.sign(), clean, self.eps)
+        if not self.track_best:
+            return adv
+        with torch.no_grad():
+            obj = objective_values(view, adv, self.objective, labels, clean_logp)
+        better = obj > best_obj
+        best[better] = adv[better]
+        return best
+
+
+class FGSM(GradientAttack):
+    """Fast Gradient Sign Method (Goodfellow et al. 2015; on policies, Huang et al. 2017): x + eps * sign(grad CE)."""
+
+    name = "fgsm"
+
+    def __init__(self, eps: float, *, objective: Objective = "ce", target_action: int | None = None,
+                 eot_samples: int = 1, quantize: bool = False) -> None:
+        super().__init__(eps, steps=1, step_size=eps, random_start=False, objective=objective,
+                         target_action=target_action, track_best=False, eot_samples=eot_samples, quantize=quantize)
+
+
+class PGD(GradientAttack):
+    """PGD-k with random start (Madry et al. 2018); ``targeted=True`` pushes toward ``target`` actions."""
+
+    name = "pgd"
+
+    def __init__(self, eps: float, *, steps: int = 10, step_size: float | None = None, random_start: bool = True,
+                 targeted: bool = False, target_action: int | None = None, loss: Literal["ce", "margin"] = "ce",
+                 eot_samples: int = 1, quantize: bool = False) -> None:
+        if loss not in ("ce", "margin"):
+            raise ValueError(f"loss={loss!r} is unknown; accepted: ce, margin")
+        super().__init__(eps, steps=steps, step_size=step_size, random_start=random_start,
+                         objective="targeted" if targeted else loss, target_action=target_action,
+                         eot_samples=eot_samples, quantize=quantize)
+
+
+class MAD(GradientAttack):
+    """Maximal Action Difference (SA-PPO, Zhang et al. 2020): maximise KL(pi(x) || pi(x + d)).
+
+    The KL's gradient vanishes at d = 0, so the random start is what gets the ascent going.
+    """
+
+    name = "mad"
+
+    def __init__(self, eps: float, *, steps: int = 10, step_size: float | None = None, eot_samples: int = 1,
+                 quantize: bool = False) -> None:
+        super().__init__(eps, steps=steps, step_size=step_size, random_start=True, objective="kl",
+                         eot_samples=eot_samples, quantize=quantize)
+
+
+class CriticAttack(GradientAttack):
+    """Critic attack (Pattanaik et al. 2018): minimise the victim's own value estimate V(x + d)."""
+
+    name = "critic"
+
+    def __init__(self, eps: float, *, steps: int = 10, step_size: float | None = None, eot_samples: int = 1,
+                 quantize: bool = False) -> None:
+        super().__init__(eps, steps=steps, step_size=step_size, random_start=True, objective="value",
+                         eot_samples=eot_samples, quantize=quantize)
