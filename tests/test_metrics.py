@@ -1,0 +1,114 @@
+"""Explanation metrics against hand-computed values on tiny synthetic cases."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fgmf_marl.attribution import PGCA, GradCAMPlusPlus
+from fgmf_marl.attribution.metrics import (auc, deletion_auc, deletion_insertion_curves, insertion_auc,
+                                           map_similarity, max_sensitivity, model_randomisation, pointing_game,
+                                           relevance_mass_accuracy, relevance_rank_accuracy)
+from test_attribution import make_view, random_obs
+
+
+def test_localisation_metrics_hand_computed() -> None:
+    maps = torch.tensor([[[0.5, 0.5], [0.0, 1.0]]] * 3)
+    masks = torch.tensor([[[1, 0], [0, 1]], [[0, 1], [0, 1]], [[0, 0], [0, 0]]], dtype=torch.bool)
+    mass = relevance_mass_accuracy(maps, masks)
+    assert mass[0] == pytest.approx(0.75) and mass[1] == pytest.approx(0.75) and math.isnan(mass[2])
+    rank = relevance_rank_accuracy(maps, masks)
+    assert rank[0] == pytest.approx(1.0) and rank[1] == pytest.approx(0.5) and math.isnan(rank[2])
+    point = pointing_game(maps, masks)
+    assert point[:2].tolist() == [1.0, 1.0] and math.isnan(point[2])
+    miss = pointing_game(torch.tensor([[[1.0, 0.0], [0.0, 0.5]]]), torch.tensor([[[0, 1], [1, 1]]], dtype=torch.bool))
+    assert miss.tolist() == [0.0]
+    with pytest.raises(ValueError, match=r"\(B, H, W\)"):
+        relevance_mass_accuracy(maps, masks[:, 0])
+
+
+class _Linear(nn.Module):
+    """logits = [sum(w * x), 0]: the target score of action 0 after deleting pixels is known in closed form."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.w = w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = (x * self.w).flatten(1).sum(1)
+        return torch.stack([s, torch.zeros_like(s)], dim=1)
+
+
+def test_deletion_and_insertion_auc_hand_computed() -> None:
+    w = torch.tensor([[[4.0, 3.0], [2.0, 1.0]]])
+    view = _Linear(w)
+    obs = torch.ones(1, 1, 2, 2)
+    maps = w.clone()  # delete in the order 4, 3, 2, 1
+    curve = deletion_insertion_curves(view, obs, maps, [0], n_steps=4, kind="logit", chunk_size=3)
+    assert curve.tolist() == [[10.0, 6.0, 3.0, 1.0, 0.0]]
+    assert float(deletion_auc(view, obs, maps, [0], n_steps=4, kind="logit")) == pytest.approx(3.75)
+    assert float(insertion_auc(view, obs, maps, [0], n_steps=4, kind="logit")) == pytest.approx(6.25)
+    # the worst order (least important first) has a larger deletion AUC
+    assert float(deletion_auc(view, obs, -maps, [0], n_steps=4, kind="logit")) == pytest.approx((9.5 + 8 + 5.5 + 2) / 4)  # curve 10, 9, 7, 4, 0
+    assert auc(torch.tensor([[1.0, 1.0, 1.0]])).item() == pytest.approx(1.0)
+
+
+def test_max_sensitivity_bounds_and_zero_for_constant_method() -> None:
+    obs = torch.full((2, 1, 4, 4), 0.5)
+    radius = 0.1
+
+    def identity(x, target=None):
+        return x[:, 0]
+    sens = max_sensitivity(identity, obs, [0, 0], radius=radius, n_samples=16)
+    bound = radius * 4 / (0.5 * 4)  # ||d||_F <= r sqrt(16); ||phi(x)||_F = 0.5 * sqrt(16)
+    assert torch.all(sens > 0.5 * bound) and torch.all(sens <= bound + 1e-6)
+
+    def constant(x, target=None):
+        return torch.ones(x.shape[0], 4, 4)
+    assert torch.all(max_sensitivity(constant, obs, [0, 0], radius=radius, n_samples=4) == 0)
+
+
+def test_map_similarity_hand_computed() -> None:
+    a = torch.arange(16.0).reshape(1, 4, 4)
+    same = map_similarity(a, a, top_fraction=0.25)
+    assert same["spearman"].item() == pytest.approx(1.0) and same["topk_iou"].item() == 1.0
+    rev = map_similarity(a, -a, top_fraction=0.25)
+    assert rev["spearman"].item() == pytest.approx(-1.0) and rev["topk_iou"].item() == 0.0
+
+
+def test_model_randomisation_changes_gradcam_but_not_an_edge_detector() -> None:
+    view = make_view()
+    obs = random_obs(4)
+    target = view(obs).argmax(-1)
+    stages = model_randomisation(GradCAMPlusPlus, view, obs, target, seed=0)
+    assert [s["layer"] for s in stages][0] == "action_net" and stages[-1]["layer"].startswith("backbone.convs")
+    assert stages[-1]["spearman"] < 0.5  # fully randomised: maps no longer resemble the trained model's
+    # the original view is untouched
+    torch.testing.assert_close(view(obs).argmax(-1), target)
+
+    class Edges:
+        def __init__(self, _view):
+            pass
+
+        def attribute(self, x, target=None):
+            return (x[:, :, 1:, :] - x[:, :, :-1, :]).abs().sum(1)[:, :, :-1]
+    for s in model_randomisation(Edges, view, obs, target):
+        assert s["spearman"] == pytest.approx(1.0)
+
+
+def test_clean_vs_attacked_similarity_with_pgd() -> None:
+    attacks = pytest.importorskip("fgmf_marl.attacks")
+    view = make_view()
+    obs = random_obs(3)
+    target = view(obs).argmax(-1)
+    pgca = PGCA(view, grid=4)
+    clean_maps = pgca.attribute(obs, target)
+    none = map_similarity(clean_maps, pgca.attribute(attacks.PGD(0.0)(view, obs), target))
+    assert torch.allclose(none["spearman"], torch.ones(3))
+    adv = attacks.PGD(16 / 255, steps=5)(view, obs)
+    assert (adv - obs).abs().max() <= 16 / 255 + 1e-6
+    sim = map_similarity(clean_maps, pgca.attribute(adv, target))
+    assert torch.all(sim["spearman"].abs() <= 1) and torch.all(sim["spearman"] < 1)
