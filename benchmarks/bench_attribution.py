@@ -1,0 +1,157 @@
+"""PGCA cost: batched (ours) vs the naive composition, and the cost of oversight logging.
+
+Part 1, on the same inputs (all agents x envs of one step, 3 x 48 x 48, default CNN, 8 x 8 grid):
+  * naive    Captum ``Occlusion`` run twice per step (zero baseline, then the noise field as baseline;
+             one window per forward, Captum's default) + ``GradCAMPlusPlus`` called per agent, then
+             the same consensus / smoothing / contrast stages;
+  * batched  ``PGCA.explain``: all 2 g^2 copies of every agent + originals in one chunked batch, and
+             one Grad-CAM++ backward for the whole batch.
+  Prints the median times side by side, the speed-up, and the max abs difference of the final maps.
+Part 2: an evaluation rollout unlogged vs logged with ``OversightLogger`` (every step, every 4th
+step), on the native env when it is importable (else a synthetic image env of the same shape).
+
+    python benchmarks/bench_attribution.py [--agents 3] [--envs 1 4] [--repeats 5] [--episodes 2]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import gymnasium as gym
+import numpy as np
+import torch
+from captum.attr import Occlusion
+from stable_baselines3 import PPO
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from agents.policies import ImageFeatures
+from agents.policy_view import PolicyView
+from fgmf_marl.attribution import PGCA, GradCAMPlusPlus
+from fgmf_marl.oversight import OversightLogger
+from fgmf_marl.rollout import rollout
+
+
+class _Synthetic(gym.Env):
+    def __init__(self, length: int = 25, seed: int = 0) -> None:
+        self.observation_space = gym.spaces.Box(0, 255, (3, 48, 48), np.uint8)
+        self.action_space = gym.spaces.Discrete(5)
+        self.length, self.rng = length, np.random.default_rng(seed)
+
+    def reset(self, *, seed=None, options=None):
+        self.t = 0
+        return self.rng.integers(0, 255, (3, 48, 48), dtype=np.uint8), {}
+
+    def step(self, action):
+        self.t += 1
+        return self.rng.integers(0, 255, (3, 48, 48), dtype=np.uint8), 0.0, False, self.t >= self.length, {}
+
+
+def make_env(n_envs: int, n_agents: int):
+    try:
+        from envs.native import CoverageConfig, CoverageVecEnv
+        venv = CoverageVecEnv(CoverageConfig(n_agents=n_agents), n_envs=n_envs, seed=0)
+        return venv, "native"
+    except ImportError:
+        venv = DummyVecEnv([lambda i=i: _Synthetic(seed=i) for i in range(n_envs * n_agents)])
+        venv.n_agents = n_agents
+        return venv, "synthetic (envs.native not importable)"
+
+
+def make_view(venv) -> PolicyView:
+    model = PPO("CnnPolicy", venv, policy_kwargs=dict(features_extractor_class=ImageFeatures,
+                features_extractor_kwargs=dict(backbone="cnn")), seed=0, device="cpu", n_steps=8, batch_size=8)
+    return PolicyView.from_model(model).eval()
+
+
+def naive_pgca(pgca: PGCA, view: PolicyView, obs: torch.Tensor, target: torch.Tensor):
+    """The composition a user would write from off-the-shelf pieces (Captum + per-agent Grad-CAM++)."""
+    c, h, w = obs.shape[1:]
+    cell = h // pgca.grid
+    occ = Occlusion(view)
+    window = dict(sliding_window_shapes=(c, cell, cell), strides=(c, cell, cell), target=target)
+    noise = pgca.perturbation.noise_field((c, h, w))[None].expand_as(obs)
+    with torch.no_grad():
+        zero = occ.attribute(obs, baselines=0.0, **window)[:, 0]
+        noisy = occ.attribute(obs, baselines=noise, **window)[:, 0]
+    p = torch.relu((zero + noisy) / 2)
+    p = p / p.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    gcam = GradCAMPlusPlus(view)
+    g = torch.cat([gcam.attribute(obs[i:i + 1], target=target[i:i + 1]) for i in range(obs.shape[0])])
+    return pgca.from_parts(p, g, target)
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    out = fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def part1(args) -> None:
+    print(f"== PGCA for all agents of one step: batched vs naive (Captum Occlusion x2 + Grad-CAM++ per agent), "
+          f"grid {args.grid}x{args.grid}, torch threads {torch.get_num_threads()}")
+    print(f"{'slots':>6} {'naive s':>9} {'batched s':>10} {'speed-up':>9} {'max|final diff|':>16} {'max|P diff|':>12}")
+    for n_envs in args.envs:
+        venv, _ = make_env(n_envs, args.agents)
+        view = make_view(venv)
+        obs = torch.as_tensor(venv.reset()).float() / 255
+        target = view(obs).argmax(-1)
+        pgca = PGCA(view, grid=args.grid, seed=0)
+        t_naive, ref = timed(lambda: naive_pgca(pgca, view, obs, target), args.repeats)
+        t_ours, res = timed(lambda: pgca.explain(obs, target), args.repeats)
+        diff = float((ref.final - res.final).abs().max())
+        pdiff = float((ref.P - res.P).abs().max())
+        print(f"{obs.shape[0]:>6} {t_naive:>9.4f} {t_ours:>10.4f} {t_naive / t_ours:>8.1f}x {diff:>16.2e} {pdiff:>12.2e}")
+        venv.close()
+
+
+def part2(args) -> None:
+    venv, kind = make_env(args.log_envs, args.agents)
+    view = make_view(venv)
+    print(f"\n== Oversight logging cost: {args.episodes} episodes, env: {kind}, "
+          f"{args.log_envs} env(s) x {args.agents} agents")
+    print(f"{'mode':>22} {'seconds':>9} {'x unlogged':>11} {'MB on disk':>11}")
+
+    def run(every: int | None) -> tuple[float, float]:
+        venv.seed(0)
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            if every is None:
+                rollout(view, venv, args.episodes)
+                size = 0.0
+            else:
+                with OversightLogger(tmp, view, every=every, n_episodes=args.episodes) as log:
+                    rollout(view, venv, args.episodes, step_hook=log.step_hook)
+                import pathlib
+                size = sum(p.stat().st_size for p in pathlib.Path(tmp).iterdir()) / 2**20
+        return time.perf_counter() - start, size
+
+    base, _ = run(None)
+    print(f"{'unlogged':>22} {base:>9.2f} {1.0:>10.1f}x {0.0:>11.2f}")
+    for every in (1, 4):
+        t, size = run(every)
+        print(f"{f'logged every={every}':>22} {t:>9.2f} {t / base:>10.1f}x {size:>11.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--agents", type=int, default=3)
+    parser.add_argument("--envs", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--grid", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--episodes", type=int, default=2)
+    parser.add_argument("--log-envs", type=int, default=1)
+    parser.add_argument("--skip-logging", action="store_true")
+    args = parser.parse_args()
+    part1(args)
+    if not args.skip_logging:
+        part2(args)
+
+
+if __name__ == "__main__":
+    main()
