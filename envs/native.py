@@ -1,0 +1,468 @@
+"""``coverage_v0``: the native cooperative vision environment (a PettingZoo ParallelEnv).
+
+Why it exists: PettingZoo's image environments are slow and carry no ground truth of what an
+agent *should* look at. This one is small enough to train PPO on a 2-core CPU in minutes, and it
+knows, pixel by pixel, which parts of every observation matter, so explanation metrics
+(relevance mass, pointing game) have an exact reference.
+
+World (all coordinates are integer pixel positions of a sprite's top-left corner, row ``y`` then
+column ``x``, in ``[0, L)`` with ``L = size - entity_size + 1``; sprites are
+``entity_size`` x ``entity_size``):
+
+- ``n_agents`` agents, actions ``0 noop, 1 up (y - speed), 2 down, 3 left (x - speed), 4 right``,
+  positions clipped to the arena; agents pass through each other (at a penalty);
+- ``n_landmarks`` static landmarks, spawned at pairwise Chebyshev distance
+  ``>= entity_size + 2 * cover_radius + 2``, so that no agent can cover two landmarks and two agents
+  on two landmarks never collide;
+- ``n_distractors`` moving rings that bounce off the walls with a constant integer velocity drawn
+  at reset; they never touch reward or dynamics, and their colours share a channel with every
+  relevant colour (yellow shares R with the own body and G with landmarks; magenta shares R with the
+  own body and B with teammates), so an explanation that points at them is measurably wrong.
+
+Rewards (defined here once; the batched env and every report use these definitions):
+
+- landmark ``k`` is *covered* when some agent is within Chebyshev distance ``cover_radius`` of it;
+  by the spawn spacing, covered landmarks are covered by distinct agents;
+- shared term ``team_shared = (cover_reward * n_covered - shaping_coef * D / size) / n_landmarks``
+  with ``D = sum_k min_a L1(agent a, landmark k)`` (MPE ``simple_spread``'s shaping, in pixels);
+- agent reward ``r_i = team_shared - collision_penalty * c_i``, ``c_i`` = number of teammates
+  whose sprite overlaps agent ``i``'s sprite (Chebyshev distance ``< entity_size``);
+- **team reward** of a step = mean over agents of ``r_i``; **team return** = its sum over the
+  episode. Oracle-normalised return = ``(R - R_random) / (R_oracle - R_random)``.
+
+Episodes have a fixed length: all agents truncate together after ``max_steps`` steps, no agent ever
+terminates (time is not in the observation, so learners must bootstrap at the time limit).
+
+Observation of agent ``i`` (channel-first uint8 ``(3, size, size)``): background, then distractors
+(rings), then landmarks (green squares), then all agents as teammates (blue squares), then agent
+``i`` itself on top in red. Draw order puts every relevant entity above every distractor, so:
+
+- ``relevance_mask`` (bool ``(size, size)``) = the union of the sprite pixels of the agent's own
+  body, all landmarks and all teammates. All of them are relevant because the oracle's choice (a
+  joint optimal assignment of agents to landmarks) depends on every agent and landmark position.
+  These are exactly the pixels drawn by relevant entities, never a distractor pixel (a distractor
+  pixel hidden under a relevant sprite is the relevant sprite's pixel).
+- ``target_mask`` = own body + the landmark the oracle assigns to the agent (own body only if it
+  is unassigned, when ``n_agents > n_landmarks``).
+
+The oracle (:func:`oracle_assignment`, :func:`oracle_action`): the assignment of landmarks to
+distinct agents minimising the total L1 distance (brute force over all ``P(n_agents, n_landmarks)``
+injections, vectorised, first minimum wins); each assigned agent not yet covering its landmark moves
+along the axis with the larger remaining distance (ties: x), others stay.
+
+This module is the readable reference implementation (per-entity loops); ``envs.batched`` is the
+vectorised one used for training, tested to match it exactly under the same seeds.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from gymnasium import spaces
+from pettingzoo import ParallelEnv
+
+from fgmf_marl.config import ConfigError
+
+# Colours (RGB). Own body and teammates differ strongly so a shared policy knows who it is.
+BACKGROUND = np.array([20, 20, 20], dtype=np.uint8)
+OWN = np.array([240, 60, 60], dtype=np.uint8)
+TEAMMATE = np.array([60, 100, 240], dtype=np.uint8)
+LANDMARK = np.array([60, 220, 60], dtype=np.uint8)
+DISTRACTORS = np.array([[220, 220, 60], [220, 60, 220]], dtype=np.uint8)  # distractor d uses d % 2
+# Global render frame only: one colour per agent so a human can follow each agent.
+RENDER_AGENTS = np.array([[240, 60, 60], [60, 100, 240], [250, 160, 40], [40, 220, 220],
+                          [250, 250, 250], [160, 90, 250], [150, 150, 150], [250, 120, 180]], dtype=np.uint8)
+
+N_ACTIONS = 5
+# (dy, dx) per action, in units of agent_speed.
+MOVES = np.array([[0, 0], [-1, 0], [1, 0], [0, -1], [0, 1]], dtype=np.int64)
+MAX_AGENTS = 8  # the brute-force oracle enumerates P(n_agents, n_landmarks) <= 40320 assignments
+
+
+@dataclass
+class CoverageConfig:
+    """Shape, physics and reward weights of ``coverage_v0`` (defaults: 3 agents, 48x48, 40 steps).
+
+    The defaults make typical agent-landmark distances take ~10 steps at ``agent_speed=2`` px/step,
+    so a 40-step episode leaves most of its steps for holding the cover.
+    """
+
+    n_agents: int = 3
+    n_landmarks: int = 3
+    n_distractors: int = 4
+    size: int = 48
+    max_steps: int = 40
+    entity_size: int = 4
+    agent_speed: int = 2
+    cover_radius: int = 2
+    distractor_speed: int = 2
+    cover_reward: float = 1.0
+    shaping_coef: float = 1.0
+    collision_penalty: float = 0.25
+
+    def validate(self) -> None:
+        if not 1 <= self.n_agents <= MAX_AGENTS:
+            raise ConfigError(f"env.native.n_agents must be in 1..{MAX_AGENTS}, got {self.n_agents}")
+        if not 1 <= self.n_landmarks <= self.n_agents:
+            raise ConfigError(f"env.native.n_landmarks must be in 1..n_agents ({self.n_agents}), got {self.n_landmarks}")
+        if self.n_distractors < 0:
+            raise ConfigError(f"env.native.n_distractors must be >= 0, got {self.n_distractors}")
+        if self.size < 16:
+            raise ConfigError(f"env.native.size must be at least 16 pixels, got {self.size}")
+        if self.max_steps < 1:
+            raise ConfigError(f"env.native.max_steps must be >= 1, got {self.max_steps}")
+        if not 1 <= self.entity_size <= self.size // 4:
+            raise ConfigError(f"env.native.entity_size must be in 1..size/4 ({self.size // 4}), got {self.entity_size}")
+        if self.agent_speed < 1:
+            raise ConfigError(f"env.native.agent_speed must be >= 1, got {self.agent_speed}")
+        if self.cover_radius < 0 or 2 * self.cover_radius < self.agent_speed - 1:
+            raise ConfigError(f"env.native.cover_radius must be >= (agent_speed - 1) / 2 = "
+                              f"{(self.agent_speed - 1) / 2:g} so agents can settle on a landmark, got {self.cover_radius}")
+        if not 0 <= self.distractor_speed < self.arena:
+            raise ConfigError(f"env.native.distractor_speed must be in 0..{self.arena - 1}, got {self.distractor_speed}")
+        per_side = (self.arena - 1) // self.landmark_spacing + 1
+        if per_side * per_side < self.n_landmarks:
+            raise ConfigError(f"env.native: {self.n_landmarks} landmarks at spacing {self.landmark_spacing} px do not fit "
+                              f"a {self.size}px arena (at most {per_side * per_side}); lower n_landmarks, "
+                              f"entity_size or cover_radius, or raise size")
+        for name in ("cover_reward", "shaping_coef", "collision_penalty"):
+            if not np.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ConfigError(f"env.native.{name} must be a finite number >= 0, got {getattr(self, name)}")
+
+    @property
+    def arena(self) -> int:
+        """Number of valid top-left positions per axis."""
+        return self.size - self.entity_size + 1
+
+    @property
+    def landmark_spacing(self) -> int:
+        """Minimum Chebyshev distance between landmarks (see the module docstring)."""
+        return self.entity_size + 2 * self.cover_radius + 2
+
+
+# --------------------------------------------------------------------------------------------
+# Episode sampling (shared by the single and the batched env: both draw from a per-env Generator)
+# --------------------------------------------------------------------------------------------
+
+def _place(rng: np.random.Generator, free: np.ndarray, n: int, spacing: int) -> np.ndarray | None:
+    """Pick ``n`` cells uniformly among ``free`` one at a time, blocking a Chebyshev ball of radius
+    ``spacing - 1`` around each; None when the arena fills up (the caller retries)."""
+    free = free.copy()
+    side = free.shape[0]
+    out = np.zeros((n, 2), dtype=np.int64)
+    for i in range(n):
+        cells = np.flatnonzero(free)
+        if cells.size == 0:
+            return None
+        y, x = divmod(int(cells[rng.integers(cells.size)]), side)
+        out[i] = y, x
+        free[max(0, y - spacing + 1):y + spacing, max(0, x - spacing + 1):x + spacing] = False
+    return out
+
+
+def sample_episode(rng: np.random.Generator, cfg: CoverageConfig) -> dict[str, np.ndarray]:
+    """Initial state of one episode: landmarks (spaced), agents (non-overlapping), distractors.
+
+    The order of draws is part of the seeding contract shared by both implementations.
+    """
+    side = cfg.arena
+    for _ in range(1000):
+        landmarks = _place(rng, np.ones((side, side), bool), cfg.n_landmarks, cfg.landmark_spacing)
+        if landmarks is None:
+            continue
+        agents = _place(rng, np.ones((side, side), bool), cfg.n_agents, cfg.entity_size)
+        if agents is not None:
+            break
+    else:
+        raise RuntimeError(f"could not place {cfg.n_landmarks} landmarks and {cfg.n_agents} agents in 1000 tries")
+    d = cfg.n_distractors
+    dpos = rng.integers(0, side, size=(d, 2))
+    dvel = rng.integers(0, cfg.distractor_speed + 1, size=(d, 2)) * rng.choice(np.array([-1, 1]), size=(d, 2))
+    return {"agents": agents, "landmarks": landmarks, "dpos": dpos.astype(np.int64), "dvel": dvel.astype(np.int64)}
+
+
+def bounce(pos: np.ndarray, vel: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Move by ``vel`` and reflect off ``[0, side - 1]`` (exact integer arithmetic)."""
+    pos = pos + vel
+    hi = pos > side - 1
+    lo = pos < 0
+    pos = np.where(hi, 2 * (side - 1) - pos, np.where(lo, -pos, pos))
+    vel = np.where(hi | lo, -vel, vel)
+    return pos, vel
+
+
+# --------------------------------------------------------------------------------------------
+# Oracle (vectorised over a leading batch axis; the single env calls it with B = 1)
+# --------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _injections(n_agents: int, n_landmarks: int) -> np.ndarray:
+    """All assignments landmark k -> distinct agent, as (P, n_landmarks), in lexicographic order."""
+    return np.array(list(itertools.permutations(range(n_agents), n_landmarks)), dtype=np.int64).reshape(-1, n_landmarks)
+
+
+def oracle_assignment(agents: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """Landmark index assigned to each agent, -1 for none: ``(B, N, 2), (B, K, 2) -> (B, N)``.
+
+    Minimises the total L1 distance over injections landmark -> agent (first minimum wins).
+    """
+    b, n = agents.shape[:2]
+    k = landmarks.shape[1]
+    dist = np.abs(agents[:, :, None, :] - landmarks[:, None, :, :]).sum(-1)  # (B, N, K)
+    perms = _injections(n, k)  # (P, K)
+    cost = dist[:, perms, np.arange(k)].sum(-1)  # (B, P)
+    best = perms[np.argmin(cost, axis=1)]  # (B, K): agent of landmark k
+    assign = np.full((b, n), -1, dtype=np.int64)
+    assign[np.arange(b)[:, None], best] = np.arange(k)[None, :]
+    return assign
+
+
+def oracle_action(agents: np.ndarray, landmarks: np.ndarray, cover_radius: int) -> np.ndarray:
+    """Oracle actions ``(B, N)`` for positions ``(B, N, 2)`` and landmarks ``(B, K, 2)``."""
+    assign = oracle_assignment(agents, landmarks)
+    target = np.take_along_axis(landmarks, np.maximum(assign, 0)[..., None], axis=1)  # (B, N, 2)
+    d = target - agents
+    dy, dx = d[..., 0], d[..., 1]
+    along_x = np.abs(dx) >= np.abs(dy)
+    act = np.where(along_x, np.where(dx > 0, 4, 3), np.where(dy > 0, 2, 1))
+    settled = (assign < 0) | (np.abs(d).max(-1) <= cover_radius)
+    return np.where(settled, 0, act).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference and normalised returns
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReferenceReturns:
+    """Mean team returns of the random and the oracle policy (the 0 and 1 of normalised return)."""
+
+    random: float
+    oracle: float
+    n_episodes: int
+
+
+@functools.lru_cache(maxsize=32)
+def _reference_cached(cfg_items: tuple, n_episodes: int, seed: int) -> ReferenceReturns:
+    from envs.batched import BatchedCoverage
+
+    cfg = CoverageConfig(**dict(cfg_items))
+    out = {}
+    for policy in ("random", "oracle"):
+        core = BatchedCoverage(cfg, n_envs=n_episodes)
+        core.reset(seeds=[seed + b for b in range(n_episodes)])
+        act_rng = np.random.default_rng(seed)
+        team = np.zeros(n_episodes)
+        for _ in range(cfg.max_steps):
+            if policy == "random":
+                actions = act_rng.integers(0, N_ACTIONS, size=(n_episodes, cfg.n_agents))
+            else:
+                actions = core.oracle_actions()
+            rewards = core.step(actions)
+            team += rewards.mean(axis=1)
+        out[policy] = float(team.mean())
+    return ReferenceReturns(random=out["random"], oracle=out["oracle"], n_episodes=n_episodes)
+
+
+def reference_returns(config: CoverageConfig | None = None, n_episodes: int = 64, seed: int = 12345) -> ReferenceReturns:
+    """Random and oracle mean team returns over ``n_episodes`` seeded episodes (batched env;
+    cached in-process by config, so repeated evaluation costs nothing)."""
+    cfg = config or CoverageConfig()
+    cfg.validate()
+    return _reference_cached(tuple(sorted(asdict(cfg).items())), int(n_episodes), int(seed))
+
+
+def normalised_return(team_return: float, ref: ReferenceReturns) -> float:
+    """Oracle-normalised team return: random = 0, oracle = 1."""
+    return float((team_return - ref.random) / (ref.oracle - ref.random))
+
+
+# --------------------------------------------------------------------------------------------
+# The single (reference) environment
+# --------------------------------------------------------------------------------------------
+
+def _ring(e: int) -> np.ndarray:
+    m = np.ones((e, e), bool)
+    if e > 2:
+        m[1:-1, 1:-1] = False
+    return m
+
+
+class CoverageParallelEnv(ParallelEnv):
+    """Cooperative landmark coverage with image observations; see the module docstring."""
+
+    metadata = {"render_modes": ["rgb_array", "human"], "name": "coverage_v0", "is_parallelizable": True, "render_fps": 10}
+
+    def __init__(self, config: CoverageConfig | None = None, render_mode: str | None = None) -> None:
+        self.config = config if config is not None else CoverageConfig()
+        self.config.validate()
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
+        self.render_mode = render_mode
+        cfg = self.config
+        self.possible_agents = [f"agent_{i}" for i in range(cfg.n_agents)]
+        self.agents: list[str] = []
+        self._obs_space = spaces.Box(0, 255, (3, cfg.size, cfg.size), np.uint8)
+        self._act_space = spaces.Discrete(N_ACTIONS)
+        self._rng = np.random.default_rng()
+        self._ring = _ring(cfg.entity_size)
+        self._state: dict[str, np.ndarray] | None = None
+        self._t = 0
+        self._figure: Any = None
+        self._image: Any = None
+
+    # PettingZoo calls these per agent; the spaces are shared (parameter sharing)
+    def observation_space(self, agent: str) -> spaces.Box:
+        return self._obs_space
+
+    def action_space(self, agent: str) -> spaces.Discrete:
+        return self._act_space
+
+    # ---- dynamics -------------------------------------------------------------------------
+    def reset(self, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
+        if seed is not None:
+            self._rng = np.random.default_rng(seed)
+        self._state = sample_episode(self._rng, self.config)
+        self._t = 0
+        self.agents = list(self.possible_agents)
+        return self._observations(), self._infos()
+
+    def step(self, actions: dict[str, int]) -> tuple[dict, dict, dict, dict, dict]:
+        if not self.agents:
+            raise RuntimeError("step() called on a finished episode; call reset() first")
+        cfg, s = self.config, self._state
+        hi = cfg.arena - 1
+        for i, agent in enumerate(self.possible_agents):
+            a = int(actions[agent])
+            if not 0 <= a < N_ACTIONS:
+                raise ValueError(f"action of {agent} must be in 0..{N_ACTIONS - 1}, got {a}")
+            y, x = s["agents"][i] + cfg.agent_speed * MOVES[a]
+            s["agents"][i] = min(max(y, 0), hi), min(max(x, 0), hi)
+        s["dpos"], s["dvel"] = bounce(s["dpos"], s["dvel"], cfg.arena)
+        self._t += 1
+
+        shared = self._team_shared()
+        rewards = {}
+        for i, agent in enumerate(self.possible_agents):
+            hits = sum(1 for j in range(cfg.n_agents)
+                       if j != i and int(np.abs(s["agents"][i] - s["agents"][j]).max()) < cfg.entity_size)
+            rewards[agent] = shared - cfg.collision_penalty * hits
+        done = self._t >= cfg.max_steps
+        obs, infos = self._observations(), self._infos()
+        terminations = {a: False for a in self.agents}
+        truncations = {a: done for a in self.agents}
+        if done:
+            self.agents = []
+        return obs, rewards, terminations, truncations, infos
+
+    def _team_shared(self) -> float:
+        cfg, s = self.config, self._state
+        covered, dsum = 0, 0
+        for k in range(cfg.n_landmarks):
+            diff = np.abs(s["agents"] - s["landmarks"][k])
+            covered += int(diff.max(axis=1).min() <= cfg.cover_radius)
+            dsum += int(diff.sum(axis=1).min())
+        return (cfg.cover_reward * covered - cfg.shaping_coef * dsum / cfg.size) / cfg.n_landmarks
+
+    # ---- oracle ---------------------------------------------------------------------------
+    def oracle_actions(self) -> dict[str, int]:
+        """The scripted oracle's action for every agent in the current state."""
+        acts = oracle_action(self._state["agents"][None], self._state["landmarks"][None], self.config.cover_radius)[0]
+        return {agent: int(acts[i]) for i, agent in enumerate(self.possible_agents)}
+
+    # ---- drawing --------------------------------------------------------------------------
+    def _draw(self, frame: np.ndarray, pos: np.ndarray, colour: np.ndarray, ring: bool = False) -> None:
+        e = self.config.entity_size
+        y, x = int(pos[0]), int(pos[1])
+        if ring:
+            frame[y:y + e, x:x + e][self._ring] = colour
+        else:
+            frame[y:y + e, x:x + e] = colour
+
+    def _base_frame(self) -> np.ndarray:
+        cfg, s = self.config, self._state
+        frame = np.empty((cfg.size, cfg.size, 3), np.uint8)
+        frame[:] = BACKGROUND
+        for d in range(cfg.n_distractors):
+            self._draw(frame, s["dpos"][d], DISTRACTORS[d % 2], ring=True)
+        for k in range(cfg.n_landmarks):
+            self._draw(frame, s["landmarks"][k], LANDMARK)
+        return frame
+
+    def _observations(self) -> dict[str, np.ndarray]:
+        s = self._state
+        base = self._base_frame()
+        for j in range(self.config.n_agents):
+            self._draw(base, s["agents"][j], TEAMMATE)
+        obs = {}
+        for i, agent in enumerate(self.possible_agents):
+            frame = base.copy()
+            self._draw(frame, s["agents"][i], OWN)
+            obs[agent] = np.ascontiguousarray(frame.transpose(2, 0, 1))
+        return obs
+
+    def _sprite_mask(self, positions: np.ndarray) -> np.ndarray:
+        e, size = self.config.entity_size, self.config.size
+        mask = np.zeros((size, size), bool)
+        for y, x in positions:
+            mask[y:y + e, x:x + e] = True
+        return mask
+
+    def relevance_masks(self) -> dict[str, np.ndarray]:
+        """Ground-truth relevance per agent: own body + all landmarks + all teammates."""
+        s = self._state
+        mask = self._sprite_mask(np.concatenate([s["agents"], s["landmarks"]]))
+        return {agent: mask.copy() for agent in self.possible_agents}
+
+    def target_masks(self) -> dict[str, np.ndarray]:
+        """Own body + the landmark the oracle assigns to the agent."""
+        s = self._state
+        assign = oracle_assignment(s["agents"][None], s["landmarks"][None])[0]
+        out = {}
+        for i, agent in enumerate(self.possible_agents):
+            pos = [s["agents"][i]] + ([s["landmarks"][assign[i]]] if assign[i] >= 0 else [])
+            out[agent] = self._sprite_mask(np.array(pos))
+        return out
+
+    def _infos(self) -> dict[str, dict[str, Any]]:
+        rel, tgt = self.relevance_masks(), self.target_masks()
+        return {agent: {"relevance_mask": rel[agent], "target_mask": tgt[agent]} for agent in self.possible_agents}
+
+    def _render_frame(self) -> np.ndarray:
+        frame = self._base_frame()
+        for j in range(self.config.n_agents):
+            self._draw(frame, self._state["agents"][j], RENDER_AGENTS[j % len(RENDER_AGENTS)])
+        return frame
+
+    def render(self) -> np.ndarray | None:
+        """``rgb_array``: the global frame (HxWx3 uint8), agents in distinct colours; ``human``: shows
+        it (8x upscaled) in a matplotlib window and returns None."""
+        if self.render_mode is None:
+            return None
+        if self._state is None:
+            raise RuntimeError("render() called before reset()")
+        frame = self._render_frame()
+        if self.render_mode == "rgb_array":
+            return frame
+        import matplotlib.pyplot as plt
+
+        big = frame.repeat(8, axis=0).repeat(8, axis=1)
+        if self._figure is None:
+            self._figure, ax = plt.subplots(figsize=(4, 4))
+            ax.set_axis_off()
+            self._image = ax.imshow(big)
+        else:
+            self._image.set_data(big)
+        self._figure.canvas.draw_idle()
+        self._figure.canvas.flush_events()
+        return None
+
+    def close(self) -> None:
+        if self._figure is not None:
+            import matplotlib.pyplot as plt
+
+            plt.close(self._figure)
+            self._figure = self._image = None

@@ -1,0 +1,138 @@
+"""The batched coverage env equals B copies of the reference single env, and is a proper SB3 VecEnv."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from stable_baselines3.common.vec_env import VecEnv
+
+from envs.batched import BatchedCoverage, CoverageVecEnv
+from envs.native import CoverageConfig, CoverageParallelEnv, reference_returns
+
+CONFIGS = [
+    CoverageConfig(max_steps=12),
+    CoverageConfig(n_agents=4, n_landmarks=2, n_distractors=6, size=32, entity_size=3, max_steps=9,
+                   agent_speed=3, cover_radius=1, distractor_speed=3, collision_penalty=0.5),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_batched_equals_single_envs(cfg: CoverageConfig) -> None:
+    """Observations, rewards, dones, masks and oracle actions over 3 episodes incl. auto-resets."""
+    n_envs, seed = 5, 100
+    venv = CoverageVecEnv(cfg, n_envs=n_envs, seed=seed)
+    singles = [CoverageParallelEnv(cfg, render_mode="rgb_array") for _ in range(n_envs)]
+    n = cfg.n_agents
+    obs = venv.reset()
+    infos_single = []
+    for b, env in enumerate(singles):
+        o, inf = env.reset(seed=seed + b)
+        infos_single.append(inf)
+        for i, agent in enumerate(env.possible_agents):
+            np.testing.assert_array_equal(obs[b * n + i], o[agent])
+    rng = np.random.default_rng(0)
+    episode_returns = []
+    for t in range(3 * cfg.max_steps):
+        rel, tgt, ora = venv.relevance_masks(), venv.target_masks(), venv.oracle_actions()
+        frames = venv.render()
+        for b, env in enumerate(singles):
+            np.testing.assert_array_equal(frames[b], env.render())
+            oracle = env.oracle_actions()
+            for i, agent in enumerate(env.possible_agents):
+                np.testing.assert_array_equal(rel[b * n + i], infos_single[b][agent]["relevance_mask"])
+                np.testing.assert_array_equal(tgt[b * n + i], infos_single[b][agent]["target_mask"])
+                assert ora[b * n + i] == oracle[agent]
+        # Mix oracle and random actions so agents collide, cover and hit walls.
+        actions = np.where(rng.random(venv.num_envs) < 0.5, ora, rng.integers(0, 5, venv.num_envs))
+        obs, rewards, dones, infos = venv.step(actions)
+        assert obs.dtype == np.uint8 and rewards.dtype == np.float32 and dones.dtype == bool
+        for b, env in enumerate(singles):
+            acts = {agent: int(actions[b * n + i]) for i, agent in enumerate(env.possible_agents)}
+            o, r, term, trunc, inf = env.step(acts)
+            infos_single[b] = inf
+            ended = all(trunc.values())
+            for i, agent in enumerate(env.possible_agents):
+                slot = b * n + i
+                assert rewards[slot] == np.float32(r[agent])
+                assert dones[slot] == ended and not term[agent]
+                if ended:
+                    info = infos[slot]
+                    np.testing.assert_array_equal(info["terminal_observation"], o[agent])
+                    assert info["TimeLimit.truncated"] is True and info["episode"]["l"] == cfg.max_steps
+                else:
+                    np.testing.assert_array_equal(obs[slot], o[agent])
+                    assert infos[slot] == {}
+            if ended:
+                episode_returns.append((b, [infos[b * n + i]["episode"] for i in range(n)]))
+                o, infos_single[b] = env.reset()  # unseeded: continues the env's generator
+                for i, agent in enumerate(env.possible_agents):
+                    np.testing.assert_array_equal(obs[b * n + i], o[agent])
+    assert len(episode_returns) == 3 * n_envs
+    for _, eps in episode_returns:
+        team = eps[0]["team_r"]
+        assert all(e["team_r"] == team for e in eps)
+        assert team == pytest.approx(np.mean([e["r"] for e in eps]))
+
+
+def test_episode_returns_match_reward_sums() -> None:
+    cfg = CoverageConfig(max_steps=10)
+    venv = CoverageVecEnv(cfg, n_envs=3, seed=1)
+    venv.reset()
+    total = np.zeros(venv.num_envs)
+    for _ in range(10):
+        _, r, dones, infos = venv.step(venv.oracle_actions())
+        total += r
+    assert dones.all()
+    for slot, info in enumerate(infos):
+        assert info["episode"]["r"] == pytest.approx(total[slot], rel=1e-5)
+        env = slot // cfg.n_agents
+        assert info["episode"]["team_r"] == pytest.approx(total[env * 3:env * 3 + 3].mean(), rel=1e-5)
+
+
+def test_vecenv_api() -> None:
+    cfg = CoverageConfig(size=32)
+    venv = CoverageVecEnv(cfg, n_envs=2, seed=0)
+    assert isinstance(venv, VecEnv) and venv.num_envs == 6 and venv.n_envs == 2 and venv.n_agents == 3
+    assert venv.observation_space.shape == (3, 32, 32) and venv.action_space.n == 5
+    obs = venv.reset()
+    assert obs.shape == (6, 3, 32, 32)
+    assert venv.get_attr("config", [0, 4]) == [cfg, cfg]
+    assert venv.env_is_wrapped(object) == [False] * 6
+    assert venv.env_method("oracle_actions", indices=[1])[0].shape == (6,)
+    venv.set_attr("note", 3)
+    assert venv.get_attr("note") == [3] * 6
+    assert venv.relevance_masks().shape == (6, 32, 32) and venv.target_masks().shape == (6, 32, 32)
+    assert venv.render().shape == (2, 32, 32, 3)
+    # seed() takes effect at the next reset, env b gets seed + b.
+    assert venv.seed(7)[:4] == [7, 7, 7, 8]
+    first = venv.reset()
+    np.testing.assert_array_equal(first, CoverageVecEnv(cfg, n_envs=2, seed=7).reset())
+    with pytest.raises(ValueError, match="expected 6 actions"):
+        venv.step(np.zeros(5, dtype=np.int64))
+    with pytest.raises(ValueError, match="actions must be in"):
+        venv.step(np.full(6, 5))
+    venv.close()
+
+
+def test_sb3_ppo_runs_on_vecenv() -> None:
+    """SB3 PPO accepts the VecEnv as is (shapes, dtypes, episode infos)."""
+    from stable_baselines3 import PPO
+
+    from agents.policies import ImageFeatures
+
+    venv = CoverageVecEnv(CoverageConfig(size=32, max_steps=8), n_envs=2, seed=0)
+    model = PPO("CnnPolicy", venv, n_steps=16, batch_size=48, n_epochs=1, seed=0, device="cpu",
+                policy_kwargs=dict(features_extractor_class=ImageFeatures, net_arch=[16],
+                                   features_extractor_kwargs=dict(backbone="cnn", features_dim=16)))
+    model.learn(96)
+    assert len(model.ep_info_buffer) > 0
+
+
+def test_reference_returns_use_batched_oracle() -> None:
+    cfg = CoverageConfig(max_steps=20)
+    ref = reference_returns(cfg, n_episodes=8, seed=3)
+    core = BatchedCoverage(cfg, n_envs=8)
+    core.reset(seeds=[3 + b for b in range(8)])
+    team = np.zeros(8)
+    for _ in range(cfg.max_steps):
+        team += core.step(core.oracle_actions()).mean(1)
+    assert ref.oracle == pytest.approx(team.mean())

@@ -1,0 +1,180 @@
+"""The native coverage env: PettingZoo API, seeding, rendering, ground-truth masks, oracle, config."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pettingzoo.test import parallel_api_test, parallel_seed_test, render_test
+from pettingzoo.utils.conversions import parallel_to_aec
+
+from envs.native import (BACKGROUND, DISTRACTORS, LANDMARK, OWN, TEAMMATE, CoverageConfig, CoverageParallelEnv,
+                         ReferenceReturns, normalised_return, oracle_action, oracle_assignment, reference_returns)
+from fgmf_marl.config import ConfigError
+
+
+def test_parallel_api() -> None:
+    parallel_api_test(CoverageParallelEnv(CoverageConfig(max_steps=25)), num_cycles=60)
+
+
+def test_parallel_seed() -> None:
+    parallel_seed_test(lambda: CoverageParallelEnv(CoverageConfig(max_steps=15)))
+
+
+def test_render() -> None:
+    render_test(lambda render_mode=None: parallel_to_aec(CoverageParallelEnv(render_mode=render_mode)))
+    env = CoverageParallelEnv(CoverageConfig(size=32), render_mode="rgb_array")
+    env.reset(seed=0)
+    frame = env.render()
+    assert frame.shape == (32, 32, 3) and frame.dtype == np.uint8
+    assert CoverageParallelEnv().render() is None
+
+
+def test_spaces_and_fixed_length() -> None:
+    cfg = CoverageConfig(n_agents=4, n_landmarks=2, size=40, max_steps=7)
+    env = CoverageParallelEnv(cfg)
+    obs, infos = env.reset(seed=1)
+    assert env.possible_agents == ["agent_0", "agent_1", "agent_2", "agent_3"]
+    assert env.observation_space("agent_0").shape == (3, 40, 40) and env.action_space("agent_0").n == 5
+    for agent, o in obs.items():
+        assert o.shape == (3, 40, 40) and o.dtype == np.uint8 and env.observation_space(agent).contains(o)
+        assert infos[agent]["relevance_mask"].shape == (40, 40) and infos[agent]["relevance_mask"].dtype == bool
+    for t in range(7):
+        obs, rew, term, trunc, infos = env.step({a: 0 for a in env.agents})
+        assert not any(term.values())
+        assert all(trunc.values()) == (t == 6) and any(trunc.values()) == (t == 6)
+    assert env.agents == []
+
+
+def _hand_env(agents, landmarks, dpos, dvel=None, **kw) -> CoverageParallelEnv:
+    cfg = CoverageConfig(n_agents=len(agents), n_landmarks=len(landmarks), n_distractors=len(dpos), **kw)
+    env = CoverageParallelEnv(cfg)
+    env.reset(seed=0)
+    env._state = {"agents": np.array(agents, np.int64).reshape(-1, 2),
+                  "landmarks": np.array(landmarks, np.int64).reshape(-1, 2),
+                  "dpos": np.array(dpos, np.int64).reshape(-1, 2),
+                  "dvel": np.zeros((len(dpos), 2), np.int64) if dvel is None else np.array(dvel, np.int64)}
+    return env
+
+
+def _box(size: int, y: int, x: int, e: int = 4) -> np.ndarray:
+    m = np.zeros((size, size), bool)
+    m[y:y + e, x:x + e] = True
+    return m
+
+
+def test_relevance_mask_exactly_relevant_entities() -> None:
+    # Distractor touching landmark 0, another half under agent 1; relevant sprites drawn on top.
+    env = _hand_env(agents=[(5, 5), (30, 30)], landmarks=[(20, 10), (40, 40)], dpos=[(20, 14), (32, 32)])
+    obs = env._observations()
+    infos = env._infos()
+    expected = _box(48, 5, 5) | _box(48, 30, 30) | _box(48, 20, 10) | _box(48, 40, 40)
+    for agent in env.possible_agents:
+        np.testing.assert_array_equal(infos[agent]["relevance_mask"], expected)
+    img = obs["agent_0"].transpose(1, 2, 0)
+    # Own body red, teammate blue, landmarks green, distractors drawn where visible, background elsewhere.
+    assert (img[_box(48, 5, 5)] == OWN).all()
+    assert (img[_box(48, 30, 30)] == TEAMMATE).all()
+    assert (img[_box(48, 20, 10) | _box(48, 40, 40)] == LANDMARK).all()
+    ring0 = _box(48, 20, 14) & ~_box(48, 21, 15, 2)
+    assert (img[ring0] == DISTRACTORS[0]).all()
+    ring1 = (_box(48, 32, 32) & ~_box(48, 33, 33, 2)) & ~expected
+    assert ring1.sum() == 9 and (img[ring1] == DISTRACTORS[1]).all()
+    # Every pixel outside the relevant sprites and the visible ring pixels is background.
+    rest = ~(expected | ring0 | ring1)
+    assert (img[rest] == BACKGROUND).all()
+    # No distractor colour inside the mask, and every non-background pixel outside it is a distractor's.
+    assert not (img[expected] == DISTRACTORS[0]).all(-1).any() and not (img[expected] == DISTRACTORS[1]).all(-1).any()
+    # The other agent sees itself red and agent_0 blue.
+    img1 = obs["agent_1"].transpose(1, 2, 0)
+    assert (img1[_box(48, 30, 30)] == OWN).all() and (img1[_box(48, 5, 5)] == TEAMMATE).all()
+
+
+def test_target_mask_follows_oracle_assignment() -> None:
+    env = _hand_env(agents=[(0, 0), (40, 40)], landmarks=[(38, 36), (2, 6)], dpos=[])
+    tgt = env.target_masks()
+    np.testing.assert_array_equal(tgt["agent_0"], _box(48, 0, 0) | _box(48, 2, 6))
+    np.testing.assert_array_equal(tgt["agent_1"], _box(48, 40, 40) | _box(48, 38, 36))
+    # An unassigned agent's target is its own body.
+    env = _hand_env(agents=[(0, 0), (40, 40)], landmarks=[(38, 36)], dpos=[])
+    np.testing.assert_array_equal(env.target_masks()["agent_0"], _box(48, 0, 0))
+
+
+def test_rewards_closed_form() -> None:
+    # Agent 0 sits on landmark 0 (covered), agent 1 is 10 px (L1) from landmark 1, agent 2 overlaps agent 0.
+    env = _hand_env(agents=[(10, 10), (30, 24), (11, 12)], landmarks=[(10, 11), (30, 30), (0, 40)], dpos=[],
+                    collision_penalty=0.5)
+    env.step({a: 0 for a in env.agents})  # noop
+    l1_lm2 = min(abs(10 - 0) + abs(10 - 40), abs(30 - 0) + abs(24 - 40), abs(11 - 0) + abs(12 - 40))
+    dsum = 1 + 6 + l1_lm2
+    shared = (1.0 * 1 - 1.0 * dsum / 48) / 3
+    _, rew, *_ = env.step({a: 0 for a in env.agents})
+    assert rew["agent_0"] == pytest.approx(shared - 0.5)
+    assert rew["agent_1"] == pytest.approx(shared)
+    assert rew["agent_2"] == pytest.approx(shared - 0.5)
+
+
+def test_moves_clip_and_distractors_bounce() -> None:
+    env = _hand_env(agents=[(0, 44)], landmarks=[(20, 20)], dpos=[(43, 1)], dvel=[(2, -2)])
+    env.step({"agent_0": 1})  # up at the wall: stays
+    assert tuple(env._state["agents"][0]) == (0, 44)
+    env.step({"agent_0": 3})  # left
+    assert tuple(env._state["agents"][0]) == (0, 42)
+    # 43 -> 45 > 44 reflects to 43; 1 -> -1 reflects to 1; then velocities flipped.
+    assert tuple(env._state["dpos"][0]) == (41, 3) and tuple(env._state["dvel"][0]) == (-2, 2)
+
+
+def test_oracle_assignment_is_optimal() -> None:
+    rng = np.random.default_rng(0)
+    import itertools
+    agents = rng.integers(0, 45, (50, 4, 2))
+    landmarks = rng.integers(0, 45, (50, 3, 2))
+    assign = oracle_assignment(agents, landmarks)
+    for b in range(50):
+        dist = np.abs(agents[b][:, None] - landmarks[b][None]).sum(-1)
+        best = min(sum(dist[p[k], k] for k in range(3)) for p in itertools.permutations(range(4), 3))
+        got = sum(dist[i, assign[b, i]] for i in range(4) if assign[b, i] >= 0)
+        assert got == best and sorted(assign[b][assign[b] >= 0]) == [0, 1, 2]
+
+
+def test_oracle_action_steps_along_larger_axis() -> None:
+    agents = np.array([[[10, 10]], [[10, 10]], [[10, 10]], [[10, 10]]])
+    landmarks = np.array([[[10, 20]], [[2, 12]], [[12, 11]], [[10, 3]]])
+    np.testing.assert_array_equal(oracle_action(agents, landmarks, cover_radius=2)[:, 0], [4, 1, 0, 3])
+
+
+def test_oracle_beats_random_widely() -> None:
+    ref = reference_returns(CoverageConfig(), n_episodes=32)
+    assert isinstance(ref, ReferenceReturns)
+    assert ref.oracle - ref.random > 20.0 and ref.oracle > 0.0 > ref.random
+    assert normalised_return(ref.random, ref) == 0.0 and normalised_return(ref.oracle, ref) == 1.0
+    assert reference_returns(CoverageConfig(), n_episodes=32) is ref  # cached
+
+
+def test_oracle_covers_all_landmarks_single_env() -> None:
+    env = CoverageParallelEnv(CoverageConfig())
+    env.reset(seed=7)
+    for _ in range(39):
+        _, rew, *_ = env.step(env.oracle_actions())
+    s = env._state
+    cheb = np.abs(s["agents"][:, None] - s["landmarks"][None]).max(-1)
+    assert (cheb.min(0) <= env.config.cover_radius).all()
+
+
+@pytest.mark.parametrize("override, fragment", [
+    (dict(n_agents=0), "n_agents"), (dict(n_landmarks=4), "n_landmarks"), (dict(size=12), "size"),
+    (dict(max_steps=0), "max_steps"), (dict(n_distractors=-1), "n_distractors"),
+    (dict(entity_size=20), "entity_size"), (dict(cover_radius=0, agent_speed=4), "cover_radius"),
+    (dict(collision_penalty=-1.0), "collision_penalty"), (dict(size=16, n_landmarks=3, cover_radius=4), "landmarks"),
+])
+def test_config_validation(override: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment) as err:
+        CoverageParallelEnv(CoverageConfig(**override))
+    assert "\n" not in str(err.value)
+
+
+def test_config_loads_through_project_config() -> None:
+    from fgmf_marl.config import from_dict
+
+    cfg = from_dict(CoverageConfig, {"n_agents": 4, "size": 32})
+    assert cfg.n_agents == 4 and cfg.size == 32
+    with pytest.raises(ConfigError):
+        from_dict(CoverageConfig, {"n_agent": 4})
