@@ -123,11 +123,13 @@ class CoverageConfig:
                               f"{(self.agent_speed - 1) / 2:g} so agents can settle on a landmark, got {self.cover_radius}")
         if not 0 <= self.distractor_speed < self.arena:
             raise ConfigError(f"env.native.distractor_speed must be in 0..{self.arena - 1}, got {self.distractor_speed}")
-        per_side = (self.arena - 1) // self.landmark_spacing + 1
-        if per_side * per_side < self.n_landmarks:
-            raise ConfigError(f"env.native: {self.n_landmarks} landmarks at spacing {self.landmark_spacing} px do not fit "
-                              f"a {self.size}px arena (at most {per_side * per_side}); lower n_landmarks, "
-                              f"entity_size or cover_radius, or raise size")
+        for what, count, spacing in (("landmarks", self.n_landmarks, self.landmark_spacing),
+                                     ("agents", self.n_agents, self.entity_size)):
+            fits = _guaranteed_fit(self.arena, spacing)
+            if count > fits:
+                raise ConfigError(f"env.native: {count} {what} at spacing {spacing} px cannot always be placed in a "
+                                  f"{self.size}px arena (at most {fits}); lower n_{what}, entity_size or "
+                                  f"cover_radius, or raise size")
         for name in ("cover_reward", "shaping_coef", "collision_penalty"):
             if not np.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ConfigError(f"env.native.{name} must be a finite number >= 0, got {getattr(self, name)}")
@@ -143,20 +145,24 @@ class CoverageConfig:
         return self.entity_size + 2 * self.cover_radius + 2
 
 
+def _guaranteed_fit(arena: int, spacing: int) -> int:
+    """How many entities sequential uniform placement can always place: each placed one blocks at
+    most ``min(2 * spacing - 1, arena) ** 2`` of the ``arena ** 2`` cells, so this many never run out."""
+    blocked = min(2 * spacing - 1, arena) ** 2
+    return (arena * arena - 1) // blocked + 1
+
+
 # --------------------------------------------------------------------------------------------
 # Episode sampling (shared by the single and the batched env: both draw from a per-env Generator)
 # --------------------------------------------------------------------------------------------
 
-def _place(rng: np.random.Generator, free: np.ndarray, n: int, spacing: int) -> np.ndarray | None:
-    """Pick ``n`` cells uniformly among ``free`` one at a time, blocking a Chebyshev ball of radius
-    ``spacing - 1`` around each; None when the arena fills up (the caller retries)."""
-    free = free.copy()
-    side = free.shape[0]
+def _place(rng: np.random.Generator, side: int, n: int, spacing: int) -> np.ndarray:
+    """Pick ``n`` cells uniformly among the free ones, one at a time, blocking a Chebyshev ball of
+    radius ``spacing - 1`` around each (``CoverageConfig.validate`` guarantees cells never run out)."""
+    free = np.ones((side, side), bool)
     out = np.zeros((n, 2), dtype=np.int64)
     for i in range(n):
         cells = np.flatnonzero(free)
-        if cells.size == 0:
-            return None
         y, x = divmod(int(cells[rng.integers(cells.size)]), side)
         out[i] = y, x
         free[max(0, y - spacing + 1):y + spacing, max(0, x - spacing + 1):x + spacing] = False
@@ -169,15 +175,8 @@ def sample_episode(rng: np.random.Generator, cfg: CoverageConfig) -> dict[str, n
     The order of draws is part of the seeding contract shared by both implementations.
     """
     side = cfg.arena
-    for _ in range(1000):
-        landmarks = _place(rng, np.ones((side, side), bool), cfg.n_landmarks, cfg.landmark_spacing)
-        if landmarks is None:
-            continue
-        agents = _place(rng, np.ones((side, side), bool), cfg.n_agents, cfg.entity_size)
-        if agents is not None:
-            break
-    else:
-        raise RuntimeError(f"could not place {cfg.n_landmarks} landmarks and {cfg.n_agents} agents in 1000 tries")
+    landmarks = _place(rng, side, cfg.n_landmarks, cfg.landmark_spacing)
+    agents = _place(rng, side, cfg.n_agents, cfg.entity_size)
     d = cfg.n_distractors
     dpos = rng.integers(0, side, size=(d, 2))
     dvel = rng.integers(0, cfg.distractor_speed + 1, size=(d, 2)) * rng.choice(np.array([-1, 1]), size=(d, 2))

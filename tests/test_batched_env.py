@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from stable_baselines3.common.vec_env import VecEnv
 
 from envs.batched import BatchedCoverage, CoverageVecEnv
 from envs.native import CoverageConfig, CoverageParallelEnv, reference_returns
+from fgmf_marl.config import ConfigError
 
 CONFIGS = [
     CoverageConfig(max_steps=12),
@@ -113,20 +116,6 @@ def test_vecenv_api() -> None:
     venv.close()
 
 
-def test_sb3_ppo_runs_on_vecenv() -> None:
-    """SB3 PPO accepts the VecEnv as is (shapes, dtypes, episode infos)."""
-    from stable_baselines3 import PPO
-
-    from agents.policies import ImageFeatures
-
-    venv = CoverageVecEnv(CoverageConfig(size=32, max_steps=8), n_envs=2, seed=0)
-    model = PPO("CnnPolicy", venv, n_steps=16, batch_size=48, n_epochs=1, seed=0, device="cpu",
-                policy_kwargs=dict(features_extractor_class=ImageFeatures, net_arch=[16],
-                                   features_extractor_kwargs=dict(backbone="cnn", features_dim=16)))
-    model.learn(96)
-    assert len(model.ep_info_buffer) > 0
-
-
 def test_reference_returns_use_batched_oracle() -> None:
     cfg = CoverageConfig(max_steps=20)
     ref = reference_returns(cfg, n_episodes=8, seed=3)
@@ -136,3 +125,44 @@ def test_reference_returns_use_batched_oracle() -> None:
     for _ in range(cfg.max_steps):
         team += core.step(core.oracle_actions()).mean(1)
     assert ref.oracle == pytest.approx(team.mean())
+
+
+@st.composite
+def _configs(draw: st.DrawFn) -> CoverageConfig:
+    size = draw(st.sampled_from([16, 24, 33, 48]))
+    e = draw(st.integers(1, size // 4))
+    speed = draw(st.integers(1, 3))
+    radius = draw(st.integers(speed // 2, 3))
+    n = draw(st.integers(1, 4))
+    cfg = CoverageConfig(n_agents=n, n_landmarks=draw(st.integers(1, n)), n_distractors=draw(st.integers(0, 5)),
+                         size=size, entity_size=e, agent_speed=speed, cover_radius=radius,
+                         distractor_speed=draw(st.integers(0, 3)), max_steps=draw(st.integers(1, 6)),
+                         collision_penalty=draw(st.sampled_from([0.0, 0.3])))
+    try:
+        cfg.validate()
+    except ConfigError:
+        assume(False)
+    return cfg
+
+
+@settings(max_examples=25, deadline=None)
+@given(cfg=_configs(), seed=st.integers(0, 2**31))
+def test_batched_equals_single_random_configs(cfg: CoverageConfig, seed: int) -> None:
+    """Property: for any valid config, obs/rewards/dones match the reference over two episodes."""
+    venv = CoverageVecEnv(cfg, n_envs=2, seed=seed)
+    singles = [CoverageParallelEnv(cfg) for _ in range(2)]
+    obs = venv.reset()
+    seen = [env.reset(seed=seed + b)[0] for b, env in enumerate(singles)]
+    rng = np.random.default_rng(seed)
+    n = cfg.n_agents
+    for _ in range(2 * cfg.max_steps):
+        for b, env in enumerate(singles):
+            for i, agent in enumerate(env.possible_agents):
+                np.testing.assert_array_equal(obs[b * n + i], seen[b][agent])
+        actions = rng.integers(0, 5, venv.num_envs)
+        obs, rewards, dones, _ = venv.step(actions)
+        for b, env in enumerate(singles):
+            o, r, _, trunc, _ = env.step({agent: int(actions[b * n + i]) for i, agent in enumerate(env.possible_agents)})
+            assert [rewards[b * n + i] for i in range(n)] == [np.float32(r[a]) for a in env.possible_agents]
+            assert all(dones[b * n:(b + 1) * n] == all(trunc.values()))
+            seen[b] = env.reset()[0] if all(trunc.values()) else o
