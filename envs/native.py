@@ -366,6 +366,35 @@ class CoverageParallelEnv(ParallelEnv):
             dsum += int(diff.sum(axis=1).min())
         return (cfg.cover_reward * covered - cfg.shaping_coef * dsum / cfg.size) / cfg.n_landmarks
 
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Copy of the simulator state: ``agents`` (N, 2), ``landmarks`` (K, 2), distractor
+        positions ``dpos`` and velocities ``dvel`` (D, 2), as (row, col) sprite top-left pixels."""
+        if self._state is None:
+            raise RuntimeError("get_state() called before reset()")
+        return {key: value.copy() for key, value in self._state.items()}
+
+    def set_state(self, agents: Any, landmarks: Any, dpos: Any = None, dvel: Any = None) -> tuple[dict, dict]:
+        """Put the env in a hand-made state (for tests and explanation studies); returns the
+        observations and infos of that state and restarts the episode clock. ``dpos`` must have
+        ``n_distractors`` rows (may be omitted when there are none); ``dvel`` defaults to still."""
+        cfg = self.config
+        state = {"agents": np.array(agents, np.int64).reshape(-1, 2), "landmarks": np.array(landmarks, np.int64).reshape(-1, 2),
+                 "dpos": np.zeros((0, 2), np.int64) if dpos is None else np.array(dpos, np.int64).reshape(-1, 2),
+                 "dvel": None if dvel is None else np.array(dvel, np.int64).reshape(-1, 2)}
+        if state["dvel"] is None:
+            state["dvel"] = np.zeros_like(state["dpos"])
+        shapes = {"agents": cfg.n_agents, "landmarks": cfg.n_landmarks, "dpos": cfg.n_distractors, "dvel": cfg.n_distractors}
+        for key, rows in shapes.items():
+            if len(state[key]) != rows:
+                raise ValueError(f"set_state: {key} needs {rows} (row, col) pairs for this config, got {len(state[key])}")
+        for key in ("agents", "landmarks", "dpos"):
+            if state[key].size and (state[key].min() < 0 or state[key].max() >= cfg.arena):
+                raise ValueError(f"set_state: {key} positions must be in 0..{cfg.arena - 1} (size - entity_size)")
+        self._state = state
+        self._t = 0
+        self.agents = list(self.possible_agents)
+        return self._observations(), self._infos()
+
     # ---- oracle ---------------------------------------------------------------------------
     def oracle_actions(self) -> dict[str, int]:
         """The scripted oracle's action for every agent in the current state."""

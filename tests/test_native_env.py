@@ -48,11 +48,18 @@ def _hand_env(agents, landmarks, dpos, dvel=None, **kw) -> CoverageParallelEnv:
     cfg = CoverageConfig(n_agents=len(agents), n_landmarks=len(landmarks), n_distractors=len(dpos), **kw)
     env = CoverageParallelEnv(cfg)
     env.reset(seed=0)
-    env._state = {"agents": np.array(agents, np.int64).reshape(-1, 2),
-                  "landmarks": np.array(landmarks, np.int64).reshape(-1, 2),
-                  "dpos": np.array(dpos, np.int64).reshape(-1, 2),
-                  "dvel": np.zeros((len(dpos), 2), np.int64) if dvel is None else np.array(dvel, np.int64)}
+    env.set_state(agents, landmarks, dpos if dpos else None, dvel)
     return env
+
+
+def test_set_state_checks_shapes_and_ranges() -> None:
+    env = _hand_env(agents=[(0, 0), (5, 5)], landmarks=[(20, 20)], dpos=[(1, 1)])
+    with pytest.raises(ValueError, match="agents needs 2"):
+        env.set_state([(0, 0)], [(20, 20)], [(1, 1)])
+    with pytest.raises(ValueError, match="landmarks positions must be in 0..44"):
+        env.set_state([(0, 0), (1, 1)], [(45, 20)], [(1, 1)])
+    state = env.get_state()
+    assert state["agents"].tolist() == [[0, 0], [5, 5]] and state["dvel"].tolist() == [[0, 0]]
 
 
 def _box(size: int, y: int, x: int, e: int = 4) -> np.ndarray:
@@ -64,8 +71,7 @@ def _box(size: int, y: int, x: int, e: int = 4) -> np.ndarray:
 def test_relevance_mask_exactly_relevant_entities() -> None:
     # Distractor touching landmark 0, another half under agent 1; relevant sprites drawn on top.
     env = _hand_env(agents=[(5, 5), (30, 30)], landmarks=[(20, 10), (40, 40)], dpos=[(20, 14), (32, 32)])
-    obs = env._observations()
-    infos = env._infos()
+    obs, infos = env.set_state([(5, 5), (30, 30)], [(20, 10), (40, 40)], [(20, 14), (32, 32)])
     expected = _box(48, 5, 5) | _box(48, 30, 30) | _box(48, 20, 10) | _box(48, 40, 40)
     for agent in env.possible_agents:
         np.testing.assert_array_equal(infos[agent]["relevance_mask"], expected)
@@ -115,11 +121,11 @@ def test_rewards_closed_form() -> None:
 def test_moves_clip_and_distractors_bounce() -> None:
     env = _hand_env(agents=[(0, 44)], landmarks=[(20, 20)], dpos=[(43, 1)], dvel=[(2, -2)])
     env.step({"agent_0": 1})  # up at the wall: stays
-    assert tuple(env._state["agents"][0]) == (0, 44)
+    assert tuple(env.get_state()["agents"][0]) == (0, 44)
     env.step({"agent_0": 3})  # left
-    assert tuple(env._state["agents"][0]) == (0, 42)
+    assert tuple(env.get_state()["agents"][0]) == (0, 42)
     # 43 -> 45 > 44 reflects to 43; 1 -> -1 reflects to 1; then velocities flipped.
-    assert tuple(env._state["dpos"][0]) == (41, 3) and tuple(env._state["dvel"][0]) == (-2, 2)
+    assert tuple(env.get_state()["dpos"][0]) == (41, 3) and tuple(env.get_state()["dvel"][0]) == (-2, 2)
 
 
 def test_oracle_assignment_is_optimal() -> None:
@@ -154,7 +160,7 @@ def test_oracle_covers_all_landmarks_single_env() -> None:
     env.reset(seed=7)
     for _ in range(39):
         _, rew, *_ = env.step(env.oracle_actions())
-    s = env._state
+    s = env.get_state()
     cheb = np.abs(s["agents"][:, None] - s["landmarks"][None]).max(-1)
     assert (cheb.min(0) <= env.config.cover_radius).all()
 
