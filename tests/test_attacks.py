@@ -22,6 +22,15 @@ from fgmf_marl.config import ConfigError
 TOL = 1e-6
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny batches: one intra-op thread is faster than two on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class LinearView(nn.Module):
     """logits = W vec(x) + b, V = v . vec(x): the policy whose optimal perturbations are known."""
 
