@@ -112,3 +112,42 @@ def test_clean_vs_attacked_similarity_with_pgd() -> None:
     assert (adv - obs).abs().max() <= 16 / 255 + 1e-6
     sim = map_similarity(clean_maps, pgca.attribute(adv, target))
     assert torch.all(sim["spearman"].abs() <= 1) and torch.all(sim["spearman"] < 1)
+
+
+# ---------------------------------------------------------------- explain_eval end to end
+def _untrained_run(root):
+    from agents.config import TrainConfig
+    from agents.defended import build_model
+    from envs.registry import make_vec_env
+    from fgmf_marl import config as cfglib
+    from fgmf_marl.runs import RunDir
+    cfg = cfglib.from_dict(TrainConfig, {"env": {"n_envs": 1, "native": {"max_steps": 10}}})
+    run = RunDir(root)
+    run.checkpoints.mkdir(parents=True)
+    cfglib.save_yaml(cfg, run.config)
+    model = build_model(cfg.defense, make_vec_env(cfg.env, seed=0), cfg.policy.policy_kwargs(),
+                        {"seed": 0, "device": "cpu", "n_steps": 8, "batch_size": 8})
+    model.save(str(run.final_checkpoint))
+    return run
+
+
+def test_explain_eval_cli_writes_table_for_all_methods(tmp_path, capsys) -> None:
+    import json
+
+    from fgmf_marl.attribution.explain_cli import main
+    from fgmf_marl.cli import run_cli
+    run = _untrained_run(tmp_path / "run")
+    argv = ["--checkpoint", str(run.root), "--episodes", "1", "--every", "5", "--n-envs", "1", "--eps", "2",
+            "--sensitivity-samples", "2", "--randomisation-samples", "2", "--ig-steps", "4", "--grid", "4",
+            "--deletion-steps", "4", "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for name in ("PGCA", "P (perturbation)", "G (Grad-CAM++)", "Integrated Gradients", "Occlusion"):
+        assert f"| {name} |" in out
+    data = json.loads((run.eval / "explain_eval.json").read_text())
+    assert data["settings"]["n_samples"] == 2 * 3  # steps 0 and 5 of one episode, 3 agents
+    row = data["table"][0]
+    assert 0 <= row["relevance_mass"]["mean"] <= 1 and row["relevance_mass"]["n"] == 6
+    assert (run.eval / "explain_eval.md").exists() and (run.eval / "explain_eval_config.yaml").exists()
+    assert run_cli(main, ["--checkpoint", str(tmp_path / "missing")]) == 2
+    assert run_cli(main, ["--checkpoint", str(run.root), "--every", "0"]) == 2

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -103,15 +103,26 @@ def test_logger_every_k_steps_and_attack_facts(tmp_path: Path) -> None:
     assert ep.meta["summary"]["attacked_fraction"] == 1.0
 
 
-def _copy_log(tmp_path: Path) -> Path:
-    folder = tmp_path / "log"
+@pytest.fixture(scope="module")
+def pristine_log(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("pristine") / "log"
     write_log(folder, n_episodes=3)
     assert verify(folder).ok
     return folder
 
 
-def test_hash_chain_detects_edited_episode(tmp_path: Path) -> None:
-    folder = _copy_log(tmp_path)
+@pytest.fixture
+def copy_log(pristine_log: Path):
+    def make(dest: Path) -> Path:
+        folder = dest / "log"
+        shutil.copytree(pristine_log, folder)
+        assert verify(folder).ok
+        return folder
+    return make
+
+
+def test_hash_chain_detects_edited_episode(tmp_path: Path, copy_log) -> None:
+    folder = copy_log(tmp_path)
     ep = load_episode(folder / "ep_000001")
     arrays = dict(ep.arrays)
     arrays["actions"] = arrays["actions"].copy()
@@ -121,14 +132,13 @@ def test_hash_chain_detects_edited_episode(tmp_path: Path) -> None:
     assert not res.ok and res.first_bad == 1 and "ep_000001.npz was modified" in res.message
 
 
-def test_hash_chain_detects_edited_json_and_manifest(tmp_path: Path) -> None:
-    folder = _copy_log(tmp_path)
+def test_hash_chain_detects_edited_json_and_manifest(tmp_path: Path, copy_log) -> None:
+    folder = copy_log(tmp_path)
     meta = json.loads((folder / "ep_000000.json").read_text())
     meta["summary"]["team_return"] += 1
     (folder / "ep_000000.json").write_text(json.dumps(meta))
     assert verify(folder).first_bad == 0
-    folder = tmp_path / "log2"
-    write_log(folder, n_episodes=2)
+    folder = copy_log(tmp_path / "b")
     lines = (folder / MANIFEST).read_text().splitlines()
     entry = json.loads(lines[0])
     entry["summary"]["flip_rate"] = 0.5  # the entry itself edited, files untouched
@@ -138,8 +148,8 @@ def test_hash_chain_detects_edited_json_and_manifest(tmp_path: Path) -> None:
     assert res.first_bad == 0 and "entry hash mismatch" in res.message
 
 
-def test_hash_chain_detects_removed_episode(tmp_path: Path) -> None:
-    folder = _copy_log(tmp_path)
+def test_hash_chain_detects_removed_episode(tmp_path: Path, copy_log) -> None:
+    folder = copy_log(tmp_path)
     lines = (folder / MANIFEST).read_text().splitlines()
     (folder / MANIFEST).write_text("\n".join([lines[0], lines[2]]) + "\n")
     for suffix in (".npz", ".json"):
@@ -147,19 +157,19 @@ def test_hash_chain_detects_removed_episode(tmp_path: Path) -> None:
     res = verify(folder)
     assert not res.ok and res.first_bad == 1 and "ep_000002" in res.message
     # removing only the files is caught too
-    folder2 = _copy_log(tmp_path / "b")
+    folder2 = copy_log(tmp_path / "b")
     (folder2 / "ep_000001.npz").unlink()
     assert "missing" in verify(folder2).message
 
 
-def test_hash_chain_detects_reordered_episodes(tmp_path: Path) -> None:
-    folder = _copy_log(tmp_path)
+def test_hash_chain_detects_reordered_episodes(tmp_path: Path, copy_log) -> None:
+    folder = copy_log(tmp_path)
     lines = (folder / MANIFEST).read_text().splitlines()
     (folder / MANIFEST).write_text("\n".join([lines[1], lines[0], lines[2]]) + "\n")
     res = verify(folder)
     assert not res.ok and res.first_bad == 0
     # swapping the files' contents instead of the entries
-    folder2 = _copy_log(tmp_path / "b")
+    folder2 = copy_log(tmp_path / "b")
     for suffix in (".npz", ".json"):
         a, b = folder2 / f"ep_000000{suffix}", folder2 / f"ep_000002{suffix}"
         da, db = a.read_bytes(), b.read_bytes()
@@ -168,8 +178,8 @@ def test_hash_chain_detects_reordered_episodes(tmp_path: Path) -> None:
     assert verify(folder2).first_bad == 0
 
 
-def test_appending_to_a_tampered_log_is_refused(tmp_path: Path) -> None:
-    folder = _copy_log(tmp_path)
+def test_appending_to_a_tampered_log_is_refused(tmp_path: Path, copy_log) -> None:
+    folder = copy_log(tmp_path)
     (folder / "ep_000000.json").write_text("{}")
     with pytest.raises(ValueError, match="refusing to append"):
         OversightLogger(folder, make_view())
@@ -190,8 +200,8 @@ def test_crash_during_write_leaves_no_partial_file(tmp_path: Path) -> None:
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["ep.npz"]
 
 
-def test_process_killed_mid_write_leaves_log_verifiable(tmp_path: Path) -> None:
-    folder = _copy_log(tmp_path)
+def test_process_killed_mid_write_leaves_log_verifiable(tmp_path: Path, copy_log) -> None:
+    folder = copy_log(tmp_path)
     code = ("import os, sys; from fgmf_marl.oversight.store import atomic_write\n"
             "def w(fh):\n    fh.write(b'partial'); fh.flush(); os._exit(9)\n"
             f"atomic_write({str(folder / 'ep_000003.npz')!r}, w)\n")
@@ -201,8 +211,8 @@ def test_process_killed_mid_write_leaves_log_verifiable(tmp_path: Path) -> None:
     assert verify(folder).ok
 
 
-def test_replay_verify_cli_exit_codes(tmp_path: Path, capsys) -> None:
-    folder = _copy_log(tmp_path)
+def test_replay_verify_cli_exit_codes(tmp_path: Path, capsys, copy_log) -> None:
+    folder = copy_log(tmp_path)
     assert replay_main(["verify", str(folder)]) == 0
     assert "OK: 3 episodes" in capsys.readouterr().out
     (folder / "ep_000002.json").write_text("{}")
@@ -211,5 +221,28 @@ def test_replay_verify_cli_exit_codes(tmp_path: Path, capsys) -> None:
     script = Path(__file__).resolve().parents[1] / "scripts" / "replay.py"
     proc = subprocess.run([sys.executable, str(script), "verify", str(tmp_path / "nope")], capture_output=True, text=True)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    proc = subprocess.run([sys.executable, str(script), "verify", str(folder)], capture_output=True, text=True)
-    assert proc.returncode == 1 and "ep_000002" in proc.stdout
+
+
+def test_logger_on_native_env_records_frames_relevance_and_scores(tmp_path: Path) -> None:
+    from envs.batched import CoverageVecEnv
+    from envs.native import CoverageConfig
+    venv = CoverageVecEnv(CoverageConfig(max_steps=4), n_envs=2, seed=3)
+    view = make_view(size=48)
+    rendered = []
+    with OversightLogger(tmp_path, view, n_episodes=2, pgca=PGCA(view, grid=4), frame_fn=venv.render,
+                         run_info={"checkpoint": "test"}) as log:
+        def hook(rec):
+            log.step_hook(rec)
+            rendered.append(venv.render().copy())  # the frame after this step
+        rollout(view, venv, 2, step_hook=hook)
+    assert verify(tmp_path).ok
+    ep = load_episode(tmp_path / "ep_000001")
+    a = ep.arrays
+    assert a["relevance"].shape == (4, 3, 48, 48) and a["relevance"].any()
+    assert a["frames"].shape[0] == 4 and a["frames"].shape[-1] == 3
+    env = ep.meta["env_index"]
+    for t in range(1, 4):  # the frame logged for step t is the world the agents observed: after step t-1
+        np.testing.assert_array_equal(a["frames"][t], rendered[t - 1][env])
+    s = ep.meta["summary"]
+    assert 0 <= s["relevance_mass_accuracy"] <= 1 and 0 <= s["pointing_game"] <= 1
+    assert ep.meta["run"] == {"checkpoint": "test"}

@@ -54,7 +54,12 @@ def sgam_mask_of(view: Any, obs: Tensor) -> Tensor | None:
 
 
 class OversightLogger:
-    """Step hook that buffers per-env episodes and writes them to an oversight log directory."""
+    """Step hook that buffers per-env episodes and writes them to an oversight log directory.
+
+    ``frame_fn() -> (n_envs, h, w, 3)`` (e.g. ``CoverageVecEnv.render``) adds the global frame;
+    ``tb_writer`` (a ``SummaryWriter``) gets per-episode scores and the overlay of the step with the
+    lowest agreement; ``run_info`` is copied into every episode's JSON (checkpoint, config, seed).
+    """
 
     def __init__(self, log_dir: str | Path, view: Any, *, every: int = 1, attack_name: str | None = None,
                  n_episodes: int | None = None, pgca: PGCA | None = None,
@@ -69,6 +74,7 @@ class OversightLogger:
         self.run_info = run_info or {}
         self._buf: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
         self._closed = False
+        self._last_frames: np.ndarray | None = None
         self.written: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ hook
@@ -92,8 +98,13 @@ class OversightLogger:
             obs = seen[torch.as_tensor(slots, device=seen.device)]
             expl = self.pgca.explain(obs, torch.as_tensor(record.actions[slots], device=seen.device)).to("cpu")
             mask = sgam_mask_of(self.view, obs)
-            if self.frame_fn is not None:
-                frames = np.asarray(self.frame_fn())
+        if self.frame_fn is not None:
+            # The hook runs after the step: the frame before step t is the one seen after step t-1
+            # (after an episode's last step the env has auto-reset, which is the next episode's
+            # first state). Only the rollout's very first step falls back to the post-step frame.
+            after = np.asarray(self.frame_fn())
+            frames = after if self._last_frames is None else self._last_frames
+            self._last_frames = after
         probs = record.probs.detach().cpu().numpy()
         values = record.values.detach().cpu().numpy()
         for b in active:

@@ -80,12 +80,14 @@ def compose_frame(ep: Episode, j: int, scale: int = 4) -> np.ndarray:
         if "sgam_mask" in a:
             tiles.append(heat_rgb(a["sgam_mask"][j, agent]))
         strip = _up(np.concatenate(tiles, axis=1), scale)
-        cap = Image.new("RGB", (strip.shape[1], 14), (20, 20, 20))
+        text = caption(ep, j, agent)
+        width = max(strip.shape[1], int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=font)) + 8)
+        cap = Image.new("RGB", (width, 14), (20, 20, 20))
         flipped = bool(a["flipped"][int(a["logged_t"][j]), agent])
-        ImageDraw.Draw(cap).text((3, 1), caption(ep, j, agent), fill=(255, 90, 90) if flipped else (230, 230, 230),
-                                 font=font)
-        rows.append(np.concatenate([np.asarray(cap), strip], axis=0))
-    left = np.concatenate(rows, axis=0)
+        ImageDraw.Draw(cap).text((3, 1), text, fill=(255, 90, 90) if flipped else (230, 230, 230), font=font)
+        rows.append(np.concatenate([np.asarray(cap), _pad_to(strip, strip.shape[0], width)], axis=0))
+    width = max(r.shape[1] for r in rows)
+    left = np.concatenate([_pad_to(r, r.shape[0], width) for r in rows], axis=0)
     if "frames" in a:
         glob = np.asarray(a["frames"][j], dtype=np.uint8)
         factor = max(1, left.shape[0] // max(glob.shape[0], 1))

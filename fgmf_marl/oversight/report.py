@@ -100,8 +100,11 @@ def review_steps(ep: Episode, limit: int = 8) -> list[tuple[int, int, str]]:
     return out
 
 
-def episode_section(ep: Episode, *, fps: float = 4.0, max_frames: int = 200, scale: int = 2) -> str:
+def episode_section(ep: Episode, *, fps: float = 4.0, max_frames: int = 200, scale: int | None = None) -> str:
     s: dict[str, Any] = ep.meta.get("summary", {})
+    if scale is None:  # about 150 px per observation tile, whatever the observation size
+        width = ep.arrays["seen_obs"].shape[-1] if "seen_obs" in ep.arrays else 48
+        scale = max(1, 150 // int(width))
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in s.items())
     parts = [f"<h2 id='{ep.name}'>Episode {html.escape(ep.name)} "
              f"(env {ep.meta.get('env_index')}, attack: {html.escape(str(ep.meta.get('attack') or 'none'))})</h2>",

@@ -42,7 +42,7 @@ agreement           (L, N) f32              Spearman agreement of P and G, in [-
 topk_iou            (L, N) f32              top-k cell IoU of P and G, in [0, 1]
 sgam_mask           (L, N, H, W) f16        SGAM keep-mask (only when the policy has SGAM)
 relevance           (L, N, H, W) bool       ground-truth relevance (native env only)
-frames              (L, h, w, 3) uint8      global frame after the step (only when a frame source is given)
+frames              (L, h, w, 3) uint8      global frame when the agents observed (only with a frame source)
 ==================  ==============  =========================================================
 """
 from __future__ import annotations
@@ -61,6 +61,8 @@ import numpy as np
 FORMAT = "fgmf-oversight/1"
 MANIFEST = "manifest.jsonl"
 GENESIS = "0" * 64
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -83,6 +85,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file ordinary permissions
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
