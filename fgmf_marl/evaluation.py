@@ -1,0 +1,413 @@
+"""Robustness evaluation: checkpoints x attacks x eps x seeds x episodes, behind ``scripts/evaluate.py``.
+
+Every grid cell is one call of :func:`fgmf_marl.rollout.rollout` (the one episode loop) with the
+attack adapted to its ``perturb`` callable, so "return under attack" means what it means in
+training and in the oversight log. A clean row (attack ``none``, eps 0) is always evaluated per
+checkpoint and seed: it is the left end of every robustness curve.
+
+Outputs, in one folder (created only after every input is validated, removed if the run fails):
+
+    config.yaml         the resolved evaluation config (rerun with --config)
+    episodes.csv        one row per episode: checkpoint, attack, eps (/255), seed, episode,
+                        team return, oracle-normalised return, length, flip rate of its grid cell
+    results.md/.json    per (checkpoint, attack, eps): mean +- std of team return and of
+                        normalised return over all episodes of all seeds, and the action-flip rate
+    curves_<ckpt>.png   return (normalised where the env has an oracle) vs eps, one line per attack
+    audit_<ckpt>.md     with ``audit: true``: the gradient-masking audit on observations visited by
+                        the clean policy (see :mod:`fgmf_marl.audit`)
+
+Choices: evaluation envs use seeds ``seed + 10_000`` (never a training seed, as the trainer's own
+evaluation); the deterministic (greedy) policy is evaluated, the usual protocol in robust-RL papers
+(SA-PPO, PA-AD) since it isolates the attack's effect from action sampling; the flip rate is over
+all agent-steps, as the rollout reports it, so attacking 1 of 3 agents caps it at 1/3.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from fgmf_marl.config import ConfigError, atomic_write_text
+
+EVAL_SEED_OFFSET = 10_000
+
+
+@dataclass
+class EvalConfig:
+    """What ``scripts/evaluate.py`` runs; written as ``config.yaml`` next to the results."""
+
+    checkpoints: list[str] = field(default_factory=list)
+    attacks: list[str] = field(default_factory=lambda: ["random", "fgsm", "pgd", "mad", "critic"])
+    eps: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])   # in 1/255 units
+    seeds: list[int] = field(default_factory=lambda: [0])
+    episodes: int = 8                   # per seed and grid cell
+    agents: list[int] | None = None     # attacked agents (indices within an env); null = all
+    n_envs: int = 8
+    device: str = "cpu"
+    audit: bool = False
+    audit_obs: int = 256
+    audit_queries: int = 300
+    log_explanations: str | None = None
+    log_every: int = 1
+
+    def validate(self) -> None:
+        from fgmf_marl.attacks import parse_spec
+
+        if not self.checkpoints:
+            raise ConfigError("give at least one checkpoint (a run directory or a .zip written by train_marl.py)")
+        if not self.attacks:
+            raise ConfigError("give at least one attack")
+        for spec in self.attacks:
+            parse_spec(spec)
+        for e in self.eps:
+            if not 0 < e <= 255:
+                raise ConfigError(f"eps {e:g} is out of range; accepted: numbers in (0, 255] in 1/255 units, e.g. 1,2,4,8")
+        if not self.eps:
+            raise ConfigError("give at least one eps (1/255 units)")
+        if not self.seeds:
+            raise ConfigError("give at least one seed")
+        if self.episodes < 1 or self.n_envs < 1 or self.audit_obs < 8 or self.log_every < 1:
+            raise ConfigError("episodes, n_envs and log_every must be >= 1 and audit_obs >= 8")
+        if self.agents is not None and (not self.agents or min(self.agents) < 0):
+            raise ConfigError(f"agents={self.agents} must be non-empty agent indices >= 0")
+
+
+@dataclass
+class Victim:
+    """A loaded checkpoint ready to attack."""
+
+    label: str
+    path: str
+    model: Any
+    view: Any
+    train_config: Any
+
+
+def load_victim(path: str, device: str = "cpu") -> Victim:
+    from agents.policy_view import PolicyView
+    from agents.trainer import load_model
+    from fgmf_marl.runs import resolve_checkpoint
+
+    ckpt, run = resolve_checkpoint(path)
+    model, cfg = load_model(path, device=device)
+    label = run.root.name if run is not None else ckpt.stem
+    return Victim(label=label, path=str(path), model=model, view=PolicyView.from_model(model).eval(), train_config=cfg)
+
+
+def _loader(device: str) -> Callable[[str, str], Any]:
+    def load(kind: str, path: str) -> Any:
+        if kind == "surrogate":
+            return load_victim(path, device).view
+        from agents.adversary import load_adversary
+
+        return load_adversary(path, device=device)
+
+    return load
+
+
+def _eval_env(victim: Victim, n_envs: int, seed: int) -> tuple[Any, int]:
+    from envs.registry import make_vec_env, n_agents_of
+
+    env_cfg = dataclasses.replace(victim.train_config.env, n_envs=n_envs)
+    venv = make_vec_env(env_cfg, seed=seed + EVAL_SEED_OFFSET)
+    return venv, n_agents_of(venv, env_cfg)
+
+
+@dataclass
+class Cell:
+    checkpoint: str
+    attack: str
+    eps: float
+    seed: int
+    team_returns: np.ndarray
+    normalised: np.ndarray | None
+    lengths: np.ndarray
+    flip_rate: float
+    agent_steps: int
+
+
+@dataclass
+class EvalResult:
+    folder: Path
+    cells: list[Cell]
+    summary: list[dict[str, Any]]
+    audits: dict[str, Any]
+
+
+def _attack_label(spec: str) -> str:
+    return spec.replace(":", "[", 1) + "]" if ":" in spec else spec
+
+
+def build_attacks(cfg: EvalConfig, eps255: float) -> list[tuple[str, Any]]:
+    from fgmf_marl.attacks import make_attack, parse_spec
+
+    out = []
+    for spec in cfg.attacks:
+        name, opts = parse_spec(spec)
+        out.append((_attack_label(spec), make_attack(name, eps255 / 255.0, loader=_loader(cfg.device), **opts)))
+    return out
+
+
+def run_cell(victim: Victim, attack: Any, label: str, eps255: float, seed: int, cfg: EvalConfig,
+             log_dir: Path | None = None) -> Cell:
+    """One grid cell: ``cfg.episodes`` episodes of ``victim`` under ``attack`` (None = clean)."""
+    from agents.trainer import normalise, reference_for
+    from fgmf_marl.rollout import rollout
+
+    venv, n_agents = _eval_env(victim, cfg.n_envs, seed)
+    torch.manual_seed(seed)
+    try:
+        if cfg.agents is not None and max(cfg.agents) >= n_agents:
+            raise ConfigError(f"attacked agents {cfg.agents} out of range; this env has agents 0..{n_agents - 1}")
+        perturb = None if attack is None else attack.as_perturb(victim.view, n_agents=n_agents, agents=cfg.agents)
+        hook, logger = None, None
+        if log_dir is not None:
+            from fgmf_marl.oversight import OversightLogger
+
+            logger = OversightLogger(log_dir, victim.view, every=cfg.log_every, attack_name=label,
+                                     n_episodes=cfg.episodes,
+                                     run_info={"checkpoint": victim.path, "attack": label, "eps255": eps255, "seed": seed})
+            hook = logger.step_hook
+        try:
+            result = rollout(victim.view, venv, cfg.episodes, n_agents=n_agents, perturb=perturb, step_hook=hook, seed=seed)
+        finally:
+            if logger is not None:
+                logger.close()
+    finally:
+        venv.close()
+    return Cell(victim.label, label, eps255, seed, result.team_returns,
+                normalise(result.team_returns, reference_for(victim.train_config)), result.lengths,
+                result.flip_rate, result.agent_steps)
+
+
+def collect_observations(victim: Victim, n_obs: int, seed: int, n_envs: int) -> torch.Tensor:
+    """Observations (float [0, 1]) visited by the clean greedy policy: the audit's test set."""
+    from fgmf_marl.rollout import rollout
+
+    venv, n_agents = _eval_env(victim, n_envs, seed)
+    frames: list[torch.Tensor] = []
+
+    def hook(record: Any) -> None:
+        if sum(f.shape[0] for f in frames) < 4 * n_obs:
+            frames.append(record.clean_obs.detach().cpu())
+
+    try:
+        rollout(victim.view, venv, n_envs, n_agents=n_agents, step_hook=hook, seed=seed)
+    finally:
+        venv.close()
+    obs = torch.cat(frames)
+    idx = torch.randperm(obs.shape[0], generator=torch.Generator().manual_seed(seed))[:n_obs]
+    return obs[idx]
+
+
+def summarise(cells: list[Cell]) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, str, float], list[Cell]] = {}
+    for c in cells:
+        groups.setdefault((c.checkpoint, c.attack, c.eps), []).append(c)
+    rows = []
+    for (ckpt, attack, eps), cs in groups.items():
+        ret = np.concatenate([c.team_returns for c in cs])
+        row: dict[str, Any] = {"checkpoint": ckpt, "attack": attack, "eps255": eps, "episodes": int(ret.size),
+                               "team_return_mean": float(ret.mean()), "team_return_std": float(ret.std()),
+                               "flip_rate": float(sum(c.flip_rate * c.agent_steps for c in cs)
+                                                  / max(sum(c.agent_steps for c in cs), 1))}
+        if cs[0].normalised is not None:
+            norm = np.concatenate([c.normalised for c in cs])
+            row.update(normalised_mean=float(norm.mean()), normalised_std=float(norm.std()))
+        rows.append(row)
+    return rows
+
+
+def results_markdown(rows: list[dict[str, Any]], cfg: EvalConfig) -> str:
+    who = "all agents" if cfg.agents is None else "agents " + ",".join(map(str, cfg.agents))
+    text = (f"# Robustness evaluation\n\nAttacked: {who}; {cfg.episodes} episodes x {len(cfg.seeds)} seed(s) per cell; "
+            "eps in /255 units; mean ± std over episodes.\n\n"
+            "| checkpoint | attack | eps | team return | oracle-normalised | flip rate |\n|---|---|---|---|---|---|\n")
+    for r in rows:
+        norm = f"{r['normalised_mean']:.3f} ± {r['normalised_std']:.3f}" if "normalised_mean" in r else "n/a"
+        eps = "0 (clean)" if r["eps255"] == 0 else f"{r['eps255']:g}"
+        text += (f"| {r['checkpoint']} | {r['attack']} | {eps} | {r['team_return_mean']:.3f} ± {r['team_return_std']:.3f} "
+                 f"| {norm} | {r['flip_rate']:.3f} |\n")
+    return text
+
+
+def episodes_csv(cells: list[Cell]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["checkpoint", "attack", "eps255", "seed", "episode", "team_return", "normalised_return", "length",
+                "cell_flip_rate"])
+    for c in cells:
+        for i, ret in enumerate(c.team_returns):
+            norm = "" if c.normalised is None else f"{c.normalised[i]:.6f}"
+            w.writerow([c.checkpoint, c.attack, f"{c.eps:g}", c.seed, i, f"{ret:.6f}", norm, int(c.lengths[i]),
+                        f"{c.flip_rate:.6f}"])
+    return buf.getvalue()
+
+
+def plot_curves(rows: list[dict[str, Any]], checkpoint: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mine = [r for r in rows if r["checkpoint"] == checkpoint]
+    key = "normalised_mean" if all("normalised_mean" in r for r in mine) else "team_return_mean"
+    std = key.replace("mean", "std")
+    clean = [r for r in mine if r["attack"] == "none"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for attack in dict.fromkeys(r["attack"] for r in mine if r["attack"] != "none"):
+        pts = sorted(clean + [r for r in mine if r["attack"] == attack], key=lambda r: r["eps255"])
+        xs = [r["eps255"] for r in pts]
+        ys = np.array([r[key] for r in pts])
+        ss = np.array([r[std] for r in pts])
+        ax.plot(xs, ys, marker="o", label=attack)
+        ax.fill_between(xs, ys - ss, ys + ss, alpha=0.12)
+    ax.set_xlabel("eps (/255)")
+    ax.set_ylabel("oracle-normalised team return" if key.startswith("normalised") else "team return")
+    ax.set_title(f"robustness of {checkpoint}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: Callable[[str], None] = print) -> EvalResult:
+    """Run the grid (and the audit) and write every output into the new folder ``out``."""
+    from tqdm.auto import tqdm
+
+    from fgmf_marl import config as cfglib
+    from fgmf_marl.runs import staged_run_dir
+
+    cfglib.validate(cfg)
+    victims = [load_victim(p, cfg.device) for p in cfg.checkpoints]           # missing checkpoint -> ConfigError
+    grid = {e: build_attacks(cfg, e) for e in cfg.eps}                         # unknown attack / option -> ConfigError
+    log_root = Path(cfg.log_explanations) if cfg.log_explanations else None
+    cells: list[Cell] = []
+    audits: dict[str, Any] = {}
+    total = len(victims) * len(cfg.seeds) * (1 + len(cfg.eps) * len(cfg.attacks))
+    with staged_run_dir(Path(out)) as run:
+        cfglib.save_yaml(cfg, run.root / "config.yaml")
+        bar = tqdm(total=total, desc="evaluate", disable=not progress)
+        start = time.perf_counter()
+        for victim in victims:
+            for seed in cfg.seeds:
+                jobs = [("none", None, 0.0)] + [(label, atk, e) for e in cfg.eps for label, atk in grid[e]]
+                for label, attack, e in jobs:
+                    bar.set_postfix_str(f"{victim.label} {label} eps={e:g} seed={seed}")
+                    log_dir = None
+                    if log_root is not None:
+                        log_dir = log_root / f"{victim.label}__{label.replace('/', '_')}__eps{e:g}__s{seed}"
+                    cells.append(run_cell(victim, attack, label, e, seed, cfg, log_dir))
+                    bar.update(1)
+            if cfg.audit:
+                from fgmf_marl.audit import AuditConfig, audit
+
+                obs = collect_observations(victim, cfg.audit_obs, cfg.seeds[0], cfg.n_envs)
+                acfg = AuditConfig(eps=tuple(cfg.eps), square_queries=cfg.audit_queries, max_obs=cfg.audit_obs)
+                report = audit(victim.view, obs, acfg, progress=progress)
+                name = f"audit_{victim.label}.md" if len(victims) > 1 else "audit.md"
+                atomic_write_text(run.root / name, report.markdown())
+                atomic_write_text(run.root / name.replace(".md", ".json"), json.dumps(report.to_dict(), indent=2))
+                audits[victim.label] = report
+                echo(f"[{victim.label}] audit verdict: {report.verdict}\n{report.table_markdown()}")
+        bar.close()
+        rows = summarise(cells)
+        atomic_write_text(run.root / "episodes.csv", episodes_csv(cells))
+        atomic_write_text(run.root / "results.md", results_markdown(rows, cfg))
+        atomic_write_text(run.root / "results.json", json.dumps(
+            {"rows": rows, "wall_seconds": time.perf_counter() - start,
+             "audits": {k: v.to_dict() for k, v in audits.items()}}, indent=2))
+        for victim in victims:
+            plot_curves(rows, victim.label, run.root / f"curves_{victim.label}.png")
+    echo(results_markdown(rows, cfg))
+    return EvalResult(folder=run.root, cells=cells, summary=rows, audits=audits)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+PROG = "evaluate.py"
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"eps {text!r} is not a comma-separated list of numbers in 1/255 units, e.g. 1,2,4,8") from None
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{what} {text!r} is not a comma-separated list of integers, e.g. 0,2") from None
+
+
+def build_parser() -> Any:
+    from fgmf_marl.attacks import ATTACKS
+    from fgmf_marl.cli import ArgumentParser
+
+    p = ArgumentParser(prog=PROG, description="Evaluate checkpoints against a grid of attacks x eps x seeds x episodes; "
+                       "writes episodes.csv, results.md, robustness curves and (with --audit) the gradient-masking audit.")
+    p.add_argument("checkpoints", nargs="*", help="run directories or .zip checkpoints written by train_marl.py")
+    p.add_argument("--config", type=Path, help="YAML evaluation config (keys as in an evaluation's config.yaml)")
+    p.add_argument("--attacks", nargs="+", metavar="SPEC",
+                   help=f"attack specs name[:key=value,...]; names: {', '.join(ATTACKS)} "
+                        "(e.g. pgd:steps=20 transfer:surrogate=runs/other adversary:path=runs/adv)")
+    p.add_argument("--eps", help="comma-separated budgets in 1/255 units (default 1,2,4,8)")
+    p.add_argument("--seeds", help="comma-separated seeds (default 0)")
+    p.add_argument("--episodes", type=int, help="episodes per seed and grid cell (default 8)")
+    p.add_argument("--agents", help="attack only these agents (indices within an env, e.g. 0,2); default all")
+    p.add_argument("--n-envs", type=int, help="parallel env copies (default 8)")
+    p.add_argument("--device", help="cpu (default) or cuda")
+    p.add_argument("--audit", action="store_true", help="also run the gradient-masking audit")
+    p.add_argument("--audit-obs", type=int, help="observations the audit uses (default 256)")
+    p.add_argument("--log-explanations", metavar="DIR", help="write an oversight log (PGCA per step) for every cell")
+    p.add_argument("--out", type=Path, help="output folder (default runs/eval-<time>)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def resolve_config(args: Any) -> EvalConfig:
+    from fgmf_marl import config as cfglib
+
+    data = cfglib.read_yaml(args.config) if args.config else {}
+    flags: dict[str, Any] = {
+        "checkpoints": list(args.checkpoints) or None, "attacks": args.attacks,
+        "eps": _floats(args.eps) if args.eps is not None else None,
+        "seeds": _ints(args.seeds, "seeds") if args.seeds is not None else None,
+        "episodes": args.episodes, "agents": _ints(args.agents, "agents") if args.agents is not None else None,
+        "n_envs": args.n_envs, "device": args.device, "audit": True if args.audit else None,
+        "audit_obs": args.audit_obs, "log_explanations": args.log_explanations,
+    }
+    data.update({k: v for k, v in flags.items() if v is not None})
+    return cfglib.from_dict(EvalConfig, data)
+
+
+def main(argv: Any = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = resolve_config(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads={args.threads} must be >= 1")
+        torch.set_num_threads(args.threads)
+    out = args.out or Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = evaluate(cfg, out, progress=not args.no_progress)
+    print(f"results: {result.folder / 'results.md'}\nepisodes: {result.folder / 'episodes.csv'}")
+    return 0
+
+
+def cli(argv: Any = None) -> int:
+    from fgmf_marl.cli import run_cli
+
+    return run_cli(main, argv, prog=PROG)

@@ -1,0 +1,97 @@
+"""scripts/evaluate.py end to end on a short run: outputs, agent subsets, the audit, and every CLI error."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from agents.train_cli import cli as train_cli
+from fgmf_marl.evaluation import cli
+
+FAST_TRAIN = ["env.n_envs=2", "ppo.n_steps=32", "ppo.batch_size=64", "ppo.n_epochs=1", "eval_episodes=2",
+              "checkpoint_every=10000", "env.native.max_steps=10"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("runs") / "victim"
+    assert train_cli(["--timesteps", "192", "--run-dir", str(root), "--no-progress", *FAST_TRAIN]) == 0
+    return root
+
+
+def _eval(run_dir: Path, out: Path, *extra: str) -> int:
+    return cli([str(run_dir), "--out", str(out), "--episodes", "2", "--n-envs", "2", "--no-progress", *extra])
+
+
+def test_grid_writes_csv_table_curves_and_config(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    assert _eval(run_dir, out, "--attacks", "random", "pgd:steps=2", "--eps", "2,8", "--seeds", "0,1") == 0
+    rows = list(csv.DictReader((out / "episodes.csv").open()))
+    # clean + 2 attacks x 2 eps, x 2 seeds, x 2 episodes
+    assert len(rows) == (1 + 2 * 2) * 2 * 2
+    assert {r["attack"] for r in rows} == {"none", "random", "pgd[steps=2]"}
+    assert all(r["normalised_return"] != "" for r in rows)
+    table = (out / "results.md").read_text()
+    assert "| victim | pgd[steps=2] | 8 |" in table and "±" in table
+    assert (out / "curves_victim.png").stat().st_size > 1000
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["eps"] == [2.0, 8.0] and cfg["seeds"] == [0, 1]
+    summary = json.loads((out / "results.json").read_text())["rows"]
+    clean = [r for r in summary if r["attack"] == "none"][0]
+    assert clean["flip_rate"] == 0.0
+    strong = [r for r in summary if r["attack"] == "pgd[steps=2]" and r["eps255"] == 8][0]
+    assert strong["flip_rate"] > 0.2
+
+
+def test_attacking_one_agent_caps_the_flip_rate(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    assert _eval(run_dir, out, "--attacks", "pgd:steps=3", "--eps", "64", "--agents", "1") == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    attacked = [r for r in rows if r["attack"] != "none"][0]
+    assert 0 < attacked["flip_rate"] <= 1 / 3 + 1e-9
+
+
+def test_audit_writes_verdict_and_table(run_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "eval"
+    config = tmp_path / "fast_audit.yaml"
+    config.write_text("audit_queries: 30\n")
+    assert _eval(run_dir, out, "--attacks", "fgsm", "--eps", "8", "--audit", "--audit-obs", "16", "--config", str(config)) == 0
+    text = (out / "audit.md").read_text()
+    assert "Verdict:" in text and "| pgd-10 |" in text and "gradient_mismatch" in text
+    assert "audit verdict:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--attacks", "nosuch"], "unknown attack 'nosuch'; known: random, fgsm, pgd"),
+    (["--eps", "0"], "eps 0 is out of range"),
+    (["--eps", "300"], "eps 300 is out of range"),
+    (["--eps", "a,b"], "not a comma-separated list of numbers"),
+    (["--attacks", "pgd:stepz=3"], "has no option 'stepz'"),
+    (["--agents", "7"], "out of range"),
+])
+def test_cli_errors_exit_2_with_one_line_and_no_output(run_dir: Path, tmp_path: Path, capsys, extra, message) -> None:
+    out = tmp_path / "eval"
+    assert _eval(run_dir, out, *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_missing_checkpoint_is_a_clean_error(tmp_path: Path, capsys) -> None:
+    assert cli([str(tmp_path / "nope"), "--out", str(tmp_path / "eval"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and not (tmp_path / "eval").exists()
+    assert cli(["--out", str(tmp_path / "eval"), "--no-progress"]) == 2
+    assert "at least one checkpoint" in capsys.readouterr().err
