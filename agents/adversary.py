@@ -1,0 +1,371 @@
+"""The learned adversary agent, PA-AD style (Sun et al. 2022): a PPO *director* plus a gradient *actor*.
+
+Each step the director sees every victim's clean observation of one environment (stacked along
+channels) and decides, per victim agent, either "leave alone" or "push toward action a". The actor,
+a targeted PGD within eps (:class:`fgmf_marl.attacks.PGD`), realises the decision on the victim's
+observation; the frozen victim policy acts (greedily) on what it sees. The director's reward is minus
+the team reward, so PPO trains it to minimise the team's return: the PA-AD split, where RL searches
+the small space of policy-level directions and gradients find the pixels.
+
+Three shapes of the same mechanism (:class:`DirectorCore` holds it, once):
+
+* :class:`AdversaryParallelEnv`: a PettingZoo ``ParallelEnv`` wrapper adding ``adversary_0`` to any of
+  our environments; the victims stay listed as agents (their observations, rewards and infos are the
+  env's, infos add what the attack did) but they are frozen checkpoints: the actions passed for them
+  are ignored, their policy acts on the perturbed observation. Passes ``parallel_api_test``.
+* :class:`AdversaryVecEnv`: the same over our batched SB3 VecEnvs (all env copies attacked in one
+  batched PGD call), which is what ``scripts/train_adversary.py`` trains PPO on; a one-env-at-a-time
+  ParallelEnv would spend most of its time in tiny PGD batches.
+* :class:`AdversaryAttack`: the trained director as an :class:`~fgmf_marl.attacks.Attack`, so
+  ``evaluate.py --attacks adversary:path=runs/<adv>`` ranks it next to PGD at the same eps.
+
+Choices: the "no attack" option exists because an attacker with a per-step budget or a detection
+risk wants it, and because "which agents to attack" is part of the issue's decision; the actor is
+targeted PGD with ``actor_steps`` steps (default 10, as PGD-10 in the evaluation grid).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from pettingzoo import ParallelEnv
+from stable_baselines3.common.vec_env import VecEnv
+from torch import Tensor
+
+from fgmf_marl.attacks import PGD, Attack
+from fgmf_marl.config import ConfigError
+
+ADVERSARY = "adversary_0"
+
+
+class DirectorCore:
+    """Turns decisions (n_envs, n_agents) in {0..n_actions} (n_actions = no attack) into seen observations."""
+
+    def __init__(self, view: Any, eps: float, n_agents: int, actor_steps: int = 10, quantize: bool = False) -> None:
+        self.view = view
+        self.n_agents = n_agents
+        self.n_actions = int(view.n_actions)
+        self.actor = PGD(eps, steps=actor_steps, targeted=True, quantize=quantize)
+
+    def realise(self, obs01: Tensor, decisions: np.ndarray | Tensor, allowed: Tensor | None = None) -> Tensor:
+        """Perturb slot ``env * n_agents + agent`` toward ``decisions[env, agent]`` where that is an action."""
+        dec = torch.as_tensor(np.asarray(decisions), device=obs01.device).long().reshape(-1)
+        attack = dec < self.n_actions
+        if allowed is not None:
+            attack &= allowed
+        if not attack.any():
+            return obs01
+        return self.actor.perturb(self.view, obs01, agent_mask=attack, target=dec.clamp(max=self.n_actions - 1))
+
+    @torch.no_grad()
+    def victim_actions(self, seen01: Tensor) -> np.ndarray:
+        return self.view(seen01).argmax(-1).cpu().numpy()
+
+    def director_space(self) -> gym.spaces.MultiDiscrete:
+        return gym.spaces.MultiDiscrete([self.n_actions + 1] * self.n_agents)
+
+
+def stack_agents(obs: np.ndarray, n_agents: int) -> np.ndarray:
+    """(n_envs * n_agents, C, H, W) -> (n_envs, n_agents * C, H, W): the director's view of one env."""
+    n, c, h, w = obs.shape
+    return obs.reshape(n // n_agents, n_agents * c, h, w)
+
+
+class AdversaryParallelEnv(ParallelEnv):
+    """PettingZoo wrapper: ``env``'s agents (frozen victims) plus ``adversary_0`` (reward = -team reward)."""
+
+    metadata = {"name": "adversary_v0", "render_modes": []}
+
+    def __init__(self, env: ParallelEnv, victim: Any, eps: float, actor_steps: int = 10) -> None:
+        self.env = env
+        self.victims = list(env.possible_agents)
+        self.possible_agents = [*self.victims, ADVERSARY]
+        self.agents: list[str] = []
+        self.core = DirectorCore(victim, eps, len(self.victims), actor_steps)
+        space = env.observation_space(self.victims[0])
+        c, h, w = space.shape
+        self._adv_obs_space = gym.spaces.Box(0, 255, (len(self.victims) * c, h, w), np.uint8)
+        self._last: dict[str, np.ndarray] = {}
+
+    @functools.lru_cache(maxsize=None)
+    def observation_space(self, agent: str) -> gym.Space:
+        return self._adv_obs_space if agent == ADVERSARY else self.env.observation_space(agent)
+
+    @functools.lru_cache(maxsize=None)
+    def action_space(self, agent: str) -> gym.Space:
+        return self.core.director_space() if agent == ADVERSARY else self.env.action_space(agent)
+
+    def _adv_obs(self) -> np.ndarray:
+        return np.concatenate([self._last[a] for a in self.victims], axis=0)
+
+    def reset(self, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
+        obs, infos = self.env.reset(seed=seed, options=options)
+        self._last = {a: obs[a] for a in self.victims}
+        self.agents = [*self.env.agents, ADVERSARY]
+        return {**obs, ADVERSARY: self._adv_obs()}, {**infos, ADVERSARY: {}}
+
+    def step(self, actions: dict) -> tuple[dict, dict, dict, dict, dict]:
+        decision = np.asarray(actions.get(ADVERSARY, [self.core.n_actions] * len(self.victims)))
+        alive = [a for a in self.victims if a in self.env.agents]
+        clean = torch.as_tensor(np.stack([self._last[a] for a in self.victims])).float().div(255.0)
+        allowed = torch.tensor([a in alive for a in self.victims])
+        seen = self.core.realise(clean, decision[None], allowed)
+        chosen = self.core.victim_actions(seen)
+        obs, rewards, terms, truncs, infos = self.env.step({a: int(chosen[i]) for i, a in enumerate(self.victims) if a in alive})
+        for i, a in enumerate(self.victims):
+            if a in infos:
+                infos[a] = {**infos[a], "attacked": bool(allowed[i] and decision[i] < self.core.n_actions),
+                            "action_taken": int(chosen[i])}
+            if a in obs:
+                self._last[a] = obs[a]
+        team = float(np.mean([rewards[a] for a in alive])) if alive else 0.0
+        over = not self.env.agents
+        self.agents = [*self.env.agents, ADVERSARY] if not over else []
+        obs[ADVERSARY] = self._adv_obs()
+        rewards[ADVERSARY] = -team
+        terms[ADVERSARY] = over and all(terms.get(a, False) for a in alive)
+        truncs[ADVERSARY] = over and not terms[ADVERSARY]
+        infos[ADVERSARY] = {"team_reward": team}
+        return obs, rewards, terms, truncs, infos
+
+    def render(self) -> Any:
+        return self.env.render()
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class AdversaryVecEnv(VecEnv):
+    """SB3 VecEnv of the director over a batched victim VecEnv: one slot per env copy."""
+
+    def __init__(self, venv: VecEnv, victim: Any, eps: float, n_agents: int, actor_steps: int = 10) -> None:
+        self.venv, self.n_agents = venv, n_agents
+        self.core = DirectorCore(victim, eps, n_agents, actor_steps)
+        c, h, w = venv.observation_space.shape
+        space = gym.spaces.Box(0, 255, (n_agents * c, h, w), np.uint8)
+        self.render_mode = None
+        super().__init__(venv.num_envs // n_agents, space, self.core.director_space())
+        self._obs: np.ndarray | None = None
+        self._decisions: np.ndarray | None = None
+        self._device = next(victim.parameters()).device
+
+    def reset(self) -> np.ndarray:
+        self._obs = self.venv.reset()
+        return stack_agents(self._obs, self.n_agents)
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._decisions = np.asarray(actions).reshape(self.num_envs, self.n_agents)
+
+    def step_wait(self) -> Any:
+        clean = torch.as_tensor(self._obs, device=self._device).float().div(255.0)
+        seen = self.core.realise(clean, self._decisions)
+        obs, rewards, dones, infos = self.venv.step(self.core.victim_actions(seen))
+        self._obs = obs
+        team = rewards.reshape(self.num_envs, self.n_agents).mean(axis=1)
+        done = dones.reshape(self.num_envs, self.n_agents).all(axis=1)
+        out_infos: list[dict] = []
+        for b in range(self.num_envs):
+            slot_infos = infos[b * self.n_agents:(b + 1) * self.n_agents]
+            info: dict[str, Any] = {"team_reward": float(team[b])}
+            if done[b] and all("terminal_observation" in i for i in slot_infos):
+                info["terminal_observation"] = np.concatenate([i["terminal_observation"] for i in slot_infos], axis=0)
+                info["TimeLimit.truncated"] = bool(slot_infos[0].get("TimeLimit.truncated", False))
+            out_infos.append(info)
+        return stack_agents(obs, self.n_agents), (-team).astype(np.float32), done, out_infos
+
+    def close(self) -> None:
+        self.venv.close()
+
+    def get_attr(self, attr_name: str, indices: Any = None) -> list[Any]:
+        return [getattr(self, attr_name)] * self.num_envs
+
+    def set_attr(self, attr_name: str, value: Any, indices: Any = None) -> None:
+        setattr(self, attr_name, value)
+
+    def env_method(self, method_name: str, *args: Any, indices: Any = None, **kwargs: Any) -> list[Any]:
+        return [getattr(self, method_name)(*args, **kwargs)] * self.num_envs
+
+    def env_is_wrapped(self, wrapper_class: Any, indices: Any = None) -> list[bool]:
+        return [False] * self.num_envs
+
+    def seed(self, seed: int | None = None) -> list[Any]:
+        return self.venv.seed(seed)
+
+
+# ------------------------------------------------------------------------------ training
+@dataclass
+class AdversaryConfig:
+    """``scripts/train_adversary.py``'s config, written to ``runs/<adversary>/config.yaml``."""
+
+    victim: str = ""
+    eps: float = 8.0              # 1/255 units
+    actor_steps: int = 10
+    timesteps: int = 20_000       # director steps (one per env copy per step)
+    n_envs: int = 8
+    seed: int = 0
+    learning_rate: float = 3e-4
+    n_steps: int = 64
+    batch_size: int = 128
+    n_epochs: int = 4
+    ent_coef: float = 0.01
+    gamma: float = 0.95
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        if not self.victim:
+            raise ConfigError("victim must be a run directory or .zip checkpoint written by train_marl.py")
+        if not 0 < self.eps <= 255:
+            raise ConfigError(f"eps {self.eps:g} is out of range; accepted: (0, 255] in 1/255 units")
+        if min(self.actor_steps, self.timesteps, self.n_envs, self.n_steps, self.n_epochs) < 1 or self.batch_size < 2:
+            raise ConfigError("actor_steps, timesteps, n_envs, n_steps, n_epochs must be >= 1 and batch_size >= 2")
+
+
+def make_training_env(cfg: AdversaryConfig, victim: Any) -> AdversaryVecEnv:
+    from envs.registry import make_vec_env, n_agents_of
+
+    env_cfg = dataclasses.replace(victim.train_config.env, n_envs=cfg.n_envs)
+    venv = make_vec_env(env_cfg, seed=cfg.seed + 20_000)  # never a training or evaluation seed of the victim
+    return AdversaryVecEnv(venv, victim.view, cfg.eps / 255.0, n_agents_of(venv, env_cfg), cfg.actor_steps)
+
+
+def train_adversary(cfg: AdversaryConfig, run_root: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Train the director with PPO against the frozen victim; returns a summary (also in eval/summary.json)."""
+    from stable_baselines3 import PPO
+
+    from agents.policies import ImageFeatures
+    from agents.trainer import save_checkpoint
+    from fgmf_marl import config as cfglib
+    from fgmf_marl.config import atomic_write_text
+    from fgmf_marl.evaluation import load_victim
+    from fgmf_marl.runs import staged_run_dir
+
+    cfglib.validate(cfg)
+    victim = load_victim(cfg.victim, cfg.device)
+    for p in victim.view.parameters():
+        p.requires_grad_(False)  # frozen: the director's PPO must never touch the victim
+    venv = make_training_env(cfg, victim)
+    try:
+        with staged_run_dir(Path(run_root)) as run:
+            cfglib.save_yaml(cfg, run.config)
+            model = PPO("CnnPolicy", venv, learning_rate=cfg.learning_rate, n_steps=cfg.n_steps, batch_size=cfg.batch_size,
+                        n_epochs=cfg.n_epochs, ent_coef=cfg.ent_coef, gamma=cfg.gamma, seed=cfg.seed, device=cfg.device,
+                        tensorboard_log=str(run.tensorboard), verbose=0,
+                        policy_kwargs=dict(features_extractor_class=ImageFeatures,
+                                           features_extractor_kwargs=dict(backbone="cnn")))
+            model.learn(cfg.timesteps, progress_bar=progress, tb_log_name="director")
+            save_checkpoint(model, run.final_checkpoint)
+    finally:
+        venv.close()
+    summary = {"victim": cfg.victim, "eps255": cfg.eps, "timesteps": int(model.num_timesteps)}
+    run.eval.mkdir(exist_ok=True)
+    atomic_write_text(run.eval / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+# ------------------------------------------------------------------------------ as an attack
+class AdversaryAttack(Attack):
+    """The trained director + targeted-PGD actor as an attack on all slots of a step.
+
+    Needs whole environments in the batch (rows env-major, ``n_agents`` per env); ``agent_mask``
+    restricts which victims the actor may touch, the director still sees every agent.
+    """
+
+    name = "adversary"
+
+    def __init__(self, director: Any, n_agents: int, eps: float, *, steps: int = 10, quantize: bool = False,
+                 deterministic: bool = True) -> None:
+        super().__init__(eps, quantize=quantize)
+        self.director = director
+        self.n_agents = n_agents
+        self.steps = int(steps)
+        self.deterministic = deterministic
+
+    def decisions(self, obs01: Tensor) -> np.ndarray:
+        uint8 = torch.round(obs01 * 255).to(torch.uint8).cpu().numpy()
+        actions, _ = self.director.predict(stack_agents(uint8, self.n_agents), deterministic=self.deterministic)
+        return np.asarray(actions)
+
+    def perturb(self, view: Any, obs: Tensor, *, agent_mask: Tensor | None = None, target: Any = None) -> Tensor:
+        if obs.shape[0] % self.n_agents:
+            raise ValueError(f"the adversary attacks whole envs: {obs.shape[0]} rows is not a multiple of "
+                             f"n_agents={self.n_agents}")
+        core = DirectorCore(view, self.eps, self.n_agents, self.steps, self.quantize)
+        allowed = None if agent_mask is None else torch.as_tensor(agent_mask, device=obs.device).bool()
+        return core.realise(obs.detach(), self.decisions(obs), allowed)
+
+    def _attack(self, view: Any, clean: Tensor, target: Tensor | None) -> Tensor:  # pragma: no cover - perturb overrides
+        return self.perturb(view, clean)
+
+
+@dataclass
+class LoadedAdversary:
+    director: Any
+    config: AdversaryConfig
+    n_agents: int
+
+    def attack(self, eps: float, steps: int | None = None, quantize: bool = False) -> AdversaryAttack:
+        return AdversaryAttack(self.director, self.n_agents, eps, steps=steps or self.config.actor_steps, quantize=quantize)
+
+
+def load_adversary(path: str | Path, device: str = "cpu") -> LoadedAdversary:
+    """Load a director written by ``train_adversary`` (its run directory or final.zip)."""
+    from stable_baselines3 import PPO
+
+    from fgmf_marl import config as cfglib
+    from fgmf_marl.runs import resolve_checkpoint
+
+    ckpt, run = resolve_checkpoint(path)
+    if run is None:
+        raise ConfigError(f"adversary {str(path)!r} has no config.yaml beside its checkpoints (use its run directory)")
+    try:
+        cfg = cfglib.load(AdversaryConfig, run.config)
+    except ConfigError as exc:
+        raise ConfigError(f"{str(path)!r} is not an adversary run (train it with scripts/train_adversary.py): {exc}") from None
+    director = PPO.load(str(ckpt), device=device)
+    n_agents = len(director.action_space.nvec)
+    return LoadedAdversary(director=director, config=cfg, n_agents=n_agents)
+
+
+# ------------------------------------------------------------------------------ CLI
+def build_parser() -> Any:
+    from fgmf_marl.cli import ArgumentParser
+
+    p = ArgumentParser(prog="train_adversary.py", description="Train a PA-AD-style adversary director against a "
+                       "frozen victim checkpoint. Extra KEY=VALUE arguments override config keys.")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--victim", required=True, help="victim run directory or .zip checkpoint")
+    p.add_argument("--eps", type=float, help="budget in 1/255 units (default 8)")
+    p.add_argument("--timesteps", type=int, help="director steps to train (default 20000)")
+    p.add_argument("--run-dir", type=Path, help="output run directory (default runs/adversary-<victim>-eps<eps>)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Any = None) -> int:
+    from fgmf_marl import config as cfglib
+
+    args = build_parser().parse_args(argv)
+    flags = {"victim": args.victim, "eps": args.eps, "timesteps": args.timesteps}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
+    cfg = cfglib.load(AdversaryConfig, None, overrides)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_dir = args.run_dir or Path("runs") / f"adversary-{Path(cfg.victim).name}-eps{cfg.eps:g}"
+    summary = train_adversary(cfg, run_dir, progress=not args.no_progress)
+    print(json.dumps(summary))
+    print(f"adversary: {run_dir}  (use as: evaluate.py {cfg.victim} --attacks adversary:path={run_dir})")
+    return 0
+
+
+def cli(argv: Any = None) -> int:
+    from fgmf_marl.cli import run_cli
+
+    return run_cli(main, argv, prog="train_adversary.py")

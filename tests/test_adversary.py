@@ -1,0 +1,102 @@
+"""The PA-AD-style adversary: PettingZoo API, decisions realised by the actor, reward sign, training
+with SB3 PPO, and its checkpoint used as an attack in evaluate.py."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pettingzoo.test import parallel_api_test
+from stable_baselines3 import PPO
+
+from agents.adversary import ADVERSARY, AdversaryParallelEnv, AdversaryVecEnv, DirectorCore, cli, load_adversary
+from agents.policies import ImageFeatures
+from agents.policy_view import PolicyView
+from agents.train_cli import cli as train_cli
+from envs.batched import CoverageVecEnv
+from envs.native import CoverageConfig, CoverageParallelEnv
+from fgmf_marl.evaluation import cli as eval_cli
+
+CFG = CoverageConfig(max_steps=8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def victim() -> PolicyView:
+    torch.manual_seed(0)
+    model = PPO("CnnPolicy", CoverageVecEnv(CFG, n_envs=1, seed=0), device="cpu", seed=0, n_steps=8, batch_size=8,
+                policy_kwargs=dict(features_extractor_class=ImageFeatures, features_extractor_kwargs=dict(backbone="cnn")))
+    return PolicyView.from_model(model).eval()
+
+
+def test_wrapper_passes_the_pettingzoo_parallel_api_test(victim: PolicyView) -> None:
+    env = AdversaryParallelEnv(CoverageParallelEnv(CFG), victim, eps=8 / 255, actor_steps=1)
+    parallel_api_test(env, num_cycles=20)
+    assert env.possible_agents[-1] == ADVERSARY and env.possible_agents[:-1] == ["agent_0", "agent_1", "agent_2"]
+
+
+def test_adversary_reward_is_minus_the_team_reward_and_victims_act_on_seen_obs(victim: PolicyView) -> None:
+    env = AdversaryParallelEnv(CoverageParallelEnv(CFG), victim, eps=8 / 255, actor_steps=2)
+    obs, _ = env.reset(seed=3)
+    assert obs[ADVERSARY].shape == (9, CFG.size, CFG.size)
+    assert np.array_equal(obs[ADVERSARY][3:6], obs["agent_1"])
+    for t in range(CFG.max_steps):
+        decision = np.array([t % 5, 5, 5])  # attack agent 0 only
+        _, rewards, terms, truncs, infos = env.step({ADVERSARY: decision})
+        team = np.mean([rewards[a] for a in env.victims])
+        assert rewards[ADVERSARY] == pytest.approx(-team)
+        assert infos["agent_0"]["attacked"] and not infos["agent_1"]["attacked"]
+    assert truncs[ADVERSARY] and env.agents == []
+
+
+def test_director_decisions_are_realised_within_eps(victim: PolicyView) -> None:
+    core = DirectorCore(victim, eps=32 / 255, n_agents=3, actor_steps=20)
+    obs = torch.as_tensor(CoverageVecEnv(CFG, n_envs=8, seed=1).reset()).float() / 255
+    with torch.no_grad():
+        worst = victim(obs).argmin(-1).reshape(8, 3)
+    decisions = worst.clone()
+    decisions[:, 2] = core.n_actions  # agent 2: leave alone
+    seen = core.realise(obs, decisions.numpy())
+    assert (seen - obs).abs().max() <= 32 / 255 + 1e-6
+    assert torch.equal(seen.reshape(8, 3, *obs.shape[1:])[:, 2], obs.reshape(8, 3, *obs.shape[1:])[:, 2])
+    reached = core.victim_actions(seen).reshape(8, 3)[:, :2] == worst[:, :2].numpy()
+    assert reached.mean() >= 0.8
+
+
+def test_train_adversary_cli_and_use_as_attack(tmp_path: Path) -> None:
+    victim_dir = tmp_path / "victim"
+    assert train_cli(["--timesteps", "192", "--run-dir", str(victim_dir), "--no-progress", "env.n_envs=2",
+                      "ppo.n_steps=32", "ppo.batch_size=64", "ppo.n_epochs=1", "eval_episodes=2",
+                      "checkpoint_every=10000", "env.native.max_steps=10"]) == 0
+    adv_dir = tmp_path / "adv"
+    assert cli(["--victim", str(victim_dir), "--timesteps", "64", "--run-dir", str(adv_dir), "--no-progress",
+                "n_envs=2", "n_steps=16", "batch_size=32", "n_epochs=1", "actor_steps=2"]) == 0
+    loaded = load_adversary(adv_dir)
+    assert loaded.n_agents == 3 and loaded.config.eps == 8.0
+    out = tmp_path / "eval"
+    assert eval_cli([str(victim_dir), "--attacks", f"adversary:path={adv_dir},steps=2", "--eps", "8", "--episodes", "2",
+                     "--n-envs", "2", "--out", str(out), "--no-progress"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert any(r["attack"].startswith("adversary") and r["episodes"] == 2 for r in rows)
+    # bad input: missing victim, and a victim that is not a run
+    assert cli(["--victim", str(tmp_path / "nope"), "--run-dir", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_vec_env_batches_all_copies(victim: PolicyView) -> None:
+    venv = AdversaryVecEnv(CoverageVecEnv(CFG, n_envs=4, seed=0), victim, eps=4 / 255, n_agents=3, actor_steps=1)
+    obs = venv.reset()
+    assert obs.shape == (4, 9, CFG.size, CFG.size)
+    for _ in range(CFG.max_steps):
+        obs, rewards, dones, infos = venv.step(np.full((4, 3), 5))
+    assert dones.all() and all("terminal_observation" in i for i in infos)
+    assert all(r == pytest.approx(-i["team_reward"]) for r, i in zip(rewards, infos))
