@@ -14,7 +14,7 @@ import torch
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from fgmf_marl.attribution import PGCA
-from fgmf_marl.oversight import OversightLogger, atomic_write, load_episode, read_manifest, verify
+from fgmf_marl.oversight import NATIVE_ACTION_NAMES, OversightLogger, atomic_write, load_episode, read_manifest, verify
 from fgmf_marl.oversight.replay_cli import main as replay_main
 from fgmf_marl.oversight.store import MANIFEST
 from fgmf_marl.rollout import rollout
@@ -229,8 +229,8 @@ def test_logger_on_native_env_records_frames_relevance_and_scores(tmp_path: Path
     venv = CoverageVecEnv(CoverageConfig(max_steps=4), n_envs=2, seed=3)
     view = make_view(size=48)
     rendered = []
-    with OversightLogger(tmp_path, view, n_episodes=2, pgca=PGCA(view, grid=4), frame_fn=venv.render,
-                         run_info={"checkpoint": "test"}) as log:
+    with OversightLogger.for_venv(tmp_path, view, venv, n_episodes=2, pgca=PGCA(view, grid=4),
+                                  run_info={"checkpoint": "test"}) as log:
         def hook(rec):
             log.step_hook(rec)
             rendered.append(venv.render().copy())  # the frame after this step
@@ -246,3 +246,6 @@ def test_logger_on_native_env_records_frames_relevance_and_scores(tmp_path: Path
     s = ep.meta["summary"]
     assert 0 <= s["relevance_mass_accuracy"] <= 1 and 0 <= s["pointing_game"] <= 1
     assert ep.meta["run"] == {"checkpoint": "test"}
+    from fgmf_marl.oversight.render import caption
+    action = int(a["actions"][0, 0])
+    assert f"agent 0: {NATIVE_ACTION_NAMES[action]} p=" in caption(ep, 0, 0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fgmf_marl.oversight import load_episode
-from fgmf_marl.oversight.render import compose_frame
+from fgmf_marl.oversight.render import render_frames
 from fgmf_marl.oversight.replay_cli import main as replay_main
 from test_oversight import sign_noise, write_log
 
@@ -30,7 +30,7 @@ def test_render_video_frame_count_equals_logged_steps(log_dir: Path, tmp_path: P
     frames = iio.imread(mp4, plugin="pyav") if _has_pyav() else np.stack(list(_ffmpeg_frames(mp4)))
     assert len(frames) == n == 5
     assert len(iio.imread(gif, index=None)) == n
-    first = compose_frame(ep, 0)
+    first = render_frames(ep)[0]
     assert frames[0].shape == first.shape
     assert not list(tmp_path.glob(".*"))  # no leftover partial files
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from torch import Tensor
 from fgmf_marl.attribution.metrics import pointing_game, relevance_mass_accuracy
 from fgmf_marl.attribution.pgca import PGCA
 from fgmf_marl.oversight.store import LogWriter
+
+#: Action order of the native coverage env (see ``envs/native.py``); pass as ``action_names``.
+NATIVE_ACTION_NAMES = ("noop", "up", "down", "left", "right")
 
 PER_STEP = ("actions", "clean_actions", "greedy_actions", "probs", "values", "rewards", "linf", "flipped")
 PER_LOGGED = ("clean_obs", "seen_obs", "pgca_P", "pgca_G", "pgca_consensus", "pgca_final", "agreement", "topk_iou",
@@ -58,13 +61,14 @@ class OversightLogger:
 
     ``frame_fn() -> (n_envs, h, w, 3)`` (e.g. ``CoverageVecEnv.render``) adds the global frame;
     ``tb_writer`` (a ``SummaryWriter``) gets per-episode scores and the overlay of the step with the
-    lowest agreement; ``run_info`` is copied into every episode's JSON (checkpoint, config, seed).
+    lowest agreement; ``run_info`` is copied into every episode's JSON (checkpoint, config, seed);
+    ``action_names`` label actions in replays (``NATIVE_ACTION_NAMES`` for the native env).
     """
 
     def __init__(self, log_dir: str | Path, view: Any, *, every: int = 1, attack_name: str | None = None,
                  n_episodes: int | None = None, pgca: PGCA | None = None,
                  frame_fn: Callable[[], np.ndarray] | None = None, tb_writer: Any = None,
-                 run_info: dict[str, Any] | None = None) -> None:
+                 run_info: dict[str, Any] | None = None, action_names: Sequence[str] | None = None) -> None:
         if every < 1:
             raise ValueError(f"log every must be >= 1 step, got {every}")
         self.writer = LogWriter(log_dir)
@@ -72,10 +76,29 @@ class OversightLogger:
         self.n_episodes, self.frame_fn, self.tb = n_episodes, frame_fn, tb_writer
         self.pgca = pgca or PGCA(view)
         self.run_info = run_info or {}
+        self.action_names = list(action_names) if action_names is not None else None
         self._buf: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
         self._closed = False
         self._last_frames: np.ndarray | None = None
         self.written: list[dict[str, Any]] = []
+
+    @classmethod
+    def for_venv(cls, log_dir: str | Path, view: Any, venv: Any, **kwargs: Any) -> "OversightLogger":
+        """A logger set up for ``venv``: the native env adds its global frames and action names.
+
+        This is what ``--log-explanations DIR`` in ``evaluate.py`` / ``train_marl.py`` should call::
+
+            log = OversightLogger.for_venv(DIR, view, venv, every=k, attack_name=..., n_episodes=n)
+            rollout(view, venv, n, perturb=..., step_hook=log.step_hook); log.close()
+        """
+        try:
+            from envs.batched import CoverageVecEnv
+        except ImportError:  # pragma: no cover - the native env is part of the package
+            CoverageVecEnv = ()  # type: ignore[assignment,misc]
+        if isinstance(venv, CoverageVecEnv):
+            kwargs.setdefault("frame_fn", venv.render)
+            kwargs.setdefault("action_names", NATIVE_ACTION_NAMES)
+        return cls(log_dir, view, **kwargs)
 
     # ------------------------------------------------------------------ hook
     def _target_count(self, env: int, n_envs: int) -> float:
@@ -185,7 +208,7 @@ class OversightLogger:
                     rec["agreement"] = float(arrays["agreement"][logged_index[t], a])
                 records.append(rec)
         meta = {"env_index": env, "episode_in_env": episode_in_env, "n_agents": n_agents,
-                "attack": self.attack_name, "every": self.every,
+                "attack": self.attack_name, "every": self.every, "action_names": self.action_names,
                 "pgca": {"grid": self.pgca.grid, "weight": self.pgca.weight, "sigma": self.pgca.sigma,
                          "target_kind": self.pgca.target_kind, "seed": self.pgca.perturbation.seed},
                 "run": self.run_info, "summary": summary, "records": records}

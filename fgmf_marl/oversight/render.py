@@ -17,7 +17,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 from fgmf_marl.oversight.store import Episode, load_episode
 
-ACTION_NAMES = ("noop", "left", "right", "down", "up")
 _CMAP = colormaps["inferno"]
 
 
@@ -60,7 +59,8 @@ def caption(ep: Episode, j: int, agent: int) -> str:
     t = int(a["logged_t"][j])
     i = t  # per-step arrays are indexed by step
     act = int(a["actions"][i, agent])
-    name = ACTION_NAMES[act] if act < len(ACTION_NAMES) and a["probs"].shape[-1] == 5 else str(act)
+    names = ep.meta.get("action_names") or []
+    name = names[act] if act < len(names) else f"a{act}"
     linf = float(a["linf"][i, agent]) * 255
     attacked = f"ATTACKED |d|={linf:.1f}/255" if linf > 0 else "clean"
     flip = " FLIPPED" if bool(a["flipped"][i, agent]) else ""
@@ -104,7 +104,13 @@ def compose_frame(ep: Episode, j: int, scale: int = 4) -> np.ndarray:
 def render_frames(ep: Episode, scale: int = 4) -> list[np.ndarray]:
     if "pgca_final" not in ep.arrays:
         raise ValueError(f"episode {ep.name} has no logged images (was it logged with every > its length?)")
-    return [compose_frame(ep, j, scale) for j in range(len(ep.arrays["logged_t"]))]
+    return same_size([compose_frame(ep, j, scale) for j in range(len(ep.arrays["logged_t"]))])
+
+
+def same_size(frames: list[np.ndarray]) -> list[np.ndarray]:
+    """Pad frames (captions differ in length) to one size, as videos require."""
+    h, w = max(f.shape[0] for f in frames), max(f.shape[1] for f in frames)
+    return [_pad_to(f, h, w) for f in frames]
 
 
 def render_episode(episode: str | Path | Episode, out: str | Path, *, formats: Sequence[str] = ("mp4", "gif"),

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from fgmf_marl.oversight.render import caption, compose_frame  # noqa: E402
+from fgmf_marl.oversight.render import caption, compose_frame, same_size  # noqa: E402
 from fgmf_marl.oversight.store import Episode, atomic_write_bytes, list_episodes, load_episode, verify  # noqa: E402
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:24px;background:#fafafa;color:#222}
@@ -112,7 +112,7 @@ def episode_section(ep: Episode, *, fps: float = 4.0, max_frames: int = 200, sca
     if "pgca_final" in ep.arrays:
         n = len(ep.arrays["logged_t"])
         idx = np.linspace(0, n - 1, min(n, max_frames)).round().astype(int)
-        frames = [compose_frame(ep, int(j), scale) for j in idx]
+        frames = same_size([compose_frame(ep, int(j), scale) for j in idx])
         parts.append(f"<h3>Replay ({n} logged steps; per agent: observation seen | PGCA overlay"
                      f"{' | SGAM mask' if 'sgam_mask' in ep.arrays else ''})</h3>"
                      f"<img alt='replay' src='{_gif(frames, fps)}'>")
