@@ -23,9 +23,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None, prog: str = "") -> int:
-    """Run ``main(argv)``; a ``ConfigError`` becomes one line on stderr and exit code 2."""
+    """Run ``main(argv)``; a ``ConfigError`` becomes one line on stderr and exit code 2.
+
+    argparse's own exits (``--help``, usage errors) are returned as codes too, so callers and
+    tests see one convention: the return value is the process exit status.
+    """
     try:
         return main(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else USAGE_ERROR
     except ConfigError as exc:
         print(f"{prog or sys.argv[0]}: error: {exc}", file=sys.stderr)
         return USAGE_ERROR

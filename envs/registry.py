@@ -1,0 +1,144 @@
+"""One registry from environment names to factories, all producing the same SB3 VecEnv shape.
+
+Every environment reaches training, attacks and explanations as an SB3 ``VecEnv`` with parameter
+sharing: one slot per agent per environment copy, slot = env * n_agents + agent, observations
+channel-first uint8 images (C, H, W), discrete actions. The native env is batched in numpy;
+PettingZoo's butterfly environments go through the SuperSuit chain
+
+    [color_reduction] -> resize -> frame_stack -> transpose to CHW
+    -> pettingzoo_env_to_vec_env_v1 -> concat_vec_envs_v1 -> VecMonitor
+
+Transposing inside the PettingZoo chain (rather than SB3's ``VecTransposeImage``) keeps the parallel
+env and the VecEnv in one layout, so the adversary wrapper can work at the PettingZoo level.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import gymnasium as gym
+import numpy as np
+from pettingzoo import ParallelEnv
+from stable_baselines3.common.vec_env import VecEnv, VecMonitor
+
+from envs.native import CoverageConfig, CoverageParallelEnv
+from fgmf_marl.config import ConfigError
+
+
+@dataclass
+class AdapterConfig:
+    """How a PettingZoo image env is reduced to small policy inputs (ignored by ``native``)."""
+
+    size: int = 48
+    grayscale: bool = False
+    frame_stack: int = 1
+    max_cycles: int = 125
+
+    def validate(self) -> None:
+        if self.size < 16:
+            raise ConfigError(f"env.adapter.size must be at least 16 pixels, got {self.size}")
+        if self.frame_stack < 1:
+            raise ConfigError(f"env.adapter.frame_stack must be >= 1, got {self.frame_stack}")
+        if self.max_cycles < 1:
+            raise ConfigError(f"env.adapter.max_cycles must be >= 1, got {self.max_cycles}")
+
+
+@dataclass
+class EnvConfig:
+    """The ``env:`` section of a run config."""
+
+    name: str = "native"
+    n_envs: int = 16
+    native: CoverageConfig = field(default_factory=CoverageConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+
+    def validate(self) -> None:
+        if self.name not in ENVIRONMENTS:
+            raise ConfigError(f"unknown environment {self.name!r}; known: {', '.join(ENVIRONMENTS)}")
+        if self.n_envs < 1:
+            raise ConfigError(f"env.n_envs must be >= 1, got {self.n_envs}")
+
+
+def _pistonball(cfg: AdapterConfig) -> ParallelEnv:
+    from pettingzoo.butterfly import pistonball_v6
+
+    return pistonball_v6.parallel_env(continuous=False, max_cycles=cfg.max_cycles)
+
+
+def _cooperative_pong(cfg: AdapterConfig) -> ParallelEnv:
+    from pettingzoo.butterfly import cooperative_pong_v6
+
+    return cooperative_pong_v6.parallel_env(max_cycles=cfg.max_cycles)
+
+
+def _kaz(cfg: AdapterConfig) -> ParallelEnv:
+    import supersuit as ss
+    from pettingzoo.butterfly import knights_archers_zombies_v11
+
+    env = knights_archers_zombies_v11.parallel_env(obs_method="image", max_cycles=cfg.max_cycles)
+    # Agents die in KAZ; black death keeps the slot count fixed, as parameter sharing needs.
+    return ss.black_death_v3(env)
+
+
+PETTINGZOO_ENVS: dict[str, Callable[[AdapterConfig], ParallelEnv]] = {
+    "pistonball": _pistonball,
+    "cooperative_pong": _cooperative_pong,
+    "kaz": _kaz,
+}
+ENVIRONMENTS: tuple[str, ...] = ("native", *PETTINGZOO_ENVS)
+
+
+def _check_name(name: str) -> None:
+    if name not in ENVIRONMENTS:
+        raise ConfigError(f"unknown environment {name!r}; known: {', '.join(ENVIRONMENTS)}")
+
+
+def _to_chw(env: ParallelEnv) -> ParallelEnv:
+    import supersuit as ss
+
+    def space_fn(space: gym.spaces.Box, agent: Any = None) -> gym.spaces.Box:
+        h, w, c = space.shape
+        return gym.spaces.Box(0, 255, (c, h, w), np.uint8)
+
+    return ss.observation_lambda_v0(env, lambda obs, space, agent=None: np.ascontiguousarray(obs.transpose(2, 0, 1)), space_fn)
+
+
+def make_parallel_env(cfg: EnvConfig, render_mode: str | None = None) -> ParallelEnv:
+    """A single PettingZoo ParallelEnv with the observations the policy sees (CHW uint8)."""
+    _check_name(cfg.name)
+    if cfg.name == "native":
+        return CoverageParallelEnv(cfg.native, render_mode=render_mode)
+    import supersuit as ss
+
+    adapter = cfg.adapter
+    env = PETTINGZOO_ENVS[cfg.name](adapter)
+    if adapter.grayscale:
+        env = ss.color_reduction_v0(env, "full")
+    env = ss.resize_v1(env, adapter.size, adapter.size)
+    # frame_stack_v1 also gives grayscale frames their channel axis (H, W) -> (H, W, k).
+    if adapter.grayscale or adapter.frame_stack > 1:
+        env = ss.frame_stack_v1(env, adapter.frame_stack)
+    return _to_chw(env)
+
+
+def make_vec_env(cfg: EnvConfig, seed: int | None = None) -> VecEnv:
+    """The training/evaluation VecEnv: ``cfg.n_envs`` copies x agents slots, env-major."""
+    _check_name(cfg.name)
+    if cfg.name == "native":
+        from envs.batched import CoverageVecEnv
+
+        return CoverageVecEnv(cfg.native, n_envs=cfg.n_envs, seed=seed)
+    import supersuit as ss
+
+    vec = ss.pettingzoo_env_to_vec_env_v1(make_parallel_env(cfg))
+    vec = ss.concat_vec_envs_v1(vec, cfg.n_envs, num_cpus=0, base_class="stable_baselines3")
+    if seed is not None:
+        # SuperSuit's SB3 wrapper cannot forward ``seed()``; seeding the inner ConcatVecEnv's reset
+        # seeds copy i with seed + i, and later unseeded resets continue from there.
+        vec.venv.reset(seed=seed)
+    return VecMonitor(vec)
+
+
+def n_agents_of(venv: VecEnv, cfg: EnvConfig) -> int:
+    """Agents per environment copy (slots per env) of a VecEnv made by ``make_vec_env``."""
+    return venv.num_envs // cfg.n_envs

@@ -1,0 +1,53 @@
+"""The env registry: every name yields the same VecEnv shape; PettingZoo adapters go through SuperSuit."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pettingzoo.test import parallel_api_test
+
+from envs.registry import ENVIRONMENTS, AdapterConfig, EnvConfig, make_parallel_env, make_vec_env, n_agents_of
+from fgmf_marl.config import ConfigError, from_dict
+
+ADAPTER_AGENTS = {"pistonball": 20, "cooperative_pong": 2, "kaz": 4}
+
+
+@pytest.mark.parametrize("name", ["native", "pistonball", "cooperative_pong", "kaz"])
+def test_vec_env_shape_is_shared_channel_first_uint8(name: str) -> None:
+    cfg = EnvConfig(name=name, n_envs=2, adapter=AdapterConfig(size=32, max_cycles=20))
+    venv = make_vec_env(cfg, seed=3)
+    try:
+        n_agents = n_agents_of(venv, cfg)
+        if name in ADAPTER_AGENTS:
+            assert n_agents == ADAPTER_AGENTS[name]
+        obs = venv.reset()
+        c, h, w = venv.observation_space.shape
+        assert c == 3 and obs.shape == (2 * n_agents, c, h, w) and obs.dtype == np.uint8
+        if name != "native":
+            assert h == w == 32
+        obs, rewards, dones, infos = venv.step(np.zeros(venv.num_envs, dtype=np.int64))
+        assert obs.shape == (2 * n_agents, c, h, w) and rewards.shape == (2 * n_agents,) and len(infos) == 2 * n_agents
+    finally:
+        venv.close()
+
+
+def test_grayscale_frame_stack_adapter() -> None:
+    cfg = EnvConfig(name="cooperative_pong", n_envs=1, adapter=AdapterConfig(size=24, grayscale=True, frame_stack=3))
+    venv = make_vec_env(cfg, seed=0)
+    assert venv.observation_space.shape == (3, 24, 24) and venv.reset().shape == (2, 3, 24, 24)
+    venv.close()
+    cfg = EnvConfig(name="cooperative_pong", n_envs=1, adapter=AdapterConfig(size=24, grayscale=True))
+    assert make_parallel_env(cfg).observation_space("paddle_0").shape == (1, 24, 24)
+
+
+def test_adapted_parallel_env_passes_pettingzoo_api_test() -> None:
+    env = make_parallel_env(EnvConfig(name="cooperative_pong", adapter=AdapterConfig(size=24, max_cycles=30)))
+    parallel_api_test(env, num_cycles=30)
+
+
+def test_unknown_env_lists_known_names() -> None:
+    with pytest.raises(ConfigError) as info:
+        from_dict(EnvConfig, {"name": "atari"})
+    message = str(info.value)
+    assert all(name in message for name in ENVIRONMENTS)
+    with pytest.raises(ConfigError, match="adapter.size"):
+        from_dict(EnvConfig, {"adapter": {"size": 4}})

@@ -1,0 +1,108 @@
+"""Training end to end: run directory contents, checkpoint reload, resume, and every CLI error path."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from agents.policy_view import PolicyView
+from agents.train_cli import cli
+from agents.trainer import load_model
+from fgmf_marl.runs import RunDir
+
+FAST = ["env.n_envs=4", "ppo.n_steps=32", "ppo.batch_size=128", "ppo.n_epochs=1", "eval_episodes=4",
+        "checkpoint_every=768"]
+
+
+def _train(run_dir: Path, *extra: str) -> int:
+    return cli(["--timesteps", "1536", "--run-dir", str(run_dir), "--no-progress", *FAST, *extra])
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> RunDir:
+    root = tmp_path_factory.mktemp("runs") / "short"
+    assert _train(root) == 0
+    return RunDir(root)
+
+
+def test_short_run_writes_config_checkpoints_tensorboard_and_summary(trained_run: RunDir) -> None:
+    assert trained_run.config.is_file()
+    assert trained_run.final_checkpoint.is_file()
+    assert trained_run.checkpoint_at(1536).is_file() or any(trained_run.checkpoints.glob("step_*.zip"))
+    assert list(trained_run.tensorboard.rglob("events.out.tfevents.*"))
+    summary = json.loads((trained_run.eval / "summary.json").read_text())
+    assert summary["timesteps"] >= 1536 and summary["episodes"] == 4
+    assert np.isfinite(summary["normalised_mean"])
+
+
+def test_checkpoint_reload_reproduces_actions(trained_run: RunDir) -> None:
+    model, cfg = load_model(trained_run.root)
+    reloaded, _ = load_model(trained_run.final_checkpoint)
+    assert cfg.env.n_envs == 4 and cfg.ppo.n_steps == 32
+    obs = torch.rand(16, *model.observation_space.shape)
+    with torch.no_grad():
+        a = PolicyView.from_model(model)(obs)
+        b = PolicyView.from_model(reloaded)(obs)
+    assert torch.equal(a, b)
+    uint8_obs = (obs * 255).round().to(torch.uint8).numpy()
+    np.testing.assert_array_equal(model.predict(uint8_obs, deterministic=True)[0],
+                                  reloaded.predict(uint8_obs, deterministic=True)[0])
+
+
+def test_resume_continues_to_the_new_total(tmp_path: Path, trained_run: RunDir) -> None:
+    import shutil
+
+    root = tmp_path / "resumed"
+    shutil.copytree(trained_run.root, root)
+    assert cli(["--resume", "--run-dir", str(root), "--timesteps", "2304", "--no-progress"]) == 0
+    model, _ = load_model(root)
+    assert model.num_timesteps >= 2304
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bogus"], "unrecognized arguments"),
+    (["--env", "nope"], "invalid choice"),
+    (["ppo.not_a_key=1"], "unknown config key 'ppo.not_a_key'"),
+    (["ppo.n_steps=abc"], "'ppo.n_steps' must be an integer"),
+    (["ppo.learning_rate=-1"], "ppo.learning_rate must be > 0"),
+    (["env.name=nope"], "unknown environment 'nope'"),
+    (["--config", "missing.yaml"], "does not exist"),
+    (["--resume"], "is not a run directory"),
+    (["--defense", "nope"], "defense.kind"),
+    (["ppo.batch_size=100000", "env.n_envs=2"], "exceeds the rollout size"),
+])
+def test_cli_errors_exit_2_with_one_line_and_no_run_dir(argv: list[str], message: str, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    assert cli([*argv, "--run-dir", str(run_dir), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not run_dir.exists() and not (tmp_path / "runs").exists()
+
+
+def test_incompatible_checkpoint_on_resume_is_a_clean_error(tmp_path: Path, trained_run: RunDir,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    root = tmp_path / "other"
+    shutil.copytree(trained_run.root, root)
+    code = cli(["--resume", "--run-dir", str(root), "--timesteps", "3000", "--no-progress", "env.native.size=32"])
+    assert code == 2
+    assert "incompatible" in capsys.readouterr().err
+    assert RunDir(root).final_checkpoint.is_file()  # the existing run is left as it was
+
+
+def test_missing_checkpoint_is_a_clean_error(tmp_path: Path) -> None:
+    from fgmf_marl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_model(tmp_path / "nothing.zip")
+    (tmp_path / "garbage.zip").write_bytes(b"not a zip")
+    with pytest.raises(ConfigError, match="could not be loaded"):
+        load_model(tmp_path / "garbage.zip")
+
