@@ -61,11 +61,12 @@ def sign_noise(eps: float = 8 / 255):
     return perturb
 
 
-def write_log(folder: Path, n_episodes: int = 3, every: int = 1, perturb=None, attack: str | None = None):
+def write_log(folder: Path, n_episodes: int = 3, every: int = 1, perturb=None, attack: str | None = None,
+              tb_writer=None):
     view = make_view()
     venv = make_venv()
     with OversightLogger(folder, view, every=every, n_episodes=n_episodes, attack_name=attack,
-                         pgca=PGCA(view, grid=4)) as log:
+                         pgca=PGCA(view, grid=4), tb_writer=tb_writer) as log:
         result = rollout(view, venv, n_episodes, perturb=perturb, step_hook=log.step_hook)
     return result, log
 
@@ -88,9 +89,18 @@ def test_logger_records_rollout_episodes(tmp_path: Path) -> None:
     np.testing.assert_allclose(a["probs"].sum(-1), 1, atol=1e-5)
 
 
-def test_logger_every_k_steps_and_attack_facts(tmp_path: Path) -> None:
+def test_logger_every_k_steps_attack_facts_and_tensorboard(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
     eps = 8 / 255
-    result, _ = write_log(tmp_path, n_episodes=2, every=2, perturb=sign_noise(eps), attack="sign-noise")
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    result, _ = write_log(tmp_path, n_episodes=2, every=2, perturb=sign_noise(eps), attack="sign-noise",
+                          tb_writer=writer)
+    writer.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert "oversight/lowest_agreement_step" in events.Tags()["images"]
+    assert len(events.Scalars("oversight/mean_agreement")) == 2
     ep = load_episode(tmp_path / "ep_000001")
     a = ep.arrays
     assert a["logged_t"].tolist() == [0, 2, 4] and a["pgca_final"].shape[0] == 3 and a["actions"].shape[0] == 5
