@@ -90,9 +90,13 @@ class BatchedCoverage:
         covered = (diff.max(-1).min(1) <= cfg.cover_radius).sum(-1)  # (B,)
         dsum = diff.sum(-1).min(1).sum(-1)  # (B,)
         shared = (cfg.cover_reward * covered - cfg.shaping_coef * dsum / cfg.size) / cfg.n_landmarks
+        assign = oracle_assignment(self.agents, self.landmarks)  # (B, N)
+        mine = np.take_along_axis(diff, np.maximum(assign, 0)[:, :, None, None], axis=2)[:, :, 0]  # (B, N, 2)
+        local = cfg.cover_reward * (mine.max(-1) <= cfg.cover_radius) - cfg.shaping_coef * mine.sum(-1) / cfg.size
+        local = np.where(assign >= 0, local, 0.0)
         near = np.abs(self.agents[:, :, None, :] - self.agents[:, None, :, :]).max(-1) < cfg.entity_size
         hits = near.sum(-1) - 1
-        return shared[:, None] - cfg.collision_penalty * hits
+        return (1 - cfg.local_ratio) * shared[:, None] + cfg.local_ratio * local - cfg.collision_penalty * hits
 
     def oracle_actions(self) -> np.ndarray:
         """Oracle actions (B, N)."""

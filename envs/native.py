@@ -25,8 +25,21 @@ Rewards (defined here once; the batched env and every report use these definitio
   by the spawn spacing, covered landmarks are covered by distinct agents;
 - shared term ``team_shared = (cover_reward * n_covered - shaping_coef * D / size) / n_landmarks``
   with ``D = sum_k min_a L1(agent a, landmark k)`` (MPE ``simple_spread``'s shaping, in pixels);
-- agent reward ``r_i = team_shared - collision_penalty * c_i``, ``c_i`` = number of teammates
-  whose sprite overlaps agent ``i``'s sprite (Chebyshev distance ``< entity_size``);
+- local term of agent ``i`` (credit assignment): with ``k_i`` the landmark the oracle's optimal
+  assignment (below) gives agent ``i`` in the current state,
+  ``local_i = cover_reward * [Chebyshev(i, k_i) <= cover_radius] - shaping_coef * L1(i, k_i) / size``,
+  and ``local_i = 0`` for an agent without a landmark (``n_agents > n_landmarks``). Moving one
+  agent a step toward its assigned landmark lowers the cost of every assignment by at most as much as
+  the current one, so the assignment is stable along the oracle's paths; which landmark is "mine"
+  depends on where the teammates are, so the policy still has to coordinate through what it sees.
+  Pure team reward (``local_ratio = 0``) leaves each agent's own action a ~1/N share of a noisy
+  signal (MPE ``simple_spread`` mixes in a local term through its ``local_ratio`` for the same
+  reason). Measured with PPO (MLP) on privileged vector features, 3 agents: 0.10
+  oracle-normalised after ~340k agent-steps with ``local_ratio = 0``, 0.13 with 0.5 — a small gain;
+  the 3-agent task remains much slower to learn than 1 agent (0.78 after 92k);
+- agent reward ``r_i = (1 - local_ratio) * team_shared + local_ratio * local_i - collision_penalty * c_i``,
+  ``c_i`` = number of teammates whose sprite overlaps agent ``i``'s sprite (Chebyshev distance
+  ``< entity_size``);
 - **team reward** of a step = mean over agents of ``r_i``; **team return** = its sum over the
   episode. Oracle-normalised return = ``(R - R_random) / (R_oracle - R_random)``.
 
@@ -102,6 +115,7 @@ class CoverageConfig:
     cover_reward: float = 1.0
     shaping_coef: float = 1.0
     collision_penalty: float = 0.25
+    local_ratio: float = 0.5
 
     def validate(self) -> None:
         if not 1 <= self.n_agents <= MAX_AGENTS:
@@ -130,6 +144,8 @@ class CoverageConfig:
                 raise ConfigError(f"env.native: {count} {what} at spacing {spacing} px cannot always be placed in a "
                                   f"{self.size}px arena (at most {fits}); lower n_{what}, entity_size or "
                                   f"cover_radius, or raise size")
+        if not 0.0 <= self.local_ratio <= 1.0:
+            raise ConfigError(f"env.native.local_ratio must be in [0, 1], got {self.local_ratio}")
         for name in ("cover_reward", "shaping_coef", "collision_penalty"):
             if not np.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ConfigError(f"env.native.{name} must be a finite number >= 0, got {getattr(self, name)}")
@@ -344,11 +360,16 @@ class CoverageParallelEnv(ParallelEnv):
         self._t += 1
 
         shared = self._team_shared()
+        assign = oracle_assignment(s["agents"][None], s["landmarks"][None])[0]
         rewards = {}
         for i, agent in enumerate(self.possible_agents):
+            local = 0.0
+            if assign[i] >= 0:
+                diff = np.abs(s["agents"][i] - s["landmarks"][assign[i]])
+                local = cfg.cover_reward * int(diff.max() <= cfg.cover_radius) - cfg.shaping_coef * int(diff.sum()) / cfg.size
             hits = sum(1 for j in range(cfg.n_agents)
                        if j != i and int(np.abs(s["agents"][i] - s["agents"][j]).max()) < cfg.entity_size)
-            rewards[agent] = shared - cfg.collision_penalty * hits
+            rewards[agent] = (1 - cfg.local_ratio) * shared + cfg.local_ratio * local - cfg.collision_penalty * hits
         done = self._t >= cfg.max_steps
         obs, infos = self._observations(), self._infos()
         terminations = {a: False for a in self.agents}

@@ -104,18 +104,21 @@ def test_target_mask_follows_oracle_assignment() -> None:
     np.testing.assert_array_equal(env.target_masks()["agent_0"], _box(48, 0, 0))
 
 
-def test_rewards_closed_form() -> None:
-    # Agent 0 sits on landmark 0 (covered), agent 1 is 10 px (L1) from landmark 1, agent 2 overlaps agent 0.
+@pytest.mark.parametrize("local_ratio", [0.0, 0.5, 1.0])
+def test_rewards_closed_form(local_ratio: float) -> None:
+    # Agent 0 sits on landmark 0 (covered), agent 1 is 6 px (L1) from landmark 1, agent 2 overlaps agent 0.
     env = _hand_env(agents=[(10, 10), (30, 24), (11, 12)], landmarks=[(10, 11), (30, 30), (0, 40)], dpos=[],
-                    collision_penalty=0.5)
-    env.step({a: 0 for a in env.agents})  # noop
+                    collision_penalty=0.5, local_ratio=local_ratio)
     l1_lm2 = min(abs(10 - 0) + abs(10 - 40), abs(30 - 0) + abs(24 - 40), abs(11 - 0) + abs(12 - 40))
     dsum = 1 + 6 + l1_lm2
     shared = (1.0 * 1 - 1.0 * dsum / 48) / 3
-    _, rew, *_ = env.step({a: 0 for a in env.agents})
-    assert rew["agent_0"] == pytest.approx(shared - 0.5)
-    assert rew["agent_1"] == pytest.approx(shared)
-    assert rew["agent_2"] == pytest.approx(shared - 0.5)
+    # Optimal assignment by hand: a0->L0 (1) + a1->L1 (6) + a2->L2 (39) = 46 beats a2->L0, a0->L2 (48).
+    local = [1.0 - 1 / 48, -6 / 48, -39 / 48]
+    _, rew, *_ = env.step({a: 0 for a in env.agents})  # noop
+    mix = [(1 - local_ratio) * shared + local_ratio * loc for loc in local]
+    assert rew["agent_0"] == pytest.approx(mix[0] - 0.5)
+    assert rew["agent_1"] == pytest.approx(mix[1])
+    assert rew["agent_2"] == pytest.approx(mix[2] - 0.5)
 
 
 def test_moves_clip_and_distractors_bounce() -> None:
@@ -169,7 +172,7 @@ def test_oracle_covers_all_landmarks_single_env() -> None:
     (dict(n_agents=0), "n_agents"), (dict(n_landmarks=4), "n_landmarks"), (dict(size=12), "size"),
     (dict(max_steps=0), "max_steps"), (dict(n_distractors=-1), "n_distractors"),
     (dict(entity_size=20), "entity_size"), (dict(cover_radius=0, agent_speed=4), "cover_radius"),
-    (dict(collision_penalty=-1.0), "collision_penalty"), (dict(size=16, n_landmarks=3, cover_radius=4), "landmarks"),
+    (dict(collision_penalty=-1.0), "collision_penalty"), (dict(local_ratio=1.5), "local_ratio"), (dict(size=16, n_landmarks=3, cover_radius=4), "landmarks"),
 ])
 def test_config_validation(override: dict, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment) as err:
