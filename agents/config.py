@@ -76,13 +76,19 @@ class PPOConfig:
 
 @dataclass
 class TrainConfig:
-    """Everything one training run needs; written to ``runs/<name>/config.yaml``."""
+    """Everything one training run needs; written to ``runs/<name>/config.yaml``.
+
+    ``log_explanations`` writes the final evaluation's episodes to the oversight log
+    (``runs/<name>/eval/oversight/``: PGCA maps of every agent, every ``log_every``-th step).
+    """
 
     seed: int = 0
     timesteps: int = 600_000
     device: str = "cpu"
     checkpoint_every: int = 100_000
     eval_episodes: int = 32
+    log_explanations: bool = False
+    log_every: int = 1
     env: EnvConfig = field(default_factory=EnvConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -93,6 +99,8 @@ class TrainConfig:
             raise ConfigError(f"timesteps must be >= 1, got {self.timesteps}")
         if self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.log_every < 1:
+            raise ConfigError(f"log_every must be >= 1 step, got {self.log_every}")
         if self.eval_episodes < 1:
             raise ConfigError(f"eval_episodes must be >= 1, got {self.eval_episodes}")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):

@@ -34,6 +34,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--device", help="cpu (default), cuda, cuda:N or auto")
     parser.add_argument("--run-dir", type=Path, help="run directory (default: runs/<env>-<defense>-<policy>-s<seed>-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
+    parser.add_argument("--log-explanations", action="store_true",
+                        help="log the final evaluation's episodes with PGCA explanations to <run>/eval/oversight")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -50,7 +52,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         base = cfglib.read_yaml(run.config)
     flags = {"env.name": args.env, "policy.backbone": args.policy,
              "defense.kind": args.defense, "timesteps": args.timesteps,
-             "seed": args.seed, "device": args.device}
+             "seed": args.seed, "device": args.device, "log_explanations": args.log_explanations or None}
     overrides = [f"{key}={value}" for key, value in flags.items() if value is not None]
     return cfglib.load(TrainConfig, args.config, overrides + list(args.overrides), base=base)
 

@@ -149,12 +149,25 @@ class TrainResult:
     summary: dict[str, Any]
 
 
-def evaluate_clean(model: PPO, cfg: TrainConfig, episodes: int) -> dict[str, Any]:
-    """Deterministic clean evaluation on fresh seeds; returns a JSON-ready summary."""
+def evaluate_clean(model: PPO, cfg: TrainConfig, episodes: int, log_dir: Path | None = None) -> dict[str, Any]:
+    """Deterministic clean evaluation on fresh seeds; returns a JSON-ready summary.
+
+    With ``log_dir`` every episode goes to the oversight log there (PGCA maps per agent and step).
+    """
     venv = make_vec_env(cfg.env, seed=cfg.seed + EVAL_SEED_OFFSET)
+    view = PolicyView.from_model(model)
+    logger = None
+    if log_dir is not None:
+        from fgmf_marl.oversight import OversightLogger
+
+        logger = OversightLogger.for_venv(log_dir, view, venv, every=cfg.log_every, n_episodes=episodes,
+                                          run_info={"checkpoint": "final", "seed": cfg.seed + EVAL_SEED_OFFSET})
     try:
-        result = rollout(PolicyView.from_model(model), venv, episodes, n_agents=n_agents_of(venv, cfg.env))
+        result = rollout(view, venv, episodes, n_agents=n_agents_of(venv, cfg.env),
+                         step_hook=logger.step_hook if logger else None, progress=logger is not None)
     finally:
+        if logger is not None:
+            logger.close()
         venv.close()
     summary: dict[str, Any] = {
         "episodes": int(len(result.team_returns)),
@@ -212,7 +225,8 @@ def train(cfg: TrainConfig, run_root: str | Path, *, resume: bool = False, progr
             save_checkpoint(model, run.final_checkpoint)
     finally:
         venv.close()
-    summary = evaluate_clean(model, cfg, cfg.eval_episodes)
+    summary = evaluate_clean(model, cfg, cfg.eval_episodes,
+                             log_dir=run.eval / "oversight" if cfg.log_explanations else None)
     summary.update(timesteps=int(model.num_timesteps), wall_seconds=wall, fps=remaining / wall)
     run.eval.mkdir(exist_ok=True)
     atomic_write_text(run.eval / "summary.json", json.dumps(summary, indent=2))

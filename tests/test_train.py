@@ -52,6 +52,17 @@ def test_checkpoint_reload_reproduces_actions(trained_run: RunDir) -> None:
                                   reloaded.predict(uint8_obs, deterministic=True)[0])
 
 
+def test_final_evaluation_writes_a_verifiable_oversight_log(tmp_path: Path) -> None:
+    from fgmf_marl.oversight.store import list_episodes, verify
+
+    root = tmp_path / "logged"
+    assert cli(["--timesteps", "384", "--run-dir", str(root), "--no-progress", "--log-explanations", "log_every=10",
+                *FAST, "eval_episodes=2"]) == 0
+    log_dir = RunDir(root).eval / "oversight"
+    assert verify(log_dir).ok
+    assert len(list_episodes(log_dir)) == 2
+
+
 def test_resume_continues_to_the_new_total(tmp_path: Path, trained_run: RunDir) -> None:
     import shutil
 
