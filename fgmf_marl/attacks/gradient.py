@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fgmf_marl.attacks.base import Attack, greedy, margin, project
+from fgmf_marl.attacks.base import Attack, greedy, margin
 
 Objective = Literal["ce", "margin", "targeted", "kl", "value"]
 OBJECTIVES: tuple[str, ...] = ("ce", "margin", "targeted", "kl", "value")
@@ -94,38 +94,40 @@ class GradientAttack(Attack):
 
     def _grad(self, view: Any, adv: Tensor, labels: Tensor | None, clean_logp: Tensor | None) -> tuple[Tensor, Tensor]:
         """Objective (B,) at ``adv`` and its input gradient (EOT-averaged)."""
-        total_grad = torch.zeros_like(adv)
-        total_obj = torch.zeros(adv.shape[0], device=adv.device)
+        total_grad: Tensor | None = None
+        total_obj: Tensor | None = None
         for _ in range(self.eot_samples):
             x = adv.detach().requires_grad_(True)
             with torch.enable_grad():
                 obj = objective_values(view, x, self.objective, labels, clean_logp)
                 (grad,) = torch.autograd.grad(obj.sum(), x)
-            total_grad += grad
-            total_obj += obj.detach()
+            obj = obj.detach()
+            total_grad = grad if total_grad is None else total_grad + grad
+            total_obj = obj if total_obj is None else total_obj + obj
+        if self.eot_samples == 1:
+            return total_obj, total_grad
         return total_obj / self.eot_samples, total_grad / self.eot_samples
 
     def _attack(self, view: Any, clean: Tensor, target: Tensor | None) -> Tensor:
         labels, clean_logp = self._labels(view, clean, target)
+        lo, hi = (clean - self.eps).clamp_(0.0, 1.0), (clean + self.eps).clamp_(0.0, 1.0)  # the feasible box
         adv = clean.clone()
         if self.random_start:
-            adv = project(clean + torch.empty_like(clean).uniform_(-self.eps, self.eps), clean, self.eps)
-        best = adv.clone()
+            adv = torch.min(torch.max(clean + torch.empty_like(clean).uniform_(-self.eps, self.eps), lo), hi)
+        best = adv
         best_obj = torch.full((clean.shape[0],), float("-inf"), device=clean.device)
         for _ in range(self.steps):
             obj, grad = self._grad(view, adv, labels, clean_logp)
             if self.track_best:
                 better = obj > best_obj
-                best[better] = adv[better]
+                best = torch.where(better[:, None, None, None], adv, best)
                 best_obj = torch.where(better, obj, best_obj)
-            adv = project(adv + self.step_size * grad.sign(), clean, self.eps)
+            adv = torch.min(torch.max(adv + self.step_size * grad.sign(), lo), hi)
         if not self.track_best:
             return adv
         with torch.no_grad():
             obj = objective_values(view, adv, self.objective, labels, clean_logp)
-        better = obj > best_obj
-        best[better] = adv[better]
-        return best
+        return torch.where((obj > best_obj)[:, None, None, None], adv, best)
 
 
 class FGSM(GradientAttack):
