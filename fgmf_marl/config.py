@@ -85,6 +85,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"config key '{where}' must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads "1e-3" as a string; accept it as a number
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{where}' must be a number, got {value!r}")
         return float(value)

@@ -36,11 +36,13 @@ def test_defaults_and_nested_overrides() -> None:
     cfg = cfglib.load(Outer, overrides=["inner.rate=2", "inner.sizes=[4, 5]", "flag=true", "inner.limit=null"])
     assert cfg.inner.rate == 2.0 and isinstance(cfg.inner.rate, float)
     assert cfg.inner.sizes == (4, 5) and cfg.flag is True and cfg.inner.limit is None
+    assert cfglib.load(Outer, overrides=["inner.rate=1e-3"]).inner.rate == 1e-3  # YAML 1.1 reads this as a string
 
 
 @pytest.mark.parametrize("override, fragment", [
     ("inner.rat=1", "unknown config key 'inner.rat'"),
     ("steps=1.5", "'steps' must be an integer"),
+    ("inner.rate=fast", "'inner.rate' must be a number"),
     ("steps=true", "'steps' must be an integer"),
     ("flag=3", "'flag' must be true or false"),
     ("inner.method=c", "accepted: 'a' | 'b'"),
