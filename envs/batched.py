@@ -45,6 +45,8 @@ class BatchedCoverage:
         self.dpos = np.zeros((b, d, 2), np.int64)
         self.dvel = np.zeros((b, d, 2), np.int64)
         self.t = np.zeros(b, np.int64)
+        self.phi_team = np.zeros(b)
+        self.phi_local = np.zeros((b, n))
         # Flat-index geometry: frames are (B, 3, S, S) channel-first, sprites are offsets from the
         # top-left pixel.
         ys, xs = np.nonzero(np.ones((e, e), bool))
@@ -70,6 +72,9 @@ class BatchedCoverage:
             st = sample_episode(self.rngs[b], self.config)
             self.agents[b], self.landmarks[b], self.dpos[b], self.dvel[b] = st["agents"], st["landmarks"], st["dpos"], st["dvel"]
             self.t[b] = 0
+        envs = np.asarray(list(envs), dtype=np.int64)
+        _, phi_team, _, phi_local = self.potentials()
+        self.phi_team[envs], self.phi_local[envs] = phi_team[envs], phi_local[envs]
 
     def step(self, actions: np.ndarray) -> np.ndarray:
         """Apply ``actions`` (B, N) in 0..4; return agent rewards (B, N) float64."""
@@ -83,19 +88,29 @@ class BatchedCoverage:
         self.t += 1
         return self.rewards()
 
-    def rewards(self) -> np.ndarray:
-        """Agent rewards (B, N) of the current state (definitions in ``envs.native``)."""
+    def potentials(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Coverage and shaping potentials of the current states (definitions in ``envs.native``):
+        landmarks covered (B,), team potential (B,), my-landmark-covered flags (B, N), local potentials (B, N)."""
         cfg = self.config
         diff = np.abs(self.agents[:, :, None, :] - self.landmarks[:, None, :, :])  # (B, N, K, 2)
         covered = (diff.max(-1).min(1) <= cfg.cover_radius).sum(-1)  # (B,)
         dsum = diff.sum(-1).min(1).sum(-1)  # (B,)
-        shared = (cfg.cover_reward * covered - cfg.shaping_coef * dsum / cfg.size) / cfg.n_landmarks
         assign = oracle_assignment(self.agents, self.landmarks)  # (B, N)
         mine = np.take_along_axis(diff, np.maximum(assign, 0)[:, :, None, None], axis=2)[:, :, 0]  # (B, N, 2)
-        local = cfg.cover_reward * (mine.max(-1) <= cfg.cover_radius) - cfg.shaping_coef * mine.sum(-1) / cfg.size
-        local = np.where(assign >= 0, local, 0.0)
+        local_cov = np.where(assign >= 0, (mine.max(-1) <= cfg.cover_radius).astype(np.float64), 0.0)
+        local_dist = np.where(assign >= 0, mine.sum(-1), 0).astype(np.float64)
+        scale = cfg.shaping_coef / cfg.agent_speed
+        return covered, scale * dsum / cfg.n_landmarks, local_cov, scale * local_dist
+
+    def rewards(self) -> np.ndarray:
+        """Agent rewards (B, N) of the step that led to the current state; updates the potentials."""
+        cfg = self.config
+        covered, phi_team, local_cov, phi_local = self.potentials()
+        shared = cfg.cover_reward * covered / cfg.n_landmarks + (self.phi_team - phi_team)
+        local = cfg.cover_reward * local_cov + (self.phi_local - phi_local)
         near = np.abs(self.agents[:, :, None, :] - self.agents[:, None, :, :]).max(-1) < cfg.entity_size
         hits = near.sum(-1) - 1
+        self.phi_team, self.phi_local = phi_team, phi_local
         return (1 - cfg.local_ratio) * shared[:, None] + cfg.local_ratio * local - cfg.collision_penalty * hits
 
     def oracle_actions(self) -> np.ndarray:
