@@ -12,14 +12,14 @@ parsed as YAML, so ``true``, ``3``, ``[16, 32, 32]`` and ``null`` mean what they
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+from fgmf_marl.atomic import atomic_write_text  # noqa: F401  (re-exported: the one atomic writer)
 
 T = TypeVar("T")
 
@@ -196,22 +196,6 @@ def _merge(base: dict, update: dict) -> dict:
     for key, value in update.items():
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temp file in the same folder + fsync + rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_yaml(obj: Any, path: str | Path) -> None:

@@ -14,7 +14,8 @@ import torch
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from fgmf_marl.attribution import PGCA
-from fgmf_marl.oversight import NATIVE_ACTION_NAMES, OversightLogger, atomic_write, load_episode, read_manifest, verify
+from fgmf_marl.atomic import atomic_write
+from fgmf_marl.oversight import NATIVE_ACTION_NAMES, OversightLogger, load_episode, read_manifest, verify
 from fgmf_marl.oversight.replay_cli import main as replay_main
 from fgmf_marl.oversight.store import MANIFEST
 from fgmf_marl.rollout import rollout
@@ -212,7 +213,7 @@ def test_crash_during_write_leaves_no_partial_file(tmp_path: Path) -> None:
 
 def test_process_killed_mid_write_leaves_log_verifiable(tmp_path: Path, copy_log) -> None:
     folder = copy_log(tmp_path)
-    code = ("import os, sys; from fgmf_marl.oversight.store import atomic_write\n"
+    code = ("import os, sys; from fgmf_marl.atomic import atomic_write\n"
             "def w(fh):\n    fh.write(b'partial'); fh.flush(); os._exit(9)\n"
             f"atomic_write({str(folder / 'ep_000003.npz')!r}, w)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True)

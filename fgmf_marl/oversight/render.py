@@ -120,7 +120,7 @@ def render_episode(episode: str | Path | Episode, out: str | Path, *, formats: S
     Files are written under a temporary name and renamed when complete.
     """
     import imageio.v2 as imageio
-    from fgmf_marl.oversight.store import atomic_write
+    from fgmf_marl.atomic import atomic_write
 
     ep = episode if isinstance(episode, Episode) else load_episode(episode)
     bad = [f for f in formats if f not in ("mp4", "gif")]

@@ -23,7 +23,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from fgmf_marl.oversight.render import caption, compose_frame, same_size  # noqa: E402
-from fgmf_marl.oversight.store import Episode, atomic_write_bytes, list_episodes, load_episode, verify  # noqa: E402
+from fgmf_marl.atomic import atomic_write_bytes  # noqa: E402
+from fgmf_marl.oversight.store import Episode, list_episodes, load_episode, verify  # noqa: E402
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:24px;background:#fafafa;color:#222}
 h1{font-size:22px}h2{font-size:18px;border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:32px}

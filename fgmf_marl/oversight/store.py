@@ -50,58 +50,17 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import numpy as np
+
+from fgmf_marl.atomic import atomic_write_bytes
 
 FORMAT = "fgmf-oversight/1"
 MANIFEST = "manifest.jsonl"
 GENESIS = "0" * 64
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` through ``write(fileobj)`` into a temp file, fsync, then rename over ``path``.
-
-    Readers see the old file or the complete new one, never a half-written one; if ``write`` fails
-    the temp file is removed and ``path`` is untouched.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file ordinary permissions
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    atomic_write(path, lambda fh: fh.write(data))
 
 
 def sha256_file(path: str | Path) -> str:
