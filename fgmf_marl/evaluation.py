@@ -172,9 +172,10 @@ def run_cell(victim: Victim, attack: Any, label: str, eps255: float, seed: int, 
         if log_dir is not None:
             from fgmf_marl.oversight import OversightLogger
 
-            logger = OversightLogger(log_dir, victim.view, every=cfg.log_every, attack_name=label,
-                                     n_episodes=cfg.episodes,
-                                     run_info={"checkpoint": victim.path, "attack": label, "eps255": eps255, "seed": seed})
+            logger = OversightLogger.for_venv(log_dir, victim.view, venv, every=cfg.log_every, attack_name=label,
+                                              n_episodes=cfg.episodes,
+                                              run_info={"checkpoint": victim.path, "attack": label, "eps255": eps255,
+                                                        "seed": seed})
             hook = logger.step_hook
         try:
             result = rollout(victim.view, venv, cfg.episodes, n_agents=n_agents, perturb=perturb, step_hook=hook, seed=seed)
@@ -372,6 +373,7 @@ def build_parser() -> Any:
     p.add_argument("--audit", action="store_true", help="also run the gradient-masking audit")
     p.add_argument("--audit-obs", type=int, help="observations the audit uses (default 256)")
     p.add_argument("--log-explanations", metavar="DIR", help="write an oversight log (PGCA per step) for every cell")
+    p.add_argument("--log-every", type=int, help="log every k-th step of each episode (default 1)")
     p.add_argument("--out", type=Path, help="output folder (default runs/eval-<time>)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -388,7 +390,7 @@ def resolve_config(args: Any) -> EvalConfig:
         "seeds": _ints(args.seeds, "seeds") if args.seeds is not None else None,
         "episodes": args.episodes, "agents": _ints(args.agents, "agents") if args.agents is not None else None,
         "n_envs": args.n_envs, "device": args.device, "audit": True if args.audit else None,
-        "audit_obs": args.audit_obs, "log_explanations": args.log_explanations,
+        "audit_obs": args.audit_obs, "log_explanations": args.log_explanations, "log_every": args.log_every,
     }
     data.update({k: v for k, v in flags.items() if v is not None})
     return cfglib.from_dict(EvalConfig, data)

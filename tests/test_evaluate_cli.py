@@ -63,6 +63,18 @@ def test_attacking_one_agent_caps_the_flip_rate(run_dir: Path, tmp_path: Path) -
     assert 0 < attacked["flip_rate"] <= 1 / 3 + 1e-9
 
 
+def test_log_explanations_writes_a_verifiable_log_with_frames(run_dir: Path, tmp_path: Path) -> None:
+    from fgmf_marl.oversight import list_episodes, load_episode, verify
+
+    log_root = tmp_path / "log"
+    assert _eval(run_dir, tmp_path / "eval", "--attacks", "pgd:steps=2", "--eps", "8", "--log-explanations", str(log_root),
+                 "--log-every", "5") == 0
+    logs = sorted(p.parent for p in log_root.rglob("manifest.jsonl"))
+    assert logs and all(verify(folder).ok for folder in logs)
+    episode = load_episode(list_episodes(logs[-1])[0])
+    assert "frames" in episode.arrays and episode.arrays["frames"].shape[-1] == 3
+
+
 def test_audit_writes_verdict_and_table(run_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "eval"
     config = tmp_path / "fast_audit.yaml"
