@@ -240,7 +240,7 @@ class FGMFPPO(RegularisedPPO):
         gate = self.gate
         if gate is not None:
             start = time.perf_counter()
-            keep = gate.mask(obs01)
+            keep = gate.keep_lowres(obs01)  # the prior's mean at low resolution (see keep_ratio_loss)
             self._log_term("sgam_keep_ratio", keep.detach().mean())
             if cfg.sgam.keep_coef > 0:
                 terms["sgam_keep"] = cfg.sgam.keep_coef * keep_ratio_loss(keep, cfg.sgam.rho)

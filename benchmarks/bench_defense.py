@@ -10,6 +10,7 @@ Rows: PPO; FGMF-PPO (default knobs); SA-PPO (default knobs); then the components
 SCOR-PIO without its IG saliency (beta = 1, i.e. plain SCORPIO), SGAM alone, SGAM without the
 Grad-CAM++ distillation. Usage:
     python benchmarks/bench_defense.py [--rounds 3] [--rollouts 1] [--policy cnn|vit] [--extra]
+                                       [--n-envs N] [--no-warmup] [--only 1 2 ...]
 ``--extra`` adds the costlier SCOR-PIO variants (Pearlmutter HVP, 2 Frank-Wolfe steps, every minibatch).
 """
 from __future__ import annotations
@@ -51,9 +52,12 @@ def main() -> None:
     parser.add_argument("--policy", choices=("cnn", "vit"), default="cnn")
     parser.add_argument("--extra", action="store_true", help="also time costlier SCOR-PIO variants")
     parser.add_argument("--only", nargs="*", help="subset of row numbers (0 = PPO is always kept)")
+    parser.add_argument("--n-envs", type=int, help="env copies (default: the training default); fewer = faster, "
+                        "same per-sample cost split between collection and update")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up rollout per config")
     args = parser.parse_args()
-    if args.rounds < 1 or args.rollouts < 1:
-        parser.error("--rounds and --rollouts must be >= 1")
+    if args.rounds < 1 or args.rollouts < 1 or (args.n_envs is not None and args.n_envs < 1):
+        parser.error("--rounds, --rollouts and --n-envs must be >= 1")
 
     configs = CONFIGS + (EXTRA if args.extra else [])
     if args.only:
@@ -61,7 +65,8 @@ def main() -> None:
         configs = [c for i, c in enumerate(configs) if i in keep]
     models = []
     for name, overrides in configs:
-        cfg = cfglib.load(TrainConfig, overrides=[f"policy.backbone={args.policy}", *overrides])
+        size = [f"env.n_envs={args.n_envs}"] if args.n_envs else []
+        cfg = cfglib.load(TrainConfig, overrides=[f"policy.backbone={args.policy}", *size, *overrides])
         venv = make_vec_env(cfg.env, seed=cfg.seed)
         models.append((name, build_model(cfg.defense, venv, cfg.policy.policy_kwargs(), ppo_kwargs(cfg, None))))
     first = cfglib.load(TrainConfig)
@@ -69,7 +74,7 @@ def main() -> None:
     print(f"torch threads: {torch.get_num_threads()}, slots: {models[0][1].env.num_envs}, policy: {args.policy}, "
           f"batch {first.ppo.batch_size} x {first.ppo.n_epochs} epochs, {chunk} agent-steps per config per round, "
           f"{args.rounds} rounds")
-    for name, model in models:  # warm-up: first-call costs (allocations, lazy imports) off the clock
+    for name, model in ([] if args.no_warmup else models):  # first-call costs (allocations, imports) off the clock
         model.learn(first.ppo.n_steps * model.env.num_envs, reset_num_timesteps=False)
 
     rates: list[list[float]] = [[] for _ in models]

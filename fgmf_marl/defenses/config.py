@@ -36,7 +36,7 @@ class ScorpioConfig:
     fd_step: float = 1.0               # finite-difference step h, relative to delta* (1 = secant over delta*)
     ig_steps: int = 4                  # Integrated-Gradients steps (Gauss-Legendre)
     subsample: float = 0.125           # fraction of each minibatch the regulariser runs on
-    every: int = 2                     # run on every k-th minibatch
+    every: int = 4                     # run on every k-th minibatch
     warmup: float = 0.0                # fraction of training over which eps ramps up linearly from 0
 
     def validate(self) -> None:

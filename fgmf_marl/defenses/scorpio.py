@@ -26,11 +26,11 @@ Choices the design leaves open, made here:
 * Default cost knobs (measured in ``benchmarks/bench_defense.py``): finite differences (one extra
   forward + backward, cheaper than Pearlmutter's double-backward-through-a-double-backward, and
   it sees ReLU kinks), no Frank-Wolfe steps (each costs one more HVP), 4 Gauss-Legendre IG steps,
-  on an eighth of every second minibatch (64 images of a 512 minibatch). One call then costs about
-  one PPO minibatch update of 512 images (IG, 64 images x 4 steps, is half of it), so the
-  regulariser adds ~1/2 of PPO's update cost and FGMF-PPO stays above the >= 0.6x of vanilla PPO's
-  training throughput the project asks for (full minibatches every time would cost ~8x). Over the 4 PPO epochs each observation is still
-  regularised with probability ~1/4.
+  on an eighth of every fourth minibatch (64 images of a 512 minibatch). One call costs about one
+  PPO minibatch update of 512 images (IG, 64 images x 4 steps, is half of it), so the regulariser
+  adds ~1/4 of PPO's update cost; together with SGAM this is what keeps FGMF-PPO near the >= 0.6x
+  of vanilla PPO's training throughput the project asks for (full minibatches every time would
+  cost ~8x). Each observation is still regularised with probability ~1/8 over PPO's 4 epochs.
 * Attention layers are run on PyTorch's math SDPA kernel inside the regulariser, because the
   fused CPU attention kernel has no double backward; this does not change the policy.
 """
