@@ -25,8 +25,8 @@ from gymnasium import spaces
 from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvStepReturn
 
-from envs.native import (BACKGROUND, DISTRACTORS, LANDMARK, MOVES, N_ACTIONS, OWN, RENDER_AGENTS, TEAMMATE,
-                         CoverageConfig, _ring, bounce, oracle_action, oracle_assignment, sample_episode)
+from envs.native import (BACKGROUND, DISTRACTORS, LANDMARK, MOVES, N_ACTIONS, OWN, RENDER_AGENTS, TEAMMATE, WALL,
+                         CoverageConfig, _ring, bounce, egocentric, oracle_action, oracle_assignment, sample_episode)
 
 
 class BatchedCoverage:
@@ -145,7 +145,13 @@ class BatchedCoverage:
         obs = np.empty((self.n_envs, cfg.n_agents, 3, cfg.size, cfg.size), np.uint8)
         obs[:] = base[:, None]
         obs.reshape(-1)[self._sprite_index(self.agents, self._fill, self._slot_frame_off, True)] = OWN[:, None]
-        return obs
+        return self._view(obs, WALL)
+
+    def _view(self, images: np.ndarray, fill: np.ndarray | bool) -> np.ndarray:
+        """Per-agent global images (B, N, ...) as the agents see them (``config.view``)."""
+        if self.config.view == "global":
+            return images
+        return egocentric(images, self.agents, self.config.entity_size, fill)
 
     def render_frames(self) -> np.ndarray:
         """Global frames (B, S, S, 3) uint8 with one colour per agent (for humans)."""
@@ -157,14 +163,14 @@ class BatchedCoverage:
 
     # ---- ground truth -----------------------------------------------------------------------
     def relevance_masks(self) -> np.ndarray:
-        """Per-env relevance (B, S, S) bool: all agent and landmark sprites (same for every agent)."""
+        """Per-agent relevance (B, N, S, S) bool: all agent and landmark sprites, in each agent's view."""
         s = self.config.size
         mask = np.zeros((self.n_envs, s, s), bool)
         origin = self._mask_off[:, None]
         flat = mask.reshape(-1)
         flat[self._sprite_index(self.agents, self._fill, origin, False)] = True
         flat[self._sprite_index(self.landmarks, self._fill, origin, False)] = True
-        return mask
+        return self._view(np.repeat(mask[:, None], self.config.n_agents, axis=1), False)
 
     def target_masks(self) -> np.ndarray:
         """Per-agent target masks (B, N, S, S) bool: own body + oracle-assigned landmark."""
@@ -176,7 +182,7 @@ class BatchedCoverage:
         target = np.take_along_axis(self.landmarks, np.maximum(assign, 0)[..., None], axis=1)
         idx = self._sprite_index(target, self._fill, self._slot_mask_off, False)
         flat[idx[assign >= 0]] = True
-        return mask
+        return self._view(mask, False)
 
 
 class CoverageVecEnv(VecEnv):
@@ -281,7 +287,8 @@ class CoverageVecEnv(VecEnv):
 
     def relevance_masks(self) -> np.ndarray:
         """Relevance masks of the current observations, bool (num_envs, H, W)."""
-        return np.repeat(self.core.relevance_masks(), self.n_agents, axis=0)
+        s = self.config.size
+        return self.core.relevance_masks().reshape(self.num_envs, s, s)
 
     def target_masks(self) -> np.ndarray:
         """Own body + oracle-assigned landmark per slot, bool (num_envs, H, W)."""

@@ -75,7 +75,7 @@ from __future__ import annotations
 import functools
 import itertools
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from gymnasium import spaces
@@ -89,6 +89,7 @@ OWN = np.array([240, 60, 60], dtype=np.uint8)
 TEAMMATE = np.array([60, 100, 240], dtype=np.uint8)
 LANDMARK = np.array([60, 220, 60], dtype=np.uint8)
 DISTRACTORS = np.array([[220, 220, 60], [220, 60, 220]], dtype=np.uint8)  # distractor d uses d % 2
+WALL = np.array([90, 90, 90], dtype=np.uint8)  # outside the arena, in the egocentric view
 # Global render frame only: one colour per agent so a human can follow each agent.
 RENDER_AGENTS = np.array([[240, 60, 60], [60, 100, 240], [250, 160, 40], [40, 220, 220],
                           [250, 250, 250], [160, 90, 250], [150, 150, 150], [250, 120, 180]], dtype=np.uint8)
@@ -120,6 +121,7 @@ class CoverageConfig:
     shaping_coef: float = 1.0
     collision_penalty: float = 0.25
     local_ratio: float = 0.5
+    view: Literal["egocentric", "global"] = "egocentric"
 
     def validate(self) -> None:
         if not 1 <= self.n_agents <= MAX_AGENTS:
@@ -139,6 +141,8 @@ class CoverageConfig:
         if self.cover_radius < 0 or 2 * self.cover_radius < self.agent_speed - 1:
             raise ConfigError(f"env.native.cover_radius must be >= (agent_speed - 1) / 2 = "
                               f"{(self.agent_speed - 1) / 2:g} so agents can settle on a landmark, got {self.cover_radius}")
+        if self.view not in ("egocentric", "global"):
+            raise ConfigError(f"env.native.view must be 'egocentric' or 'global', got {self.view!r}")
         if not 0 <= self.distractor_speed < self.arena:
             raise ConfigError(f"env.native.distractor_speed must be in 0..{self.arena - 1}, got {self.distractor_speed}")
         for what, count, spacing in (("landmarks", self.n_landmarks, self.landmark_spacing),
@@ -297,6 +301,28 @@ def reference_returns(config: CoverageConfig | None = None, n_episodes: int = 64
 def normalised_return(team_return: float, ref: ReferenceReturns) -> float:
     """Oracle-normalised team return: random = 0, oracle = 1."""
     return float((team_return - ref.random) / (ref.oracle - ref.random))
+
+
+def egocentric(images: np.ndarray, agents: np.ndarray, entity_size: int, fill: np.ndarray | bool) -> np.ndarray:
+    """Re-centre per-agent global images on each agent: ``(B, N, [C,] S, S)`` -> the same shape.
+
+    Pixel ``(r, c)`` of the result shows world pixel ``(cy - S + 2r, cx - S + 2c)``, with
+    ``(cy, cx)`` the agent's sprite centre: a ``2S`` window at half resolution, so the whole arena
+    stays in view from anywhere and the agent itself is always at the centre. World pixels outside
+    the arena show ``fill`` (walls for images, False for masks). ``agents`` is ``(B, N, 2)``.
+    """
+    size = images.shape[-1]
+    steps = 2 * np.arange(size) - size
+    centre = agents + entity_size // 2
+    rows, cols = centre[..., 0, None] + steps, centre[..., 1, None] + steps  # (B, N, S)
+    inside = ((rows >= 0) & (rows < size))[..., :, None] & ((cols >= 0) & (cols < size))[..., None, :]
+    rows, cols = np.clip(rows, 0, size - 1), np.clip(cols, 0, size - 1)
+    if images.ndim == 5:
+        out = np.take_along_axis(images, rows[:, :, None, :, None], axis=3)
+        out = np.take_along_axis(out, cols[:, :, None, None, :], axis=4)
+        return np.where(inside[:, :, None], out, np.asarray(fill, images.dtype)[:, None, None])
+    out = np.take_along_axis(np.take_along_axis(images, rows[..., None], axis=2), cols[:, :, None, :], axis=3)
+    return np.where(inside, out, fill)
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,12 +487,19 @@ class CoverageParallelEnv(ParallelEnv):
         base = self._base_frame()
         for j in range(self.config.n_agents):
             self._draw(base, s["agents"][j], TEAMMATE)
-        obs = {}
-        for i, agent in enumerate(self.possible_agents):
+        frames = []
+        for i in range(self.config.n_agents):
             frame = base.copy()
             self._draw(frame, s["agents"][i], OWN)
-            obs[agent] = np.ascontiguousarray(frame.transpose(2, 0, 1))
-        return obs
+            frames.append(frame.transpose(2, 0, 1))
+        stack = self._view(np.stack(frames)[None], WALL)[0]
+        return {agent: np.ascontiguousarray(stack[i]) for i, agent in enumerate(self.possible_agents)}
+
+    def _view(self, images: np.ndarray, fill: np.ndarray | bool) -> np.ndarray:
+        """Per-agent global images (1, N, ...) as the agents see them (``config.view``)."""
+        if self.config.view == "global":
+            return images
+        return egocentric(images, self._state["agents"][None], self.config.entity_size, fill)
 
     def _sprite_mask(self, positions: np.ndarray) -> np.ndarray:
         e, size = self.config.entity_size, self.config.size
@@ -479,17 +512,19 @@ class CoverageParallelEnv(ParallelEnv):
         """Ground-truth relevance per agent: own body + all landmarks + all teammates."""
         s = self._state
         mask = self._sprite_mask(np.concatenate([s["agents"], s["landmarks"]]))
-        return {agent: mask.copy() for agent in self.possible_agents}
+        masks = self._view(np.repeat(mask[None, None], self.config.n_agents, axis=1), False)[0]
+        return {agent: masks[i] for i, agent in enumerate(self.possible_agents)}
 
     def target_masks(self) -> dict[str, np.ndarray]:
         """Own body + the landmark the oracle assigns to the agent."""
         s = self._state
         assign = oracle_assignment(s["agents"][None], s["landmarks"][None])[0]
-        out = {}
-        for i, agent in enumerate(self.possible_agents):
+        masks = []
+        for i in range(self.config.n_agents):
             pos = [s["agents"][i]] + ([s["landmarks"][assign[i]]] if assign[i] >= 0 else [])
-            out[agent] = self._sprite_mask(np.array(pos))
-        return out
+            masks.append(self._sprite_mask(np.array(pos)))
+        masks = self._view(np.stack(masks)[None], False)[0]
+        return {agent: masks[i] for i, agent in enumerate(self.possible_agents)}
 
     def _infos(self) -> dict[str, dict[str, Any]]:
         rel, tgt = self.relevance_masks(), self.target_masks()

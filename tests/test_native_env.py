@@ -6,7 +6,7 @@ import pytest
 from pettingzoo.test import parallel_api_test, parallel_seed_test, render_test
 from pettingzoo.utils.conversions import parallel_to_aec
 
-from envs.native import (BACKGROUND, DISTRACTORS, LANDMARK, OWN, TEAMMATE, CoverageConfig, CoverageParallelEnv,
+from envs.native import (BACKGROUND, DISTRACTORS, LANDMARK, OWN, TEAMMATE, WALL, CoverageConfig, CoverageParallelEnv,
                          ReferenceReturns, normalised_return, oracle_action, oracle_assignment, reference_returns)
 from fgmf_marl.config import ConfigError
 
@@ -45,6 +45,8 @@ def test_spaces_and_fixed_length() -> None:
 
 
 def _hand_env(agents, landmarks, dpos, dvel=None, **kw) -> CoverageParallelEnv:
+    """A hand-made state; pixel checks are written in world coordinates, so the view defaults to global."""
+    kw.setdefault("view", "global")
     cfg = CoverageConfig(n_agents=len(agents), n_landmarks=len(landmarks), n_distractors=len(dpos), **kw)
     env = CoverageParallelEnv(cfg)
     env.reset(seed=0)
@@ -92,6 +94,30 @@ def test_relevance_mask_exactly_relevant_entities() -> None:
     # The other agent sees itself red and agent_0 blue.
     img1 = obs["agent_1"].transpose(1, 2, 0)
     assert (img1[_box(48, 30, 30)] == OWN).all() and (img1[_box(48, 5, 5)] == TEAMMATE).all()
+
+
+def test_egocentric_view_is_the_padded_global_view_at_half_resolution() -> None:
+    # Independent construction: pad the global image with walls by S on each side, then take every
+    # second pixel of the 2S window centred on the agent's sprite centre.
+    kw = dict(agents=[(0, 0), (30, 40), (44, 10)], landmarks=[(10, 11), (30, 30), (2, 40)], dpos=[(20, 20)], dvel=[(2, 2)])
+    glob, ego = _hand_env(**kw), _hand_env(**kw, view="egocentric")
+    for _ in range(3):
+        obs_g, _, _, _, info_g = glob.step({a: 4 for a in glob.agents})
+        obs_e, _, _, _, info_e = ego.step({a: 4 for a in ego.agents})
+    size, half = 48, 2
+    for i, agent in enumerate(glob.possible_agents):
+        cy, cx = glob.get_state()["agents"][i] + half
+        padded = np.empty((3, 3 * size, 3 * size), np.uint8)
+        padded[:] = WALL[:, None, None]
+        padded[:, size:2 * size, size:2 * size] = obs_g[agent]
+        np.testing.assert_array_equal(obs_e[agent], padded[:, cy:cy + 2 * size:2, cx:cx + 2 * size:2])
+        for key in ("relevance_mask", "target_mask"):
+            pad_mask = np.zeros((3 * size, 3 * size), bool)
+            pad_mask[size:2 * size, size:2 * size] = info_g[agent][key]
+            np.testing.assert_array_equal(info_e[agent][key], pad_mask[cy:cy + 2 * size:2, cx:cx + 2 * size:2])
+        # The agent itself is always the 2x2 block at the centre, drawn in its own colour.
+        assert (obs_e[agent][:, 23:25, 23:25] == OWN[:, None, None]).all()
+    assert CoverageConfig().view == "egocentric"
 
 
 def test_target_mask_follows_oracle_assignment() -> None:
