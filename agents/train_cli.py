@@ -12,6 +12,7 @@ from rich.table import Table
 from agents.config import TrainConfig
 from agents.trainer import train
 from envs.registry import ENVIRONMENTS
+from fgmf_marl.defenses.config import DEFENSE_KINDS
 from fgmf_marl import config as cfglib
 from fgmf_marl.cli import ArgumentParser, run_cli
 from fgmf_marl.config import ConfigError
@@ -28,7 +29,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--config", type=Path, help="YAML config file (keys as in a run's config.yaml)")
     parser.add_argument("--env", choices=ENVIRONMENTS, help="environment (default: native)")
     parser.add_argument("--policy", choices=("cnn", "vit"), help="policy backbone (default: cnn)")
-    parser.add_argument("--defense", help="defense: none (default), or scorpio|sgam|fgmf|sappo where available")
+    parser.add_argument("--defense", choices=DEFENSE_KINDS, help="defense (default: none, the reference every "
+                        "robustness figure is compared with); knobs under defense.scorpio.*, defense.sgam.*, defense.sappo.*")
     parser.add_argument("--timesteps", type=int, help="total agent-steps to train")
     parser.add_argument("--seed", type=int, help="random seed")
     parser.add_argument("--device", help="cpu (default), cuda, cuda:N or auto")

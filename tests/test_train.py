@@ -82,7 +82,7 @@ def test_resume_continues_to_the_new_total(tmp_path: Path, trained_run: RunDir) 
     (["env.name=nope"], "unknown environment 'nope'"),
     (["--config", "missing.yaml"], "does not exist"),
     (["--resume"], "is not a run directory"),
-    (["--defense", "nope"], "defense.kind"),
+    (["--defense", "nope"], "invalid choice"),
     (["ppo.batch_size=100000", "env.n_envs=2"], "exceeds the rollout size"),
 ])
 def test_cli_errors_exit_2_with_one_line_and_no_run_dir(argv: list[str], message: str, tmp_path: Path,
