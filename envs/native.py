@@ -42,7 +42,10 @@ and a step toward the target pays at once instead of through a value function th
 learn absolute distances from pixels (with MPE's absolute ``-distance`` reward, PPO on these images
 stayed at ~0.0 normalised after 60k agent-steps). The local term is credit assignment: under pure
 team reward each agent's own action is a ~1/N share of a noisy signal (MPE mixes in a local term
-through its ``local_ratio`` for the same reason). Which landmark is "mine" depends on where the
+through its ``local_ratio`` for the same reason). The default ``local_ratio = 1`` makes the team
+reward the mean of the local terms; it is highest exactly when every landmark is covered by a
+distinct agent (then the optimal assignment matches each landmark to the agent covering it), so
+the team objective is unchanged while each agent gets its own credit. Which landmark is "mine" depends on where the
 teammates are, so the policy still coordinates through what it sees; moving toward one's assigned
 landmark lowers the cost of every assignment by at most as much as the current one, so the
 assignment is stable along the oracle's paths.
@@ -102,7 +105,12 @@ MAX_AGENTS = 8  # the brute-force oracle enumerates P(n_agents, n_landmarks) <= 
 
 @dataclass
 class CoverageConfig:
-    """Shape, physics and reward weights of ``coverage_v0`` (defaults: 3 agents, 48x48, 40 steps).
+    """Shape, physics, reward weights and view of ``coverage_v0`` (defaults: 3 agents, 48x48, 40 steps).
+
+    ``view="egocentric"`` (default) re-centres each agent's image on itself (see :func:`egocentric`):
+    with the global view, PPO on these images had not started learning after 100k agent-steps; with
+    the egocentric one the same run was at 0.5 oracle-normalised after 215k, because "where is my
+    landmark relative to me" becomes a fixed pattern instead of a function of two absolute positions.
 
     The defaults make typical agent-landmark distances take ~10 steps at ``agent_speed=2`` px/step,
     so a 40-step episode leaves most of its steps for holding the cover.
@@ -120,7 +128,7 @@ class CoverageConfig:
     cover_reward: float = 1.0
     shaping_coef: float = 1.0
     collision_penalty: float = 0.25
-    local_ratio: float = 0.5
+    local_ratio: float = 1.0
     view: Literal["egocentric", "global"] = "egocentric"
 
     def validate(self) -> None:
