@@ -60,6 +60,11 @@ class BatchedCoverage:
         self._slot_mask_off = (np.arange(b * n) * s * s).reshape(b, n)
         self._bg = np.broadcast_to(BACKGROUND[:, None, None], (3, s, s))
         self._base = np.empty((b, 3, s, s), np.uint8)
+        # Egocentric fast path: wall-padded parity sub-grids, and the centre pixels showing the agent.
+        self._ego_canvas = np.empty((b, 2, 2, 3, 3 * (s // 2), 3 * (s // 2)), np.uint8)
+        self._ego_canvas[:] = WALL[:, None, None]
+        own = (2 * np.arange(s) - s + e // 2 >= 0) & (2 * np.arange(s) - s + e // 2 < e)
+        self._own_rows, self._own_cols = np.flatnonzero(own)[:, None], np.flatnonzero(own)[None, :]
         self._moves = MOVES * cfg.agent_speed
 
     # ---- dynamics -------------------------------------------------------------------------
@@ -142,10 +147,34 @@ class BatchedCoverage:
         """Per-agent observations (B, N, 3, S, S) uint8 (a fresh array)."""
         cfg = self.config
         base = self._draw_base()
+        if cfg.view == "egocentric" and cfg.size % 2 == 0:
+            return self._egocentric_observations(base)
         obs = np.empty((self.n_envs, cfg.n_agents, 3, cfg.size, cfg.size), np.uint8)
         obs[:] = base[:, None]
         obs.reshape(-1)[self._sprite_index(self.agents, self._fill, self._slot_frame_off, True)] = OWN[:, None]
         return self._view(obs, WALL)
+
+    def _egocentric_observations(self, base: np.ndarray) -> np.ndarray:
+        """The fast path of :func:`envs.native.egocentric` for observations (even ``size``).
+
+        An egocentric image samples every second world pixel, so it is a plain window of one of
+        the four parity sub-grids ``base[..., py::2, px::2]``, padded with walls: the windows are
+        read from one strided view, per env instead of per agent. The agent's own sprite always
+        lands on the same centre pixels, which are then painted in its own colour.
+        """
+        cfg, size, half = self.config, self.config.size, self.config.size // 2
+        padded = self._ego_canvas
+        for py in (0, 1):
+            for px in (0, 1):
+                padded[:, py, px, :, half:2 * half, half:2 * half] = base[:, :, py::2, px::2]
+        windows = np.lib.stride_tricks.sliding_window_view(padded, (size, size), axis=(4, 5))
+        centre = self.agents + cfg.entity_size // 2  # (B, N, 2)
+        parity = centre % 2
+        start = (centre - parity) // 2
+        envs = np.arange(self.n_envs)[:, None]
+        obs = windows[envs, parity[..., 0], parity[..., 1], :, start[..., 0], start[..., 1]]  # (B, N, 3, S, S)
+        obs[..., self._own_rows, self._own_cols] = OWN[:, None, None]
+        return obs
 
     def _view(self, images: np.ndarray, fill: np.ndarray | bool) -> np.ndarray:
         """Per-agent global images (B, N, ...) as the agents see them (``config.view``)."""
