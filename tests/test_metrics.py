@@ -100,7 +100,8 @@ def test_model_randomisation_changes_gradcam_but_not_an_edge_detector() -> None:
 
 
 def test_clean_vs_attacked_similarity_with_pgd() -> None:
-    attacks = pytest.importorskip("fgmf_marl.attacks")
+    from fgmf_marl import attacks
+
     view = make_view()
     obs = random_obs(3)
     target = view(obs).argmax(-1)
