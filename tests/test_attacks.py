@@ -2,33 +2,24 @@
 PGD >= FGSM >= noise, targeted success, gradient-free Square, BPDA through a masked gate, EOT."""
 from __future__ import annotations
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from stable_baselines3 import PPO
-from stable_baselines3.common.vec_env import DummyVecEnv
 from torch import Tensor, nn
 
-from agents.policies import ImageFeatures
 from agents.policy_view import PolicyView
 from fgmf_marl.attacks import (ATTACKS, BPDA, EOT, FGSM, MAD, PGD, CriticAttack, RandomNoise, Square,
                                StrategicallyTimed, Transfer, make_attack, parse_spec, project, slot_mask)
 from fgmf_marl.attacks.gradient import objective_values
 from fgmf_marl.config import ConfigError
+from helpers import tiny_view
 
 TOL = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny batches: one intra-op thread is faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class LinearView(nn.Module):
@@ -50,26 +41,9 @@ class LinearView(nn.Module):
         return x.flatten(1) @ self.v
 
 
-class _ImageEnv(gym.Env):
-    def __init__(self, size: int) -> None:
-        self.observation_space = gym.spaces.Box(0, 255, (3, size, size), np.uint8)
-        self.action_space = gym.spaces.Discrete(5)
-
-    def reset(self, *, seed=None, options=None):
-        return self.observation_space.sample(), {}
-
-    def step(self, action):
-        return self.observation_space.sample(), 0.0, False, False, {}
-
-
 def cnn_view(size: int = 16, seed: int = 0) -> PolicyView:
     """A real SB3 PPO policy with our extractor, random weights."""
-    torch.manual_seed(seed)
-    venv = DummyVecEnv([lambda: _ImageEnv(size)])
-    model = PPO("CnnPolicy", venv, seed=seed, device="cpu", n_steps=8, batch_size=8,
-                policy_kwargs=dict(features_extractor_class=ImageFeatures,
-                                   features_extractor_kwargs=dict(backbone="cnn", features_dim=32)))
-    return PolicyView.from_model(model).eval()
+    return tiny_view("cnn", size, seed, features_dim=32).eval()
 
 
 def rand_obs(n: int, shape=(3, 16, 16), seed: int = 1, lo: float = 0.0, hi: float = 1.0) -> Tensor:

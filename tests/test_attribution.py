@@ -1,40 +1,18 @@
 """Attribution methods against independent references: closed forms, naive loops, Captum."""
 from __future__ import annotations
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from stable_baselines3 import PPO
-from stable_baselines3.common.vec_env import DummyVecEnv
 from torch import nn
 
-from agents.policies import ImageFeatures
 from agents.policy_view import PolicyView
 from fgmf_marl.attribution import GradCAMPlusPlus
-
-
-class _ImageEnv(gym.Env):
-    def __init__(self, size: int = 24) -> None:
-        self.observation_space = gym.spaces.Box(0, 255, (3, size, size), np.uint8)
-        self.action_space = gym.spaces.Discrete(5)
-
-    def reset(self, *, seed=None, options=None):
-        return self.observation_space.sample(), {}
-
-    def step(self, action):
-        return self.observation_space.sample(), 0.0, False, False, {}
+from helpers import tiny_view
 
 
 def make_view(backbone: str = "cnn", size: int = 24, seed: int = 0, net_arch=None, **kwargs) -> PolicyView:
-    torch.manual_seed(seed)
-    venv = DummyVecEnv([lambda: _ImageEnv(size)])
-    policy_kwargs = dict(features_extractor_class=ImageFeatures,
-                         features_extractor_kwargs=dict(backbone=backbone, features_dim=16, **kwargs))
-    if net_arch is not None:
-        policy_kwargs["net_arch"] = net_arch
-    model = PPO("CnnPolicy", venv, policy_kwargs=policy_kwargs, seed=seed, device="cpu", n_steps=8, batch_size=8)
-    return PolicyView.from_model(model).eval()
+    return tiny_view(backbone, size, seed, net_arch=net_arch, features_dim=16, **kwargs).eval()
 
 
 def random_obs(n: int, size: int = 24, seed: int = 1) -> torch.Tensor:

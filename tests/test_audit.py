@@ -8,13 +8,7 @@ from fgmf_marl.audit import AuditConfig, audit, gradient_relative_error
 from test_attacks import MaskingGate, cnn_view, rand_obs
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny batches: one intra-op thread is faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZE = 12
 FAST = AuditConfig(eps=(4.0, 8.0), pgd_steps=5, more_steps=15, unbounded_steps=30, square_queries=60, max_obs=48,

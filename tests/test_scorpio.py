@@ -1,16 +1,11 @@
 """SCOR-PIO 2.0 against independent references: explicit Hessians, closed forms, IG completeness."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from gymnasium import spaces
-from stable_baselines3 import PPO
-from stable_baselines3.common.vec_env import DummyVecEnv
 from torch import nn
 
-from agents.policies import ImageFeatures
 from agents.policy_view import PolicyView
 from fgmf_marl import config as cfglib
 from fgmf_marl.attribution import IntegratedGradientsMap
@@ -18,6 +13,7 @@ from fgmf_marl.config import ConfigError
 from fgmf_marl.defenses.config import DefenseConfig
 from fgmf_marl.defenses.scorpio import (ScorpioRegularizer, frank_wolfe, hvp_finite_difference, hvp_pearlmutter,
                                         pixel_weights, quadratic_model, top_q_mask)
+from helpers import tiny_view
 
 SHAPE = (2, 3, 3)  # tiny images: C, H, W -> 18 input dimensions, explicit Hessians are cheap
 
@@ -173,21 +169,7 @@ def test_frank_wolfe_inside_regularizer_improves_the_model_on_the_true_hessian(n
 
 
 def _policy_view(backbone: str) -> PolicyView:
-    import gymnasium as gym
-
-    class Img(gym.Env):
-        observation_space = spaces.Box(0, 255, (3, 48, 48), np.uint8)
-        action_space = spaces.Discrete(5)
-
-        def reset(self, seed=None, options=None):  # noqa: ANN001, ANN202
-            return self.observation_space.sample(), {}
-
-        def step(self, action):  # noqa: ANN001, ANN202
-            return self.observation_space.sample(), 0.0, False, False, {}
-
-    model = PPO("CnnPolicy", DummyVecEnv([Img]), seed=0, n_steps=8, batch_size=8, policy_kwargs=dict(
-        features_extractor_class=ImageFeatures, features_extractor_kwargs=dict(backbone=backbone)))
-    return PolicyView.from_model(model)
+    return tiny_view(backbone)
 
 
 def test_integrated_gradients_completeness_on_the_cnn_policy() -> None:

@@ -2,40 +2,22 @@
 the keep-ratio prior, Grad-CAM++ distillation, and installation in a PPO policy."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from gymnasium import spaces
-from stable_baselines3 import PPO
-from stable_baselines3.common.vec_env import DummyVecEnv
 from torch import nn
 
-from agents.policies import ImageFeatures
 from agents.policy_view import PolicyView
 from fgmf_marl import config as cfglib
 from fgmf_marl.attribution import GradCAMPlusPlus
 from fgmf_marl.config import ConfigError
 from fgmf_marl.defenses.config import DefenseConfig, SgamConfig
 from fgmf_marl.defenses.sgam import SGAM, distillation_loss, gate_bypassed, gradcam_teacher, install_sgam, keep_ratio_loss
+from helpers import tiny_view
 
 
 def _view(backbone: str = "cnn") -> PolicyView:
-    import gymnasium as gym
-
-    class Img(gym.Env):
-        observation_space = spaces.Box(0, 255, (3, 48, 48), np.uint8)
-        action_space = spaces.Discrete(5)
-
-        def reset(self, seed=None, options=None):  # noqa: ANN001, ANN202
-            return self.observation_space.sample(), {}
-
-        def step(self, action):  # noqa: ANN001, ANN202
-            return self.observation_space.sample(), 0.0, False, False, {}
-
-    model = PPO("CnnPolicy", DummyVecEnv([Img]), seed=0, n_steps=8, batch_size=8, policy_kwargs=dict(
-        features_extractor_class=ImageFeatures, features_extractor_kwargs=dict(backbone=backbone)))
-    return PolicyView.from_model(model)
+    return tiny_view(backbone)
 
 
 @pytest.mark.parametrize("downsample", [1, 2, 4, 8])
