@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from stable_baselines3.common.utils import LinearSchedule
+
 from agents.policies import ImageFeatures
 from envs.registry import EnvConfig
 from fgmf_marl.config import ConfigError
@@ -63,6 +65,7 @@ class PPOConfig:
     """
 
     learning_rate: float = 5e-4
+    lr_schedule: Literal["constant", "linear"] = "constant"
     n_steps: int = 64
     batch_size: int = 512
     n_epochs: int = 4
@@ -73,9 +76,15 @@ class PPOConfig:
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
 
+    def learning_rate_schedule(self) -> float | LinearSchedule:
+        """``linear`` anneals to 0 over the run (CleanRL's ``anneal_lr``), ``constant`` keeps it."""
+        return LinearSchedule(self.learning_rate, 0.0, 1.0) if self.lr_schedule == "linear" else self.learning_rate
+
     def validate(self) -> None:
         if self.learning_rate <= 0:
             raise ConfigError(f"ppo.learning_rate must be > 0, got {self.learning_rate}")
+        if self.lr_schedule not in ("constant", "linear"):
+            raise ConfigError(f"ppo.lr_schedule must be 'constant' or 'linear', got {self.lr_schedule!r}")
         if self.n_steps < 1 or self.batch_size < 2 or self.n_epochs < 1:
             raise ConfigError("ppo.n_steps and ppo.n_epochs must be >= 1 and ppo.batch_size >= 2")
         if not 0 < self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:

@@ -123,7 +123,7 @@ def save_checkpoint(model: PPO, path: Path) -> None:
 def ppo_kwargs(cfg: TrainConfig, run: RunDir | None) -> dict[str, Any]:
     p = cfg.ppo
     return {
-        "learning_rate": p.learning_rate, "n_steps": p.n_steps, "batch_size": p.batch_size, "n_epochs": p.n_epochs,
+        "learning_rate": p.learning_rate_schedule(), "n_steps": p.n_steps, "batch_size": p.batch_size, "n_epochs": p.n_epochs,
         "gamma": p.gamma, "gae_lambda": p.gae_lambda, "clip_range": p.clip_range, "ent_coef": p.ent_coef,
         "vf_coef": p.vf_coef, "max_grad_norm": p.max_grad_norm, "seed": cfg.seed, "device": cfg.device,
         "tensorboard_log": str(run.tensorboard) if run else None, "verbose": 0,

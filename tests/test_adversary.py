@@ -11,12 +11,14 @@ import torch
 from pettingzoo.test import parallel_api_test
 from stable_baselines3 import PPO
 
-from agents.adversary import ADVERSARY, AdversaryParallelEnv, AdversaryVecEnv, DirectorCore, cli, load_adversary
+from agents.adversary import (ADVERSARY, AdversaryParallelEnv, AdversaryVecEnv, DirectorCore, cli, load_adversary,
+                              warm_start_at_pgd)
 from agents.policies import ImageFeatures
 from agents.policy_view import PolicyView
 from agents.train_cli import cli as train_cli
 from envs.batched import CoverageVecEnv
 from envs.native import CoverageConfig, CoverageParallelEnv
+from fgmf_marl.attacks import PGD
 from fgmf_marl.evaluation import cli as eval_cli
 
 CFG = CoverageConfig(max_steps=8)
@@ -59,12 +61,35 @@ def test_director_decisions_are_realised_within_eps(victim: PolicyView) -> None:
     with torch.no_grad():
         worst = victim(obs).argmin(-1).reshape(8, 3)
     decisions = worst.clone()
-    decisions[:, 2] = core.n_actions  # agent 2: leave alone
+    decisions[:, 2] = core.no_attack  # agent 2: leave alone
     seen = core.realise(obs, decisions.numpy())
     assert (seen - obs).abs().max() <= 32 / 255 + 1e-6
     assert torch.equal(seen.reshape(8, 3, *obs.shape[1:])[:, 2], obs.reshape(8, 3, *obs.shape[1:])[:, 2])
     reached = core.victim_actions(seen).reshape(8, 3)[:, :2] == worst[:, :2].numpy()
     assert reached.mean() >= 0.8
+
+
+def test_untargeted_decision_is_plain_pgd(victim: PolicyView) -> None:
+    """The director's untargeted option is exactly evaluate.py's PGD (same random start, same steps)."""
+    core = DirectorCore(victim, eps=4 / 255, n_agents=3, actor_steps=5)
+    obs = torch.as_tensor(CoverageVecEnv(CFG, n_envs=4, seed=2).reset()).float() / 255
+    torch.manual_seed(7)
+    seen = core.realise(obs, np.full((4, 3), core.untargeted))
+    torch.manual_seed(7)
+    assert torch.equal(seen, PGD(4 / 255, steps=5).perturb(victim, obs))
+
+
+def test_warm_start_puts_the_prior_on_pgd(victim: PolicyView) -> None:
+    venv = AdversaryVecEnv(CoverageVecEnv(CFG, n_envs=2, seed=0), victim, eps=4 / 255, n_agents=3, actor_steps=1)
+    director = PPO("CnnPolicy", venv, n_steps=8, batch_size=8, device="cpu", seed=0,
+                   policy_kwargs=dict(features_extractor_class=ImageFeatures, features_extractor_kwargs=dict(backbone="cnn")))
+    warm_start_at_pgd(director.policy, venv.core, 0.9)
+    obs = torch.as_tensor(venv.reset()).float()
+    with torch.no_grad():
+        dist = director.policy.get_distribution(obs)
+    probs = torch.stack([d.probs for d in dist.distribution], dim=1)  # (envs, agents, options)
+    assert probs[..., venv.core.untargeted].numpy() == pytest.approx(0.9, abs=0.02)
+    assert (director.predict(venv.reset(), deterministic=True)[0] == venv.core.untargeted).all()
 
 
 def test_train_adversary_cli_and_use_as_attack(tmp_path: Path) -> None:
@@ -92,6 +117,6 @@ def test_vec_env_batches_all_copies(victim: PolicyView) -> None:
     obs = venv.reset()
     assert obs.shape == (4, 9, CFG.size, CFG.size)
     for _ in range(CFG.max_steps):
-        obs, rewards, dones, infos = venv.step(np.full((4, 3), 5))
+        obs, rewards, dones, infos = venv.step(np.full((4, 3), venv.core.no_attack))
     assert dones.all() and all("terminal_observation" in i for i in infos)
     assert all(r == pytest.approx(-i["team_reward"]) for r, i in zip(rewards, infos))

@@ -73,12 +73,22 @@ def test_resume_continues_to_the_new_total(tmp_path: Path, trained_run: RunDir) 
     assert model.num_timesteps >= 2304
 
 
+def test_linear_lr_schedule_anneals_to_zero(tmp_path: Path, trained_run: RunDir) -> None:
+    """CleanRL-style annealing: the last update of the run uses lr 0; ``constant`` keeps the set lr."""
+    assert _train(tmp_path / "linear", "ppo.lr_schedule=linear", "ppo.learning_rate=1e-3") == 0
+    annealed, _ = load_model(tmp_path / "linear")
+    constant, _ = load_model(trained_run.root)
+    assert annealed.policy.optimizer.param_groups[0]["lr"] == 0.0
+    assert constant.policy.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--bogus"], "unrecognized arguments"),
     (["--env", "nope"], "invalid choice"),
     (["ppo.not_a_key=1"], "unknown config key 'ppo.not_a_key'"),
     (["ppo.n_steps=abc"], "'ppo.n_steps' must be an integer"),
     (["ppo.learning_rate=-1"], "ppo.learning_rate must be > 0"),
+    (["ppo.lr_schedule=cosine"], "ppo.lr_schedule"),
     (["env.name=nope"], "unknown environment 'nope'"),
     (["--config", "missing.yaml"], "does not exist"),
     (["--resume"], "is not a run directory"),
