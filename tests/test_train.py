@@ -74,12 +74,13 @@ def test_resume_continues_to_the_new_total(tmp_path: Path, trained_run: RunDir) 
 
 
 def test_linear_lr_schedule_anneals_to_zero(tmp_path: Path, trained_run: RunDir) -> None:
-    """CleanRL-style annealing: the last update of the run uses lr 0; ``constant`` keeps the set lr."""
-    assert _train(tmp_path / "linear", "ppo.lr_schedule=linear", "ppo.learning_rate=1e-3") == 0
-    annealed, _ = load_model(tmp_path / "linear")
-    constant, _ = load_model(trained_run.root)
+    """CleanRL-style annealing (the default): the run's last update uses lr 0; ``constant`` keeps the lr."""
+    assert _train(tmp_path / "constant", "ppo.lr_schedule=constant", "ppo.learning_rate=1e-3") == 0
+    constant, _ = load_model(tmp_path / "constant")
+    annealed, cfg = load_model(trained_run.root)
+    assert cfg.ppo.lr_schedule == "linear"
     assert annealed.policy.optimizer.param_groups[0]["lr"] == 0.0
-    assert constant.policy.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
+    assert constant.policy.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
 
 
 @pytest.mark.parametrize("argv, message", [
