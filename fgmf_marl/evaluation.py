@@ -9,9 +9,10 @@ Outputs, in one folder (created only after every input is validated, removed if 
 
     config.yaml         the resolved evaluation config (rerun with --config)
     episodes.csv        one row per episode: checkpoint, attack, eps (/255), seed, episode,
-                        team return, oracle-normalised return, length, flip rate of its grid cell
-    results.md/.json    per (checkpoint, attack, eps): mean +- std of team return and of
-                        normalised return over all episodes of all seeds, and the action-flip rate
+                        team return, oracle-normalised return, length, the episode's flip rate
+    results.md/.json    per (checkpoint, attack, eps): mean +- std over all episodes of all seeds of
+                        team return, normalised return and action-flip rate (the mean flip rate
+                        weights episodes by their agent-steps)
     curves_<ckpt>.png   return (normalised where the env has an oracle) vs eps, one line per attack
     audit_<ckpt>.md     with ``audit: true``: the gradient-masking audit on observations visited by
                         the clean policy (see :mod:`fgmf_marl.audit`)
@@ -132,6 +133,7 @@ class Cell:
     lengths: np.ndarray
     flip_rate: float
     agent_steps: int
+    flip_rates: np.ndarray  # per episode
 
 
 @dataclass
@@ -186,7 +188,7 @@ def run_cell(victim: Victim, attack: Any, label: str, eps255: float, seed: int, 
         venv.close()
     return Cell(victim.label, label, eps255, seed, result.team_returns,
                 normalise(result.team_returns, reference_for(victim.train_config)), result.lengths,
-                result.flip_rate, result.agent_steps)
+                result.flip_rate, result.agent_steps, result.episode_flip_rates)
 
 
 def collect_observations(victim: Victim, n_obs: int, seed: int, n_envs: int) -> torch.Tensor:
@@ -219,7 +221,8 @@ def summarise(cells: list[Cell]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"checkpoint": ckpt, "attack": attack, "eps255": eps, "episodes": int(ret.size),
                                "team_return_mean": float(ret.mean()), "team_return_std": float(ret.std()),
                                "flip_rate": float(sum(c.flip_rate * c.agent_steps for c in cs)
-                                                  / max(sum(c.agent_steps for c in cs), 1))}
+                                                  / max(sum(c.agent_steps for c in cs), 1)),
+                               "flip_rate_std": float(np.concatenate([c.flip_rates for c in cs]).std())}
         if cs[0].normalised is not None:
             norm = np.concatenate([c.normalised for c in cs])
             row.update(normalised_mean=float(norm.mean()), normalised_std=float(norm.std()))
@@ -236,7 +239,7 @@ def results_markdown(rows: list[dict[str, Any]], cfg: EvalConfig) -> str:
         norm = f"{r['normalised_mean']:.3f} ± {r['normalised_std']:.3f}" if "normalised_mean" in r else "n/a"
         eps = "0 (clean)" if r["eps255"] == 0 else f"{r['eps255']:g}"
         text += (f"| {r['checkpoint']} | {r['attack']} | {eps} | {r['team_return_mean']:.3f} ± {r['team_return_std']:.3f} "
-                 f"| {norm} | {r['flip_rate']:.3f} |\n")
+                 f"| {norm} | {r['flip_rate']:.3f} ± {r['flip_rate_std']:.3f} |\n")
     return text
 
 
@@ -244,12 +247,12 @@ def episodes_csv(cells: list[Cell]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["checkpoint", "attack", "eps255", "seed", "episode", "team_return", "normalised_return", "length",
-                "cell_flip_rate"])
+                "flip_rate"])
     for c in cells:
         for i, ret in enumerate(c.team_returns):
             norm = "" if c.normalised is None else f"{c.normalised[i]:.6f}"
             w.writerow([c.checkpoint, c.attack, f"{c.eps:g}", c.seed, i, f"{ret:.6f}", norm, int(c.lengths[i]),
-                        f"{c.flip_rate:.6f}"])
+                        f"{c.flip_rates[i]:.6f}"])
     return buf.getvalue()
 
 

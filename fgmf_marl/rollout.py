@@ -52,6 +52,7 @@ class RolloutResult:
     lengths: np.ndarray         # (n_episodes,)
     flip_rate: float            # fraction of agent-steps whose greedy action differs from the clean one
     agent_steps: int
+    episode_flip_rates: np.ndarray  # (n_episodes,) the same fraction within each episode
 
 
 def _to_float(obs: np.ndarray, device: torch.device) -> Tensor:
@@ -96,6 +97,8 @@ def rollout(view: PolicyView, venv: VecEnv, n_episodes: int, *, n_agents: int | 
     lengths: list[int] = []
     flips = 0
     agent_steps = 0
+    flip_acc = np.zeros(n_envs, dtype=int)
+    episode_flip_rates: list[float] = []
 
     was_training = view.training
     view.eval()
@@ -111,7 +114,9 @@ def rollout(view: PolicyView, venv: VecEnv, n_episodes: int, *, n_agents: int | 
             relevance = venv.relevance_masks() if step_hook is not None and hasattr(venv, "relevance_masks") else None
             obs, rewards, dones, infos = venv.step(actions)
             active = np.repeat(done_count < targets, n_agents)
-            flips += int(((greedy != clean_actions) & active).sum())
+            flipped = (greedy != clean_actions).reshape(n_envs, n_agents).sum(axis=1)
+            flips += int((flipped * (done_count < targets)).sum())
+            flip_acc += flipped
             agent_steps += int(active.sum())
             if step_hook is not None:
                 step_hook(StepRecord(t=step_in_ep.copy(), episode=done_count.copy(), clean_obs=clean, seen_obs=seen,
@@ -127,13 +132,16 @@ def rollout(view: PolicyView, venv: VecEnv, n_episodes: int, *, n_agents: int | 
                     team_returns.append(float(team_acc[b]))
                     agent_returns.append(agent_acc[b].copy())
                     lengths.append(int(step_in_ep[b]))
+                    episode_flip_rates.append(flip_acc[b] / (step_in_ep[b] * n_agents))
                     bar.update(1)
                 done_count[b] += 1
                 team_acc[b] = 0.0
                 agent_acc[b] = 0.0
                 step_in_ep[b] = 0
+                flip_acc[b] = 0
     finally:
         bar.close()
         view.train(was_training)
     return RolloutResult(team_returns=np.array(team_returns), agent_returns=np.array(agent_returns),
-                         lengths=np.array(lengths), flip_rate=flips / max(agent_steps, 1), agent_steps=agent_steps)
+                         lengths=np.array(lengths), flip_rate=flips / max(agent_steps, 1), agent_steps=agent_steps,
+                         episode_flip_rates=np.array(episode_flip_rates))

@@ -47,6 +47,11 @@ def test_grid_writes_csv_table_curves_and_config(run_dir: Path, tmp_path: Path) 
     assert clean["flip_rate"] == 0.0
     strong = [r for r in summary if r["attack"] == "pgd[steps=2]" and r["eps255"] == 8][0]
     assert strong["flip_rate"] > 0.2
+    # per-episode flip rates in the CSV, weighted by episode length, give the cell's rate
+    eps8 = [r for r in rows if r["attack"] == "pgd[steps=2]" and r["eps255"] == "8"]
+    weighted = sum(float(r["flip_rate"]) * int(r["length"]) for r in eps8) / sum(int(r["length"]) for r in eps8)
+    assert weighted == pytest.approx(strong["flip_rate"], abs=1e-5)
+    assert strong["flip_rate_std"] >= 0.0 and f"{strong['flip_rate']:.3f} ± " in table
 
 
 def test_attacking_one_agent_caps_the_flip_rate(run_dir: Path, tmp_path: Path) -> None:
