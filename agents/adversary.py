@@ -40,6 +40,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch import Tensor
 
 from fgmf_marl.attacks import PGD, Attack
+from fgmf_marl.attacks.gradient import LEAST_LIKELY
 from fgmf_marl.config import ConfigError
 
 ADVERSARY = "adversary_0"
@@ -48,11 +49,19 @@ ADVERSARY = "adversary_0"
 class DirectorCore:
     """Turns per-victim decisions into the observations the victims see.
 
-    Decisions (n_envs, n_agents) take ``n_actions + 2`` values: ``a < n_actions`` pushes the victim
-    toward action ``a`` (targeted PGD), ``n_actions`` (:attr:`no_attack`) leaves it alone and
-    ``n_actions + 1`` (:attr:`untargeted`) pushes it away from its greedy action (plain PGD, the same
-    attack as ``evaluate.py --attacks pgd``). With the untargeted option the director's choice set
-    contains PGD itself, so a director can only add damage to PGD's by learning *where* to point.
+    Decisions (n_envs, n_agents) take ``n_actions + 3`` values:
+
+    * ``a < n_actions``: push the victim toward action ``a`` (targeted PGD);
+    * :attr:`no_attack` (``n_actions``): leave it alone;
+    * :attr:`untargeted` (``n_actions + 1``): push it away from its greedy action (plain PGD, the
+      same attack as ``evaluate.py --attacks pgd``);
+    * :attr:`least_likely` (``n_actions + 2``): push it toward its least-preferred clean action
+      (``pgd:targeted=true,target_action=least_likely``).
+
+    The last two are policy-level directions that need no perception from the director: with them
+    its choice set contains PGD and the least-likely attack, so training searches for damage
+    *beyond* theirs (where and whom to attack, which action to force) instead of first having to
+    rediscover them, which a director starting from scratch could not do in its budget.
     """
 
     def __init__(self, view: Any, eps: float, n_agents: int, actor_steps: int = 10, quantize: bool = False) -> None:
@@ -61,21 +70,24 @@ class DirectorCore:
         self.n_actions = int(view.n_actions)
         self.no_attack = self.n_actions
         self.untargeted = self.n_actions + 1
-        self.n_options = self.n_actions + 2
+        self.least_likely = self.n_actions + 2
+        self.n_options = self.n_actions + 3
         self.actor = PGD(eps, steps=actor_steps, targeted=True, quantize=quantize)
         self.untargeted_actor = PGD(eps, steps=actor_steps, quantize=quantize)
+        self.least_likely_actor = PGD(eps, steps=actor_steps, targeted=True, target_action=LEAST_LIKELY, quantize=quantize)
 
     def realise(self, obs01: Tensor, decisions: np.ndarray | Tensor, allowed: Tensor | None = None) -> Tensor:
         """Perturb slot ``env * n_agents + agent`` as ``decisions[env, agent]`` says (rows are independent)."""
         dec = torch.as_tensor(np.asarray(decisions), device=obs01.device).long().reshape(-1)
         allowed = torch.ones_like(dec, dtype=torch.bool) if allowed is None else allowed.to(obs01.device)
-        targeted = (dec < self.n_actions) & allowed
-        untargeted = (dec == self.untargeted) & allowed
         seen = obs01
+        targeted = (dec < self.n_actions) & allowed
         if targeted.any():
             seen = self.actor.perturb(self.view, seen, agent_mask=targeted, target=dec.clamp(max=self.n_actions - 1))
-        if untargeted.any():
-            seen = self.untargeted_actor.perturb(self.view, seen, agent_mask=untargeted)
+        for option, actor in ((self.untargeted, self.untargeted_actor), (self.least_likely, self.least_likely_actor)):
+            rows = (dec == option) & allowed
+            if rows.any():
+                seen = actor.perturb(self.view, seen, agent_mask=rows)
         return seen
 
     @torch.no_grad()
@@ -230,7 +242,8 @@ class AdversaryConfig:
     n_epochs: int = 4
     ent_coef: float = 0.01
     gamma: float = 0.95
-    pgd_prior: float = 0.9        # initial probability of the untargeted (plain PGD) option; 0 = uniform
+    warm_start: str = "least_likely"  # option the director starts at: least_likely | untargeted | none (uniform)
+    warm_start_prob: float = 0.9  # its initial probability per victim
     device: str = "cpu"
 
     def validate(self) -> None:
@@ -240,26 +253,32 @@ class AdversaryConfig:
             raise ConfigError(f"eps {self.eps:g} is out of range; accepted: (0, 255] in 1/255 units")
         if min(self.actor_steps, self.timesteps, self.n_envs, self.n_steps, self.n_epochs) < 1 or self.batch_size < 2:
             raise ConfigError("actor_steps, timesteps, n_envs, n_steps, n_epochs must be >= 1 and batch_size >= 2")
-        if not 0 <= self.pgd_prior < 1:
-            raise ConfigError(f"pgd_prior={self.pgd_prior:g} is out of range; accepted: [0, 1)")
+        if self.warm_start not in WARM_STARTS:
+            raise ConfigError(f"warm_start={self.warm_start!r} is unknown; accepted: {', '.join(WARM_STARTS)}")
+        if not 0 < self.warm_start_prob < 1:
+            raise ConfigError(f"warm_start_prob={self.warm_start_prob:g} is out of range; accepted: (0, 1)")
 
 
-def warm_start_at_pgd(policy: Any, core: DirectorCore, prior: float) -> None:
-    """Bias the director's initial logits so each victim's untargeted (PGD) option has probability ``prior``.
+WARM_STARTS = ("least_likely", "untargeted", "none")
 
-    Why: a director that starts uniform over "which action to push toward" is far weaker than PGD
-    (measured: 0.161 vs PGD's 0.064 oracle-normalised at eps 2/255 after 12k steps) and spends its
-    budget rediscovering it. Starting at PGD (SB3's orthogonal init with gain 0.01 makes the initial
-    logits ~ the bias) turns training into a search for *improvements* over PGD, as PA-AD intends;
-    the other options keep ``1 - prior`` of the mass, so PPO still explores them.
+
+def warm_start(policy: Any, core: DirectorCore, option: str, prob: float) -> None:
+    """Bias the director's initial logits so each victim's ``option`` has probability ``prob``.
+
+    Why: a director that starts uniform over its options is far weaker than PGD (measured: 0.161
+    vs PGD's 0.064 oracle-normalised at eps 2/255 after 12k steps) and spends its budget
+    rediscovering fixed attacks. Starting at the least-likely attack (the strongest fixed option
+    measured on the default victim) turns training into a search for *improvements*, as PA-AD
+    intends; the other options keep ``1 - prob`` of the mass, so PPO still explores them. SB3's
+    orthogonal init with gain 0.01 makes the initial logits ~ the bias.
     """
-    if prior <= 0:
+    if option == "none":
         return
-    others = core.n_options - 1
+    index = core.least_likely if option == "least_likely" else core.untargeted
     with torch.no_grad():
         bias = policy.action_net.bias.view(core.n_agents, core.n_options)
         bias.zero_()
-        bias[:, core.untargeted] = float(np.log(prior * others / (1 - prior)))
+        bias[:, index] = float(np.log(prob * (core.n_options - 1) / (1 - prob)))
 
 
 def make_training_env(cfg: AdversaryConfig, victim: Any) -> AdversaryVecEnv:
@@ -273,6 +292,7 @@ def make_training_env(cfg: AdversaryConfig, victim: Any) -> AdversaryVecEnv:
 def train_adversary(cfg: AdversaryConfig, run_root: str | Path, progress: bool = True) -> dict[str, Any]:
     """Train the director with PPO against the frozen victim; returns a summary (also in eval/summary.json)."""
     from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import VecMonitor
 
     from agents.policies import ImageFeatures
     from agents.trainer import save_checkpoint
@@ -289,12 +309,13 @@ def train_adversary(cfg: AdversaryConfig, run_root: str | Path, progress: bool =
     try:
         with staged_run_dir(Path(run_root)) as run:
             cfglib.save_yaml(cfg, run.config)
-            model = PPO("CnnPolicy", venv, learning_rate=cfg.learning_rate, n_steps=cfg.n_steps, batch_size=cfg.batch_size,
+            # VecMonitor: TensorBoard's rollout/ep_rew_mean is minus the team return under attack
+            model = PPO("CnnPolicy", VecMonitor(venv), learning_rate=cfg.learning_rate, n_steps=cfg.n_steps, batch_size=cfg.batch_size,
                         n_epochs=cfg.n_epochs, ent_coef=cfg.ent_coef, gamma=cfg.gamma, seed=cfg.seed, device=cfg.device,
                         tensorboard_log=str(run.tensorboard), verbose=0,
                         policy_kwargs=dict(features_extractor_class=ImageFeatures,
                                            features_extractor_kwargs=dict(backbone="cnn")))
-            warm_start_at_pgd(model.policy, venv.core, cfg.pgd_prior)
+            warm_start(model.policy, venv.core, cfg.warm_start, cfg.warm_start_prob)
             model.learn(cfg.timesteps, progress_bar=progress, tb_log_name="director")
             save_checkpoint(model, run.final_checkpoint)
     finally:

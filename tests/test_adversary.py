@@ -12,7 +12,7 @@ from pettingzoo.test import parallel_api_test
 from stable_baselines3 import PPO
 
 from agents.adversary import (ADVERSARY, AdversaryParallelEnv, AdversaryVecEnv, DirectorCore, cli, load_adversary,
-                              warm_start_at_pgd)
+                              warm_start)
 from agents.policies import ImageFeatures
 from agents.policy_view import PolicyView
 from agents.train_cli import cli as train_cli
@@ -79,17 +79,30 @@ def test_untargeted_decision_is_plain_pgd(victim: PolicyView) -> None:
     assert torch.equal(seen, PGD(4 / 255, steps=5).perturb(victim, obs))
 
 
-def test_warm_start_puts_the_prior_on_pgd(victim: PolicyView) -> None:
+def test_least_likely_decision_is_targeted_pgd_toward_the_argmin(victim: PolicyView) -> None:
+    core = DirectorCore(victim, eps=4 / 255, n_agents=3, actor_steps=5)
+    obs = torch.as_tensor(CoverageVecEnv(CFG, n_envs=4, seed=2).reset()).float() / 255
+    torch.manual_seed(3)
+    seen = core.realise(obs, np.full((4, 3), core.least_likely))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        worst = victim(obs).argmin(-1)
+    assert torch.equal(seen, PGD(4 / 255, steps=5, targeted=True).perturb(victim, obs, target=worst))
+
+
+@pytest.mark.parametrize("option", ["least_likely", "untargeted"])
+def test_warm_start_puts_the_prior_on_its_option(victim: PolicyView, option: str) -> None:
     venv = AdversaryVecEnv(CoverageVecEnv(CFG, n_envs=2, seed=0), victim, eps=4 / 255, n_agents=3, actor_steps=1)
     director = PPO("CnnPolicy", venv, n_steps=8, batch_size=8, device="cpu", seed=0,
                    policy_kwargs=dict(features_extractor_class=ImageFeatures, features_extractor_kwargs=dict(backbone="cnn")))
-    warm_start_at_pgd(director.policy, venv.core, 0.9)
+    warm_start(director.policy, venv.core, option, 0.9)
+    index = getattr(venv.core, option)
     obs = torch.as_tensor(venv.reset()).float()
     with torch.no_grad():
         dist = director.policy.get_distribution(obs)
     probs = torch.stack([d.probs for d in dist.distribution], dim=1)  # (envs, agents, options)
-    assert probs[..., venv.core.untargeted].numpy() == pytest.approx(0.9, abs=0.02)
-    assert (director.predict(venv.reset(), deterministic=True)[0] == venv.core.untargeted).all()
+    assert probs[..., index].numpy() == pytest.approx(0.9, abs=0.02)
+    assert (director.predict(venv.reset(), deterministic=True)[0] == index).all()
 
 
 def test_train_adversary_cli_and_use_as_attack(tmp_path: Path) -> None:

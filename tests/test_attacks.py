@@ -149,6 +149,14 @@ def test_targeted_pgd_reaches_the_target_on_a_small_network():
     with torch.no_grad():
         reached = (view(adv).argmax(1) == target).float().mean()
     assert reached >= 0.9
+    # the same attack named by spec: target_action=least_likely computes that target itself
+    name, options = parse_spec("pgd:steps=40,targeted=true,target_action=least_likely")
+    torch.manual_seed(1)
+    by_spec = make_attack(name, 16 / 255, **options)(view, x)
+    torch.manual_seed(1)
+    assert torch.equal(by_spec, PGD(16 / 255, steps=40, targeted=True)(view, x, target=target))
+    with pytest.raises(ConfigError, match="target_action='most_likely' is unknown"):
+        make_attack("pgd", 0.1, targeted=True, target_action="most_likely")
 
 
 class StepPolicy(nn.Module):

@@ -6,7 +6,10 @@ objectives and step schedules, so they share :class:`GradientAttack`:
 * ``ce``      CE(z(x+d), a*) with a* the greedy action on the clean input (Huang et al. 2017);
 * ``margin``  -(z_a*(x+d) - max_{j!=a*} z_j(x+d)) (Carlini-Wagner style; used by the audit's
               unbounded check because CE saturates once the action has flipped);
-* ``targeted`` -CE(z(x+d), t): push toward target actions t;
+* ``targeted`` -CE(z(x+d), t): push toward target actions t (given per row, one fixed action, or
+              ``target_action="least_likely"``: the clean input's least-preferred action, the
+              "least-likely class" attack of Kurakin et al. 2017; on a trained policy that is
+              typically the action that hurts most, e.g. stepping away from the goal);
 * ``kl``      KL(pi(x) || pi(x+d)), SA-PPO's MAD attack;
 * ``value``   -V(x+d), the critic attack (drive the agent into states it believes are bad).
 
@@ -28,6 +31,7 @@ from fgmf_marl.attacks.base import Attack, greedy, margin
 
 Objective = Literal["ce", "margin", "targeted", "kl", "value"]
 OBJECTIVES: tuple[str, ...] = ("ce", "margin", "targeted", "kl", "value")
+LEAST_LIKELY = "least_likely"
 
 
 def objective_values(view: Any, adv: Tensor, objective: str, labels: Tensor | None, clean_logp: Tensor | None) -> Tensor:
@@ -58,9 +62,11 @@ class GradientAttack(Attack):
     name = "gradient"
 
     def __init__(self, eps: float, *, steps: int = 10, step_size: float | None = None, random_start: bool = True,
-                 objective: Objective = "ce", target_action: int | None = None, track_best: bool = True,
+                 objective: Objective = "ce", target_action: int | str | None = None, track_best: bool = True,
                  eot_samples: int = 1, quantize: bool = False) -> None:
         super().__init__(eps, quantize=quantize)
+        if isinstance(target_action, str) and target_action != LEAST_LIKELY:
+            raise ValueError(f"target_action={target_action!r} is unknown; accepted: an action index or {LEAST_LIKELY!r}")
         if int(steps) < 1:
             raise ValueError(f"steps={steps} must be >= 1")
         if objective not in OBJECTIVES:
@@ -85,6 +91,9 @@ class GradientAttack(Attack):
             if target is None:
                 if self.target_action is None:
                     raise ValueError("a targeted attack needs target actions (target=...) or target_action")
+                if self.target_action == LEAST_LIKELY:
+                    with torch.no_grad():
+                        return view(clean).argmin(dim=-1), None
                 target = torch.full((clean.shape[0],), int(self.target_action), dtype=torch.long, device=clean.device)
             return target, None
         if self.objective == "kl":
@@ -135,7 +144,7 @@ class FGSM(GradientAttack):
 
     name = "fgsm"
 
-    def __init__(self, eps: float, *, objective: Objective = "ce", target_action: int | None = None,
+    def __init__(self, eps: float, *, objective: Objective = "ce", target_action: int | str | None = None,
                  eot_samples: int = 1, quantize: bool = False) -> None:
         super().__init__(eps, steps=1, step_size=eps, random_start=False, objective=objective,
                          target_action=target_action, track_best=False, eot_samples=eot_samples, quantize=quantize)
@@ -147,7 +156,7 @@ class PGD(GradientAttack):
     name = "pgd"
 
     def __init__(self, eps: float, *, steps: int = 10, step_size: float | None = None, random_start: bool = True,
-                 targeted: bool = False, target_action: int | None = None, loss: Literal["ce", "margin"] = "ce",
+                 targeted: bool = False, target_action: int | str | None = None, loss: Literal["ce", "margin"] = "ce",
                  eot_samples: int = 1, quantize: bool = False) -> None:
         if loss not in ("ce", "margin"):
             raise ValueError(f"loss={loss!r} is unknown; accepted: ce, margin")
