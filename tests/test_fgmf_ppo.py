@@ -147,6 +147,22 @@ def test_each_loss_term_reaches_tensorboard(tmp_path: Path) -> None:
     assert any(not torch.equal(gate_before[k], gate_after[k]) for k in gate_after)  # SGAM trains end-to-end
 
 
+def test_sgam_auxiliary_losses_wait_then_ramp() -> None:
+    """Off for the first aux_start of training, then linear to full weight over aux_ramp."""
+    model = _model(DefenseConfig(kind="sgam"))
+    _collect(model)
+    for remaining, scale in ((1.0, 0.0), (0.75, 0.0), (0.55, 0.5), (0.4, 1.0), (0.0, 1.0)):
+        model._current_progress_remaining = remaining
+        assert model._sgam_aux_scale() == pytest.approx(scale)
+    model.set_logger(Logger(None, []))
+    model._current_progress_remaining = 1.0
+    model.train()
+    assert "train/sgam_keep_loss" not in model.logger.name_to_value  # the prior has not started
+    model._current_progress_remaining = 0.2
+    model.train()
+    assert model.logger.name_to_value["train/sgam_keep_loss"] > 0
+
+
 @pytest.mark.parametrize("kind", ["sgam", "fgmf", "sappo", "scorpio"])
 def test_checkpoint_round_trip_rebuilds_the_defended_network(kind: str, tmp_path: Path) -> None:
     defense = cfglib.from_dict(DefenseConfig, {"kind": kind, "sgam": {"init_keep": 0.6, "tau": 0.1}})

@@ -79,6 +79,8 @@ class SgamConfig:
     distill_coef: float = 0.1          # weight of the Grad-CAM++ distillation loss
     distill_subsample: float = 0.25    # fraction of a minibatch the Grad-CAM++ teacher is computed on
     distill_every: int = 4             # refresh the teacher (and distil) on every k-th minibatch
+    aux_start: float = 0.3             # fraction of training before the keep prior and distillation start
+    aux_ramp: float = 0.3              # fraction of training over which their weights then ramp 0 -> 1
     gradient_shield: bool = False      # POSITIVE CONTROL ONLY: gradient obfuscation the audit must flag
     shield_strength: float = 0.99      # backward damping at high-saliency pixels when gradient_shield is on
 
@@ -101,6 +103,9 @@ class SgamConfig:
             raise ConfigError(f"defense.sgam.distill_every={self.distill_every} must be >= 1")
         if not 0.0 <= self.shield_strength <= 1.0:
             raise ConfigError(f"defense.sgam.shield_strength={self.shield_strength} must be in [0, 1]")
+        if not (0.0 <= self.aux_start < 1.0 and self.aux_ramp >= 0.0):
+            raise ConfigError(f"defense.sgam.aux_start={self.aux_start} must be in [0, 1) and "
+                              f"defense.sgam.aux_ramp={self.aux_ramp} >= 0")
 
 
 @dataclass
