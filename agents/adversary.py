@@ -20,8 +20,11 @@ Three shapes of the same mechanism (:class:`DirectorCore` holds it, once):
   ``evaluate.py --attacks adversary:path=runs/<adv>`` ranks it next to PGD at the same eps.
 
 Choices: the "no attack" option exists because an attacker with a per-step budget or a detection
-risk wants it, and because "which agents to attack" is part of the issue's decision; the actor is
-targeted PGD with ``actor_steps`` steps (default 10, as PGD-10 in the evaluation grid).
+risk wants it, and because "which agents to attack" is part of the issue's decision; besides "push
+toward action a" the director may pick two policy-level directions that need no perception
+(untargeted PGD, and the least-likely action) and starts at the least-likely one
+(:func:`warm_start`), so PPO searches for damage beyond the fixed attacks; the actor is PGD with
+``actor_steps`` steps (default 10, as PGD-10 in the evaluation grid).
 """
 from __future__ import annotations
 

@@ -89,25 +89,15 @@ class RegularisedPPO(PPO):
     def _head(x: Tensor, fraction: float) -> Tensor:
         return x[: max(1, math.ceil(fraction * x.shape[0]))]
 
-    def _sgam_aux_scale(self) -> float:
-        """Weight of SGAM's auxiliary losses: 0 for the first ``aux_start`` of training, then a ramp to 1.
+    def _schedule(self, start: float, warmup: float) -> float:
+        """0 before the ``start`` fraction of training, then a linear ramp to 1 over ``warmup``.
 
-        Why: the Grad-CAM++ teacher of an untrained policy is noise, and a keep-ratio prior active from
-        the start masks pixels before the policy has learned which it needs. Measured (default job,
-        seed 0): with both on from step 0 the keep ratio fell from 0.95 to 0.47 in the first update and
-        FGMF-PPO stayed at 0.03 oracle-normalised after 480k agent-steps (vanilla: ~0.7).
+        The one schedule of every regulariser (see :mod:`fgmf_marl.defenses.config` for why).
         """
-        sgam = self.defense.sgam
         done = 1.0 - self._current_progress_remaining
-        if done < sgam.aux_start:
+        if done < start:
             return 0.0
-        return 1.0 if sgam.aux_ramp <= 0 else min(1.0, (done - sgam.aux_start) / sgam.aux_ramp)
-
-    def _warmup_scale(self, warmup: float) -> float:
-        """Linear ramp 0 -> 1 over the first ``warmup`` fraction of training (1 when warmup = 0)."""
-        if warmup <= 0:
-            return 1.0
-        return min(1.0, (1.0 - self._current_progress_remaining) / warmup)
+        return 1.0 if warmup <= 0 else min(1.0, (done - start) / warmup)
 
     def _log_term(self, name: str, value: float | Tensor) -> None:
         self._term_logs[name].append(float(value))
@@ -243,9 +233,9 @@ class FGMFPPO(RegularisedPPO):
     def _regularisers(self, obs01: Tensor, actions: Tensor) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {}
         cfg = self.defense
-        if self._scorpio is not None and self._due(cfg.scorpio.every):
+        eps = 0.0 if self._scorpio is None else self._scorpio.eps * self._schedule(cfg.scorpio.start, cfg.scorpio.warmup)
+        if eps > 0 and self._due(cfg.scorpio.every):
             start = time.perf_counter()
-            eps = self._scorpio.eps * self._warmup_scale(cfg.scorpio.warmup)
             out = self._scorpio(self._view, self._head(obs01, cfg.scorpio.subsample), eps=eps)
             terms["scorpio"] = out.loss
             self._log_term("scorpio_first_order", out.first_order)
@@ -256,7 +246,7 @@ class FGMFPPO(RegularisedPPO):
             start = time.perf_counter()
             keep = gate.keep_lowres(obs01)  # the prior's mean at low resolution (see keep_ratio_loss)
             self._log_term("sgam_keep_ratio", keep.detach().mean())
-            aux = self._sgam_aux_scale()
+            aux = self._schedule(cfg.sgam.start, cfg.sgam.warmup)
             self._log_term("sgam_aux_scale", aux)
             if cfg.sgam.keep_coef > 0 and aux > 0:
                 terms["sgam_keep"] = aux * cfg.sgam.keep_coef * keep_ratio_loss(keep, cfg.sgam.rho)

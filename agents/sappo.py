@@ -9,7 +9,8 @@ steps of ``step_size * eps``, projection onto the ball and onto the image range 
 uses SGLD or PGD; PGD is the common reproduction). Choices, as in SA-PPO/TRADES practice: the clean
 distribution pi(.|x) is the (detached) target, so the regulariser pulls the perturbed policy toward
 the clean one and leaves the clean policy to the PPO objective; delta is a constant for the outer
-gradient. ``warmup`` ramps eps linearly from 0 as SA-PPO's eps schedule does.
+gradient. Its eps follows the defenses' one schedule (``start``, then a linear ``warmup`` ramp, as
+SA-PPO's eps schedule does).
 
 This PGD is the defense's training-time inner loop, not an evaluation attack; the attacks live in
 ``fgmf_marl.attacks`` (MAD there maximises the same KL).
@@ -60,9 +61,11 @@ class SAPPO(RegularisedPPO):
         cfg = self.defense.sappo
         if not self._due(cfg.every):
             return {}
+        eps = cfg.eps / 255.0 * self._schedule(cfg.start, cfg.warmup)
+        if eps == 0:
+            return {}
         start = time.perf_counter()
         x = self._head(obs01, cfg.subsample)
-        eps = cfg.eps / 255.0 * self._warmup_scale(cfg.warmup)
         with torch.no_grad():
             clean = self._view(x)
         delta = kl_pgd_delta(self._view, x, clean, eps, cfg.pgd_steps, cfg.step_size, self._generator)

@@ -101,7 +101,8 @@ def _zero_weight_run(defense: DefenseConfig) -> tuple[dict, dict]:
 def test_zero_lambdas_give_exactly_sb3_ppo_parameters_after_one_train() -> None:
     # every knob that adds work is on (IG, Frank-Wolfe, Pearlmutter, full minibatch, every minibatch):
     # the machinery runs, but with lambda1 = lambda2 = 0 it must leave the update bit-identical.
-    scorpio = dict(lambda1=0.0, lambda2=0.0, fw_steps=2, hvp="pearlmutter", ig_steps=2, subsample=1.0, every=1, beta=0.5)
+    scorpio = dict(lambda1=0.0, lambda2=0.0, fw_steps=2, hvp="pearlmutter", ig_steps=2, subsample=1.0, every=1, beta=0.5,
+                   start=0.0, warmup=0.0)  # on from the first update
     ppo, fgmf = _zero_weight_run(cfglib.from_dict(DefenseConfig, {"kind": "scorpio", "scorpio": scorpio}))
     assert ppo.keys() == fgmf.keys()
     for name in ppo:
@@ -147,13 +148,13 @@ def test_each_loss_term_reaches_tensorboard(tmp_path: Path) -> None:
     assert any(not torch.equal(gate_before[k], gate_after[k]) for k in gate_after)  # SGAM trains end-to-end
 
 
-def test_sgam_auxiliary_losses_wait_then_ramp() -> None:
-    """Off for the first aux_start of training, then linear to full weight over aux_ramp."""
+def test_regularisers_wait_then_ramp() -> None:
+    """The defenses' one schedule: off for the first ``start`` of training, then linear to full over ``warmup``."""
     model = _model(DefenseConfig(kind="sgam"))
     _collect(model)
     for remaining, scale in ((1.0, 0.0), (0.75, 0.0), (0.55, 0.5), (0.4, 1.0), (0.0, 1.0)):
         model._current_progress_remaining = remaining
-        assert model._sgam_aux_scale() == pytest.approx(scale)
+        assert model._schedule(0.3, 0.3) == pytest.approx(scale)
     model.set_logger(Logger(None, []))
     model._current_progress_remaining = 1.0
     model.train()

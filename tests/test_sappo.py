@@ -62,7 +62,8 @@ def test_zero_kappa_gives_exactly_sb3_ppo_parameters() -> None:
     reference = _model(DefenseConfig())
     _train_like(ppo, reference)
     for kappa, identical in ((0.0, True), (1.0, False)):
-        defense = cfglib.from_dict(DefenseConfig, {"kind": "sappo", "sappo": {"kappa": kappa, "pgd_steps": 2}})
+        defense = cfglib.from_dict(DefenseConfig, {"kind": "sappo", "sappo": {"kappa": kappa, "pgd_steps": 2, "start": 0.0,
+                                                                    "warmup": 0.0}})
         other = build_model(defense, ppo.env, POLICY_KWARGS, dict(n_steps=32, batch_size=16, n_epochs=2, seed=0, verbose=0))
         assert isinstance(other, SAPPO)
         _train_like(ppo, other)

@@ -3,6 +3,13 @@
 Budgets (``eps``) are in pixel levels, i.e. units of 1/255, as DESIGN.md reports attack budgets;
 the code divides by 255 because policies and attackers work on float images in [0, 1]. All checks
 run at start-up (``validate``), so a bad value never reaches the middle of a training run.
+
+Every regulariser follows one schedule: off for the first ``start`` fraction of training, then its
+budget (SCOR-PIO, SA-PPO) or weight (SGAM's auxiliary losses) ramps linearly to full over the next
+``warmup`` fraction, as SA-PPO ramps its eps. Why a delayed start: an input-gradient penalty or a
+pixel mask applied to a policy that has not yet learned what to look at keeps it from learning at
+all. Measured (default job, seed 0, all terms from step 0): FGMF-PPO's entropy stayed at ln 5 and
+its oracle-normalised return at 0.03 after 480k agent-steps, where vanilla PPO was at ~0.7.
 """
 from __future__ import annotations
 
@@ -15,6 +22,11 @@ DefenseKind = Literal["none", "scorpio", "sgam", "fgmf", "sappo"]
 DEFENSE_KINDS: tuple[str, ...] = ("none", "scorpio", "sgam", "fgmf", "sappo")
 HVP_METHODS: tuple[str, ...] = ("finite_difference", "pearlmutter")
 SGAM_BASELINES: tuple[str, ...] = ("zero", "gray", "mean")
+
+
+def _check_schedule(section: str, start: float, warmup: float) -> None:
+    if not (0.0 <= start < 1.0 and 0.0 <= warmup < 1.0):
+        raise ConfigError(f"{section}.start={start} and {section}.warmup={warmup} must be in [0, 1)")
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -37,7 +49,8 @@ class ScorpioConfig:
     ig_steps: int = 4                  # Integrated-Gradients steps (Gauss-Legendre)
     subsample: float = 0.125           # fraction of each minibatch the regulariser runs on
     every: int = 4                     # run on every k-th minibatch
-    warmup: float = 0.0                # fraction of training over which eps ramps up linearly from 0
+    start: float = 0.3                 # fraction of training before the term is switched on (see below)
+    warmup: float = 0.3                # fraction of training over which eps then ramps up linearly from 0
 
     def validate(self) -> None:
         if not self.eps > 0:
@@ -60,8 +73,7 @@ class ScorpioConfig:
         _check_fraction("defense.scorpio.subsample", self.subsample)
         if self.every < 1:
             raise ConfigError(f"defense.scorpio.every={self.every} must be >= 1")
-        if not 0.0 <= self.warmup < 1.0:
-            raise ConfigError(f"defense.scorpio.warmup={self.warmup} must be in [0, 1)")
+        _check_schedule("defense.scorpio", self.start, self.warmup)
 
 
 @dataclass
@@ -79,8 +91,8 @@ class SgamConfig:
     distill_coef: float = 0.1          # weight of the Grad-CAM++ distillation loss
     distill_subsample: float = 0.25    # fraction of a minibatch the Grad-CAM++ teacher is computed on
     distill_every: int = 4             # refresh the teacher (and distil) on every k-th minibatch
-    aux_start: float = 0.3             # fraction of training before the keep prior and distillation start
-    aux_ramp: float = 0.3              # fraction of training over which their weights then ramp 0 -> 1
+    start: float = 0.3                 # fraction of training before the keep prior and distillation start
+    warmup: float = 0.3                # fraction of training over which their weights then ramp 0 -> 1
     gradient_shield: bool = False      # POSITIVE CONTROL ONLY: gradient obfuscation the audit must flag
     shield_strength: float = 0.99      # backward damping at high-saliency pixels when gradient_shield is on
 
@@ -103,9 +115,7 @@ class SgamConfig:
             raise ConfigError(f"defense.sgam.distill_every={self.distill_every} must be >= 1")
         if not 0.0 <= self.shield_strength <= 1.0:
             raise ConfigError(f"defense.sgam.shield_strength={self.shield_strength} must be in [0, 1]")
-        if not (0.0 <= self.aux_start < 1.0 and self.aux_ramp >= 0.0):
-            raise ConfigError(f"defense.sgam.aux_start={self.aux_start} must be in [0, 1) and "
-                              f"defense.sgam.aux_ramp={self.aux_ramp} >= 0")
+        _check_schedule("defense.sgam", self.start, self.warmup)
 
 
 @dataclass
@@ -118,7 +128,8 @@ class SappoConfig:
     step_size: float = 0.5             # PGD step, as a fraction of eps
     subsample: float = 1.0             # fraction of each minibatch the regulariser runs on
     every: int = 1                     # run on every k-th minibatch
-    warmup: float = 0.0                # fraction of training over which eps ramps up linearly from 0
+    start: float = 0.3                 # fraction of training before the term is switched on (see below)
+    warmup: float = 0.3                # fraction of training over which eps then ramps up linearly from 0
 
     def validate(self) -> None:
         if not self.eps > 0:
@@ -134,8 +145,7 @@ class SappoConfig:
         _check_fraction("defense.sappo.subsample", self.subsample)
         if self.every < 1:
             raise ConfigError(f"defense.sappo.every={self.every} must be >= 1")
-        if not 0.0 <= self.warmup < 1.0:
-            raise ConfigError(f"defense.sappo.warmup={self.warmup} must be in [0, 1)")
+        _check_schedule("defense.sappo", self.start, self.warmup)
 
 
 @dataclass
