@@ -1,7 +1,7 @@
 """The run config of ``scripts/train_marl.py``: env, policy, PPO and defense sections.
 
 Defaults are the embedded default job: the native coverage env, the small CNN, and a budget
-(1M agent-steps) meant to finish in under 10 minutes on a 2-core CPU. The PPO defaults were chosen
+(1.1M agent-steps) meant to finish in under 10 minutes on a 2-core CPU. The PPO defaults were chosen
 by wall-clock learning curves on that machine (alone; see :class:`PPOConfig`); the figure of the
 default command itself is in the README.
 """
@@ -109,7 +109,7 @@ class TrainConfig:
     """
 
     seed: int = 0
-    timesteps: int = 1_000_000
+    timesteps: int = 1_100_000
     device: str = "cpu"
     checkpoint_every: int = 100_000
     eval_episodes: int = 32
