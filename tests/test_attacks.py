@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from agents.policy_view import PolicyView
@@ -127,6 +128,24 @@ def test_pgd_loss_is_at_least_fgsm_and_random_noise():
     # more steps never return a worse point (best-iterate tracking)
     torch.manual_seed(1)
     assert ce(PGD(eps, steps=30)(view, x)).mean() >= pgd.mean() - 1e-6
+
+
+def test_restarts_keep_each_rows_best_run():
+    """restarts=k returns, per row, the best of k runs, so its loss is at least the first run's (same seed)."""
+    torch.manual_seed(0)
+    view = cnn_view()
+    x = rand_obs(64)
+    torch.manual_seed(5)
+    one = PGD(2 / 255, steps=3)(view, x)
+    torch.manual_seed(5)
+    four = PGD(2 / 255, steps=3, restarts=4)(view, x)
+    with torch.no_grad():
+        label = view(x).argmax(1)
+        ce = lambda adv: F.cross_entropy(view(adv), label, reduction="none")  # noqa: E731
+        assert (ce(four) >= ce(one) - 1e-6).all() and (ce(four) > ce(one) + 1e-6).any()
+    assert make_attack(*parse_spec("bpda:restarts=2")[:1], eps=0.1, restarts=2).attack.restarts == 2
+    with pytest.raises(ConfigError, match="restarts=0 must be >= 1"):
+        make_attack("pgd", 0.1, restarts=0)
 
 
 def test_mad_increases_kl_over_random_noise():

@@ -56,15 +56,19 @@ class GradientAttack(Attack):
 
     ``step_size`` defaults to 2.5 * eps / steps (Madry et al. 2018), enough to cross the ball
     from a random start. With ``track_best`` each row returns the iterate with the highest
-    objective seen (as AutoAttack does), so more steps never return a worse point than fewer.
+    objective seen (as AutoAttack does), so more steps never return a worse point than fewer;
+    ``restarts`` > 1 reruns from fresh random starts and keeps each row's best run (on a rugged
+    loss surface one start can miss: see the audit's unbounded check).
     """
 
     name = "gradient"
 
     def __init__(self, eps: float, *, steps: int = 10, step_size: float | None = None, random_start: bool = True,
                  objective: Objective = "ce", target_action: int | str | None = None, track_best: bool = True,
-                 eot_samples: int = 1, quantize: bool = False) -> None:
+                 eot_samples: int = 1, restarts: int = 1, quantize: bool = False) -> None:
         super().__init__(eps, quantize=quantize)
+        if int(restarts) < 1:
+            raise ValueError(f"restarts={restarts} must be >= 1")
         if isinstance(target_action, str) and target_action != LEAST_LIKELY:
             raise ValueError(f"target_action={target_action!r} is unknown; accepted: an action index or {LEAST_LIKELY!r}")
         if int(steps) < 1:
@@ -82,6 +86,7 @@ class GradientAttack(Attack):
         self.target_action = target_action
         self.track_best = bool(track_best)
         self.eot_samples = int(eot_samples)
+        self.restarts = int(restarts)
         self.targeted = objective == "targeted"
 
     def _labels(self, view: Any, clean: Tensor, target: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
@@ -119,6 +124,16 @@ class GradientAttack(Attack):
 
     def _attack(self, view: Any, clean: Tensor, target: Tensor | None) -> Tensor:
         labels, clean_logp = self._labels(view, clean, target)
+        best, best_obj = self._ascent(view, clean, labels, clean_logp)
+        for _ in range(self.restarts - 1):  # keep each row's best restart (Madry et al.; AutoAttack)
+            adv, obj = self._ascent(view, clean, labels, clean_logp)
+            better = obj > best_obj
+            best = torch.where(better[:, None, None, None], adv, best)
+            best_obj = torch.where(better, obj, best_obj)
+        return best
+
+    def _ascent(self, view: Any, clean: Tensor, labels: Tensor | None, clean_logp: Tensor | None) -> tuple[Tensor, Tensor]:
+        """One run of projected sign-gradient ascent: (adversarial rows, their objective)."""
         lo, hi = (clean - self.eps).clamp_(0.0, 1.0), (clean + self.eps).clamp_(0.0, 1.0)  # the feasible box
         adv = clean.clone()
         if self.random_start:
@@ -132,11 +147,12 @@ class GradientAttack(Attack):
                 best = torch.where(better[:, None, None, None], adv, best)
                 best_obj = torch.where(better, obj, best_obj)
             adv = torch.min(torch.max(adv + self.step_size * grad.sign(), lo), hi)
-        if not self.track_best:
-            return adv
         with torch.no_grad():
             obj = objective_values(view, adv, self.objective, labels, clean_logp)
-        return torch.where((obj > best_obj)[:, None, None, None], adv, best)
+        if not self.track_best:
+            return adv, obj
+        better = obj > best_obj
+        return torch.where(better[:, None, None, None], adv, best), torch.where(better, obj, best_obj)
 
 
 class FGSM(GradientAttack):
@@ -157,12 +173,12 @@ class PGD(GradientAttack):
 
     def __init__(self, eps: float, *, steps: int = 10, step_size: float | None = None, random_start: bool = True,
                  targeted: bool = False, target_action: int | str | None = None, loss: Literal["ce", "margin"] = "ce",
-                 eot_samples: int = 1, quantize: bool = False) -> None:
+                 eot_samples: int = 1, restarts: int = 1, quantize: bool = False) -> None:
         if loss not in ("ce", "margin"):
             raise ValueError(f"loss={loss!r} is unknown; accepted: ce, margin")
         super().__init__(eps, steps=steps, step_size=step_size, random_start=random_start,
                          objective="targeted" if targeted else loss, target_action=target_action,
-                         eot_samples=eot_samples, quantize=quantize)
+                         eot_samples=eot_samples, restarts=restarts, quantize=quantize)
 
 
 class MAD(GradientAttack):

@@ -22,11 +22,6 @@ from fgmf_marl.config import ConfigError
 Loader = Callable[[str, str], Any]  # (kind, path) -> object; kind is "surrogate" or "adversary"
 
 
-def _pgd_opts(opts: dict[str, Any]) -> dict[str, Any]:
-    keys = ("steps", "step_size", "loss", "targeted", "target_action", "quantize")
-    return {k: opts.pop(k) for k in keys if k in opts}
-
-
 def _timed(eps: float, threshold: float = 0.5, **opts: Any) -> Attack:
     return StrategicallyTimed(PGD(eps, **opts), threshold=threshold)
 
@@ -71,7 +66,7 @@ def _accepted(name: str) -> list[str]:
     params = inspect.signature(ATTACKS[name]).parameters.values()
     names = [p.name for p in params if p.name not in ("eps", "self") and p.kind is not p.VAR_KEYWORD]
     if name in ("timed", "bpda", "eot", "transfer"):
-        names += ["steps", "step_size", "loss", "quantize"]
+        names += ["steps", "step_size", "loss", "restarts", "quantize"]
     if name == "adversary":
         names += ["steps", "quantize"]
     return sorted(set(names))
