@@ -33,7 +33,7 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -245,7 +245,7 @@ class AdversaryConfig:
     n_epochs: int = 4
     ent_coef: float = 0.01
     gamma: float = 0.95
-    warm_start: str = "least_likely"  # option the director starts at: least_likely | untargeted | none (uniform)
+    warm_start: Literal["least_likely", "untargeted", "none"] = "least_likely"  # "none": a uniform start
     warm_start_prob: float = 0.9  # its initial probability per victim
     device: str = "cpu"
 
@@ -256,13 +256,8 @@ class AdversaryConfig:
             raise ConfigError(f"eps {self.eps:g} is out of range; accepted: (0, 255] in 1/255 units")
         if min(self.actor_steps, self.timesteps, self.n_envs, self.n_steps, self.n_epochs) < 1 or self.batch_size < 2:
             raise ConfigError("actor_steps, timesteps, n_envs, n_steps, n_epochs must be >= 1 and batch_size >= 2")
-        if self.warm_start not in WARM_STARTS:
-            raise ConfigError(f"warm_start={self.warm_start!r} is unknown; accepted: {', '.join(WARM_STARTS)}")
         if not 0 < self.warm_start_prob < 1:
             raise ConfigError(f"warm_start_prob={self.warm_start_prob:g} is out of range; accepted: (0, 1)")
-
-
-WARM_STARTS = ("least_likely", "untargeted", "none")
 
 
 def warm_start(policy: Any, core: DirectorCore, option: str, prob: float) -> None:

@@ -92,8 +92,6 @@ class PPOConfig:
     def validate(self) -> None:
         if self.learning_rate <= 0:
             raise ConfigError(f"ppo.learning_rate must be > 0, got {self.learning_rate}")
-        if self.lr_schedule not in ("constant", "linear"):
-            raise ConfigError(f"ppo.lr_schedule must be 'constant' or 'linear', got {self.lr_schedule!r}")
         if self.n_steps < 1 or self.batch_size < 2 or self.n_epochs < 1:
             raise ConfigError("ppo.n_steps and ppo.n_epochs must be >= 1 and ppo.batch_size >= 2")
         if not 0 < self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:

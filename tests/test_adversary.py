@@ -69,25 +69,21 @@ def test_director_decisions_are_realised_within_eps(victim: PolicyView) -> None:
     assert reached.mean() >= 0.8
 
 
-def test_untargeted_decision_is_plain_pgd(victim: PolicyView) -> None:
-    """The director's untargeted option is exactly evaluate.py's PGD (same random start, same steps)."""
+@pytest.mark.parametrize("option", ["untargeted", "least_likely"])
+def test_policy_level_decisions_are_the_library_attacks(victim: PolicyView, option: str) -> None:
+    """Untargeted = evaluate.py's PGD; least-likely = targeted PGD toward the clean argmin (same seed, same steps)."""
     core = DirectorCore(victim, eps=4 / 255, n_agents=3, actor_steps=5)
     obs = torch.as_tensor(CoverageVecEnv(CFG, n_envs=4, seed=2).reset()).float() / 255
     torch.manual_seed(7)
-    seen = core.realise(obs, np.full((4, 3), core.untargeted))
-    torch.manual_seed(7)
-    assert torch.equal(seen, PGD(4 / 255, steps=5).perturb(victim, obs))
-
-
-def test_least_likely_decision_is_targeted_pgd_toward_the_argmin(victim: PolicyView) -> None:
-    core = DirectorCore(victim, eps=4 / 255, n_agents=3, actor_steps=5)
-    obs = torch.as_tensor(CoverageVecEnv(CFG, n_envs=4, seed=2).reset()).float() / 255
-    torch.manual_seed(3)
-    seen = core.realise(obs, np.full((4, 3), core.least_likely))
-    torch.manual_seed(3)
+    seen = core.realise(obs, np.full((4, 3), getattr(core, option)))
     with torch.no_grad():
         worst = victim(obs).argmin(-1)
-    assert torch.equal(seen, PGD(4 / 255, steps=5, targeted=True).perturb(victim, obs, target=worst))
+    torch.manual_seed(7)
+    if option == "untargeted":
+        expected = PGD(4 / 255, steps=5).perturb(victim, obs)
+    else:
+        expected = PGD(4 / 255, steps=5, targeted=True).perturb(victim, obs, target=worst)
+    assert torch.equal(seen, expected)
 
 
 @pytest.mark.parametrize("option", ["least_likely", "untargeted"])
