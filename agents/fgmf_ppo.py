@@ -233,6 +233,9 @@ class FGMFPPO(RegularisedPPO):
     def _regularisers(self, obs01: Tensor, actions: Tensor) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {}
         cfg = self.defense
+        gate = self.gate
+        # The keep map of the PPO loss's forward on this minibatch; taken before SCOR-PIO's passes run.
+        keep = gate.pop_training_keep() if gate is not None else None
         eps = 0.0 if self._scorpio is None else self._scorpio.eps * self._schedule(cfg.scorpio.start, cfg.scorpio.warmup)
         if eps > 0 and self._due(cfg.scorpio.every):
             start = time.perf_counter()
@@ -241,10 +244,10 @@ class FGMFPPO(RegularisedPPO):
             self._log_term("scorpio_first_order", out.first_order)
             self._log_term("scorpio_second_order", out.second_order)
             self._log_term("scorpio_seconds", time.perf_counter() - start)
-        gate = self.gate
         if gate is not None:
             start = time.perf_counter()
-            keep = gate.keep_lowres(obs01)  # the prior's mean at low resolution (see keep_ratio_loss)
+            if keep is None:
+                raise RuntimeError("SGAM stored no keep map: the PPO loss's forward must run in training mode")
             self._log_term("sgam_keep_ratio", keep.detach().mean())
             aux = self._schedule(cfg.sgam.start, cfg.sgam.warmup)
             self._log_term("sgam_aux_scale", aux)

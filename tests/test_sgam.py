@@ -148,6 +148,7 @@ def test_from_config_uses_every_knob() -> None:
     cfg = SgamConfig(hidden=4, downsample=2, tau=0.3, temperature=0.5, baseline="gray", gradient_shield=True,
                      shield_strength=0.5)
     gate = SGAM.from_config(cfg, 3)
-    assert gate.attention[0].out_channels == 4 and gate.saliency(torch.rand(1, 3, 48, 48)).shape[-1] == 24
+    convs = [m for m in gate.attention if isinstance(m, torch.nn.Conv2d)]
+    assert convs[0].out_channels == 4 and gate.saliency(torch.rand(1, 3, 48, 48)).shape[-1] == 24
     assert (gate.tau, gate.temperature, gate.baseline, gate.gradient_shield, gate.shield_strength) == \
         (0.3, 0.5, "gray", True, 0.5)

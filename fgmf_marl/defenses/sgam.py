@@ -80,8 +80,11 @@ class SGAM(nn.Module):
             raise ConfigError(f"SGAM baseline={baseline!r} is unknown; accepted: {', '.join(SGAM_BASELINES)}")
         if not 0.0 <= shield_strength <= 1.0:
             raise ConfigError(f"SGAM shield_strength={shield_strength} must be in [0, 1]")
-        strides = {1: (1, 1), 2: (2, 1), 4: (2, 2), 8: (2, 2, 2)}[downsample]
-        layers: list[nn.Module] = []
+        # Halve the image by average pooling before the convs (except at downsample 1): the first conv
+        # then runs on a quarter of the pixels, halving the attention net's cost; 4-pixel entities
+        # are still 2 pixels wide there.
+        strides = {1: (1, 1), 2: (1, 1), 4: (2, 1), 8: (2, 2)}[downsample]
+        layers: list[nn.Module] = [] if downsample == 1 else [nn.AvgPool2d(2)]
         channels = in_channels
         for stride in strides:
             layers += [nn.Conv2d(channels, hidden, 3, stride=stride, padding=1), nn.ReLU()]
@@ -94,6 +97,7 @@ class SGAM(nn.Module):
         self.tau, self.temperature, self.baseline = tau, temperature, baseline
         self.gradient_shield, self.shield_strength = gradient_shield, shield_strength
         self.downsample = downsample
+        self._training_keep: Tensor | None = None
 
     @classmethod
     def from_config(cls, cfg: SgamConfig, in_channels: int) -> "SGAM":
@@ -102,8 +106,12 @@ class SGAM(nn.Module):
                    gradient_shield=cfg.gradient_shield, shield_strength=cfg.shield_strength)
 
     def saliency(self, x: Tensor) -> Tensor:
-        """Low-resolution saliency logits s(x): (B, 1, ~H/downsample, ~W/downsample)."""
-        return self.attention(x)
+        """Low-resolution saliency logits s(x): (B, 1, ~H/downsample, ~W/downsample).
+
+        The convs run on a channels-last copy (as the CNN backbone's do): 1.2x faster forward + backward
+        for these 3- and 8-channel maps on CPU, same function.
+        """
+        return self.attention(x.contiguous(memory_format=torch.channels_last))
 
     def keep_lowres(self, x: Tensor) -> Tensor:
         """The keep-mask at the saliency map's own resolution (what distillation compares)."""
@@ -124,6 +132,17 @@ class SGAM(nn.Module):
             return k
         return F.interpolate(k, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
+    def pop_training_keep(self) -> Tensor | None:
+        """The low-resolution keep map (with its graph) of the last training-mode forward, then forgotten.
+
+        FGMF-PPO's keep-ratio prior needs exactly the map the PPO loss's forward pass computed on the same
+        minibatch; taking it from there instead of running the attention net again saves a third of
+        SGAM's training cost. Only training-mode forwards with autograd on store it (never rollouts or
+        attacks), and popping it releases the graph.
+        """
+        keep, self._training_keep = self._training_keep, None
+        return keep
+
     def baseline_image(self, x: Tensor) -> Tensor:
         if self.baseline == "zero":
             return torch.zeros_like(x)
@@ -136,7 +155,10 @@ class SGAM(nn.Module):
             with torch.no_grad():
                 weight = self.mask(x)
             x = _GradientShield.apply(x, weight, self.shield_strength)
-        k = self.mask(x)
+        keep = self.keep_lowres(x)
+        if self.training and torch.is_grad_enabled():
+            self._training_keep = keep
+        k = self._upsample(keep, x)
         if self.baseline == "zero":  # k * x + (1 - k) * 0, without materialising the zeros
             return k * x
         b = self.baseline_image(x)
