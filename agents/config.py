@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 from stable_baselines3.common.utils import LinearSchedule
 
 from agents.policies import ImageFeatures
@@ -30,6 +31,12 @@ class PolicyConfig:
     vit_depth: int = 2
     vit_heads: int = 4
     net_arch: tuple[int, ...] = (64,)
+    train_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @property
+    def torch_train_dtype(self) -> torch.dtype:
+        """dtype of the policy's forward during training (see ``agents.policies.compute_dtype``)."""
+        return getattr(torch, self.train_dtype)
 
     def validate(self) -> None:
         if self.features_dim < 1 or min(self.cnn_channels) < 1 or any(n < 1 for n in self.net_arch):

@@ -12,6 +12,8 @@ defense (SGAM) installs a masking layer there; all inputs reaching the extractor
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import gymnasium as gym
@@ -113,6 +115,9 @@ class ImageFeatures(BaseFeaturesExtractor):
     features_extractor_kwargs=dict(backbone="cnn", ...))``.
     """
 
+    #: dtype of ``forward`` (PPO's rollouts and loss); float32 unless the trainer sets it with ``compute_dtype``
+    compute_dtype: torch.dtype = torch.float32
+
     def __init__(self, observation_space: gym.spaces.Box, backbone: BackboneName = "cnn",
                  features_dim: int = 128, **backbone_kwargs: object) -> None:
         shape = observation_space.shape
@@ -137,4 +142,28 @@ class ImageFeatures(BaseFeaturesExtractor):
         return self.backbone.head(fmap)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.spatial(x))
+        if self.compute_dtype == torch.float32:
+            return self.head(self.spatial(x))
+        with torch.autocast(x.device.type, dtype=self.compute_dtype):
+            features = self.head(self.spatial(x))
+        return features.float()
+
+
+@contextmanager
+def compute_dtype(policy: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Run the ``forward`` of every ``ImageFeatures`` in ``policy`` under autocast to ``dtype`` inside the block.
+
+    Only ``forward`` (what SB3 calls for rollouts and the PPO loss) changes; ``spatial``/``head``, which
+    ``PolicyView`` and with it every attack, attribution and regulariser use, stay float32: finite
+    differences, double backprop and attack gradients need the precision. Weights stay float32 either way
+    (autocast keeps float32 master weights), so a checkpoint is the same kind of object.
+    """
+    extractors = [m for m in policy.modules() if isinstance(m, ImageFeatures)]
+    previous = [m.compute_dtype for m in extractors]
+    for m in extractors:
+        m.compute_dtype = dtype
+    try:
+        yield
+    finally:
+        for m, old in zip(extractors, previous):
+            m.compute_dtype = old

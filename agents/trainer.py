@@ -21,6 +21,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from agents import defended
 from agents.config import TrainConfig
+from agents.policies import compute_dtype
 from agents.policy_view import PolicyView
 from envs.registry import make_vec_env, n_agents_of
 from fgmf_marl import config as cfglib
@@ -219,8 +220,9 @@ def train(cfg: TrainConfig, run_root: str | Path, *, resume: bool = False, progr
             callbacks = CallbackList([TeamReturnCallback(n_agents, reference_for(cfg)),
                                       PeriodicCheckpoint(run, cfg.checkpoint_every)])
             start = time.perf_counter()
-            model.learn(remaining, callback=callbacks, progress_bar=progress, reset_num_timesteps=not resume,
-                        tb_log_name="ppo")
+            with compute_dtype(model.policy, cfg.policy.torch_train_dtype):
+                model.learn(remaining, callback=callbacks, progress_bar=progress, reset_num_timesteps=not resume,
+                            tb_log_name="ppo")
             wall = time.perf_counter() - start
             save_checkpoint(model, run.final_checkpoint)
     finally:

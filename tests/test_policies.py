@@ -1,10 +1,13 @@
-"""The CNN backbone's channels-last layout is a speed choice only: same function, same input gradients."""
+"""Speed choices that must not change the function: the CNN's channels-last layout, training-time autocast."""
 from __future__ import annotations
 
 import copy
 
+import gymnasium as gym
+import numpy as np
 import torch
-from agents.policies import CnnBackbone
+
+from agents.policies import CnnBackbone, ImageFeatures, compute_dtype
 
 
 def test_channels_last_cnn_equals_the_plain_layout() -> None:
@@ -26,3 +29,20 @@ def test_channels_last_cnn_equals_the_plain_layout() -> None:
     other = CnnBackbone(3, 48, 48)
     other.load_state_dict(fast.state_dict())
     torch.testing.assert_close(other.head(other.spatial(x.detach())), out.detach())
+
+
+def test_compute_dtype_changes_only_forward_and_is_restored() -> None:
+    torch.manual_seed(0)
+    space = gym.spaces.Box(0, 255, (3, 48, 48), dtype=np.uint8)
+    extractor = ImageFeatures(space)
+    policy = torch.nn.ModuleDict({"features": extractor})
+    x = torch.rand(8, 3, 48, 48)
+    reference = extractor(x)
+    with compute_dtype(policy, torch.bfloat16):
+        assert extractor.compute_dtype == torch.bfloat16
+        low = extractor(x)
+        exact = extractor.head(extractor.spatial(x))  # what PolicyView, attacks and regularisers call
+    assert extractor.compute_dtype == torch.float32
+    assert low.dtype == torch.float32 and not torch.equal(low, reference)
+    torch.testing.assert_close(low, reference, rtol=0.05, atol=0.02)  # bfloat16 keeps ~3 significant digits
+    torch.testing.assert_close(exact, reference)

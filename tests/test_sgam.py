@@ -152,3 +152,20 @@ def test_from_config_uses_every_knob() -> None:
     assert convs[0].out_channels == 4 and gate.saliency(torch.rand(1, 3, 48, 48)).shape[-1] == 24
     assert (gate.tau, gate.temperature, gate.baseline, gate.gradient_shield, gate.shield_strength) == \
         (0.3, 0.5, "gray", True, 0.5)
+
+
+def test_training_forward_stores_its_keep_map_once_and_only_in_training() -> None:
+    gate = SGAM(3)
+    x = torch.rand(4, 3, 48, 48)
+    gate.train()
+    gate(x)
+    keep = gate.pop_training_keep()
+    assert keep is not None and keep.requires_grad and gate.pop_training_keep() is None
+    torch.testing.assert_close(keep, gate.keep_lowres(x))
+    gate.eval()
+    gate(x)
+    assert gate.pop_training_keep() is None  # rollouts, attacks and explanations leave nothing behind
+    gate.train()
+    with torch.no_grad():
+        gate(x)
+    assert gate.pop_training_keep() is None

@@ -90,6 +90,7 @@ def test_linear_lr_schedule_anneals_to_zero(tmp_path: Path, trained_run: RunDir)
     (["ppo.n_steps=abc"], "'ppo.n_steps' must be an integer"),
     (["ppo.learning_rate=-1"], "ppo.learning_rate must be > 0"),
     (["ppo.lr_schedule=cosine"], "ppo.lr_schedule"),
+    (["policy.train_dtype=float16"], "policy.train_dtype"),
     (["env.name=nope"], "unknown environment 'nope'"),
     (["--config", "missing.yaml"], "does not exist"),
     (["--resume"], "is not a run directory"),
@@ -128,3 +129,10 @@ def test_missing_checkpoint_is_a_clean_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="could not be loaded"):
         load_model(tmp_path / "garbage.zip")
 
+
+
+def test_bfloat16_training_runs_and_records_its_dtype(tmp_path: Path) -> None:
+    assert _train(tmp_path / "bf16", "policy.train_dtype=bfloat16", "--defense", "fgmf") == 0
+    assert "train_dtype: bfloat16" in (tmp_path / "bf16" / "config.yaml").read_text()
+    summary = json.loads((tmp_path / "bf16" / "eval" / "summary.json").read_text())
+    assert np.isfinite(summary["normalised_mean"])
