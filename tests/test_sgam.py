@@ -12,7 +12,7 @@ from fgmf_marl import config as cfglib
 from fgmf_marl.attribution import GradCAMPlusPlus
 from fgmf_marl.config import ConfigError
 from fgmf_marl.defenses.config import DefenseConfig, SgamConfig
-from fgmf_marl.defenses.sgam import SGAM, distillation_loss, gate_bypassed, gradcam_teacher, install_sgam, keep_ratio_loss
+from fgmf_marl.defenses.sgam import SGAM, bilinear_upsample, distillation_loss, gate_bypassed, gradcam_teacher, install_sgam, keep_ratio_loss
 from helpers import tiny_view
 
 
@@ -34,6 +34,19 @@ def test_mask_range_shape_and_masking_formula(downsample: int, baseline: str) ->
     b = {"zero": torch.zeros_like(x), "gray": torch.full_like(x, 0.5),
          "mean": x.mean(dim=(2, 3), keepdim=True).expand_as(x)}[baseline]
     torch.testing.assert_close(gate(x), k * x + (1 - k) * b)
+
+
+@pytest.mark.parametrize(("low", "size"), [((12, 12), (48, 48)), ((6, 6), (48, 48)), ((11, 7), (84, 30)),
+                                           ((5, 9), (5, 9)), ((24, 24), (48, 48))])
+def test_bilinear_upsample_equals_interpolate_in_value_and_gradient(low: tuple[int, int], size: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    k = torch.rand(4, 1, *low, dtype=torch.float64, requires_grad=True)
+    ours = bilinear_upsample(k, size)
+    reference = F.interpolate(k, size=size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-12)
+    g = torch.randn_like(reference)
+    torch.testing.assert_close(torch.autograd.grad(ours, k, g)[0], torch.autograd.grad(reference, k, g)[0],
+                               rtol=0, atol=1e-12)
 
 
 def test_fresh_gate_is_nearly_transparent() -> None:

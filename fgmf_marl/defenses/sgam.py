@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Iterator
+from functools import lru_cache
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,43 @@ class _GradientShield(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         (weight,) = ctx.saved_tensors
         return grad * (1.0 - ctx.strength * weight), None, None
+
+
+class _PoolToChannelsLast(nn.Module):
+    """2x2 average pooling, then the channels-last copy the attention convs want.
+
+    Pooling first makes the copy a quarter of the size; on a (256, 3, 48, 48) batch on one CPU thread
+    this order took 7.8 ms against 11.8 ms for copy-then-pool.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.avg_pool2d(x, 2).contiguous(memory_format=torch.channels_last)
+
+
+@lru_cache(maxsize=32)
+def _interpolation_matrix(n_out: int, n_in: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(n_out, n_in) matrix of 1-D bilinear interpolation with ``align_corners=False`` (PyTorch's rule)."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0.0)
+    lo = src.floor().long().clamp(max=n_in - 1)
+    hi = (lo + 1).clamp(max=n_in - 1)
+    frac = src - lo
+    matrix = torch.zeros(n_out, n_in, dtype=torch.float64)
+    rows = torch.arange(n_out)
+    matrix.index_put_((rows, lo), 1.0 - frac, accumulate=True)
+    matrix.index_put_((rows, hi), frac, accumulate=True)
+    return matrix.to(device=device, dtype=dtype)
+
+
+def bilinear_upsample(k: Tensor, size: Sequence[int]) -> Tensor:
+    """``F.interpolate(k, size, mode="bilinear", align_corners=False)`` as two small matmuls.
+
+    Bilinear interpolation is separable: rows, then columns, each a fixed (out, in) matrix. The same
+    function, but its backward is two matmuls instead of PyTorch's scalar scatter kernel: forward +
+    backward of a (256, 1, 12, 12) -> 48x48 map took 5.2 ms against 23.9 ms on one CPU thread.
+    """
+    rows = _interpolation_matrix(int(size[0]), k.shape[-2], k.device, k.dtype)
+    cols = _interpolation_matrix(int(size[1]), k.shape[-1], k.device, k.dtype)
+    return rows @ k @ cols.T
 
 
 class SGAM(nn.Module):
@@ -84,7 +122,7 @@ class SGAM(nn.Module):
         # then runs on a quarter of the pixels, halving the attention net's cost; 4-pixel entities
         # are still 2 pixels wide there.
         strides = {1: (1, 1), 2: (1, 1), 4: (2, 1), 8: (2, 2)}[downsample]
-        layers: list[nn.Module] = [] if downsample == 1 else [nn.AvgPool2d(2)]
+        layers: list[nn.Module] = [] if downsample == 1 else [_PoolToChannelsLast()]
         channels = in_channels
         for stride in strides:
             layers += [nn.Conv2d(channels, hidden, 3, stride=stride, padding=1), nn.ReLU()]
@@ -109,9 +147,11 @@ class SGAM(nn.Module):
         """Low-resolution saliency logits s(x): (B, 1, ~H/downsample, ~W/downsample).
 
         The convs run on a channels-last copy (as the CNN backbone's do): 1.2x faster forward + backward
-        for these 3- and 8-channel maps on CPU, same function.
+        for these 3- and 8-channel maps on CPU, same function. The pooling layer makes that copy.
         """
-        return self.attention(x.contiguous(memory_format=torch.channels_last))
+        if self.downsample == 1:  # no pooling layer
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.attention(x)
 
     def keep_lowres(self, x: Tensor) -> Tensor:
         """The keep-mask at the saliency map's own resolution (what distillation compares)."""
@@ -130,7 +170,7 @@ class SGAM(nn.Module):
     def _upsample(k: Tensor, x: Tensor) -> Tensor:
         if k.shape[-2:] == x.shape[-2:]:
             return k
-        return F.interpolate(k, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return bilinear_upsample(k, x.shape[-2:])
 
     def pop_training_keep(self) -> Tensor | None:
         """The low-resolution keep map (with its graph) of the last training-mode forward, then forgotten.
