@@ -49,6 +49,16 @@ def test_bilinear_upsample_equals_interpolate_in_value_and_gradient(low: tuple[i
                                rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("size", [(48, 48), (47, 33)])
+def test_attention_pooling_is_average_pooling(size: tuple[int, int]) -> None:
+    x = torch.rand(3, 3, *size, dtype=torch.float64, requires_grad=True)
+    pool = SGAM(3, downsample=4).attention[0]
+    ours, reference = pool(x), F.avg_pool2d(x, 2)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-12)
+    g = torch.randn_like(reference)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(reference, x, g)[0])
+
+
 def test_fresh_gate_is_nearly_transparent() -> None:
     gate = SGAM(3, init_keep=0.95)
     k = gate.mask(torch.rand(4, 3, 48, 48)).detach()

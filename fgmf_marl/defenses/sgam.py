@@ -57,14 +57,18 @@ class _GradientShield(torch.autograd.Function):
 
 
 class _PoolToChannelsLast(nn.Module):
-    """2x2 average pooling, then the channels-last copy the attention convs want.
+    """2x2 average pooling (``nn.AvgPool2d(2)``), then the channels-last copy the attention convs want.
 
-    Pooling first makes the copy a quarter of the size; on a (256, 3, 48, 48) batch on one CPU thread
-    this order took 7.8 ms against 11.8 ms for copy-then-pool.
+    The pooling is the mean of the four strided quarter-images: the same function as ``F.avg_pool2d``
+    (odd rows and columns dropped alike), about twice as fast on CPU. Pooling before the copy makes the
+    copy a quarter of the size; on a (256, 3, 48, 48) batch on one CPU thread pool-then-copy took 7.8 ms
+    against 11.8 ms for copy-then-pool, and the strided mean with its copy 5.3 ms.
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.avg_pool2d(x, 2).contiguous(memory_format=torch.channels_last)
+        x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]
+        pooled = (x[..., ::2, ::2] + x[..., 1::2, ::2] + x[..., ::2, 1::2] + x[..., 1::2, 1::2]) * 0.25
+        return pooled.contiguous(memory_format=torch.channels_last)
 
 
 @lru_cache(maxsize=32)
