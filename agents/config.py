@@ -3,7 +3,7 @@
 Defaults are the embedded default job: the native coverage env, the small CNN, and a budget
 (1.1M agent-steps) that finished in 7 min 37 s alone on the 2-core machine the PPO defaults were
 tuned on by wall-clock learning curves (~2,400 agent-steps/s; see :class:`PPOConfig`). The budget is
-in agent-steps, not seconds, so the result does not depend on the CPU, but the time does: a slower
+in agent-steps, not seconds, so what is learned does not depend on the CPU's speed, but the time does: a slower
 AVX2-only 2-core EPYC trained at 1,353 agent-steps/s and took 13 min 43 s. Figures in the README.
 """
 from __future__ import annotations
