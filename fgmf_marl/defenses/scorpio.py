@@ -29,8 +29,9 @@ Choices the design leaves open, made here:
   on an eighth of every eighth minibatch (32 images of a 256 minibatch). Measured in the regularised
   phase (2 threads, 7 interleaved rounds): SCOR-PIO alone runs at 0.88x of vanilla PPO's throughput,
   SGAM alone at 0.76x, both (FGMF-PPO) at 0.66x (0.63-0.66x over three runs; 0.56x on one thread);
-  a default run's first 30% is unregularised, so a whole run does a little better. Every eighth minibatch rather than every fourth also halves the term's average
-  weight: at every fourth, FGMF-PPO kept 75% of vanilla's clean return (seeds 0, 1; 256 episodes).
+  a default run's first 30% is unregularised, so a whole run does a little better. Every eighth
+  minibatch rather than every fourth also halves the term's average weight: at every fourth,
+  FGMF-PPO kept 75% of vanilla's clean return (seeds 0, 1; 256 episodes).
 * Attention layers are run on PyTorch's math SDPA kernel inside the regulariser, because the
   fused CPU attention kernel has no double backward; this does not change the policy.
 """
