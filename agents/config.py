@@ -3,9 +3,9 @@
 Defaults are the embedded default job: the native coverage env, the small CNN, and a budget
 (1.1M agent-steps) that finished in 7 min 37 s alone on the 2-core machine the PPO defaults were
 tuned on by wall-clock learning curves (~2,400 agent-steps/s; see :class:`PPOConfig`). The budget is
-in agent-steps, not seconds, so what is learned does not depend on the CPU's speed, but the time does: a slower
-AVX2-only 2-core EPYC trained at 1,284-1,353 agent-steps/s and took 13 min 43 s to 14 min 26 s. Figures in
-the README.
+in agent-steps, not seconds, so what is learned does not depend on the CPU's speed, but the time
+does: a slower AVX2-only 2-core EPYC trained at 1,284-1,353 agent-steps/s and took 13 min 43 s to
+14 min 26 s. Figures in the README.
 """
 from __future__ import annotations
 
@@ -87,13 +87,13 @@ class PPOConfig:
     curve, flat from 1M to 1.5M); 2 x 256, lr 7.5e-4 linear: 0.821 ± 0.237 at 1.1M (10 min 3 s).
     The same settings over five runs (1M: 0.732, 0.692, 0.671 for seeds 0-2; 1.1M: 0.821, 0.700)
     average 0.72. Re-evaluated on 256 episodes: seeds 0-2 at 1M 0.803, 0.750, 0.697; seed 0 at 1.1M
-    0.795, at 1.35M 0.812. The 0.8 goal is met by seed 0 (the default) but not reliably across seeds.
+    0.795, at 1.35M 0.812 (all at ent_coef 0.01): the 0.8 goal is met by seed 0 but not across seeds.
     Smaller CNNs run faster but learn less per step ((16, 16, 16): 4,573 vs 2,356 agent-steps/s,
     0.760 at 2M), so the architecture stays.
 
-    ``ent_coef`` is 0.003 (was 0.01), likely because evaluation is deterministic and 0.01 kept the
-    policy more random than the task needs (not measured directly). Seeds 0/1/2 at the 1.1M default
-    budget, 256 episodes each, on a 2-core AVX2-only EPYC: 0.777 / 0.789 / 0.758 (mean 0.775) against
+    ``ent_coef`` is 0.003 (was 0.01): it scores higher, likely because evaluation is deterministic
+    and 0.01 kept the policy more random than the task needs (not measured directly). Seeds 0/1/2
+    at the 1.1M default budget, 256 episodes each, on a 2-core AVX2-only EPYC: 0.777 / 0.789 / 0.758 (mean 0.775) against
     0.750 / 0.758 / 0.752 (mean 0.753) at 0.01, better on every seed at the same cost (seed 0 alone at
     two threads, seeds 1-2 paired at one thread each; seed 0 at one thread scored 0.841, as thread
     count changes float summation order). It does not buy a shorter budget (750k: 0.743 / 0.697, seeds
