@@ -91,14 +91,14 @@ class PPOConfig:
     Smaller CNNs run faster but learn less per step ((16, 16, 16): 4,573 vs 2,356 agent-steps/s,
     0.760 at 2M), so the architecture stays.
 
-    ``ent_coef`` is 0.003 (was 0.01): it scores higher, likely because evaluation is deterministic
-    and 0.01 kept the policy more random than the task needs (not measured directly). Seeds 0/1/2
-    at the 1.1M default budget, 256 episodes each, on a 2-core AVX2-only EPYC: 0.777 / 0.789 / 0.758 (mean 0.775) against
-    0.750 / 0.758 / 0.752 (mean 0.753) at 0.01, better on every seed at the same cost (seed 0 alone at
-    two threads, seeds 1-2 paired at one thread each; seed 0 at one thread scored 0.841, as thread
-    count changes float summation order). It does not buy a shorter budget (750k: 0.743 / 0.697, seeds
-    0/1), nor do smaller CNNs with it at budgets of equal time there ((16, 16, 16) at 1.25M: 0.754;
-    (8, 16, 16) at 1.5M: 0.673; seed 0).
+    ``ent_coef`` is 0.003 (was 0.01): it scores higher, likely because evaluation is deterministic and
+    0.01 kept the policy more random than the task needs (not measured directly). Seeds 0/1/2 at the
+    1.1M default budget, 256 episodes each, on a 2-core AVX2-only EPYC: 0.777 / 0.789 / 0.758 (mean
+    0.775) against 0.750 / 0.758 / 0.752 (mean 0.753) at 0.01, better on every seed at the same cost
+    (seed 0 alone at two threads, seeds 1-2 paired at one thread each; seed 0 at one thread scored
+    0.841, as thread count changes float summation order). It does not buy a shorter budget (750k: 0.743
+    / 0.697, seeds 0/1), nor do smaller CNNs with it at budgets of equal time there ((16, 16, 16) at
+    1.25M: 0.754; (8, 16, 16) at 1.5M: 0.673; seed 0).
     """
 
     learning_rate: float = 7.5e-4
