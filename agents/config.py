@@ -88,9 +88,9 @@ class PPOConfig:
     - 1 x 128, lr 1e-3 (the default), at 1.1M: seeds 0-4 alone **0.796 / 0.766 / 0.884 / 0.779 / 0.765**
       (mean 0.798) in 9 min 20 s to 10 min 6 s; seeds 1/2 paired 0.802 / 0.768. At 1.2M, seed 0: 0.917
       alone (10 min 38 s), 0.797 paired; at lr 7.5e-4, 0.792 paired; seeds 1/2 paired with clip_range 0.1:
-      0.768 / 0.770, with n_steps 128: 0.752 / 0.714. So 0.8 in 10 minutes is met for the time (one run 6 s over), not yet for the
-      score; the spread between runs (~0.05, from seed and thread count) is larger than any
-      difference between these settings.
+      0.768 / 0.770, with n_steps 128: 0.752 / 0.714. So 0.8 in 10 minutes is met for the time (one
+      run 6 s over), not yet for the score; the spread between runs (~0.05, from seed and thread
+      count) is larger than any difference between these settings.
     - 2 x 256, lr 7.5e-4 (the former default): seeds 0/1/2 at 1.1M 0.777 (alone, 14 min 26 s) / 0.789 /
       0.758 (paired); at 750k (~10 min alone) 0.743 / 0.697 (seeds 0/1, paired); with lr 1e-3 at 750k
       0.815 / 0.740 (paired) / 0.739 (alone).
