@@ -1,7 +1,7 @@
 """The run config of ``scripts/train_marl.py``: env, policy, PPO and defense sections.
 
 Defaults are the embedded default job: the native coverage env, the small CNN, and a budget
-(1.1M agent-steps) that took 9 min 20 s to 10 min 6 s alone on a 2-core AVX2-only EPYC (1,846-2,005
+(1M agent-steps) that took 8 min 21 s to 9 min 53 s alone on a 2-core AVX2-only EPYC (1,718-2,035
 agent-steps/s; see :class:`PPOConfig`). The budget is in agent-steps, not seconds, so what is learned
 does not depend on the CPU's speed, but the time does. Figures in the README.
 """
@@ -76,23 +76,44 @@ class PPOConfig:
     0.5 oracle-normalised after 215k agent-steps, gamma 0.95 / lambda 0.95 with local_ratio 0.5 was
     at 0.04 after 95k, and lr 1.5e-3 with 8 epochs at 0.005 after 43k.
 
+    **vf_coef 0.05** (SB3's 0.5 starved the policy). Policy and value share the CNN, and the value loss
+    here is ~5-20 (discounted returns up to ~10 in env units, with potential jumps when the oracle's
+    assignment switches). At 0.5 the value term's gradient was 4-15x the policy term's: per-minibatch
+    norms on fresh rollouts from the seed-0 run's checkpoints, value vs policy, 3.0 vs 0.59 at 100k, 9.7
+    vs 1.18 at 500k, 15.2 vs 1.05 at 900k. Every minibatch's total exceeded ``max_grad_norm`` (0.5), so
+    the clipped step was almost all value gradient and grew more so as returns grew. At 0.05 the two are
+    comparable: 0.43 vs 0.90 at 100k, 0.82 vs 1.11 at 500k, 0.47 vs 1.45 at 900k. Scaling the rewards
+    would do much the same (advantages are normalised, so scaling rewards by c only scales the value
+    loss by c^2); the coefficient keeps every logged return in env units. Effect, seed 0, deterministic
+    256-episode evaluation of the checkpoints on held-out seeds, at 100k / 200k / 300k / 1.1M: 0.336 /
+    0.566 / 0.737 / 0.784 at 0.5 (run alone), 0.756 / 0.863 / 0.871 / 0.856 at 0.05 (paired). The policy
+    now learns most of the task in the first 300k agent-steps; what is left is slow.
+
+    Results of the defaults (1 x 128, lr 1e-3, vf_coef 0.05, 1M), the default command alone on a 2-core
+    AVX2-only EPYC, 256 deterministic episodes: seeds 0-4 **0.856 / 0.801 / 0.805 / 0.808 / 0.806**
+    (mean 0.815) in 8 min 21 s to 9 min 53 s (1,718-2,035 agent-steps/s; the machine's speed varied
+    between runs). The same command at vf_coef 0.5 and 1.1M scored 0.796 / 0.766 / 0.884 / 0.779 / 0.765
+    (mean 0.798): the new defaults are higher on four seeds of five, lower on seed 2, in less time.
+    Paired (two 1-thread runs side by side; thread count changes float summation order, so only like is
+    compared with like) at 1.1M, seeds 0/1/2: 0.863 / 0.794 / 0.845 at vf_coef 0.05 against 0.797 (1.2M)
+    / 0.802 / 0.768 at 0.5; seed 0 at vf_coef 0.1: 0.866. The budget went from 1.1M to 1M for time: 1.1M
+    took 9 min 20 s to 10 min 6 s alone, and the checkpoints at 1M and 1.1M scored alike (0.876 / 0.856
+    at 0.05, seed 0).
+
     The update is what costs (rollouts run at ~6-12k agent-steps/s, the update at ~1.1-3.5k), so the
     defaults buy gradient steps cheaply: **one epoch of minibatches of 128** at lr 1e-3 annealed
     linearly to 0 (CleanRL's ``anneal_lr``). That is as many gradient steps per sample as the former 2
-    epochs x 256, at half the update's compute: the job trains ~1.5x faster (alone on a 2-core AVX2-only
-    EPYC: 1,846-2,005 agent-steps/s against 1,284) and scores as well or better at the same 1.1M budget.
-    Measured there, 256 deterministic episodes each (``paired`` = two 1-thread runs side by side,
-    ``alone`` = one run on both cores; thread count changes float summation order, so only like is
-    compared with like):
+    epochs x 256, at half the update's compute: ~1.5x faster (alone on the AVX2 EPYC: 1,846-2,005
+    agent-steps/s against 1,284), scoring as well or better at 1.1M. At vf_coef 0.5 (before the
+    change above), 1.1M, 256 episodes:
 
-    - 1 x 128, lr 1e-3 (the default), at 1.1M: seeds 0-4 alone **0.796 / 0.766 / 0.884 / 0.779 / 0.765**
-      (mean 0.798) in 9 min 20 s to 10 min 6 s; seeds 1/2 paired 0.802 / 0.768. At 1.2M, seed 0: 0.917
-      alone (10 min 38 s), 0.797 paired; at lr 7.5e-4, 0.792 paired; seeds 1/2 paired with clip_range 0.1:
-      0.768 / 0.770, with n_steps 128: 0.752 / 0.714. So 0.8 in 10 minutes is met for the time (one
-      run 6 s over), not yet for the score; the spread between runs (~0.05, from seed and thread
-      count) is larger than any difference between these settings.
-    - 2 x 256, lr 7.5e-4 (the former default): seeds 0/1/2 at 1.1M 0.777 (alone, 14 min 26 s) / 0.789 /
-      0.758 (paired); at 750k (~10 min alone) 0.743 / 0.697 (seeds 0/1, paired); with lr 1e-3 at 750k
+    - 1 x 128, lr 1e-3: seeds 0-4 alone 0.796 / 0.766 / 0.884 / 0.779 / 0.765 (mean 0.798); seeds 1/2
+      paired 0.802 / 0.768. At 1.2M, seed 0: 0.917 alone (10 min 38 s), 0.797 paired; at lr 7.5e-4,
+      0.792 paired; seeds 1/2 paired with clip_range 0.1: 0.768 / 0.770, with n_steps 128: 0.752 /
+      0.714. The spread between runs (~0.05, from seed and thread count) was larger than any
+      difference between these settings.
+    - 2 x 256, lr 7.5e-4 (the former default): seeds 0/1/2 0.777 (alone, 14 min 26 s) / 0.789 / 0.758
+      (paired); at 750k (~10 min alone) 0.743 / 0.697 (seeds 0/1, paired); with lr 1e-3 at 750k
       0.815 / 0.740 (paired) / 0.739 (alone).
 
     Earlier, on a faster 2-core machine (~2,400 agent-steps/s for 2 x 256), oracle-normalised
@@ -117,7 +138,7 @@ class PPOConfig:
     gae_lambda: float = 0.8
     clip_range: float = 0.2
     ent_coef: float = 0.003
-    vf_coef: float = 0.5
+    vf_coef: float = 0.05
     max_grad_norm: float = 0.5
 
     def learning_rate_schedule(self) -> float | LinearSchedule:
@@ -148,7 +169,7 @@ class TrainConfig:
     """
 
     seed: int = 0
-    timesteps: int = 1_100_000
+    timesteps: int = 1_000_000
     device: str = "cpu"
     checkpoint_every: int = 100_000
     eval_episodes: int = 256
