@@ -1,5 +1,6 @@
 # make train: set up .venv (if missing) and train on the embedded default (native env, CNN, ~10 min).
-# make test:  set up .venv (if missing) and run the default test suite (slow tests excluded).
+# make test:  set up .venv (if missing), check the import floors (lint-imports), run the default test
+#             suite (slow tests excluded).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -21,6 +22,7 @@ train: $(STAMP)
 	$(BIN)/python scripts/train_marl.py $(ARGS)
 
 test: $(STAMP)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q $(ARGS)
 
 test-slow: $(STAMP)

@@ -28,9 +28,7 @@ toward action a" the director may pick two policy-level directions that need no 
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -39,12 +37,17 @@ import gymnasium as gym
 import numpy as np
 import torch
 from pettingzoo import ParallelEnv
+from stable_baselines3 import PPO
+from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import VecEnv
 from torch import Tensor
 
+from fgmf_marl import config as cfglib
 from fgmf_marl.attacks import PGD, Attack
 from fgmf_marl.attacks.gradient import LEAST_LIKELY
-from fgmf_marl.config import ConfigError
+from fgmf_marl.config import ConfigError, check_device, check_seed
+from fgmf_marl.policy import PolicyLike, TargetLike
+from fgmf_marl.runs import resolve_checkpoint
 
 ADVERSARY = "adversary_0"
 
@@ -67,7 +70,7 @@ class DirectorCore:
     rediscover them, which a director starting from scratch could not do in its budget.
     """
 
-    def __init__(self, view: Any, eps: float, n_agents: int, actor_steps: int = 10, quantize: bool = False) -> None:
+    def __init__(self, view: PolicyLike, eps: float, n_agents: int, actor_steps: int = 10, quantize: bool = False) -> None:
         self.view = view
         self.n_agents = n_agents
         self.n_actions = int(view.n_actions)
@@ -112,7 +115,7 @@ class AdversaryParallelEnv(ParallelEnv):
 
     metadata = {"name": "adversary_v0", "render_modes": []}
 
-    def __init__(self, env: ParallelEnv, victim: Any, eps: float, actor_steps: int = 10) -> None:
+    def __init__(self, env: ParallelEnv, victim: PolicyLike, eps: float, actor_steps: int = 10) -> None:
         self.env = env
         self.victims = list(env.possible_agents)
         self.possible_agents = [*self.victims, ADVERSARY]
@@ -174,7 +177,7 @@ class AdversaryParallelEnv(ParallelEnv):
 class AdversaryVecEnv(VecEnv):
     """SB3 VecEnv of the director over a batched victim VecEnv: one slot per env copy."""
 
-    def __init__(self, venv: VecEnv, victim: Any, eps: float, n_agents: int, actor_steps: int = 10) -> None:
+    def __init__(self, venv: VecEnv, victim: PolicyLike, eps: float, n_agents: int, actor_steps: int = 10) -> None:
         self.venv, self.n_agents = venv, n_agents
         self.core = DirectorCore(victim, eps, n_agents, actor_steps)
         c, h, w = venv.observation_space.shape
@@ -258,14 +261,17 @@ class AdversaryConfig:
             raise ConfigError("actor_steps, timesteps, n_envs, n_steps, n_epochs must be >= 1 and batch_size >= 2")
         if not 0 < self.warm_start_prob < 1:
             raise ConfigError(f"warm_start_prob={self.warm_start_prob:g} is out of range; accepted: (0, 1)")
+        if not self.learning_rate > 0 or not 0 < self.gamma <= 1:
+            raise ConfigError(f"learning_rate={self.learning_rate:g} must be > 0 and gamma={self.gamma:g} in (0, 1]")
+        check_seed(self.seed)
+        check_device(self.device)
 
 
-def warm_start(policy: Any, core: DirectorCore, option: str, prob: float) -> None:
+def warm_start(policy: ActorCriticPolicy, core: DirectorCore, option: str, prob: float) -> None:
     """Bias the director's initial logits so each victim's ``option`` has probability ``prob``.
 
-    Why: a director that starts uniform over its options is far weaker than PGD (measured: 0.161
-    vs PGD's 0.064 oracle-normalised at eps 2/255 after 12k steps) and spends its budget
-    rediscovering fixed attacks. Starting at the least-likely attack (the strongest fixed option
+    Why: a director that starts uniform over its options is far weaker than PGD (measurements:
+    docs/EXPERIMENTS.md, "The adversary's warm start") and spends its budget rediscovering fixed attacks. Starting at the least-likely attack (the strongest fixed option
     measured on the default victim) turns training into a search for *improvements*, as PA-AD
     intends; the other options keep ``1 - prob`` of the mass, so PPO still explores them. SB3's
     orthogonal init with gain 0.01 makes the initial logits ~ the bias.
@@ -279,51 +285,6 @@ def warm_start(policy: Any, core: DirectorCore, option: str, prob: float) -> Non
         bias[:, index] = float(np.log(prob * (core.n_options - 1) / (1 - prob)))
 
 
-def make_training_env(cfg: AdversaryConfig, victim: Any) -> AdversaryVecEnv:
-    from envs.registry import make_vec_env, n_agents_of
-
-    env_cfg = dataclasses.replace(victim.train_config.env, n_envs=cfg.n_envs)
-    venv = make_vec_env(env_cfg, seed=cfg.seed + 20_000)  # never a training or evaluation seed of the victim
-    return AdversaryVecEnv(venv, victim.view, cfg.eps / 255.0, n_agents_of(venv, env_cfg), cfg.actor_steps)
-
-
-def train_adversary(cfg: AdversaryConfig, run_root: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Train the director with PPO against the frozen victim; returns a summary (also in eval/summary.json)."""
-    from stable_baselines3 import PPO
-    from stable_baselines3.common.vec_env import VecMonitor
-
-    from agents.policies import ImageFeatures
-    from agents.trainer import save_checkpoint
-    from fgmf_marl import config as cfglib
-    from fgmf_marl.config import atomic_write_text
-    from fgmf_marl.evaluation import load_victim
-    from fgmf_marl.runs import staged_run_dir
-
-    cfglib.validate(cfg)
-    victim = load_victim(cfg.victim, cfg.device)
-    for p in victim.view.parameters():
-        p.requires_grad_(False)  # frozen: the director's PPO must never touch the victim
-    venv = make_training_env(cfg, victim)
-    try:
-        with staged_run_dir(Path(run_root)) as run:
-            cfglib.save_yaml(cfg, run.config)
-            # VecMonitor: TensorBoard's rollout/ep_rew_mean is minus the team return under attack
-            model = PPO("CnnPolicy", VecMonitor(venv), learning_rate=cfg.learning_rate, n_steps=cfg.n_steps, batch_size=cfg.batch_size,
-                        n_epochs=cfg.n_epochs, ent_coef=cfg.ent_coef, gamma=cfg.gamma, seed=cfg.seed, device=cfg.device,
-                        tensorboard_log=str(run.tensorboard), verbose=0,
-                        policy_kwargs=dict(features_extractor_class=ImageFeatures,
-                                           features_extractor_kwargs=dict(backbone="cnn")))
-            warm_start(model.policy, venv.core, cfg.warm_start, cfg.warm_start_prob)
-            model.learn(cfg.timesteps, progress_bar=progress, tb_log_name="director")
-            save_checkpoint(model, run.final_checkpoint)
-    finally:
-        venv.close()
-    summary = {"victim": cfg.victim, "eps255": cfg.eps, "timesteps": int(model.num_timesteps)}
-    run.eval.mkdir(exist_ok=True)
-    atomic_write_text(run.eval / "summary.json", json.dumps(summary, indent=2))
-    return summary
-
-
 # ------------------------------------------------------------------------------ as an attack
 class AdversaryAttack(Attack):
     """The trained director + targeted-PGD actor as an attack on all slots of a step.
@@ -334,7 +295,7 @@ class AdversaryAttack(Attack):
 
     name = "adversary"
 
-    def __init__(self, director: Any, n_agents: int, eps: float, *, steps: int = 10, quantize: bool = False,
+    def __init__(self, director: PPO, n_agents: int, eps: float, *, steps: int = 10, quantize: bool = False,
                  deterministic: bool = True) -> None:
         super().__init__(eps, quantize=quantize)
         self.director = director
@@ -347,7 +308,7 @@ class AdversaryAttack(Attack):
         actions, _ = self.director.predict(stack_agents(uint8, self.n_agents), deterministic=self.deterministic)
         return np.asarray(actions)
 
-    def perturb(self, view: Any, obs: Tensor, *, agent_mask: Tensor | None = None, target: Any = None) -> Tensor:
+    def perturb(self, view: PolicyLike, obs: Tensor, *, agent_mask: Tensor | None = None, target: TargetLike = None) -> Tensor:
         if obs.shape[0] % self.n_agents:
             raise ValueError(f"the adversary attacks whole envs: {obs.shape[0]} rows is not a multiple of "
                              f"n_agents={self.n_agents}")
@@ -355,13 +316,13 @@ class AdversaryAttack(Attack):
         allowed = None if agent_mask is None else torch.as_tensor(agent_mask, device=obs.device).bool()
         return core.realise(obs.detach(), self.decisions(obs), allowed)
 
-    def _attack(self, view: Any, clean: Tensor, target: Tensor | None) -> Tensor:  # pragma: no cover - perturb overrides
+    def _attack(self, view: PolicyLike, clean: Tensor, target: Tensor | None) -> Tensor:  # pragma: no cover - perturb overrides
         return self.perturb(view, clean)
 
 
 @dataclass
 class LoadedAdversary:
-    director: Any
+    director: PPO
     config: AdversaryConfig
     n_agents: int
 
@@ -370,12 +331,7 @@ class LoadedAdversary:
 
 
 def load_adversary(path: str | Path, device: str = "cpu") -> LoadedAdversary:
-    """Load a director written by ``train_adversary`` (its run directory or final.zip)."""
-    from stable_baselines3 import PPO
-
-    from fgmf_marl import config as cfglib
-    from fgmf_marl.runs import resolve_checkpoint
-
+    """Load a director written by ``scripts/train_adversary.py`` (its run directory or final.zip)."""
     ckpt, run = resolve_checkpoint(path)
     if run is None:
         raise ConfigError(f"adversary {str(path)!r} has no config.yaml beside its checkpoints (use its run directory)")
@@ -386,41 +342,3 @@ def load_adversary(path: str | Path, device: str = "cpu") -> LoadedAdversary:
     director = PPO.load(str(ckpt), device=device)
     n_agents = len(director.action_space.nvec)
     return LoadedAdversary(director=director, config=cfg, n_agents=n_agents)
-
-
-# ------------------------------------------------------------------------------ CLI
-def build_parser() -> Any:
-    from fgmf_marl.cli import ArgumentParser
-
-    p = ArgumentParser(prog="train_adversary.py", description="Train a PA-AD-style adversary director against a "
-                       "frozen victim checkpoint. Extra KEY=VALUE arguments override config keys.")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    p.add_argument("--victim", required=True, help="victim run directory or .zip checkpoint")
-    p.add_argument("--eps", type=float, help="budget in 1/255 units (default 8)")
-    p.add_argument("--timesteps", type=int, help="director steps to train (default 20000)")
-    p.add_argument("--run-dir", type=Path, help="output run directory (default runs/adversary-<victim>-eps<eps>)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def main(argv: Any = None) -> int:
-    from fgmf_marl import config as cfglib
-
-    args = build_parser().parse_args(argv)
-    flags = {"victim": args.victim, "eps": args.eps, "timesteps": args.timesteps}
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
-    cfg = cfglib.load(AdversaryConfig, None, overrides)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run_dir = args.run_dir or Path("runs") / f"adversary-{Path(cfg.victim).name}-eps{cfg.eps:g}"
-    summary = train_adversary(cfg, run_dir, progress=not args.no_progress)
-    print(json.dumps(summary))
-    print(f"adversary: {run_dir}  (use as: evaluate.py {cfg.victim} --attacks adversary:path={run_dir})")
-    return 0
-
-
-def cli(argv: Any = None) -> int:
-    from fgmf_marl.cli import run_cli
-
-    return run_cli(main, argv, prog="train_adversary.py")

@@ -1,9 +1,11 @@
 """Builds and loads the PPO variant that a ``DefenseConfig`` asks for.
 
-``none`` is SB3's own ``PPO``; ``scorpio``, ``sgam`` and ``fgmf`` are ``agents.fgmf_ppo.FGMFPPO``;
-``sappo`` is ``agents.sappo.SAPPO``. SGAM changes the network (a gate module in front of the
-backbone), so a checkpoint is loaded through the defended class, which rebuilds the gate from the
-run's ``defense`` config before the weights are read.
+A defense kind names the components it trains (``fgmf_marl.defenses.config.DEFENSES``); the
+algorithm is the first class of :data:`ALGORITHMS` that trains all of them: SB3's own ``PPO`` for
+``none``, ``agents.fgmf_ppo.FGMFPPO`` for ``scorpio``/``sgam``/``fgmf``, ``agents.sappo.SAPPO`` for
+``sappo``. SGAM changes the network (a gate module in front of the backbone), so a checkpoint is
+loaded through the defended class, which rebuilds the gate from the run's ``defense`` config before
+the weights are read.
 """
 from __future__ import annotations
 
@@ -13,24 +15,27 @@ from typing import Any
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import VecEnv
 
+from agents.fgmf_ppo import FGMFPPO
+from agents.regularised_ppo import RegularisedPPO
+from agents.sappo import SAPPO
 from fgmf_marl import config as cfglib
 from fgmf_marl.config import ConfigError
-from fgmf_marl.defenses.config import DEFENSE_KINDS, DefenseConfig
+from fgmf_marl.defenses.config import DEFENSE_KINDS, DEFENSES, DefenseConfig
+
+#: defended algorithms, most specific last; plain SB3 PPO trains the kinds with no component
+ALGORITHMS: tuple[type[RegularisedPPO], ...] = (FGMFPPO, SAPPO)
 
 
 def algorithm_class(kind: str) -> type[PPO]:
     """The algorithm class that trains (and loads) a policy with defense ``kind``."""
-    if kind == "none":
+    if kind not in DEFENSES:
+        raise ConfigError(f"defense.kind={kind!r} is unknown; accepted: {', '.join(DEFENSE_KINDS)}")
+    if not DEFENSES[kind]:
         return PPO
-    if kind in ("scorpio", "sgam", "fgmf"):
-        from agents.fgmf_ppo import FGMFPPO
-
-        return FGMFPPO
-    if kind == "sappo":
-        from agents.sappo import SAPPO
-
-        return SAPPO
-    raise ConfigError(f"defense.kind={kind!r} is unknown; accepted: {', '.join(DEFENSE_KINDS)}")
+    for cls in ALGORITHMS:
+        if cls.trains(kind):
+            return cls
+    raise ConfigError(f"defense.kind={kind!r}: no algorithm trains its components {sorted(DEFENSES[kind])}")
 
 
 def build_model(defense: DefenseConfig, env: VecEnv, policy_kwargs: dict[str, Any], ppo_kwargs: dict[str, Any]) -> PPO:

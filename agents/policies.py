@@ -31,10 +31,9 @@ class CnnBackbone(nn.Module):
     landmark is nearest depends on where things are, and pooling would throw that away.
 
     The convolutions run on a channels-last copy of the input, a layout oneDNN's CPU kernels prefer:
-    the same function (outputs equal up to float summation order, tested) and 1.15x faster forward +
-    backward (minibatch 256, one thread, median of 8 interleaved rounds; converting the weights too
-    gave 1.17x, not worth breaking SB3's orthogonal init, which needs the default layout). Flatten
-    still reads the map in (C, H, W) order.
+    the same function (outputs equal up to float summation order, tested), faster forward + backward.
+    The weights keep the default layout, which SB3's orthogonal init needs; flatten still reads the
+    map in (C, H, W) order (measurements: docs/EXPERIMENTS.md, "Throughput and speed").
     """
 
     def __init__(self, in_channels: int, height: int, width: int, channels: tuple[int, int, int] = (16, 32, 32),
@@ -149,6 +148,11 @@ class ImageFeatures(BaseFeaturesExtractor):
         return features.float()
 
 
+def image_extractors(policy: nn.Module) -> list[ImageFeatures]:
+    """Every ``ImageFeatures`` inside ``policy`` (the actor's and critic's, once each when shared)."""
+    return [m for m in policy.modules() if isinstance(m, ImageFeatures)]
+
+
 @contextmanager
 def compute_dtype(policy: nn.Module, dtype: torch.dtype) -> Iterator[None]:
     """Run the ``forward`` of every ``ImageFeatures`` in ``policy`` under autocast to ``dtype`` inside the block.
@@ -158,7 +162,7 @@ def compute_dtype(policy: nn.Module, dtype: torch.dtype) -> Iterator[None]:
     differences, double backprop and attack gradients need the precision. Weights stay float32 either way
     (autocast keeps float32 master weights), so a checkpoint is the same kind of object.
     """
-    extractors = [m for m in policy.modules() if isinstance(m, ImageFeatures)]
+    extractors = image_extractors(policy)
     previous = [m.compute_dtype for m in extractors]
     for m in extractors:
         m.compute_dtype = dtype

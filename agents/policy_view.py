@@ -1,8 +1,8 @@
-"""``PolicyView``: the one way attacks, attributions, defenses and the audit call a policy.
+"""``PolicyView``: the :class:`~fgmf_marl.policy.PolicyLike` of an SB3 actor-critic with our extractor.
 
 SB3's ``ActorCriticPolicy.forward`` samples actions from uint8 observations. Everything in
 fgmf-marl that differentiates through a policy instead wants *float images in [0, 1]* (the
-attacker's scale, see DESIGN.md "threat model") mapped to action logits and values. This view
+attacker's scale, see docs/DESIGN.md, "Threat model") mapped to action logits and values. This view
 bypasses SB3's ``preprocess_obs`` (which only divides by 255) and calls the same modules, so a
 view's logits on ``obs / 255`` equal the logits the trained policy acts on.
 """
@@ -12,7 +12,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import Tensor, nn
 
-from agents.policies import ImageFeatures
+from agents.policies import ImageFeatures, image_extractors
 
 
 class PolicyView(nn.Module):
@@ -23,9 +23,9 @@ class PolicyView(nn.Module):
 
     def __init__(self, policy: ActorCriticPolicy) -> None:
         super().__init__()
-        extractor = policy.pi_features_extractor
+        extractor = getattr(policy, "pi_features_extractor", None)
         if not isinstance(extractor, ImageFeatures):
-            raise TypeError(f"PolicyView needs an ImageFeatures extractor, got {type(extractor).__name__}")
+            raise TypeError(f"PolicyView needs a policy with an ImageFeatures extractor, got {type(policy).__name__}")
         self.policy = policy
         self.extractor: ImageFeatures = extractor
 
@@ -37,6 +37,11 @@ class PolicyView(nn.Module):
     def gate(self) -> nn.Module:
         """The input gate in front of the backbone (identity, or an SGAM layer)."""
         return self.extractor.gate
+
+    def set_gate(self, module: nn.Module) -> None:
+        """Install ``module`` in front of every ``ImageFeatures`` of the policy (actor's and critic's alike)."""
+        for extractor in image_extractors(self.policy):
+            extractor.gate = module
 
     @property
     def n_actions(self) -> int:
@@ -66,3 +71,22 @@ class PolicyView(nn.Module):
             latent_pi, latent_vf = self.policy.mlp_extractor(features)
             return self.policy.action_net(latent_pi), self.policy.value_net(latent_vf).squeeze(-1)
         return self.forward(obs), self.value(obs)
+
+    def actor_layers(self) -> list[tuple[str, nn.Module]]:
+        """Parametrised modules on the actor path, input to output, at the granularity Adebayo et al. use."""
+        backbone = self.extractor.backbone
+        layers: list[tuple[str, nn.Module]] = []
+        for name, child in backbone.named_children():
+            if name == "fc":
+                continue
+            if isinstance(child, nn.Sequential):
+                layers += [(f"backbone.{name}.{n}", m) for n, m in child.named_children() if any(True for _ in m.parameters())]
+            elif any(True for _ in child.parameters()):
+                layers.append((f"backbone.{name}", child))
+        if any(isinstance(v, nn.Parameter) for v in backbone._parameters.values()):
+            layers.insert(1 if layers else 0, ("backbone.params", backbone))
+        layers.append(("backbone.fc", backbone.fc))
+        if any(True for _ in self.policy.mlp_extractor.policy_net.parameters()):
+            layers.append(("mlp_extractor.policy_net", self.policy.mlp_extractor.policy_net))
+        layers.append(("action_net", self.policy.action_net))
+        return layers

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from agents.fgmf_ppo import RegularisedPPO
 from agents.policy_view import PolicyView
+from agents.regularised_ppo import RegularisedPPO
 
 
 def policy_kl(clean_logits: Tensor, perturbed_logits: Tensor) -> Tensor:
@@ -54,8 +54,8 @@ def kl_pgd_delta(view: PolicyView, x: Tensor, clean_logits: Tensor, eps: float, 
 class SAPPO(RegularisedPPO):
     """PPO + SA-PPO's KL smoothness regulariser (``defense.kind = sappo``, knobs in ``defense.sappo``)."""
 
+    components: ClassVar[frozenset[str]] = frozenset({"sappo"})
     default_kind: ClassVar[str] = "sappo"
-    _allowed_kinds: ClassVar[tuple[str, ...]] = ("sappo",)
 
     def _regularisers(self, obs01: Tensor, actions: Tensor) -> dict[str, Tensor]:
         cfg = self.defense.sappo

@@ -22,9 +22,9 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from agents.config import TrainConfig
+from fgmf_marl.jobs.train_config import TrainConfig
 from agents.defended import build_model
-from agents.trainer import ppo_kwargs
+from fgmf_marl.jobs.train import ppo_kwargs
 from envs.registry import make_vec_env
 from fgmf_marl import config as cfglib
 

@@ -25,8 +25,9 @@ from gymnasium import spaces
 from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvStepReturn
 
-from envs.native import (BACKGROUND, DISTRACTORS, LANDMARK, MOVES, N_ACTIONS, OWN, RENDER_AGENTS, TEAMMATE, WALL,
-                         CoverageConfig, _ring, bounce, egocentric, oracle_action, oracle_assignment, sample_episode)
+from envs.native import (ACTION_NAMES, BACKGROUND, DISTRACTORS, LANDMARK, MOVES, N_ACTIONS, OWN, RENDER_AGENTS, TEAMMATE,
+                         WALL, CoverageConfig, bounce, egocentric, oracle_action, oracle_assignment, ring_mask,
+                         sample_episode)
 
 
 class BatchedCoverage:
@@ -51,7 +52,7 @@ class BatchedCoverage:
         # top-left pixel.
         ys, xs = np.nonzero(np.ones((e, e), bool))
         self._fill = ys * s + xs
-        ys, xs = np.nonzero(_ring(e))
+        ys, xs = np.nonzero(ring_mask(e))
         self._ringoff = ys * s + xs
         self._chan = np.arange(3) * s * s
         self._frame_off = np.arange(b) * 3 * s * s
@@ -307,6 +308,13 @@ class CoverageVecEnv(VecEnv):
 
     def render(self, mode: str | None = None) -> np.ndarray:
         """Global frames of every env, (n_envs, H, W, 3) uint8."""
+        return self.global_frames()
+
+    # ---- what the oversight log records beside the agents' views --------------------------------
+    action_names = ACTION_NAMES
+
+    def global_frames(self) -> np.ndarray:
+        """Global frames of every env, (n_envs, H, W, 3) uint8: the replay's view of the whole arena."""
         return self.core.render_frames()
 
     # ---- ground truth and oracle, per slot ------------------------------------------------------

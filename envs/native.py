@@ -77,7 +77,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -97,9 +97,10 @@ WALL = np.array([90, 90, 90], dtype=np.uint8)  # outside the arena, in the egoce
 RENDER_AGENTS = np.array([[240, 60, 60], [60, 100, 240], [250, 160, 40], [40, 220, 220],
                           [250, 250, 250], [160, 90, 250], [150, 150, 150], [250, 120, 180]], dtype=np.uint8)
 
-N_ACTIONS = 5
-# (dy, dx) per action, in units of agent_speed.
+# (dy, dx) per action, in units of agent_speed, and the actions' names (replays label actions with them).
 MOVES = np.array([[0, 0], [-1, 0], [1, 0], [0, -1], [0, 1]], dtype=np.int64)
+ACTION_NAMES = ("noop", "up", "down", "left", "right")
+N_ACTIONS = len(MOVES)
 MAX_AGENTS = 8  # the brute-force oracle enumerates P(n_agents, n_landmarks) <= 40320 assignments
 
 
@@ -108,9 +109,9 @@ class CoverageConfig:
     """Shape, physics, reward weights and view of ``coverage_v0`` (defaults: 3 agents, 48x48, 40 steps).
 
     ``view="egocentric"`` (default) re-centres each agent's image on itself (see :func:`egocentric`):
-    with the global view, PPO on these images had not started learning after 100k agent-steps; with
-    the egocentric one the same run was at 0.5 oracle-normalised after 215k, because "where is my
-    landmark relative to me" becomes a fixed pattern instead of a function of two absolute positions.
+    PPO learns from it where it did not learn from the global view, because "where is my landmark
+    relative to me" becomes a fixed pattern instead of a function of two absolute positions
+    (measurements: docs/EXPERIMENTS.md, "The native environment's learnability").
 
     The defaults make typical agent-landmark distances take ~10 steps at ``agent_speed=2`` px/step,
     so a 40-step episode leaves most of its steps for holding the cover.
@@ -263,54 +264,6 @@ def oracle_action(agents: np.ndarray, landmarks: np.ndarray, cover_radius: int) 
     return np.where(settled, 0, act).astype(np.int64)
 
 
-# --------------------------------------------------------------------------------------------
-# Reference and normalised returns
-# --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ReferenceReturns:
-    """Mean team returns of the random and the oracle policy (the 0 and 1 of normalised return)."""
-
-    random: float
-    oracle: float
-    n_episodes: int
-
-
-@functools.lru_cache(maxsize=32)
-def _reference_cached(cfg_items: tuple, n_episodes: int, seed: int) -> ReferenceReturns:
-    from envs.batched import BatchedCoverage
-
-    cfg = CoverageConfig(**dict(cfg_items))
-    out = {}
-    for policy in ("random", "oracle"):
-        core = BatchedCoverage(cfg, n_envs=n_episodes)
-        core.reset(seeds=[seed + b for b in range(n_episodes)])
-        act_rng = np.random.default_rng(seed)
-        team = np.zeros(n_episodes)
-        for _ in range(cfg.max_steps):
-            if policy == "random":
-                actions = act_rng.integers(0, N_ACTIONS, size=(n_episodes, cfg.n_agents))
-            else:
-                actions = core.oracle_actions()
-            rewards = core.step(actions)
-            team += rewards.mean(axis=1)
-        out[policy] = float(team.mean())
-    return ReferenceReturns(random=out["random"], oracle=out["oracle"], n_episodes=n_episodes)
-
-
-def reference_returns(config: CoverageConfig | None = None, n_episodes: int = 64, seed: int = 12345) -> ReferenceReturns:
-    """Random and oracle mean team returns over ``n_episodes`` seeded episodes (batched env;
-    cached in-process by config, so repeated evaluation costs nothing)."""
-    cfg = config or CoverageConfig()
-    cfg.validate()
-    return _reference_cached(tuple(sorted(asdict(cfg).items())), int(n_episodes), int(seed))
-
-
-def normalised_return(team_return: float, ref: ReferenceReturns) -> float:
-    """Oracle-normalised team return: random = 0, oracle = 1."""
-    return float((team_return - ref.random) / (ref.oracle - ref.random))
-
-
 def egocentric(images: np.ndarray, agents: np.ndarray, entity_size: int, fill: np.ndarray | bool) -> np.ndarray:
     """Re-centre per-agent global images on each agent: ``(B, N, [C,] S, S)`` -> the same shape.
 
@@ -337,7 +290,8 @@ def egocentric(images: np.ndarray, agents: np.ndarray, entity_size: int, fill: n
 # The single (reference) environment
 # --------------------------------------------------------------------------------------------
 
-def _ring(e: int) -> np.ndarray:
+def ring_mask(e: int) -> np.ndarray:
+    """Boolean (e, e) outline of a square: the shape distractors are drawn with."""
     m = np.ones((e, e), bool)
     if e > 2:
         m[1:-1, 1:-1] = False
@@ -361,7 +315,7 @@ class CoverageParallelEnv(ParallelEnv):
         self._obs_space = spaces.Box(0, 255, (3, cfg.size, cfg.size), np.uint8)
         self._act_space = spaces.Discrete(N_ACTIONS)
         self._rng = np.random.default_rng()
-        self._ring = _ring(cfg.entity_size)
+        self._ring = ring_mask(cfg.entity_size)
         self._state: dict[str, np.ndarray] | None = None
         self._t = 0
         self._figure: Any = None
@@ -554,7 +508,7 @@ class CoverageParallelEnv(ParallelEnv):
         frame = self._render_frame()
         if self.render_mode == "rgb_array":
             return frame
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # deferred: a window is wanted only in render_mode "human"
 
         big = frame.repeat(8, axis=0).repeat(8, axis=1)
         if self._figure is None:
@@ -569,7 +523,7 @@ class CoverageParallelEnv(ParallelEnv):
 
     def close(self) -> None:
         if self._figure is not None:
-            import matplotlib.pyplot as plt
+            import matplotlib.pyplot as plt  # deferred: as in render()
 
             plt.close(self._figure)
             self._figure = self._image = None

@@ -18,10 +18,13 @@ from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
+import supersuit as ss
 from pettingzoo import ParallelEnv
 from stable_baselines3.common.vec_env import VecEnv, VecMonitor
 
+from envs.batched import CoverageVecEnv
 from envs.native import CoverageConfig, CoverageParallelEnv
+from envs.reference import ReferenceReturns, reference_returns
 from fgmf_marl.config import ConfigError
 
 
@@ -59,21 +62,21 @@ class EnvConfig:
             raise ConfigError(f"env.n_envs must be >= 1, got {self.n_envs}")
 
 
+# The butterfly imports are deferred: they load pygame, needed only when that env is asked for.
 def _pistonball(cfg: AdapterConfig) -> ParallelEnv:
-    from pettingzoo.butterfly import pistonball_v6
+    from pettingzoo.butterfly import pistonball_v6  # deferred: pygame
 
     return pistonball_v6.parallel_env(continuous=False, max_cycles=cfg.max_cycles)
 
 
 def _cooperative_pong(cfg: AdapterConfig) -> ParallelEnv:
-    from pettingzoo.butterfly import cooperative_pong_v6
+    from pettingzoo.butterfly import cooperative_pong_v6  # deferred: pygame
 
     return cooperative_pong_v6.parallel_env(max_cycles=cfg.max_cycles)
 
 
 def _kaz(cfg: AdapterConfig) -> ParallelEnv:
-    import supersuit as ss
-    from pettingzoo.butterfly import knights_archers_zombies_v11
+    from pettingzoo.butterfly import knights_archers_zombies_v11  # deferred: pygame
 
     env = knights_archers_zombies_v11.parallel_env(obs_method="image", max_cycles=cfg.max_cycles)
     # Agents die in KAZ; black death keeps the slot count fixed, as parameter sharing needs.
@@ -94,8 +97,6 @@ def _check_name(name: str) -> None:
 
 
 def _to_chw(env: ParallelEnv) -> ParallelEnv:
-    import supersuit as ss
-
     def space_fn(space: gym.spaces.Box, agent: Any = None) -> gym.spaces.Box:
         h, w, c = space.shape
         return gym.spaces.Box(0, 255, (c, h, w), np.uint8)
@@ -108,8 +109,6 @@ def make_parallel_env(cfg: EnvConfig, render_mode: str | None = None) -> Paralle
     _check_name(cfg.name)
     if cfg.name == "native":
         return CoverageParallelEnv(cfg.native, render_mode=render_mode)
-    import supersuit as ss
-
     adapter = cfg.adapter
     env = PETTINGZOO_ENVS[cfg.name](adapter)
     if adapter.grayscale:
@@ -125,11 +124,7 @@ def make_vec_env(cfg: EnvConfig, seed: int | None = None) -> VecEnv:
     """The training/evaluation VecEnv: ``cfg.n_envs`` copies x agents slots, env-major."""
     _check_name(cfg.name)
     if cfg.name == "native":
-        from envs.batched import CoverageVecEnv
-
         return CoverageVecEnv(cfg.native, n_envs=cfg.n_envs, seed=seed)
-    import supersuit as ss
-
     vec = ss.pettingzoo_env_to_vec_env_v1(make_parallel_env(cfg))
     vec = ss.concat_vec_envs_v1(vec, cfg.n_envs, num_cpus=0, base_class="stable_baselines3")
     if seed is not None:
@@ -142,3 +137,8 @@ def make_vec_env(cfg: EnvConfig, seed: int | None = None) -> VecEnv:
 def n_agents_of(venv: VecEnv, cfg: EnvConfig) -> int:
     """Agents per environment copy (slots per env) of a VecEnv made by ``make_vec_env``."""
     return venv.num_envs // cfg.n_envs
+
+
+def reference_for(cfg: EnvConfig) -> ReferenceReturns | None:
+    """Random/oracle team returns that normalise this env's returns; None for envs without an oracle."""
+    return reference_returns(cfg.native) if cfg.name == "native" else None

@@ -36,10 +36,13 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from fgmf_marl.attacks import BPDA, FGSM, PGD, Attack, RandomNoise, Square, Transfer, has_gate
 from fgmf_marl.attacks.gradient import objective_values
-from fgmf_marl.config import ConfigError, atomic_write_text
+from fgmf_marl.atomic import atomic_write_text
+from fgmf_marl.config import ConfigError
+from fgmf_marl.policy import PolicyLike
 
 
 @dataclass
@@ -132,13 +135,13 @@ def _eps_label(eps255: float) -> str:
 
 
 @torch.no_grad()
-def flip_rate(view: Any, clean: Tensor, adv: Tensor, clean_actions: Tensor | None = None) -> float:
+def flip_rate(view: PolicyLike, clean: Tensor, adv: Tensor, clean_actions: Tensor | None = None) -> float:
     """Fraction of rows whose greedy action changes under the attack."""
     a = view(clean).argmax(-1) if clean_actions is None else clean_actions
     return float((view(adv).argmax(-1) != a).float().mean())
 
 
-def gradient_relative_error(view: Any, obs: Tensor, directions: int = 4, h: float = 1e-3, seed: int = 0) -> float:
+def gradient_relative_error(view: PolicyLike, obs: Tensor, directions: int = 4, h: float = 1e-3, seed: int = 0) -> float:
     """Median |autograd - finite difference| / (|autograd| + |fd|) of the CE loss's directional derivatives.
 
     Directions are random sign vectors (||v||_inf = 1, the L-inf attacker's geometry); the finite
@@ -168,14 +171,12 @@ def gradient_relative_error(view: Any, obs: Tensor, directions: int = 4, h: floa
     return float(err.median()) if err.numel() else 0.0
 
 
-def audit(view: Any, obs01: Tensor, config: AuditConfig | None = None, *, surrogate: Any = None,
+def audit(view: PolicyLike, obs01: Tensor, config: AuditConfig | None = None, *, surrogate: PolicyLike | None = None,
           progress: bool = False) -> AuditReport:
     """Run every attack of the audit on the same observations and check the ACW signs.
 
     ``surrogate`` (another policy for the same env) enables the transfer comparison.
     """
-    from tqdm.auto import tqdm
-
     cfg = config or AuditConfig()
     cfg.validate()
     obs = obs01.detach()

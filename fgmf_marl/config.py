@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
-from fgmf_marl.atomic import atomic_write_text  # noqa: F401  (re-exported: the one atomic writer)
+from fgmf_marl.atomic import atomic_write_text
 
 T = TypeVar("T")
 
@@ -79,6 +79,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"config key '{where}' must be true or false, got {value!r}")
         return value
     if tp is int:
+        if isinstance(value, str):  # "1e3" reaches here as a string (YAML 1.1), as for floats below
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
@@ -110,6 +115,23 @@ def _build(cls: type[T], data: dict, prefix: str) -> T:
         raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; known keys here: {', '.join(sorted(fields))}")
     kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
     return cls(**kwargs)
+
+
+#: seeds index numpy/torch generators, and every purpose adds its offset (``fgmf_marl.seeds``) to them
+MAX_SEED = 2**31 - 1
+
+
+def check_seed(value: int, key: str = "seed") -> None:
+    """A one-line ConfigError unless ``value`` is a usable seed, 0 <= seed <= MAX_SEED."""
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{key}={value} is out of range; accepted: integers 0..{MAX_SEED}")
+
+
+def check_device(value: str, key: str = "device") -> None:
+    """A one-line ConfigError unless ``value`` names a torch device we accept: cpu, cuda, cuda:N, auto."""
+    index = value[len("cuda:"):] if value.startswith("cuda:") else None
+    if value not in ("cpu", "cuda", "auto") and not (index is not None and index.isdigit()):
+        raise ConfigError(f"{key}={value!r} is not a device; accepted: cpu, cuda, cuda:N, auto")
 
 
 def validate(obj: Any) -> None:

@@ -19,9 +19,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from agents.policy_view import PolicyView
-
-Perturb = Callable[[Tensor], Tensor]
+from fgmf_marl.policy import Perturb, PolicyLike
 
 
 @dataclass
@@ -60,7 +58,7 @@ def _to_float(obs: np.ndarray, device: torch.device) -> Tensor:
 
 
 @torch.no_grad()
-def _act(view: PolicyView, obs: Tensor, deterministic: bool, generator: torch.Generator) -> tuple[np.ndarray, Tensor, Tensor]:
+def _act(view: PolicyLike, obs: Tensor, deterministic: bool, generator: torch.Generator) -> tuple[np.ndarray, Tensor, Tensor]:
     logits, values = view.logits_and_value(obs)
     probs = torch.softmax(logits, dim=-1)
     if deterministic:
@@ -70,7 +68,7 @@ def _act(view: PolicyView, obs: Tensor, deterministic: bool, generator: torch.Ge
     return actions.cpu().numpy(), probs, values
 
 
-def rollout(view: PolicyView, venv: VecEnv, n_episodes: int, *, n_agents: int | None = None,
+def rollout(view: PolicyLike, venv: VecEnv, n_episodes: int, *, n_agents: int | None = None,
             perturb: Perturb | None = None, step_hook: Callable[[StepRecord], None] | None = None,
             deterministic: bool = True, seed: int = 0, progress: bool = False) -> RolloutResult:
     """Run ``n_episodes`` episodes in total over all env copies of ``venv`` and return their returns.

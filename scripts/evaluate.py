@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Evaluate checkpoints under attack: ``python scripts/evaluate.py --help``."""
+"""Evaluate checkpoints under attack: ``python scripts/evaluate.py --help`` (code: ``fgmf_marl/jobs/evaluate.py``)."""
 import sys
 
-from fgmf_marl.evaluation import cli
+from fgmf_marl.jobs.evaluate import entry
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(entry())

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Train a PA-AD-style adversary against a frozen victim: ``python scripts/train_adversary.py --help``."""
+"""Train a PA-AD-style adversary against a frozen team: ``python scripts/train_adversary.py --help`` (code: ``fgmf_marl/jobs/adversary.py``)."""
 import sys
 
-from agents.adversary import cli
+from fgmf_marl.jobs.adversary import entry
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(entry())

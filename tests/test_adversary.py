@@ -11,15 +11,15 @@ import torch
 from pettingzoo.test import parallel_api_test
 from stable_baselines3 import PPO
 
-from agents.adversary import (ADVERSARY, AdversaryParallelEnv, AdversaryVecEnv, DirectorCore, cli, load_adversary,
-                              warm_start)
+from agents.adversary import ADVERSARY, AdversaryParallelEnv, AdversaryVecEnv, DirectorCore, load_adversary, warm_start
 from agents.policies import ImageFeatures
 from agents.policy_view import PolicyView
-from agents.train_cli import cli as train_cli
 from envs.batched import CoverageVecEnv
 from envs.native import CoverageConfig, CoverageParallelEnv
 from fgmf_marl.attacks import PGD
-from fgmf_marl.evaluation import cli as eval_cli
+from fgmf_marl.jobs.adversary import entry as cli
+from fgmf_marl.jobs.evaluate import entry as eval_cli
+from fgmf_marl.jobs.train import entry as train_cli
 
 CFG = CoverageConfig(max_steps=8)
 

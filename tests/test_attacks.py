@@ -240,11 +240,11 @@ def test_bpda_bypasses_a_gate_with_a_masked_backward():
 
 
 def test_bpda_bypasses_sgam_gradient_shield():
-    from fgmf_marl.defenses.sgam import SGAM, install_sgam
+    from fgmf_marl.defenses.sgam import SGAM
 
     torch.manual_seed(0)
     view = cnn_view()
-    install_sgam(view.policy, SGAM(3, gradient_shield=True, shield_strength=1.0))
+    view.set_gate(SGAM(3, gradient_shield=True, shield_strength=1.0))
     x = rand_obs(32)
     eps = 4 / 255
     labels = view(x).argmax(1)

@@ -40,13 +40,13 @@ def test_audit_flags_a_masked_backward():
 
 
 def test_audit_flags_sgam_gradient_shield_but_not_plain_sgam():
-    from fgmf_marl.defenses.sgam import SGAM, install_sgam
+    from fgmf_marl.defenses.sgam import SGAM
 
     x = _obs()
     for shield, expect_pass in ((False, True), (True, False)):
         torch.manual_seed(0)
         view = cnn_view(SIZE)
-        install_sgam(view.policy, SGAM(3, gradient_shield=shield))
+        view.set_gate(SGAM(3, gradient_shield=shield))
         report = audit(view, x, FAST)
         assert report.passed == expect_pass, report.markdown()
         if shield:

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from stable_baselines3.common.vec_env import VecEnv
 
 from envs.batched import BatchedCoverage, CoverageVecEnv
-from envs.native import CoverageConfig, CoverageParallelEnv, reference_returns
+from envs.native import CoverageConfig, CoverageParallelEnv
+from envs.reference import reference_returns
 from fgmf_marl.config import ConfigError
 
 CONFIGS = [

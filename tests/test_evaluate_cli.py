@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agents.train_cli import cli as train_cli
-from fgmf_marl.evaluation import cli
+from fgmf_marl.jobs.train import entry as train_cli
+from fgmf_marl.jobs.evaluate import entry as cli
 
 FAST_TRAIN = ["env.n_envs=2", "ppo.n_steps=32", "ppo.batch_size=64", "ppo.n_epochs=1", "eval_episodes=2",
               "checkpoint_every=10000", "env.native.max_steps=10"]

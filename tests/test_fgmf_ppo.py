@@ -205,7 +205,7 @@ def test_bad_values_fail_at_construction_not_inside_training() -> None:
 
 
 def test_cli_rejects_bad_defense_values_with_exit_code_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from agents.train_cli import cli
+    from fgmf_marl.jobs.train import entry as cli
 
     run_dir = tmp_path / "run"
     for args, message in [(["--defense", "fgmf", "defense.scorpio.q=1.5"], "defense.scorpio.q=1.5 must be in (0, 1]"),

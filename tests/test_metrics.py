@@ -116,7 +116,7 @@ def test_clean_vs_attacked_similarity_with_pgd() -> None:
 
 # ---------------------------------------------------------------- explain_eval end to end
 def _untrained_run(root):
-    from agents.config import TrainConfig
+    from fgmf_marl.jobs.train_config import TrainConfig
     from agents.defended import build_model
     from envs.registry import make_vec_env
     from fgmf_marl import config as cfglib
@@ -134,8 +134,8 @@ def _untrained_run(root):
 def test_explain_eval_cli_writes_table_for_all_methods(tmp_path, capsys) -> None:
     import json
 
-    from fgmf_marl.attribution.explain_cli import main
-    from fgmf_marl.cli import run_cli
+    from fgmf_marl.jobs.explain import main
+    from fgmf_marl.jobs.cli import run as run_cli
     run = _untrained_run(tmp_path / "run")
     argv = ["--checkpoint", str(run.root), "--episodes", "1", "--every", "5", "--n-envs", "1", "--eps", "2",
             "--sensitivity-samples", "2", "--randomisation-samples", "2", "--ig-steps", "4", "--grid", "4",

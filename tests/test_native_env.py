@@ -7,7 +7,8 @@ from pettingzoo.test import parallel_api_test, parallel_seed_test, render_test
 from pettingzoo.utils.conversions import parallel_to_aec
 
 from envs.native import (BACKGROUND, DISTRACTORS, LANDMARK, OWN, TEAMMATE, WALL, CoverageConfig, CoverageParallelEnv,
-                         ReferenceReturns, normalised_return, oracle_action, oracle_assignment, reference_returns)
+                         oracle_action, oracle_assignment)
+from envs.reference import ReferenceReturns, normalised_return, reference_returns
 from fgmf_marl.config import ConfigError
 
 

@@ -15,9 +15,11 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 from fgmf_marl.attribution import PGCA
 from fgmf_marl.atomic import atomic_write
-from fgmf_marl.oversight import NATIVE_ACTION_NAMES, OversightLogger, load_episode, read_manifest, verify
-from fgmf_marl.oversight.replay_cli import main as replay_main
-from fgmf_marl.oversight.store import MANIFEST
+from envs.native import ACTION_NAMES as NATIVE_ACTION_NAMES
+from fgmf_marl.oversight import OversightLogger, load_episode, read_manifest, verify
+from fgmf_marl.jobs.replay import main as replay_main
+from fgmf_marl.config import ConfigError
+from fgmf_marl.oversight.store import MANIFEST, LogWriter
 from fgmf_marl.rollout import rollout
 from test_attribution import make_view
 
@@ -69,6 +71,7 @@ def write_log(folder: Path, n_episodes: int = 3, every: int = 1, perturb=None, a
     with OversightLogger(folder, view, every=every, n_episodes=n_episodes, attack_name=attack,
                          pgca=PGCA(view, grid=4), tb_writer=tb_writer) as log:
         result = rollout(view, venv, n_episodes, perturb=perturb, step_hook=log.step_hook)
+    log.writer.close()  # seal (idempotent: a logger that seals on close makes this a no-op)
     return result, log
 
 
@@ -191,9 +194,11 @@ def test_hash_chain_detects_reordered_episodes(tmp_path: Path, copy_log) -> None
 
 def test_appending_to_a_tampered_log_is_refused(tmp_path: Path, copy_log) -> None:
     folder = copy_log(tmp_path)
+    with pytest.raises(ConfigError, match="already holds a log; give --append"):
+        OversightLogger(folder, make_view())  # one log = one run
     (folder / "ep_000000.json").write_text("{}")
-    with pytest.raises(ValueError, match="refusing to append"):
-        OversightLogger(folder, make_view())
+    with pytest.raises(ConfigError, match="refusing to append"):
+        LogWriter(folder, append=True)
 
 
 def test_crash_during_write_leaves_no_partial_file(tmp_path: Path) -> None:

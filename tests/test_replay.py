@@ -10,7 +10,7 @@ import pytest
 
 from fgmf_marl.oversight import load_episode
 from fgmf_marl.oversight.render import render_frames
-from fgmf_marl.oversight.replay_cli import main as replay_main
+from fgmf_marl.jobs.replay import main as replay_main
 from test_oversight import sign_noise, write_log
 
 
@@ -50,7 +50,7 @@ def _ffmpeg_frames(path: Path):
 
 
 def test_render_rejects_missing_episode(log_dir: Path) -> None:
-    from fgmf_marl.cli import run_cli
+    from fgmf_marl.jobs.cli import run as run_cli
     from fgmf_marl.config import ConfigError
     with pytest.raises(ConfigError, match="not found"):
         replay_main(["render", f"{log_dir}:7"])

@@ -11,7 +11,7 @@ from fgmf_marl import config as cfglib
 from fgmf_marl.attribution import IntegratedGradientsMap
 from fgmf_marl.config import ConfigError
 from fgmf_marl.defenses.config import DefenseConfig
-from fgmf_marl.defenses.scorpio import (ScorpioRegularizer, frank_wolfe, hvp_finite_difference, hvp_pearlmutter,
+from fgmf_marl.defenses.scorpio import (ScorpioRegulariser, frank_wolfe, hvp_finite_difference, hvp_pearlmutter,
                                         pixel_weights, quadratic_model, top_q_mask)
 from helpers import tiny_view
 
@@ -125,33 +125,33 @@ def test_beta_one_is_plain_scorpio_including_parameter_gradients(net: TinyNet) -
     ref = _reference_scorpio(net, x, eps=0.05, lam1=0.7, lam2=1.3)
     ref_grads = torch.autograd.grad(ref, list(net.parameters()))
     for q in (0.1, 0.9):  # with beta = 1 the saliency mask must not matter
-        reg = ScorpioRegularizer(eps=0.05, q=q, beta=1.0, lambda1=0.7, lambda2=1.3, hvp="pearlmutter")
+        reg = ScorpioRegulariser(eps=0.05, q=q, beta=1.0, lambda1=0.7, lambda2=1.3, hvp="pearlmutter")
         out = reg(net, x)
         torch.testing.assert_close(out.loss, ref, rtol=1e-10, atol=1e-12)
         grads = torch.autograd.grad(out.loss, list(net.parameters()))
         for a, b in zip(grads, ref_grads):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
-    fd = ScorpioRegularizer(eps=0.05, beta=1.0, lambda1=0.7, lambda2=1.3, hvp="finite_difference", fd_step=1e-6)(net, x)
+    fd = ScorpioRegulariser(eps=0.05, beta=1.0, lambda1=0.7, lambda2=1.3, hvp="finite_difference", fd_step=1e-6)(net, x)
     torch.testing.assert_close(fd.loss, ref, rtol=1e-5, atol=1e-8)
 
 
 def test_beta_below_one_shrinks_delta_on_salient_pixels(net: TinyNet) -> None:
     torch.manual_seed(3)
     x = torch.rand(4, *SHAPE, dtype=torch.float64)
-    out = ScorpioRegularizer(eps=0.05, q=0.25, beta=0.2, ig_steps=8)(net, x)
+    out = ScorpioRegulariser(eps=0.05, q=0.25, beta=0.2, ig_steps=8)(net, x)
     salient = out.mask.unsqueeze(1).expand_as(out.delta)
     assert out.mask.sum(dim=(1, 2)).tolist() == [3] * 4  # ceil(0.25 * 9)
     mags = out.delta.abs()
     assert torch.allclose(mags[salient][mags[salient] > 0], torch.tensor(0.01, dtype=torch.float64))
     assert torch.allclose(mags[~salient][mags[~salient] > 0], torch.tensor(0.05, dtype=torch.float64))
-    plain = ScorpioRegularizer(eps=0.05, q=0.25, beta=1.0)(net, x)
+    plain = ScorpioRegulariser(eps=0.05, q=0.25, beta=1.0)(net, x)
     assert not torch.allclose(out.loss, plain.loss)
 
 
 def test_frank_wolfe_inside_regularizer_improves_the_model_on_the_true_hessian(net: TinyNet) -> None:
     torch.manual_seed(4)
     x = torch.rand(6, *SHAPE, dtype=torch.float64)
-    reg = ScorpioRegularizer(eps=0.3, q=0.2, beta=0.5, fw_steps=4, hvp="pearlmutter", ig_steps=8)
+    reg = ScorpioRegulariser(eps=0.3, q=0.2, beta=0.5, fw_steps=4, hvp="pearlmutter", ig_steps=8)
     out = reg(net, x)
     radius = 0.3 * pixel_weights(out.mask, 0.5).double()
     assert torch.all(out.delta.abs() <= radius + 1e-12)
@@ -196,7 +196,7 @@ def test_integrated_gradients_completeness_on_the_cnn_policy() -> None:
 def test_regularizer_runs_and_backpropagates_on_real_policies(backbone: str, hvp: str) -> None:
     view = _policy_view(backbone)
     x = torch.rand(6, 3, 48, 48)
-    out = ScorpioRegularizer(eps=4 / 255, hvp=hvp, fw_steps=1)(view, x)
+    out = ScorpioRegulariser(eps=4 / 255, hvp=hvp, fw_steps=1)(view, x)
     assert torch.isfinite(out.loss) and out.delta.shape == x.shape and out.mask.shape == (6, 48, 48)
     assert out.delta.abs().max() <= 4 / 255 + 1e-7
     view.policy.zero_grad()

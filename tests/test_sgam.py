@@ -12,7 +12,7 @@ from fgmf_marl import config as cfglib
 from fgmf_marl.attribution import GradCAMPlusPlus
 from fgmf_marl.config import ConfigError
 from fgmf_marl.defenses.config import DefenseConfig, SgamConfig
-from fgmf_marl.defenses.sgam import SGAM, bilinear_upsample, distillation_loss, gate_bypassed, gradcam_teacher, install_sgam, keep_ratio_loss
+from fgmf_marl.defenses.sgam import SGAM, bilinear_upsample, distillation_loss, gate_bypassed, gradcam_teacher, keep_ratio_loss
 from helpers import tiny_view
 
 
@@ -112,7 +112,7 @@ def test_keep_ratio_loss_closed_form() -> None:
 def test_gradcam_teacher_bypasses_gate_and_distillation_trains_only_the_gate() -> None:
     view = _view()
     gate = SGAM(3)
-    install_sgam(view.policy, gate)
+    view.set_gate(gate)
     assert view.gate is gate
     torch.manual_seed(3)
     x = torch.rand(6, 3, 48, 48)
@@ -147,9 +147,9 @@ def test_vit_teacher_is_resized_to_the_gate_grid() -> None:
     assert teacher.shape == (2, 12, 12)
 
 
-def test_install_requires_image_features() -> None:
+def test_gate_needs_a_policy_with_image_features() -> None:
     with pytest.raises(TypeError, match="ImageFeatures"):
-        install_sgam(nn.Linear(2, 2), SGAM(3))
+        PolicyView(nn.Linear(2, 2))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("override, message", [

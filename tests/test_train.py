@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from agents.policy_view import PolicyView
-from agents.train_cli import cli
-from agents.trainer import load_model
+from fgmf_marl.jobs.train import entry as cli
+from fgmf_marl.jobs.checkpoints import load_model
 from fgmf_marl.runs import RunDir
 
 FAST = ["env.n_envs=4", "ppo.n_steps=32", "ppo.batch_size=128", "ppo.n_epochs=1", "eval_episodes=4",

@@ -1,7 +1,7 @@
 """Adaptive attacks and attack wrappers: BPDA through the input gate, EOT, strategic timing.
 
-* :class:`BPDA` (Athalye et al. 2018): run any attack with every ``ImageFeatures.gate`` of the
-  victim replaced by a straight-through version, forward value unchanged, backward = identity
+* :class:`BPDA` (Athalye et al. 2018): run any attack with the victim's input gate (``PolicyLike.set_gate``)
+  replaced by a straight-through version, forward value unchanged, backward = identity
   (``mode="identity"``), or with the gate's keep-mask treated as a constant (``mode="mask"``: the
   gradient is k * g, the exact gradient of x -> k*x + (1-k)*b for frozen k; needs a gate with
   ``mask(x)`` and ``baseline_image(x)`` as SGAM has). Either way a gate that hides or shatters
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from fgmf_marl.attacks.base import Attack
 from fgmf_marl.attacks.gradient import GradientAttack
+from fgmf_marl.policy import PolicyLike
 
 
 class StraightThroughGate(nn.Module):
@@ -48,47 +49,27 @@ class StraightThroughGate(nn.Module):
         return surrogate + (out - surrogate).detach()
 
 
-def _extractors(view: Any) -> list[nn.Module]:
-    from agents.policies import ImageFeatures
-
-    policy = getattr(view, "policy", None)
-    found: list[nn.Module] = []
-    for name in ("features_extractor", "pi_features_extractor", "vf_features_extractor"):
-        ext = getattr(policy, name, None) if policy is not None else None
-        if isinstance(ext, ImageFeatures) and all(ext is not f for f in found):
-            found.append(ext)
-    ext = getattr(view, "extractor", None)
-    if ext is not None and hasattr(ext, "gate") and all(ext is not f for f in found):
-        found.append(ext)
-    return found
-
-
 @contextmanager
-def straight_through_gates(view: Any, mode: Literal["identity", "mask"] = "identity") -> Iterator[None]:
+def straight_through_gates(view: PolicyLike, mode: Literal["identity", "mask"] = "identity") -> Iterator[None]:
     """Temporarily wrap every input gate of ``view``'s policy in a :class:`StraightThroughGate`.
 
-    A gate that is ``nn.Identity`` (no SGAM) is left alone, so BPDA on a plain policy is exactly
-    the inner attack.
+    A gate that is ``nn.Identity`` (no SGAM), or a model with no ``gate`` at all (a bare logits
+    module), is left alone, so BPDA on a plain policy is exactly the inner attack.
     """
-    swapped: list[tuple[nn.Module, nn.Module]] = []
-    wrapped: dict[int, nn.Module] = {}
+    gate = getattr(view, "gate", None)
+    if gate is None or isinstance(gate, (nn.Identity, StraightThroughGate)):
+        yield
+        return
+    view.set_gate(StraightThroughGate(gate, mode))
     try:
-        for ext in _extractors(view):
-            gate = ext.gate
-            if isinstance(gate, (nn.Identity, StraightThroughGate)):
-                continue
-            wrapped.setdefault(id(gate), StraightThroughGate(gate, mode))
-            swapped.append((ext, gate))
-            ext.gate = wrapped[id(gate)]
         yield
     finally:
-        for ext, gate in swapped:
-            ext.gate = gate
+        view.set_gate(gate)
 
 
-def has_gate(view: Any) -> bool:
+def has_gate(view: PolicyLike) -> bool:
     """True when the view's policy has a non-identity input gate (an SGAM layer)."""
-    return any(not isinstance(ext.gate, nn.Identity) for ext in _extractors(view))
+    return not isinstance(getattr(view, "gate", None), (nn.Identity, type(None)))
 
 
 class BPDA(Attack):
@@ -104,7 +85,7 @@ class BPDA(Attack):
         self.mode = mode
         self.targeted = attack.targeted
 
-    def _attack(self, view: Any, clean: Tensor, target: Tensor | None) -> Tensor:
+    def _attack(self, view: PolicyLike, clean: Tensor, target: Tensor | None) -> Tensor:
         with straight_through_gates(view, self.mode):
             return self.attack.perturb(view, clean, target=target)
 
@@ -125,7 +106,7 @@ class EOT(Attack):
         self.samples = int(samples)
         self.targeted = attack.targeted
 
-    def _attack(self, view: Any, clean: Tensor, target: Tensor | None) -> Tensor:
+    def _attack(self, view: PolicyLike, clean: Tensor, target: Tensor | None) -> Tensor:
         return self.attack.perturb(view, clean, target=target)
 
 
@@ -148,7 +129,7 @@ class StrategicallyTimed(Attack):
         self.uses_gradients = attack.uses_gradients
         self.last_attacked_fraction = 0.0
 
-    def _attack(self, view: Any, clean: Tensor, target: Tensor | None) -> Tensor:
+    def _attack(self, view: PolicyLike, clean: Tensor, target: Tensor | None) -> Tensor:
         with torch.no_grad():
             probs = torch.softmax(view(clean), dim=-1)
         when = (probs.amax(dim=-1) - probs.amin(dim=-1)) > self.threshold

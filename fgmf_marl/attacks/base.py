@@ -1,6 +1,6 @@
 """The one attack interface of fgmf-marl.
 
-Threat model (DESIGN.md, "Adversary and evaluation"): the attacker perturbs the observation the
+Threat model (docs/DESIGN.md, "Threat model"): the attacker perturbs the observation the
 victim's policy sees, in the policy's input scale [0, 1], with ``||delta||_inf <= eps``; the result
 is clamped to [0, 1] and optionally quantised to the uint8 grid (what a real sensor could emit).
 
@@ -8,8 +8,8 @@ Every attack is an :class:`Attack`: options in a typed constructor, then
 
     adv01 = attack(view, obs01, agent_mask=None, target=None)
 
-``view`` is a :class:`~agents.policy_view.PolicyView` (or any module with the same ``__call__`` /
-``value`` methods), ``obs01`` a float batch (B, C, H, W) in [0, 1] holding any number of agents x
+``view`` is a :class:`~fgmf_marl.policy.PolicyLike` (``agents.policy_view.PolicyView`` in every
+command), ``obs01`` a float batch (B, C, H, W) in [0, 1] holding any number of agents x
 envs at once (slot = env * n_agents + agent). ``agent_mask`` (B,) selects the attacked rows (one
 compromised sensor, or a subset of agents); the other rows come back bit-identical. ``target``
 (B,) or an int holds target actions for targeted attacks. Subclasses implement :meth:`Attack._attack`
@@ -19,15 +19,14 @@ on the selected rows only; the base class does the row selection and the final p
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-TargetLike = Tensor | np.ndarray | Sequence[int] | int | None
-Perturb = Callable[[Tensor], Tensor]
+from fgmf_marl.policy import Perturb, PolicyLike, TargetLike, as_target, check_obs
 
 
 def check_eps(eps: float, name: str = "eps") -> float:
@@ -35,13 +34,6 @@ def check_eps(eps: float, name: str = "eps") -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not np.isfinite(eps) or not 0.0 <= eps <= 1.0:
         raise ValueError(f"{name}={eps!r} must be a number in [0, 1] (input units; 8/255 = {8 / 255:.4f})")
     return float(eps)
-
-
-def check_obs(obs: Tensor) -> Tensor:
-    if not isinstance(obs, Tensor) or obs.ndim != 4 or not obs.is_floating_point():
-        desc = f"{type(obs).__name__} shape {tuple(obs.shape)}" if hasattr(obs, "shape") else type(obs).__name__
-        raise ValueError(f"attack inputs must be a float tensor (B, C, H, W) in [0, 1], got {desc}")
-    return obs
 
 
 def project(adv: Tensor, clean: Tensor, eps: float, quantize: bool = False) -> Tensor:
@@ -61,17 +53,6 @@ def project(adv: Tensor, clean: Tensor, eps: float, quantize: bool = False) -> T
     return torch.where(lo <= hi, q, clean)
 
 
-def as_target(target: TargetLike, batch: int, device: torch.device) -> Tensor | None:
-    if target is None:
-        return None
-    t = (target if isinstance(target, Tensor) else torch.as_tensor(np.asarray(target))).to(device).long()
-    if t.ndim == 0:
-        t = t.expand(batch)
-    if t.shape != (batch,):
-        raise ValueError(f"target must be an int or one action per sample, shape ({batch},), got {tuple(t.shape)}")
-    return t
-
-
 def slot_mask(batch: int, n_agents: int, agents: Sequence[int] | None, device: torch.device | str = "cpu") -> Tensor | None:
     """Row mask (B,) attacking only ``agents`` (indices within each env); None = all rows.
 
@@ -87,11 +68,6 @@ def slot_mask(batch: int, n_agents: int, agents: Sequence[int] | None, device: t
     per_env = torch.zeros(n_agents, dtype=torch.bool, device=device)
     per_env[list(agents)] = True
     return per_env.repeat(batch // n_agents)
-
-
-def greedy(view: Any, obs: Tensor) -> Tensor:
-    with torch.no_grad():
-        return view(obs).argmax(dim=-1)
 
 
 def margin(logits: Tensor, label: Tensor) -> Tensor:
@@ -117,13 +93,13 @@ class Attack(ABC):
         self.eps = check_eps(eps)
         self.quantize = bool(quantize)
 
-    def __call__(self, view: Any, obs: Tensor, *, agent_mask: Tensor | None = None, target: TargetLike = None) -> Tensor:
+    def __call__(self, view: PolicyLike, obs: Tensor, *, agent_mask: Tensor | None = None, target: TargetLike = None) -> Tensor:
         return self.perturb(view, obs, agent_mask=agent_mask, target=target)
 
-    def perturb(self, view: Any, obs: Tensor, *, agent_mask: Tensor | None = None, target: TargetLike = None) -> Tensor:
+    def perturb(self, view: PolicyLike, obs: Tensor, *, agent_mask: Tensor | None = None, target: TargetLike = None) -> Tensor:
         """Perturbed copy of ``obs``: rows outside ``agent_mask`` unchanged, the rest within eps and [0, 1]."""
-        clean = check_obs(obs).detach()
-        tgt = as_target(target, clean.shape[0], clean.device)
+        clean = check_obs(obs, "attack").detach()
+        tgt = as_target(target, clean.shape[0], clean.device, getattr(view, "n_actions", None))
         if agent_mask is None:
             rows = None
         else:
@@ -145,10 +121,10 @@ class Attack(ABC):
         return out
 
     @abstractmethod
-    def _attack(self, view: Any, clean: Tensor, target: Tensor | None) -> Tensor:
+    def _attack(self, view: PolicyLike, clean: Tensor, target: Tensor | None) -> Tensor:
         """Adversarial version of every row of ``clean`` (projection is done by the caller)."""
 
-    def as_perturb(self, view: Any, *, n_agents: int | None = None, agents: Sequence[int] | None = None) -> Perturb:
+    def as_perturb(self, view: PolicyLike, *, n_agents: int | None = None, agents: Sequence[int] | None = None) -> Perturb:
         """Adapter to ``fgmf_marl.rollout.rollout``'s ``perturb(obs01) -> obs01`` (all slots each step)."""
         if agents is not None and n_agents is None:
             raise ValueError("attacking a subset of agents needs n_agents (slots per env)")

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fgmf_marl.attacks.base import Attack, greedy, margin, project
+from fgmf_marl.attacks.base import Attack, margin, project
+from fgmf_marl.policy import PolicyLike, greedy
 
 
 class RandomNoise(Attack):
@@ -23,7 +24,7 @@ class RandomNoise(Attack):
     def __init__(self, eps: float, *, quantize: bool = False) -> None:
         super().__init__(eps, quantize=quantize)
 
-    def _attack(self, view: Any, clean: Tensor, target: Tensor | None) -> Tensor:
+    def _attack(self, view: PolicyLike, clean: Tensor, target: Tensor | None) -> Tensor:
         return clean + torch.empty_like(clean).uniform_(-self.eps, self.eps)
 
 
@@ -61,12 +62,12 @@ class Square(Attack):
         return p
 
     @torch.no_grad()
-    def _loss(self, view: Any, x: Tensor, label: Tensor) -> Tensor:
+    def _loss(self, view: PolicyLike, x: Tensor, label: Tensor) -> Tensor:
         m = margin(view(x), label)
         return -m if self.targeted else m
 
     @torch.no_grad()
-    def _attack(self, view: Any, clean: Tensor, target: Tensor | None) -> Tensor:
+    def _attack(self, view: PolicyLike, clean: Tensor, target: Tensor | None) -> Tensor:
         b, c, h, w = clean.shape
         if self.targeted:
             if target is None and self.target_action is None:
@@ -113,5 +114,5 @@ class Transfer(Attack):
         self.attack = attack
         self.targeted = attack.targeted
 
-    def _attack(self, view: Any, clean: Tensor, target: Tensor | None) -> Tensor:
+    def _attack(self, view: PolicyLike, clean: Tensor, target: Tensor | None) -> Tensor:
         return self.attack.perturb(self.surrogate, clean, target=target)

@@ -27,14 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fgmf_marl.attacks.base import Attack, greedy, margin
+from fgmf_marl.attacks.base import Attack, margin
+from fgmf_marl.policy import PolicyLike, greedy
 
 Objective = Literal["ce", "margin", "targeted", "kl", "value"]
 OBJECTIVES: tuple[str, ...] = ("ce", "margin", "targeted", "kl", "value")
 LEAST_LIKELY = "least_likely"
 
 
-def objective_values(view: Any, adv: Tensor, objective: str, labels: Tensor | None, clean_logp: Tensor | None) -> Tensor:
+def objective_values(view: PolicyLike, adv: Tensor, objective: str, labels: Tensor | None, clean_logp: Tensor | None) -> Tensor:
     """Per-sample objective (B,) that the attacker maximises."""
     if objective == "value":
         return -view.value(adv)
@@ -89,7 +90,7 @@ class GradientAttack(Attack):
         self.restarts = int(restarts)
         self.targeted = objective == "targeted"
 
-    def _labels(self, view: Any, clean: Tensor, target: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    def _labels(self, view: PolicyLike, clean: Tensor, target: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         if self.objective == "value":
             return None, None
         if self.objective == "targeted":
@@ -106,7 +107,7 @@ class GradientAttack(Attack):
                 return None, F.log_softmax(view(clean), dim=-1)
         return greedy(view, clean), None
 
-    def _grad(self, view: Any, adv: Tensor, labels: Tensor | None, clean_logp: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _grad(self, view: PolicyLike, adv: Tensor, labels: Tensor | None, clean_logp: Tensor | None) -> tuple[Tensor, Tensor]:
         """Objective (B,) at ``adv`` and its input gradient (EOT-averaged)."""
         total_grad: Tensor | None = None
         total_obj: Tensor | None = None
@@ -122,7 +123,7 @@ class GradientAttack(Attack):
             return total_obj, total_grad
         return total_obj / self.eot_samples, total_grad / self.eot_samples
 
-    def _attack(self, view: Any, clean: Tensor, target: Tensor | None) -> Tensor:
+    def _attack(self, view: PolicyLike, clean: Tensor, target: Tensor | None) -> Tensor:
         labels, clean_logp = self._labels(view, clean, target)
         best, best_obj = self._ascent(view, clean, labels, clean_logp)
         for _ in range(self.restarts - 1):  # keep each row's best restart (Madry et al.; AutoAttack)
@@ -132,7 +133,7 @@ class GradientAttack(Attack):
             best_obj = torch.where(better, obj, best_obj)
         return best
 
-    def _ascent(self, view: Any, clean: Tensor, labels: Tensor | None, clean_logp: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _ascent(self, view: PolicyLike, clean: Tensor, labels: Tensor | None, clean_logp: Tensor | None) -> tuple[Tensor, Tensor]:
         """One run of projected sign-gradient ascent: (adversarial rows, their objective)."""
         lo, hi = (clean - self.eps).clamp_(0.0, 1.0), (clean + self.eps).clamp_(0.0, 1.0)  # the feasible box
         adv = clean.clone()

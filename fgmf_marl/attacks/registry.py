@@ -1,14 +1,15 @@
-"""Attack names -> constructors, and the ``name:key=value,...`` spec syntax used by the CLIs.
+"""The one table of attack kinds, and the ``name:key=value,...`` spec syntax used by the CLIs.
 
 ``make_attack("pgd", eps, steps=20)`` or ``make_attack(*parse_spec("pgd:steps=20,loss=margin"), eps=...)``.
-Wrappers (``timed``, ``bpda``, ``eot``, ``transfer``) wrap PGD with the given ``steps``; ``transfer``
-needs ``surrogate=<run dir or checkpoint>`` and ``adversary`` needs ``path=<adversary run dir>``;
-both are resolved through the ``loader`` callable the caller passes (evaluation loads checkpoints,
-this module does not).
+Every name maps to an :class:`AttackKind` entry; the accepted options of a name are read off its
+builder's signature plus the options it passes through to the PGD it wraps, and an option that
+names a checkpoint is resolved through the ``loader`` callable the caller passes (evaluation loads
+checkpoints, this module does not). A new attack is one entry here plus its class.
 """
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import yaml
@@ -20,6 +21,10 @@ from fgmf_marl.attacks.gradient import FGSM, MAD, PGD, CriticAttack
 from fgmf_marl.config import ConfigError
 
 Loader = Callable[[str, str], Any]  # (kind, path) -> object; kind is "surrogate" or "adversary"
+
+
+#: PGD options a wrapper passes through to the PGD it wraps
+_PGD_OPTIONS = ("steps", "step_size", "loss", "restarts", "quantize")
 
 
 def _timed(eps: float, threshold: float = 0.5, **opts: Any) -> Attack:
@@ -40,36 +45,40 @@ def _transfer(eps: float, surrogate: Any = None, **opts: Any) -> Attack:
     return Transfer(surrogate, PGD(eps, **opts))
 
 
-def _adversary(eps: float, path: Any = None, **opts: Any) -> Attack:
+def _adversary(eps: float, path: Any = None, steps: int | None = None, quantize: bool = False) -> Attack:
     if path is None:
         raise ConfigError("attack 'adversary' needs path=<run dir written by scripts/train_adversary.py>")
-    return path.attack(eps, **opts)
+    return path.attack(eps, steps=steps, quantize=quantize)
 
 
-ATTACKS: dict[str, Callable[..., Attack]] = {
-    "random": RandomNoise,
-    "fgsm": FGSM,
-    "pgd": PGD,
-    "mad": MAD,
-    "critic": CriticAttack,
-    "timed": _timed,
-    "square": Square,
-    "transfer": _transfer,
-    "bpda": _bpda,
-    "eot": _eot,
-    "adversary": _adversary,
+@dataclass(frozen=True)
+class AttackKind:
+    """How one attack name is built: its builder ``build(eps, **options)`` and what it wraps or loads."""
+
+    build: Callable[..., Attack]
+    inner_options: tuple[str, ...] = ()        # options passed through to a wrapped PGD
+    loaded: tuple[str, str] | None = None      # (option, loader kind): the option's value names a checkpoint
+
+    def accepted(self) -> list[str]:
+        """Every option this attack accepts (besides ``eps``)."""
+        params = inspect.signature(self.build).parameters.values()
+        own = [p.name for p in params if p.name not in ("eps", "self") and p.kind is not p.VAR_KEYWORD]
+        return sorted({*own, *self.inner_options})
+
+
+ATTACKS: dict[str, AttackKind] = {
+    "random": AttackKind(RandomNoise),
+    "fgsm": AttackKind(FGSM),
+    "pgd": AttackKind(PGD),
+    "mad": AttackKind(MAD),
+    "critic": AttackKind(CriticAttack),
+    "timed": AttackKind(_timed, _PGD_OPTIONS),
+    "square": AttackKind(Square),
+    "transfer": AttackKind(_transfer, _PGD_OPTIONS, loaded=("surrogate", "surrogate")),
+    "bpda": AttackKind(_bpda, _PGD_OPTIONS),
+    "eot": AttackKind(_eot, _PGD_OPTIONS),
+    "adversary": AttackKind(_adversary, loaded=("path", "adversary")),
 }
-_LOADED = {"transfer": "surrogate", "adversary": "path"}  # option resolved through the loader
-
-
-def _accepted(name: str) -> list[str]:
-    params = inspect.signature(ATTACKS[name]).parameters.values()
-    names = [p.name for p in params if p.name not in ("eps", "self") and p.kind is not p.VAR_KEYWORD]
-    if name in ("timed", "bpda", "eot", "transfer"):
-        names += ["steps", "step_size", "loss", "restarts", "quantize"]
-    if name == "adversary":
-        names += ["steps", "quantize"]
-    return sorted(set(names))
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -93,18 +102,19 @@ def make_attack(name: str, eps: float, *, loader: Loader | None = None, **option
     """Build attack ``name`` with budget ``eps`` (input units) and options; bad input -> ConfigError."""
     if name not in ATTACKS:
         raise ConfigError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}")
+    kind = ATTACKS[name]
     options = dict(options)
-    key = _LOADED.get(name)
-    if key is not None and isinstance(options.get(key), str):
-        if loader is None:
-            raise ConfigError(f"attack {name!r} needs a loader to resolve {key}={options[key]!r}")
-        options[key] = loader("surrogate" if name == "transfer" else "adversary", options[key])
-    accepted = _accepted(name)
+    accepted = kind.accepted()
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ConfigError(f"attack {name!r} has no option {unknown[0]!r}; accepted: {', '.join(accepted)}")
+    if kind.loaded is not None and isinstance(options.get(kind.loaded[0]), str):
+        key, what = kind.loaded
+        if loader is None:
+            raise ConfigError(f"attack {name!r} needs a loader to resolve {key}={options[key]!r}")
+        options[key] = loader(what, options[key])
     try:
-        return ATTACKS[name](eps, **options)
+        return kind.build(eps, **options)
     except (ValueError, TypeError) as exc:
         if isinstance(exc, ConfigError):
             raise

@@ -1,7 +1,7 @@
 """The one attribution interface of fgmf-marl (Captum's API shape).
 
-Every explanation method is an :class:`Attribution`: built from a :class:`~agents.policy_view.PolicyView`
-(or anything with the same ``spatial`` / ``logits_from_spatial`` / ``__call__`` methods) and called as
+Every explanation method is an :class:`Attribution`: built from a :class:`~fgmf_marl.policy.PolicyLike`
+(``agents.policy_view.PolicyView`` in every command) and called as
 ``method.attribute(obs01, target=actions)``. Inputs are float images (B, C, H, W) in [0, 1], the
 attacker's scale, for any batch of agents x envs at once; the output is one map (B, H, W) per sample,
 non-negative and normalised to [0, 1] per sample unless a method documents otherwise, so that maps
@@ -14,28 +14,15 @@ answers "how much more likely did this region make the action", which some revie
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fgmf_marl.policy import PolicyLike, TargetLike, as_target, greedy
+
 TargetKind = Literal["logit", "prob"]
-TargetLike = Tensor | np.ndarray | Sequence[int] | int | None
-
-
-def as_target(target: TargetLike, batch: int, n_actions: int | None = None, device: torch.device | str = "cpu") -> Tensor:
-    """Target actions as a long tensor (B,); a scalar is broadcast to every sample."""
-    t = (target if isinstance(target, Tensor) else torch.as_tensor(np.asarray(target))).to(device).long()
-    if t.ndim == 0:
-        t = t.expand(batch)
-    if t.shape != (batch,):
-        raise ValueError(f"target must be one action per sample, shape ({batch},), got shape {tuple(t.shape)}")
-    if batch and int(t.min()) < 0 or (n_actions is not None and batch and int(t.max()) >= n_actions):
-        raise ValueError(f"target actions must be in [0, {n_actions - 1 if n_actions else 'n_actions-1'}], "
-                         f"got {t.tolist()}")
-    return t
 
 
 def target_score(logits: Tensor, target: Tensor, kind: TargetKind) -> Tensor:
@@ -45,13 +32,6 @@ def target_score(logits: Tensor, target: Tensor, kind: TargetKind) -> Tensor:
     if kind == "prob":
         return torch.softmax(logits, dim=-1).gather(1, target[:, None]).squeeze(1)
     raise ValueError(f"target kind must be 'logit' or 'prob', got {kind!r}")
-
-
-def check_obs(obs: Tensor) -> Tensor:
-    if not isinstance(obs, Tensor) or obs.ndim != 4 or not obs.is_floating_point():
-        desc = f"{type(obs).__name__} shape {tuple(obs.shape)}" if hasattr(obs, "shape") else type(obs).__name__
-        raise ValueError(f"attribution inputs must be a float tensor (B, C, H, W) in [0, 1], got {desc}")
-    return obs
 
 
 def normalise_maps(maps: Tensor, eps: float = 1e-12) -> Tensor:
@@ -76,7 +56,7 @@ def upsample(maps: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Ten
 class Attribution(ABC):
     """Base class: ``attribute(inputs, target=...) -> (B, H, W)`` maps, Captum style."""
 
-    def __init__(self, view: Any, target_kind: TargetKind = "logit") -> None:
+    def __init__(self, view: PolicyLike, target_kind: TargetKind = "logit") -> None:
         if target_kind not in ("logit", "prob"):
             raise ValueError(f"target_kind must be 'logit' or 'prob', got {target_kind!r}")
         self.view = view
@@ -87,11 +67,9 @@ class Attribution(ABC):
         return target_score(self.view(obs), target, self.target_kind)
 
     def resolve_target(self, obs: Tensor, target: TargetLike) -> Tensor:
-        """Target actions (B,); ``None`` means the greedy action on ``obs``."""
-        if target is None:
-            with torch.no_grad():
-                return self.view(obs).argmax(dim=-1)
-        return as_target(target, obs.shape[0], getattr(self.view, "n_actions", None), obs.device)
+        """Target actions (B,), range-checked where the model knows its ``n_actions``; ``None`` = greedy."""
+        resolved = as_target(target, obs.shape[0], obs.device, getattr(self.view, "n_actions", None))
+        return greedy(self.view, obs) if resolved is None else resolved
 
     @abstractmethod
     def attribute(self, inputs: Tensor, target: TargetLike = None) -> Tensor:

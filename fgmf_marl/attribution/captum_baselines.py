@@ -16,13 +16,14 @@ import torch
 from captum.attr import IntegratedGradients, Occlusion
 from torch import Tensor
 
-from fgmf_marl.attribution.base import Attribution, TargetKind, TargetLike, check_obs, normalise_maps, target_score
+from fgmf_marl.attribution.base import Attribution, TargetKind, normalise_maps, target_score
+from fgmf_marl.policy import PolicyLike, TargetLike, check_obs
 
 
 class _ScoreModule(torch.nn.Module):
     """Forward returning all target scores (B, n_actions) so Captum's ``target=`` indexes them."""
 
-    def __init__(self, view: Any, kind: TargetKind) -> None:
+    def __init__(self, view: PolicyLike, kind: TargetKind) -> None:
         super().__init__()
         self.view, self.kind = view, kind
 
@@ -32,14 +33,14 @@ class _ScoreModule(torch.nn.Module):
 
 
 class IntegratedGradientsMap(Attribution):
-    def __init__(self, view: Any, n_steps: int = 32, target_kind: TargetKind = "logit",
+    def __init__(self, view: PolicyLike, n_steps: int = 32, target_kind: TargetKind = "logit",
                  internal_batch_size: int | None = 256) -> None:
         super().__init__(view, target_kind)
         self.n_steps, self.internal_batch_size = n_steps, internal_batch_size
         self.ig = IntegratedGradients(_ScoreModule(view, target_kind))
 
     def attribute(self, inputs: Tensor, target: TargetLike = None) -> Tensor:
-        obs = check_obs(inputs).detach()
+        obs = check_obs(inputs, "attribution").detach()
         target = self.resolve_target(obs, target)
         attr = self.ig.attribute(obs, baselines=torch.zeros_like(obs), target=target, n_steps=self.n_steps,
                                  internal_batch_size=self.internal_batch_size)
@@ -47,14 +48,14 @@ class IntegratedGradientsMap(Attribution):
 
 
 class OcclusionMap(Attribution):
-    def __init__(self, view: Any, window: int = 6, stride: int = 3, target_kind: TargetKind = "logit",
+    def __init__(self, view: PolicyLike, window: int = 6, stride: int = 3, target_kind: TargetKind = "logit",
                  perturbations_per_eval: int = 64) -> None:
         super().__init__(view, target_kind)
         self.window, self.stride, self.ppe = window, stride, perturbations_per_eval
         self.occlusion = Occlusion(_ScoreModule(view, target_kind))
 
     def attribute(self, inputs: Tensor, target: TargetLike = None) -> Tensor:
-        obs = check_obs(inputs).detach()
+        obs = check_obs(inputs, "attribution").detach()
         target = self.resolve_target(obs, target)
         c = obs.shape[1]
         with torch.no_grad():

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fgmf_marl.attribution.base import (Attribution, TargetKind, TargetLike, check_obs, normalise_maps, target_score,
-                                        upsample)
+from fgmf_marl.attribution.base import Attribution, TargetKind, normalise_maps, target_score, upsample
+from fgmf_marl.policy import PolicyLike, TargetLike, check_obs
 
 
 def gradcam_pp_weights(fmap: Tensor, grads: Tensor) -> Tensor:
@@ -43,12 +43,12 @@ class GradCAMPlusPlus(Attribution):
     what a SGAM teacher at low resolution may want).
     """
 
-    def __init__(self, view: Any, target_kind: TargetKind = "logit", upsample_mode: str = "bilinear") -> None:
+    def __init__(self, view: PolicyLike, target_kind: TargetKind = "logit", upsample_mode: str = "bilinear") -> None:
         super().__init__(view, target_kind)
         self.upsample_mode = upsample_mode
 
     def attribute(self, inputs: Tensor, target: TargetLike = None, raw: bool = False) -> Tensor:
-        obs = check_obs(inputs).detach()
+        obs = check_obs(inputs, "attribution").detach()
         target = self.resolve_target(obs, target)
         with torch.enable_grad():
             fmap = self.view.spatial(obs)

@@ -1,4 +1,4 @@
-"""Explanation-quality metrics (DESIGN.md, "Explanation quality"); reference versions: Quantus.
+"""Explanation-quality metrics (docs/DESIGN.md, "Explanation quality"); reference versions: Quantus.
 
 All take maps (B, H, W) (non-negative, as every fgmf-marl attribution returns) and give one value
 per sample (B,); ``nan`` where a metric is undefined for a sample (empty ground-truth mask, all-zero
@@ -28,8 +28,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from fgmf_marl.attribution.base import Attribution, TargetLike, as_target, target_score
+from fgmf_marl.attribution.base import Attribution, target_score
 from fgmf_marl.attribution.pgca import spearman, topk_iou
+from fgmf_marl.policy import PolicyLike, TargetLike, as_target
 
 
 def _check(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
@@ -66,14 +67,14 @@ def pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def deletion_insertion_curves(view: Any, obs: Tensor, maps: Tensor, target: TargetLike, *, n_steps: int = 16,
+def deletion_insertion_curves(view: PolicyLike, obs: Tensor, maps: Tensor, target: TargetLike, *, n_steps: int = 16,
                               baseline: float = 0.0, mode: str = "deletion", kind: str = "prob",
                               chunk_size: int = 512) -> Tensor:
     """Target score curves (B, n_steps + 1) at removed/inserted fractions 0, 1/n, ..., 1."""
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
     b, c, h, w = obs.shape
-    target = as_target(target, b, None, obs.device)
+    target = as_target(target, b, obs.device)
     order = maps.flatten(1).argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(h * w, device=obs.device).expand(b, -1).contiguous())
@@ -100,11 +101,11 @@ def auc(curves: Tensor) -> Tensor:
     return (curves[:, 1:] + curves[:, :-1]).sum(1) / (2 * n)
 
 
-def deletion_auc(view: Any, obs: Tensor, maps: Tensor, target: TargetLike, **kwargs: Any) -> Tensor:
+def deletion_auc(view: PolicyLike, obs: Tensor, maps: Tensor, target: TargetLike, **kwargs: Any) -> Tensor:
     return auc(deletion_insertion_curves(view, obs, maps, target, mode="deletion", **kwargs))
 
 
-def insertion_auc(view: Any, obs: Tensor, maps: Tensor, target: TargetLike, **kwargs: Any) -> Tensor:
+def insertion_auc(view: PolicyLike, obs: Tensor, maps: Tensor, target: TargetLike, **kwargs: Any) -> Tensor:
     return auc(deletion_insertion_curves(view, obs, maps, target, mode="insertion", **kwargs))
 
 
@@ -113,7 +114,7 @@ def max_sensitivity(method: Attribution | Callable[..., Tensor], obs: Tensor, ta
     """Yeh et al. (2019) max-sensitivity with uniform noise in the L-inf ball, clamped to [0, 1]."""
     attribute = method.attribute if hasattr(method, "attribute") else method
     b = obs.shape[0]
-    target = as_target(target, b, None, obs.device)
+    target = as_target(target, b, obs.device)
     ref = attribute(obs, target=target).flatten(1)
     norm = ref.norm(dim=1)
     gen = torch.Generator().manual_seed(seed)
@@ -132,26 +133,6 @@ def map_similarity(a: Tensor, b: Tensor, top_fraction: float = 0.1) -> dict[str,
     return {"spearman": spearman(fa, fb), "topk_iou": topk_iou(fa, fb, k)}
 
 
-def _actor_modules(view: Any) -> list[tuple[str, nn.Module]]:
-    """Parametrised modules on the actor path, input to output, at the granularity Adebayo et al. use."""
-    names = []
-    backbone = view.extractor.backbone
-    for name, child in backbone.named_children():
-        if name == "fc":
-            continue
-        if isinstance(child, nn.Sequential):
-            names += [(f"backbone.{name}.{n}", m) for n, m in child.named_children() if any(True for _ in m.parameters())]
-        elif any(True for _ in child.parameters()):
-            names.append((f"backbone.{name}", child))
-    if any(isinstance(v, nn.Parameter) for v in backbone._parameters.values()):
-        names.insert(1 if names else 0, ("backbone.params", backbone))
-    names.append(("backbone.fc", backbone.fc))
-    if any(True for _ in view.policy.mlp_extractor.policy_net.parameters()):
-        names.append(("mlp_extractor.policy_net", view.policy.mlp_extractor.policy_net))
-    names.append(("action_net", view.policy.action_net))
-    return names
-
-
 def _randomise(module: nn.Module, gen: torch.Generator, own_only: bool = False) -> None:
     params = module._parameters.values() if own_only else module.parameters()
     with torch.no_grad():
@@ -162,7 +143,7 @@ def _randomise(module: nn.Module, gen: torch.Generator, own_only: bool = False) 
             p.copy_(torch.randn(p.shape, generator=gen) * scale)
 
 
-def model_randomisation(method_factory: Callable[[Any], Attribution], view: Any, obs: Tensor, target: TargetLike,
+def model_randomisation(method_factory: Callable[[PolicyLike], Attribution], view: PolicyLike, obs: Tensor, target: TargetLike,
                         *, seed: int = 0, top_fraction: float = 0.1) -> list[dict[str, Any]]:
     """Cascading model-parameter randomisation (Adebayo et al. 2018), from the logits to the input.
 
@@ -171,13 +152,13 @@ def model_randomisation(method_factory: Callable[[Any], Attribution], view: Any,
     compares the maps for the *same* target actions with the original maps. A sane method's
     similarity drops; one that ignores the model (an edge detector) does not.
     """
-    target = as_target(target, obs.shape[0], None, obs.device)
+    target = as_target(target, obs.shape[0], obs.device)
     original = method_factory(view).attribute(obs, target=target)
     randomised = copy.deepcopy(view)
     gen = torch.Generator().manual_seed(seed)
     stages = []
-    for name, module in reversed(_actor_modules(randomised)):
-        _randomise(module, gen, own_only=name == "backbone.params")
+    for name, module in reversed(randomised.actor_layers()):
+        _randomise(module, gen, own_only=name.endswith(".params"))
         maps = method_factory(randomised).attribute(obs, target=target)
         sim = map_similarity(original, maps, top_fraction)
         stages.append({"layer": name, "spearman": float(sim["spearman"].nanmean()),

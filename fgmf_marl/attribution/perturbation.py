@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fgmf_marl.attribution.base import (Attribution, TargetKind, TargetLike, check_obs, normalise_maps,
-                                        target_score)
+from fgmf_marl.attribution.base import Attribution, TargetKind, normalise_maps, target_score
+from fgmf_marl.policy import PolicyLike, TargetLike, check_obs
 
 
 def cell_edges(size: int, grid: int) -> list[int]:
@@ -62,7 +62,7 @@ class PerturbationParts:
 class PerturbationMap(Attribution):
     """Grid-occlusion map P (see the module docstring); ``attribute`` returns (B, H, W) in [0, 1]."""
 
-    def __init__(self, view: Any, grid: int = 8, target_kind: TargetKind = "logit", noise_std: float = 0.25,
+    def __init__(self, view: PolicyLike, grid: int = 8, target_kind: TargetKind = "logit", noise_std: float = 0.25,
                  noise_mean: float = 0.5, seed: int = 0, chunk_size: int = 1024,
                  strategies: tuple[str, ...] = ("zero", "noise")) -> None:
         super().__init__(view, target_kind)
@@ -83,7 +83,7 @@ class PerturbationMap(Attribution):
     @torch.no_grad()
     def parts(self, inputs: Tensor, target: TargetLike = None) -> PerturbationParts:
         """Score drops for every cell, both replacements, all samples, in ``chunk_size`` batches."""
-        obs = check_obs(inputs).detach()
+        obs = check_obs(inputs, "attribution").detach()
         target = self.resolve_target(obs, target)
         b, c, h, w = obs.shape
         g2 = self.grid * self.grid

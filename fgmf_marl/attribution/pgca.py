@@ -1,4 +1,4 @@
-"""PGCA: perturbation-gradient consensus attribution (DESIGN.md, "PGCA").
+"""PGCA: perturbation-gradient consensus attribution (docs/DESIGN.md, "PGCA").
 
 The paper (arXiv 2412.03884) gives no algorithm we could read, so this is our concrete reading:
 
@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fgmf_marl.attribution.base import Attribution, TargetKind, TargetLike, check_obs, normalise_maps
+from fgmf_marl.attribution.base import Attribution, TargetKind, normalise_maps
+from fgmf_marl.policy import PolicyLike, TargetLike, check_obs
 from fgmf_marl.attribution.gradcam import GradCAMPlusPlus
 from fgmf_marl.attribution.perturbation import PerturbationMap, cell_edges
 
@@ -130,7 +131,7 @@ class PGCA(Attribution):
     ``explain(obs, target)`` returns every stage as a :class:`PGCAResult`.
     """
 
-    def __init__(self, view: Any, grid: int = 8, weight: float = 0.5, sigma: float = 1.5,
+    def __init__(self, view: PolicyLike, grid: int = 8, weight: float = 0.5, sigma: float = 1.5,
                  low_percentile: float = 1.0, high_percentile: float = 99.0, gamma: float = 1.0,
                  target_kind: TargetKind = "logit", topk_fraction: float = 0.25, seed: int = 0,
                  noise_std: float = 0.25, chunk_size: int = 1024) -> None:
@@ -150,7 +151,7 @@ class PGCA(Attribution):
         self.low, self.high, self.gamma, self.topk_fraction = low_percentile, high_percentile, gamma, topk_fraction
 
     def explain(self, inputs: Tensor, target: TargetLike = None) -> PGCAResult:
-        obs = check_obs(inputs).detach()
+        obs = check_obs(inputs, "attribution").detach()
         target = self.resolve_target(obs, target)
         p = self.perturbation.attribute(obs, target)
         g = self.gradcam.attribute(obs, target)

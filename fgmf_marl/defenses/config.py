@@ -1,15 +1,16 @@
 """The ``defense:`` section of a run config: which defense, and every knob of each one.
 
-Budgets (``eps``) are in pixel levels, i.e. units of 1/255, as DESIGN.md reports attack budgets;
-the code divides by 255 because policies and attackers work on float images in [0, 1]. All checks
-run at start-up (``validate``), so a bad value never reaches the middle of a training run.
+Budgets (``eps``) are in pixel levels, i.e. units of 1/255, as docs/DESIGN.md ("Threat model")
+reports attack budgets; the code divides by 255 because policies and attackers work on float images
+in [0, 1]. All checks run at start-up (``validate``), so a bad value never reaches the middle of a
+training run.
 
 Every regulariser follows one schedule: off for the first ``start`` fraction of training, then its
 budget (SCOR-PIO, SA-PPO) or weight (SGAM's auxiliary losses) ramps linearly to full over the next
 ``warmup`` fraction, as SA-PPO ramps its eps. Why a delayed start: an input-gradient penalty or a
 pixel mask applied to a policy that has not yet learned what to look at keeps it from learning at
-all. Measured (default job, seed 0, all terms from step 0): FGMF-PPO's entropy stayed at ln 5 and
-its oracle-normalised return at 0.03 after 480k agent-steps, where vanilla PPO was at ~0.7.
+all (docs/DESIGN.md, "The regulariser schedule"; measurements: docs/EXPERIMENTS.md, "Defenses and
+their schedule").
 """
 from __future__ import annotations
 
@@ -18,8 +19,18 @@ from typing import Literal
 
 from fgmf_marl.config import ConfigError
 
-DefenseKind = Literal["none", "scorpio", "sgam", "fgmf", "sappo"]
-DEFENSE_KINDS: tuple[str, ...] = ("none", "scorpio", "sgam", "fgmf", "sappo")
+#: The one table of defense kinds: each kind names the components it trains. ``agents.defended`` picks
+#: the algorithm class that trains those components; the kinds' names, the ``Literal`` the config loader
+#: checks and the CLI's choices all derive from this table.
+DEFENSES: dict[str, frozenset[str]] = {
+    "none": frozenset(),
+    "scorpio": frozenset({"scorpio"}),
+    "sgam": frozenset({"sgam"}),
+    "fgmf": frozenset({"scorpio", "sgam"}),
+    "sappo": frozenset({"sappo"}),
+}
+DEFENSE_KINDS: tuple[str, ...] = tuple(DEFENSES)
+DefenseKind = Literal[DEFENSE_KINDS]  # type: ignore[valid-type]  (built from the table at import time)
 HVP_METHODS: tuple[str, ...] = ("finite_difference", "pearlmutter")
 SGAM_BASELINES: tuple[str, ...] = ("zero", "gray", "mean")
 
@@ -126,7 +137,7 @@ class SappoConfig:
     kappa: float = 0.1                 # weight of KL(pi(x) || pi(x + delta))
     pgd_steps: int = 3                 # PGD steps (with a random start) maximising the KL
     step_size: float = 0.5             # PGD step, as a fraction of eps
-    subsample: float = 0.25            # fraction of each minibatch (a quarter: 0.54-0.59x of PPO, near FGMF-PPO)
+    subsample: float = 0.25            # fraction of each minibatch (a quarter: a cost near FGMF-PPO's)
     every: int = 1                     # run on every k-th minibatch
     start: float = 0.3                 # fraction of training before the term is switched on (see below)
     warmup: float = 0.3                # fraction of training over which eps then ramps up linearly from 0
@@ -150,7 +161,7 @@ class SappoConfig:
 
 @dataclass
 class DefenseConfig:
-    """Which defense trains the policy; ``none`` is plain SB3 PPO.
+    """Which defense trains the policy (a key of ``DEFENSES``); ``none`` is plain SB3 PPO.
 
     ``scorpio`` adds the SCOR-PIO 2.0 regulariser, ``sgam`` installs the SGAM masking layer with its
     auxiliary losses, ``fgmf`` does both, ``sappo`` is the SA-PPO-style baseline (Zhang et al. 2020).
@@ -161,13 +172,9 @@ class DefenseConfig:
     sgam: SgamConfig = field(default_factory=SgamConfig)
     sappo: SappoConfig = field(default_factory=SappoConfig)
 
-    @property
-    def uses_scorpio(self) -> bool:
-        return self.kind in ("scorpio", "fgmf")
-
-    @property
-    def uses_sgam(self) -> bool:
-        return self.kind in ("sgam", "fgmf")
+    def uses(self, component: str) -> bool:
+        """True when this kind trains ``component`` (``scorpio``, ``sgam`` or ``sappo``)."""
+        return component in DEFENSES[self.kind]
 
     def validate(self) -> None:
         if self.kind not in DEFENSE_KINDS:

@@ -1,4 +1,4 @@
-"""SCOR-PIO 2.0: the saliency-aware curvature regulariser of FGMF (DESIGN.md, component 1).
+"""SCOR-PIO 2.0: the saliency-aware curvature regulariser of FGMF (docs/DESIGN.md, "SCOR-PIO 2.0").
 
 For a minibatch of float images x in [0, 1] and a policy's logits z(x) (a ``PolicyView``):
 
@@ -23,15 +23,13 @@ Choices the design leaves open, made here:
   ``fd_step`` h is relative to delta: h = 1 (default) is the secant over the actual perturbation,
   which for ReLU networks (whose exact Hessian only sees the softmax curvature) measures the
   curvature an eps-attacker really meets, as CURE does; a small h recovers the exact HVP.
-* Default cost knobs (measured in ``benchmarks/bench_defense.py``): finite differences (one extra
-  forward + backward, cheaper than Pearlmutter's double-backward-through-a-double-backward, and
-  it sees ReLU kinks), no Frank-Wolfe steps (each costs one more HVP), 4 Gauss-Legendre IG steps,
-  on an eighth of every eighth minibatch (32 images of a 256 minibatch). Measured in the regularised
-  phase (2 threads, 7 interleaved rounds): SCOR-PIO alone runs at 0.88x of vanilla PPO's throughput,
-  SGAM alone at 0.76x, both (FGMF-PPO) at 0.66x (0.63-0.66x over three runs; 0.56x on one thread);
-  a default run's first 30% is unregularised, so a whole run does a little better. Every eighth
-  minibatch rather than every fourth also halves the term's average weight: at every fourth,
-  FGMF-PPO kept 75% of vanilla's clean return (seeds 0, 1; 256 episodes).
+* Default cost knobs: finite differences (one extra forward + backward, cheaper than Pearlmutter's
+  double-backward-through-a-double-backward, and it sees ReLU kinks), no Frank-Wolfe steps (each
+  costs one more HVP), 4 Gauss-Legendre IG steps, on an eighth (``subsample``) of every eighth
+  (``every``) minibatch. Why: they keep FGMF-PPO's training throughput near the >= 0.6x of vanilla
+  PPO the project asks for, and every eighth rather than every fourth minibatch also halves the
+  term's average weight, which had cost clean return (measurements: ``benchmarks/bench_defense.py``;
+  docs/EXPERIMENTS.md, "Defenses and their schedule").
 * Attention layers are run on PyTorch's math SDPA kernel inside the regulariser, because the
   fused CPU attention kernel has no double backward; this does not change the policy.
 """
@@ -45,7 +43,9 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from fgmf_marl.attribution import IntegratedGradientsMap
 from fgmf_marl.config import ConfigError
 from fgmf_marl.defenses.config import HVP_METHODS, ScorpioConfig
 
@@ -56,8 +56,6 @@ HvpFn = Callable[[Tensor], Tensor]
 @contextmanager
 def double_backward_safe() -> Iterator[None]:
     """Run attention on the math SDPA kernel, the one whose backward is itself differentiable."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     with sdpa_kernel(SDPBackend.MATH):
         yield
 
@@ -100,8 +98,6 @@ def integrated_gradients_saliency(model: nn.Module | LogitsFn, x: Tensor, target
     ``IntegratedGradients`` with Gauss-Legendre steps); Captum differentiates w.r.t. the inputs only,
     so no parameter ``.grad`` is touched. Normalisation does not change the top-q mask.
     """
-    from fgmf_marl.attribution import IntegratedGradientsMap
-
     return IntegratedGradientsMap(model, n_steps=steps, internal_batch_size=None).attribute(x.detach(), target=target)
 
 
@@ -179,7 +175,7 @@ class ScorpioTerms:
     n: int                  # number of samples it ran on
 
 
-class ScorpioRegularizer:
+class ScorpioRegulariser:
     """SCOR-PIO 2.0 on a policy's logits; call it on a batch of float images in [0, 1].
 
     ``model`` maps (B, C, H, W) images to logits: a ``PolicyView`` or any ``nn.Module``. The
@@ -205,7 +201,7 @@ class ScorpioRegularizer:
         self.fw_steps, self.hvp, self.fd_step, self.ig_steps = fw_steps, hvp, fd_step, ig_steps
 
     @classmethod
-    def from_config(cls, cfg: ScorpioConfig) -> "ScorpioRegularizer":
+    def from_config(cls, cfg: ScorpioConfig) -> "ScorpioRegulariser":
         return cls(eps=cfg.eps / 255.0, q=cfg.q, beta=cfg.beta, lambda1=cfg.lambda1, lambda2=cfg.lambda2,
                    fw_steps=cfg.fw_steps, hvp=cfg.hvp, fd_step=cfg.fd_step, ig_steps=cfg.ig_steps)
 

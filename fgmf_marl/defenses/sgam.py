@@ -1,7 +1,7 @@
-"""SGAM: the saliency-guided adaptive masking layer of FGMF (DESIGN.md, component 2).
+"""SGAM: the saliency-guided adaptive masking layer of FGMF (docs/DESIGN.md, "SGAM").
 
-``SGAM`` is an ``nn.Module`` installed as ``ImageFeatures.gate``, in front of the policy's
-backbone. A small attention net (two or three cheap convs) predicts a low-resolution saliency
+``SGAM`` is an ``nn.Module`` installed as the policy's input gate (``PolicyLike.gate``), in front
+of its backbone. A small attention net (two or three cheap convs) predicts a low-resolution saliency
 map s(x); upsampled, it gives the soft keep-mask k = sigmoid((s - tau) / T), and the backbone sees
 
     x_tilde = k * x + (1 - k) * b        (b: a neutral baseline image)
@@ -37,8 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fgmf_marl.attribution import GradCAMPlusPlus, normalise_maps
 from fgmf_marl.config import ConfigError
 from fgmf_marl.defenses.config import SGAM_BASELINES, SgamConfig
+from fgmf_marl.policy import PolicyLike
 
 
 class _GradientShield(torch.autograd.Function):
@@ -60,9 +62,8 @@ class _PoolToChannelsLast(nn.Module):
     """2x2 average pooling (``nn.AvgPool2d(2)``), then the channels-last copy the attention convs want.
 
     The pooling is the mean of the four strided quarter-images: the same function as ``F.avg_pool2d``
-    (odd rows and columns dropped alike), about twice as fast on CPU. Pooling before the copy makes the
-    copy a quarter of the size; on a (256, 3, 48, 48) batch on one CPU thread pool-then-copy took 7.8 ms
-    against 11.8 ms for copy-then-pool, and the strided mean with its copy 5.3 ms.
+    (odd rows and columns dropped alike), and faster on CPU. Pooling before the copy makes the copy a
+    quarter of the size (measurements: docs/EXPERIMENTS.md, "Throughput and speed").
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -89,8 +90,8 @@ def bilinear_upsample(k: Tensor, size: Sequence[int]) -> Tensor:
     """``F.interpolate(k, size, mode="bilinear", align_corners=False)`` as two small matmuls.
 
     Bilinear interpolation is separable: rows, then columns, each a fixed (out, in) matrix. The same
-    function, but its backward is two matmuls instead of PyTorch's scalar scatter kernel: forward +
-    backward of a (256, 1, 12, 12) -> 48x48 map took 5.2 ms against 23.9 ms on one CPU thread.
+    function, but its backward is two matmuls instead of PyTorch's scalar scatter kernel, several times
+    cheaper on CPU (measurements: docs/EXPERIMENTS.md, "Throughput and speed").
     """
     rows = _interpolation_matrix(int(size[0]), k.shape[-2], k.device, k.dtype)
     cols = _interpolation_matrix(int(size[1]), k.shape[-1], k.device, k.dtype)
@@ -150,8 +151,8 @@ class SGAM(nn.Module):
     def saliency(self, x: Tensor) -> Tensor:
         """Low-resolution saliency logits s(x): (B, 1, ~H/downsample, ~W/downsample).
 
-        The convs run on a channels-last copy (as the CNN backbone's do): 1.2x faster forward + backward
-        for these 3- and 8-channel maps on CPU, same function. The pooling layer makes that copy.
+        The convs run on a channels-last copy (as the CNN backbone's do): faster forward + backward for
+        these 3- and 8-channel maps on CPU, same function. The pooling layer makes that copy.
         """
         if self.downsample == 1:  # no pooling layer
             x = x.contiguous(memory_format=torch.channels_last)
@@ -223,21 +224,18 @@ def keep_ratio_loss(mask: Tensor, rho: float) -> Tensor:
 
 
 @contextmanager
-def gate_bypassed(view: Any) -> Iterator[None]:
+def gate_bypassed(view: PolicyLike) -> Iterator[None]:
     """Temporarily replace the view's input gate with the identity (the teacher sees the raw image)."""
-    extractor = view.extractor
-    gate = extractor.gate
-    extractor.gate = nn.Identity()
+    gate = view.gate
+    view.set_gate(nn.Identity())
     try:
         yield
     finally:
-        extractor.gate = gate
+        view.set_gate(gate)
 
 
-def gradcam_teacher(view: Any, obs01: Tensor, actions: Tensor, size: tuple[int, int]) -> Tensor:
+def gradcam_teacher(view: PolicyLike, obs01: Tensor, actions: Tensor, size: tuple[int, int]) -> Tensor:
     """The policy's own Grad-CAM++ map of ``actions`` on the un-gated image, at ``size``, in [0, 1], detached."""
-    from fgmf_marl.attribution import GradCAMPlusPlus, normalise_maps
-
     with gate_bypassed(view):
         cam = GradCAMPlusPlus(view).attribute(obs01.detach(), target=actions, raw=True)  # (B, h, w), ReLU'd
     if tuple(cam.shape[-2:]) != tuple(size):
@@ -250,17 +248,3 @@ def distillation_loss(gate: SGAM, obs01: Tensor, teacher: Tensor) -> Tensor:
     """BCE between the low-resolution keep map and the detached Grad-CAM++ teacher (B, h, w)."""
     student = gate.keep_lowres(obs01)[:, 0].clamp(1e-6, 1 - 1e-6)
     return F.binary_cross_entropy(student, teacher.detach())
-
-
-def install_sgam(policy: nn.Module, gate: SGAM) -> None:
-    """Put ``gate`` in front of every ``ImageFeatures`` extractor of an SB3 policy (one shared module)."""
-    from agents.policies import ImageFeatures
-
-    found = False
-    for name in ("features_extractor", "pi_features_extractor", "vf_features_extractor"):
-        extractor = getattr(policy, name, None)
-        if isinstance(extractor, ImageFeatures):
-            extractor.gate = gate
-            found = True
-    if not found:
-        raise TypeError(f"SGAM needs a policy with an ImageFeatures extractor, got {type(policy).__name__}")

@@ -30,17 +30,17 @@ from torch import Tensor
 
 from fgmf_marl.attribution.metrics import pointing_game, relevance_mass_accuracy
 from fgmf_marl.attribution.pgca import PGCA
+from fgmf_marl.oversight.render import overlay
 from fgmf_marl.oversight.store import LogWriter
+from fgmf_marl.policy import PolicyLike
 
-#: Action order of the native coverage env (see ``envs/native.py``); pass as ``action_names``.
-NATIVE_ACTION_NAMES = ("noop", "up", "down", "left", "right")
 
 PER_STEP = ("actions", "clean_actions", "greedy_actions", "probs", "values", "rewards", "linf", "flipped")
 PER_LOGGED = ("clean_obs", "seen_obs", "pgca_P", "pgca_G", "pgca_consensus", "pgca_final", "agreement", "topk_iou",
               "sgam_mask", "relevance", "frames")
 
 
-def sgam_mask_of(view: Any, obs: Tensor) -> Tensor | None:
+def sgam_mask_of(view: PolicyLike, obs: Tensor) -> Tensor | None:
     """The SGAM keep-mask (B, H, W) in [0, 1] when the policy's input gate has one, else None."""
     gate = getattr(view, "gate", None)
     fn = getattr(gate, "mask", None)
@@ -59,19 +59,22 @@ def sgam_mask_of(view: Any, obs: Tensor) -> Tensor | None:
 class OversightLogger:
     """Step hook that buffers per-env episodes and writes them to an oversight log directory.
 
-    ``frame_fn() -> (n_envs, h, w, 3)`` (e.g. ``CoverageVecEnv.render``) adds the global frame;
+    ``frame_fn() -> (n_envs, h, w, 3)`` (e.g. ``CoverageVecEnv.global_frames``) adds the global frame;
     ``tb_writer`` (a ``SummaryWriter``) gets per-episode scores and the overlay of the step with the
     lowest agreement; ``run_info`` is copied into every episode's JSON (checkpoint, config, seed);
-    ``action_names`` label actions in replays (``NATIVE_ACTION_NAMES`` for the native env).
+    ``action_names`` label actions in replays. ``append`` and ``key`` are :class:`LogWriter`'s: a
+    folder holding a log is refused unless ``append``, and a ``key`` adds an HMAC to every record.
+    :meth:`close` seals the log and returns its head hash, which the caller keeps elsewhere.
     """
 
-    def __init__(self, log_dir: str | Path, view: Any, *, every: int = 1, attack_name: str | None = None,
+    def __init__(self, log_dir: str | Path, view: PolicyLike, *, every: int = 1, attack_name: str | None = None,
                  n_episodes: int | None = None, pgca: PGCA | None = None,
                  frame_fn: Callable[[], np.ndarray] | None = None, tb_writer: Any = None,
-                 run_info: dict[str, Any] | None = None, action_names: Sequence[str] | None = None) -> None:
+                 run_info: dict[str, Any] | None = None, action_names: Sequence[str] | None = None,
+                 append: bool = False, key: bytes | None = None) -> None:
         if every < 1:
             raise ValueError(f"log every must be >= 1 step, got {every}")
-        self.writer = LogWriter(log_dir)
+        self.writer = LogWriter(log_dir, append=append, key=key)
         self.view, self.every, self.attack_name = view, every, attack_name
         self.n_episodes, self.frame_fn, self.tb = n_episodes, frame_fn, tb_writer
         self.pgca = pgca or PGCA(view)
@@ -83,21 +86,20 @@ class OversightLogger:
         self.written: list[dict[str, Any]] = []
 
     @classmethod
-    def for_venv(cls, log_dir: str | Path, view: Any, venv: Any, **kwargs: Any) -> "OversightLogger":
-        """A logger set up for ``venv``: the native env adds its global frames and action names.
+    def for_venv(cls, log_dir: str | Path, view: PolicyLike, venv: Any, **kwargs: Any) -> "OversightLogger":
+        """A logger set up for ``venv``: an env that offers them adds its global frames and action names.
 
-        This is what ``--log-explanations DIR`` in ``evaluate.py`` / ``train_marl.py`` should call::
+        A VecEnv may expose ``global_frames() -> (n_envs, h, w, 3)`` and ``action_names`` (the native
+        env does); the logger asks for them by name so that it never imports an environment.
+        This is what ``--log-explanations DIR`` in ``evaluate.py`` / ``train_marl.py`` calls::
 
             log = OversightLogger.for_venv(DIR, view, venv, every=k, attack_name=..., n_episodes=n)
             rollout(view, venv, n, perturb=..., step_hook=log.step_hook); log.close()
         """
-        try:
-            from envs.batched import CoverageVecEnv
-        except ImportError:  # pragma: no cover - the native env is part of the package
-            CoverageVecEnv = ()  # type: ignore[assignment,misc]
-        if isinstance(venv, CoverageVecEnv):
-            kwargs.setdefault("frame_fn", venv.render)
-            kwargs.setdefault("action_names", NATIVE_ACTION_NAMES)
+        if callable(getattr(venv, "global_frames", None)):
+            kwargs.setdefault("frame_fn", venv.global_frames)
+        if getattr(venv, "action_names", None) is not None:
+            kwargs.setdefault("action_names", tuple(venv.action_names))
         return cls(log_dir, view, **kwargs)
 
     # ------------------------------------------------------------------ hook
@@ -218,7 +220,6 @@ class OversightLogger:
             self._tensorboard(entry["index"], arrays, summary)
 
     def _tensorboard(self, index: int, arrays: dict[str, np.ndarray], summary: dict[str, Any]) -> None:
-        from fgmf_marl.oversight.render import overlay
         for key in ("team_return", "flip_rate", "mean_agreement", "relevance_mass_accuracy"):
             if key in summary:
                 self.tb.add_scalar(f"oversight/{key}", summary[key], index)
@@ -229,13 +230,27 @@ class OversightLogger:
             self.tb.add_image("oversight/lowest_agreement_step", np.concatenate(tiles, axis=1), index, dataformats="HWC")
         self.tb.flush()
 
-    def close(self) -> None:
-        """Drop unfinished episodes (as ``rollout`` does); the log on disk is already complete."""
+    def close(self) -> str:
+        """Drop unfinished episodes (as ``rollout`` does), seal the log and return its head hash.
+
+        Call it only when the episodes ran to the end: a log left unsealed is what an interrupted
+        run looks like to ``replay.py verify``.
+        """
         self._buf.clear()
         self._closed = True
+        return self.writer.close()
+
+    def summary(self, head: str) -> dict[str, Any]:
+        """What a run records about its log: where it is, its head hash and its episode count."""
+        return {"dir": str(self.writer.dir), "head": head, "episodes": self.writer.n_episodes}
 
     def __enter__(self) -> "OversightLogger":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        """Seal on a clean exit; after an exception the log stays unsealed, as an interrupted run's."""
+        if exc_type is None:
+            self.close()
+        else:
+            self._buf.clear()
+            self._closed = True

@@ -11,10 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import imageio.v2 as imageio
 import numpy as np
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
+from fgmf_marl.atomic import atomic_write
 from fgmf_marl.oversight.store import Episode, load_episode
 
 _CMAP = colormaps["inferno"]
@@ -55,12 +57,17 @@ def _pad_to(img: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 def caption(ep: Episode, j: int, agent: int) -> str:
+    """One line of plain text (not HTML: the report escapes it) describing logged step ``j`` of ``agent``.
+
+    Action names come from the log, so only a list of strings is used, each cut to 24 characters.
+    """
     a = ep.arrays
     t = int(a["logged_t"][j])
     i = t  # per-step arrays are indexed by step
     act = int(a["actions"][i, agent])
-    names = ep.meta.get("action_names") or []
-    name = names[act] if act < len(names) else f"a{act}"
+    names = ep.meta.get("action_names")
+    named = isinstance(names, list) and 0 <= act < len(names) and isinstance(names[act], str)
+    name = " ".join(names[act].split())[:24] if named else f"a{act}"
     linf = float(a["linf"][i, agent]) * 255
     attacked = f"ATTACKED |d|={linf:.1f}/255" if linf > 0 else "clean"
     flip = " FLIPPED" if bool(a["flipped"][i, agent]) else ""
@@ -119,9 +126,6 @@ def render_episode(episode: str | Path | Episode, out: str | Path, *, formats: S
 
     Files are written under a temporary name and renamed when complete.
     """
-    import imageio.v2 as imageio
-    from fgmf_marl.atomic import atomic_write
-
     ep = episode if isinstance(episode, Episode) else load_episode(episode)
     bad = [f for f in formats if f not in ("mp4", "gif")]
     if bad:

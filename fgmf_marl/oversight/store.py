@@ -1,23 +1,52 @@
-"""The oversight log on disk: an open format, atomic writes, and a hash-chained manifest.
+"""The oversight log on disk: an open format, atomic writes, a hash-chained, sealed (optionally keyed) manifest.
 
-Layout of a log directory (format ``fgmf-oversight/1``)::
+Layout of a log directory (format ``fgmf-oversight/2``)::
 
     <log dir>/
-      manifest.jsonl        one JSON object per line, one line per episode, in write order
+      manifest.jsonl        one JSON record per line: an "episode" record per episode, in write order,
+                            and a "seal" record each time a run closes the log
       ep_000000.npz         arrays of episode 0 (numpy ``savez_compressed``; open with ``np.load``)
       ep_000000.json        metadata, per-step x agent records and summary scores of episode 0
       ...
+      quarantine/1/         files of an interrupted write, moved aside when the log was next opened
 
-Manifest entry (keys sorted when hashed)::
+Format ``fgmf-oversight/1`` manifests (records without ``kind``, no seal) do not verify: record again.
 
-    {"index": i, "episode": "ep_000000", "files": {"ep_000000.json": "<sha256>", "ep_000000.npz": "<sha256>"},
-     "summary": {...}, "prev_hash": "<entry_hash of entry i-1, or 64 zeros>", "entry_hash": "<sha256>"}
+Manifest records (``canonical(r) = json.dumps(r without "entry_hash" and "hmac", sort_keys=True,
+separators=(",", ":"))``)::
 
-``entry_hash = sha256(json.dumps(entry without entry_hash, sort_keys=True, separators=(",", ":")))``.
-Because each entry hashes its predecessor's hash, editing a file (its sha256 changes), editing an entry,
-removing an entry or reordering entries breaks the chain at the first affected entry, which
-:func:`verify` names. The chain cannot stop someone who rewrites the whole manifest from the tampered
-point on; for that, record the head hash (``verify`` prints it) somewhere else, e.g. in a run summary.
+    {"kind": "episode", "index": i, "episode": "ep_%06d" % i,
+     "files": {"ep_%06d.json" % i: "<sha256>", "ep_%06d.npz" % i: "<sha256>"}, "summary": {...},
+     "prev_hash": "<entry_hash of the previous record, or 64 zeros>", "entry_hash": "<sha256(canonical)>",
+     "hmac": "<HMAC-SHA256(key, canonical)>"  (only when the log is written with a key)}
+    {"kind": "seal", "count": <episodes before it>, "prev_hash": ..., "entry_hash": ..., "hmac": ...}
+
+The *head* of a log is the ``entry_hash`` of its last record: it commits to every record and every
+file before it. :meth:`LogWriter.close` writes the seal and returns the head; keep it elsewhere
+(``results.json``, the run summary) and check it with ``verify(..., expect_head=H)``. A log belongs
+to one run: :class:`LogWriter` refuses a folder that holds a log unless ``append=True``; an appending
+run chains its episodes on after the earlier seal, and its own seal supersedes that one.
+
+What :func:`verify` detects (sha256 is assumed collision resistant; HMAC keys are assumed secret):
+
+* Always: a changed, missing, swapped, extra or symlinked ``ep_*`` file; an edited record, or a
+  removed, reordered or inserted record, unless the attacker recomputed the chain from that point
+  (an index, name, ``prev_hash`` or ``entry_hash`` mismatch); a record whose ``files`` is not exactly
+  its own ``.json`` and ``.npz``; names that point outside the log (``..``, absolute, symlinks);
+  records after a seal other than episodes; a seal whose count or chain link does not match
+  (e.g. the last episode deleted, files and line, from a sealed log); a log whose records mix
+  HMACs and none. An unsealed log (an interrupted run, or one whose seal was removed along with
+  its tail) verifies but is reported "NOT SEALED: tail truncation cannot be detected".
+* Without a key, nothing stops someone who rewrites the log from any point and recomputes the
+  chain and the seal: a forged appended episode, an edited, removed or reordered episode, or a
+  truncated tail then verify, unless the head kept elsewhere is given (``expect_head``).
+* With the key: every record must carry a valid HMAC, so any rewrite, forged or appended record,
+  re-seal, or stripped HMAC fails without the key. Still undetected without ``expect_head``:
+  cutting the log back to an earlier record (reported "NOT SEALED" unless the cut lands on an
+  earlier run's seal), and swapping in a whole other log written with the same key. A keyed log
+  verified without the key says its HMACs were not checked.
+* With ``expect_head``: any change at all since that head was printed (edits, removal, reorder,
+  append, truncation), with or without a key.
 
 Arrays in ``ep_*.npz`` (T steps, L logged steps, N agents, A actions, C x H x W images):
 
@@ -48,8 +77,14 @@ frames              (L, h, w, 3) uint8      global frame when the agents observe
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import json
+import logging
+import os
+import re
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,10 +92,17 @@ from typing import Any
 import numpy as np
 
 from fgmf_marl.atomic import atomic_write_bytes
+from fgmf_marl.config import ConfigError
 
-FORMAT = "fgmf-oversight/1"
+FORMAT = "fgmf-oversight/2"
 MANIFEST = "manifest.jsonl"
+QUARANTINE = "quarantine"
 GENESIS = "0" * 64
+KEY_ENV = "FGMF_LOG_KEY_FILE"
+MIN_KEY_BYTES = 16
+#: the only names a log may refer to: an episode stem or one of its two files
+_NAME = re.compile(r"ep_\d{6}(\.json|\.npz)?")
+_log = logging.getLogger(__name__)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -71,16 +113,98 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def entry_hash(entry: dict[str, Any]) -> str:
-    body = {k: v for k, v in entry.items() if k != "entry_hash"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def canonical(record: dict[str, Any]) -> bytes:
+    """The bytes that are hashed and HMAC'd: the record without ``entry_hash`` and ``hmac``."""
+    body = {k: v for k, v in record.items() if k not in ("entry_hash", "hmac")}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def entry_hash(record: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical(record)).hexdigest()
+
+
+def record_hmac(record: dict[str, Any], key: bytes) -> str:
+    return hmac.new(key, canonical(record), hashlib.sha256).hexdigest()
+
+
+def read_key(path: str | None) -> bytes | None:
+    """The HMAC key in file ``path``, else in the file named by ``$FGMF_LOG_KEY_FILE``, else None.
+
+    Surrounding whitespace is stripped, so keys written by ``echo`` and ``printf`` agree; a key is
+    kept in a file (not on the command line) so it stays out of shell history and ``ps``.
+    """
+    source = path or os.environ.get(KEY_ENV) or None
+    if source is None:
+        return None
+    where = f"log key file {source!r}" + ("" if path else f" (from ${KEY_ENV})")
+    try:
+        key = Path(source).read_bytes().strip()
+    except FileNotFoundError:
+        raise ConfigError(f"{where} does not exist; give a file holding the key "
+                          f"(--log-key-file or ${KEY_ENV})") from None
+    except OSError as exc:
+        raise ConfigError(f"{where} cannot be read ({exc.strerror}); give a readable file holding the key") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigError(f"{where} holds {len(key)} bytes; accepted: a key of at least {MIN_KEY_BYTES} bytes, "
+                          "e.g. from `head -c 32 /dev/urandom | base64 > FILE`")
+    return key
+
+
+def log_path(folder: str | Path, name: Any) -> Path:
+    """``folder / name`` for a name a log may use (``ep_NNNNNN[.json|.npz]``, not a symlink); else ConfigError.
+
+    Names from a manifest are data from whoever wrote the log: this keeps every read inside it.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(f"oversight log {str(folder)!r} names {_show(name)}; accepted: ep_NNNNNN, "
+                          "ep_NNNNNN.json, ep_NNNNNN.npz inside the log")
+    path = Path(folder) / name
+    if path.is_symlink():
+        raise ConfigError(f"oversight log {str(folder)!r}: {name} is a symlink; log files must be plain files")
+    return path
+
+
+def _show(value: Any) -> str:
+    """A log-supplied value as safe, short, one-line text for messages."""
+    return value if isinstance(value, str) and _NAME.fullmatch(value) else ascii(value)[:60]
+
+
+def _manifest_lines(folder: Path) -> list[str]:
+    path = folder / MANIFEST
+    if path.is_symlink():
+        raise ConfigError(f"{path} is a symlink; log files must be plain files")
+    if not path.exists():
+        return []
+    try:
+        return path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; a manifest is JSON lines") from None
+
+
+def read_records(log_dir: str | Path) -> list[dict[str, Any]]:
+    """All manifest records in order (episodes and seals); ConfigError naming the line if one is not a record."""
+    path = Path(log_dir) / MANIFEST
+    records = []
+    for i, line in enumerate(_manifest_lines(Path(log_dir))):
+        record = _parse(line)
+        if record is None:
+            raise ConfigError(f"{path} line {i + 1}: not a manifest record "
+                              "(a JSON object with kind 'episode' or 'seal')")
+        records.append(record)
+    return records
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and record.get("kind") in ("episode", "seal") else None
 
 
 def read_manifest(log_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(log_dir) / MANIFEST
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The episode records in order (seal records left out)."""
+    return [r for r in read_records(log_dir) if r["kind"] == "episode"]
 
 
 def _jsonable(obj: Any) -> Any:
@@ -97,97 +221,218 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-class LogWriter:
-    """Appends episodes to a log directory: files first, then the manifest entry (both atomic)."""
+def holds_log(folder: str | Path) -> bool:
+    """True when ``folder`` already holds an oversight log (a manifest or any episode file)."""
+    folder = Path(folder)
+    return (folder / MANIFEST).exists() or any(folder.glob("ep_*"))
 
-    def __init__(self, log_dir: str | Path) -> None:
+
+def _quarantine_unfinished(folder: Path) -> str | None:
+    """Move the files of an interrupted write into ``quarantine/<n>/``; the one-line report, or None.
+
+    Only what a crash of :meth:`LogWriter.append` can leave is moved: the next episode's files
+    (written, no manifest line) and hidden temp files. Anything else is left for :func:`verify`.
+    """
+    n = len(read_manifest(folder))
+    orphans = [p for p in (folder / f"ep_{n:06d}.json", folder / f"ep_{n:06d}.npz") if p.exists() or p.is_symlink()]
+    temps = sorted(folder.glob(".*.tmp"))
+    if not orphans and not temps:
+        return None
+    root = folder / QUARANTINE
+    k = 1
+    while (root / str(k)).exists():
+        k += 1
+    dest = root / str(k)
+    dest.mkdir(parents=True)
+    for p in orphans + temps:
+        p.rename(dest / p.name)
+    what = [f"the unfinished episode ep_{n:06d} (files written, no manifest line)"] if orphans else []
+    what += [f"{len(temps)} temp file(s)"] if temps else []
+    return (f"oversight log {str(folder)!r}: an earlier run was interrupted; moved {' and '.join(what)} "
+            f"into {QUARANTINE}/{k}")
+
+
+class LogWriter:
+    """Writes one run's episodes into a log folder (files first, then the manifest line, both atomic).
+
+    A folder that already holds a log is refused unless ``append`` (so a log and its run's summary
+    count the same episodes). On open, an interrupted write is quarantined (reported in
+    ``self.recovered`` and as a logging warning) and the log must then verify, with ``key`` when
+    given; a keyed log can only be appended to with its key. ``close()`` seals the log and returns
+    its head hash, which the caller prints and records.
+    """
+
+    def __init__(self, log_dir: str | Path, *, append: bool = False, key: bytes | None = None) -> None:
         self.dir = Path(log_dir)
+        self.key = key
+        if not append and holds_log(self.dir):
+            raise ConfigError(f"oversight log folder {str(self.dir)!r} already holds a log; give --append to add "
+                              "to it, or choose a new folder")
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.entries = read_manifest(self.dir)
-        bad = verify(self.dir)
-        if not bad.ok:
-            raise ValueError(f"refusing to append to oversight log {str(self.dir)!r}: {bad.message}")
+        self.recovered = _quarantine_unfinished(self.dir)
+        if self.recovered:
+            _log.warning(self.recovered)
+        res = verify(self.dir, key=key)
+        if not res.ok:
+            raise ConfigError(f"refusing to append to oversight log {str(self.dir)!r}: {res.message}")
+        if res.keyed and key is None:
+            raise ConfigError(f"oversight log {str(self.dir)!r} carries HMACs; give its key "
+                              f"(--log-key-file or ${KEY_ENV}) to append to it")
+        self.records = read_records(self.dir)
 
     @property
     def head(self) -> str:
-        return self.entries[-1]["entry_hash"] if self.entries else GENESIS
+        """The entry_hash of the last record (GENESIS for an empty log)."""
+        return self.records[-1]["entry_hash"] if self.records else GENESIS
+
+    @property
+    def n_episodes(self) -> int:
+        return sum(r["kind"] == "episode" for r in self.records)
 
     def append(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> dict[str, Any]:
         """Write one episode (``arrays`` -> npz, ``meta`` -> json) and chain it into the manifest."""
-        index = len(self.entries)
+        index = self.n_episodes
         name = f"ep_{index:06d}"
         meta = _jsonable({"format": FORMAT, "episode": name, **meta})
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrays)
         atomic_write_bytes(self.dir / f"{name}.npz", buf.getvalue())
         atomic_write_bytes(self.dir / f"{name}.json", json.dumps(meta, indent=1).encode())
-        entry: dict[str, Any] = {
-            "index": index, "episode": name,
+        return self._commit({
+            "kind": "episode", "index": index, "episode": name,
             "files": {f"{name}.json": sha256_file(self.dir / f"{name}.json"),
                       f"{name}.npz": sha256_file(self.dir / f"{name}.npz")},
             "summary": meta.get("summary", {}), "prev_hash": self.head,
-        }
-        entry["entry_hash"] = entry_hash(entry)
-        lines = [json.dumps(e, sort_keys=True) for e in [*self.entries, entry]]
+        })
+
+    def close(self) -> str:
+        """Seal the log (episode count + chain link, HMAC'd when keyed) and return its head hash.
+
+        Idempotent: a log whose last record is a seal is not sealed again.
+        """
+        if not self.records or self.records[-1]["kind"] != "seal":
+            self._commit({"kind": "seal", "count": self.n_episodes, "prev_hash": self.head})
+        return self.head
+
+    def _commit(self, record: dict[str, Any]) -> dict[str, Any]:
+        record["entry_hash"] = entry_hash(record)
+        if self.key is not None:
+            record["hmac"] = record_hmac(record, self.key)
+        lines = [json.dumps(r, sort_keys=True) for r in [*self.records, record]]
         atomic_write_bytes(self.dir / MANIFEST, ("\n".join(lines) + "\n").encode())
-        self.entries.append(entry)
-        return entry
+        self.records.append(record)
+        return record
 
 
 @dataclass
 class VerifyResult:
     ok: bool
-    n_entries: int
-    message: str
-    first_bad: int | None = None   # manifest index (or line) of the first bad entry
-    head: str = GENESIS            # entry_hash of the last good entry
+    n_entries: int                 # episodes in the log (up to the first bad record)
+    message: str                   # one line: "OK: ..." or what is wrong and where
+    first_bad: int | None = None   # 0-based manifest line of the first bad record
+    head: str = GENESIS            # entry_hash of the last good record
+    sealed: bool = False           # the last record is a seal
+    keyed: bool = False            # the records carry HMACs
 
 
-def verify(log_dir: str | Path) -> VerifyResult:
-    """Check every manifest entry in order: index, chain link, entry hash, and file hashes."""
-    folder = Path(log_dir)
-    path = folder / MANIFEST
-    if not path.exists():
-        listed = sorted(p.name for p in folder.glob("ep_*"))
-        if listed:
-            return VerifyResult(False, 0, f"no {MANIFEST} but episode files exist ({listed[0]}, ...)", 0)
-        return VerifyResult(True, 0, "empty log (no episodes)")
-    prev = GENESIS
-    listed: set[str] = set()
-    lines = path.read_text().splitlines()
-    for i, line in enumerate(lines):
+def _problem(folder: Path, rec: dict[str, Any], n_eps: int, prev: str, after_seal: bool,
+             keyed: bool, key: bytes | None) -> str | None:
+    """What is wrong with record ``rec`` given the records before it, or None.
+
+    Checked in this order: where the record may stand, then its chain link and hashes, then its HMAC,
+    then (for an episode) its files, so the message names the first thing an attacker changed.
+    """
+    name = f"ep_{n_eps:06d}"
+    if rec["kind"] == "seal":
+        if after_seal:
+            return "a seal follows a seal (after a seal only episodes may follow)"
+        if rec.get("count") != n_eps:
+            return f"seal counts {_show(rec.get('count'))} episodes, the log has {n_eps} before it"
+    else:
+        if rec.get("index") != n_eps:
+            return f"index is {_show(rec.get('index'))}, expected {n_eps} (entries removed or reordered)"
+        if rec.get("episode") != name:
+            return f"episode is named {_show(rec.get('episode'))}, expected {name}"
+        if not isinstance(rec.get("files"), dict) or sorted(rec["files"]) != [f"{name}.json", f"{name}.npz"]:
+            return f"files must be exactly {name}.json and {name}.npz, got {_show(rec.get('files'))}"
+    if ("hmac" in rec) != keyed:
+        return "has no HMAC but earlier records do" if keyed else "has an HMAC but earlier records do not"
+    if rec.get("prev_hash") != prev:
+        return "chain broken, prev_hash does not match the previous record (a record was removed, reordered or edited)"
+    if entry_hash(rec) != rec.get("entry_hash"):
+        return "entry hash mismatch (the manifest record was edited)"
+    if key is not None and not keyed:
+        return "no HMAC, but a key was given (the log was written without a key, or its HMACs were stripped)"
+    if key is not None and not hmac.compare_digest(str(rec["hmac"]), record_hmac(rec, key)):
+        return "HMAC mismatch (edited and rechained without the key, or the wrong key)"
+    if rec["kind"] == "seal":
+        return None
+    for fname, digest in sorted(rec["files"].items()):
         try:
-            entry = json.loads(line)
-            name = entry["episode"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            return VerifyResult(False, i, f"entry {i}: manifest line {i + 1} is not a valid entry", i, prev)
-        where = f"entry {i} ({name})"
-        if entry.get("index") != i:
-            return VerifyResult(False, i, f"{where}: index is {entry.get('index')}, expected {i} "
-                                          "(entries removed or reordered)", i, prev)
-        if entry.get("prev_hash") != prev:
-            return VerifyResult(False, i, f"{where}: chain broken, prev_hash does not match entry {i - 1} "
-                                          "(an earlier entry was removed, reordered or edited)", i, prev)
-        if entry_hash(entry) != entry.get("entry_hash"):
-            return VerifyResult(False, i, f"{where}: entry hash mismatch (the manifest entry was edited)", i, prev)
-        for fname, digest in sorted(entry.get("files", {}).items()):
-            fpath = folder / fname
-            if not fpath.exists():
-                return VerifyResult(False, i, f"{where}: file {fname} is missing", i, prev)
-            if sha256_file(fpath) != digest:
-                return VerifyResult(False, i, f"{where}: file {fname} was modified (sha256 mismatch)", i, prev)
-            listed.add(fname)
-        prev = entry["entry_hash"]
-    for extra in sorted(p.name for p in folder.glob("ep_*")):
-        if extra not in listed:
-            return VerifyResult(False, len(lines), f"file {extra} is not listed in the manifest "
-                                                   "(an interrupted write or an inserted file)", len(lines), prev)
-    return VerifyResult(True, len(lines), f"OK: {len(lines)} episodes, chain intact, head {prev}", None, prev)
+            path = log_path(folder, fname)
+        except ConfigError as exc:
+            return str(exc)
+        if not path.is_file():
+            return f"file {fname} is missing"
+        if sha256_file(path) != digest:
+            return f"file {fname} was modified (sha256 mismatch)"
+    return None
+
+
+def verify(log_dir: str | Path, *, expect_head: str | None = None, key: bytes | None = None) -> VerifyResult:
+    """Check every manifest record in order, the files they list, the seal, and optionally the head.
+
+    See the module docstring for what is detected with and without ``key`` and ``expect_head``.
+    Never modifies the log.
+    """
+    folder = Path(log_dir)
+    try:
+        lines = _manifest_lines(folder)
+    except ConfigError as exc:
+        return VerifyResult(False, 0, str(exc), 0)
+    prev, n_eps, listed, hashes = GENESIS, 0, set(), []
+    keyed: bool | None = None
+    sealed = False
+    for i, line in enumerate(lines):
+        rec = _parse(line)
+        if rec is None:
+            return VerifyResult(False, n_eps, f"entry {i}: manifest line {i + 1} is not a manifest record "
+                                              "(a JSON object with kind 'episode' or 'seal')", i, prev)
+        keyed = ("hmac" in rec) if keyed is None else keyed
+        problem = _problem(folder, rec, n_eps, prev, sealed, keyed, key)
+        label = "seal" if rec["kind"] == "seal" else _show(rec.get("episode"))
+        if problem:
+            return VerifyResult(False, n_eps, f"entry {i} ({label}): {problem}", i, prev, keyed=keyed)
+        if rec["kind"] == "episode":
+            listed.update(rec["files"])
+            n_eps += 1
+        sealed = rec["kind"] == "seal"
+        prev = rec["entry_hash"]
+        hashes.append(prev)
+    bad = [_show(p.name) for p in sorted(folder.glob("ep_*")) if p.name not in listed]
+    if bad:
+        return VerifyResult(False, n_eps, f"file {bad[0]} is not listed in the manifest (an inserted file, or an "
+                                          "interrupted write: opening the log with append quarantines it)",
+                            len(lines), prev, sealed, bool(keyed))
+    if expect_head is not None and expect_head != prev:
+        why = (f"the expected head is line {hashes.index(expect_head) + 1}: records were appended after it"
+               if expect_head in hashes else "the log was rewritten or truncated, or the head is another log's")
+        return VerifyResult(False, n_eps, f"head is {prev}, expected {_show(expect_head)}: {why}",
+                            len(lines), prev, sealed, bool(keyed))
+    notes = [f"OK: {n_eps} episodes, chain intact",
+             "sealed" if sealed else "NOT SEALED: tail truncation cannot be detected"]
+    if expect_head is not None:
+        notes.append("head matches the expected head")
+    if keyed:
+        notes.append("HMACs verified" if key is not None else "HMACs NOT checked (no key given)")
+    if (folder / QUARANTINE).is_dir():
+        notes.append(f"{QUARANTINE}/ holds files of an interrupted write")
+    return VerifyResult(True, n_eps, ", ".join(notes) + f", head {prev}", None, prev, sealed, bool(keyed))
 
 
 @dataclass
 class Episode:
-    """One logged episode: ``arrays`` (lazy-loaded npz, as dict) and ``meta`` (the JSON)."""
+    """One logged episode: ``arrays`` (the npz, as dict) and ``meta`` (the JSON)."""
 
     name: str
     arrays: dict[str, np.ndarray]
@@ -199,18 +444,37 @@ class Episode:
 
 
 def load_episode(path: str | Path) -> Episode:
-    """Load an episode from ``<dir>/ep_XXXXXX`` (with or without extension, .npz or .json)."""
+    """Load an episode from ``<dir>/ep_XXXXXX`` (with or without extension, .npz or .json).
+
+    A missing or unreadable file (not a zip, not UTF-8 JSON, pickled arrays) is a one-line
+    ConfigError naming it. Pickles are refused: a log is data, not code.
+    """
     p = Path(path)
     stem = p.with_suffix("") if p.suffix in (".npz", ".json") else p
     npz, js = stem.with_suffix(".npz"), stem.with_suffix(".json")
-    if not npz.exists() or not js.exists():
-        raise FileNotFoundError(f"episode {str(stem)!r} not found: expected {npz.name} and {js.name}")
-    with np.load(npz) as data:
-        arrays = {k: data[k] for k in data.files}
-    return Episode(stem.name, arrays, json.loads(js.read_text()))
+    if not npz.is_file() or not js.is_file():
+        raise ConfigError(f"episode {str(stem)!r} not found: expected {npz.name} and {js.name}")
+    try:
+        with np.load(npz, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, KeyError) as exc:
+        raise ConfigError(f"episode file {str(npz)!r} is not a readable .npz ({type(exc).__name__})") from None
+    try:
+        meta = json.loads(js.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"episode file {str(js)!r} is not UTF-8 JSON ({type(exc).__name__})") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"episode file {str(js)!r} holds a JSON {type(meta).__name__}; accepted: a JSON object")
+    return Episode(stem.name, arrays, meta)
 
 
 def list_episodes(log_dir: str | Path) -> list[Path]:
-    """Episode stems in manifest order."""
+    """Episode stems in manifest order; ConfigError if a record names a path outside the log."""
     folder = Path(log_dir)
-    return [folder / e["episode"] for e in read_manifest(folder)]
+    stems = []
+    for rec in read_manifest(folder):
+        name = rec.get("episode")
+        for fname in (name, f"{name}.json", f"{name}.npz"):
+            log_path(folder, fname)
+        stems.append(folder / name)
+    return stems

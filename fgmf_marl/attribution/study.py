@@ -1,4 +1,4 @@
-"""Explanation-quality evaluation on the native env: PGCA vs its parts and Captum baselines.
+"""The explanation-quality study on the native env: PGCA vs its parts and Captum baselines.
 
 ``explain_eval`` runs evaluation episodes through the one episode loop (:func:`fgmf_marl.rollout.rollout`),
 keeps every ``every``-th step (all agents), and scores every method on the *same* observations
@@ -29,6 +29,8 @@ from fgmf_marl.attribution.captum_baselines import IntegratedGradientsMap, Occlu
 from fgmf_marl.attribution.gradcam import GradCAMPlusPlus
 from fgmf_marl.attribution.perturbation import PerturbationMap
 from fgmf_marl.attribution.pgca import PGCA
+from fgmf_marl.policy import Perturb, PolicyLike
+from fgmf_marl.rollout import StepRecord, rollout
 
 METRICS = {  # name -> (higher is better?)
     "relevance_mass": True, "relevance_rank": True, "pointing_game": True,
@@ -37,7 +39,7 @@ METRICS = {  # name -> (higher is better?)
 }
 
 
-def default_methods(view: Any, seed: int = 0, grid: int = 8, ig_steps: int = 32) -> dict[str, Callable[[Any], Attribution]]:
+def default_methods(view: PolicyLike, seed: int = 0, grid: int = 8, ig_steps: int = 32) -> dict[str, Callable[[PolicyLike], Attribution]]:
     """Factories (view -> method) so that the randomisation test can rebuild each method."""
     return {
         "PGCA": lambda v: PGCA(v, grid=grid, seed=seed),
@@ -55,14 +57,14 @@ class Samples:
     masks: Tensor      # (S, H, W) ground-truth relevance
 
 
-def collect_samples(view: Any, venv: Any, n_episodes: int, every: int = 4, seed: int = 0,
-                    perturb: Callable[[Tensor], Tensor] | None = None) -> Samples:
+def collect_samples(view: PolicyLike, venv: Any, n_episodes: int, every: int = 4, seed: int = 0,
+                    perturb: Perturb | None = None) -> Samples:
     """Observations, taken actions and relevance masks at every ``every``-th step of each episode."""
     if not hasattr(venv, "relevance_masks"):
         raise ValueError("explanation metrics need ground-truth relevance masks: use the native env")
     obs, target, masks = [], [], []
 
-    def hook(rec: Any) -> None:
+    def hook(rec: StepRecord) -> None:
         n = rec.n_agents
         for b in range(len(rec.t)):
             if rec.t[b] % every == 0:
@@ -70,7 +72,6 @@ def collect_samples(view: Any, venv: Any, n_episodes: int, every: int = 4, seed:
                 obs.append(rec.seen_obs[sl].cpu())
                 target.append(torch.as_tensor(rec.actions[sl]))
                 masks.append(torch.as_tensor(rec.relevance[sl]))
-    from fgmf_marl.rollout import rollout
     rollout(view, venv, n_episodes, step_hook=hook, perturb=perturb, seed=seed)
     return Samples(torch.cat(obs), torch.cat(target).long(), torch.cat(masks).bool())
 
@@ -105,7 +106,7 @@ class ExplainEvalResult:
         return "\n".join(lines)
 
 
-def explain_eval(view: Any, samples: Samples, methods: dict[str, Callable[[Any], Attribution]], *,
+def explain_eval(view: PolicyLike, samples: Samples, methods: dict[str, Callable[[PolicyLike], Attribution]], *,
                  batch: int = 24, n_steps: int = 16, sensitivity_samples: int = 12, sensitivity_n: int = 4,
                  sensitivity_radius: float = 4 / 255, attack: Callable[[Tensor], Tensor] | None = None,
                  randomisation_samples: int = 12, seed: int = 0, progress: bool = True) -> ExplainEvalResult:

@@ -1,4 +1,4 @@
-"""Robustness evaluation: checkpoints x attacks x eps x seeds x episodes, behind ``scripts/evaluate.py``.
+"""``scripts/evaluate.py``: robustness of checkpoints over attacks x eps x seeds x episodes, and its command line.
 
 Every grid cell is one call of :func:`fgmf_marl.rollout.rollout` (the one episode loop) with the
 attack adapted to its ``perturb`` callable, so "return under attack" means what it means in
@@ -17,13 +17,14 @@ Outputs, in one folder (created only after every input is validated, removed if 
     audit_<ckpt>.md     with ``audit: true``: the gradient-masking audit on observations visited by
                         the clean policy (see :mod:`fgmf_marl.audit`)
 
-Choices: evaluation envs use seeds ``seed + 10_000`` (never a training seed, as the trainer's own
-evaluation); the deterministic (greedy) policy is evaluated, the usual protocol in robust-RL papers
+Choices: evaluation envs use seeds ``seed + fgmf_marl.seeds.EVALUATION`` (never a training seed, as the
+trainer's own evaluation); the deterministic (greedy) policy is evaluated, the usual protocol in robust-RL papers
 (SA-PPO, PA-AD) since it isolates the attack's effect from action sampling; the flip rate is over
 all agent-steps, as the rollout reports it, so attacking 1 of 3 agents caps it at 1/3.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import io
@@ -31,14 +32,32 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+from matplotlib.figure import Figure
 import numpy as np
 import torch
+from stable_baselines3.common.vec_env import VecEnv
+from tqdm.auto import tqdm
 
-from fgmf_marl.config import ConfigError, atomic_write_text
+from agents.adversary import LoadedAdversary, load_adversary
+from agents.policy_view import PolicyView
+from envs.reference import normalise
+from envs.registry import make_vec_env, n_agents_of, reference_for
+from fgmf_marl import config as cfglib
+from fgmf_marl import seeds
+from fgmf_marl.atomic import atomic_write, atomic_write_text
+from fgmf_marl.attacks import ATTACKS, Attack, make_attack, parse_spec
+from fgmf_marl.audit import AuditConfig, AuditReport, audit
+from fgmf_marl.config import ConfigError, check_device
+from fgmf_marl.jobs import cli
+from fgmf_marl.jobs.checkpoints import Victim, load_victim
+from fgmf_marl.oversight import OversightLogger
+from fgmf_marl.oversight.store import holds_log, read_key
+from fgmf_marl.rollout import StepRecord, rollout
+from fgmf_marl.runs import staged_run_dir
 
-EVAL_SEED_OFFSET = 10_000
+PROG = "evaluate.py"
 
 
 @dataclass
@@ -58,10 +77,11 @@ class EvalConfig:
     audit_queries: int = 300
     log_explanations: str | None = None
     log_every: int = 1
+    log_append: bool = False            # add to oversight logs that exist (else a log belongs to one run)
+    log_key_file: str | None = None     # HMAC key of the oversight logs (or $FGMF_LOG_KEY_FILE)
 
     def validate(self) -> None:
-        from fgmf_marl.attacks import parse_spec
-
+        check_device(self.device)
         if not self.checkpoints:
             raise ConfigError("give at least one checkpoint (a run directory or a .zip written by train_marl.py)")
         if not self.attacks:
@@ -81,44 +101,17 @@ class EvalConfig:
             raise ConfigError(f"agents={self.agents} must be non-empty agent indices >= 0")
 
 
-@dataclass
-class Victim:
-    """A loaded checkpoint ready to attack."""
-
-    label: str
-    path: str
-    model: Any
-    view: Any
-    train_config: Any
-
-
-def load_victim(path: str, device: str = "cpu") -> Victim:
-    from agents.policy_view import PolicyView
-    from agents.trainer import load_model
-    from fgmf_marl.runs import resolve_checkpoint
-
-    ckpt, run = resolve_checkpoint(path)
-    model, cfg = load_model(path, device=device)
-    label = run.root.name if run is not None else ckpt.stem
-    return Victim(label=label, path=str(path), model=model, view=PolicyView.from_model(model).eval(), train_config=cfg)
-
-
-def _loader(device: str) -> Callable[[str, str], Any]:
-    def load(kind: str, path: str) -> Any:
-        if kind == "surrogate":
-            return load_victim(path, device).view
-        from agents.adversary import load_adversary
-
-        return load_adversary(path, device=device)
+def _loader(device: str) -> Callable[[str, str], PolicyView | LoadedAdversary]:
+    """Resolves the checkpoints that attack specs name (``transfer:surrogate=...``, ``adversary:path=...``)."""
+    def load(kind: str, path: str) -> PolicyView | LoadedAdversary:
+        return load_victim(path, device).view if kind == "surrogate" else load_adversary(path, device=device)
 
     return load
 
 
-def _eval_env(victim: Victim, n_envs: int, seed: int) -> tuple[Any, int]:
-    from envs.registry import make_vec_env, n_agents_of
-
+def _eval_env(victim: Victim, n_envs: int, seed: int) -> tuple[VecEnv, int]:
     env_cfg = dataclasses.replace(victim.train_config.env, n_envs=n_envs)
-    venv = make_vec_env(env_cfg, seed=seed + EVAL_SEED_OFFSET)
+    venv = make_vec_env(env_cfg, seed=seeds.env_seed(seed, seeds.EVALUATION))
     return venv, n_agents_of(venv, env_cfg)
 
 
@@ -134,6 +127,7 @@ class Cell:
     flip_rate: float
     agent_steps: int
     flip_rates: np.ndarray  # per episode
+    oversight_log: dict[str, Any] | None = None  # dir, head hash and episodes of the cell's oversight log
 
 
 @dataclass
@@ -141,16 +135,14 @@ class EvalResult:
     folder: Path
     cells: list[Cell]
     summary: list[dict[str, Any]]
-    audits: dict[str, Any]
+    audits: dict[str, AuditReport]
 
 
 def _attack_label(spec: str) -> str:
     return spec.replace(":", "[", 1) + "]" if ":" in spec else spec
 
 
-def build_attacks(cfg: EvalConfig, eps255: float) -> list[tuple[str, Any]]:
-    from fgmf_marl.attacks import make_attack, parse_spec
-
+def build_attacks(cfg: EvalConfig, eps255: float) -> list[tuple[str, Attack]]:
     out = []
     for spec in cfg.attacks:
         name, opts = parse_spec(spec)
@@ -158,12 +150,12 @@ def build_attacks(cfg: EvalConfig, eps255: float) -> list[tuple[str, Any]]:
     return out
 
 
-def run_cell(victim: Victim, attack: Any, label: str, eps255: float, seed: int, cfg: EvalConfig,
-             log_dir: Path | None = None) -> Cell:
-    """One grid cell: ``cfg.episodes`` episodes of ``victim`` under ``attack`` (None = clean)."""
-    from agents.trainer import normalise, reference_for
-    from fgmf_marl.rollout import rollout
+def run_cell(victim: Victim, attack: Attack | None, label: str, eps255: float, seed: int, cfg: EvalConfig,
+             log_dir: Path | None = None, log_key: bytes | None = None) -> Cell:
+    """One grid cell: ``cfg.episodes`` episodes of ``victim`` under ``attack`` (None = clean).
 
+    With ``log_dir`` the cell's episodes go to an oversight log there, sealed when they all ran.
+    """
     venv, n_agents = _eval_env(victim, cfg.n_envs, seed)
     torch.manual_seed(seed)
     try:
@@ -172,33 +164,26 @@ def run_cell(victim: Victim, attack: Any, label: str, eps255: float, seed: int, 
         perturb = None if attack is None else attack.as_perturb(victim.view, n_agents=n_agents, agents=cfg.agents)
         hook, logger = None, None
         if log_dir is not None:
-            from fgmf_marl.oversight import OversightLogger
-
             logger = OversightLogger.for_venv(log_dir, victim.view, venv, every=cfg.log_every, attack_name=label,
-                                              n_episodes=cfg.episodes,
+                                              n_episodes=cfg.episodes, append=cfg.log_append, key=log_key,
                                               run_info={"checkpoint": victim.path, "attack": label, "eps255": eps255,
                                                         "seed": seed})
             hook = logger.step_hook
-        try:
-            result = rollout(victim.view, venv, cfg.episodes, n_agents=n_agents, perturb=perturb, step_hook=hook, seed=seed)
-        finally:
-            if logger is not None:
-                logger.close()
+        result = rollout(victim.view, venv, cfg.episodes, n_agents=n_agents, perturb=perturb, step_hook=hook, seed=seed)
+        log = None if logger is None else logger.summary(logger.close())
     finally:
         venv.close()
     return Cell(victim.label, label, eps255, seed, result.team_returns,
-                normalise(result.team_returns, reference_for(victim.train_config)), result.lengths,
-                result.flip_rate, result.agent_steps, result.episode_flip_rates)
+                normalise(result.team_returns, reference_for(victim.train_config.env)), result.lengths,
+                result.flip_rate, result.agent_steps, result.episode_flip_rates, log)
 
 
 def collect_observations(victim: Victim, n_obs: int, seed: int, n_envs: int) -> torch.Tensor:
     """Observations (float [0, 1]) visited by the clean greedy policy: the audit's test set."""
-    from fgmf_marl.rollout import rollout
-
     venv, n_agents = _eval_env(victim, n_envs, seed)
     frames: list[torch.Tensor] = []
 
-    def hook(record: Any) -> None:
+    def hook(record: StepRecord) -> None:
         if sum(f.shape[0] for f in frames) < 4 * n_obs:
             frames.append(record.clean_obs.detach().cpu())
 
@@ -257,16 +242,13 @@ def episodes_csv(cells: list[Cell]) -> str:
 
 
 def plot_curves(rows: list[dict[str, Any]], checkpoint: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Return vs eps of one checkpoint, one line per attack, clean at eps 0; written atomically."""
     mine = [r for r in rows if r["checkpoint"] == checkpoint]
     key = "normalised_mean" if all("normalised_mean" in r for r in mine) else "team_return_mean"
     std = key.replace("mean", "std")
     clean = [r for r in mine if r["attack"] == "none"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))  # no pyplot: no GUI backend, no global figure state
+    ax = fig.subplots()
     for attack in dict.fromkeys(r["attack"] for r in mine if r["attack"] != "none"):
         pts = sorted(clean + [r for r in mine if r["attack"] == attack], key=lambda r: r["eps255"])
         xs = [r["eps255"] for r in pts]
@@ -280,43 +262,41 @@ def plot_curves(rows: list[dict[str, Any]], checkpoint: str, path: Path) -> None
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
 
 
 def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: Callable[[str], None] = print) -> EvalResult:
     """Run the grid (and the audit) and write every output into the new folder ``out``."""
-    from tqdm.auto import tqdm
-
-    from fgmf_marl import config as cfglib
-    from fgmf_marl.runs import staged_run_dir
-
     cfglib.validate(cfg)
+    log_key = read_key(cfg.log_key_file)                                       # bad key file -> ConfigError
     victims = [load_victim(p, cfg.device) for p in cfg.checkpoints]           # missing checkpoint -> ConfigError
     grid = {e: build_attacks(cfg, e) for e in cfg.eps}                         # unknown attack / option -> ConfigError
     log_root = Path(cfg.log_explanations) if cfg.log_explanations else None
+
+    def log_dir(victim: Victim, label: str, e: float, seed: int) -> Path | None:
+        return None if log_root is None else log_root / f"{victim.label}__{label.replace('/', '_')}__eps{e:g}__s{seed}"
+
+    cell_jobs = [(seed, label, attack, e) for seed in cfg.seeds
+                 for label, attack, e in [("none", None, 0.0)] + [(lb, atk, e) for e in cfg.eps for lb, atk in grid[e]]]
+    taken = [d for v in victims for s, lb, _, e in cell_jobs if (d := log_dir(v, lb, e, s)) is not None and holds_log(d)]
+    if taken and not cfg.log_append:                                           # a log belongs to one run
+        raise ConfigError(f"oversight log folder {str(taken[0])!r} already holds a log; give --append to add to it, "
+                          "or another --log-explanations folder")
     cells: list[Cell] = []
-    audits: dict[str, Any] = {}
+    audits: dict[str, AuditReport] = {}
     total = len(victims) * len(cfg.seeds) * (1 + len(cfg.eps) * len(cfg.attacks))
     with staged_run_dir(Path(out)) as run:
         cfglib.save_yaml(cfg, run.root / "config.yaml")
         bar = tqdm(total=total, desc="evaluate", disable=not progress)
         start = time.perf_counter()
         for victim in victims:
-            for seed in cfg.seeds:
-                jobs = [("none", None, 0.0)] + [(label, atk, e) for e in cfg.eps for label, atk in grid[e]]
-                for label, attack, e in jobs:
-                    bar.set_postfix_str(f"{victim.label} {label} eps={e:g} seed={seed}")
-                    log_dir = None
-                    if log_root is not None:
-                        log_dir = log_root / f"{victim.label}__{label.replace('/', '_')}__eps{e:g}__s{seed}"
-                    cells.append(run_cell(victim, attack, label, e, seed, cfg, log_dir))
-                    bar.update(1)
+            for seed, label, attack, e in cell_jobs:
+                bar.set_postfix_str(f"{victim.label} {label} eps={e:g} seed={seed}")
+                cells.append(run_cell(victim, attack, label, e, seed, cfg, log_dir(victim, label, e, seed), log_key))
+                if cells[-1].oversight_log is not None:
+                    echo(f"oversight log {cells[-1].oversight_log['dir']} head {cells[-1].oversight_log['head']}")
+                bar.update(1)
             if cfg.audit:
-                from fgmf_marl.audit import AuditConfig, audit
-
                 obs = collect_observations(victim, cfg.audit_obs, cfg.seeds[0], cfg.n_envs)
                 acfg = AuditConfig(eps=tuple(cfg.eps), square_queries=cfg.audit_queries, max_obs=cfg.audit_obs)
                 report = audit(victim.view, obs, acfg, progress=progress)
@@ -329,9 +309,10 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
         rows = summarise(cells)
         atomic_write_text(run.root / "episodes.csv", episodes_csv(cells))
         atomic_write_text(run.root / "results.md", results_markdown(rows, cfg))
+        logs = [c.oversight_log for c in cells if c.oversight_log is not None]
         atomic_write_text(run.root / "results.json", json.dumps(
             {"rows": rows, "wall_seconds": time.perf_counter() - start,
-             "audits": {k: v.to_dict() for k, v in audits.items()}}, indent=2))
+             "audits": {k: v.to_dict() for k, v in audits.items()}, "oversight_logs": logs}, indent=2))
         for victim in victims:
             plot_curves(rows, victim.label, run.root / f"curves_{victim.label}.png")
     echo(results_markdown(rows, cfg))
@@ -339,9 +320,6 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
 
 
 # ---------------------------------------------------------------------------------------- CLI
-PROG = "evaluate.py"
-
-
 def _floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -356,37 +334,36 @@ def _ints(text: str, what: str) -> list[int]:
         raise ConfigError(f"{what} {text!r} is not a comma-separated list of integers, e.g. 0,2") from None
 
 
-def build_parser() -> Any:
-    from fgmf_marl.attacks import ATTACKS
-    from fgmf_marl.cli import ArgumentParser
-
-    p = ArgumentParser(prog=PROG, description="Evaluate checkpoints against a grid of attacks x eps x seeds x episodes; "
-                       "writes episodes.csv, results.md, robustness curves and (with --audit) the gradient-masking audit.")
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog=PROG, description="Evaluate checkpoints against a grid of attacks x eps x seeds x "
+                           "episodes; writes episodes.csv, results.md, robustness curves and (with --audit) the "
+                           "gradient-masking audit.")
     p.add_argument("checkpoints", nargs="*", help="run directories or .zip checkpoints written by train_marl.py")
     p.add_argument("--config", type=Path, help="YAML evaluation config (keys as in an evaluation's config.yaml)")
     p.add_argument("--attacks", nargs="+", metavar="SPEC",
-                   help=f"attack specs name[:key=value,...]; names: {', '.join(ATTACKS)} "
-                        "(e.g. pgd:steps=20 transfer:surrogate=runs/other adversary:path=runs/adv)")
+                   help=f"attack specs name[:key=value,...]; names: {', '.join(ATTACKS)} (default: random fgsm pgd "
+                        "mad critic; e.g. pgd:steps=20 transfer:surrogate=runs/other adversary:path=runs/adv)")
     p.add_argument("--eps", help="comma-separated budgets in 1/255 units (default 1,2,4,8)")
     p.add_argument("--seeds", help="comma-separated seeds (default 0)")
     p.add_argument("--episodes", type=int, help="episodes per seed and grid cell (default 8)")
     p.add_argument("--agents", help="attack only these agents (indices within an env, e.g. 0,2); default all")
     p.add_argument("--n-envs", type=int, help="parallel env copies (default 8)")
-    p.add_argument("--device", help="cpu (default) or cuda")
+    cli.add_runtime_flags(p, seed=False)
     p.add_argument("--audit", action="store_true", help="also run the gradient-masking audit")
     p.add_argument("--audit-obs", type=int, help="observations the audit uses (default 256)")
     p.add_argument("--log-explanations", metavar="DIR", help="write an oversight log (PGCA per step) for every cell")
     p.add_argument("--log-every", type=int, help="log every k-th step of each episode (default 1)")
+    p.add_argument("--append", action="store_true",
+                   help="add to oversight logs that already exist (default: refuse; a log belongs to one run)")
+    p.add_argument("--log-key-file", metavar="F",
+                   help="HMAC key for the oversight logs (default: $FGMF_LOG_KEY_FILE if set, else no key)")
     p.add_argument("--out", type=Path, help="output folder (default runs/eval-<time>)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
 
-def resolve_config(args: Any) -> EvalConfig:
-    from fgmf_marl import config as cfglib
-
-    data = cfglib.read_yaml(args.config) if args.config else {}
+def resolve_config(args: argparse.Namespace) -> EvalConfig:
+    """Defaults < --config file < flags."""
     flags: dict[str, Any] = {
         "checkpoints": list(args.checkpoints) or None, "attacks": args.attacks,
         "eps": _floats(args.eps) if args.eps is not None else None,
@@ -394,25 +371,21 @@ def resolve_config(args: Any) -> EvalConfig:
         "episodes": args.episodes, "agents": _ints(args.agents, "agents") if args.agents is not None else None,
         "n_envs": args.n_envs, "device": args.device, "audit": True if args.audit else None,
         "audit_obs": args.audit_obs, "log_explanations": args.log_explanations, "log_every": args.log_every,
+        "log_append": True if args.append else None, "log_key_file": args.log_key_file,
     }
-    data.update({k: v for k, v in flags.items() if v is not None})
-    return cfglib.from_dict(EvalConfig, data)
+    return cli.load_config(EvalConfig, config_file=args.config, flags=flags)
 
 
-def main(argv: Any = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    args = cli.parse(build_parser(), argv)
     cfg = resolve_config(args)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads={args.threads} must be >= 1")
-        torch.set_num_threads(args.threads)
+    cli.apply_threads(args.threads)
     out = args.out or Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     result = evaluate(cfg, out, progress=not args.no_progress)
     print(f"results: {result.folder / 'results.md'}\nepisodes: {result.folder / 'episodes.csv'}")
     return 0
 
 
-def cli(argv: Any = None) -> int:
-    from fgmf_marl.cli import run_cli
-
-    return run_cli(main, argv, prog=PROG)
+def entry(argv: Sequence[str] | None = None) -> int:
+    """The process entry point of ``scripts/evaluate.py``."""
+    return cli.run(main, argv, prog=PROG)

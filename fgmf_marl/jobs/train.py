@@ -1,52 +1,45 @@
-"""PPO with parameter sharing on image observations: the job behind ``scripts/train_marl.py``.
+"""``scripts/train_marl.py``: PPO with parameter sharing on image observations, and its command line.
 
 One policy is shared by every agent (each agent is a slot of the VecEnv), so the team's data
 trains one network; the native env draws each agent's own body in a distinct colour, which is
 what lets a shared policy act differently per agent. Training is SB3's PPO (or a defended
-subclass chosen by ``defense.kind``); this module adds the run directory, team-level TensorBoard
-scalars, checkpoints, resume and a final clean evaluation.
+subclass chosen by ``defense.kind``, see ``agents.defended``); this job adds the run directory,
+team-level TensorBoard scalars, checkpoints, resume and a final clean evaluation.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
-from stable_baselines3.common.vec_env import VecEnv
 
 from agents import defended
-from agents.config import TrainConfig
 from agents.policies import compute_dtype
 from agents.policy_view import PolicyView
-from envs.registry import make_vec_env, n_agents_of
+from envs.reference import ReferenceReturns, normalise
+from envs.registry import ENVIRONMENTS, make_vec_env, n_agents_of, reference_for
 from fgmf_marl import config as cfglib
-from fgmf_marl.config import ConfigError, atomic_write_text
+from fgmf_marl import seeds
+from fgmf_marl.atomic import atomic_write_text
+from fgmf_marl.config import ConfigError
+from fgmf_marl.defenses.config import DEFENSE_KINDS
+from fgmf_marl.jobs import cli
+from fgmf_marl.jobs.checkpoints import load_model, save_checkpoint
+from fgmf_marl.jobs.train_config import TrainConfig
+from fgmf_marl.oversight import OversightLogger
+from fgmf_marl.oversight.store import read_key
 from fgmf_marl.rollout import rollout
-from fgmf_marl.runs import RunDir, resolve_checkpoint, staged_run_dir
+from fgmf_marl.runs import RunDir, staged_run_dir
 
-EVAL_SEED_OFFSET = 10_000  # evaluation envs never share seeds with training envs
-
-
-def reference_for(cfg: TrainConfig) -> Any:
-    """Random/oracle team returns of the native env (None for envs without an oracle)."""
-    if cfg.env.name != "native":
-        return None
-    from envs.native import reference_returns
-
-    return reference_returns(cfg.env.native)
-
-
-def normalise(team_returns: np.ndarray, reference: Any) -> np.ndarray | None:
-    if reference is None:
-        return None
-    from envs.native import normalised_return
-
-    return np.array([normalised_return(float(r), reference) for r in team_returns])
+PROG = "train_marl.py"
 
 
 class TeamReturnCallback(BaseCallback):
@@ -56,7 +49,7 @@ class TeamReturnCallback(BaseCallback):
     for every env in the registry, not only those that report team returns in ``info``.
     """
 
-    def __init__(self, n_agents: int, reference: Any) -> None:
+    def __init__(self, n_agents: int, reference: ReferenceReturns | None) -> None:
         super().__init__()
         self.n_agents = n_agents
         self.reference = reference
@@ -113,14 +106,6 @@ class PeriodicCheckpoint(BaseCallback):
         return True
 
 
-def save_checkpoint(model: PPO, path: Path) -> None:
-    """SB3 ``save`` into a temp name, then rename: a crash never leaves a truncated checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.zip")
-    model.save(str(tmp))
-    tmp.replace(path)
-
-
 def ppo_kwargs(cfg: TrainConfig, run: RunDir | None) -> dict[str, Any]:
     p = cfg.ppo
     return {
@@ -131,44 +116,31 @@ def ppo_kwargs(cfg: TrainConfig, run: RunDir | None) -> dict[str, Any]:
     }
 
 
-def load_model(path: str | Path, device: str = "cpu", env: VecEnv | None = None) -> tuple[PPO, TrainConfig]:
-    """Load a checkpoint (file or run directory) with the config of the run that wrote it."""
-    ckpt, run = resolve_checkpoint(path)
-    cfg = cfglib.load(TrainConfig, run.config) if run is not None else TrainConfig()
-    try:
-        model = defended.load_model(ckpt, cfg.defense, env=env, device=device)
-    except Exception as exc:  # SB3 raises ValueError/KeyError/RuntimeError/zipfile errors alike
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"checkpoint {str(ckpt)!r} could not be loaded (not an SB3 checkpoint, or incompatible "
-                          f"with its config or environment): {first}") from None
-    return model, cfg
-
-
 @dataclass
 class TrainResult:
     run: RunDir
     summary: dict[str, Any]
 
 
-def evaluate_clean(model: PPO, cfg: TrainConfig, episodes: int, log_dir: Path | None = None) -> dict[str, Any]:
+def evaluate_clean(model: PPO, cfg: TrainConfig, episodes: int, log_dir: Path | None = None,
+                   log_key: bytes | None = None) -> dict[str, Any]:
     """Deterministic clean evaluation on fresh seeds; returns a JSON-ready summary.
 
-    With ``log_dir`` every episode goes to the oversight log there (PGCA maps per agent and step).
+    With ``log_dir`` every episode goes to the oversight log there (PGCA maps per agent and step),
+    sealed at the end; the summary records its head hash (``oversight_log``).
     """
-    venv = make_vec_env(cfg.env, seed=cfg.seed + EVAL_SEED_OFFSET)
+    eval_seed = seeds.env_seed(cfg.seed, seeds.EVALUATION)
+    venv = make_vec_env(cfg.env, seed=eval_seed)
     view = PolicyView.from_model(model)
     logger = None
     if log_dir is not None:
-        from fgmf_marl.oversight import OversightLogger
-
-        logger = OversightLogger.for_venv(log_dir, view, venv, every=cfg.log_every, n_episodes=episodes,
-                                          run_info={"checkpoint": "final", "seed": cfg.seed + EVAL_SEED_OFFSET})
+        logger = OversightLogger.for_venv(log_dir, view, venv, every=cfg.log_every, n_episodes=episodes, key=log_key,
+                                          run_info={"checkpoint": "final", "seed": eval_seed})
     try:
         result = rollout(view, venv, episodes, n_agents=n_agents_of(venv, cfg.env),
                          step_hook=logger.step_hook if logger else None, progress=logger is not None)
+        log = None if logger is None else logger.summary(logger.close())
     finally:
-        if logger is not None:
-            logger.close()
         venv.close()
     summary: dict[str, Any] = {
         "episodes": int(len(result.team_returns)),
@@ -176,7 +148,9 @@ def evaluate_clean(model: PPO, cfg: TrainConfig, episodes: int, log_dir: Path | 
         "team_return_std": float(result.team_returns.std()),
         "agent_return_mean": [float(x) for x in result.agent_returns.mean(axis=0)],
     }
-    reference = reference_for(cfg)
+    if log is not None:
+        summary["oversight_log"] = log
+    reference = reference_for(cfg.env)
     normalised = normalise(result.team_returns, reference)
     if normalised is not None:
         summary.update(normalised_mean=float(normalised.mean()), normalised_std=float(normalised.std()),
@@ -196,6 +170,7 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
 
 def train(cfg: TrainConfig, run_root: str | Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train (or resume) one run in ``run_root``; returns the final evaluation summary."""
+    log_key = read_key(cfg.log_key_file) if cfg.log_explanations else None   # bad key file: before any compute
     venv = make_vec_env(cfg.env, seed=cfg.seed)
     n_agents = n_agents_of(venv, cfg.env)
     if cfg.ppo.batch_size > cfg.ppo.n_steps * venv.num_envs:
@@ -217,7 +192,7 @@ def train(cfg: TrainConfig, run_root: str | Path, *, resume: bool = False, progr
             if remaining <= 0:
                 raise ConfigError(f"cannot resume: the run already has {model.num_timesteps} of timesteps={cfg.timesteps}; "
                                   "raise --timesteps")
-            callbacks = CallbackList([TeamReturnCallback(n_agents, reference_for(cfg)),
+            callbacks = CallbackList([TeamReturnCallback(n_agents, reference_for(cfg.env)),
                                       PeriodicCheckpoint(run, cfg.checkpoint_every)])
             start = time.perf_counter()
             with compute_dtype(model.policy, cfg.policy.torch_train_dtype):
@@ -228,10 +203,88 @@ def train(cfg: TrainConfig, run_root: str | Path, *, resume: bool = False, progr
     finally:
         venv.close()
     summary = evaluate_clean(model, cfg, cfg.eval_episodes,
-                             log_dir=run.eval / "oversight" if cfg.log_explanations else None)
+                             log_dir=run.eval / "oversight" if cfg.log_explanations else None, log_key=log_key)
     summary.update(timesteps=int(model.num_timesteps), wall_seconds=wall, fps=remaining / wall)
     run.eval.mkdir(exist_ok=True)
     atomic_write_text(run.eval / "summary.json", json.dumps(summary, indent=2))
     atomic_write_text(run.eval / "summary.md", _summary_markdown(summary))
     return TrainResult(run=run, summary=summary)
 
+
+# ---------------------------------------------------------------------------------------- CLI
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(prog=PROG, description="Train a team of vision agents with shared-parameter PPO "
+                                "(optionally FGMF-defended). Extra KEY=VALUE arguments override config keys, "
+                                "e.g. ppo.learning_rate=1e-4 env.native.n_agents=4.")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (dotted keys)")
+    parser.add_argument("--config", type=Path, help="YAML config file (keys as in a run's config.yaml)")
+    parser.add_argument("--env", choices=ENVIRONMENTS, help="environment (default: native)")
+    parser.add_argument("--policy", choices=("cnn", "vit"), help="policy backbone (default: cnn)")
+    parser.add_argument("--defense", choices=DEFENSE_KINDS, help="defense (default: none, the reference every "
+                        "robustness figure is compared with); knobs under defense.scorpio.*, defense.sgam.*, "
+                        "defense.sappo.*")
+    parser.add_argument("--timesteps", type=int, help="total agent-steps to train (default: 1000000)")
+    cli.add_runtime_flags(parser)
+    parser.add_argument("--run-dir", type=Path,
+                        help="run directory (default: runs/<env>-<defense>-<policy>-s<seed>-<time>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
+    parser.add_argument("--log-explanations", action="store_true",
+                        help="log the final evaluation's episodes with PGCA explanations to <run>/eval/oversight")
+    parser.add_argument("--log-key-file", metavar="F",
+                        help="HMAC key for the oversight log (default: $FGMF_LOG_KEY_FILE if set, else no key)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < resumed run's config < --config file < flags < KEY=VALUE overrides."""
+    base: dict = {}
+    if args.resume:
+        if args.run_dir is None:
+            raise ConfigError("--resume needs --run-dir pointing at the run to continue")
+        run = RunDir(args.run_dir)
+        if not run.config.is_file():
+            raise ConfigError(f"cannot resume: {str(run.root)!r} is not a run directory (no config.yaml)")
+        base = cfglib.read_yaml(run.config)
+    flags = {"env.name": args.env, "policy.backbone": args.policy, "defense.kind": args.defense,
+             "timesteps": args.timesteps, "seed": args.seed, "device": args.device,
+             "log_explanations": args.log_explanations or None, "log_key_file": args.log_key_file}
+    return cli.load_config(TrainConfig, config_file=args.config, flags=flags, overrides=args.overrides, base=base)
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.env.name}-{cfg.defense.kind}-{cfg.policy.backbone}-s{cfg.seed}-{stamp}"
+
+
+def print_summary(summary: dict, run: RunDir, console: Console) -> None:
+    table = Table(title=f"run {run.root}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("timesteps", f"{summary['timesteps']:,}")
+    table.add_row("wall time", f"{summary['wall_seconds']:.0f} s")
+    table.add_row("agent-steps/s", f"{summary['fps']:.0f}")
+    table.add_row("eval episodes", str(summary["episodes"]))
+    table.add_row("team return", f"{summary['team_return_mean']:.3f} ± {summary['team_return_std']:.3f}")
+    if "normalised_mean" in summary:
+        table.add_row("oracle-normalised return", f"{summary['normalised_mean']:.3f} ± {summary['normalised_std']:.3f}")
+        table.add_row("random / oracle team return", f"{summary['random_return']:.2f} / {summary['oracle_return']:.2f}")
+    console.print(table)
+    console.print(f"checkpoint: {run.final_checkpoint}\nconfig: {run.config}\ntensorboard: {run.tensorboard}")
+    if "oversight_log" in summary:
+        console.print(f"oversight log: {summary['oversight_log']['dir']} head {summary['oversight_log']['head']}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = cli.parse(build_parser(), argv)
+    cfg = resolve_config(args)
+    cli.apply_threads(args.threads)
+    run_root = args.run_dir if args.run_dir is not None else default_run_dir(cfg)
+    result = train(cfg, run_root, resume=args.resume, progress=not args.no_progress)
+    print_summary(result.summary, result.run, Console())
+    return 0
+
+
+def entry(argv: Sequence[str] | None = None) -> int:
+    """The process entry point of ``scripts/train_marl.py``."""
+    return cli.run(main, argv, prog=PROG)

@@ -1,0 +1,146 @@
+"""``scripts/explain_eval.py --checkpoint runs/<name>``: the explanation-quality table of a trained policy.
+
+Runs ``episodes`` evaluation episodes on the run's native env (fresh seeds,
+``fgmf_marl.seeds.EXPLANATION``), keeps every ``every``-th step of every agent, and compares PGCA,
+P alone, Grad-CAM++ alone, Integrated Gradients and Occlusion on the same observations (see
+:mod:`fgmf_marl.attribution.study`). With ``eps`` > 0 the maps are also compared on PGD-attacked
+observations. Prints a Markdown table and writes ``<run>/eval/explain_eval.{md,json}`` plus the
+resolved config (``explain_eval_config.yaml``, rerun with ``--config``) next to them.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from agents.policy_view import PolicyView
+from envs.registry import make_vec_env
+from fgmf_marl import config as cfglib
+from fgmf_marl import seeds
+from fgmf_marl.atomic import atomic_write_text
+from fgmf_marl.attacks import PGD
+from fgmf_marl.attribution.study import collect_samples, default_methods, explain_eval
+from fgmf_marl.config import ConfigError, check_device, check_seed
+from fgmf_marl.jobs import cli
+from fgmf_marl.jobs.checkpoints import load_model
+from fgmf_marl.runs import resolve_checkpoint
+
+PROG = "explain_eval.py"
+
+
+@dataclass
+class ExplainConfig:
+    """What ``scripts/explain_eval.py`` runs; written as ``explain_eval_config.yaml`` next to the table."""
+
+    checkpoint: str = ""
+    episodes: int = 4                  # evaluation episodes in total (over all env copies)
+    every: int = 5                     # keep every k-th step of each episode
+    n_envs: int = 4
+    grid: int = 8                      # PGCA / perturbation grid (cells per side)
+    eps: float = 4.0                   # PGD budget (1/255 units) of the clean-vs-attacked similarity; 0 skips it
+    sensitivity_samples: int = 12      # agent-steps for max-sensitivity and the attack similarity; 0 skips
+    randomisation_samples: int = 12    # agent-steps for the model-randomisation sanity check; 0 skips
+    ig_steps: int = 32                 # Integrated Gradients steps
+    deletion_steps: int = 16           # points on the deletion / insertion curves
+    out: str | None = None             # output folder (default: <run>/eval)
+    seed: int = 0
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("--checkpoint is required: a run directory (runs/<name>) or a .zip checkpoint")
+        for name in ("episodes", "every", "n_envs", "grid", "ig_steps", "deletion_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.eps <= 255 or self.sensitivity_samples < 0 or self.randomisation_samples < 0:
+            raise ConfigError(f"--eps must be in [0, 255] (1/255 units) and --sensitivity-samples, "
+                              f"--randomisation-samples >= 0, got {self.eps}, {self.sensitivity_samples} and "
+                              f"{self.randomisation_samples}")
+        check_seed(self.seed)
+        check_device(self.device)
+
+
+def explain(cfg: ExplainConfig, *, progress: bool = True) -> Path:
+    """Run the study on ``cfg.checkpoint`` and write its outputs; returns the Markdown table's path."""
+    cfglib.validate(cfg)
+    ckpt, run = resolve_checkpoint(cfg.checkpoint)
+    model, train_cfg = load_model(cfg.checkpoint, device=cfg.device)
+    if train_cfg.env.name != "native":
+        raise ConfigError(f"explanation metrics need the native env's relevance masks; this run uses env "
+                          f"{train_cfg.env.name!r} (accepted: native)")
+    out = Path(cfg.out) if cfg.out else (run.eval if run else ckpt.parent / "eval")
+    torch.manual_seed(cfg.seed)
+    view = PolicyView.from_model(model).eval()
+    eval_seed = seeds.env_seed(cfg.seed, seeds.EXPLANATION)
+    venv = make_vec_env(dataclasses.replace(train_cfg.env, n_envs=cfg.n_envs), seed=eval_seed)
+    start = time.perf_counter()
+    samples = collect_samples(view, venv, cfg.episodes, every=cfg.every, seed=cfg.seed)
+    attack = functools.partial(PGD(cfg.eps / 255, steps=10), view) if cfg.eps > 0 else None
+    methods = default_methods(view, seed=cfg.seed, grid=cfg.grid, ig_steps=cfg.ig_steps)
+    result = explain_eval(view, samples, methods, attack=attack,
+                          n_steps=cfg.deletion_steps, sensitivity_samples=cfg.sensitivity_samples,
+                          randomisation_samples=cfg.randomisation_samples, seed=cfg.seed, progress=progress)
+    table = result.markdown()
+    header = (f"Explanation quality of {ckpt} on {result.n_samples} agent-steps "
+              f"({cfg.episodes} episodes, every {cfg.every}th step); mean ± std over steps and agents.")
+    print(header)
+    print(table)
+    settings = {**cfglib.to_dict(cfg), "checkpoint_file": str(ckpt), "n_samples": result.n_samples,
+                "eval_seed": eval_seed, "seconds": round(time.perf_counter() - start, 1)}
+    out.mkdir(parents=True, exist_ok=True)
+    cfglib.save_yaml(cfg, out / "explain_eval_config.yaml")
+    atomic_write_text(out / "explain_eval.json", json.dumps({"settings": settings, "table": result.table()}, indent=1))
+    atomic_write_text(out / "explain_eval.md", header + "\n\n" + table + "\n")
+    return out / "explain_eval.md"
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def build_parser() -> cli.ArgumentParser:
+    defaults = ExplainConfig()
+    p = cli.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--checkpoint", help="run directory (runs/<name>) or a .zip checkpoint (required)")
+    p.add_argument("--config", type=Path, help="YAML config (keys as in an explain_eval_config.yaml)")
+    p.add_argument("--episodes", type=int, help=f"evaluation episodes in total (default {defaults.episodes})")
+    p.add_argument("--every", type=int, help=f"keep every k-th step of each episode (default {defaults.every})")
+    p.add_argument("--n-envs", type=int, help=f"parallel env copies (default {defaults.n_envs})")
+    p.add_argument("--grid", type=int, help=f"PGCA / perturbation grid cells per side (default {defaults.grid})")
+    p.add_argument("--eps", type=float, help=f"PGD budget in /255 units for the attack similarity, 0 skips it "
+                   f"(default {defaults.eps:g})")
+    p.add_argument("--sensitivity-samples", type=int, help="agent-steps for max-sensitivity and the attack "
+                   f"similarity, 0 skips (default {defaults.sensitivity_samples})")
+    p.add_argument("--randomisation-samples", type=int, help="agent-steps for the model-randomisation sanity check, "
+                   f"0 skips (default {defaults.randomisation_samples})")
+    p.add_argument("--ig-steps", type=int, help=f"Integrated Gradients steps (default {defaults.ig_steps})")
+    p.add_argument("--deletion-steps", type=int, help="points on the deletion/insertion curves "
+                   f"(default {defaults.deletion_steps})")
+    p.add_argument("--out", help="output directory (default: <run>/eval)")
+    cli.add_runtime_flags(p)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> ExplainConfig:
+    """Defaults < --config file < flags."""
+    names = ("checkpoint", "episodes", "every", "n_envs", "grid", "eps", "sensitivity_samples",
+             "randomisation_samples", "ig_steps", "deletion_steps", "out", "seed", "device")
+    return cli.load_config(ExplainConfig, config_file=args.config, flags={n: getattr(args, n) for n in names})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = cli.parse(build_parser(), argv)
+    cfg = resolve_config(args)
+    cli.apply_threads(args.threads)
+    print(f"wrote {explain(cfg, progress=not args.no_progress)}")
+    return 0
+
+
+def entry(argv: Sequence[str] | None = None) -> int:
+    """The process entry point of ``scripts/explain_eval.py``."""
+    return cli.run(main, argv, prog=PROG)
