@@ -72,6 +72,25 @@ def test_log_explanations_writes_a_verifiable_log_with_frames(run_dir: Path, tmp
     assert logs and all(verify(folder).ok for folder in logs)
     episode = load_episode(list_episodes(logs[-1])[0])
     assert "frames" in episode.arrays and episode.arrays["frames"].shape[-1] == 3
+    recorded = json.loads((tmp_path / "eval" / "results.json").read_text())["oversight_logs"]
+    assert sorted(Path(r["dir"]) for r in recorded) == logs
+    for r in recorded:  # every log was sealed, and its head is the one results.json keeps
+        result = verify(r["dir"], expect_head=r["head"])
+        assert result.ok and result.sealed and r["episodes"] == 2
+
+
+def test_a_log_folder_belongs_to_one_run_unless_append(run_dir: Path, tmp_path: Path, capsys) -> None:
+    log_root = tmp_path / "log"
+    args = ("--attacks", "random", "--eps", "8", "--log-explanations", str(log_root), "--log-every", "20")
+    assert _eval(run_dir, tmp_path / "first", *args) == 0
+    capsys.readouterr()
+    assert _eval(run_dir, tmp_path / "second", *args) == 2          # refused before any episode runs
+    err = capsys.readouterr().err.strip()
+    assert "already holds a log; give --append" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "second").exists()
+    assert _eval(run_dir, tmp_path / "third", *args, "--append") == 0
+    recorded = json.loads((tmp_path / "third" / "results.json").read_text())["oversight_logs"]
+    assert all(r["episodes"] == 4 for r in recorded)                # two runs of 2 episodes, one chain
 
 
 def test_audit_writes_verdict_and_table(run_dir: Path, tmp_path: Path, capsys) -> None:
@@ -91,6 +110,9 @@ def test_audit_writes_verdict_and_table(run_dir: Path, tmp_path: Path, capsys) -
     (["--eps", "a,b"], "not a comma-separated list of numbers"),
     (["--attacks", "pgd:stepz=3"], "has no option 'stepz'"),
     (["--agents", "7"], "out of range"),
+    (["--threads", "0"], "--threads=0 must be an integer >= 1"),
+    (["--device", "gpu"], "device='gpu' is not a device"),
+    (["--log-explanations", "logdir", "--log-key-file", "/nonexistent/key"], "does not exist"),
 ])
 def test_cli_errors_exit_2_with_one_line_and_no_output(run_dir: Path, tmp_path: Path, capsys, extra, message) -> None:
     out = tmp_path / "eval"
