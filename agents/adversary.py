@@ -42,14 +42,29 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import VecEnv
 from torch import Tensor
 
-from fgmf_marl import config as cfglib
+from agents.policies import ImageFeatures
+from agents.safe_load import load_without_pickle, ppo_objects
 from fgmf_marl.attacks import PGD, Attack
 from fgmf_marl.attacks.gradient import LEAST_LIKELY
 from fgmf_marl.config import ConfigError, check_device, check_seed
 from fgmf_marl.policy import PolicyLike, TargetLike
-from fgmf_marl.runs import resolve_checkpoint
 
 ADVERSARY = "adversary_0"
+#: the director's options per victim besides "push toward action a": no attack, untargeted, least likely
+POLICY_LEVEL_OPTIONS = 3
+
+
+def director_spaces(victim_space: gym.spaces.Box, n_actions: int, n_agents: int) -> tuple[gym.spaces.Box,
+                                                                                           gym.spaces.MultiDiscrete]:
+    """The director's observation (every victim's image, stacked on channels) and decision spaces."""
+    c, h, w = victim_space.shape
+    return (gym.spaces.Box(0, 255, (n_agents * c, h, w), np.uint8),
+            gym.spaces.MultiDiscrete([n_actions + POLICY_LEVEL_OPTIONS] * n_agents))
+
+
+def director_policy_kwargs() -> dict[str, Any]:
+    """SB3 ``policy_kwargs`` of the director: our CNN extractor on the stacked images (a fresh dict)."""
+    return {"features_extractor_class": ImageFeatures, "features_extractor_kwargs": {"backbone": "cnn"}}
 
 
 class DirectorCore:
@@ -77,7 +92,7 @@ class DirectorCore:
         self.no_attack = self.n_actions
         self.untargeted = self.n_actions + 1
         self.least_likely = self.n_actions + 2
-        self.n_options = self.n_actions + 3
+        self.n_options = self.n_actions + POLICY_LEVEL_OPTIONS
         self.actor = PGD(eps, steps=actor_steps, targeted=True, quantize=quantize)
         self.untargeted_actor = PGD(eps, steps=actor_steps, quantize=quantize)
         self.least_likely_actor = PGD(eps, steps=actor_steps, targeted=True, target_action=LEAST_LIKELY, quantize=quantize)
@@ -100,9 +115,6 @@ class DirectorCore:
     def victim_actions(self, seen01: Tensor) -> np.ndarray:
         return self.view(seen01).argmax(-1).cpu().numpy()
 
-    def director_space(self) -> gym.spaces.MultiDiscrete:
-        return gym.spaces.MultiDiscrete([self.n_options] * self.n_agents)
-
 
 def stack_agents(obs: np.ndarray, n_agents: int) -> np.ndarray:
     """(n_envs * n_agents, C, H, W) -> (n_envs, n_agents * C, H, W): the director's view of one env."""
@@ -121,9 +133,8 @@ class AdversaryParallelEnv(ParallelEnv):
         self.possible_agents = [*self.victims, ADVERSARY]
         self.agents: list[str] = []
         self.core = DirectorCore(victim, eps, len(self.victims), actor_steps)
-        space = env.observation_space(self.victims[0])
-        c, h, w = space.shape
-        self._adv_obs_space = gym.spaces.Box(0, 255, (len(self.victims) * c, h, w), np.uint8)
+        self._adv_obs_space, self._adv_act_space = director_spaces(env.observation_space(self.victims[0]),
+                                                                   self.core.n_actions, len(self.victims))
         self._last: dict[str, np.ndarray] = {}
 
     @functools.lru_cache(maxsize=None)
@@ -132,7 +143,7 @@ class AdversaryParallelEnv(ParallelEnv):
 
     @functools.lru_cache(maxsize=None)
     def action_space(self, agent: str) -> gym.Space:
-        return self.core.director_space() if agent == ADVERSARY else self.env.action_space(agent)
+        return self._adv_act_space if agent == ADVERSARY else self.env.action_space(agent)
 
     def _adv_obs(self) -> np.ndarray:
         return np.concatenate([self._last[a] for a in self.victims], axis=0)
@@ -180,10 +191,9 @@ class AdversaryVecEnv(VecEnv):
     def __init__(self, venv: VecEnv, victim: PolicyLike, eps: float, n_agents: int, actor_steps: int = 10) -> None:
         self.venv, self.n_agents = venv, n_agents
         self.core = DirectorCore(victim, eps, n_agents, actor_steps)
-        c, h, w = venv.observation_space.shape
-        space = gym.spaces.Box(0, 255, (n_agents * c, h, w), np.uint8)
+        space, decisions = director_spaces(venv.observation_space, self.core.n_actions, n_agents)
         self.render_mode = None
-        super().__init__(venv.num_envs // n_agents, space, self.core.director_space())
+        super().__init__(venv.num_envs // n_agents, space, decisions)
         self._obs: np.ndarray | None = None
         self._decisions: np.ndarray | None = None
         self._device = next(victim.parameters()).device
@@ -243,6 +253,7 @@ class AdversaryConfig:
     n_envs: int = 8
     seed: int = 0
     learning_rate: float = 3e-4
+    clip_range: float = 0.2
     n_steps: int = 64
     batch_size: int = 128
     n_epochs: int = 4
@@ -261,8 +272,9 @@ class AdversaryConfig:
             raise ConfigError("actor_steps, timesteps, n_envs, n_steps, n_epochs must be >= 1 and batch_size >= 2")
         if not 0 < self.warm_start_prob < 1:
             raise ConfigError(f"warm_start_prob={self.warm_start_prob:g} is out of range; accepted: (0, 1)")
-        if not self.learning_rate > 0 or not 0 < self.gamma <= 1:
-            raise ConfigError(f"learning_rate={self.learning_rate:g} must be > 0 and gamma={self.gamma:g} in (0, 1]")
+        if not self.learning_rate > 0 or not 0 < self.gamma <= 1 or not 0 < self.clip_range <= 1:
+            raise ConfigError(f"learning_rate={self.learning_rate:g} must be > 0, gamma={self.gamma:g} in (0, 1] and "
+                              f"clip_range={self.clip_range:g} in (0, 1]")
         check_seed(self.seed)
         check_device(self.device)
 
@@ -330,15 +342,12 @@ class LoadedAdversary:
         return AdversaryAttack(self.director, self.n_agents, eps, steps=steps or self.config.actor_steps, quantize=quantize)
 
 
-def load_adversary(path: str | Path, device: str = "cpu") -> LoadedAdversary:
-    """Load a director written by ``scripts/train_adversary.py`` (its run directory or final.zip)."""
-    ckpt, run = resolve_checkpoint(path)
-    if run is None:
-        raise ConfigError(f"adversary {str(path)!r} has no config.yaml beside its checkpoints (use its run directory)")
-    try:
-        cfg = cfglib.load(AdversaryConfig, run.config)
-    except ConfigError as exc:
-        raise ConfigError(f"{str(path)!r} is not an adversary run (train it with scripts/train_adversary.py): {exc}") from None
-    director = PPO.load(str(ckpt), device=device)
-    n_agents = len(director.action_space.nvec)
+def load_director(path: str | Path, cfg: AdversaryConfig, victim_space: gym.spaces.Box, victim_actions: int,
+                  n_agents: int, device: str = "cpu") -> LoadedAdversary:
+    """A director checkpoint, rebuilt from its run's config and its victim's spaces (nothing unpickled)."""
+    observation_space, action_space = director_spaces(victim_space, victim_actions, n_agents)
+    objects = ppo_objects(observation_space=observation_space, action_space=action_space,
+                          policy_kwargs=director_policy_kwargs(), learning_rate=cfg.learning_rate,
+                          clip_range=cfg.clip_range)
+    director = load_without_pickle(PPO, path, objects, env=None, device=device)
     return LoadedAdversary(director=director, config=cfg, n_agents=n_agents)

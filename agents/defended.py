@@ -17,6 +17,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from agents.fgmf_ppo import FGMFPPO
 from agents.regularised_ppo import RegularisedPPO
+from agents.safe_load import load_without_pickle
 from agents.sappo import SAPPO
 from fgmf_marl import config as cfglib
 from fgmf_marl.config import ConfigError
@@ -47,9 +48,14 @@ def build_model(defense: DefenseConfig, env: VecEnv, policy_kwargs: dict[str, An
     return cls("CnnPolicy", env, defense=defense, policy_kwargs=policy_kwargs, **ppo_kwargs)  # type: ignore[call-arg]
 
 
-def load_model(path: str | Path, defense: DefenseConfig, env: VecEnv | None, device: str) -> PPO:
-    """Load a checkpoint written by ``build_model``'s model; ``defense`` (the run's config) decides the layers."""
+def load_model(path: str | Path, defense: DefenseConfig, objects: dict[str, Any], env: VecEnv | None,
+               device: str) -> PPO:
+    """Load a checkpoint written by ``build_model``'s model, unpickling nothing from it.
+
+    ``defense`` (the run's config) decides the algorithm and its layers; ``objects`` are the
+    checkpoint's serialized entries rebuilt from the run's config (``agents.safe_load.ppo_objects``).
+    """
     cls = algorithm_class(defense.kind)
     if cls is PPO:
-        return PPO.load(str(path), env=env, device=device)
-    return cls.load(str(path), env=env, device=device, defense=defense)
+        return load_without_pickle(PPO, path, objects, env=env, device=device)
+    return load_without_pickle(cls, path, {**objects, "defense": defense}, env=env, device=device, defense=defense)

@@ -11,7 +11,8 @@ import torch
 from pettingzoo.test import parallel_api_test
 from stable_baselines3 import PPO
 
-from agents.adversary import ADVERSARY, AdversaryParallelEnv, AdversaryVecEnv, DirectorCore, load_adversary, warm_start
+from agents.adversary import ADVERSARY, AdversaryParallelEnv, AdversaryVecEnv, DirectorCore, warm_start
+from fgmf_marl.jobs.checkpoints import load_adversary
 from agents.policies import ImageFeatures
 from agents.policy_view import PolicyView
 from envs.batched import CoverageVecEnv

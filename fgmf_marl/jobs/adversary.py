@@ -16,8 +16,7 @@ from typing import Any, Sequence
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import VecMonitor
 
-from agents.adversary import AdversaryConfig, AdversaryVecEnv, warm_start
-from agents.policies import ImageFeatures
+from agents.adversary import AdversaryConfig, AdversaryVecEnv, director_policy_kwargs, warm_start
 from envs.registry import make_vec_env, n_agents_of
 from fgmf_marl import config as cfglib
 from fgmf_marl import seeds
@@ -47,11 +46,10 @@ def train_adversary(cfg: AdversaryConfig, run_root: str | Path, progress: bool =
         with staged_run_dir(Path(run_root)) as run:
             cfglib.save_yaml(cfg, run.config)
             # VecMonitor: TensorBoard's rollout/ep_rew_mean is minus the team return under attack
-            model = PPO("CnnPolicy", VecMonitor(venv), learning_rate=cfg.learning_rate, n_steps=cfg.n_steps,
-                        batch_size=cfg.batch_size, n_epochs=cfg.n_epochs, ent_coef=cfg.ent_coef, gamma=cfg.gamma,
-                        seed=cfg.seed, device=cfg.device, tensorboard_log=str(run.tensorboard), verbose=0,
-                        policy_kwargs=dict(features_extractor_class=ImageFeatures,
-                                           features_extractor_kwargs=dict(backbone="cnn")))
+            model = PPO("CnnPolicy", VecMonitor(venv), learning_rate=cfg.learning_rate, clip_range=cfg.clip_range,
+                        n_steps=cfg.n_steps, batch_size=cfg.batch_size, n_epochs=cfg.n_epochs, ent_coef=cfg.ent_coef,
+                        gamma=cfg.gamma, seed=cfg.seed, device=cfg.device, tensorboard_log=str(run.tensorboard),
+                        verbose=0, policy_kwargs=director_policy_kwargs())
             warm_start(model.policy, venv.core, cfg.warm_start, cfg.warm_start_prob)
             model.learn(cfg.timesteps, progress_bar=progress, tb_log_name="director")
             save_checkpoint(model, run.final_checkpoint)
