@@ -40,7 +40,7 @@ import torch
 from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
 
-from agents.adversary import LoadedAdversary, load_adversary
+from agents.adversary import LoadedAdversary
 from agents.policy_view import PolicyView
 from envs.reference import normalise
 from envs.registry import make_vec_env, n_agents_of, reference_for
@@ -51,7 +51,7 @@ from fgmf_marl.attacks import ATTACKS, Attack, make_attack, parse_spec
 from fgmf_marl.audit import AuditConfig, AuditReport, audit
 from fgmf_marl.config import ConfigError, check_device
 from fgmf_marl.jobs import cli
-from fgmf_marl.jobs.checkpoints import Victim, load_victim
+from fgmf_marl.jobs.checkpoints import Victim, load_adversary, load_victim
 from fgmf_marl.oversight import OversightLogger
 from fgmf_marl.oversight.store import holds_log, read_key
 from fgmf_marl.rollout import StepRecord, rollout
