@@ -120,6 +120,26 @@ def test_incompatible_checkpoint_on_resume_is_a_clean_error(tmp_path: Path, trai
     assert RunDir(root).final_checkpoint.is_file()  # the existing run is left as it was
 
 
+def test_resume_applies_a_new_budget_and_refuses_what_it_cannot_change(tmp_path: Path, trained_run: RunDir,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    import yaml
+
+    root = tmp_path / "resumed"
+    shutil.copytree(trained_run.root, root)
+    before = (root / "config.yaml").read_text()
+    for override in ("ppo.n_steps=16", "ppo.ent_coef=0.5", "seed=9", "defense.kind=sappo"):
+        assert cli(["--resume", "--run-dir", str(root), "--timesteps", "3000", "--no-progress", override]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"--resume: {override.split('=')[0]}=" in err and "only these may change" in err
+        assert len(err.splitlines()) == 1 and (root / "config.yaml").read_text() == before
+    assert cli(["--resume", "--run-dir", str(root), "--timesteps", "2304", "--no-progress", "eval_episodes=2"]) == 0
+    recorded = yaml.safe_load((root / "config.yaml").read_text())
+    assert recorded["timesteps"] == 2304 and recorded["eval_episodes"] == 2  # describes the run as trained
+    assert json.loads((root / "eval" / "summary.json").read_text())["episodes"] == 2
+
+
 def test_missing_checkpoint_is_a_clean_error(tmp_path: Path) -> None:
     from fgmf_marl.config import ConfigError
 

@@ -168,8 +168,36 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
     return "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
 
 
+#: what may differ from a run's config.yaml on ``--resume``: the budget, bookkeeping and where it runs, never
+#: what is learned (a changed PPO or env setting would make the resumed run a different experiment)
+RESUMABLE = ("timesteps", "checkpoint_every", "eval_episodes", "log_explanations", "log_every", "log_key_file", "device")
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def check_resume(trained: TrainConfig, requested: TrainConfig) -> None:
+    """A one-line ConfigError naming the first setting ``requested`` changes that a resumed run cannot."""
+    before, after = _flat(cfglib.to_dict(trained)), _flat(cfglib.to_dict(requested))
+    changed = [key for key in after if after[key] != before.get(key) and key not in RESUMABLE]
+    if changed:
+        key = changed[0]
+        raise ConfigError(f"--resume: {key}={after[key]!r} is incompatible with the run, trained with "
+                          f"{before.get(key)!r}; on resume only these may change: {', '.join(RESUMABLE)}")
+
+
 def train(cfg: TrainConfig, run_root: str | Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train (or resume) one run in ``run_root``; returns the final evaluation summary."""
+    """Train (or resume) one run in ``run_root``; returns the final evaluation summary.
+
+    Resuming applies the changes :data:`RESUMABLE` allows (e.g. a larger ``timesteps``), refuses any
+    other with a one-line error, and rewrites ``config.yaml`` so it describes the run as trained.
+    """
+    if resume and RunDir(Path(run_root)).config.is_file():
+        check_resume(cfglib.load(TrainConfig, RunDir(Path(run_root)).config), cfg)
     log_key = read_key(cfg.log_key_file) if cfg.log_explanations else None   # bad key file: before any compute
     venv = make_vec_env(cfg.env, seed=cfg.seed)
     n_agents = n_agents_of(venv, cfg.env)
@@ -185,6 +213,7 @@ def train(cfg: TrainConfig, run_root: str | Path, *, resume: bool = False, progr
                     raise ConfigError(f"cannot resume: {str(run.root)!r} holds no checkpoint")
                 model, _ = load_model(ckpt, device=cfg.device, env=venv)
                 model.tensorboard_log = str(run.tensorboard)
+                cfglib.save_yaml(cfg, run.config)
             else:
                 cfglib.save_yaml(cfg, run.config)
                 model = defended.build_model(cfg.defense, venv, cfg.policy.policy_kwargs(), ppo_kwargs(cfg, run))
