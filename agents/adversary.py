@@ -42,11 +42,12 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import VecEnv
 from torch import Tensor
 
+from agents.config import MAX_BATCH, MAX_EPOCHS, MAX_ROLLOUT_STEPS
 from agents.policies import ImageFeatures
 from agents.safe_load import load_without_pickle, ppo_objects
 from fgmf_marl.attacks import PGD, Attack
-from fgmf_marl.attacks.gradient import LEAST_LIKELY
-from fgmf_marl.config import ConfigError, check_device, check_seed
+from fgmf_marl.attacks.base import LEAST_LIKELY, MAX_ITERATIONS
+from fgmf_marl.config import ConfigError, check_device, check_range, check_seed
 from fgmf_marl.policy import PolicyLike, TargetLike
 
 ADVERSARY = "adversary_0"
@@ -268,13 +269,18 @@ class AdversaryConfig:
             raise ConfigError("victim must be a run directory or .zip checkpoint written by train_marl.py")
         if not 0 < self.eps <= 255:
             raise ConfigError(f"eps {self.eps:g} is out of range; accepted: (0, 255] in 1/255 units")
-        if min(self.actor_steps, self.timesteps, self.n_envs, self.n_steps, self.n_epochs) < 1 or self.batch_size < 2:
-            raise ConfigError("actor_steps, timesteps, n_envs, n_steps, n_epochs must be >= 1 and batch_size >= 2")
+        check_range("actor_steps", self.actor_steps, 1, MAX_ITERATIONS)
+        check_range("timesteps", self.timesteps, 1, 10**9)
+        check_range("n_envs", self.n_envs, 1, 4096)  # the bound of env.n_envs
+        check_range("n_steps", self.n_steps, 1, MAX_ROLLOUT_STEPS)
+        check_range("batch_size", self.batch_size, 2, MAX_BATCH)
+        check_range("n_epochs", self.n_epochs, 1, MAX_EPOCHS)
+        check_range("ent_coef", self.ent_coef, 0)
         if not 0 < self.warm_start_prob < 1:
             raise ConfigError(f"warm_start_prob={self.warm_start_prob:g} is out of range; accepted: (0, 1)")
-        if not self.learning_rate > 0 or not 0 < self.gamma <= 1 or not 0 < self.clip_range <= 1:
-            raise ConfigError(f"learning_rate={self.learning_rate:g} must be > 0, gamma={self.gamma:g} in (0, 1] and "
-                              f"clip_range={self.clip_range:g} in (0, 1]")
+        check_range("learning_rate", self.learning_rate, 0, 1, low_open=True)
+        check_range("gamma", self.gamma, 0, 1, low_open=True)
+        check_range("clip_range", self.clip_range, 0, 1, low_open=True)
         check_seed(self.seed)
         check_device(self.device)
 

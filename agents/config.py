@@ -13,7 +13,16 @@ import torch
 from stable_baselines3.common.utils import LinearSchedule
 
 from agents.policies import ImageFeatures
-from fgmf_marl.config import ConfigError
+from fgmf_marl.config import ConfigError, check_range
+
+
+#: upper bounds of the network and rollout sizes (each far above anything trained in this project)
+MAX_WIDTH = 4096          # channels, features, MLP and ViT widths
+MAX_LAYERS = 32           # MLP layers, ViT blocks
+MAX_IMAGE = 512           # pixels per side
+MAX_ROLLOUT_STEPS = 100_000
+MAX_BATCH = 1_000_000
+MAX_EPOCHS = 1000
 
 
 @dataclass
@@ -43,8 +52,19 @@ class PolicyConfig:
         return getattr(torch, self.train_dtype)
 
     def validate(self) -> None:
-        if self.features_dim < 1 or min(self.cnn_channels) < 1 or any(n < 1 for n in self.net_arch):
-            raise ConfigError("policy.features_dim, policy.cnn_channels and policy.net_arch must be positive")
+        """Sizes are positive and bounded far above any network trained here, so a typo cannot
+        allocate unbounded memory; ``vit_heads`` must divide ``vit_dim`` (multi-head attention)."""
+        check_range("policy.features_dim", self.features_dim, 1, MAX_WIDTH)
+        for i, n in enumerate(self.cnn_channels):
+            check_range(f"policy.cnn_channels[{i}]", n, 1, MAX_WIDTH)
+        if not 1 <= len(self.net_arch) <= MAX_LAYERS:
+            raise ConfigError(f"policy.net_arch={list(self.net_arch)} must list 1..{MAX_LAYERS} layer widths")
+        for i, n in enumerate(self.net_arch):
+            check_range(f"policy.net_arch[{i}]", n, 1, MAX_WIDTH)
+        check_range("policy.vit_patch_size", self.vit_patch_size, 1, MAX_IMAGE)
+        check_range("policy.vit_dim", self.vit_dim, 1, MAX_WIDTH)
+        check_range("policy.vit_depth", self.vit_depth, 1, MAX_LAYERS)
+        check_range("policy.vit_heads", self.vit_heads, 1, self.vit_dim)
         if self.vit_dim % self.vit_heads:
             raise ConfigError(f"policy.vit_dim={self.vit_dim} must be divisible by policy.vit_heads={self.vit_heads}")
 
@@ -102,11 +122,15 @@ class PPOConfig:
         return LinearSchedule(self.learning_rate, 0.0, 1.0) if self.lr_schedule == "linear" else self.learning_rate
 
     def validate(self) -> None:
-        if self.learning_rate <= 0:
-            raise ConfigError(f"ppo.learning_rate must be > 0, got {self.learning_rate}")
-        if self.n_steps < 1 or self.batch_size < 2 or self.n_epochs < 1:
-            raise ConfigError("ppo.n_steps and ppo.n_epochs must be >= 1 and ppo.batch_size >= 2")
-        if not 0 < self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
-            raise ConfigError(f"ppo.gamma must be in (0, 1] and ppo.gae_lambda in [0, 1], got {self.gamma}, {self.gae_lambda}")
-        if self.clip_range <= 0:
-            raise ConfigError(f"ppo.clip_range must be > 0, got {self.clip_range}")
+        """SB3's own ranges, made explicit (it accepts e.g. a negative ``vf_coef`` and trains on);
+        sizes are bounded far above any useful rollout, so a typo cannot allocate unbounded memory."""
+        check_range("ppo.learning_rate", self.learning_rate, 0, 1, low_open=True)
+        check_range("ppo.n_steps", self.n_steps, 1, MAX_ROLLOUT_STEPS)
+        check_range("ppo.batch_size", self.batch_size, 2, MAX_BATCH)
+        check_range("ppo.n_epochs", self.n_epochs, 1, MAX_EPOCHS)
+        check_range("ppo.gamma", self.gamma, 0, 1, low_open=True)
+        check_range("ppo.gae_lambda", self.gae_lambda, 0, 1)
+        check_range("ppo.clip_range", self.clip_range, 0, 1, low_open=True)
+        check_range("ppo.ent_coef", self.ent_coef, 0)
+        check_range("ppo.vf_coef", self.vf_coef, 0)
+        check_range("ppo.max_grad_norm", self.max_grad_norm, 0, low_open=True)

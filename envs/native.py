@@ -84,7 +84,7 @@ import numpy as np
 from gymnasium import spaces
 from pettingzoo import ParallelEnv
 
-from fgmf_marl.config import ConfigError
+from fgmf_marl.config import ConfigError, check_range
 
 # Colours (RGB). Own body and teammates differ strongly so a shared policy knows who it is.
 BACKGROUND = np.array([20, 20, 20], dtype=np.uint8)
@@ -102,6 +102,9 @@ MOVES = np.array([[0, 0], [-1, 0], [1, 0], [0, -1], [0, 1]], dtype=np.int64)
 ACTION_NAMES = ("noop", "up", "down", "left", "right")
 N_ACTIONS = len(MOVES)
 MAX_AGENTS = 8  # the brute-force oracle enumerates P(n_agents, n_landmarks) <= 40320 assignments
+MAX_DISTRACTORS = 64
+MAX_SIZE = 512  # pixels per side: 10x the default, and a 512x512 frame is 768 KiB per agent-step
+MAX_EPISODE_STEPS = 100_000
 
 
 @dataclass
@@ -133,23 +136,19 @@ class CoverageConfig:
     view: Literal["egocentric", "global"] = "egocentric"
 
     def validate(self) -> None:
-        if not 1 <= self.n_agents <= MAX_AGENTS:
-            raise ConfigError(f"env.native.n_agents must be in 1..{MAX_AGENTS}, got {self.n_agents}")
-        if not 1 <= self.n_landmarks <= self.n_agents:
-            raise ConfigError(f"env.native.n_landmarks must be in 1..n_agents ({self.n_agents}), got {self.n_landmarks}")
-        if self.n_distractors < 0:
-            raise ConfigError(f"env.native.n_distractors must be >= 0, got {self.n_distractors}")
-        if self.size < 16:
-            raise ConfigError(f"env.native.size must be at least 16 pixels, got {self.size}")
-        if self.max_steps < 1:
-            raise ConfigError(f"env.native.max_steps must be >= 1, got {self.max_steps}")
-        if not 1 <= self.entity_size <= self.size // 4:
-            raise ConfigError(f"env.native.entity_size must be in 1..size/4 ({self.size // 4}), got {self.entity_size}")
-        if self.agent_speed < 1:
-            raise ConfigError(f"env.native.agent_speed must be >= 1, got {self.agent_speed}")
-        if self.cover_radius < 0 or 2 * self.cover_radius < self.agent_speed - 1:
-            raise ConfigError(f"env.native.cover_radius must be >= (agent_speed - 1) / 2 = "
-                              f"{(self.agent_speed - 1) / 2:g} so agents can settle on a landmark, got {self.cover_radius}")
+        """Counts and sizes are bounded (``MAX_*``) far above any useful env, so a typo cannot allocate
+        unbounded memory or hang placement; entities must fit the arena; rewards are finite."""
+        check_range("env.native.n_agents", self.n_agents, 1, MAX_AGENTS)
+        check_range("env.native.n_landmarks", self.n_landmarks, 1, self.n_agents)
+        check_range("env.native.n_distractors", self.n_distractors, 0, MAX_DISTRACTORS)
+        check_range("env.native.size", self.size, 16, MAX_SIZE)
+        check_range("env.native.max_steps", self.max_steps, 1, MAX_EPISODE_STEPS)
+        check_range("env.native.entity_size", self.entity_size, 1, self.size // 4)
+        check_range("env.native.agent_speed", self.agent_speed, 1, self.size)
+        if not self.agent_speed // 2 <= self.cover_radius <= self.size:  # i.e. 2 r >= agent_speed - 1
+            raise ConfigError(f"env.native.cover_radius={self.cover_radius} must be an integer in "
+                              f"{self.agent_speed // 2}..{self.size} (at least (agent_speed - 1) / 2, so agents "
+                              "can settle on a landmark)")
         if self.view not in ("egocentric", "global"):
             raise ConfigError(f"env.native.view must be 'egocentric' or 'global', got {self.view!r}")
         if not 0 <= self.distractor_speed < self.arena:

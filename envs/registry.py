@@ -23,9 +23,13 @@ from pettingzoo import ParallelEnv
 from stable_baselines3.common.vec_env import VecEnv, VecMonitor
 
 from envs.batched import CoverageVecEnv
-from envs.native import CoverageConfig, CoverageParallelEnv
+from envs.native import MAX_EPISODE_STEPS, MAX_SIZE, CoverageConfig, CoverageParallelEnv
 from envs.reference import ReferenceReturns, reference_returns
-from fgmf_marl.config import ConfigError
+from fgmf_marl.config import ConfigError, check_range
+
+
+MAX_ENVS = 4096         # env copies of one VecEnv
+MAX_FRAME_STACK = 16
 
 
 @dataclass
@@ -38,12 +42,10 @@ class AdapterConfig:
     max_cycles: int = 125
 
     def validate(self) -> None:
-        if self.size < 16:
-            raise ConfigError(f"env.adapter.size must be at least 16 pixels, got {self.size}")
-        if self.frame_stack < 1:
-            raise ConfigError(f"env.adapter.frame_stack must be >= 1, got {self.frame_stack}")
-        if self.max_cycles < 1:
-            raise ConfigError(f"env.adapter.max_cycles must be >= 1, got {self.max_cycles}")
+        """Bounded far above any useful setting, so a typo cannot allocate unbounded memory."""
+        check_range("env.adapter.size", self.size, 16, MAX_SIZE)
+        check_range("env.adapter.frame_stack", self.frame_stack, 1, MAX_FRAME_STACK)
+        check_range("env.adapter.max_cycles", self.max_cycles, 1, MAX_EPISODE_STEPS)
 
 
 @dataclass
@@ -56,10 +58,11 @@ class EnvConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
     def validate(self) -> None:
+        """``n_envs`` is bounded (``MAX_ENVS``, far above the 16 of the default job) so a typo cannot
+        allocate unbounded memory."""
         if self.name not in ENVIRONMENTS:
             raise ConfigError(f"unknown environment {self.name!r}; known: {', '.join(ENVIRONMENTS)}")
-        if self.n_envs < 1:
-            raise ConfigError(f"env.n_envs must be >= 1, got {self.n_envs}")
+        check_range("env.n_envs", self.n_envs, 1, MAX_ENVS)
 
 
 # The butterfly imports are deferred: they load pygame, needed only when that env is asked for.

@@ -3,8 +3,12 @@
 Athalye, Carlini & Wagner (2018, "Obfuscated gradients give a false sense of security", Sec. 3.1)
 list the signs that an evaluation is being fooled. On one fixed set of observations the audit
 measures the action-flip rate (greedy action on the attacked input != greedy action on the clean
-input) of every attack at every eps and checks:
+input) of every attack at every eps, plus PGD and uniform noise at eps = 1 (any image reachable),
+and checks:
 
+0. ``no_attack_flips``            the highest flip rate of any attack at any eps, eps = 1 included,
+                                   is below ``dead_threshold`` (0.05): the verdict is then
+                                   ``UNINFORMATIVE``, whatever the other checks say;
 1. ``one_step_beats_iterative``   FGSM flips more than PGD-k at some eps;
 2. ``black_box_beats_white_box``  Square (queries only) or transfer flips more than the best plain
                                    gradient attack at some eps;
@@ -24,8 +28,20 @@ blind to (a backward pass that only *rescales* input gradients, which leaves sig
                                    backward pass is not the derivative of what the policy computes.
 
 "Beats" means by more than ``tolerance`` (absolute flip-rate difference; the comparisons are paired,
-on the same rows, so sampling noise is small for a few hundred rows). The verdict is ``PASS`` when no
-flag fires and ``FAIL`` otherwise; the report names each fired flag with its evidence.
+on the same rows, so sampling noise is small for a few hundred rows). Every evidence line states the
+numbers it compares at every eps and the tolerance or threshold it used, and says "within
+tolerance" where a check passed only thanks to it; "grows with eps" is said only when PGD's flip
+rate at eps = 1 exceeds the smallest eps's by more than the tolerance.
+
+Verdict: ``UNINFORMATIVE`` when ``no_attack_flips`` fires, else ``FAIL`` when any other flag fires,
+else ``PASS``; only ``PASS`` counts as passed. A ``PASS`` where no attack reaches ``dead_threshold`` at any
+bounded eps says so: the comparisons 1, 2, 5, 6 were then between zeros, and only the eps = 1 and
+gradient checks tested the policy. Why a third verdict rather than FAIL: a policy whose
+action no attack can change, unbounded ones and random images included, is either dead (its action
+ignores the input) or masked so completely that no attack finds a gradient or a query signal; the
+flip-rate table is then all zeros, every comparison is trivially "clean", and neither "robust" nor
+"masked" can be concluded, which is what the word says (FAIL would name gradient masking as the
+cause, which a dead policy does not have).
 """
 from __future__ import annotations
 
@@ -56,6 +72,7 @@ class AuditConfig:
     square_queries: int = 300
     tolerance: float = 0.05             # absolute flip-rate margin before "beats" counts
     unbounded_threshold: float = 0.95
+    dead_threshold: float = 0.05        # max flip rate (any attack, any eps, eps=1 included) below it: UNINFORMATIVE
     fd_directions: int = 4              # random directions per row for the finite-difference check
     fd_step: float = 1e-3
     fd_threshold: float = 0.25          # median relative error above which the backward is not a derivative
@@ -67,8 +84,9 @@ class AuditConfig:
             raise ConfigError(f"audit eps={list(self.eps)} must be non-empty values in (0, 255] (1/255 units)")
         if min(self.pgd_steps, self.more_steps, self.unbounded_steps, self.square_queries, self.fd_directions) < 1:
             raise ConfigError("audit steps, queries and fd_directions must be >= 1")
-        if not 0 <= self.tolerance < 1 or not 0 < self.unbounded_threshold <= 1:
-            raise ConfigError(f"audit tolerance={self.tolerance} must be in [0, 1) and unbounded_threshold in (0, 1]")
+        if not 0 <= self.tolerance < 1 or not 0 < self.unbounded_threshold <= 1 or not 0 < self.dead_threshold <= 1:
+            raise ConfigError(f"audit tolerance={self.tolerance} must be in [0, 1), unbounded_threshold="
+                              f"{self.unbounded_threshold} and dead_threshold={self.dead_threshold} in (0, 1]")
 
 
 @dataclass
@@ -94,9 +112,18 @@ class AuditReport:
 
     @property
     def verdict(self) -> str:
-        fired = [f.name for f in self.flags if f.fired]
+        """``PASS``, ``FAIL`` or ``UNINFORMATIVE`` (see the module docstring), with its reason."""
+        fired = {f.name: f for f in self.flags if f.fired}
+        if NO_ATTACK_FLIPS in fired:
+            return (f"UNINFORMATIVE: no attack changes the policy's action, unbounded ones included "
+                    f"({fired[NO_ATTACK_FLIPS].evidence}); the policy is dead or fully masked, so nothing about "
+                    "its robustness can be concluded")
         if not fired:
-            return "PASS: no sign of gradient masking (all 7 checks clean)"
+            bounded = max(r for rates in self.flip_rates.values() for e, r in rates.items() if e < 255)
+            note = (f"; but no attack flips the policy at eps <= {_eps_label(max(self.config.eps))} (highest {bounded:.3f}, "
+                    f"threshold {self.config.dead_threshold:g}): only eps=1 and the gradient check tested it"
+                    if bounded < self.config.dead_threshold else "")
+            return f"PASS: no sign of gradient masking (all {len(self.flags)} checks clean){note}"
         return f"FAIL: gradient masking suspected ({', '.join(fired)})"
 
     def table_markdown(self) -> str:
@@ -128,6 +155,9 @@ class AuditReport:
         atomic_write_text(folder / "audit.md", self.markdown())
         atomic_write_text(folder / "audit.json", json.dumps(self.to_dict(), indent=2))
         return folder / "audit.md"
+
+
+NO_ATTACK_FLIPS = "no_attack_flips"
 
 
 def _eps_label(eps255: float) -> str:
@@ -207,6 +237,7 @@ def audit(view: PolicyLike, obs01: Tensor, config: AuditConfig | None = None, *,
             clean_actions = view(obs).argmax(-1)
         jobs = [(e, name, atk) for e in eps_list for name, atk in suite(e / 255.0).items()]
         jobs.append((255.0, f"pgd-{cfg.pgd_steps}", PGD(1.0, steps=cfg.unbounded_steps, loss="margin")))
+        jobs.append((255.0, "random", RandomNoise(1.0)))  # random images: does the action depend on the input at all?
         for e, name, attack in tqdm(jobs, desc="audit", disable=not progress, leave=False):
             adv = attack(view, obs)
             rates.setdefault(name, {})[e] = flip_rate(view, obs, adv, clean_actions)
@@ -218,8 +249,47 @@ def audit(view: PolicyLike, obs01: Tensor, config: AuditConfig | None = None, *,
     return AuditReport(flip_rates=rates, flags=flags, n_obs=int(obs.shape[0]), gradient_relative_error=rel_err, config=cfg)
 
 
-def _beats(a: dict[float, float], b: dict[float, float], eps_list: Sequence[float], tol: float) -> list[str]:
-    return [f"{_eps_label(e)}: {a[e]:.2f} vs {b[e]:.2f}" for e in eps_list if a[e] > b[e] + tol]
+def _pairs(a: dict[float, float], b: dict[float, float], eps_list: Sequence[float]) -> str:
+    return "; ".join(f"{_eps_label(e)}: {a[e]:.3f} vs {b[e]:.3f}" for e in eps_list)
+
+
+def _at(eps: Sequence[float]) -> str:
+    return ", ".join(_eps_label(e) for e in eps)
+
+
+def _compare(name_a: str, name_b: str, a: dict[float, float], b: dict[float, float], eps_list: Sequence[float],
+             tol: float) -> tuple[bool, str]:
+    """Does ``a`` beat ``b`` by more than ``tol`` at some eps? (fired, evidence with every eps's numbers)."""
+    over = [e for e in eps_list if a[e] > b[e] + tol]
+    within = [e for e in eps_list if b[e] < a[e] <= b[e] + tol]
+    pairs = _pairs(a, b, eps_list)
+    if over:
+        return True, f"{name_a} > {name_b} by more than the tolerance {tol:g} at {_at(over)} ({pairs})"
+    text = f"{name_a} <= {name_b} at every eps (tolerance {tol:g}): {pairs}"
+    return False, text + (f"; {name_a} higher at {_at(within)}, within tolerance" if within else "")
+
+
+def _growth(cfg: AuditConfig, rates: dict[str, dict[float, float]], eps_list: list[float]) -> tuple[bool, str]:
+    """``no_growth_with_budget``: does PGD's flip rate drop with eps, or with more steps? Growth is claimed only if seen."""
+    tol, k, m = cfg.tolerance, cfg.pgd_steps, cfg.more_steps
+    pgd, more = rates[f"pgd-{k}"], rates[f"pgd-{m}"]
+    seq = [*eps_list, 255.0]
+    curve = ", ".join(f"{_eps_label(e)} {pgd[e]:.3f}" for e in seq)
+    steps = _pairs(more, pgd, eps_list)
+    drops = [f"{_eps_label(a)} -> {_eps_label(b)}" for a, b in zip(seq, seq[1:]) if pgd[b] < pgd[a] - tol]
+    fewer_better = [e for e in eps_list if more[e] < pgd[e] - tol]
+    if drops or fewer_better:
+        parts = []
+        if drops:
+            parts.append(f"PGD-{k} drops by more than the tolerance {tol:g} at {', '.join(drops)} ({curve})")
+        if fewer_better:
+            parts.append(f"PGD-{m} < PGD-{k} by more than the tolerance {tol:g} at {_at(fewer_better)} ({steps})")
+        return True, "; ".join(parts)
+    shape = "grows with eps" if pgd[255.0] > pgd[seq[0]] + tol else "is flat in eps (no growth beyond the tolerance)"
+    dips = [f"{_eps_label(a)} -> {_eps_label(b)}" for a, b in zip(seq, seq[1:]) if pgd[b] < pgd[a]]
+    dips += [f"PGD-{m} at {_eps_label(e)}" for e in eps_list if more[e] < pgd[e]]
+    return False, (f"PGD-{k} flip rate {shape}, no drop beyond the tolerance {tol:g} ({curve}); "
+                   f"PGD-{m} vs PGD-{k}: {steps}" + (f"; dips within tolerance: {', '.join(dips)}" if dips else ""))
 
 
 def _flags(rates: dict[str, dict[float, float]], eps_list: list[float], cfg: AuditConfig, gated: bool,
@@ -229,36 +299,36 @@ def _flags(rates: dict[str, dict[float, float]], eps_list: list[float], cfg: Aud
     white = {e: max(rates["fgsm"][e], pgd[e], more[e]) for e in eps_list}
     flags = []
 
-    hits = _beats(rates["fgsm"], pgd, eps_list, tol)
-    flags.append(Flag("one_step_beats_iterative", bool(hits), "; ".join(hits) or "FGSM <= PGD at every eps"))
+    best_rate, best_attack, best_eps = max((r, a, e) for a, rs in rates.items() for e, r in rs.items())
+    flags.append(Flag(NO_ATTACK_FLIPS, best_rate < cfg.dead_threshold,
+                      f"highest flip rate {best_rate:.3f}"
+                      + (f" ({best_attack} at {_eps_label(best_eps)})" if best_rate > 0 else "")
+                      + f" over every attack and eps, eps=1 included (threshold {cfg.dead_threshold:g})"))
 
-    hits = [f"square {h}" for h in _beats(rates["square"], white, eps_list, tol)]
+    flags.append(Flag("one_step_beats_iterative",
+                      *_compare("FGSM", f"PGD-{cfg.pgd_steps}", rates["fgsm"], pgd, eps_list, tol)))
+
+    checks = [_compare("square", "best white-box", rates["square"], white, eps_list, tol)]
     if transfer:
-        hits += [f"transfer {h}" for h in _beats(rates["transfer"], white, eps_list, tol)]
-    flags.append(Flag("black_box_beats_white_box", bool(hits),
-                      "; ".join(hits) or "black-box <= best white-box at every eps"))
+        checks.append(_compare("transfer", "best white-box", rates["transfer"], white, eps_list, tol))
+    flags.append(Flag("black_box_beats_white_box", any(f for f, _ in checks), ". ".join(t for _, t in checks)))
 
-    seq = [*eps_list, 255.0]
-    drops = [f"{_eps_label(a)} -> {_eps_label(b)}: {pgd[a]:.2f} -> {pgd[b]:.2f}"
-             for a, b in zip(seq, seq[1:]) if pgd[b] < pgd[a] - tol]
-    drops += [f"PGD-{cfg.more_steps} < PGD-{cfg.pgd_steps} at {h}" for h in _beats(pgd, more, eps_list, tol)]
-    flags.append(Flag("no_growth_with_budget", bool(drops),
-                      "; ".join(drops) or "flip rate grows with eps and with PGD steps"))
+    flags.append(Flag("no_growth_with_budget", *_growth(cfg, rates, eps_list)))
 
     unbounded = pgd[255.0]
     flags.append(Flag("unbounded_not_total", unbounded < cfg.unbounded_threshold,
-                      f"PGD at eps=1 flips {unbounded:.2f} (need >= {cfg.unbounded_threshold:.2f})"))
+                      f"PGD-{cfg.unbounded_steps} (margin loss) at eps=1 flips {unbounded:.3f} "
+                      f"(threshold >= {cfg.unbounded_threshold:g})"))
 
-    hits = _beats(rates["random"], pgd, eps_list, tol)
-    flags.append(Flag("random_beats_pgd", bool(hits), "; ".join(hits) or "noise <= PGD at every eps"))
+    flags.append(Flag("random_beats_pgd", *_compare("noise", f"PGD-{cfg.pgd_steps}", rates["random"], pgd, eps_list, tol)))
 
     if gated:
-        hits = _beats(rates[f"bpda-pgd-{cfg.pgd_steps}"], pgd, eps_list, tol)
-        flags.append(Flag("bpda_beats_pgd", bool(hits), "; ".join(hits) or "BPDA <= PGD at every eps"))
+        flags.append(Flag("bpda_beats_pgd", *_compare(f"BPDA-PGD-{cfg.pgd_steps}", f"PGD-{cfg.pgd_steps}",
+                                                       rates[f"bpda-pgd-{cfg.pgd_steps}"], pgd, eps_list, tol)))
     else:
         flags.append(Flag("bpda_beats_pgd", False, "no input gate: BPDA is plain PGD"))
 
     flags.append(Flag("gradient_mismatch", rel_err > cfg.fd_threshold,
                       f"median relative error of autograd vs finite differences {rel_err:.3f} "
-                      f"(threshold {cfg.fd_threshold})"))
+                      f"(threshold {cfg.fd_threshold:g})"))
     return flags

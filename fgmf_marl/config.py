@@ -2,8 +2,9 @@
 
 Every configurable part of the project (env, policy, PPO, defenses, attacks) is a ``@dataclass``
 with typed fields and defaults. ``from_dict`` builds one from plain data and rejects, with a
-one-line :class:`ConfigError`, unknown keys and values of the wrong type; value checks live in an
-optional ``validate(self)`` method on each dataclass and run for every nested section. CLIs turn
+one-line :class:`ConfigError`, unknown keys, values of the wrong type and non-finite numbers (NaN,
+inf, ``1e400``); range checks (:func:`check_range`) live in an optional ``validate(self)`` method on
+each dataclass and run for every nested section. CLIs turn
 ``ConfigError`` into exit code 2 before anything is written.
 
 Overrides use dotted paths (``ppo.learning_rate=1e-4``, ``env.native.n_agents=4``); the value is
@@ -12,11 +13,13 @@ parsed as YAML, so ``true``, ``3``, ``[16, 32, 32]`` and ``null`` mean what they
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
+import torch
 import yaml
 
 from fgmf_marl.atomic import atomic_write_text
@@ -92,12 +95,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # PyYAML (YAML 1.1) reads "1e-3" as a string; accept it as a number
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{where}' must be a number, got {value!r}")
-        return float(value)
+        # NaN passes every range check and inf (also YAML's reading of 1e400) overflows SB3 and torch
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float range
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"config key '{where}' must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"config key '{where}' must be a string, got {value!r}")
@@ -128,10 +138,42 @@ def check_seed(value: int, key: str = "seed") -> None:
 
 
 def check_device(value: str, key: str = "device") -> None:
-    """A one-line ConfigError unless ``value`` names a torch device we accept: cpu, cuda, cuda:N, auto."""
+    """A one-line ConfigError unless ``value`` names a usable torch device: cpu, auto, cuda, cuda:N.
+
+    ``cuda`` and ``cuda:N`` must exist on this machine: SB3 silently falls back to the CPU, and the
+    run's config would then record a device it never ran on.
+    """
     index = value[len("cuda:"):] if value.startswith("cuda:") else None
     if value not in ("cpu", "cuda", "auto") and not (index is not None and index.isdigit()):
         raise ConfigError(f"{key}={value!r} is not a device; accepted: cpu, cuda, cuda:N, auto")
+    if value == "cuda" or index is not None:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{key}={value!r}: no CUDA device is available here; accepted: cpu, auto")
+        if index is not None and int(index) >= count:
+            raise ConfigError(f"{key}={value!r}: this machine has CUDA devices 0..{count - 1}; accepted: cpu, auto, "
+                              f"cuda, cuda:0..{count - 1}")
+
+
+def check_range(key: str, value: float, low: float | None = None, high: float | None = None, *,
+                low_open: bool = False) -> None:
+    """A one-line ConfigError naming ``key=value`` unless ``low <= value <= high`` (NaN never is).
+
+    ``low`` / ``high`` of None mean unbounded on that side; ``low_open`` excludes ``low`` itself.
+    Sections use it for every range check, so all messages read alike: ``ppo.vf_coef=-1.0 must be >= 0``.
+    """
+    above = low is None or (value > low if low_open else value >= low)
+    if above and (high is None or value <= high):
+        return
+    if low is not None and high is not None:
+        span = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+        if isinstance(value, int) and isinstance(low, int) and isinstance(high, int):
+            span = f"an integer in {low}..{high}"
+    elif low is not None:
+        span = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        span = f"<= {high:g}"
+    raise ConfigError(f"{key}={value!r} must be {span}")
 
 
 def validate(obj: Any) -> None:
@@ -188,12 +230,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping, turning a missing file or bad syntax into a one-line ConfigError."""
+    """Read a YAML mapping; a missing, unreadable or non-UTF-8 file or bad syntax is a one-line ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text; accepted: a UTF-8 YAML file") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "syntax error"
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {first}") from None

@@ -7,12 +7,15 @@
         eval/              evaluation outputs (summary.json, summary.md, CSVs, plots)
 
 A run directory is created only after the config has been validated, and removed again if the
-run fails before it wrote its first checkpoint, so bad input never leaves a half-written run.
+run fails (or is interrupted: Ctrl-C, SIGTERM) before it wrote its first checkpoint, so bad input
+never leaves a half-written run. What a ``kill -9`` before the first checkpoint leaves (only the
+files a run writes, no checkpoint) is taken over by the next run into the same directory.
 """
 from __future__ import annotations
 
 import re
 import shutil
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,8 @@ from typing import Iterator
 from fgmf_marl.config import ConfigError
 
 _STEP_RE = re.compile(r"step_(\d+)\.zip$")
+#: what a run writes before its first checkpoint (evaluate.py writes config.yaml first, too)
+RUN_FILES = frozenset({"config.yaml", "tb", "eval", "checkpoints"})
 
 
 @dataclass(frozen=True)
@@ -80,23 +85,63 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, RunDir | None]:
     raise ConfigError(f"checkpoint {str(path)!r} does not exist (give a run directory or a .zip checkpoint)")
 
 
+def check_output_dir(path: str | Path, what: str = "output folder") -> None:
+    """A one-line ConfigError unless ``path`` is a folder, or can be made one, that we can write into.
+
+    Commands call it before any compute, so a typo in ``--out`` or ``--run-dir`` costs nothing;
+    writability is probed by creating (and removing) a temporary folder, the one test that also
+    holds for root and for read-only mounts.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is an existing file; accepted: a folder path")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} lies under the file {str(existing)!r}; accepted: a folder path")
+    try:
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as exc:
+        raise ConfigError(f"{what} {str(path)!r} is not writable ({str(existing)!r}: {exc.strerror}); "
+                          "accepted: a folder you can write to") from None
+
+
+def _abandoned(run: RunDir) -> bool:
+    """True for a run killed before its first checkpoint: no checkpoint, only the files a run writes."""
+    return not run.has_checkpoint() and {p.name for p in run.root.iterdir()} <= RUN_FILES
+
+
 @contextmanager
 def staged_run_dir(root: Path, *, resume: bool = False) -> Iterator[RunDir]:
     """Create (or, resuming, reuse) a run directory; delete a new one if the body fails early.
 
     "Early" means before any checkpoint exists: an interrupted long run keeps its checkpoints
     (they are what ``--resume`` continues from), a run that crashed at start-up leaves nothing.
+    A folder that holds no checkpoint and only what a run writes (``config.yaml``, ``tb/``,
+    ``eval/``, ``checkpoints/``: what ``kill -9`` leaves) is emptied and taken over; resuming
+    such a folder is refused with a pointer to rerun without ``--resume``, since there is nothing
+    to continue from. Any other content is refused.
     """
     run = RunDir(Path(root))
     if resume:
         if not run.config.is_file():
             raise ConfigError(f"cannot resume: {str(root)!r} is not a run directory (no config.yaml)")
+        if not run.has_checkpoint():
+            raise ConfigError(f"cannot resume: {str(root)!r} holds no checkpoint (it was stopped before its first "
+                              "one); rerun without --resume to start it from zero")
         yield run
         return
+    check_output_dir(run.root, "run directory")
     if run.root.exists() and any(run.root.iterdir()):
-        raise ConfigError(f"run directory {str(root)!r} already exists and is not empty; use --resume or another --run-dir")
+        if not _abandoned(run):
+            raise ConfigError(f"run directory {str(root)!r} already exists and is not empty; use --resume or "
+                              "another --run-dir")
+        _empty(run.root)
+        run.root.rmdir()
     created = not run.root.exists()
-    run.root.mkdir(parents=True, exist_ok=True)
+    try:
+        run.root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"run directory {str(root)!r} cannot be created: {exc.strerror}") from None
     try:
         yield run
     except BaseException:

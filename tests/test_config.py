@@ -99,3 +99,78 @@ def test_latest_checkpoint_prefers_final_then_most_steps(tmp_path: Path) -> None
     assert resolve_checkpoint(tmp_path)[0] == run.final_checkpoint
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_checkpoint(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("value", ["nan", ".inf", "-inf", "1e400", "1.0e400", str(2**1100)])
+def test_floats_must_be_finite(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"config key 'inner.rate' must be a finite number") as info:
+        cfglib.load(Outer, overrides=[f"inner.rate={value}"])
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["nan", ".inf", "1e400"])
+def test_integers_are_never_non_finite(value: str) -> None:
+    with pytest.raises(ConfigError, match="'steps' must be an integer"):
+        cfglib.load(Outer, overrides=[f"steps={value}"])
+
+
+def test_non_utf8_yaml_is_a_one_line_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.yaml' is not UTF-8 text") as info:
+        cfglib.load(Outer, path)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("k", -1.0, 0), "k=-1.0 must be >= 0"), (("k", 0.0, 0, None), "k=0.0 must be > 0"),
+    (("k", float("nan"), 0, 1), "k=nan must be in [0, 1]"), (("k", 5, 1, 4), "k=5 must be an integer in 1..4"),
+    (("k", 2.0, None, 1), "k=2.0 must be <= 1"),
+])
+def test_check_range_names_the_key_and_the_accepted_range(args: tuple, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        cfglib.check_range(*args, low_open=args[1] == 0.0)
+    assert str(info.value) == message
+    cfglib.check_range("k", 1, 1, 4)
+
+
+def test_check_device_refuses_a_cuda_device_this_machine_lacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cfglib.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA device is available here; accepted: cpu, auto"):
+        cfglib.check_device("cuda")
+    cfglib.check_device("auto")
+    monkeypatch.setattr(cfglib.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cfglib.torch.cuda, "device_count", lambda: 2)
+    cfglib.check_device("cuda:1")
+    with pytest.raises(ConfigError, match=r"CUDA devices 0..1; accepted: cpu, auto, cuda, cuda:0..1"):
+        cfglib.check_device("cuda:2")
+
+
+def test_output_folder_that_is_or_lies_under_a_file_or_is_unwritable_is_refused(tmp_path: Path) -> None:
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    for path, fragment in [(afile, "is an existing file"), (afile / "run", "lies under the file"),
+                           (Path("/proc/fgmf-no-such/run"), "is not writable")]:
+        with pytest.raises(ConfigError, match=fragment):
+            with staged_run_dir(path):
+                pytest.fail("the body must not run")
+    assert afile.read_text() == "x" and sorted(tmp_path.iterdir()) == [afile]
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_taken_over(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    run = RunDir(root)
+    (run.tensorboard / "ppo_1").mkdir(parents=True)
+    run.config.write_text("old")
+    with pytest.raises(ConfigError, match="holds no checkpoint .*rerun without --resume"):
+        with staged_run_dir(root, resume=True):
+            pass
+    with staged_run_dir(root) as taken:
+        assert not any(taken.root.iterdir())   # the leftovers are gone before the new run writes
+        taken.config.write_text("new")
+    assert run.config.read_text() == "new"
+    (root / "notes.txt").write_text("mine")      # anything a run does not write: refused, kept
+    with pytest.raises(ConfigError, match="already exists and is not empty"):
+        with staged_run_dir(root):
+            pass
+    assert (root / "notes.txt").exists() and run.config.exists()

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
+from fgmf_marl import config as cfglib
+from fgmf_marl.attacks.registry import expand_presets
 from fgmf_marl.jobs.train import entry as train_cli
-from fgmf_marl.jobs.evaluate import entry as cli
+from fgmf_marl.jobs.evaluate import EvalConfig, entry as cli
 
 FAST_TRAIN = ["env.n_envs=2", "ppo.n_steps=32", "ppo.batch_size=64", "ppo.n_epochs=1", "eval_episodes=2",
               "checkpoint_every=10000", "env.native.max_steps=10"]
@@ -103,6 +106,40 @@ def test_audit_writes_verdict_and_table(run_dir: Path, tmp_path: Path, capsys) -
     assert "audit verdict:" in capsys.readouterr().out
 
 
+def test_strong_preset_runs_end_to_end_with_worst_rows(run_dir: Path, tmp_path: Path) -> None:
+    second = tmp_path / "victim2"                   # a second checkpoint: the worst case across checkpoints
+    shutil.copytree(run_dir, second)
+    out = tmp_path / "eval"
+    assert cli([str(run_dir), str(second), "--out", str(out), "--episodes", "2", "--n-envs", "2", "--no-progress",
+                "--attacks", "strong:steps=2,restarts=1", "fgsm", "--surrogate", str(run_dir), "--eps", "8",
+                "--seeds", "0,1"]) == 0
+    expanded = ["pgd:steps=2,restarts=1", "pgd:targeted=true,target_action=least_likely,steps=2", "mad", "critic",
+                "square", f"transfer:surrogate={run_dir}", "fgsm"]     # no gate, deterministic forward: no bpda/eot
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["attacks"] == expanded and cfg["surrogate"] is None
+    results = json.loads((out / "results.json").read_text())
+    worst = results["worst"]
+    assert [(r["checkpoint"], r["eps255"]) for r in worst] == [("victim", 8.0), ("victim2", 8.0)]
+    rows = {(r["checkpoint"], r["attack"]): r for r in results["rows"] if r["eps255"] == 8}
+    for r in worst:
+        assert r["attack"] == "worst" and r["seeds"] == 2 and r["episodes"] == 4
+        assert r["normalised_mean"] <= min(rows[r["checkpoint"], a]["normalised_mean"] for a in
+                                           [_label(s) for s in expanded]) + 1e-9
+        assert {m["attack"] for m in r["per_seed"]} <= {_label(s) for s in expanded}
+    (across,) = results["worst_across_checkpoints"]
+    assert across["checkpoints"] == 2 and across["normalised_std"] == pytest.approx(0.0)   # same weights
+    table = (out / "results.md").read_text()
+    assert "## Worst case over attacks" in table and "| victim | worst | 8 |" in table
+    assert "## Worst case across checkpoints" in table
+    assert len(list(csv.DictReader((out / "episodes.csv").open()))) == 2 * 2 * 2 * (1 + len(expanded))
+    recorded = cfglib.load(EvalConfig, out / "config.yaml")   # the recorded config loads (and reruns) as it is
+    assert recorded.attacks == expanded and expand_presets(recorded.attacks) == expanded
+
+
+def _label(spec: str) -> str:
+    return spec.replace(":", "[", 1) + "]" if ":" in spec else spec
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--attacks", "nosuch"], "unknown attack 'nosuch'; known: random, fgsm, pgd"),
     (["--eps", "0"], "eps 0 is out of range"),
@@ -113,6 +150,11 @@ def test_audit_writes_verdict_and_table(run_dir: Path, tmp_path: Path, capsys) -
     (["--threads", "0"], "--threads=0 must be an integer >= 1"),
     (["--device", "gpu"], "device='gpu' is not a device"),
     (["--log-explanations", "logdir", "--log-key-file", "/nonexistent/key"], "does not exist"),
+    (["--attacks", "pgd:targeted=true,target_action=99"],
+     "attack 'pgd': target_action=99 is out of range; accepted: 0..4 or least_likely"),
+    (["--attacks", "strong:steps=0"], "preset 'strong' option steps=0 must be an integer >= 1"),
+    (["--seeds", "0,-1"], "seeds=-1 is out of range; accepted: integers 0.."),
+    (["--surrogate", "runs/x"], "surrogate/adversary feed a preset (--attacks strong)"),
 ])
 def test_cli_errors_exit_2_with_one_line_and_no_output(run_dir: Path, tmp_path: Path, capsys, extra, message) -> None:
     out = tmp_path / "eval"

@@ -18,6 +18,7 @@ from agents.defended import algorithm_class, build_model, load_model
 from agents.fgmf_ppo import FGMFPPO
 from agents.policies import ImageFeatures
 from agents.policy_view import PolicyView
+from agents.safe_load import ppo_objects
 from agents.sappo import SAPPO
 from fgmf_marl import config as cfglib
 from fgmf_marl.config import ConfigError
@@ -172,7 +173,9 @@ def test_checkpoint_round_trip_rebuilds_the_defended_network(kind: str, tmp_path
     if isinstance(gate, SGAM):
         torch.nn.init.normal_(gate.attention[-1].weight, std=0.5)  # weights a fresh build would not have
     model.save(tmp_path / "ckpt.zip")
-    loaded = load_model(tmp_path / "ckpt.zip", defense, env=None, device="cpu")
+    objects = ppo_objects(observation_space=model.observation_space, action_space=model.action_space,
+                          policy_kwargs=dict(POLICY_KWARGS), learning_rate=model.learning_rate, clip_range=0.2)
+    loaded = load_model(tmp_path / "ckpt.zip", defense, objects, env=None, device="cpu")
     assert type(loaded) is algorithm_class(kind) and loaded.defense == defense
     x = torch.rand(4, 3, 24, 24)
     with torch.no_grad():

@@ -6,10 +6,10 @@ from fgmf_marl.attacks.adaptive import BPDA, EOT, StraightThroughGate, Strategic
 from fgmf_marl.attacks.base import Attack, Perturb, check_eps, margin, project, slot_mask
 from fgmf_marl.attacks.blackbox import RandomNoise, Square, Transfer
 from fgmf_marl.attacks.gradient import FGSM, MAD, PGD, CriticAttack, GradientAttack, objective_values
-from fgmf_marl.attacks.registry import ATTACKS, make_attack, parse_spec
+from fgmf_marl.attacks.registry import ATTACKS, PRESETS, expand_presets, make_attack, parse_spec
 
 __all__ = [
-    "ATTACKS", "Attack", "BPDA", "CriticAttack", "EOT", "FGSM", "GradientAttack", "MAD", "PGD", "Perturb",
+    "ATTACKS", "Attack", "BPDA", "CriticAttack", "EOT", "FGSM", "GradientAttack", "MAD", "PGD", "PRESETS", "Perturb",
     "RandomNoise", "Square", "StraightThroughGate", "StrategicallyTimed", "Transfer", "check_eps", "has_gate",
-    "make_attack", "margin", "objective_values", "parse_spec", "project", "slot_mask", "straight_through_gates",
+    "expand_presets", "make_attack", "margin", "objective_values", "parse_spec", "project", "slot_mask", "straight_through_gates",
 ]

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Literal
 import torch
 from torch import Tensor, nn
 
-from fgmf_marl.attacks.base import Attack
+from fgmf_marl.attacks.base import Attack, check_count, check_number
 from fgmf_marl.attacks.gradient import GradientAttack
 from fgmf_marl.policy import PolicyLike
 
@@ -98,12 +98,10 @@ class EOT(Attack):
     def __init__(self, attack: GradientAttack, samples: int = 8) -> None:
         if not isinstance(attack, GradientAttack):
             raise TypeError(f"EOT wraps a gradient attack (fgsm, pgd, mad, critic), got {type(attack).__name__}")
-        if int(samples) < 1:
-            raise ValueError(f"EOT samples={samples} must be >= 1")
+        self.samples = check_count("samples", samples, 1)
         super().__init__(attack.eps, quantize=attack.quantize)
         self.attack = copy.copy(attack)
-        self.attack.eot_samples = int(samples)
-        self.samples = int(samples)
+        self.attack.eot_samples = self.samples
         self.targeted = attack.targeted
 
     def _attack(self, view: PolicyLike, clean: Tensor, target: Tensor | None) -> Tensor:
@@ -120,11 +118,9 @@ class StrategicallyTimed(Attack):
     name = "timed"
 
     def __init__(self, attack: Attack, threshold: float = 0.5) -> None:
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold={threshold} must be in [0, 1] (a difference of probabilities)")
+        self.threshold = check_number("threshold", threshold, 0, 1)  # a difference of probabilities
         super().__init__(attack.eps, quantize=attack.quantize)
         self.attack = attack
-        self.threshold = float(threshold)
         self.targeted = attack.targeted
         self.uses_gradients = attack.uses_gradients
         self.last_attacked_fraction = 0.0

@@ -19,7 +19,7 @@ on the selected rows only; the base class does the row selection and the final p
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +27,49 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fgmf_marl.policy import Perturb, PolicyLike, TargetLike, as_target, check_obs
+
+
+LEAST_LIKELY = "least_likely"
+#: upper bound of every iteration count (steps, restarts, EOT samples, queries): far above any
+#: useful attack, so a typo cannot stall an evaluation
+MAX_ITERATIONS = 100_000
+
+
+# Option checks shared by every attack's constructor: options arrive from ``name:key=value`` specs
+# parsed as YAML, where ``maybe`` is a string (truthy) and ``2.5`` a float (silently truncated).
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` if it is a boolean, else a ValueError naming the option."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def check_count(name: str, value: Any, low: int, high: int = MAX_ITERATIONS) -> int:
+    """``value`` if it is an integer in ``low..high``, else a ValueError naming the option and the range."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r} must be an integer in {low}..{high}")
+    if value < low:
+        raise ValueError(f"{name}={value} must be >= {low}")
+    if value > high:
+        raise ValueError(f"{name}={value} must be <= {high}")
+    return value
+
+
+def check_number(name: str, value: Any, low: float, high: float) -> float:
+    """``value`` as a float if it is a number in [low, high] (NaN never is), else a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{name}={value!r} must be a number in [{low:g}, {high:g}]")
+    return float(value)
+
+
+def check_target_action(value: Any, least_likely: bool = True) -> int | str | None:
+    """None, an action index >= 0, or (with ``least_likely``) the string ``least_likely``."""
+    if value is None or (least_likely and value == LEAST_LIKELY):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        accepted = f"an action index >= 0 or {LEAST_LIKELY!r}" if least_likely else "an action index >= 0"
+        raise ValueError(f"target_action={value!r} is unknown; accepted: {accepted}")
+    return value
 
 
 def check_eps(eps: float, name: str = "eps") -> float:
@@ -91,7 +134,7 @@ class Attack(ABC):
 
     def __init__(self, eps: float, *, quantize: bool = False) -> None:
         self.eps = check_eps(eps)
-        self.quantize = bool(quantize)
+        self.quantize = check_flag("quantize", quantize)
 
     def __call__(self, view: PolicyLike, obs: Tensor, *, agent_mask: Tensor | None = None, target: TargetLike = None) -> Tensor:
         return self.perturb(view, obs, agent_mask=agent_mask, target=target)

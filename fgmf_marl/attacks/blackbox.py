@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fgmf_marl.attacks.base import Attack, margin, project
+from fgmf_marl.attacks.base import Attack, check_count, check_flag, check_number, check_target_action, margin, project
 from fgmf_marl.policy import PolicyLike, greedy
 
 
@@ -44,14 +44,12 @@ class Square(Attack):
     def __init__(self, eps: float, *, queries: int = 300, p_init: float = 0.1, targeted: bool = False,
                  target_action: int | None = None, quantize: bool = False) -> None:
         super().__init__(eps, quantize=quantize)
-        if int(queries) < 1:
-            raise ValueError(f"queries={queries} must be >= 1")
-        if not 0.0 < p_init <= 1.0:
+        self.queries = check_count("queries", queries, 1)
+        self.p_init = check_number("p_init", p_init, 0, 1)
+        if self.p_init == 0:
             raise ValueError(f"p_init={p_init} must be in (0, 1]")
-        self.queries = int(queries)
-        self.p_init = float(p_init)
-        self.targeted = bool(targeted)
-        self.target_action = target_action
+        self.targeted = check_flag("targeted", targeted)
+        self.target_action = check_target_action(target_action, least_likely=False)
 
     def _p(self, it: int) -> float:
         it = int(it / self.queries * 10000)

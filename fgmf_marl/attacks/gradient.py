@@ -27,14 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fgmf_marl.attacks.base import Attack, margin
+from fgmf_marl.attacks.base import (LEAST_LIKELY, Attack, check_count, check_flag, check_number, check_target_action,
+                                    margin)
 from fgmf_marl.policy import PolicyLike, greedy
 
 Objective = Literal["ce", "margin", "targeted", "kl", "value"]
 OBJECTIVES: tuple[str, ...] = ("ce", "margin", "targeted", "kl", "value")
-LEAST_LIKELY = "least_likely"
-
-
 def objective_values(view: PolicyLike, adv: Tensor, objective: str, labels: Tensor | None, clean_logp: Tensor | None) -> Tensor:
     """Per-sample objective (B,) that the attacker maximises."""
     if objective == "value":
@@ -68,26 +66,16 @@ class GradientAttack(Attack):
                  objective: Objective = "ce", target_action: int | str | None = None, track_best: bool = True,
                  eot_samples: int = 1, restarts: int = 1, quantize: bool = False) -> None:
         super().__init__(eps, quantize=quantize)
-        if int(restarts) < 1:
-            raise ValueError(f"restarts={restarts} must be >= 1")
-        if isinstance(target_action, str) and target_action != LEAST_LIKELY:
-            raise ValueError(f"target_action={target_action!r} is unknown; accepted: an action index or {LEAST_LIKELY!r}")
-        if int(steps) < 1:
-            raise ValueError(f"steps={steps} must be >= 1")
         if objective not in OBJECTIVES:
             raise ValueError(f"objective={objective!r} is unknown; accepted: {', '.join(OBJECTIVES)}")
-        if step_size is not None and not step_size >= 0:
-            raise ValueError(f"step_size={step_size} must be >= 0")
-        if int(eot_samples) < 1:
-            raise ValueError(f"eot_samples={eot_samples} must be >= 1")
-        self.steps = int(steps)
-        self.step_size = float(step_size) if step_size is not None else 2.5 * self.eps / self.steps
-        self.random_start = bool(random_start)
+        self.steps = check_count("steps", steps, 1)
+        self.step_size = 2.5 * self.eps / self.steps if step_size is None else check_number("step_size", step_size, 0, 1)
+        self.random_start = check_flag("random_start", random_start)
         self.objective: str = objective
-        self.target_action = target_action
-        self.track_best = bool(track_best)
-        self.eot_samples = int(eot_samples)
-        self.restarts = int(restarts)
+        self.target_action = check_target_action(target_action)
+        self.track_best = check_flag("track_best", track_best)
+        self.eot_samples = check_count("eot_samples", eot_samples, 1)
+        self.restarts = check_count("restarts", restarts, 1)
         self.targeted = objective == "targeted"
 
     def _labels(self, view: PolicyLike, clean: Tensor, target: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
@@ -177,6 +165,7 @@ class PGD(GradientAttack):
                  eot_samples: int = 1, restarts: int = 1, quantize: bool = False) -> None:
         if loss not in ("ce", "margin"):
             raise ValueError(f"loss={loss!r} is unknown; accepted: ce, margin")
+        check_flag("targeted", targeted)
         super().__init__(eps, steps=steps, step_size=step_size, random_start=random_start,
                          objective="targeted" if targeted else loss, target_action=target_action,
                          eot_samples=eot_samples, restarts=restarts, quantize=quantize)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from fgmf_marl.config import ConfigError
+from fgmf_marl.config import ConfigError, check_range
 
 #: The one table of defense kinds: each kind names the components it trains. ``agents.defended`` picks
 #: the algorithm class that trains those components; the kinds' names, the ``Literal`` the config loader
@@ -33,6 +33,10 @@ DEFENSE_KINDS: tuple[str, ...] = tuple(DEFENSES)
 DefenseKind = Literal[DEFENSE_KINDS]  # type: ignore[valid-type]  (built from the table at import time)
 HVP_METHODS: tuple[str, ...] = ("finite_difference", "pearlmutter")
 SGAM_BASELINES: tuple[str, ...] = ("zero", "gray", "mean")
+#: bounds of the regularisers' inner loops and widths: each runs per minibatch, so far above any
+#: useful value a typo would only stall training
+MAX_INNER_STEPS = 1000
+MAX_HIDDEN = 1024
 
 
 def _check_schedule(section: str, start: float, warmup: float) -> None:
@@ -71,16 +75,14 @@ class ScorpioConfig:
         _check_fraction("defense.scorpio.q", self.q)
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"defense.scorpio.beta={self.beta} must be in [0, 1]")
-        if self.lambda1 < 0 or self.lambda2 < 0:
-            raise ConfigError(f"defense.scorpio.lambda1={self.lambda1} and lambda2={self.lambda2} must be >= 0")
-        if self.fw_steps < 0:
-            raise ConfigError(f"defense.scorpio.fw_steps={self.fw_steps} must be >= 0")
+        check_range("defense.scorpio.lambda1", self.lambda1, 0)
+        check_range("defense.scorpio.lambda2", self.lambda2, 0)
+        check_range("defense.scorpio.fw_steps", self.fw_steps, 0, MAX_INNER_STEPS)
         if self.hvp not in HVP_METHODS:
             raise ConfigError(f"defense.scorpio.hvp={self.hvp!r} is unknown; accepted: {', '.join(HVP_METHODS)}")
         if not self.fd_step > 0:
             raise ConfigError(f"defense.scorpio.fd_step={self.fd_step} must be > 0")
-        if self.ig_steps < 1:
-            raise ConfigError(f"defense.scorpio.ig_steps={self.ig_steps} must be >= 1")
+        check_range("defense.scorpio.ig_steps", self.ig_steps, 1, MAX_INNER_STEPS)
         _check_fraction("defense.scorpio.subsample", self.subsample)
         if self.every < 1:
             raise ConfigError(f"defense.scorpio.every={self.every} must be >= 1")
@@ -108,8 +110,7 @@ class SgamConfig:
     shield_strength: float = 0.99      # backward damping at high-saliency pixels when gradient_shield is on
 
     def validate(self) -> None:
-        if self.hidden < 1:
-            raise ConfigError(f"defense.sgam.hidden={self.hidden} must be >= 1")
+        check_range("defense.sgam.hidden", self.hidden, 1, MAX_HIDDEN)
         if self.downsample not in (1, 2, 4, 8):
             raise ConfigError(f"defense.sgam.downsample={self.downsample} must be one of 1, 2, 4, 8")
         if not self.temperature > 0:
@@ -119,8 +120,8 @@ class SgamConfig:
         if self.baseline not in SGAM_BASELINES:
             raise ConfigError(f"defense.sgam.baseline={self.baseline!r} is unknown; accepted: {', '.join(SGAM_BASELINES)}")
         _check_fraction("defense.sgam.rho", self.rho)
-        if self.keep_coef < 0 or self.distill_coef < 0:
-            raise ConfigError(f"defense.sgam.keep_coef={self.keep_coef} and distill_coef={self.distill_coef} must be >= 0")
+        check_range("defense.sgam.keep_coef", self.keep_coef, 0)
+        check_range("defense.sgam.distill_coef", self.distill_coef, 0)
         _check_fraction("defense.sgam.distill_subsample", self.distill_subsample)
         if self.distill_every < 1:
             raise ConfigError(f"defense.sgam.distill_every={self.distill_every} must be >= 1")
@@ -147,10 +148,8 @@ class SappoConfig:
             raise ConfigError(f"defense.sappo.eps={self.eps} must be > 0 (pixel levels, 1/255 units; e.g. 4)")
         if self.eps > 255:
             raise ConfigError(f"defense.sappo.eps={self.eps} exceeds 255 (eps is in 1/255 units)")
-        if self.kappa < 0:
-            raise ConfigError(f"defense.sappo.kappa={self.kappa} must be >= 0")
-        if self.pgd_steps < 1:
-            raise ConfigError(f"defense.sappo.pgd_steps={self.pgd_steps} must be >= 1")
+        check_range("defense.sappo.kappa", self.kappa, 0)
+        check_range("defense.sappo.pgd_steps", self.pgd_steps, 1, MAX_INNER_STEPS)
         if not self.step_size > 0:
             raise ConfigError(f"defense.sappo.step_size={self.step_size} must be > 0")
         _check_fraction("defense.sappo.subsample", self.subsample)

@@ -8,7 +8,9 @@ Each command is a config dataclass plus ``main(argv) -> int``:
    loader (:func:`fgmf_marl.config.load`: defaults < base < ``--config`` file < flags < ``KEY=VALUE``),
    so every value is type- and range-checked in one place before any compute starts;
 3. :func:`run` wraps ``main``: a :class:`~fgmf_marl.config.ConfigError` anywhere becomes one line on
-   stderr and exit code 2, as argparse's own usage errors do.
+   stderr and exit code 2, as argparse's own usage errors do; SIGTERM (what ``kill``, a job
+   scheduler or a container stop sends) is turned into the same unwinding as Ctrl-C, so a run
+   stopped before its first checkpoint is removed either way (exit 143, Ctrl-C 130).
 
 argparse prints the whole usage block before an error; users asked for one line naming what was
 wrong and what is accepted, which :class:`ArgumentParser` gives.
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence, TypeVar
 
@@ -27,6 +31,8 @@ from fgmf_marl import config as cfglib
 from fgmf_marl.config import ConfigError
 
 USAGE_ERROR = 2
+INTERRUPTED = 128 + signal.SIGINT    # the shell's status for a process stopped by Ctrl-C
+TERMINATED = 128 + signal.SIGTERM    # ... and by SIGTERM
 T = TypeVar("T")
 
 
@@ -56,12 +62,18 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
     return parser.parse_intermixed_args(argv)
 
 
+#: more intra-op threads than any machine has cores; torch segfaults on counts like 100000
+MAX_THREADS = 1024
+
+
 def apply_threads(threads: int | None) -> None:
     """Set torch's intra-op threads; validated here once for every command."""
     if threads is None:
         return
     if threads < 1:
         raise ConfigError(f"--threads={threads} must be an integer >= 1")
+    if threads > MAX_THREADS:  # torch overflows or crashes the process on absurd counts
+        raise ConfigError(f"--threads={threads} must be an integer <= {MAX_THREADS}")
     torch.set_num_threads(threads)
 
 
@@ -80,12 +92,25 @@ def load_config(cls: type[T], *, config_file: str | Path | None = None, flags: d
     return cfglib.load(cls, config_file, flags_to_overrides(flags or {}) + list(overrides), base=base)
 
 
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM; a BaseException, as KeyboardInterrupt, so no
+    ``except Exception`` swallows it and every ``finally`` and ``staged_run_dir`` clean-up runs."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
+    raise Terminated
+
+
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None, prog: str = "") -> int:
     """Run ``main(argv)``; a ``ConfigError`` becomes one line on stderr and exit code 2.
 
     argparse's own exits (``--help``, usage errors) are returned as codes too, so callers and
-    tests see one convention: the return value is the process exit status.
+    tests see one convention: the return value is the process exit status. Ctrl-C and SIGTERM
+    unwind ``main`` (removing a run without checkpoints) and return 130 and 143.
     """
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return main(argv)
     except SystemExit as exc:
@@ -93,3 +118,12 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     except ConfigError as exc:
         print(f"{prog or sys.argv[0]}: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
+    except KeyboardInterrupt:
+        print(f"{prog or sys.argv[0]}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except Terminated:
+        print(f"{prog or sys.argv[0]}: terminated", file=sys.stderr)
+        return TERMINATED
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)

@@ -12,8 +12,10 @@ Outputs, in one folder (created only after every input is validated, removed if 
                         team return, oracle-normalised return, length, the episode's flip rate
     results.md/.json    per (checkpoint, attack, eps): mean +- std over all episodes of all seeds of
                         team return, normalised return and action-flip rate (the mean flip rate
-                        weights episodes by their agent-steps)
+                        weights episodes by their agent-steps); per (checkpoint, eps) a ``worst``
+                        row, and with several checkpoints the worst case across them (:func:`worst_rows`)
     curves_<ckpt>.png   return (normalised where the env has an oracle) vs eps, one line per attack
+                        and a dashed one for the worst case
     audit_<ckpt>.md     with ``audit: true``: the gradient-masking audit on observations visited by
                         the clean policy (see :mod:`fgmf_marl.audit`)
 
@@ -21,6 +23,13 @@ Choices: evaluation envs use seeds ``seed + fgmf_marl.seeds.EVALUATION`` (never 
 trainer's own evaluation); the deterministic (greedy) policy is evaluated, the usual protocol in robust-RL papers
 (SA-PPO, PA-AD) since it isolates the attack's effect from action sampling; the flip rate is over
 all agent-steps, as the rollout reports it, so attacking 1 of 3 agents caps it at 1/3.
+
+``--attacks strong`` is the registry's preset (:data:`fgmf_marl.attacks.registry.PRESETS`):
+PGD-20 with 5 restarts, least-likely targeted PGD-20, MAD, critic, Square; plus transfer from
+``--surrogate``, BPDA-20 when a victim has an input gate, EOT-20 when a victim's forward pass is
+random (two forward passes of the same input differ; EOT over a deterministic forward is PGD at 8x
+the cost, so it is left out), and the learned adversary of ``--adversary`` (trained against the one
+checkpoint given). config.yaml records the expanded list, so ``--config`` reruns exactly those attacks.
 """
 from __future__ import annotations
 
@@ -34,22 +43,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from matplotlib.figure import Figure
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
 
 from agents.adversary import LoadedAdversary
 from agents.policy_view import PolicyView
 from envs.reference import normalise
-from envs.registry import make_vec_env, n_agents_of, reference_for
+from envs.registry import MAX_ENVS, make_vec_env, n_agents_of, reference_for
 from fgmf_marl import config as cfglib
 from fgmf_marl import seeds
 from fgmf_marl.atomic import atomic_write, atomic_write_text
-from fgmf_marl.attacks import ATTACKS, Attack, make_attack, parse_spec
+from fgmf_marl.attacks import ATTACKS, PRESETS, Attack, expand_presets, has_gate, make_attack, parse_spec
+from fgmf_marl.attacks.base import MAX_ITERATIONS
 from fgmf_marl.audit import AuditConfig, AuditReport, audit
-from fgmf_marl.config import ConfigError, check_device
+from fgmf_marl.config import ConfigError, check_device, check_range, check_seed
 from fgmf_marl.jobs import cli
 from fgmf_marl.jobs.checkpoints import Victim, load_adversary, load_victim
 from fgmf_marl.oversight import OversightLogger
@@ -79,6 +89,8 @@ class EvalConfig:
     log_every: int = 1
     log_append: bool = False            # add to oversight logs that exist (else a log belongs to one run)
     log_key_file: str | None = None     # HMAC key of the oversight logs (or $FGMF_LOG_KEY_FILE)
+    surrogate: str | None = None        # for a preset: an independently trained policy to transfer from
+    adversary: str | None = None        # for a preset: a director trained against the (one) checkpoint
 
     def validate(self) -> None:
         check_device(self.device)
@@ -86,7 +98,14 @@ class EvalConfig:
             raise ConfigError("give at least one checkpoint (a run directory or a .zip written by train_marl.py)")
         if not self.attacks:
             raise ConfigError("give at least one attack")
-        for spec in self.attacks:
+        if (self.surrogate or self.adversary) and not any(s.partition(":")[0].strip() in PRESETS for s in self.attacks):
+            raise ConfigError("surrogate/adversary feed a preset (--attacks strong); without one give "
+                              "transfer:surrogate=PATH or adversary:path=PATH as attacks")
+        if self.adversary and len(self.checkpoints) > 1:
+            raise ConfigError(f"adversary is trained against one checkpoint; got {len(self.checkpoints)} checkpoints "
+                              "(evaluate them one at a time, or give adversary:path=PATH as an attack)")
+        for spec in expand_presets(self.attacks, surrogate=self.surrogate, adversary=self.adversary, gated=True,
+                                   random_forward=True):
             parse_spec(spec)
         for e in self.eps:
             if not 0 < e <= 255:
@@ -95,8 +114,13 @@ class EvalConfig:
             raise ConfigError("give at least one eps (1/255 units)")
         if not self.seeds:
             raise ConfigError("give at least one seed")
-        if self.episodes < 1 or self.n_envs < 1 or self.audit_obs < 8 or self.log_every < 1:
-            raise ConfigError("episodes, n_envs and log_every must be >= 1 and audit_obs >= 8")
+        for seed in self.seeds:
+            check_seed(seed, "seeds")
+        check_range("episodes", self.episodes, 1, 100_000)
+        check_range("n_envs", self.n_envs, 1, MAX_ENVS)
+        check_range("audit_obs", self.audit_obs, 8, 100_000)
+        check_range("audit_queries", self.audit_queries, 1, MAX_ITERATIONS)
+        check_range("log_every", self.log_every, 1, 100_000)
         if self.agents is not None and (not self.agents or min(self.agents) < 0):
             raise ConfigError(f"agents={self.agents} must be non-empty agent indices >= 0")
 
@@ -142,12 +166,34 @@ def _attack_label(spec: str) -> str:
     return spec.replace(":", "[", 1) + "]" if ":" in spec else spec
 
 
-def build_attacks(cfg: EvalConfig, eps255: float) -> list[tuple[str, Attack]]:
+def build_attacks(cfg: EvalConfig, eps255: float, n_actions: int | None = None) -> list[tuple[str, Attack]]:
     out = []
     for spec in cfg.attacks:
         name, opts = parse_spec(spec)
-        out.append((_attack_label(spec), make_attack(name, eps255 / 255.0, loader=_loader(cfg.device), **opts)))
+        out.append((_attack_label(spec), make_attack(name, eps255 / 255.0, loader=_loader(cfg.device),
+                                                     n_actions=n_actions, **opts)))
     return out
+
+
+def random_forward(victim: Victim) -> bool:
+    """Whether two eval-mode forward passes of the same input differ (then EOT has something to average)."""
+    view = victim.view
+    x = torch.rand(4, *victim.model.observation_space.shape, generator=torch.Generator().manual_seed(0))
+    x = x.to(next(view.parameters()).device)
+    with torch.no_grad():
+        return not torch.equal(view(x), view(x))
+
+
+def expand_attacks(cfg: EvalConfig, victims: Sequence[Victim]) -> EvalConfig:
+    """``cfg`` with its presets expanded for these victims: the config that is recorded and run.
+
+    The surrogate and adversary then live in the expanded specs, so they are cleared, and the
+    recorded config reruns as it is.
+    """
+    attacks = expand_presets(cfg.attacks, surrogate=cfg.surrogate, adversary=cfg.adversary,
+                             gated=any(has_gate(v.view) for v in victims),
+                             random_forward=any(random_forward(v) for v in victims))
+    return dataclasses.replace(cfg, attacks=attacks, surrogate=None, adversary=None)
 
 
 def run_cell(victim: Victim, attack: Attack | None, label: str, eps255: float, seed: int, cfg: EvalConfig,
@@ -215,6 +261,89 @@ def summarise(cells: list[Cell]) -> list[dict[str, Any]]:
     return rows
 
 
+def _metric(cells: Sequence[Cell]) -> str:
+    """``normalised`` where the env has an oracle, else ``team_return``: the return the worst case is taken of."""
+    return "normalised" if cells[0].normalised is not None else "team_return"
+
+
+def worst_rows(cells: list[Cell]) -> list[dict[str, Any]]:
+    """Per (checkpoint, eps > 0): for each seed the minimum over attacks of the cell's mean return, then mean ± std.
+
+    The return is the oracle-normalised one where the env has an oracle, the team return otherwise;
+    std is over seeds (ddof 0, as every std here). ``episodes`` counts the episodes of the minimum
+    cells (seeds x episodes), ``per_seed`` names the attack that was the minimum on each seed (the first
+    in grid order on a tie). Why the
+    minimum per seed: a defense is as robust as its weakest attack says, and taking it per seed
+    keeps the paired structure (same env seeds) that a minimum of means over seeds would lose.
+    """
+    metric = _metric(cells)
+    groups: dict[tuple[str, float], dict[int, list[Cell]]] = {}
+    for c in cells:
+        if c.attack != "none":
+            groups.setdefault((c.checkpoint, c.eps), {}).setdefault(c.seed, []).append(c)
+
+    def mean(c: Cell) -> float:
+        return float((c.team_returns if c.normalised is None else c.normalised).mean())
+
+    rows = []
+    for (ckpt, eps), by_seed in groups.items():
+        minima = [min(cs, key=mean) for _, cs in sorted(by_seed.items())]
+        values = np.array([mean(c) for c in minima])
+        rows.append({"checkpoint": ckpt, "attack": "worst", "eps255": eps, "metric": metric,
+                     f"{metric}_mean": float(values.mean()), f"{metric}_std": float(values.std()),
+                     "seeds": len(minima), "episodes": int(sum(c.team_returns.size for c in minima)),
+                     "per_seed": [{"seed": c.seed, "attack": c.attack, "value": mean(c)} for c in minima]})
+    return rows
+
+
+def worst_across_checkpoints(worst: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per eps: mean ± std over checkpoints of each checkpoint's worst (its mean over seeds; std ddof 0).
+
+    This is the figure the README quotes when checkpoints are independent training seeds: its
+    spread is the spread a reader retraining the method would see, while a single checkpoint's std
+    over evaluation seeds only measures env-seed noise.
+    """
+    by_eps: dict[float, list[dict[str, Any]]] = {}
+    for r in worst:
+        by_eps.setdefault(r["eps255"], []).append(r)
+    rows = []
+    for eps, rs in sorted(by_eps.items()):
+        metric = rs[0]["metric"]
+        values = np.array([r[f"{metric}_mean"] for r in rs])
+        rows.append({"attack": "worst", "eps255": eps, "metric": metric, f"{metric}_mean": float(values.mean()),
+                     f"{metric}_std": float(values.std()), "checkpoints": len(rs),
+                     "per_checkpoint": {r["checkpoint"]: r[f"{metric}_mean"] for r in rs}})
+    return rows
+
+
+def _metric_label(metric: str) -> str:
+    return "oracle-normalised return" if metric == "normalised" else "team return"
+
+
+def worst_markdown(worst: list[dict[str, Any]], across: list[dict[str, Any]]) -> str:
+    """The two worst-case tables of results.md (the second only with several checkpoints)."""
+    if not worst:
+        return ""
+    metric = worst[0]["metric"]
+    text = (f"\n## Worst case over attacks\n\nPer seed the lowest mean {_metric_label(metric)} over the grid's "
+            "attacks at that eps, then mean ± std over seeds.\n\n"
+            f"| checkpoint | attack | eps | worst {_metric_label(metric)} | seeds | episodes | minimum per seed |\n"
+            "|---|---|---|---|---|---|---|\n")
+    for r in worst:
+        minima = "; ".join(f"seed {m['seed']}: {m['attack']} {m['value']:.3f}" for m in r["per_seed"])
+        text += (f"| {r['checkpoint']} | worst | {r['eps255']:g} | {r[f'{metric}_mean']:.3f} ± {r[f'{metric}_std']:.3f} "
+                 f"| {r['seeds']} | {r['episodes']} | {minima} |\n")
+    if across:
+        text += (f"\n## Worst case across checkpoints\n\nMean ± std over checkpoints of each checkpoint's worst "
+                 f"(the figure to quote).\n\n| eps | worst {_metric_label(metric)} | checkpoints | per checkpoint |\n"
+                 "|---|---|---|---|\n")
+        for r in across:
+            each = "; ".join(f"{k}: {v:.3f}" for k, v in r["per_checkpoint"].items())
+            text += (f"| {r['eps255']:g} | {r[f'{metric}_mean']:.3f} ± {r[f'{metric}_std']:.3f} | {r['checkpoints']} "
+                     f"| {each} |\n")
+    return text
+
+
 def results_markdown(rows: list[dict[str, Any]], cfg: EvalConfig) -> str:
     who = "all agents" if cfg.agents is None else "agents " + ",".join(map(str, cfg.agents))
     text = (f"# Robustness evaluation\n\nAttacked: {who}; {cfg.episodes} episodes x {len(cfg.seeds)} seed(s) per cell; "
@@ -254,7 +383,7 @@ def plot_curves(rows: list[dict[str, Any]], checkpoint: str, path: Path) -> None
         xs = [r["eps255"] for r in pts]
         ys = np.array([r[key] for r in pts])
         ss = np.array([r[std] for r in pts])
-        ax.plot(xs, ys, marker="o", label=attack)
+        ax.plot(xs, ys, marker="o", label=attack, **({"color": "black", "linestyle": "--"} if attack == "worst" else {}))
         ax.fill_between(xs, ys - ss, ys + ss, alpha=0.12)
     ax.set_xlabel("eps (/255)")
     ax.set_ylabel("oracle-normalised team return" if key.startswith("normalised") else "team return")
@@ -270,7 +399,9 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
     cfglib.validate(cfg)
     log_key = read_key(cfg.log_key_file)                                       # bad key file -> ConfigError
     victims = [load_victim(p, cfg.device) for p in cfg.checkpoints]           # missing checkpoint -> ConfigError
-    grid = {e: build_attacks(cfg, e) for e in cfg.eps}                         # unknown attack / option -> ConfigError
+    cfg = expand_attacks(cfg, victims)
+    n_actions = min(v.view.n_actions for v in victims)
+    grid = {e: build_attacks(cfg, e, n_actions) for e in cfg.eps}              # unknown attack / option -> ConfigError
     log_root = Path(cfg.log_explanations) if cfg.log_explanations else None
 
     def log_dir(victim: Victim, label: str, e: float, seed: int) -> Path | None:
@@ -307,15 +438,19 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
                 echo(f"[{victim.label}] audit verdict: {report.verdict}\n{report.table_markdown()}")
         bar.close()
         rows = summarise(cells)
+        worst = worst_rows(cells)
+        across = worst_across_checkpoints(worst) if len(victims) > 1 else []
+        text = results_markdown(rows, cfg) + worst_markdown(worst, across)
         atomic_write_text(run.root / "episodes.csv", episodes_csv(cells))
-        atomic_write_text(run.root / "results.md", results_markdown(rows, cfg))
+        atomic_write_text(run.root / "results.md", text)
         logs = [c.oversight_log for c in cells if c.oversight_log is not None]
         atomic_write_text(run.root / "results.json", json.dumps(
-            {"rows": rows, "wall_seconds": time.perf_counter() - start,
+            {"rows": rows, "worst": worst, "worst_across_checkpoints": across,
+             "wall_seconds": time.perf_counter() - start,
              "audits": {k: v.to_dict() for k, v in audits.items()}, "oversight_logs": logs}, indent=2))
         for victim in victims:
-            plot_curves(rows, victim.label, run.root / f"curves_{victim.label}.png")
-    echo(results_markdown(rows, cfg))
+            plot_curves(rows + worst, victim.label, run.root / f"curves_{victim.label}.png")
+    echo(text)
     return EvalResult(folder=run.root, cells=cells, summary=rows, audits=audits)
 
 
@@ -341,8 +476,14 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("checkpoints", nargs="*", help="run directories or .zip checkpoints written by train_marl.py")
     p.add_argument("--config", type=Path, help="YAML evaluation config (keys as in an evaluation's config.yaml)")
     p.add_argument("--attacks", nargs="+", metavar="SPEC",
-                   help=f"attack specs name[:key=value,...]; names: {', '.join(ATTACKS)} (default: random fgsm pgd "
-                        "mad critic; e.g. pgd:steps=20 transfer:surrogate=runs/other adversary:path=runs/adv)")
+                   help=f"attack specs name[:key=value,...]; names: {', '.join(ATTACKS)}; presets: "
+                        f"{', '.join(PRESETS)} (strong[:steps=N,restarts=R]: PGD-20 x5 restarts, least-likely PGD, "
+                        "mad, critic, square, + transfer/bpda/eot/adversary where they apply) (default: random fgsm "
+                        "pgd mad critic; e.g. pgd:steps=20 transfer:surrogate=runs/other adversary:path=runs/adv)")
+    p.add_argument("--surrogate", metavar="RUN_OR_ZIP",
+                   help="for a preset: an independently trained vanilla policy to transfer attacks from")
+    p.add_argument("--adversary", metavar="RUN",
+                   help="for a preset: a director (train_adversary.py) trained against the one checkpoint given")
     p.add_argument("--eps", help="comma-separated budgets in 1/255 units (default 1,2,4,8)")
     p.add_argument("--seeds", help="comma-separated seeds (default 0)")
     p.add_argument("--episodes", type=int, help="episodes per seed and grid cell (default 8)")
@@ -372,6 +513,7 @@ def resolve_config(args: argparse.Namespace) -> EvalConfig:
         "n_envs": args.n_envs, "device": args.device, "audit": True if args.audit else None,
         "audit_obs": args.audit_obs, "log_explanations": args.log_explanations, "log_every": args.log_every,
         "log_append": True if args.append else None, "log_key_file": args.log_key_file,
+        "surrogate": args.surrogate, "adversary": args.adversary,
     }
     return cli.load_config(EvalConfig, config_file=args.config, flags=flags)
 

@@ -21,18 +21,24 @@ from typing import Sequence
 import torch
 
 from agents.policy_view import PolicyView
-from envs.registry import make_vec_env
+from envs.registry import MAX_ENVS, make_vec_env
 from fgmf_marl import config as cfglib
 from fgmf_marl import seeds
 from fgmf_marl.atomic import atomic_write_text
 from fgmf_marl.attacks import PGD
 from fgmf_marl.attribution.study import collect_samples, default_methods, explain_eval
-from fgmf_marl.config import ConfigError, check_device, check_seed
+from fgmf_marl.config import ConfigError, check_device, check_range, check_seed
 from fgmf_marl.jobs import cli
 from fgmf_marl.jobs.checkpoints import load_model
-from fgmf_marl.runs import resolve_checkpoint
+from fgmf_marl.runs import check_output_dir, resolve_checkpoint
 
 PROG = "explain_eval.py"
+
+
+MAX_EPISODES = 100_000
+MAX_STEPS = 10_000        # --every, --ig-steps, --deletion-steps
+MAX_GRID = 512            # cells per side; at most the image size, checked once the run is known
+MAX_SAMPLES = 1_000_000   # agent-steps of the sensitivity and randomisation checks
 
 
 @dataclass
@@ -54,15 +60,16 @@ class ExplainConfig:
     device: str = "cpu"
 
     def validate(self) -> None:
+        """Counts are bounded (``MAX_*``) far above any useful study, so a typo cannot allocate unbounded
+        memory or run for days; ``grid`` is also checked against the run's image size in :func:`explain`."""
         if not self.checkpoint:
             raise ConfigError("--checkpoint is required: a run directory (runs/<name>) or a .zip checkpoint")
-        for name in ("episodes", "every", "n_envs", "grid", "ig_steps", "deletion_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.eps <= 255 or self.sensitivity_samples < 0 or self.randomisation_samples < 0:
-            raise ConfigError(f"--eps must be in [0, 255] (1/255 units) and --sensitivity-samples, "
-                              f"--randomisation-samples >= 0, got {self.eps}, {self.sensitivity_samples} and "
-                              f"{self.randomisation_samples}")
+        for name, high in (("episodes", MAX_EPISODES), ("every", MAX_STEPS), ("n_envs", MAX_ENVS), ("grid", MAX_GRID),
+                           ("ig_steps", MAX_STEPS), ("deletion_steps", MAX_STEPS)):
+            check_range(f"--{name.replace('_', '-')}", getattr(self, name), 1, high)
+        check_range("--eps", self.eps, 0, 255)
+        check_range("--sensitivity-samples", self.sensitivity_samples, 0, MAX_SAMPLES)
+        check_range("--randomisation-samples", self.randomisation_samples, 0, MAX_SAMPLES)
         check_seed(self.seed)
         check_device(self.device)
 
@@ -71,11 +78,13 @@ def explain(cfg: ExplainConfig, *, progress: bool = True) -> Path:
     """Run the study on ``cfg.checkpoint`` and write its outputs; returns the Markdown table's path."""
     cfglib.validate(cfg)
     ckpt, run = resolve_checkpoint(cfg.checkpoint)
+    out = Path(cfg.out) if cfg.out else (run.eval if run else ckpt.parent / "eval")
+    check_output_dir(out, "--out")                       # before the study's minutes of compute, not after
     model, train_cfg = load_model(cfg.checkpoint, device=cfg.device)
     if train_cfg.env.name != "native":
         raise ConfigError(f"explanation metrics need the native env's relevance masks; this run uses env "
                           f"{train_cfg.env.name!r} (accepted: native)")
-    out = Path(cfg.out) if cfg.out else (run.eval if run else ckpt.parent / "eval")
+    check_range("--grid", cfg.grid, 1, train_cfg.env.native.size)   # cells of at least one pixel
     torch.manual_seed(cfg.seed)
     view = PolicyView.from_model(model).eval()
     eval_seed = seeds.env_seed(cfg.seed, seeds.EXPLANATION)

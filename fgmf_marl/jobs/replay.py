@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
-from fgmf_marl.config import ConfigError
+from fgmf_marl.config import ConfigError, check_range
 from fgmf_marl.jobs import cli
 from fgmf_marl.oversight.render import render_episode
 from fgmf_marl.oversight.report import build_report
@@ -43,8 +43,8 @@ class ReplayConfig:
     def validate(self) -> None:
         if not self.target:
             raise ConfigError(f"replay.py {self.command} needs a target (a log dir or <log dir>:N)")
-        if self.fps <= 0 or self.scale < 1:
-            raise ConfigError(f"--fps must be > 0 and --scale >= 1, got {self.fps} and {self.scale}")
+        check_range("--fps", self.fps, 0, 1000, low_open=True)
+        check_range("--scale", self.scale, 1, 64)
         if self.expect_head is not None and not re.fullmatch(r"[0-9a-f]{64}", self.expect_head):
             raise ConfigError(f"--expect-head {self.expect_head!r}: accepted: the 64 lowercase hex digits "
                               "of a head hash")

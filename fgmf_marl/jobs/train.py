@@ -9,6 +9,7 @@ team-level TensorBoard scalars, checkpoints, resume and a final clean evaluation
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -16,12 +17,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from rich.console import Console
 from rich.table import Table
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.vec_env import VecEnv
 
 from agents import defended
+from agents.adversarial import AdversarialTrainingCallback, AttackedVecEnv
 from agents.policies import compute_dtype
 from agents.policy_view import PolicyView
 from envs.reference import ReferenceReturns, normalise
@@ -29,6 +33,7 @@ from envs.registry import ENVIRONMENTS, make_vec_env, n_agents_of, reference_for
 from fgmf_marl import config as cfglib
 from fgmf_marl import seeds
 from fgmf_marl.atomic import atomic_write_text
+from fgmf_marl.attacks import PGD
 from fgmf_marl.config import ConfigError
 from fgmf_marl.defenses.config import DEFENSE_KINDS
 from fgmf_marl.jobs import cli
@@ -85,6 +90,44 @@ class TeamReturnCallback(BaseCallback):
             self.logger.record("rollout/team_return_normalised", float(normalised.mean()))
         self._done_team = self._done_team[-100:]
         self._done_agents = self._done_agents[-100:]
+
+
+class RobustnessProbe(BaseCallback):
+    """At every checkpoint, logs the team's clean and PGD-10 oracle-normalised return to TensorBoard.
+
+    A small deterministic evaluation (``episodes`` on the evaluation seeds) under
+    ``torch.random.fork_rng``, so the training run's random streams are exactly those of a run
+    without the probe; it is what shows whether adversarial training is buying robustness as it goes.
+    """
+
+    def __init__(self, cfg: TrainConfig, every: int, eps255: float, episodes: int = 16) -> None:
+        super().__init__()
+        self.cfg, self.every, self.eps255, self.episodes = cfg, every, eps255, episodes
+        self._next = every
+
+    def _on_training_start(self) -> None:
+        self._next = (self.num_timesteps // self.every + 1) * self.every
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps < self._next:
+            return True
+        self._next += self.every * max(1, (self.num_timesteps - self._next) // self.every + 1)
+        env_cfg = dataclasses.replace(self.cfg.env, n_envs=min(8, self.episodes))
+        view = PolicyView.from_model(self.model)
+        reference = reference_for(env_cfg)
+        with torch.random.fork_rng():
+            for name, attack in (("clean", None), ("pgd", PGD(self.eps255 / 255, steps=10))):
+                venv = make_vec_env(env_cfg, seed=seeds.env_seed(self.cfg.seed, seeds.EVALUATION))
+                try:
+                    perturb = None if attack is None else attack.as_perturb(view)
+                    result = rollout(view, venv, self.episodes, n_agents=n_agents_of(venv, env_cfg), perturb=perturb)
+                finally:
+                    venv.close()
+                normalised = normalise(result.team_returns, reference)
+                score = result.team_returns if normalised is None else normalised
+                self.logger.record(f"eval/{name}_return" + ("" if normalised is None else "_normalised"),
+                                   float(score.mean()))
+        return True
 
 
 class PeriodicCheckpoint(BaseCallback):
@@ -199,8 +242,11 @@ def train(cfg: TrainConfig, run_root: str | Path, *, resume: bool = False, progr
     if resume and RunDir(Path(run_root)).config.is_file():
         check_resume(cfglib.load(TrainConfig, RunDir(Path(run_root)).config), cfg)
     log_key = read_key(cfg.log_key_file) if cfg.log_explanations else None   # bad key file: before any compute
-    venv = make_vec_env(cfg.env, seed=cfg.seed)
+    venv: VecEnv = make_vec_env(cfg.env, seed=cfg.seed)
     n_agents = n_agents_of(venv, cfg.env)
+    attacked = None
+    if cfg.adversary.kind != "none":
+        venv = attacked = AttackedVecEnv(venv, view=None, fraction=cfg.adversary.fraction, seed=cfg.seed)
     if cfg.ppo.batch_size > cfg.ppo.n_steps * venv.num_envs:
         venv.close()
         raise ConfigError(f"ppo.batch_size={cfg.ppo.batch_size} exceeds the rollout size n_steps x slots = "
@@ -208,10 +254,7 @@ def train(cfg: TrainConfig, run_root: str | Path, *, resume: bool = False, progr
     try:
         with staged_run_dir(Path(run_root), resume=resume) as run:
             if resume:
-                ckpt = run.latest_checkpoint()
-                if ckpt is None:
-                    raise ConfigError(f"cannot resume: {str(run.root)!r} holds no checkpoint")
-                model, _ = load_model(ckpt, device=cfg.device, env=venv)
+                model, _ = load_model(run.root, device=cfg.device, env=venv)  # staged_run_dir checked it has one
                 model.tensorboard_log = str(run.tensorboard)
                 cfglib.save_yaml(cfg, run.config)
             else:
@@ -221,12 +264,16 @@ def train(cfg: TrainConfig, run_root: str | Path, *, resume: bool = False, progr
             if remaining <= 0:
                 raise ConfigError(f"cannot resume: the run already has {model.num_timesteps} of timesteps={cfg.timesteps}; "
                                   "raise --timesteps")
-            callbacks = CallbackList([TeamReturnCallback(n_agents, reference_for(cfg.env)),
-                                      PeriodicCheckpoint(run, cfg.checkpoint_every)])
+            callbacks: list[BaseCallback] = [TeamReturnCallback(n_agents, reference_for(cfg.env)),
+                                             PeriodicCheckpoint(run, cfg.checkpoint_every)]
+            if attacked is not None:
+                attacked.view = PolicyView.from_model(model)
+                callbacks += [AdversarialTrainingCallback(attacked, cfg.adversary),
+                              RobustnessProbe(cfg, cfg.checkpoint_every, cfg.adversary.eps)]
             start = time.perf_counter()
             with compute_dtype(model.policy, cfg.policy.torch_train_dtype):
-                model.learn(remaining, callback=callbacks, progress_bar=progress, reset_num_timesteps=not resume,
-                            tb_log_name="ppo")
+                model.learn(remaining, callback=CallbackList(callbacks), progress_bar=progress,
+                            reset_num_timesteps=not resume, tb_log_name="ppo")
             wall = time.perf_counter() - start
             save_checkpoint(model, run.final_checkpoint)
     finally:
@@ -252,6 +299,8 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--defense", choices=DEFENSE_KINDS, help="defense (default: none, the reference every "
                         "robustness figure is compared with); knobs under defense.scorpio.*, defense.sgam.*, "
                         "defense.sappo.*")
+    parser.add_argument("--adversary", choices=("none", "fgsm", "pgd"), help="adversarial training: the attack "
+                        "the team meets in its rollouts (default: none); knobs under adversary.*")
     parser.add_argument("--timesteps", type=int, help="total agent-steps to train (default: 1000000)")
     cli.add_runtime_flags(parser)
     parser.add_argument("--run-dir", type=Path,
@@ -276,6 +325,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
             raise ConfigError(f"cannot resume: {str(run.root)!r} is not a run directory (no config.yaml)")
         base = cfglib.read_yaml(run.config)
     flags = {"env.name": args.env, "policy.backbone": args.policy, "defense.kind": args.defense,
+             "adversary.kind": args.adversary,
              "timesteps": args.timesteps, "seed": args.seed, "device": args.device,
              "log_explanations": args.log_explanations or None, "log_key_file": args.log_key_file}
     return cli.load_config(TrainConfig, config_file=args.config, flags=flags, overrides=args.overrides, base=base)
@@ -283,7 +333,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 
 def default_run_dir(cfg: TrainConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{cfg.env.name}-{cfg.defense.kind}-{cfg.policy.backbone}-s{cfg.seed}-{stamp}"
+    adversary = "" if cfg.adversary.kind == "none" else f"-at{cfg.adversary.kind}{cfg.adversary.eps:g}"
+    return Path("runs") / f"{cfg.env.name}-{cfg.defense.kind}{adversary}-{cfg.policy.backbone}-s{cfg.seed}-{stamp}"
 
 
 def print_summary(summary: dict, run: RunDir, console: Console) -> None:

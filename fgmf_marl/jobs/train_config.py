@@ -1,16 +1,17 @@
 """The run config of ``scripts/train_marl.py``: one section per floor it ties together.
 
-``env`` comes from ``envs``, ``policy`` and ``ppo`` from ``agents``, ``defense`` from the framework's
-``fgmf_marl.defenses``; only a job above all three may compose them, which is why this lives here.
+``env`` comes from ``envs``, ``policy``, ``ppo`` and ``adversary`` (adversarial training) from ``agents``,
+``defense`` from the framework's ``fgmf_marl.defenses``; only a job above all three may compose them, which is why this lives here.
 Defaults are the embedded default job (see the README's ``make train``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from agents.adversarial import AdversarialTrainingConfig
 from agents.config import PolicyConfig, PPOConfig
 from envs.registry import EnvConfig
-from fgmf_marl.config import ConfigError, check_device, check_seed
+from fgmf_marl.config import ConfigError, check_device, check_range, check_seed
 from fgmf_marl.defenses.config import DefenseConfig
 
 
@@ -39,6 +40,7 @@ class TrainConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
+    adversary: AdversarialTrainingConfig = field(default_factory=AdversarialTrainingConfig)
 
     def validate(self) -> None:
         check_seed(self.seed)
@@ -47,7 +49,5 @@ class TrainConfig:
             raise ConfigError(f"timesteps must be >= 1, got {self.timesteps}")
         if self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
-        if self.log_every < 1:
-            raise ConfigError(f"log_every must be >= 1 step, got {self.log_every}")
-        if self.eval_episodes < 1:
-            raise ConfigError(f"eval_episodes must be >= 1, got {self.eval_episodes}")
+        check_range("log_every", self.log_every, 1, 100_000)
+        check_range("eval_episodes", self.eval_episodes, 1, 100_000)

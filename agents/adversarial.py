@@ -1,0 +1,133 @@
+"""Adversarial team training: an attacker perturbs what the team sees while it collects its rollouts.
+
+:class:`AttackedVecEnv` wraps the training VecEnv: every observation the env returns passes through
+a gradient attack against the *current* policy before the policy acts on it, so PPO stores and
+learns from what the agents saw (Madry-style adversarial training, as ATLA trains against its
+attacker; Zhang et al. 2021). :class:`AdversarialTrainingCallback` sets the attack's budget before
+each rollout from the training progress, with the defenses' one schedule (off for the first
+``start`` fraction of training, then a linear ramp over ``warmup``): a policy that has not learned
+what to look at cannot learn it under attack either.
+
+Choices:
+
+* a share ``fraction`` of the agent-slots is attacked at each step (Bernoulli per slot and step,
+  from a dedicated generator): the team also keeps meeting clean observations, which is what keeps
+  its clean return, and in a multi-agent team it meets the partly-attacked situations a budgeted
+  attacker creates;
+* the perturbed image is quantised to the uint8 grid inside the eps-ball (what a sensor can emit,
+  and what the buffer stores), so eps below 1/255 changes nothing;
+* the critic and every regulariser see the perturbed observations too: the buffer holds only what
+  the agents saw (the value of the observation an agent acts on is the value it is trained on).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
+
+from fgmf_marl.attacks import Attack, make_attack
+from fgmf_marl.config import ConfigError
+from fgmf_marl.policy import PolicyLike
+
+
+@dataclass
+class AdversarialTrainingConfig:
+    """The ``adversary:`` section of a run config: which attacker the team trains against, and how hard."""
+
+    kind: Literal["none", "fgsm", "pgd"] = "none"
+    eps: float = 4.0             # L-inf budget once ramped in, in 1/255 units
+    steps: int = 3               # PGD steps (ignored by fgsm)
+    fraction: float = 0.5        # share of agent-slots attacked at each step
+    start: float = 0.3           # fraction of training before the attacker switches on
+    warmup: float = 0.3          # fraction of training over which eps then ramps up linearly from 0
+
+    def validate(self) -> None:
+        if not 0 < self.eps <= 255:
+            raise ConfigError(f"adversary.eps={self.eps} is out of range; accepted: (0, 255] in 1/255 units, e.g. 4")
+        if not 1 <= self.steps <= 100:
+            raise ConfigError(f"adversary.steps={self.steps} is out of range; accepted: integers 1..100")
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"adversary.fraction={self.fraction} must be in (0, 1]")
+        if not (0 <= self.start < 1 and 0 <= self.warmup < 1):
+            raise ConfigError(f"adversary.start={self.start} and adversary.warmup={self.warmup} must be in [0, 1)")
+
+    def attack(self, eps255: float) -> Attack:
+        """The attack at budget ``eps255`` (1/255 units), quantised to the uint8 grid."""
+        options: dict[str, Any] = {"quantize": True}
+        if self.kind == "pgd":
+            options["steps"] = self.steps
+        return make_attack(self.kind, eps255 / 255.0, **options)
+
+    def eps_at(self, done: float) -> float:
+        """Budget (1/255 units) after the fraction ``done`` of training: 0, then a ramp to ``eps``."""
+        if done < self.start:
+            return 0.0
+        return self.eps if self.warmup <= 0 else self.eps * min(1.0, (done - self.start) / self.warmup)
+
+
+class AttackedVecEnv(VecEnvWrapper):
+    """The training VecEnv as the team sees it under attack: observations perturbed before acting.
+
+    ``view`` is the policy being trained (its current weights are attacked at every step; set it
+    once the model exists, since the model is built on this env); ``attack`` is None while the budget is 0. ``attacked_fraction`` is the share of slots actually
+    perturbed since the last :meth:`reset_counts`, for TensorBoard.
+    """
+
+    def __init__(self, venv: VecEnv, view: PolicyLike | None, fraction: float, seed: int) -> None:
+        super().__init__(venv)
+        self.view = view
+        self.fraction = fraction
+        self.attack: Attack | None = None
+        self._rng = np.random.default_rng(seed)
+        self._attacked = 0
+        self._seen = 0
+
+    def reset_counts(self) -> float:
+        """The share of slots attacked since the last call, and start counting again."""
+        share = self._attacked / max(self._seen, 1)
+        self._attacked = self._seen = 0
+        return share
+
+    def _perturb(self, obs: np.ndarray) -> np.ndarray:
+        if self.attack is None or self.view is None:
+            return obs
+        rows = self._rng.random(obs.shape[0]) < self.fraction
+        self._seen += obs.shape[0]
+        if not rows.any():
+            return obs
+        self._attacked += int(rows.sum())
+        device = next(self.view.parameters()).device
+        clean = torch.as_tensor(obs, device=device).float().div_(255.0)
+        seen = self.attack.perturb(self.view, clean, agent_mask=torch.as_tensor(rows, device=device))
+        return torch.round(seen * 255.0).to(torch.uint8).cpu().numpy()
+
+    def reset(self) -> np.ndarray:
+        return self._perturb(self.venv.reset())
+
+    def step_wait(self) -> Any:
+        obs, rewards, dones, infos = self.venv.step_wait()
+        return self._perturb(obs), rewards, dones, infos
+
+
+class AdversarialTrainingCallback(BaseCallback):
+    """Before each rollout, sets the attack of :class:`AttackedVecEnv` from the training progress."""
+
+    def __init__(self, env: AttackedVecEnv, config: AdversarialTrainingConfig) -> None:
+        super().__init__()
+        self.env = env
+        self.config = config
+
+    def _on_rollout_start(self) -> None:
+        eps = self.config.eps_at(1.0 - self.model._current_progress_remaining)
+        self.env.attack = self.config.attack(eps) if eps > 0 else None
+        self.logger.record("adversary/eps255", eps)
+
+    def _on_rollout_end(self) -> None:
+        self.logger.record("adversary/attacked_fraction", self.env.reset_counts())
+
+    def _on_step(self) -> bool:
+        return True
