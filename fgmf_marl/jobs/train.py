@@ -233,6 +233,36 @@ def check_resume(trained: TrainConfig, requested: TrainConfig) -> None:
                           f"{before.get(key)!r}; on resume only these may change: {', '.join(RESUMABLE)}")
 
 
+def training_env(cfg: TrainConfig) -> tuple[VecEnv, AttackedVecEnv | None]:
+    """The VecEnv the team trains on and, with adversarial training, its attacker wrapper (the same object)."""
+    venv = make_vec_env(cfg.env, seed=cfg.seed)
+    if cfg.ppo.batch_size > cfg.ppo.n_steps * venv.num_envs:
+        venv.close()
+        raise ConfigError(f"ppo.batch_size={cfg.ppo.batch_size} exceeds the rollout size n_steps x slots = "
+                          f"{cfg.ppo.n_steps * venv.num_envs}")
+    if cfg.adversary.kind == "none":
+        return venv, None
+    attacked = AttackedVecEnv(venv, view=None, fraction=cfg.adversary.fraction, seed=cfg.seed)
+    return attacked, attacked
+
+
+def training_callbacks(cfg: TrainConfig, model: PPO, attacked: AttackedVecEnv | None,
+                       run: RunDir | None) -> list[BaseCallback]:
+    """The callbacks of a training run: team returns, checkpoints (with ``run``), and the attacker's schedule.
+
+    The attacker attacks the model being trained, so it is attached here, once the model exists.
+    """
+    callbacks: list[BaseCallback] = [TeamReturnCallback(n_agents_of(model.env, cfg.env), reference_for(cfg.env))]
+    if run is not None:
+        callbacks.append(PeriodicCheckpoint(run, cfg.checkpoint_every))
+    if attacked is not None:
+        attacked.view = PolicyView.from_model(model)
+        callbacks.append(AdversarialTrainingCallback(attacked, cfg.adversary))
+        if run is not None:
+            callbacks.append(RobustnessProbe(cfg, cfg.checkpoint_every, cfg.adversary.eps))
+    return callbacks
+
+
 def train(cfg: TrainConfig, run_root: str | Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train (or resume) one run in ``run_root``; returns the final evaluation summary.
 
@@ -242,15 +272,7 @@ def train(cfg: TrainConfig, run_root: str | Path, *, resume: bool = False, progr
     if resume and RunDir(Path(run_root)).config.is_file():
         check_resume(cfglib.load(TrainConfig, RunDir(Path(run_root)).config), cfg)
     log_key = read_key(cfg.log_key_file) if cfg.log_explanations else None   # bad key file: before any compute
-    venv: VecEnv = make_vec_env(cfg.env, seed=cfg.seed)
-    n_agents = n_agents_of(venv, cfg.env)
-    attacked = None
-    if cfg.adversary.kind != "none":
-        venv = attacked = AttackedVecEnv(venv, view=None, fraction=cfg.adversary.fraction, seed=cfg.seed)
-    if cfg.ppo.batch_size > cfg.ppo.n_steps * venv.num_envs:
-        venv.close()
-        raise ConfigError(f"ppo.batch_size={cfg.ppo.batch_size} exceeds the rollout size n_steps x slots = "
-                          f"{cfg.ppo.n_steps * venv.num_envs}")
+    venv, attacked = training_env(cfg)
     try:
         with staged_run_dir(Path(run_root), resume=resume) as run:
             if resume:
@@ -264,16 +286,11 @@ def train(cfg: TrainConfig, run_root: str | Path, *, resume: bool = False, progr
             if remaining <= 0:
                 raise ConfigError(f"cannot resume: the run already has {model.num_timesteps} of timesteps={cfg.timesteps}; "
                                   "raise --timesteps")
-            callbacks: list[BaseCallback] = [TeamReturnCallback(n_agents, reference_for(cfg.env)),
-                                             PeriodicCheckpoint(run, cfg.checkpoint_every)]
-            if attacked is not None:
-                attacked.view = PolicyView.from_model(model)
-                callbacks += [AdversarialTrainingCallback(attacked, cfg.adversary),
-                              RobustnessProbe(cfg, cfg.checkpoint_every, cfg.adversary.eps)]
+            callbacks = CallbackList(training_callbacks(cfg, model, attacked, run))
             start = time.perf_counter()
             with compute_dtype(model.policy, cfg.policy.torch_train_dtype):
-                model.learn(remaining, callback=CallbackList(callbacks), progress_bar=progress,
-                            reset_num_timesteps=not resume, tb_log_name="ppo")
+                model.learn(remaining, callback=callbacks, progress_bar=progress, reset_num_timesteps=not resume,
+                            tb_log_name="ppo")
             wall = time.perf_counter() - start
             save_checkpoint(model, run.final_checkpoint)
     finally:
