@@ -1,0 +1,218 @@
+"""scripts/reproduce.py: the tiny experiment end to end on a local 2-CPU Ray cluster, caching, kill and
+rerun, resume, failures, and one-line errors for bad experiment files before anything starts."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fgmf_marl.jobs import reproduce
+from fgmf_marl.jobs.train import entry as train_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "experiments" / "tiny.yaml"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _args(folder: Path, experiment: Path = TINY) -> list[str]:
+    return [str(experiment), "--results-root", str(folder / "root"), "--results", str(folder / "RESULTS.md"),
+            "--figures", str(folder / "figures"), "--max-parallel", "2", "--no-progress"]
+
+
+def _numbers(root: Path) -> dict[str, object]:
+    """Every task's headline numbers: the trainer's evaluation and the attack grid's rows."""
+    out: dict[str, object] = {}
+    for summary in sorted(root.glob("tasks/train__*/out/eval/summary.json")):
+        data = json.loads(summary.read_text())
+        out[summary.parts[-4]] = (data["timesteps"], data["normalised_mean"], data["team_return_mean"])
+    for results in sorted(root.glob("tasks/evaluate__*/out/results.json")):
+        data = json.loads(results.read_text())
+        out[results.parts[-3]] = [(r["attack"], r["eps255"], r["normalised_mean"]) for r in data["rows"]]
+    return out
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+    folder = tmp_path_factory.mktemp("clean")
+    start = time.perf_counter()
+    assert reproduce.entry(_args(folder)) == 0
+    return folder, time.perf_counter() - start
+
+
+def test_tiny_experiment_end_to_end_on_a_local_ray_cluster(clean_run: tuple[Path, float]) -> None:
+    folder, seconds = clean_run
+    assert seconds < 60, f"the tiny experiment took {seconds:.0f} s"
+    text = (folder / "RESULTS.md").read_text()
+    assert "<!-- reproduce:begin tiny -->" in text and "<!-- reproduce:end tiny -->" in text
+    table = [line for line in text.splitlines() if line.startswith("| none |")]
+    assert len(table) == 1 and table[0].count("±") == 4                        # mean ± std over 2 seeds
+    assert "| none seed 0 | 1 |" in text and "| none seed 1 | 1 |" in text
+    assert "python scripts/train_marl.py --config tasks/train__none__s0/config.yaml" in text
+    assert "torch 2" in text and "ray 2" in text and "QUICK" not in text
+    assert (folder / "figures" / "tiny__tiny.png").stat().st_size > 1000
+    records = [json.loads(p.read_text()) for p in (folder / "root").glob("tasks/*/task.json")]
+    assert sorted(r["id"] for r in records) == ["evaluate/pgd/none/s0", "evaluate/pgd/none/s1",
+                                                "train/none/s0", "train/none/s1"]
+    assert all(r["status"] == "done" and r["threads"] == 1 and Path(r["log"]).is_file() for r in records)
+    assert _numbers(folder / "root")["train__none__s0"][0] == 768
+
+
+def test_cached_tasks_are_skipped_on_a_rerun(clean_run: tuple[Path, float], capsys: pytest.CaptureFixture) -> None:
+    folder, _ = clean_run
+    records = {p: p.stat().st_mtime_ns for p in (folder / "root").glob("tasks/*/task.json")}
+    before = (folder / "RESULTS.md").read_text()
+    start = time.perf_counter()
+    assert reproduce.entry(_args(folder)) == 0
+    assert time.perf_counter() - start < 15                                    # no training, no Ray cluster
+    assert "4/4 tasks done (4 cached)" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in records} == records
+    after = (folder / "RESULTS.md").read_text()
+    strip = [line for line in after.splitlines() if "wall time of this invocation" not in line]
+    assert strip == [line for line in before.splitlines() if "wall time of this invocation" not in line]
+
+
+def test_rerun_flag_reruns_the_matching_tasks_and_their_dependents(clean_run: tuple[Path, float]) -> None:
+    folder, _ = clean_run
+    tasks = reproduce.expand(reproduce.load_experiment(TINY), quick=False)
+    ids = {t.id for t in tasks}
+    rerun: set[str] = set()
+    for task in tasks:   # the rule main() applies
+        if task.id.startswith("train/none/s1") or rerun.intersection(task.deps):
+            rerun.add(task.id)
+    assert rerun == {"train/none/s1", "evaluate/pgd/none/s1"} and rerun < ids
+
+
+def kill_and_rerun(experiment: Path, folder: Path) -> None:
+    """Run reproduce.py, SIGKILL it once the first training task wrote a checkpoint, rerun it to the end."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "reproduce.py"), *_args(folder, experiment)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while not list((folder / "root").glob("tasks/train__*/out/checkpoints/*.zip")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (folder / "RESULTS.md").exists()                                 # killed before its tables
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_kill_and_rerun_equals_a_clean_run(clean_run: tuple[Path, float], tmp_path: Path) -> None:
+    """One training task of the tiny experiment (the same config, so the same cache key as the clean run's)."""
+    data = yaml.safe_load(TINY.read_text())
+    data["runs"][0]["seeds"] = [0]
+    data["evaluations"] = []
+    data["tables"][0]["columns"] = [data["tables"][0]["columns"][0]]
+    experiment = tmp_path / "one.yaml"
+    experiment.write_text(yaml.safe_dump(data, allow_unicode=True))
+    kill_and_rerun(experiment, tmp_path)
+    numbers = _numbers(tmp_path / "root")
+    assert numbers == {"train__none__s0": _numbers(clean_run[0] / "root")["train__none__s0"]}
+
+
+def test_an_interrupted_training_task_resumes_from_its_latest_checkpoint(tmp_path: Path) -> None:
+    exp = reproduce.load_experiment(TINY)
+    exp.runs[0].overrides = [o for o in exp.runs[0].overrides if not o.startswith("checkpoint_every")] + \
+        ["checkpoint_every=384"]
+    task = reproduce.expand(exp, quick=False)[0]
+    out = tmp_path / task.out
+    # what a kill after the first checkpoint leaves: step_384.zip, no final.zip, no evaluation
+    assert train_cli(["--timesteps", "384", "--run-dir", str(out), "--no-progress",
+                      *[o for o in task.overrides if not o.startswith("timesteps")]]) == 0
+    (out / "checkpoints" / "final.zip").unlink()
+    assert (out / "checkpoints" / "step_384.zip").is_file()
+    for p in (out / "eval").iterdir():
+        p.unlink()
+    (out / "eval").rmdir()
+    (tmp_path / task.folder / "task.json").write_text(json.dumps({"id": task.id, "key": task.key, "status": "running"}))
+    record = reproduce.execute(str(tmp_path), task)
+    assert record["status"] == "done" and record["resumed_from"] == "step_384.zip"
+    assert "--resume" in (tmp_path / task.folder / "log.txt").read_text()
+    assert json.loads((out / "eval" / "summary.json").read_text())["timesteps"] == 768
+    # the same folder under another config is set aside, never deleted, and the task starts from zero
+    other = dataclasses.replace(task, key="0" * 16)
+    record = reproduce.execute(str(tmp_path), other)
+    assert record["status"] == "done" and record["resumed_from"] is None
+    assert len(list((tmp_path / "stale").glob("train__none__s0-*/out/checkpoints/step_384.zip"))) == 1
+
+
+def test_a_failed_task_is_reported_with_its_log_and_blocks_only_its_dependents(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = yaml.safe_load(TINY.read_text())
+    data["runs"].append({**data["runs"][0], "name": "broken", "seeds": [0],
+                         "overrides": data["runs"][0]["overrides"] + ["ppo.batch_size=100000"]})  # fails in the job
+    data["evaluations"][0]["runs"] = ["broken"]
+    data["tables"][0]["rows"] = ["none", "broken"]
+    data["tables"][0]["columns"] = [data["tables"][0]["columns"][0]]
+    data["runs"][0]["seeds"] = [0]
+    experiment = tmp_path / "broken.yaml"
+    experiment.write_text(yaml.safe_dump(data))
+    assert reproduce.entry(_args(tmp_path, experiment)) == 1
+    err = capsys.readouterr().err
+    log = tmp_path / "root" / "tasks" / "train__broken__s0" / "log.txt"
+    assert f"train/broken/s0 failed: log {log}" in err and "exceeds the rollout size" in log.read_text()
+    assert "evaluate/pgd/broken/s0 blocked" in err and "depends on train/broken/s0" in err
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "missing (train/broken/s0)" in text and "`train/broken/s0`: failed, log" in text
+
+
+def _write(folder: Path, edit: dict) -> Path:
+    data = yaml.safe_load(TINY.read_text())
+    for dotted, value in edit.items():
+        node = data
+        *path, last = dotted.split(".")
+        for part in path:
+            node = node[int(part)] if part.isdigit() else node[part]
+        node[last] = value
+    path = folder / "bad.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"runs.0.overides": []}, "unknown config key 'runs[0].overides'"),
+    ({"evaluations.0.overrides": ["attacks=[nosuch]"]}, "unknown attack 'nosuch'"),
+    ({"tables.0.rows": ["none", "fgmf"]}, "tables[0] (tiny).rows names 'fgmf', which is not a run"),
+    ({"tables.0.columns.1.eps": 4}, "eps 4 is not among the eps of evaluation 'pgd'; accepted: 2"),
+    ({"runs.0.overrides": ["ppo.n_stepz=3"]}, "unknown config key 'ppo.n_stepz'"),
+    ({"evaluations.0.kind": "attack"}, "'evaluations[0].kind' is 'attack'; accepted: 'evaluate' | 'explain'"),
+    ({"tables.0.columns.0.source": "nosuch"}, "source='nosuch' is not an evaluation"),
+])
+def test_a_bad_experiment_file_is_one_line_and_exit_2_before_anything_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture, edit: dict, message: str) -> None:
+    assert reproduce.entry(_args(tmp_path, _write(tmp_path, edit))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and err.startswith("reproduce.py: error: ")
+    assert not (tmp_path / "root").exists() and not (tmp_path / "RESULTS.md").exists()
+
+
+def test_quick_needs_toy_budgets_and_is_written_apart() -> None:
+    exp = reproduce.load_experiment(ROOT / "experiments" / "default_job.yaml")
+    full, quick = reproduce.expand(exp, quick=False), reproduce.expand(exp, quick=True)
+    assert [t.config["timesteps"] for t in full] == [1_000_000] * 5 and all(t.config["timesteps"] < 50_000 for t in quick)
+    assert {t.key for t in full}.isdisjoint(t.key for t in quick)
+    with pytest.raises(reproduce.ConfigError, match="--quick needs the experiment's 'quick' overrides"):
+        reproduce.expand(dataclasses.replace(exp, quick=[]), quick=True)
+
+
+def test_the_readme_experiments_are_valid_and_expand_as_described() -> None:
+    defense = reproduce.load_experiment(ROOT / "experiments" / "defense_table.yaml")
+    tasks = reproduce.expand(defense, quick=False)
+    reproduce.check_tables(defense, tasks)
+    trains = [t for t in tasks if t.kind == "train"]
+    assert sorted((t.config["defense"]["kind"], t.seed) for t in trains) == sorted(
+        (d, s) for d in ("none", "sappo", "fgmf") for s in (0, 1, 2))
+    evals = [t for t in tasks if t.kind == "evaluate"]
+    assert len(evals) == 9 and all(t.config["attacks"] == ["strong"] and t.config["eps"] == [2.0, 4.0, 8.0]
+                                   and t.config["audit"] for t in evals)
+    assert all(t.deps == (f"train/{t.run}/s{t.seed}",) for t in evals)
