@@ -10,7 +10,7 @@ the small space of policy-level directions and gradients find the pixels.
 Three shapes of the same mechanism (:class:`DirectorCore` holds it, once):
 
 * :class:`AdversaryParallelEnv`: a PettingZoo ``ParallelEnv`` wrapper adding ``adversary_0`` to any of
-  our environments; the victims stay listed as agents (their observations, rewards and infos are the
+  our environments as the policy sees them (channel-first, e.g. ``envs.registry.make_parallel_env``); the victims stay listed as agents (their observations, rewards and infos are the
   env's, infos add what the attack did) but they are frozen checkpoints: the actions passed for them
   are ignored, their policy acts on the perturbed observation. Passes ``parallel_api_test``.
 * :class:`AdversaryVecEnv`: the same over our batched SB3 VecEnvs (all env copies attacked in one

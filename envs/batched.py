@@ -2,9 +2,11 @@
 
 Training and evaluation use this implementation; ``envs.native.CoverageParallelEnv`` is the
 readable reference it is tested against (same observations, rewards, dones and masks under the same
-seeds). Dynamics, rewards and drawing are defined in ``envs.native``'s docstring; here they are
-vectorised: ``step`` has no Python loop over environments or agents (only over the few distractors,
-so that overlapping distractors of different colours are drawn in the reference's order). Sprites
+seeds). Observations are channel-first ``(3, H, W)``, what SB3 trains on: the reference's
+PettingZoo ``(H, W, 3)`` images transposed, as ``envs.registry`` does for every PettingZoo env.
+Dynamics, rewards and drawing are defined in ``envs.native``'s docstring; here they are vectorised:
+``step`` has no Python loop over environments or agents (only over the few distractors, so that
+overlapping distractors of different colours are drawn in the reference's order). Sprites
 are drawn with precomputed flat pixel offsets and one fancy-indexed write per entity kind into one
 base frame per env; each agent's observation is a copy of its env's frame with its own body
 recoloured. Relevance and target masks are computed only when asked.
@@ -153,7 +155,10 @@ class BatchedCoverage:
         obs = np.empty((self.n_envs, cfg.n_agents, 3, cfg.size, cfg.size), np.uint8)
         obs[:] = base[:, None]
         obs.reshape(-1)[self._sprite_index(self.agents, self._fill, self._slot_frame_off, True)] = OWN[:, None]
-        return self._view(obs, WALL)
+        if cfg.view == "global":
+            return obs
+        # Odd sizes: the reference's gather, which takes channel-last images.
+        return np.moveaxis(egocentric(np.moveaxis(obs, 2, -1), self.agents, cfg.entity_size, WALL), -1, 2)
 
     def _egocentric_observations(self, base: np.ndarray) -> np.ndarray:
         """The fast path of :func:`envs.native.egocentric` for observations (even ``size``).
@@ -177,11 +182,11 @@ class BatchedCoverage:
         obs[..., self._own_rows, self._own_cols] = OWN[:, None, None]
         return obs
 
-    def _view(self, images: np.ndarray, fill: np.ndarray | bool) -> np.ndarray:
-        """Per-agent global images (B, N, ...) as the agents see them (``config.view``)."""
+    def _view(self, masks: np.ndarray) -> np.ndarray:
+        """Per-agent global masks (B, N, S, S) as the agents see them (``config.view``)."""
         if self.config.view == "global":
-            return images
-        return egocentric(images, self.agents, self.config.entity_size, fill)
+            return masks
+        return egocentric(masks, self.agents, self.config.entity_size, False)
 
     def render_frames(self) -> np.ndarray:
         """Global frames (B, S, S, 3) uint8 with one colour per agent (for humans)."""
@@ -200,7 +205,7 @@ class BatchedCoverage:
         flat = mask.reshape(-1)
         flat[self._sprite_index(self.agents, self._fill, origin, False)] = True
         flat[self._sprite_index(self.landmarks, self._fill, origin, False)] = True
-        return self._view(np.repeat(mask[:, None], self.config.n_agents, axis=1), False)
+        return self._view(np.repeat(mask[:, None], self.config.n_agents, axis=1))
 
     def target_masks(self) -> np.ndarray:
         """Per-agent target masks (B, N, S, S) bool: own body + oracle-assigned landmark."""
@@ -212,7 +217,7 @@ class BatchedCoverage:
         target = np.take_along_axis(self.landmarks, np.maximum(assign, 0)[..., None], axis=1)
         idx = self._sprite_index(target, self._fill, self._slot_mask_off, False)
         flat[idx[assign >= 0]] = True
-        return self._view(mask, False)
+        return self._view(mask)
 
 
 class CoverageVecEnv(VecEnv):

@@ -53,9 +53,13 @@ assignment is stable along the oracle's paths.
 Episodes have a fixed length: all agents truncate together after ``max_steps`` steps, no agent ever
 terminates (time is not in the observation, so learners must bootstrap at the time limit).
 
-Observation of agent ``i`` (channel-first uint8 ``(3, size, size)``): background, then distractors
-(rings), then landmarks (green squares), then all agents as teammates (blue squares), then agent
-``i`` itself on top in red. Draw order puts every relevant entity above every distractor, so:
+Observation of agent ``i``: an RGB image, uint8 ``(size, size, 3)`` (height, width, channel), the
+layout of PettingZoo's image environments, so SuperSuit's wrappers (``frame_stack_v1``,
+``color_reduction_v0``, ``resize_v1``) compose on it; ``envs.registry`` transposes it to the
+channel-first ``(3, size, size)`` SB3 trains on, which ``envs.batched`` produces directly. It shows
+background, then distractors (rings), then landmarks (green squares), then all agents as teammates
+(blue squares), then agent ``i`` itself on top in red. Draw order puts every relevant entity above
+every distractor, so:
 
 - ``relevance_mask`` (bool ``(size, size)``) = the union of the sprite pixels of the agent's own
   body, all landmarks and all teammates. All of them are relevant because the oracle's choice (a
@@ -264,25 +268,23 @@ def oracle_action(agents: np.ndarray, landmarks: np.ndarray, cover_radius: int) 
 
 
 def egocentric(images: np.ndarray, agents: np.ndarray, entity_size: int, fill: np.ndarray | bool) -> np.ndarray:
-    """Re-centre per-agent global images on each agent: ``(B, N, [C,] S, S)`` -> the same shape.
+    """Re-centre per-agent global images on each agent: ``(B, N, S, S[, C])`` -> the same shape.
 
     Pixel ``(r, c)`` of the result shows world pixel ``(cy - S + 2r, cx - S + 2c)``, with
     ``(cy, cx)`` the agent's sprite centre: a ``2S`` window at half resolution, so the whole arena
     stays in view from anywhere and the agent itself is always at the centre. World pixels outside
-    the arena show ``fill`` (walls for images, False for masks). ``agents`` is ``(B, N, 2)``.
+    the arena show ``fill`` (walls ``(C,)`` for images, False for masks). ``agents`` is ``(B, N, 2)``.
     """
-    size = images.shape[-1]
+    b, n, size = images.shape[:3]
+    channel = (1,) * (images.ndim - 4)  # the trailing colour axis of images; none for masks
     steps = 2 * np.arange(size) - size
     centre = agents + entity_size // 2
     rows, cols = centre[..., 0, None] + steps, centre[..., 1, None] + steps  # (B, N, S)
     inside = ((rows >= 0) & (rows < size))[..., :, None] & ((cols >= 0) & (cols < size))[..., None, :]
     rows, cols = np.clip(rows, 0, size - 1), np.clip(cols, 0, size - 1)
-    if images.ndim == 5:
-        out = np.take_along_axis(images, rows[:, :, None, :, None], axis=3)
-        out = np.take_along_axis(out, cols[:, :, None, None, :], axis=4)
-        return np.where(inside[:, :, None], out, np.asarray(fill, images.dtype)[:, None, None])
-    out = np.take_along_axis(np.take_along_axis(images, rows[..., None], axis=2), cols[:, :, None, :], axis=3)
-    return np.where(inside, out, fill)
+    out = np.take_along_axis(images, rows.reshape(b, n, size, 1, *channel), axis=2)
+    out = np.take_along_axis(out, cols.reshape(b, n, 1, size, *channel), axis=3)
+    return np.where(inside.reshape(b, n, size, size, *channel), out, np.asarray(fill, images.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,7 +313,7 @@ class CoverageParallelEnv(ParallelEnv):
         cfg = self.config
         self.possible_agents = [f"agent_{i}" for i in range(cfg.n_agents)]
         self.agents: list[str] = []
-        self._obs_space = spaces.Box(0, 255, (3, cfg.size, cfg.size), np.uint8)
+        self._obs_space = spaces.Box(0, 255, (cfg.size, cfg.size, 3), np.uint8)
         self._act_space = spaces.Discrete(N_ACTIONS)
         self._rng = np.random.default_rng()
         self._ring = ring_mask(cfg.entity_size)
@@ -452,7 +454,7 @@ class CoverageParallelEnv(ParallelEnv):
         for i in range(self.config.n_agents):
             frame = base.copy()
             self._draw(frame, s["agents"][i], OWN)
-            frames.append(frame.transpose(2, 0, 1))
+            frames.append(frame)
         stack = self._view(np.stack(frames)[None], WALL)[0]
         return {agent: np.ascontiguousarray(stack[i]) for i, agent in enumerate(self.possible_agents)}
 

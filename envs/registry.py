@@ -2,14 +2,17 @@
 
 Every environment reaches training, attacks and explanations as an SB3 ``VecEnv`` with parameter
 sharing: one slot per agent per environment copy, slot = env * n_agents + agent, observations
-channel-first uint8 images (C, H, W), discrete actions. The native env is batched in numpy;
+channel-first uint8 images (C, H, W), discrete actions. Every ParallelEnv, the native one included,
+emits PettingZoo's (H, W, C) images. The native env's VecEnv is its batched numpy twin
+(``envs.batched``, channel-first, tested equal to the ParallelEnv through the transpose);
 PettingZoo's butterfly environments go through the SuperSuit chain
 
     [color_reduction] -> resize -> frame_stack -> transpose to CHW
-    -> pettingzoo_env_to_vec_env_v1 -> concat_vec_envs_v1 -> VecMonitor
+    -> pettingzoo_env_to_vec_env_v1 -> concat_vec_envs_v1 -> SeededVecEnv -> VecMonitor
 
 Transposing inside the PettingZoo chain (rather than SB3's ``VecTransposeImage``) keeps the parallel
-env and the VecEnv in one layout, so the adversary wrapper can work at the PettingZoo level.
+env and the VecEnv in one layout, so the adversary wrapper can work at the PettingZoo level
+(``make_parallel_env``).
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ import gymnasium as gym
 import numpy as np
 import supersuit as ss
 from pettingzoo import ParallelEnv
-from stable_baselines3.common.vec_env import VecEnv, VecMonitor
+from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper, VecMonitor
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs
 
 from envs.batched import CoverageVecEnv
 from envs.native import MAX_EPISODE_STEPS, MAX_SIZE, CoverageConfig, CoverageParallelEnv
@@ -57,6 +61,11 @@ class EnvConfig:
     native: CoverageConfig = field(default_factory=CoverageConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
+    @property
+    def image_size(self) -> int:
+        """Side of the square images the policy sees (``native.size``, or ``adapter.size`` after resizing)."""
+        return self.native.size if self.name == "native" else self.adapter.size
+
     def validate(self) -> None:
         """``n_envs`` is bounded (``MAX_ENVS``, far above the 16 of the default job) so a typo cannot
         allocate unbounded memory."""
@@ -75,7 +84,8 @@ def _pistonball(cfg: AdapterConfig) -> ParallelEnv:
 def _cooperative_pong(cfg: AdapterConfig) -> ParallelEnv:
     from pettingzoo.butterfly import cooperative_pong_v6  # deferred: pygame
 
-    return cooperative_pong_v6.parallel_env(max_cycles=cfg.max_cycles)
+    # With render_mode None, PettingZoo 1.27's pong never draws its screen: every observation is black.
+    return cooperative_pong_v6.parallel_env(max_cycles=cfg.max_cycles, render_mode="rgb_array")
 
 
 def _kaz(cfg: AdapterConfig) -> ParallelEnv:
@@ -108,10 +118,13 @@ def _to_chw(env: ParallelEnv) -> ParallelEnv:
 
 
 def make_parallel_env(cfg: EnvConfig, render_mode: str | None = None) -> ParallelEnv:
-    """A single PettingZoo ParallelEnv with the observations the policy sees (CHW uint8)."""
+    """A single PettingZoo ParallelEnv with the observations the policy sees (CHW uint8).
+
+    Every env, the native one included, emits PettingZoo's (H, W, C) and is transposed here, once.
+    """
     _check_name(cfg.name)
     if cfg.name == "native":
-        return CoverageParallelEnv(cfg.native, render_mode=render_mode)
+        return _to_chw(CoverageParallelEnv(cfg.native, render_mode=render_mode))
     adapter = cfg.adapter
     env = PETTINGZOO_ENVS[cfg.name](adapter)
     if adapter.grayscale:
@@ -123,17 +136,50 @@ def make_parallel_env(cfg: EnvConfig, render_mode: str | None = None) -> Paralle
     return _to_chw(env)
 
 
+class SeededVecEnv(VecEnvWrapper):
+    """SuperSuit's SB3 VecEnv with SB3's ``seed()``: ``seed(s)`` seeds env copy ``i`` with ``s + i`` at
+    the next ``reset()``; later unseeded resets continue from there, as ``CoverageVecEnv`` does.
+
+    Why: SB3 calls ``env.seed(seed)`` whenever a model is given a seed, and SuperSuit's wrapper
+    forwards it to gymnasium's ``ConcatVecEnv``, which has no ``seed``, only ``reset(seed=)``.
+    """
+
+    def __init__(self, venv: VecEnv, n_envs: int) -> None:
+        super().__init__(venv)
+        self.n_envs = n_envs
+        self._seed: int | None = None
+
+    def seed(self, seed: int | None = None) -> list[int | None]:
+        """Returns each slot's env seed (slot = env * n_agents + agent); None draws one, as SB3's VecEnv does."""
+        if seed is None:
+            seed = int(np.random.randint(0, np.iinfo(np.uint32).max, dtype=np.uint32))
+        self._seed = seed
+        n_agents = self.num_envs // self.n_envs
+        return [seed + slot // n_agents for slot in range(self.num_envs)]
+
+    def reset(self) -> VecEnvObs:
+        if self._seed is None:
+            obs = self.venv.reset()
+        else:
+            obs, self.venv.reset_infos = self.venv.venv.reset(seed=self._seed)
+            self._seed = None
+        self.reset_infos = self.venv.reset_infos
+        return obs
+
+    def step_wait(self) -> Any:
+        return self.venv.step_wait()
+
+
 def make_vec_env(cfg: EnvConfig, seed: int | None = None) -> VecEnv:
-    """The training/evaluation VecEnv: ``cfg.n_envs`` copies x agents slots, env-major."""
+    """The training/evaluation VecEnv: ``cfg.n_envs`` copies x agents slots, env-major; ``seed`` (if
+    given) seeds the first ``reset()``, env copy ``i`` with ``seed + i``."""
     _check_name(cfg.name)
     if cfg.name == "native":
         return CoverageVecEnv(cfg.native, n_envs=cfg.n_envs, seed=seed)
     vec = ss.pettingzoo_env_to_vec_env_v1(make_parallel_env(cfg))
-    vec = ss.concat_vec_envs_v1(vec, cfg.n_envs, num_cpus=0, base_class="stable_baselines3")
+    vec = SeededVecEnv(ss.concat_vec_envs_v1(vec, cfg.n_envs, num_cpus=0, base_class="stable_baselines3"), cfg.n_envs)
     if seed is not None:
-        # SuperSuit's SB3 wrapper cannot forward ``seed()``; seeding the inner ConcatVecEnv's reset
-        # seeds copy i with seed + i, and later unseeded resets continue from there.
-        vec.venv.reset(seed=seed)
+        vec.seed(seed)
     return VecMonitor(vec)
 
 

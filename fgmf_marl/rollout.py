@@ -39,6 +39,7 @@ class StepRecord:
     infos: list[dict]
     n_agents: int
     relevance: np.ndarray | None  # (num_envs, H, W) ground-truth masks of clean_obs (native env only)
+    counted: np.ndarray           # (n_envs,) bool: each env's current episode is one of the n_episodes
 
 
 @dataclass
@@ -119,7 +120,8 @@ def rollout(view: PolicyLike, venv: VecEnv, n_episodes: int, *, n_agents: int | 
             if step_hook is not None:
                 step_hook(StepRecord(t=step_in_ep.copy(), episode=done_count.copy(), clean_obs=clean, seen_obs=seen,
                                      actions=actions, clean_actions=clean_actions, probs=probs, values=values,
-                                     rewards=rewards, dones=dones, infos=infos, n_agents=n_agents, relevance=relevance))
+                                     rewards=rewards, dones=dones, infos=infos, n_agents=n_agents, relevance=relevance,
+                                     counted=done_count < targets))
             per_env = rewards.reshape(n_envs, n_agents)
             team_acc += per_env.mean(axis=1)
             agent_acc += per_env

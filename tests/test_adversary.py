@@ -16,7 +16,8 @@ from fgmf_marl.jobs.checkpoints import load_adversary
 from agents.policies import ImageFeatures
 from agents.policy_view import PolicyView
 from envs.batched import CoverageVecEnv
-from envs.native import CoverageConfig, CoverageParallelEnv
+from envs.native import CoverageConfig
+from envs.registry import EnvConfig, make_parallel_env
 from fgmf_marl.attacks import PGD
 from fgmf_marl.jobs.adversary import entry as cli
 from fgmf_marl.jobs.evaluate import entry as eval_cli
@@ -37,13 +38,13 @@ def victim() -> PolicyView:
 
 
 def test_wrapper_passes_the_pettingzoo_parallel_api_test(victim: PolicyView) -> None:
-    env = AdversaryParallelEnv(CoverageParallelEnv(CFG), victim, eps=8 / 255, actor_steps=1)
+    env = AdversaryParallelEnv(make_parallel_env(EnvConfig(native=CFG)), victim, eps=8 / 255, actor_steps=1)
     parallel_api_test(env, num_cycles=20)
     assert env.possible_agents[-1] == ADVERSARY and env.possible_agents[:-1] == ["agent_0", "agent_1", "agent_2"]
 
 
 def test_adversary_reward_is_minus_the_team_reward_and_victims_act_on_seen_obs(victim: PolicyView) -> None:
-    env = AdversaryParallelEnv(CoverageParallelEnv(CFG), victim, eps=8 / 255, actor_steps=2)
+    env = AdversaryParallelEnv(make_parallel_env(EnvConfig(native=CFG)), victim, eps=8 / 255, actor_steps=2)
     obs, _ = env.reset(seed=3)
     assert obs[ADVERSARY].shape == (9, CFG.size, CFG.size)
     assert np.array_equal(obs[ADVERSARY][3:6], obs["agent_1"])

@@ -1,4 +1,8 @@
-"""The batched coverage env equals B copies of the reference single env, and is a proper SB3 VecEnv."""
+"""The batched coverage env equals B copies of the reference single env, and is a proper SB3 VecEnv.
+
+The reference emits PettingZoo's (H, W, C) images, the batched env SB3's (C, H, W): every comparison
+of observations goes through that one transpose (``chw``) and is bitwise.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -11,6 +15,11 @@ from envs.batched import BatchedCoverage, CoverageVecEnv
 from envs.native import CoverageConfig, CoverageParallelEnv
 from envs.reference import reference_returns
 from fgmf_marl.config import ConfigError
+
+def chw(obs: np.ndarray) -> np.ndarray:
+    """A reference observation (H, W, C) in the batched env's layout (C, H, W)."""
+    return obs.transpose(2, 0, 1)
+
 
 CONFIGS = [
     CoverageConfig(max_steps=12),
@@ -32,7 +41,7 @@ def test_batched_equals_single_envs(cfg: CoverageConfig) -> None:
         o, inf = env.reset(seed=seed + b)
         infos_single.append(inf)
         for i, agent in enumerate(env.possible_agents):
-            np.testing.assert_array_equal(obs[b * n + i], o[agent])
+            np.testing.assert_array_equal(obs[b * n + i], chw(o[agent]))
     rng = np.random.default_rng(0)
     episode_returns = []
     for t in range(3 * cfg.max_steps):
@@ -60,16 +69,16 @@ def test_batched_equals_single_envs(cfg: CoverageConfig) -> None:
                 assert dones[slot] == ended and not term[agent]
                 if ended:
                     info = infos[slot]
-                    np.testing.assert_array_equal(info["terminal_observation"], o[agent])
+                    np.testing.assert_array_equal(info["terminal_observation"], chw(o[agent]))
                     assert info["TimeLimit.truncated"] is True and info["episode"]["l"] == cfg.max_steps
                 else:
-                    np.testing.assert_array_equal(obs[slot], o[agent])
+                    np.testing.assert_array_equal(obs[slot], chw(o[agent]))
                     assert infos[slot] == {}
             if ended:
                 episode_returns.append((b, [infos[b * n + i]["episode"] for i in range(n)]))
                 o, infos_single[b] = env.reset()  # unseeded: continues the env's generator
                 for i, agent in enumerate(env.possible_agents):
-                    np.testing.assert_array_equal(obs[b * n + i], o[agent])
+                    np.testing.assert_array_equal(obs[b * n + i], chw(o[agent]))
     assert len(episode_returns) == 3 * n_envs
     for _, eps in episode_returns:
         team = eps[0]["team_r"]
@@ -159,7 +168,7 @@ def test_batched_equals_single_random_configs(cfg: CoverageConfig, seed: int) ->
     for _ in range(2 * cfg.max_steps):
         for b, env in enumerate(singles):
             for i, agent in enumerate(env.possible_agents):
-                np.testing.assert_array_equal(obs[b * n + i], seen[b][agent])
+                np.testing.assert_array_equal(obs[b * n + i], chw(seen[b][agent]))
         actions = rng.integers(0, 5, venv.num_envs)
         obs, rewards, dones, _ = venv.step(actions)
         for b, env in enumerate(singles):

@@ -34,9 +34,9 @@ def test_spaces_and_fixed_length() -> None:
     env = CoverageParallelEnv(cfg)
     obs, infos = env.reset(seed=1)
     assert env.possible_agents == ["agent_0", "agent_1", "agent_2", "agent_3"]
-    assert env.observation_space("agent_0").shape == (3, 40, 40) and env.action_space("agent_0").n == 5
+    assert env.observation_space("agent_0").shape == (40, 40, 3) and env.action_space("agent_0").n == 5
     for agent, o in obs.items():
-        assert o.shape == (3, 40, 40) and o.dtype == np.uint8 and env.observation_space(agent).contains(o)
+        assert o.shape == (40, 40, 3) and o.dtype == np.uint8 and env.observation_space(agent).contains(o)
         assert infos[agent]["relevance_mask"].shape == (40, 40) and infos[agent]["relevance_mask"].dtype == bool
     for t in range(7):
         obs, rew, term, trunc, infos = env.step({a: 0 for a in env.agents})
@@ -78,7 +78,7 @@ def test_relevance_mask_exactly_relevant_entities() -> None:
     expected = _box(48, 5, 5) | _box(48, 30, 30) | _box(48, 20, 10) | _box(48, 40, 40)
     for agent in env.possible_agents:
         np.testing.assert_array_equal(infos[agent]["relevance_mask"], expected)
-    img = obs["agent_0"].transpose(1, 2, 0)
+    img = obs["agent_0"]
     # Own body red, teammate blue, landmarks green, distractors drawn where visible, background elsewhere.
     assert (img[_box(48, 5, 5)] == OWN).all()
     assert (img[_box(48, 30, 30)] == TEAMMATE).all()
@@ -93,7 +93,7 @@ def test_relevance_mask_exactly_relevant_entities() -> None:
     # No distractor colour inside the mask, and every non-background pixel outside it is a distractor's.
     assert not (img[expected] == DISTRACTORS[0]).all(-1).any() and not (img[expected] == DISTRACTORS[1]).all(-1).any()
     # The other agent sees itself red and agent_0 blue.
-    img1 = obs["agent_1"].transpose(1, 2, 0)
+    img1 = obs["agent_1"]
     assert (img1[_box(48, 30, 30)] == OWN).all() and (img1[_box(48, 5, 5)] == TEAMMATE).all()
 
 
@@ -108,16 +108,16 @@ def test_egocentric_view_is_the_padded_global_view_at_half_resolution() -> None:
     size, half = 48, 2
     for i, agent in enumerate(glob.possible_agents):
         cy, cx = glob.get_state()["agents"][i] + half
-        padded = np.empty((3, 3 * size, 3 * size), np.uint8)
-        padded[:] = WALL[:, None, None]
-        padded[:, size:2 * size, size:2 * size] = obs_g[agent]
-        np.testing.assert_array_equal(obs_e[agent], padded[:, cy:cy + 2 * size:2, cx:cx + 2 * size:2])
+        padded = np.empty((3 * size, 3 * size, 3), np.uint8)
+        padded[:] = WALL
+        padded[size:2 * size, size:2 * size] = obs_g[agent]
+        np.testing.assert_array_equal(obs_e[agent], padded[cy:cy + 2 * size:2, cx:cx + 2 * size:2])
         for key in ("relevance_mask", "target_mask"):
             pad_mask = np.zeros((3 * size, 3 * size), bool)
             pad_mask[size:2 * size, size:2 * size] = info_g[agent][key]
             np.testing.assert_array_equal(info_e[agent][key], pad_mask[cy:cy + 2 * size:2, cx:cx + 2 * size:2])
         # The agent itself is always the 2x2 block at the centre, drawn in its own colour.
-        assert (obs_e[agent][:, 23:25, 23:25] == OWN[:, None, None]).all()
+        assert (obs_e[agent][23:25, 23:25] == OWN).all()
     assert CoverageConfig().view == "egocentric"
 
 

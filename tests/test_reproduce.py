@@ -41,16 +41,14 @@ def _numbers(root: Path) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def clean_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+def clean_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("clean")
-    start = time.perf_counter()
     assert reproduce.entry(_args(folder)) == 0
-    return folder, time.perf_counter() - start
+    return folder
 
 
-def test_tiny_experiment_end_to_end_on_a_local_ray_cluster(clean_run: tuple[Path, float]) -> None:
-    folder, seconds = clean_run
-    assert seconds < 60, f"the tiny experiment took {seconds:.0f} s"
+def test_tiny_experiment_end_to_end_on_a_local_ray_cluster(clean_run: Path) -> None:
+    folder = clean_run
     text = (folder / "RESULTS.md").read_text()
     assert "<!-- reproduce:begin tiny -->" in text and "<!-- reproduce:end tiny -->" in text
     table = [line for line in text.splitlines() if line.startswith("| none |")]
@@ -66,22 +64,20 @@ def test_tiny_experiment_end_to_end_on_a_local_ray_cluster(clean_run: tuple[Path
     assert _numbers(folder / "root")["train__none__s0"][0] == 768
 
 
-def test_cached_tasks_are_skipped_on_a_rerun(clean_run: tuple[Path, float], capsys: pytest.CaptureFixture) -> None:
-    folder, _ = clean_run
+def test_cached_tasks_are_skipped_on_a_rerun(clean_run: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = clean_run
     records = {p: p.stat().st_mtime_ns for p in (folder / "root").glob("tasks/*/task.json")}
     before = (folder / "RESULTS.md").read_text()
-    start = time.perf_counter()
     assert reproduce.entry(_args(folder)) == 0
-    assert time.perf_counter() - start < 15                                    # no training, no Ray cluster
-    assert "4/4 tasks done (4 cached)" in capsys.readouterr().out
+    assert "4/4 tasks done (4 cached)" in capsys.readouterr().out               # no training, no Ray cluster
     assert {p: p.stat().st_mtime_ns for p in records} == records
     after = (folder / "RESULTS.md").read_text()
     strip = [line for line in after.splitlines() if "wall time of this invocation" not in line]
     assert strip == [line for line in before.splitlines() if "wall time of this invocation" not in line]
 
 
-def test_rerun_flag_reruns_the_matching_tasks_and_their_dependents(clean_run: tuple[Path, float]) -> None:
-    folder, _ = clean_run
+def test_rerun_flag_reruns_the_matching_tasks_and_their_dependents(clean_run: Path) -> None:
+    folder = clean_run
     tasks = reproduce.expand(reproduce.load_experiment(TINY), quick=False)
     ids = {t.id for t in tasks}
     rerun: set[str] = set()
@@ -107,7 +103,7 @@ def kill_and_rerun(experiment: Path, folder: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_kill_and_rerun_equals_a_clean_run(clean_run: tuple[Path, float], tmp_path: Path) -> None:
+def test_kill_and_rerun_equals_a_clean_run(clean_run: Path, tmp_path: Path) -> None:
     """One training task of the tiny experiment (the same config, so the same cache key as the clean run's)."""
     data = yaml.safe_load(TINY.read_text())
     data["runs"][0]["seeds"] = [0]
@@ -117,7 +113,7 @@ def test_kill_and_rerun_equals_a_clean_run(clean_run: tuple[Path, float], tmp_pa
     experiment.write_text(yaml.safe_dump(data, allow_unicode=True))
     kill_and_rerun(experiment, tmp_path)
     numbers = _numbers(tmp_path / "root")
-    assert numbers == {"train__none__s0": _numbers(clean_run[0] / "root")["train__none__s0"]}
+    assert numbers == {"train__none__s0": _numbers(clean_run / "root")["train__none__s0"]}
 
 
 def test_an_interrupted_training_task_resumes_from_its_latest_checkpoint(tmp_path: Path) -> None:

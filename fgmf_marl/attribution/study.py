@@ -59,7 +59,11 @@ class Samples:
 
 def collect_samples(view: PolicyLike, venv: Any, n_episodes: int, every: int = 4, seed: int = 0,
                     perturb: Perturb | None = None) -> Samples:
-    """Observations, taken actions and relevance masks at every ``every``-th step of each episode."""
+    """Observations, taken actions and relevance masks at every ``every``-th step of ``n_episodes`` episodes.
+
+    Only the episodes ``rollout`` counts are sampled, so ``n_episodes`` means episodes in total
+    whatever the number of env copies.
+    """
     if not hasattr(venv, "relevance_masks"):
         raise ValueError("explanation metrics need ground-truth relevance masks: use the native env")
     obs, target, masks = [], [], []
@@ -67,7 +71,7 @@ def collect_samples(view: PolicyLike, venv: Any, n_episodes: int, every: int = 4
     def hook(rec: StepRecord) -> None:
         n = rec.n_agents
         for b in range(len(rec.t)):
-            if rec.t[b] % every == 0:
+            if rec.counted[b] and rec.t[b] % every == 0:
                 sl = slice(b * n, (b + 1) * n)
                 obs.append(rec.seen_obs[sl].cpu())
                 target.append(torch.as_tensor(rec.actions[sl]))

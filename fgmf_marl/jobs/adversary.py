@@ -65,9 +65,11 @@ def train_adversary(cfg: AdversaryConfig, run_root: str | Path, progress: bool =
 def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog=PROG, description="Train a PA-AD-style adversary director against a frozen victim "
                            "checkpoint. Extra KEY=VALUE arguments override config keys.")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (keys of AdversaryConfig)")
-    p.add_argument("--victim", required=True, help="victim run directory or .zip checkpoint")
-    p.add_argument("--config", type=Path, help="YAML config (keys as in an adversary run's config.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, keys of AdversaryConfig, "
+                   "e.g. n_envs=8 (default: none)")
+    p.add_argument("--victim", required=True, help="victim run directory or .zip checkpoint (required)")
+    p.add_argument("--config", type=Path, help="YAML config, keys as in an adversary run's config.yaml "
+                   "(default: none, the built-in defaults)")
     p.add_argument("--eps", type=float, help="budget in 1/255 units (default 8)")
     p.add_argument("--timesteps", type=int, help="director steps to train (default 20000)")
     cli.add_runtime_flags(p)

@@ -473,17 +473,21 @@ def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog=PROG, description="Evaluate checkpoints against a grid of attacks x eps x seeds x "
                            "episodes; writes episodes.csv, results.md, robustness curves and (with --audit) the "
                            "gradient-masking audit.")
-    p.add_argument("checkpoints", nargs="*", help="run directories or .zip checkpoints written by train_marl.py")
-    p.add_argument("--config", type=Path, help="YAML evaluation config (keys as in an evaluation's config.yaml)")
+    p.add_argument("checkpoints", nargs="*", help="run directories or .zip checkpoints written by train_marl.py "
+                   "(default: those of --config; at least one is needed)")
+    p.add_argument("--config", type=Path, help="YAML evaluation config, keys as in an evaluation's config.yaml "
+                   "(default: none, the built-in defaults)")
     p.add_argument("--attacks", nargs="+", metavar="SPEC",
                    help=f"attack specs name[:key=value,...]; names: {', '.join(ATTACKS)}; presets: "
                         f"{', '.join(PRESETS)} (strong[:steps=N,restarts=R]: PGD-20 x5 restarts, least-likely PGD, "
                         "mad, critic, square, + transfer/bpda/eot/adversary where they apply) (default: random fgsm "
                         "pgd mad critic; e.g. pgd:steps=20 transfer:surrogate=runs/other adversary:path=runs/adv)")
     p.add_argument("--surrogate", metavar="RUN_OR_ZIP",
-                   help="for a preset: an independently trained vanilla policy to transfer attacks from")
+                   help="for a preset: an independently trained vanilla policy to transfer attacks from "
+                        "(default: none, the preset has no transfer attack)")
     p.add_argument("--adversary", metavar="RUN",
-                   help="for a preset: a director (train_adversary.py) trained against the one checkpoint given")
+                   help="for a preset: a director (train_adversary.py) trained against the one checkpoint given "
+                        "(default: none, the preset has no learned adversary)")
     p.add_argument("--eps", help="comma-separated budgets in 1/255 units (default 1,2,4,8)")
     p.add_argument("--seeds", help="comma-separated seeds (default 0)")
     p.add_argument("--episodes", type=int, help="episodes per seed and grid cell (default 8)")
@@ -492,7 +496,8 @@ def build_parser() -> cli.ArgumentParser:
     cli.add_runtime_flags(p, seed=False)
     p.add_argument("--audit", action="store_true", help="also run the gradient-masking audit")
     p.add_argument("--audit-obs", type=int, help="observations the audit uses (default 256)")
-    p.add_argument("--log-explanations", metavar="DIR", help="write an oversight log (PGCA per step) for every cell")
+    p.add_argument("--log-explanations", metavar="DIR", help="write an oversight log (PGCA per step) "
+                   "for every cell into DIR (default: no log)")
     p.add_argument("--log-every", type=int, help="log every k-th step of each episode (default 1)")
     p.add_argument("--append", action="store_true",
                    help="add to oversight logs that already exist (default: refuse; a log belongs to one run)")

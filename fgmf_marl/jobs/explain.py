@@ -115,7 +115,8 @@ def build_parser() -> cli.ArgumentParser:
     defaults = ExplainConfig()
     p = cli.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--checkpoint", help="run directory (runs/<name>) or a .zip checkpoint (required)")
-    p.add_argument("--config", type=Path, help="YAML config (keys as in an explain_eval_config.yaml)")
+    p.add_argument("--config", type=Path, help="YAML config, keys as in an explain_eval_config.yaml "
+                   "(default: none, the built-in defaults)")
     p.add_argument("--episodes", type=int, help=f"evaluation episodes in total (default {defaults.episodes})")
     p.add_argument("--every", type=int, help=f"keep every k-th step of each episode (default {defaults.every})")
     p.add_argument("--n-envs", type=int, help=f"parallel env copies (default {defaults.n_envs})")

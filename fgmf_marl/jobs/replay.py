@@ -102,19 +102,22 @@ def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog=PROG, description="Verify, render and report fgmf-marl oversight logs.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=cli.ArgumentParser)
     v = sub.add_parser("verify", help="check the manifest's hash chain, seal, HMACs and every file's SHA-256")
-    v.add_argument("target", metavar="log_dir")
-    v.add_argument("--expect-head", metavar="H", help="the head hash printed when the log was closed (kept elsewhere)")
-    v.add_argument("--log-key-file", metavar="F", help="file holding the HMAC key the log was written with")
+    v.add_argument("target", metavar="log_dir", help="the oversight log directory to verify")
+    v.add_argument("--expect-head", metavar="H", help="the head hash printed when the log was "
+                   "closed, kept elsewhere (default: none, the log is checked against itself)")
+    v.add_argument("--log-key-file", metavar="F", help="file holding the HMAC key the log was written with "
+                   "(default: $FGMF_LOG_KEY_FILE if set, else no key)")
     r = sub.add_parser("render", help="MP4/GIF replay with PGCA overlays")
     r.add_argument("target", metavar="episode", help="<log dir>/ep_NNNNNN or <log dir>:N")
     r.add_argument("-o", "--out", help="output path without suffix (default: next to the episode)")
     r.add_argument("--fps", type=float, help="frames per second (default 4)")
-    r.add_argument("--scale", type=int, help="pixel upscaling of the 48x48 observations (default 4)")
+    r.add_argument("--scale", type=int, help="pixel upscaling of the observations (default 4)")
     r.add_argument("--format", choices=["mp4", "gif", "both"], help="video format (default both)")
     h = sub.add_parser("report", help="self-contained HTML report of an episode or a log directory")
     h.add_argument("target", help="<log dir>, <log dir>/ep_NNNNNN or <log dir>:N")
     h.add_argument("-o", "--out", help="output .html (default: <target>.html or <log dir>/report.html)")
-    h.add_argument("--log-key-file", metavar="F", help="HMAC key file, to check the log's HMACs for the verdict")
+    h.add_argument("--log-key-file", metavar="F", help="HMAC key file, to check the log's HMACs for the verdict "
+                   "(default: $FGMF_LOG_KEY_FILE if set, else no key)")
     return p
 
 

@@ -309,8 +309,10 @@ def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(prog=PROG, description="Train a team of vision agents with shared-parameter PPO "
                                 "(optionally FGMF-defended). Extra KEY=VALUE arguments override config keys, "
                                 "e.g. ppo.learning_rate=1e-4 env.native.n_agents=4.")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (dotted keys)")
-    parser.add_argument("--config", type=Path, help="YAML config file (keys as in a run's config.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, dotted keys, e.g. "
+                        "ppo.learning_rate=1e-4 (default: none)")
+    parser.add_argument("--config", type=Path, help="YAML config file, keys as in a run's "
+                        "config.yaml (default: none, the built-in defaults)")
     parser.add_argument("--env", choices=ENVIRONMENTS, help="environment (default: native)")
     parser.add_argument("--policy", choices=("cnn", "vit"), help="policy backbone (default: cnn)")
     parser.add_argument("--defense", choices=DEFENSE_KINDS, help="defense (default: none, the reference every "

@@ -51,3 +51,7 @@ class TrainConfig:
             raise ConfigError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         check_range("log_every", self.log_every, 1, 100_000)
         check_range("eval_episodes", self.eval_episodes, 1, 100_000)
+        size = self.env.image_size
+        if self.policy.backbone == "vit" and size % self.policy.vit_patch_size:
+            raise ConfigError(f"policy.vit_patch_size={self.policy.vit_patch_size} must divide the image size {size} "
+                              "(env.native.size or env.adapter.size)")
