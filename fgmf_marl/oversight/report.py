@@ -168,7 +168,7 @@ def _section(ep: Episode) -> str:
 
 
 def build_report(target: str | Path, out: str | Path, *, max_episodes: int = 20, key: bytes | None = None) -> Path:
-    """Write the HTML report for an episode (``<dir>/ep_XXXXXX``) or a whole log directory.
+    """Write the HTML report for an episode (``<dir>/ep_NNNNNN``) or a whole log directory.
 
     For a directory the page shows ``verify(target, key=key)``'s verdict; a manifest naming a path
     outside the log, or an unreadable episode file, is a one-line ConfigError and no page is written.

@@ -444,7 +444,7 @@ class Episode:
 
 
 def load_episode(path: str | Path) -> Episode:
-    """Load an episode from ``<dir>/ep_XXXXXX`` (with or without extension, .npz or .json).
+    """Load an episode from ``<dir>/ep_NNNNNN`` (with or without extension, .npz or .json).
 
     A missing or unreadable file (not a zip, not UTF-8 JSON, pickled arrays) is a one-line
     ConfigError naming it. Pickles are refused: a log is data, not code.
