@@ -106,8 +106,12 @@ def check_output_dir(path: str | Path, what: str = "output folder") -> None:
 
 
 def _abandoned(run: RunDir) -> bool:
-    """True for a run killed before its first checkpoint: no checkpoint, only the files a run writes."""
-    return not run.has_checkpoint() and {p.name for p in run.root.iterdir()} <= RUN_FILES
+    """True for a run killed before its first checkpoint: no checkpoint, only the files a run writes.
+
+    The temp files of an atomic write a kill interrupted (``.<name>.<random>.tmp``) count as the run's.
+    """
+    names = {p.name for p in run.root.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp"))}
+    return not run.has_checkpoint() and names <= RUN_FILES
 
 
 @contextmanager

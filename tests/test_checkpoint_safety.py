@@ -128,3 +128,18 @@ def test_a_checkpoint_of_another_image_size_is_a_one_line_error(runs: dict[str, 
     assert evaluate.entry([str(run), "--out", str(tmp_path / "eval"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert "could not be loaded" in err and len(err.splitlines()) == 1 and not (tmp_path / "eval").exists()
+
+
+def test_a_surrogate_or_director_of_another_image_size_is_a_one_line_error(runs: dict[str, Path], tmp_path: Path,
+                                                                           capsys) -> None:
+    small = tmp_path / "small"
+    assert train.entry(["--timesteps", "192", "--run-dir", str(small), "--no-progress", *TINY,
+                        "env.native.size=32"]) == 0
+    capsys.readouterr()
+    cases = ((runs["victim"], f"transfer:surrogate={small}", "transfer surrogate sees observations (3, 32, 32)"),
+             (small, f"adversary:path={runs['director']}", "adversary director sees observations (9, 48, 48)"))
+    for victim, attack, message in cases:
+        out = tmp_path / "eval"
+        assert evaluate.entry([str(victim), "--attacks", attack, "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and not out.exists(), err

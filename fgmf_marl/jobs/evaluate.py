@@ -49,14 +49,14 @@ from matplotlib.figure import Figure
 from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
 
-from agents.adversary import LoadedAdversary
+from agents.adversary import AdversaryAttack, LoadedAdversary
 from agents.policy_view import PolicyView
 from envs.reference import normalise
 from envs.registry import MAX_ENVS, make_vec_env, n_agents_of, reference_for
 from fgmf_marl import config as cfglib
 from fgmf_marl import seeds
 from fgmf_marl.atomic import atomic_write, atomic_write_text
-from fgmf_marl.attacks import ATTACKS, PRESETS, Attack, expand_presets, has_gate, make_attack, parse_spec
+from fgmf_marl.attacks import ATTACKS, PRESETS, Attack, Transfer, expand_presets, has_gate, make_attack, parse_spec
 from fgmf_marl.attacks.base import MAX_ITERATIONS
 from fgmf_marl.audit import AuditConfig, AuditReport, audit
 from fgmf_marl.config import ConfigError, check_device, check_range, check_seed
@@ -164,6 +164,26 @@ class EvalResult:
 
 def _attack_label(spec: str) -> str:
     return spec.replace(":", "[", 1) + "]" if ":" in spec else spec
+
+
+def check_fits(attack: Attack, victims: list[Victim]) -> None:
+    """A one-line ConfigError when a transfer surrogate or a learned adversary was built for other images.
+
+    Both carry a policy of their own; one trained on another env's observations would otherwise
+    fail inside the first episode with a shape error that names nothing the user typed.
+    """
+    for victim in victims:
+        shape = tuple(victim.model.observation_space.shape)
+        if isinstance(attack, Transfer):
+            theirs = tuple(attack.surrogate.policy.observation_space.shape)
+            if theirs != shape:
+                raise ConfigError(f"transfer surrogate sees observations {theirs}, the victim {victim.label} {shape}; "
+                                  "accepted: a surrogate trained on the victim's env")
+        if isinstance(attack, AdversaryAttack):
+            theirs = tuple(attack.director.observation_space.shape)
+            if theirs[1:] != shape[1:] or theirs[0] != attack.n_agents * shape[0]:
+                raise ConfigError(f"adversary director sees observations {theirs}, built for victims other than "
+                                  f"{victim.label} {shape}; accepted: a director trained against this victim's env")
 
 
 def build_attacks(cfg: EvalConfig, eps255: float, n_actions: int | None = None) -> list[tuple[str, Attack]]:
@@ -402,6 +422,8 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
     cfg = expand_attacks(cfg, victims)
     n_actions = min(v.view.n_actions for v in victims)
     grid = {e: build_attacks(cfg, e, n_actions) for e in cfg.eps}              # unknown attack / option -> ConfigError
+    for attack in (a for attacks in grid.values() for _, a in attacks):
+        check_fits(attack, victims)                                            # another env's policy -> ConfigError
     log_root = Path(cfg.log_explanations) if cfg.log_explanations else None
 
     def log_dir(victim: Victim, label: str, e: float, seed: int) -> Path | None:
