@@ -89,6 +89,7 @@ def test_linear_lr_schedule_anneals_to_zero(tmp_path: Path, trained_run: RunDir)
     (["ppo.not_a_key=1"], "unknown config key 'ppo.not_a_key'"),
     (["ppo.n_steps=abc"], "'ppo.n_steps' must be an integer"),
     (["ppo.learning_rate=-1"], "ppo.learning_rate=-1.0 must be in (0, 1]"),
+    (["ppo.n_steps=100000", "env.n_envs=4096"], "GiB rollout buffer; accepted: up to 8 GiB"),
     (["ppo.lr_schedule=cosine"], "ppo.lr_schedule"),
     (["policy.train_dtype=float16"], "policy.train_dtype"),
     (["env.name=nope"], "unknown environment 'nope'"),

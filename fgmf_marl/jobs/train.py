@@ -45,6 +45,8 @@ from fgmf_marl.rollout import rollout
 from fgmf_marl.runs import RunDir, staged_run_dir
 
 PROG = "train_marl.py"
+#: SB3 keeps a rollout's observations as float32; a buffer beyond this is a typo, not an experiment
+MAX_BUFFER_BYTES = 8 * 2**30
 
 
 class TeamReturnCallback(BaseCallback):
@@ -236,8 +238,13 @@ def check_resume(trained: TrainConfig, requested: TrainConfig) -> None:
 def training_env(cfg: TrainConfig) -> tuple[VecEnv, AttackedVecEnv | None]:
     """The VecEnv the team trains on and, with adversarial training, its attacker wrapper (the same object)."""
     venv = make_vec_env(cfg.env, seed=cfg.seed)
-    if cfg.ppo.batch_size > cfg.ppo.n_steps * venv.num_envs:
+    buffer_bytes = 4 * cfg.ppo.n_steps * venv.num_envs * int(np.prod(venv.observation_space.shape))  # float32
+    if cfg.ppo.batch_size > cfg.ppo.n_steps * venv.num_envs or buffer_bytes > MAX_BUFFER_BYTES:
         venv.close()
+        if buffer_bytes > MAX_BUFFER_BYTES:
+            raise ConfigError(f"ppo.n_steps={cfg.ppo.n_steps} x {venv.num_envs} slots of {venv.observation_space.shape} "
+                              f"images needs a {buffer_bytes / 2**30:.0f} GiB rollout buffer; accepted: up to "
+                              f"{MAX_BUFFER_BYTES / 2**30:.0f} GiB (fewer env.n_envs or ppo.n_steps)")
         raise ConfigError(f"ppo.batch_size={cfg.ppo.batch_size} exceeds the rollout size n_steps x slots = "
                           f"{cfg.ppo.n_steps * venv.num_envs}")
     if cfg.adversary.kind == "none":
