@@ -126,7 +126,7 @@ def part2(args) -> None:
                 rollout(view, venv, args.episodes)
                 size = 0.0
             else:
-                with OversightLogger.for_venv(tmp, view, venv, every=every, n_episodes=args.episodes) as log:
+                with OversightLogger.for_venv(tmp, view, venv, every=every) as log:
                     rollout(view, venv, args.episodes, step_hook=log.step_hook)
                 import pathlib
                 size = sum(p.stat().st_size for p in pathlib.Path(tmp).iterdir()) / 2**20

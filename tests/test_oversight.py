@@ -68,7 +68,7 @@ def write_log(folder: Path, n_episodes: int = 3, every: int = 1, perturb=None, a
               tb_writer=None):
     view = make_view()
     venv = make_venv()
-    with OversightLogger(folder, view, every=every, n_episodes=n_episodes, attack_name=attack,
+    with OversightLogger(folder, view, every=every, attack_name=attack,
                          pgca=PGCA(view, grid=4), tb_writer=tb_writer) as log:
         result = rollout(view, venv, n_episodes, perturb=perturb, step_hook=log.step_hook)
     log.writer.close()  # seal (idempotent: a logger that seals on close makes this a no-op)
@@ -245,7 +245,7 @@ def test_logger_on_native_env_records_frames_relevance_and_scores(tmp_path: Path
     venv = CoverageVecEnv(CoverageConfig(max_steps=4), n_envs=2, seed=3)
     view = make_view(size=48)
     rendered = []
-    with OversightLogger.for_venv(tmp_path, view, venv, n_episodes=2, pgca=PGCA(view, grid=4),
+    with OversightLogger.for_venv(tmp_path, view, venv, pgca=PGCA(view, grid=4),
                                   run_info={"checkpoint": "test"}) as log:
         def hook(rec):
             log.step_hook(rec)

@@ -231,7 +231,7 @@ def run_cell(victim: Victim, attack: Attack | None, label: str, eps255: float, s
         hook, logger = None, None
         if log_dir is not None:
             logger = OversightLogger.for_venv(log_dir, victim.view, venv, every=cfg.log_every, attack_name=label,
-                                              n_episodes=cfg.episodes, append=cfg.log_append, key=log_key,
+                                              append=cfg.log_append, key=log_key,
                                               run_info={"checkpoint": victim.path, "attack": label, "eps255": eps255,
                                                         "seed": seed})
             hook = logger.step_hook

@@ -179,7 +179,7 @@ def evaluate_clean(model: PPO, cfg: TrainConfig, episodes: int, log_dir: Path | 
     view = PolicyView.from_model(model)
     logger = None
     if log_dir is not None:
-        logger = OversightLogger.for_venv(log_dir, view, venv, every=cfg.log_every, n_episodes=episodes, key=log_key,
+        logger = OversightLogger.for_venv(log_dir, view, venv, every=cfg.log_every, key=log_key,
                                           run_info={"checkpoint": "final", "seed": eval_seed})
     try:
         result = rollout(view, venv, episodes, n_agents=n_agents_of(venv, cfg.env),

@@ -11,8 +11,8 @@ rewards, attack facts) are kept for every step; images and explanations for ever
 of an episode (``every=1`` logs everything; larger values bound the overhead). An episode is written
 (atomically, then chained into the manifest, see :mod:`fgmf_marl.oversight.store`) when it ends;
 episodes still running when the logger closes are dropped, as ``rollout`` drops them from its returns.
-With ``n_episodes`` given, env copy ``i`` logs only its first ``(n_episodes + i) // n_envs`` episodes,
-exactly the episodes ``rollout`` counts.
+Only the episodes ``rollout`` counts are logged (``StepRecord.counted``), so a log holds exactly the
+episodes whose returns the evaluation reports.
 
 What is explained is the action the agent took, on the observation it saw (attacked or not): the
 reviewer's question is "what did the agent look at when it acted". Attack facts per agent-step:
@@ -68,7 +68,7 @@ class OversightLogger:
     """
 
     def __init__(self, log_dir: str | Path, view: PolicyLike, *, every: int = 1, attack_name: str | None = None,
-                 n_episodes: int | None = None, pgca: PGCA | None = None,
+                 pgca: PGCA | None = None,
                  frame_fn: Callable[[], np.ndarray] | None = None, tb_writer: Any = None,
                  run_info: dict[str, Any] | None = None, action_names: Sequence[str] | None = None,
                  append: bool = False, key: bytes | None = None) -> None:
@@ -76,7 +76,7 @@ class OversightLogger:
             raise ValueError(f"log every must be >= 1 step, got {every}")
         self.writer = LogWriter(log_dir, append=append, key=key)
         self.view, self.every, self.attack_name = view, every, attack_name
-        self.n_episodes, self.frame_fn, self.tb = n_episodes, frame_fn, tb_writer
+        self.frame_fn, self.tb = frame_fn, tb_writer
         self.pgca = pgca or PGCA(view)
         self.run_info = run_info or {}
         self.action_names = list(action_names) if action_names is not None else None
@@ -93,7 +93,7 @@ class OversightLogger:
         env does); the logger asks for them by name so that it never imports an environment.
         This is what ``--log-explanations DIR`` in ``evaluate.py`` / ``train_marl.py`` calls::
 
-            log = OversightLogger.for_venv(DIR, view, venv, every=k, attack_name=..., n_episodes=n)
+            log = OversightLogger.for_venv(DIR, view, venv, every=k, attack_name=...)
             rollout(view, venv, n, perturb=..., step_hook=log.step_hook); log.close()
         """
         if callable(getattr(venv, "global_frames", None)):
@@ -103,14 +103,11 @@ class OversightLogger:
         return cls(log_dir, view, **kwargs)
 
     # ------------------------------------------------------------------ hook
-    def _target_count(self, env: int, n_envs: int) -> float:
-        return float("inf") if self.n_episodes is None else (self.n_episodes + env) // n_envs
-
     def step_hook(self, record: Any) -> None:
         """Pass as ``rollout(..., step_hook=logger.step_hook)``."""
         n = record.n_agents
         n_envs = len(record.t)
-        active = [b for b in range(n_envs) if record.episode[b] < self._target_count(b, n_envs)]
+        active = [b for b in range(n_envs) if record.counted[b]]
         if not active:
             return
         seen, clean = record.seen_obs.detach(), record.clean_obs.detach()
