@@ -109,6 +109,10 @@ class EvalSpec:
     ``overrides`` are the job's KEY=VALUE keys (``EvalConfig``, ``ExplainConfig``, ``AdversaryConfig``);
     the checkpoint is filled in. ``adversary`` (kind ``evaluate`` only) names an ``adversary`` evaluation
     whose director, trained against the same run, is then one of the attacks (``--adversary``).
+    ``surrogate`` (kind ``evaluate`` only) names a run group whose policies feed the preset's transfer
+    attack (``--surrogate``): for the victim at position i of its seed list, the surrogate group's
+    seeds other than the victim's own, taken cyclically at i, so a surrogate is always trained from
+    another seed, independently of its victim (same seed would mean the same initial weights).
     """
 
     name: str = ""
@@ -117,6 +121,7 @@ class EvalSpec:
     overrides: list[str] = field(default_factory=list)
     quick: list[str] = field(default_factory=list)
     adversary: str | None = None
+    surrogate: str | None = None
 
 
 @dataclass
@@ -196,6 +201,16 @@ class Experiment:
                                       f"{', '.join(n for n, k in kinds.items() if k == 'adversary') or 'none'}")
                 other = next(e for e in self.evaluations if e.name == ev.adversary)
                 _known(f"{where}.runs", ev.runs, other.runs, f"run of adversary evaluation {other.name!r}")
+            if ev.surrogate is not None:
+                if ev.kind != "evaluate":
+                    raise ConfigError(f"{where}.surrogate is for evaluate evaluations, not {ev.kind}")
+                _known(f"{where}.surrogate", [ev.surrogate], runs, "run")
+                group = next(r for r in self.runs if r.name == ev.surrogate)
+                for name in ev.runs:
+                    seeds = next(r for r in self.runs if r.name == name).seeds
+                    if any(not [s for s in group.seeds if s != seed] for seed in seeds):
+                        raise ConfigError(f"{where}.surrogate={ev.surrogate!r} has no seed other than the victim's "
+                                          f"(seeds {group.seeds}); accepted: a run group with another seed")
         for i, table in enumerate(self.tables):
             where = f"tables[{i}] ({table.name})"
             if not table.rows or not table.columns:
@@ -323,6 +338,13 @@ def _resolve(cls: type, overrides: list[str], base: dict[str, Any], where: str) 
         raise ConfigError(f"{where}: {exc}") from None
 
 
+def _surrogate_seed(exp: Experiment, group: str, run_name: str, seed: int) -> int:
+    """The surrogate group's seed for the victim ``run_name``/``seed`` (rule: see :class:`EvalSpec`)."""
+    victim_seeds = next(r for r in exp.runs if r.name == run_name).seeds
+    others = [s for s in next(r for r in exp.runs if r.name == group).seeds if s != seed]
+    return others[victim_seeds.index(seed) % len(others)]
+
+
 def expand(exp: Experiment, *, quick: bool, where: str = "experiment") -> list[Task]:
     """Every task of ``exp``, dependencies first; each job config resolved (and so validated) now."""
     if quick and not exp.quick:
@@ -353,6 +375,9 @@ def expand(exp: Experiment, *, quick: bool, where: str = "experiment") -> list[T
                     if ev.adversary is not None:
                         deps.append(by_eval[ev.adversary, run_name, seed])
                         base["adversary"] = deps[-1].out
+                    if ev.surrogate is not None:
+                        deps.append(trains[ev.surrogate, _surrogate_seed(exp, ev.surrogate, run_name, seed)])
+                        base["surrogate"] = deps[-1].out
                 elif ev.kind == "explain":
                     base = {"checkpoint": train.out}
                 else:
@@ -544,7 +569,8 @@ def run_tasks(root: Path, tasks: list[Task], *, max_parallel: int, address: str 
     in_flight: dict[Any, tuple[Task, float]] = {}
     try:
         while todo or in_flight:
-            for task in list(todo):
+            # ready evaluations before new training, then training seed by seed: tables fill row by row
+            for task in sorted(todo, key=lambda t: (t.kind == "train", t.seed)):
                 states = [records.get(d, {}).get("status") for d in task.deps]
                 if any(s in ("failed", "blocked") for s in states):
                     todo.remove(task)
