@@ -188,6 +188,11 @@ def n_agents_of(venv: VecEnv, cfg: EnvConfig) -> int:
     return venv.num_envs // cfg.n_envs
 
 
+def horizon(cfg: EnvConfig) -> int:
+    """The most steps an episode can last (``native.max_steps`` or ``adapter.max_cycles``): what step budgets are fractions of."""
+    return cfg.native.max_steps if cfg.name == "native" else cfg.adapter.max_cycles
+
+
 def reference_for(cfg: EnvConfig) -> ReferenceReturns | None:
     """Random/oracle team returns that normalise this env's returns; None for envs without an oracle."""
     return reference_returns(cfg.native) if cfg.name == "native" else None

@@ -52,6 +52,9 @@ class RolloutResult:
     flip_rate: float            # fraction of agent-steps whose greedy action differs from the clean one
     agent_steps: int
     episode_flip_rates: np.ndarray  # (n_episodes,) the same fraction within each episode
+    episode_attacked_steps: np.ndarray        # (n_episodes,) steps where some agent's observation was changed
+    episode_attacked_agent_steps: np.ndarray  # (n_episodes,) agent-steps whose observation was changed
+    episode_max_attacked_agents: np.ndarray   # (n_episodes,) most agents of the env attacked in one step
 
 
 def _to_float(obs: np.ndarray, device: torch.device) -> Tensor:
@@ -75,8 +78,11 @@ def rollout(view: PolicyLike, venv: VecEnv, n_episodes: int, *, n_agents: int | 
     """Run ``n_episodes`` episodes in total over all env copies of ``venv`` and return their returns.
 
     ``perturb(clean_obs01) -> seen_obs01`` is called once per step with all slots' observations;
-    attacks restrict themselves to the agents they target. ``n_agents`` defaults to
-    ``venv.n_agents`` (the native env has it).
+    attacks restrict themselves to the agents they target. A perturbation with an episode budget
+    also has ``end_episodes(env_done)``, called after every step with the envs whose episode ended.
+    What an attack spent is measured here, not asked of it: a slot counts as attacked when its seen
+    observation differs from the clean one. ``n_agents`` defaults to ``venv.n_agents`` (the native
+    env has it).
     """
     if n_episodes < 1:
         raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
@@ -98,6 +104,11 @@ def rollout(view: PolicyLike, venv: VecEnv, n_episodes: int, *, n_agents: int | 
     agent_steps = 0
     flip_acc = np.zeros(n_envs, dtype=int)
     episode_flip_rates: list[float] = []
+    attacked_steps = np.zeros(n_envs, dtype=int)
+    attacked_agent_steps = np.zeros(n_envs, dtype=int)
+    max_attacked = np.zeros(n_envs, dtype=int)
+    spent: dict[str, list[int]] = {"steps": [], "agent_steps": [], "max_agents": []}
+    end_episodes = getattr(perturb, "end_episodes", None)
 
     was_training = view.training
     view.eval()
@@ -116,6 +127,11 @@ def rollout(view: PolicyLike, venv: VecEnv, n_episodes: int, *, n_agents: int | 
             flipped = (greedy != clean_actions).reshape(n_envs, n_agents).sum(axis=1)
             flips += int((flipped * (done_count < targets)).sum())
             flip_acc += flipped
+            if perturb is not None:
+                touched = (seen != clean).flatten(1).any(1).reshape(n_envs, n_agents).sum(1).cpu().numpy()
+                attacked_steps += touched > 0
+                attacked_agent_steps += touched
+                max_attacked = np.maximum(max_attacked, touched)
             agent_steps += int(active.sum())
             if step_hook is not None:
                 step_hook(StepRecord(t=step_in_ep.copy(), episode=done_count.copy(), clean_obs=clean, seen_obs=seen,
@@ -127,21 +143,30 @@ def rollout(view: PolicyLike, venv: VecEnv, n_episodes: int, *, n_agents: int | 
             agent_acc += per_env
             step_in_ep += 1
             env_done = dones.reshape(n_envs, n_agents).all(axis=1)
+            if end_episodes is not None:
+                end_episodes(env_done)
             for b in np.flatnonzero(env_done):
                 if done_count[b] < targets[b]:
                     team_returns.append(float(team_acc[b]))
                     agent_returns.append(agent_acc[b].copy())
                     lengths.append(int(step_in_ep[b]))
                     episode_flip_rates.append(flip_acc[b] / (step_in_ep[b] * n_agents))
+                    spent["steps"].append(int(attacked_steps[b]))
+                    spent["agent_steps"].append(int(attacked_agent_steps[b]))
+                    spent["max_agents"].append(int(max_attacked[b]))
                     bar.update(1)
                 done_count[b] += 1
                 team_acc[b] = 0.0
                 agent_acc[b] = 0.0
                 step_in_ep[b] = 0
                 flip_acc[b] = 0
+                attacked_steps[b] = attacked_agent_steps[b] = max_attacked[b] = 0
     finally:
         bar.close()
         view.train(was_training)
     return RolloutResult(team_returns=np.array(team_returns), agent_returns=np.array(agent_returns),
                          lengths=np.array(lengths), flip_rate=flips / max(agent_steps, 1), agent_steps=agent_steps,
-                         episode_flip_rates=np.array(episode_flip_rates))
+                         episode_flip_rates=np.array(episode_flip_rates),
+                         episode_attacked_steps=np.array(spent["steps"], dtype=int),
+                         episode_attacked_agent_steps=np.array(spent["agent_steps"], dtype=int),
+                         episode_max_attacked_agents=np.array(spent["max_agents"], dtype=int))

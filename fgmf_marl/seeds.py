@@ -10,6 +10,8 @@ from __future__ import annotations
 EVALUATION = 10_000
 #: the episodes a learned adversary (director) trains on against a frozen victim
 ADVERSARY_TRAINING = 20_000
+#: the clean episodes a budgeted attacker calibrates its step threshold on (``evaluate.py`` budgets)
+BUDGET_CALIBRATION = 30_000
 #: the episodes ``explain_eval.py`` explains
 EXPLANATION = 424_242
 

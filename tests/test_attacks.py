@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from agents.policy_view import PolicyView
 from fgmf_marl.attacks import (ATTACKS, BPDA, EOT, FGSM, MAD, PGD, CriticAttack, RandomNoise, Square,
-                               StrategicallyTimed, Transfer, make_attack, parse_spec, project, slot_mask)
+                               Transfer, make_attack, parse_spec, project, slot_mask)
 from fgmf_marl.attacks.gradient import objective_values
 from fgmf_marl.config import ConfigError
 from helpers import tiny_view
@@ -56,7 +56,6 @@ def all_attacks(eps: float, surrogate: nn.Module, quantize: bool = False) -> lis
     return [RandomNoise(eps, quantize=quantize), FGSM(eps, quantize=quantize), PGD(eps, steps=3, quantize=quantize),
             PGD(eps, steps=3, targeted=True, target_action=0, quantize=quantize), MAD(eps, steps=2, quantize=quantize),
             CriticAttack(eps, steps=2, quantize=quantize), Square(eps, queries=5, quantize=quantize),
-            StrategicallyTimed(PGD(eps, steps=2, quantize=quantize), threshold=0.0),
             BPDA(PGD(eps, steps=2, quantize=quantize)), EOT(PGD(eps, steps=2, quantize=quantize), samples=2),
             Transfer(surrogate, PGD(eps, steps=2, quantize=quantize))]
 
@@ -284,21 +283,6 @@ def test_eot_recovers_the_expected_gradient_of_a_randomised_policy():
     fgsm = FGSM(eps, objective="targeted")
     assert agree(fgsm(view, x, target=1 - a)) < 0.7          # one sample: half the pixels see no gradient
     assert agree(EOT(fgsm, samples=32)(view, x, target=1 - a)) > 0.99
-
-
-def test_strategically_timed_attacks_only_confident_rows():
-    torch.manual_seed(0)
-    view = cnn_view()
-    x = rand_obs(64)
-    with torch.no_grad():
-        p = torch.softmax(view(x), -1)
-    pref = p.amax(1) - p.amin(1)
-    threshold = float(pref.median())
-    attack = StrategicallyTimed(PGD(8 / 255, steps=3), threshold=threshold)
-    adv = attack(view, x)
-    changed = (adv != x).flatten(1).any(1)
-    assert torch.equal(changed, pref > threshold)
-    assert attack.last_attacked_fraction == pytest.approx(float((pref > threshold).float().mean()))
 
 
 def test_transfer_never_queries_the_victim_and_matches_the_surrogate_optimum():

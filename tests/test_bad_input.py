@@ -90,7 +90,7 @@ CASES: list[tuple[str, str, str]] = [
     ("evaluate", "--attacks pgd:targeted=yes_please", "targeted must be true or false"),
     ("evaluate", "--attacks square:queries=0", "queries=0"),
     ("evaluate", "--attacks square:p_init=.nan", "p_init=nan"),
-    ("evaluate", "--attacks timed:threshold=.nan", "threshold=nan"),
+    ("evaluate", "--budget-steps nan", "budget_steps"),
     ("evaluate", "--attacks eot:samples=1e9", "samples='1e9'"),
     ("evaluate", "--device cuda:abc", "device='cuda:abc'"),
     ("evaluate", "--config {latin1}", "latin1.yaml' is not UTF-8"),

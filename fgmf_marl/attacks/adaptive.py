@@ -1,4 +1,6 @@
-"""Adaptive attacks and attack wrappers: BPDA through the input gate, EOT, strategic timing.
+"""Adaptive attacks and attack wrappers: BPDA through the input gate, EOT.
+
+Strategic timing (Lin et al. 2017) is a budgeted attacker's selector: :mod:`fgmf_marl.attacks.budget`.
 
 * :class:`BPDA` (Athalye et al. 2018): run any attack with the victim's input gate (``PolicyLike.set_gate``)
   replaced by a straight-through version, forward value unchanged, backward = identity
@@ -8,8 +10,6 @@
   its own backward pass is bypassed, while the loss the attack evaluates is still the real one.
 * :class:`EOT`: a gradient attack with gradients averaged over ``samples`` forward passes, for
   victims with randomness in the forward pass.
-* :class:`StrategicallyTimed` (Lin et al. 2017): attack a row only when the policy's preference
-  c(x) = max_a pi(a|x) - min_a pi(a|x) exceeds ``threshold``: few, well-placed perturbations.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Any, Iterator, Literal
 import torch
 from torch import Tensor, nn
 
-from fgmf_marl.attacks.base import Attack, check_count, check_number
+from fgmf_marl.attacks.base import Attack, check_count
 from fgmf_marl.attacks.gradient import GradientAttack
 from fgmf_marl.policy import PolicyLike
 
@@ -106,28 +106,3 @@ class EOT(Attack):
 
     def _attack(self, view: PolicyLike, clean: Tensor, target: Tensor | None) -> Tensor:
         return self.attack.perturb(view, clean, target=target)
-
-
-class StrategicallyTimed(Attack):
-    """Attack only rows where max pi - min pi > ``threshold`` (Lin et al. 2017), with ``attack``.
-
-    ``last_attacked_fraction`` records the share of rows attacked by the latest call, the quantity
-    Lin et al. budget; evaluation reports it next to the return.
-    """
-
-    name = "timed"
-
-    def __init__(self, attack: Attack, threshold: float = 0.5) -> None:
-        self.threshold = check_number("threshold", threshold, 0, 1)  # a difference of probabilities
-        super().__init__(attack.eps, quantize=attack.quantize)
-        self.attack = attack
-        self.targeted = attack.targeted
-        self.uses_gradients = attack.uses_gradients
-        self.last_attacked_fraction = 0.0
-
-    def _attack(self, view: PolicyLike, clean: Tensor, target: Tensor | None) -> Tensor:
-        with torch.no_grad():
-            probs = torch.softmax(view(clean), dim=-1)
-        when = (probs.amax(dim=-1) - probs.amin(dim=-1)) > self.threshold
-        self.last_attacked_fraction = float(when.float().mean())
-        return self.attack.perturb(view, clean, agent_mask=when, target=target)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from fgmf_marl.attacks.adaptive import BPDA, EOT, StrategicallyTimed
+from fgmf_marl.attacks.adaptive import BPDA, EOT
 from fgmf_marl.attacks.base import LEAST_LIKELY, Attack
 from fgmf_marl.attacks.blackbox import RandomNoise, Square, Transfer
 from fgmf_marl.attacks.gradient import FGSM, MAD, PGD, CriticAttack
@@ -28,10 +28,6 @@ Loader = Callable[[str, str], Any]  # (kind, path) -> object; kind is "surrogate
 
 #: PGD options a wrapper passes through to the PGD it wraps
 _PGD_OPTIONS = ("steps", "step_size", "loss", "restarts", "quantize")
-
-
-def _timed(eps: float, threshold: float = 0.5, **opts: Any) -> Attack:
-    return StrategicallyTimed(PGD(eps, **opts), threshold=threshold)
 
 
 def _bpda(eps: float, mode: str = "identity", **opts: Any) -> Attack:
@@ -75,7 +71,6 @@ ATTACKS: dict[str, AttackKind] = {
     "pgd": AttackKind(PGD),
     "mad": AttackKind(MAD),
     "critic": AttackKind(CriticAttack),
-    "timed": AttackKind(_timed, _PGD_OPTIONS),
     "square": AttackKind(Square),
     "transfer": AttackKind(_transfer, _PGD_OPTIONS, loaded=("surrogate", "surrogate")),
     "bpda": AttackKind(_bpda, _PGD_OPTIONS),

@@ -16,6 +16,7 @@ Outputs, in one folder (created only after every input is validated, removed if 
                         row, and with several checkpoints the worst case across them (:func:`worst_rows`)
     curves_<ckpt>.png   return (normalised where the env has an oracle) vs eps, one line per attack
                         and a dashed one for the worst case
+    budget_<ckpt>_eps<e>.png  with a budget grid: return vs (k, p), one panel per attacker
     audit_<ckpt>.md     with ``audit: true``: the gradient-masking audit on observations visited by
                         the clean policy (see :mod:`fgmf_marl.audit`)
 
@@ -30,6 +31,13 @@ PGD-20 with 5 restarts, least-likely targeted PGD-20, MAD, critic, Square; plus 
 random (two forward passes of the same input differ; EOT over a deterministic forward is PGD at 8x
 the cost, so it is left out), and the learned adversary of ``--adversary`` (trained against the one
 checkpoint given). config.yaml records the expanded list, so ``--config`` reruns exactly those attacks.
+
+Budgets (``--budget-agents K,... --budget-steps P,...``, :mod:`fgmf_marl.attacks.budget`): every
+attack also runs within every budget (k agents per step, a share p of each episode's steps) on the
+agents and steps each selector (``--budget-selectors``: random, fixed, timed, value) picks, labelled
+``ATTACK@SELECTOR[k=K,p=P]``. Every row reports what was spent, as the episode loop measured it;
+the worst case is taken per budget (``all`` = unbudgeted, the robustness claim), and results.md
+marks the strongest attacker per budget.
 """
 from __future__ import annotations
 
@@ -52,12 +60,13 @@ from tqdm.auto import tqdm
 from agents.adversary import AdversaryAttack, LoadedAdversary
 from agents.policy_view import PolicyView
 from envs.reference import normalise
-from envs.registry import MAX_ENVS, make_vec_env, n_agents_of, reference_for
+from envs.registry import MAX_ENVS, horizon, make_vec_env, n_agents_of, reference_for
 from fgmf_marl import config as cfglib
 from fgmf_marl import seeds
 from fgmf_marl.atomic import atomic_write, atomic_write_text
 from fgmf_marl.attacks import ATTACKS, PRESETS, Attack, Transfer, expand_presets, has_gate, make_attack, parse_spec
 from fgmf_marl.attacks.base import MAX_ITERATIONS
+from fgmf_marl.attacks.budget import SELECTORS, Budget, BudgetedAttack, make_selector
 from fgmf_marl.audit import AuditConfig, AuditReport, audit
 from fgmf_marl.config import ConfigError, check_device, check_range, check_seed
 from fgmf_marl.jobs import cli
@@ -91,6 +100,15 @@ class EvalConfig:
     log_key_file: str | None = None     # HMAC key of the oversight logs (or $FGMF_LOG_KEY_FILE)
     surrogate: str | None = None        # for a preset: an independently trained policy to transfer from
     adversary: str | None = None        # for a preset: a director trained against the (one) checkpoint
+    budget_agents: list[int] | None = None     # k values: at most k attacked agents per env and step
+    budget_steps: list[float] | None = None    # p values: at most floor(p * horizon) attacked steps per episode
+    budget_selectors: list[str] = field(default_factory=lambda: list(SELECTORS))  # who/when heuristics
+
+    def budgets(self) -> list[Budget]:
+        """The budget grid: every (k, p) pair of ``budget_agents`` x ``budget_steps``; empty without either."""
+        if self.budget_agents is None and self.budget_steps is None:
+            return []
+        return [Budget(k, p) for k in (self.budget_agents or [None]) for p in (self.budget_steps or [None])]
 
     def validate(self) -> None:
         check_device(self.device)
@@ -123,6 +141,19 @@ class EvalConfig:
         check_range("log_every", self.log_every, 1, 100_000)
         if self.agents is not None and (not self.agents or min(self.agents) < 0):
             raise ConfigError(f"agents={self.agents} must be non-empty agent indices >= 0")
+        for k in self.budget_agents or []:
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 4096:
+                raise ConfigError(f"budget_agents value {k!r} is out of range; accepted: integers 0..4096 "
+                                  "(attacked agents per env and step)")
+        for p in self.budget_steps or []:
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+                raise ConfigError(f"budget_steps value {p!r} is out of range; accepted: fractions in [0, 1] "
+                                  "of each episode's steps")
+        if self.budgets() and not self.budget_selectors:
+            raise ConfigError(f"a budget needs at least one selector; accepted: {', '.join(SELECTORS)}")
+        for name in self.budget_selectors:
+            if name not in SELECTORS:
+                raise ConfigError(f"unknown budget selector {name!r}; accepted: {', '.join(SELECTORS)}")
 
 
 def _loader(device: str) -> Callable[[str, str], PolicyView | LoadedAdversary]:
@@ -133,9 +164,9 @@ def _loader(device: str) -> Callable[[str, str], PolicyView | LoadedAdversary]:
     return load
 
 
-def _eval_env(victim: Victim, n_envs: int, seed: int) -> tuple[VecEnv, int]:
+def _eval_env(victim: Victim, n_envs: int, seed: int, offset: int = seeds.EVALUATION) -> tuple[VecEnv, int]:
     env_cfg = dataclasses.replace(victim.train_config.env, n_envs=n_envs)
-    venv = make_vec_env(env_cfg, seed=seeds.env_seed(seed, seeds.EVALUATION))
+    venv = make_vec_env(env_cfg, seed=seeds.env_seed(seed, offset))
     return venv, n_agents_of(venv, env_cfg)
 
 
@@ -152,6 +183,21 @@ class Cell:
     agent_steps: int
     flip_rates: np.ndarray  # per episode
     oversight_log: dict[str, Any] | None = None  # dir, head hash and episodes of the cell's oversight log
+    budget: str = "all"                           # Budget.label() of a budgeted attacker
+    selector: str | None = None                   # its who/when heuristic
+    attacked_steps: np.ndarray | None = None      # per episode: steps where some agent was attacked (measured)
+    max_attacked_agents: np.ndarray | None = None  # per episode: most agents attacked in one step (measured)
+
+
+@dataclass(frozen=True)
+class GridAttack:
+    """One attacker of the grid: an attack, alone or within ``budget`` on the agents and steps ``selector`` picks."""
+
+    label: str
+    attack: Attack
+    base: str                       # the attack's own label
+    budget: Budget | None = None
+    selector: str | None = None
 
 
 @dataclass
@@ -186,13 +232,42 @@ def check_fits(attack: Attack, victims: list[Victim]) -> None:
                                   f"{victim.label} {shape}; accepted: a director trained against this victim's env")
 
 
-def build_attacks(cfg: EvalConfig, eps255: float, n_actions: int | None = None) -> list[tuple[str, Attack]]:
+def build_attacks(cfg: EvalConfig, eps255: float, n_actions: int | None = None) -> list[GridAttack]:
+    """The grid's attackers at ``eps255``: every attack alone, then within every budget x selector."""
     out = []
     for spec in cfg.attacks:
         name, opts = parse_spec(spec)
-        out.append((_attack_label(spec), make_attack(name, eps255 / 255.0, loader=_loader(cfg.device),
-                                                     n_actions=n_actions, **opts)))
-    return out
+        attack = make_attack(name, eps255 / 255.0, loader=_loader(cfg.device), n_actions=n_actions, **opts)
+        out.append(GridAttack(_attack_label(spec), attack, _attack_label(spec)))
+    budgeted = [GridAttack(f"{g.base}@{sel}[{b.label()}]", g.attack, g.base, b, sel)
+                for g in out for sel in cfg.budget_selectors for b in cfg.budgets()]
+    return out + budgeted
+
+
+def calibration_batches(victim: Victim, n_envs: int, seed: int) -> list[torch.Tensor]:
+    """Every step's clean observations (all slots) of one episode per env copy of the clean greedy policy.
+
+    What a budgeted heuristic sets its step threshold on (:meth:`BudgetedAttack.calibrated`): clean
+    episodes on seeds of their own (``seeds.BUDGET_CALIBRATION``), never the evaluation's.
+    """
+    venv, n_agents = _eval_env(victim, n_envs, seed, seeds.BUDGET_CALIBRATION)
+    batches: list[torch.Tensor] = []
+    try:
+        rollout(victim.view, venv, n_envs, n_agents=n_agents, seed=seed,
+                step_hook=lambda record: batches.append(record.clean_obs.detach()))
+    finally:
+        venv.close()
+    return batches
+
+
+def _budgeted(grid: GridAttack, victim: Victim, n_agents: int, seed: int,
+              calibration: Callable[[], list[torch.Tensor]]) -> Attack:
+    """``grid``'s attack for this victim: wrapped in its budget and calibrated, or as it is."""
+    if grid.budget is None or grid.selector is None:
+        return grid.attack
+    attack = BudgetedAttack(grid.attack, make_selector(grid.selector), grid.budget, n_agents=n_agents,
+                            horizon=horizon(victim.train_config.env), seed=seed)
+    return attack.calibrated(victim.view, calibration()) if attack.needs_calibration else attack
 
 
 def random_forward(victim: Victim) -> bool:
@@ -216,18 +291,24 @@ def expand_attacks(cfg: EvalConfig, victims: Sequence[Victim]) -> EvalConfig:
     return dataclasses.replace(cfg, attacks=attacks, surrogate=None, adversary=None)
 
 
-def run_cell(victim: Victim, attack: Attack | None, label: str, eps255: float, seed: int, cfg: EvalConfig,
-             log_dir: Path | None = None, log_key: bytes | None = None) -> Cell:
-    """One grid cell: ``cfg.episodes`` episodes of ``victim`` under ``attack`` (None = clean).
+def run_cell(victim: Victim, grid: GridAttack | None, eps255: float, seed: int, cfg: EvalConfig,
+             log_dir: Path | None = None, log_key: bytes | None = None,
+             calibration: Callable[[], list[torch.Tensor]] = list) -> Cell:
+    """One grid cell: ``cfg.episodes`` episodes of ``victim`` under ``grid``'s attacker (None = clean).
 
-    With ``log_dir`` the cell's episodes go to an oversight log there, sealed when they all ran.
+    With ``log_dir`` the cell's episodes go to an oversight log there, sealed when they all ran;
+    ``calibration`` gives the clean batches a budgeted heuristic calibrates on (called only if needed).
     """
+    label = "none" if grid is None else grid.label
     venv, n_agents = _eval_env(victim, cfg.n_envs, seed)
     torch.manual_seed(seed)
     try:
         if cfg.agents is not None and max(cfg.agents) >= n_agents:
             raise ConfigError(f"attacked agents {cfg.agents} out of range; this env has agents 0..{n_agents - 1}")
-        perturb = None if attack is None else attack.as_perturb(victim.view, n_agents=n_agents, agents=cfg.agents)
+        perturb = None
+        if grid is not None:
+            attack = _budgeted(grid, victim, n_agents, seed, calibration)
+            perturb = attack.as_perturb(victim.view, n_agents=n_agents, agents=cfg.agents)
         hook, logger = None, None
         if log_dir is not None:
             logger = OversightLogger.for_venv(log_dir, victim.view, venv, every=cfg.log_every, attack_name=label,
@@ -241,7 +322,10 @@ def run_cell(victim: Victim, attack: Attack | None, label: str, eps255: float, s
         venv.close()
     return Cell(victim.label, label, eps255, seed, result.team_returns,
                 normalise(result.team_returns, reference_for(victim.train_config.env)), result.lengths,
-                result.flip_rate, result.agent_steps, result.episode_flip_rates, log)
+                result.flip_rate, result.agent_steps, result.episode_flip_rates, log,
+                budget="all" if grid is None or grid.budget is None else grid.budget.label(),
+                selector=None if grid is None else grid.selector,
+                attacked_steps=result.episode_attacked_steps, max_attacked_agents=result.episode_max_attacked_agents)
 
 
 def collect_observations(victim: Victim, n_obs: int, seed: int, n_envs: int) -> torch.Tensor:
@@ -277,6 +361,13 @@ def summarise(cells: list[Cell]) -> list[dict[str, Any]]:
         if cs[0].normalised is not None:
             norm = np.concatenate([c.normalised for c in cs])
             row.update(normalised_mean=float(norm.mean()), normalised_std=float(norm.std()))
+        row.update(budget=cs[0].budget, selector=cs[0].selector)
+        if attack != "none" and cs[0].attacked_steps is not None:
+            steps = np.concatenate([c.attacked_steps for c in cs])
+            lengths = np.concatenate([c.lengths for c in cs])
+            row.update(attacked_step_fraction=float((steps / np.maximum(lengths, 1)).mean()),
+                       attacked_steps_max=int(steps.max(initial=0)),
+                       attacked_agents_max=int(np.concatenate([c.max_attacked_agents for c in cs]).max(initial=0)))
         rows.append(row)
     return rows
 
@@ -287,7 +378,10 @@ def _metric(cells: Sequence[Cell]) -> str:
 
 
 def worst_rows(cells: list[Cell]) -> list[dict[str, Any]]:
-    """Per (checkpoint, eps > 0): for each seed the minimum over attacks of the cell's mean return, then mean ± std.
+    """Per (checkpoint, eps > 0, budget): for each seed the minimum over attackers of the cell's mean return, then mean ± std.
+
+    Budget ``all`` is the worst case over the unbudgeted attacks, the robustness claim; each budget
+    (k, p) of a budget grid gets its own row, the strongest attacker at that budget.
 
     The return is the oracle-normalised one where the env has an oracle, the team return otherwise;
     std is over seeds (ddof 0, as every std here). ``episodes`` counts the episodes of the minimum
@@ -297,19 +391,19 @@ def worst_rows(cells: list[Cell]) -> list[dict[str, Any]]:
     keeps the paired structure (same env seeds) that a minimum of means over seeds would lose.
     """
     metric = _metric(cells)
-    groups: dict[tuple[str, float], dict[int, list[Cell]]] = {}
+    groups: dict[tuple[str, float, str], dict[int, list[Cell]]] = {}
     for c in cells:
         if c.attack != "none":
-            groups.setdefault((c.checkpoint, c.eps), {}).setdefault(c.seed, []).append(c)
+            groups.setdefault((c.checkpoint, c.eps, c.budget), {}).setdefault(c.seed, []).append(c)
 
     def mean(c: Cell) -> float:
         return float((c.team_returns if c.normalised is None else c.normalised).mean())
 
     rows = []
-    for (ckpt, eps), by_seed in groups.items():
+    for (ckpt, eps, budget), by_seed in groups.items():
         minima = [min(cs, key=mean) for _, cs in sorted(by_seed.items())]
         values = np.array([mean(c) for c in minima])
-        rows.append({"checkpoint": ckpt, "attack": "worst", "eps255": eps, "metric": metric,
+        rows.append({"checkpoint": ckpt, "attack": "worst", "eps255": eps, "budget": budget, "metric": metric,
                      f"{metric}_mean": float(values.mean()), f"{metric}_std": float(values.std()),
                      "seeds": len(minima), "episodes": int(sum(c.team_returns.size for c in minima)),
                      "per_seed": [{"seed": c.seed, "attack": c.attack, "value": mean(c)} for c in minima]})
@@ -325,7 +419,8 @@ def worst_across_checkpoints(worst: list[dict[str, Any]]) -> list[dict[str, Any]
     """
     by_eps: dict[float, list[dict[str, Any]]] = {}
     for r in worst:
-        by_eps.setdefault(r["eps255"], []).append(r)
+        if r.get("budget", "all") == "all":
+            by_eps.setdefault(r["eps255"], []).append(r)
     rows = []
     for eps, rs in sorted(by_eps.items()):
         metric = rs[0]["metric"]
@@ -341,7 +436,8 @@ def _metric_label(metric: str) -> str:
 
 
 def worst_markdown(worst: list[dict[str, Any]], across: list[dict[str, Any]]) -> str:
-    """The two worst-case tables of results.md (the second only with several checkpoints)."""
+    """The two worst-case tables of results.md (the second only with several checkpoints), unbudgeted attacks."""
+    worst = [r for r in worst if r.get("budget", "all") == "all"]
     if not worst:
         return ""
     metric = worst[0]["metric"]
@@ -362,6 +458,100 @@ def worst_markdown(worst: list[dict[str, Any]], across: list[dict[str, Any]]) ->
             text += (f"| {r['eps255']:g} | {r[f'{metric}_mean']:.3f} ± {r[f'{metric}_std']:.3f} | {r['checkpoints']} "
                      f"| {each} |\n")
     return text
+
+
+def _budget_axes(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """The k and p values of the budget grid in ``rows``, as labels (``all`` = no limit), in order."""
+    ks, ps = set(), set()
+    for r in rows:
+        if r.get("selector"):
+            parts = dict(item.split("=") for item in r["budget"].split(","))
+            ks.add(parts.get("k", "all"))
+            ps.add(parts.get("p", "1"))
+    return (sorted(ks, key=lambda k: (k == "all", int(k) if k != "all" else 0)),
+            sorted(ps, key=float))
+
+
+def _budget_of(k: str, p: str) -> str:
+    return ",".join(([f"k={k}"] if k != "all" else []) + ([f"p={p}"] if p != "1" or k == "all" else [])) or "all"
+
+
+def budget_markdown(rows: list[dict[str, Any]], worst: list[dict[str, Any]]) -> str:
+    """Per checkpoint and eps: each attacker's return per budget (k, p), the strongest per budget in bold.
+
+    Also what each attacker spent (share of steps attacked, most agents in one step), measured by the
+    episode loop; and, for reference, the unbudgeted worst case the budgets are fractions of.
+    """
+    budgeted = [r for r in rows if r.get("selector")]
+    if not budgeted:
+        return ""
+    metric = "normalised_mean" if "normalised_mean" in budgeted[0] else "team_return_mean"
+    text = ("\n## Budgeted attackers\n\nk: attacked agents per env and step; p: attacked share of each episode's "
+            "steps (at most floor(p x horizon)); spent: the measured share of steps attacked and the most agents "
+            "attacked in one step. Lower is a stronger attacker; the strongest per budget is in bold. "
+            f"Values: {_metric_label(metric.removesuffix('_mean'))}.\n")
+    for ckpt in dict.fromkeys(r["checkpoint"] for r in budgeted):
+        for eps in dict.fromkeys(r["eps255"] for r in budgeted if r["checkpoint"] == ckpt):
+            mine = [r for r in budgeted if r["checkpoint"] == ckpt and r["eps255"] == eps]
+            attackers = list(dict.fromkeys(r["attack"].rsplit("[", 1)[0] for r in mine))
+            everything = next((w for w in worst if w["checkpoint"] == ckpt and w["eps255"] == eps
+                               and w.get("budget", "all") == "all"), None)
+            text += f"\n### {ckpt}, eps {eps:g}/255"
+            if everything is not None:
+                text += f" (unbudgeted worst case: {everything[everything['metric'] + '_mean']:.3f})"
+            text += "\n\n| budget | " + " | ".join(attackers) + " |\n|---|" + "---|" * len(attackers) + "\n"
+            for budget in dict.fromkeys(r["budget"] for r in mine):
+                cells = {r["attack"].rsplit("[", 1)[0]: r for r in mine if r["budget"] == budget}
+                best = min(cells.values(), key=lambda r: r[metric])
+                shown = []
+                for a in attackers:
+                    r = cells.get(a)
+                    if r is None:
+                        shown.append("n/a")
+                        continue
+                    value = f"{r[metric]:.3f}"
+                    value = f"**{value}**" if r is best else value
+                    shown.append(f"{value} (spent {r.get('attacked_step_fraction', 0):.2f}, "
+                                 f"≤{r.get('attacked_agents_max', 0)} ag.)")
+                text += f"| {budget} | " + " | ".join(shown) + " |\n"
+    return text
+
+
+def plot_budget_heatmaps(rows: list[dict[str, Any]], checkpoint: str, eps255: float, path: Path) -> bool:
+    """Return vs (k, p) of ``checkpoint`` at ``eps255``, one panel per attacker; False when there is no budget grid."""
+    mine = [r for r in rows if r.get("selector") and r["checkpoint"] == checkpoint and r["eps255"] == eps255]
+    if not mine:
+        return False
+    metric = "normalised_mean" if "normalised_mean" in mine[0] else "team_return_mean"
+    ks, ps = _budget_axes(mine)
+    attackers = list(dict.fromkeys(r["attack"].rsplit("[", 1)[0] for r in mine))
+    values = [np.array([[next((r[metric] for r in mine if r["attack"] == f"{a}[{_budget_of(k, p)}]"), np.nan)
+                         for p in ps] for k in ks]) for a in attackers]
+    finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.array([0.0])
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    cols = min(4, len(attackers))
+    fig = Figure(figsize=(3.2 * cols + 0.8, 2.8 * ((len(attackers) + cols - 1) // cols)))
+    axes = np.atleast_1d(fig.subplots((len(attackers) + cols - 1) // cols, cols, squeeze=False)).ravel()
+    image = None
+    for ax, attacker, grid in zip(axes, attackers, values):
+        image = ax.imshow(grid, cmap="viridis", vmin=lo, vmax=hi if hi > lo else lo + 1e-6, aspect="auto")
+        ax.set_xticks(range(len(ps)), ps)
+        ax.set_yticks(range(len(ks)), ks)
+        ax.set_xlabel("p (share of steps)")
+        ax.set_ylabel("k (agents)")
+        ax.set_title(attacker, fontsize=9)
+        for i in range(len(ks)):
+            for j in range(len(ps)):
+                if np.isfinite(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8, color="white")
+    for ax in axes[len(attackers):]:
+        ax.set_visible(False)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes[:len(attackers)]), label="oracle-normalised return"
+                     if metric.startswith("normalised") else "team return")
+    fig.suptitle(f"{checkpoint}: return under budgeted attacks, eps {eps255:g}/255", fontsize=10)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
+    return True
 
 
 def results_markdown(rows: list[dict[str, Any]], cfg: EvalConfig) -> str:
@@ -422,30 +612,42 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
     cfg = expand_attacks(cfg, victims)
     n_actions = min(v.view.n_actions for v in victims)
     grid = {e: build_attacks(cfg, e, n_actions) for e in cfg.eps}              # unknown attack / option -> ConfigError
-    for attack in (a for attacks in grid.values() for _, a in attacks):
+    for attack in (g.attack for attackers in grid.values() for g in attackers):
         check_fits(attack, victims)                                            # another env's policy -> ConfigError
     log_root = Path(cfg.log_explanations) if cfg.log_explanations else None
 
     def log_dir(victim: Victim, label: str, e: float, seed: int) -> Path | None:
         return None if log_root is None else log_root / f"{victim.label}__{label.replace('/', '_')}__eps{e:g}__s{seed}"
 
-    cell_jobs = [(seed, label, attack, e) for seed in cfg.seeds
-                 for label, attack, e in [("none", None, 0.0)] + [(lb, atk, e) for e in cfg.eps for lb, atk in grid[e]]]
-    taken = [d for v in victims for s, lb, _, e in cell_jobs if (d := log_dir(v, lb, e, s)) is not None and holds_log(d)]
+    cell_jobs: list[tuple[int, GridAttack | None, float]] = [
+        (seed, g, e) for seed in cfg.seeds for g, e in [(None, 0.0)] + [(g, e) for e in cfg.eps for g in grid[e]]]
+    taken = [d for v in victims for s, g, e in cell_jobs
+             if (d := log_dir(v, "none" if g is None else g.label, e, s)) is not None and holds_log(d)]
     if taken and not cfg.log_append:                                           # a log belongs to one run
         raise ConfigError(f"oversight log folder {str(taken[0])!r} already holds a log; give --append to add to it, "
                           "or another --log-explanations folder")
     cells: list[Cell] = []
     audits: dict[str, AuditReport] = {}
-    total = len(victims) * len(cfg.seeds) * (1 + len(cfg.eps) * len(cfg.attacks))
+    total = len(victims) * len(cell_jobs)
+    batches: dict[tuple[str, int], list[torch.Tensor]] = {}
+
+    def calibration(victim: Victim, seed: int) -> Callable[[], list[torch.Tensor]]:
+        def get() -> list[torch.Tensor]:
+            if (victim.label, seed) not in batches:
+                batches[victim.label, seed] = calibration_batches(victim, cfg.n_envs, seed)
+            return batches[victim.label, seed]
+        return get
+
     with staged_run_dir(Path(out)) as run:
         cfglib.save_yaml(cfg, run.root / "config.yaml")
         bar = tqdm(total=total, desc="evaluate", disable=not progress)
         start = time.perf_counter()
         for victim in victims:
-            for seed, label, attack, e in cell_jobs:
+            for seed, g, e in cell_jobs:
+                label = "none" if g is None else g.label
                 bar.set_postfix_str(f"{victim.label} {label} eps={e:g} seed={seed}")
-                cells.append(run_cell(victim, attack, label, e, seed, cfg, log_dir(victim, label, e, seed), log_key))
+                cells.append(run_cell(victim, g, e, seed, cfg, log_dir(victim, label, e, seed), log_key,
+                                      calibration(victim, seed)))
                 if cells[-1].oversight_log is not None:
                     echo(f"oversight log {cells[-1].oversight_log['dir']} head {cells[-1].oversight_log['head']}")
                 bar.update(1)
@@ -462,7 +664,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
         rows = summarise(cells)
         worst = worst_rows(cells)
         across = worst_across_checkpoints(worst) if len(victims) > 1 else []
-        text = results_markdown(rows, cfg) + worst_markdown(worst, across)
+        text = results_markdown(rows, cfg) + worst_markdown(worst, across) + budget_markdown(rows, worst)
         atomic_write_text(run.root / "episodes.csv", episodes_csv(cells))
         atomic_write_text(run.root / "results.md", text)
         logs = [c.oversight_log for c in cells if c.oversight_log is not None]
@@ -471,7 +673,10 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
              "wall_seconds": time.perf_counter() - start,
              "audits": {k: v.to_dict() for k, v in audits.items()}, "oversight_logs": logs}, indent=2))
         for victim in victims:
-            plot_curves(rows + worst, victim.label, run.root / f"curves_{victim.label}.png")
+            plot_curves([r for r in rows + worst if r.get("budget", "all") == "all"], victim.label,
+                        run.root / f"curves_{victim.label}.png")
+            for e in cfg.eps:
+                plot_budget_heatmaps(rows, victim.label, e, run.root / f"budget_{victim.label}_eps{e:g}.png")
     echo(text)
     return EvalResult(folder=run.root, cells=cells, summary=rows, audits=audits)
 
@@ -482,6 +687,14 @@ def _floats(text: str) -> list[float]:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ConfigError(f"eps {text!r} is not a comma-separated list of numbers in 1/255 units, e.g. 1,2,4,8") from None
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"budget steps {text!r} is not a comma-separated list of fractions in [0, 1], "
+                          "e.g. 0.1,0.25") from None
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -514,6 +727,14 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--seeds", help="comma-separated seeds (default 0)")
     p.add_argument("--episodes", type=int, help="episodes per seed and grid cell (default 8)")
     p.add_argument("--agents", help="attack only these agents (indices within an env, e.g. 0,2); default all")
+    p.add_argument("--budget-agents", metavar="K,...",
+                   help="also attack within each budget of at most K attacked agents per env and step, e.g. 1,2 "
+                        "(default: no agent budget)")
+    p.add_argument("--budget-steps", metavar="P,...",
+                   help="also attack within each budget of at most a share P in [0, 1] of each episode's steps, "
+                        "e.g. 0.1,0.25 (default: no step budget)")
+    p.add_argument("--budget-selectors", metavar="NAME,...",
+                   help=f"who/when heuristics of budgeted attacks: {', '.join(SELECTORS)} (default: all of them)")
     p.add_argument("--n-envs", type=int, help="parallel env copies (default 8)")
     cli.add_runtime_flags(p, seed=False)
     p.add_argument("--audit", action="store_true", help="also run the gradient-masking audit")
@@ -541,6 +762,10 @@ def resolve_config(args: argparse.Namespace) -> EvalConfig:
         "audit_obs": args.audit_obs, "log_explanations": args.log_explanations, "log_every": args.log_every,
         "log_append": True if args.append else None, "log_key_file": args.log_key_file,
         "surrogate": args.surrogate, "adversary": args.adversary,
+        "budget_agents": _ints(args.budget_agents, "budget agents") if args.budget_agents is not None else None,
+        "budget_steps": _fractions(args.budget_steps) if args.budget_steps is not None else None,
+        "budget_selectors": [x.strip() for x in args.budget_selectors.split(",") if x.strip()]
+        if args.budget_selectors is not None else None,
     }
     return cli.load_config(EvalConfig, config_file=args.config, flags=flags)
 

@@ -643,7 +643,7 @@ def _value(data: dict[str, Any], col: ColumnSpec, kind: str) -> tuple[Any, int, 
         return verdicts[0], 0, ""
     eps = 0.0 if col.attack == "none" else col.eps
     if col.attack == "worst":
-        row = next((r for r in data["worst"] if r["eps255"] == eps), None)
+        row = next((r for r in data["worst"] if r["eps255"] == eps and r.get("budget", "all") == "all"), None)
         if row is None:
             raise ConfigError(f"column {col.label!r}: no worst-case row at eps {eps:g}")
         if col.metric == "flip_rate":
