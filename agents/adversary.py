@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -39,14 +39,16 @@ import torch
 from pettingzoo import ParallelEnv
 from stable_baselines3 import PPO
 from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import VecEnv
-from torch import Tensor
+from torch import Tensor, nn
 
 from agents.config import MAX_BATCH, MAX_EPOCHS, MAX_ROLLOUT_STEPS
 from agents.policies import ImageFeatures
 from agents.safe_load import load_without_pickle, ppo_objects
 from fgmf_marl.attacks import PGD, Attack
 from fgmf_marl.attacks.base import LEAST_LIKELY, MAX_ITERATIONS
+from fgmf_marl.attacks.budget import Budget, BudgetState, allowed_agents, check_agents, envs_of
 from fgmf_marl.config import ConfigError, check_device, check_range, check_seed
 from fgmf_marl.policy import PolicyLike, TargetLike
 
@@ -55,17 +57,44 @@ ADVERSARY = "adversary_0"
 POLICY_LEVEL_OPTIONS = 3
 
 
-def director_spaces(victim_space: gym.spaces.Box, n_actions: int, n_agents: int) -> tuple[gym.spaces.Box,
+def knowledge_size(n_agents: int, n_actions: int) -> int:
+    """Length of the director's ``victim`` vector: each victim's clean action probabilities and value, then
+    the share of the step budget left and the share of agents it may attack per step."""
+    return n_agents * (n_actions + 1) + 2
+
+
+def director_spaces(victim_space: gym.spaces.Box, n_actions: int, n_agents: int) -> tuple[gym.spaces.Dict,
                                                                                            gym.spaces.MultiDiscrete]:
-    """The director's observation (every victim's image, stacked on channels) and decision spaces."""
+    """The director's observation (``image``: every victim's image stacked on channels; ``victim``: what it
+    knows of the victims and its budget, :meth:`DirectorCore.knowledge`) and decision spaces."""
     c, h, w = victim_space.shape
-    return (gym.spaces.Box(0, 255, (n_agents * c, h, w), np.uint8),
+    return (gym.spaces.Dict({"image": gym.spaces.Box(0, 255, (n_agents * c, h, w), np.uint8),
+                             "victim": gym.spaces.Box(-np.inf, np.inf, (knowledge_size(n_agents, n_actions),),
+                                                      np.float32)}),
             gym.spaces.MultiDiscrete([n_actions + POLICY_LEVEL_OPTIONS] * n_agents))
 
 
+class DirectorFeatures(BaseFeaturesExtractor):
+    """The director's features: our CNN on the stacked victim images, beside an MLP on the ``victim`` vector.
+
+    PA-AD's director knows the victim policy; giving it each victim's clean action distribution and
+    value (and its budget left) lets it learn whom and when to attack without re-deriving them
+    from pixels, which its short training could not do.
+    """
+
+    def __init__(self, observation_space: gym.spaces.Dict, image_dim: int = 128, victim_dim: int = 64) -> None:
+        image = ImageFeatures(observation_space["image"], backbone="cnn", features_dim=image_dim)
+        super().__init__(observation_space, image_dim + victim_dim)
+        self.image = image
+        self.victim = nn.Sequential(nn.Linear(observation_space["victim"].shape[0], victim_dim), nn.ReLU())
+
+    def forward(self, obs: dict[str, Tensor]) -> Tensor:
+        return torch.cat([self.image(obs["image"]), self.victim(obs["victim"])], dim=1)
+
+
 def director_policy_kwargs() -> dict[str, Any]:
-    """SB3 ``policy_kwargs`` of the director: our CNN extractor on the stacked images (a fresh dict)."""
-    return {"features_extractor_class": ImageFeatures, "features_extractor_kwargs": {"backbone": "cnn"}}
+    """SB3 ``policy_kwargs`` of the director (``MultiInputPolicy``): :class:`DirectorFeatures` (a fresh dict)."""
+    return {"features_extractor_class": DirectorFeatures}
 
 
 class DirectorCore:
@@ -116,6 +145,36 @@ class DirectorCore:
     def victim_actions(self, seen01: Tensor) -> np.ndarray:
         return self.view(seen01).argmax(-1).cpu().numpy()
 
+    @torch.no_grad()
+    def knowledge(self, clean01: Tensor, state: BudgetState, steps_left: np.ndarray | None = None) -> np.ndarray:
+        """(n_envs, knowledge_size) float32: per victim its clean action probabilities and value, then
+        the share of the episode's step budget left (``steps_left``, default the state's) and k / n_agents."""
+        n_envs = envs_of(clean01, self.n_agents)
+        left = state.steps_left(n_envs) if steps_left is None else steps_left
+        logits, values = self.view.logits_and_value(clean01)
+        per_victim = torch.cat([torch.softmax(logits, -1), values.reshape(-1, 1)], dim=1).reshape(n_envs, -1)
+        budget = np.stack([left / max(state.max_steps, 1), np.full(n_envs, state.k / self.n_agents)], axis=1)
+        return np.concatenate([per_victim.cpu().numpy(), budget], axis=1).astype(np.float32)
+
+    def observe(self, obs_uint8: np.ndarray, state: BudgetState,
+                steps_left: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The director's observation of every env of a batch of victim observations (uint8, env-major)."""
+        clean = torch.as_tensor(obs_uint8, device=next(self.view.parameters()).device).float().div(255.0)
+        return {"image": stack_agents(np.asarray(obs_uint8), self.n_agents),
+                "victim": self.knowledge(clean, state, steps_left)}
+
+    def decide(self, decisions: np.ndarray | Tensor, state: BudgetState, allowed: Tensor | None = None) -> Tensor:
+        """Which victims the budget lets the director attack: (n_envs * n_agents,) bool, spent from ``state``.
+
+        When it asks for more than k victims, k of them are kept at random: the director sees k in
+        its observation and learns to ask for no more.
+        """
+        dec = torch.as_tensor(np.asarray(decisions)).long().reshape(-1, self.n_agents)
+        wanted = dec != self.no_attack
+        if allowed is not None:
+            wanted &= allowed.cpu()
+        return state.grant(wanted).reshape(-1)
+
 
 def stack_agents(obs: np.ndarray, n_agents: int) -> np.ndarray:
     """(n_envs * n_agents, C, H, W) -> (n_envs, n_agents * C, H, W): the director's view of one env."""
@@ -128,12 +187,14 @@ class AdversaryParallelEnv(ParallelEnv):
 
     metadata = {"name": "adversary_v0", "render_modes": []}
 
-    def __init__(self, env: ParallelEnv, victim: PolicyLike, eps: float, actor_steps: int = 10) -> None:
+    def __init__(self, env: ParallelEnv, victim: PolicyLike, eps: float, actor_steps: int = 10,
+                 budget: Budget = Budget(), horizon: int | None = None, seed: int = 0) -> None:
         self.env = env
         self.victims = list(env.possible_agents)
         self.possible_agents = [*self.victims, ADVERSARY]
         self.agents: list[str] = []
         self.core = DirectorCore(victim, eps, len(self.victims), actor_steps)
+        self.state = budget_state(budget, len(self.victims), horizon, seed)
         self._adv_obs_space, self._adv_act_space = director_spaces(env.observation_space(self.victims[0]),
                                                                    self.core.n_actions, len(self.victims))
         self._last: dict[str, np.ndarray] = {}
@@ -146,12 +207,14 @@ class AdversaryParallelEnv(ParallelEnv):
     def action_space(self, agent: str) -> gym.Space:
         return self._adv_act_space if agent == ADVERSARY else self.env.action_space(agent)
 
-    def _adv_obs(self) -> np.ndarray:
-        return np.concatenate([self._last[a] for a in self.victims], axis=0)
+    def _adv_obs(self) -> dict[str, np.ndarray]:
+        obs = self.core.observe(np.stack([self._last[a] for a in self.victims]), self.state)
+        return {key: value[0] for key, value in obs.items()}
 
     def reset(self, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
         obs, infos = self.env.reset(seed=seed, options=options)
         self._last = {a: obs[a] for a in self.victims}
+        self.state.end_episodes(np.ones(1, dtype=bool))
         self.agents = [*self.env.agents, ADVERSARY]
         return {**obs, ADVERSARY: self._adv_obs()}, {**infos, ADVERSARY: {}}
 
@@ -159,13 +222,13 @@ class AdversaryParallelEnv(ParallelEnv):
         decision = np.asarray(actions.get(ADVERSARY, [self.core.no_attack] * len(self.victims)))
         alive = [a for a in self.victims if a in self.env.agents]
         clean = torch.as_tensor(np.stack([self._last[a] for a in self.victims])).float().div(255.0)
-        allowed = torch.tensor([a in alive for a in self.victims])
+        allowed = self.core.decide(decision[None], self.state, torch.tensor([[a in alive for a in self.victims]]))
         seen = self.core.realise(clean, decision[None], allowed)
         chosen = self.core.victim_actions(seen)
         obs, rewards, terms, truncs, infos = self.env.step({a: int(chosen[i]) for i, a in enumerate(self.victims) if a in alive})
         for i, a in enumerate(self.victims):
             if a in infos:
-                infos[a] = {**infos[a], "attacked": bool(allowed[i] and decision[i] != self.core.no_attack),
+                infos[a] = {**infos[a], "attacked": bool(allowed[i]),
                             "action_taken": int(chosen[i])}
             if a in obs:
                 self._last[a] = obs[a]
@@ -189,9 +252,11 @@ class AdversaryParallelEnv(ParallelEnv):
 class AdversaryVecEnv(VecEnv):
     """SB3 VecEnv of the director over a batched victim VecEnv: one slot per env copy."""
 
-    def __init__(self, venv: VecEnv, victim: PolicyLike, eps: float, n_agents: int, actor_steps: int = 10) -> None:
+    def __init__(self, venv: VecEnv, victim: PolicyLike, eps: float, n_agents: int, actor_steps: int = 10,
+                 budget: Budget = Budget(), horizon: int | None = None, seed: int = 0) -> None:
         self.venv, self.n_agents = venv, n_agents
         self.core = DirectorCore(victim, eps, n_agents, actor_steps)
+        self.state = budget_state(budget, n_agents, horizon, seed)
         space, decisions = director_spaces(venv.observation_space, self.core.n_actions, n_agents)
         self.render_mode = None
         super().__init__(venv.num_envs // n_agents, space, decisions)
@@ -199,29 +264,39 @@ class AdversaryVecEnv(VecEnv):
         self._decisions: np.ndarray | None = None
         self._device = next(victim.parameters()).device
 
-    def reset(self) -> np.ndarray:
+    def reset(self) -> dict[str, np.ndarray]:
         self._obs = self.venv.reset()
-        return stack_agents(self._obs, self.n_agents)
+        self.state.end_episodes(np.ones(self.num_envs, dtype=bool))
+        return self.core.observe(self._obs, self.state)
 
     def step_async(self, actions: np.ndarray) -> None:
         self._decisions = np.asarray(actions).reshape(self.num_envs, self.n_agents)
 
     def step_wait(self) -> Any:
         clean = torch.as_tensor(self._obs, device=self._device).float().div(255.0)
-        seen = self.core.realise(clean, self._decisions)
+        allowed = self.core.decide(self._decisions, self.state)
+        seen = self.core.realise(clean, self._decisions, allowed)
         obs, rewards, dones, infos = self.venv.step(self.core.victim_actions(seen))
         self._obs = obs
         team = rewards.reshape(self.num_envs, self.n_agents).mean(axis=1)
         done = dones.reshape(self.num_envs, self.n_agents).all(axis=1)
+        attacked = allowed.reshape(self.num_envs, self.n_agents).sum(1).cpu().numpy()
+        terminal = [b for b in range(self.num_envs) if done[b] and all(
+            "terminal_observation" in i for i in infos[b * self.n_agents:(b + 1) * self.n_agents])]
+        final = None
+        if terminal:   # the director's last observation of each ended episode, budget as it was spent
+            last = np.stack([i["terminal_observation"] for b in terminal for i in infos[b * self.n_agents:(b + 1) * self.n_agents]])
+            final = self.core.observe(last, self.state, self.state.steps_left(self.num_envs)[terminal])
         out_infos: list[dict] = []
         for b in range(self.num_envs):
-            slot_infos = infos[b * self.n_agents:(b + 1) * self.n_agents]
-            info: dict[str, Any] = {"team_reward": float(team[b])}
-            if done[b] and all("terminal_observation" in i for i in slot_infos):
-                info["terminal_observation"] = np.concatenate([i["terminal_observation"] for i in slot_infos], axis=0)
-                info["TimeLimit.truncated"] = bool(slot_infos[0].get("TimeLimit.truncated", False))
+            info: dict[str, Any] = {"team_reward": float(team[b]), "attacked_agents": int(attacked[b])}
+            if final is not None and b in terminal:
+                j = terminal.index(b)
+                info["terminal_observation"] = {key: value[j] for key, value in final.items()}
+                info["TimeLimit.truncated"] = bool(infos[b * self.n_agents].get("TimeLimit.truncated", False))
             out_infos.append(info)
-        return stack_agents(obs, self.n_agents), (-team).astype(np.float32), done, out_infos
+        self.state.end_episodes(done)
+        return self.core.observe(obs, self.state), (-team).astype(np.float32), done, out_infos
 
     def close(self) -> None:
         self.venv.close()
@@ -240,6 +315,13 @@ class AdversaryVecEnv(VecEnv):
 
     def seed(self, seed: int | None = None) -> list[Any]:
         return self.venv.seed(seed)
+
+
+def budget_state(budget: Budget, n_agents: int, horizon: int | None, seed: int) -> BudgetState:
+    """The director's budget; without a horizon only an agent budget (k) is possible."""
+    if horizon is None and budget.steps is not None:
+        raise ValueError("a step budget needs the env's horizon (episode length)")
+    return BudgetState(budget, n_agents, horizon or MAX_ITERATIONS, torch.Generator().manual_seed(seed))
 
 
 # ------------------------------------------------------------------------------ training
@@ -262,7 +344,15 @@ class AdversaryConfig:
     gamma: float = 0.95
     warm_start: Literal["least_likely", "untargeted", "none"] = "least_likely"  # "none": a uniform start
     warm_start_prob: float = 0.9  # its initial probability per victim
+    budget_agents: int | None = None   # k: at most k attacked victims per env and step
+    budget_steps: float | None = None  # p: at most floor(p * horizon) attacked steps per episode
+    checkpoint_every: int = 5_000      # director steps between checkpoints (and progress lines in the log)
+    eval_episodes: int = 16            # the summary: director vs the best heuristic at the same budget
     device: str = "cpu"
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(self.budget_agents, self.budget_steps)
 
     def validate(self) -> None:
         if not self.victim:
@@ -283,6 +373,13 @@ class AdversaryConfig:
         check_range("clip_range", self.clip_range, 0, 1, low_open=True)
         check_seed(self.seed)
         check_device(self.device)
+        if self.budget_agents is not None:
+            check_range("budget_agents", self.budget_agents, 0, 4096)
+        if self.budget_steps is not None and not 0 <= self.budget_steps <= 1:
+            raise ConfigError(f"budget_steps={self.budget_steps:g} is out of range; accepted: a fraction in [0, 1] "
+                              "of each episode's steps")
+        check_range("checkpoint_every", self.checkpoint_every, 1, 10**9)
+        check_range("eval_episodes", self.eval_episodes, 1, 100_000)
 
 
 def warm_start(policy: ActorCriticPolicy, core: DirectorCore, option: str, prob: float) -> None:
@@ -305,37 +402,69 @@ def warm_start(policy: ActorCriticPolicy, core: DirectorCore, option: str, prob:
 
 # ------------------------------------------------------------------------------ as an attack
 class AdversaryAttack(Attack):
-    """The trained director + targeted-PGD actor as an attack on all slots of a step.
+    """The trained director + targeted-PGD actor as an attack, within ``budget`` (default: none).
 
-    Needs whole environments in the batch (rows env-major, ``n_agents`` per env); ``agent_mask``
-    restricts which victims the actor may touch, the director still sees every agent.
+    Needs whole environments in the batch (rows env-major, ``n_agents`` per env). In the episode
+    loop, :meth:`as_perturb` gives it an episode budget (``horizon``: the env's episode length),
+    spent and reset per env and shown to the director as it was in training; a bare
+    :meth:`perturb` call is one step of a fresh episode, its ``agent_mask`` restricting which
+    victims the actor may touch (the director still sees every agent).
     """
 
     name = "adversary"
 
     def __init__(self, director: PPO, n_agents: int, eps: float, *, steps: int = 10, quantize: bool = False,
-                 deterministic: bool = True) -> None:
+                 deterministic: bool = True, budget: Budget = Budget(), horizon: int | None = None) -> None:
         super().__init__(eps, quantize=quantize)
         self.director = director
         self.n_agents = n_agents
         self.steps = int(steps)
         self.deterministic = deterministic
+        self.budget, self.horizon = budget, horizon
+        budget_state(budget, n_agents, horizon, 0)   # a step budget without a horizon fails here, not mid-episode
 
-    def decisions(self, obs01: Tensor) -> np.ndarray:
-        uint8 = torch.round(obs01 * 255).to(torch.uint8).cpu().numpy()
-        actions, _ = self.director.predict(stack_agents(uint8, self.n_agents), deterministic=self.deterministic)
-        return np.asarray(actions)
+    def within(self, budget: Budget) -> "AdversaryAttack":
+        """The same director and actor within another budget."""
+        return AdversaryAttack(self.director, self.n_agents, self.eps, steps=self.steps, quantize=self.quantize,
+                               deterministic=self.deterministic, budget=budget, horizon=self.horizon)
+
+    def as_perturb(self, view: PolicyLike, *, n_agents: int | None = None,
+                   agents: Sequence[int] | None = None) -> "DirectorPerturb":
+        if n_agents is not None and n_agents != self.n_agents:
+            raise ValueError(f"the director was trained against {self.n_agents} agents per env, used with {n_agents}")
+        return DirectorPerturb(self, view, check_agents(agents, self.n_agents))
 
     def perturb(self, view: PolicyLike, obs: Tensor, *, agent_mask: Tensor | None = None, target: TargetLike = None) -> Tensor:
-        if obs.shape[0] % self.n_agents:
-            raise ValueError(f"the adversary attacks whole envs: {obs.shape[0]} rows is not a multiple of "
-                             f"n_agents={self.n_agents}")
-        core = DirectorCore(view, self.eps, self.n_agents, self.steps, self.quantize)
         allowed = None if agent_mask is None else torch.as_tensor(agent_mask, device=obs.device).bool()
-        return core.realise(obs.detach(), self.decisions(obs), allowed)
+        return DirectorPerturb(self, view)(obs.detach(), allowed)
 
-    def _attack(self, view: PolicyLike, clean: Tensor, target: Tensor | None) -> Tensor:  # pragma: no cover - perturb overrides
+    def _attack(self, view: PolicyLike, clean: Tensor, target: Tensor | None) -> Tensor:
+        """Every row as the director decides, one step of a fresh episode."""
         return self.perturb(view, clean)
+
+
+class DirectorPerturb:
+    """The episode loop's ``perturb`` for the director: observe, decide, keep what the budget allows, realise."""
+
+    def __init__(self, attack: AdversaryAttack, view: PolicyLike, agents: list[int] | None = None) -> None:
+        self.attack, self.agents = attack, agents
+        self.core = DirectorCore(view, attack.eps, attack.n_agents, attack.steps, attack.quantize)
+        self.state = budget_state(attack.budget, attack.n_agents, attack.horizon, 0)
+
+    def __call__(self, clean: Tensor, allowed_rows: Tensor | None = None) -> Tensor:
+        n_envs = envs_of(clean, self.attack.n_agents)
+        uint8 = torch.round(clean * 255).to(torch.uint8).cpu().numpy()
+        decisions, _ = self.attack.director.predict(self.core.observe(uint8, self.state),
+                                                    deterministic=self.attack.deterministic)
+        allowed = allowed_agents(self.agents, n_envs, self.attack.n_agents, clean.device)
+        if allowed_rows is not None:
+            rows = allowed_rows.reshape(n_envs, self.attack.n_agents)
+            allowed = rows if allowed is None else allowed & rows
+        granted = self.core.decide(decisions, self.state, allowed).to(clean.device)
+        return self.core.realise(clean, decisions, granted)
+
+    def end_episodes(self, env_done: np.ndarray) -> None:
+        self.state.end_episodes(env_done)
 
 
 @dataclass
@@ -343,17 +472,20 @@ class LoadedAdversary:
     director: PPO
     config: AdversaryConfig
     n_agents: int
+    horizon: int
 
     def attack(self, eps: float, steps: int | None = None, quantize: bool = False) -> AdversaryAttack:
-        return AdversaryAttack(self.director, self.n_agents, eps, steps=steps or self.config.actor_steps, quantize=quantize)
+        """The director as an attack, within the budget it was trained under."""
+        return AdversaryAttack(self.director, self.n_agents, eps, steps=steps or self.config.actor_steps,
+                               quantize=quantize, budget=self.config.budget, horizon=self.horizon)
 
 
 def load_director(path: str | Path, cfg: AdversaryConfig, victim_space: gym.spaces.Box, victim_actions: int,
-                  n_agents: int, device: str = "cpu") -> LoadedAdversary:
+                  n_agents: int, horizon: int, device: str = "cpu") -> LoadedAdversary:
     """A director checkpoint, rebuilt from its run's config and its victim's spaces (nothing unpickled)."""
     observation_space, action_space = director_spaces(victim_space, victim_actions, n_agents)
     objects = ppo_objects(observation_space=observation_space, action_space=action_space,
                           policy_kwargs=director_policy_kwargs(), learning_rate=cfg.learning_rate,
                           clip_range=cfg.clip_range)
     director = load_without_pickle(PPO, path, objects, env=None, device=device)
-    return LoadedAdversary(director=director, config=cfg, n_agents=n_agents)
+    return LoadedAdversary(director=director, config=cfg, n_agents=n_agents, horizon=horizon)

@@ -21,7 +21,7 @@ from typing import Any
 
 import gymnasium as gym
 from stable_baselines3 import PPO
-from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
 from stable_baselines3.common.utils import FloatSchedule, LinearSchedule
 from stable_baselines3.common.vec_env import VecEnv
 
@@ -49,11 +49,13 @@ def ppo_objects(*, observation_space: gym.Space, action_space: gym.Space, policy
 
     Training state that is not configuration (the last observation, episode-info buffers) is
     replaced by ``None``, which SB3 treats as "start fresh": the env is reset before training, as
-    SB3's ``force_reset`` already does, and the rolling episode statistics restart empty. ``extra``
+    SB3's ``force_reset`` already does, and the rolling episode statistics restart empty. A ``Dict``
+    observation space gets SB3's ``MultiInputPolicy`` and its dict rollout buffer. ``extra``
     adds algorithm-specific entries (e.g. a defended algorithm's ``defense`` config).
     """
+    dict_obs = isinstance(observation_space, gym.spaces.Dict)   # the adversary's director
     return {
-        "policy_class": PPO.policy_aliases["CnnPolicy"],
+        "policy_class": PPO.policy_aliases["MultiInputPolicy" if dict_obs else "CnnPolicy"],
         "policy_kwargs": policy_kwargs,
         "observation_space": observation_space,
         "action_space": action_space,
@@ -61,7 +63,7 @@ def ppo_objects(*, observation_space: gym.Space, action_space: gym.Space, policy
         "lr_schedule": FloatSchedule(learning_rate),
         "clip_range": clip_range,
         "clip_range_vf": None,
-        "rollout_buffer_class": RolloutBuffer,
+        "rollout_buffer_class": DictRolloutBuffer if dict_obs else RolloutBuffer,
         "_last_obs": None,
         "_last_episode_starts": None,
         "_last_original_obs": None,

@@ -11,7 +11,9 @@ import torch
 from pettingzoo.test import parallel_api_test
 from stable_baselines3 import PPO
 
-from agents.adversary import ADVERSARY, AdversaryParallelEnv, AdversaryVecEnv, DirectorCore, warm_start
+from agents.adversary import (ADVERSARY, AdversaryParallelEnv, AdversaryVecEnv, DirectorCore, director_policy_kwargs,
+                              knowledge_size, warm_start)
+from fgmf_marl.attacks.budget import Budget
 from fgmf_marl.jobs.checkpoints import load_adversary
 from agents.policies import ImageFeatures
 from agents.policy_view import PolicyView
@@ -46,8 +48,9 @@ def test_wrapper_passes_the_pettingzoo_parallel_api_test(victim: PolicyView) -> 
 def test_adversary_reward_is_minus_the_team_reward_and_victims_act_on_seen_obs(victim: PolicyView) -> None:
     env = AdversaryParallelEnv(make_parallel_env(EnvConfig(native=CFG)), victim, eps=8 / 255, actor_steps=2)
     obs, _ = env.reset(seed=3)
-    assert obs[ADVERSARY].shape == (9, CFG.size, CFG.size)
-    assert np.array_equal(obs[ADVERSARY][3:6], obs["agent_1"])
+    assert obs[ADVERSARY]["image"].shape == (9, CFG.size, CFG.size)
+    assert np.array_equal(obs[ADVERSARY]["image"][3:6], obs["agent_1"])
+    assert obs[ADVERSARY]["victim"].shape == (knowledge_size(3, 5),)
     for t in range(CFG.max_steps):
         decision = np.array([t % 5, 5, 5])  # attack agent 0 only
         _, rewards, terms, truncs, infos = env.step({ADVERSARY: decision})
@@ -91,11 +94,11 @@ def test_policy_level_decisions_are_the_library_attacks(victim: PolicyView, opti
 @pytest.mark.parametrize("option", ["least_likely", "untargeted"])
 def test_warm_start_puts_the_prior_on_its_option(victim: PolicyView, option: str) -> None:
     venv = AdversaryVecEnv(CoverageVecEnv(CFG, n_envs=2, seed=0), victim, eps=4 / 255, n_agents=3, actor_steps=1)
-    director = PPO("CnnPolicy", venv, n_steps=8, batch_size=8, device="cpu", seed=0,
-                   policy_kwargs=dict(features_extractor_class=ImageFeatures, features_extractor_kwargs=dict(backbone="cnn")))
+    director = PPO("MultiInputPolicy", venv, n_steps=8, batch_size=8, device="cpu", seed=0,
+                   policy_kwargs=director_policy_kwargs())
     warm_start(director.policy, venv.core, option, 0.9)
     index = getattr(venv.core, option)
-    obs = torch.as_tensor(venv.reset()).float()
+    obs, _ = director.policy.obs_to_tensor(venv.reset())
     with torch.no_grad():
         dist = director.policy.get_distribution(obs)
     probs = torch.stack([d.probs for d in dist.distribution], dim=1)  # (envs, agents, options)
@@ -103,7 +106,7 @@ def test_warm_start_puts_the_prior_on_its_option(victim: PolicyView, option: str
     assert (director.predict(venv.reset(), deterministic=True)[0] == index).all()
 
 
-def test_train_adversary_cli_and_use_as_attack(tmp_path: Path) -> None:
+def test_train_adversary_cli_and_use_as_attack(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     victim_dir = tmp_path / "victim"
     assert train_cli(["--timesteps", "192", "--run-dir", str(victim_dir), "--no-progress", "env.n_envs=2",
                       "ppo.n_steps=32", "ppo.batch_size=64", "ppo.n_epochs=1", "eval_episodes=2",
@@ -118,6 +121,22 @@ def test_train_adversary_cli_and_use_as_attack(tmp_path: Path) -> None:
                      "--n-envs", "2", "--out", str(out), "--no-progress"]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert any(r["attack"].startswith("adversary") and r["episodes"] == 2 for r in rows)
+    # a budgeted director: periodic checkpoints with progress lines, and a summary against the fixed attacks
+    budgeted = tmp_path / "adv_k1"
+    assert cli(["--victim", str(victim_dir), "--timesteps", "64", "--run-dir", str(budgeted), "--no-progress",
+                "n_envs=2", "n_steps=16", "batch_size=32", "n_epochs=1", "actor_steps=2", "budget_agents=1",
+                "budget_steps=0.5", "checkpoint_every=32", "eval_episodes=2"]) == 0
+    assert "step 32/64" in capsys.readouterr().out and (budgeted / "checkpoints" / "step_32.zip").is_file()
+    summary = json.loads((budgeted / "eval" / "summary.json").read_text())
+    assert summary["budget"] == "k=1,p=0.5" and summary["director_steps_per_second"] > 0
+    assert set(summary["fixed_attacks"]) == {f"{a}@{s}[k=1,p=0.5]" for s in ("random", "fixed", "timed", "value")
+                                             for a in ("pgd[steps=2]", "pgd[targeted=true,target_action=least_likely,steps=2]")}
+    assert summary["damage_beyond_best"] == pytest.approx(
+        summary["fixed_attacks"][summary["best_fixed_attack"]] - summary["director"])
+    versus = json.loads((budgeted / "eval" / "versus" / "results.json").read_text())["rows"]
+    director_rows = [r for r in versus if r["selector"] == "learned"]
+    assert len(director_rows) == 1 and director_rows[0]["attacked_agents_max"] <= 1
+    assert director_rows[0]["attacked_steps_max"] <= 5      # floor(0.5 x 10 steps)
     # bad input: missing victim, and a victim that is not a run
     assert cli(["--victim", str(tmp_path / "nope"), "--run-dir", str(tmp_path / "x"), "--no-progress"]) == 2
     assert not (tmp_path / "x").exists()
@@ -126,8 +145,31 @@ def test_train_adversary_cli_and_use_as_attack(tmp_path: Path) -> None:
 def test_vec_env_batches_all_copies(victim: PolicyView) -> None:
     venv = AdversaryVecEnv(CoverageVecEnv(CFG, n_envs=4, seed=0), victim, eps=4 / 255, n_agents=3, actor_steps=1)
     obs = venv.reset()
-    assert obs.shape == (4, 9, CFG.size, CFG.size)
+    assert obs["image"].shape == (4, 9, CFG.size, CFG.size) and obs["victim"].shape == (4, knowledge_size(3, 5))
     for _ in range(CFG.max_steps):
         obs, rewards, dones, infos = venv.step(np.full((4, 3), venv.core.no_attack))
     assert dones.all() and all("terminal_observation" in i for i in infos)
     assert all(r == pytest.approx(-i["team_reward"]) for r, i in zip(rewards, infos))
+
+
+def test_the_director_knows_each_victims_policy_and_its_budget_and_cannot_exceed_it(victim: PolicyView) -> None:
+    """k = 1, p = 0.25 of 8 steps: asking to attack everyone every step gets one victim on 2 steps per episode."""
+    venv = AdversaryVecEnv(CoverageVecEnv(CFG, n_envs=4, seed=0), victim, eps=4 / 255, n_agents=3, actor_steps=1,
+                           budget=Budget(1, 0.25), horizon=CFG.max_steps)
+    obs = venv.reset()
+    knowledge = obs["victim"].reshape(4, -1)
+    per_victim = knowledge[:, :-2].reshape(4, 3, 6)
+    assert np.allclose(per_victim[..., :5].sum(-1), 1.0, atol=1e-5)          # clean action distributions
+    with torch.no_grad():
+        values = victim.value(torch.as_tensor(CoverageVecEnv(CFG, n_envs=4, seed=0).reset()).float() / 255)
+    assert np.allclose(per_victim[..., 5].reshape(-1), values.numpy(), atol=1e-5)   # clean values
+    assert np.allclose(knowledge[:, -2:], [[1.0, 1 / 3]] * 4)                # all of the budget left, k / n
+    attacked, left = [], []
+    for _ in range(CFG.max_steps):
+        obs, _, dones, infos = venv.step(np.full((4, 3), venv.core.least_likely))
+        attacked.append([i["attacked_agents"] for i in infos])
+        left.append(obs["victim"][:, -2])
+    attacked = np.array(attacked)
+    assert attacked.max() == 1 and (attacked.sum(0) == 2).all()               # first two steps, then spent
+    assert np.allclose(left[0], 0.5) and np.allclose(left[1], 0.0) and dones.all()
+    assert np.allclose(infos[0]["terminal_observation"]["victim"][-2], 0.0)   # the ended episode's last view

@@ -230,41 +230,69 @@ def step_scores(attack: BudgetedAttack, view: PolicyLike, clean: Tensor) -> np.n
     return step.cpu().numpy()
 
 
+class BudgetState:
+    """One budget spent per env over episodes: the single place where k and the step count are enforced.
+
+    Heuristic attackers (:class:`BudgetedPerturb`) and the learned director (``agents.adversary``)
+    both ask :meth:`grant` which of the agents they want to attack they may attack this step.
+    """
+
+    def __init__(self, budget: Budget, n_agents: int, horizon: int, generator: torch.Generator) -> None:
+        self.n_agents = n_agents
+        self.max_steps = budget.step_count(horizon)
+        self.k = n_agents if budget.agents is None else min(budget.agents, n_agents)
+        self.generator = generator
+        self.spent: np.ndarray | None = None   # attacked steps of each env's current episode
+
+    def _spent(self, n_envs: int) -> np.ndarray:
+        if self.spent is None or self.spent.shape[0] != n_envs:
+            self.spent = np.zeros(n_envs, dtype=int)
+        return self.spent
+
+    def steps_left(self, n_envs: int) -> np.ndarray:
+        """Attacked steps each env may still spend this episode (n_envs,)."""
+        return self.max_steps - self._spent(n_envs)
+
+    def grant(self, wanted: Tensor, priority: Tensor | None = None) -> Tensor:
+        """The wanted (n_envs, n_agents) attacks that fit: at most k per env, by ``priority`` (random when
+        None), in envs with steps left; the granted steps are spent."""
+        n_envs = wanted.shape[0]
+        left = torch.as_tensor(self.steps_left(n_envs) > 0, device=wanted.device)
+        if self.k == 0:
+            return torch.zeros_like(wanted)
+        if priority is None:
+            priority = torch.rand(wanted.shape, generator=self.generator).to(wanted.device)
+        ranked = priority.float().masked_fill(~wanted, float("-inf"))
+        top = ranked.topk(self.k, dim=1)
+        granted = torch.zeros_like(wanted).scatter_(1, top.indices, torch.isfinite(top.values)) & left[:, None]
+        self.spent += granted.any(1).cpu().numpy().astype(int)
+        return granted
+
+    def end_episodes(self, env_done: np.ndarray) -> None:
+        """Reset the spent counters of the envs whose episode just ended."""
+        if self.spent is not None:
+            self.spent[np.asarray(env_done, dtype=bool)] = 0
+
+
 class BudgetedPerturb:
     """The episode loop's ``perturb`` for one :class:`BudgetedAttack`: spends and resets its budget per env."""
 
     def __init__(self, attack: BudgetedAttack, view: PolicyLike, agents: Sequence[int] | None = None) -> None:
         self.attack, self.view, self.n_agents = attack, view, attack.n_agents
-        n_agents = attack.n_agents
-        self.agents = None if agents is None else sorted(set(int(a) for a in agents))
-        if self.agents is not None and not all(0 <= a < n_agents for a in self.agents):
-            raise ValueError(f"attacked agents {self.agents} out of range; accepted: 0..{n_agents - 1}")
-        self.max_steps = attack.budget.step_count(attack.horizon)
-        self.k = n_agents if attack.budget.agents is None else attack.budget.agents
+        self.agents = check_agents(agents, attack.n_agents)
         self.generator = torch.Generator().manual_seed(attack.seed)
-        self.spent: np.ndarray | None = None   # attacked steps of each env's current episode
+        self.state = BudgetState(attack.budget, attack.n_agents, attack.horizon, self.generator)
 
     def __call__(self, clean: Tensor) -> Tensor:
-        n_envs = clean.shape[0] // self.n_agents
-        if clean.shape[0] % self.n_agents:
-            raise ValueError(f"batch of {clean.shape[0]} observations is not a whole number of envs with "
-                             f"{self.n_agents} agents")
-        if self.spent is None:
-            self.spent = np.zeros(n_envs, dtype=int)
-        left = torch.as_tensor(self.spent < self.max_steps, device=clean.device)
-        if self.k == 0 or not bool(left.any()):
+        n_envs = envs_of(clean, self.n_agents)
+        if self.state.k == 0 or not (self.state.steps_left(n_envs) > 0).any():
             return clean
-        allowed = None
-        if self.agents is not None:
-            allowed = torch.zeros(n_envs, self.n_agents, dtype=torch.bool, device=clean.device)
-            allowed[:, self.agents] = True
         scores = self.attack.selector.scores(self.view, clean, self.n_agents, self.attack.attack, None, self.generator)
-        chosen, step = _choose(scores, self.k, allowed)
+        chosen, step = _choose(scores, self.state.k, allowed_agents(self.agents, n_envs, self.n_agents, clean.device))
         if step is None:
             step = torch.rand(n_envs, generator=self.generator).to(clean.device)
-        go = left & (step >= self.attack.threshold) & chosen.any(1)
-        rows = (chosen & go[:, None]).reshape(-1)
-        self.spent += go.cpu().numpy().astype(int)
+        go = (step >= self.attack.threshold) & chosen.any(1)
+        rows = self.state.grant(chosen & go[:, None], scores.agents).reshape(-1)
         if not bool(rows.any()):
             return clean
         if scores.adversarial is not None:
@@ -272,6 +300,30 @@ class BudgetedPerturb:
         return self.attack.attack.perturb(self.view, clean, agent_mask=rows)
 
     def end_episodes(self, env_done: np.ndarray) -> None:
-        """Reset the spent counters of the envs whose episode just ended."""
-        if self.spent is not None:
-            self.spent[np.asarray(env_done, dtype=bool)] = 0
+        self.state.end_episodes(env_done)
+
+
+def check_agents(agents: Sequence[int] | None, n_agents: int) -> list[int] | None:
+    """The attacked-agent subset, sorted; ValueError naming the accepted range when one is out of it."""
+    if agents is None:
+        return None
+    chosen = sorted(set(int(a) for a in agents))
+    if not all(0 <= a < n_agents for a in chosen):
+        raise ValueError(f"attacked agents {chosen} out of range; accepted: 0..{n_agents - 1}")
+    return chosen
+
+
+def allowed_agents(agents: list[int] | None, n_envs: int, n_agents: int, device: torch.device) -> Tensor | None:
+    """(n_envs, n_agents) mask of the agents an attacker may touch; None = all."""
+    if agents is None:
+        return None
+    allowed = torch.zeros(n_envs, n_agents, dtype=torch.bool, device=device)
+    allowed[:, agents] = True
+    return allowed
+
+
+def envs_of(batch: Tensor, n_agents: int) -> int:
+    """Whole envs in an env-major batch of slots; ValueError otherwise."""
+    if batch.shape[0] % n_agents:
+        raise ValueError(f"batch of {batch.shape[0]} observations is not a whole number of envs with {n_agents} agents")
+    return batch.shape[0] // n_agents

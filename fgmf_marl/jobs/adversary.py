@@ -2,14 +2,23 @@
 
 The director, its environments and its use as an attack live in :mod:`agents.adversary`; this job
 loads the victim checkpoint, builds the director's training env on episodes no team run trains or
-evaluates on (``fgmf_marl.seeds.ADVERSARY_TRAINING``), trains it with SB3's PPO and writes the run
-directory that ``evaluate.py --attacks adversary:path=<run>`` reads back.
+evaluates on (``fgmf_marl.seeds.ADVERSARY_TRAINING``), trains it with SB3's PPO within its budget
+(``budget_agents``, ``budget_steps``), and writes the run directory that ``evaluate.py --attacks
+adversary:path=<run>`` reads back: ``checkpoints/step_N.zip`` every ``checkpoint_every`` director steps
+(with a progress line in the log) and ``final.zip``.
+
+Its summary (``eval/summary.json``) answers "is it worth its training?": an evaluation
+(``eval/versus/``, evaluate.py's own outputs) of the director against the fixed attacks it could have
+been replaced by, PGD and least-likely PGD with its actor's steps, within the same budget on the
+agents and steps each heuristic selector picks; ``damage_beyond_best`` is the best fixed attacker's
+oracle-normalised return minus the director's (> 0: the director is the stronger attacker).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,12 +26,14 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import VecMonitor
 
 from agents.adversary import AdversaryConfig, AdversaryVecEnv, director_policy_kwargs, warm_start
-from envs.registry import make_vec_env, n_agents_of
+from envs.registry import horizon, make_vec_env, n_agents_of
 from fgmf_marl import config as cfglib
 from fgmf_marl import seeds
 from fgmf_marl.atomic import atomic_write_text
 from fgmf_marl.jobs import cli
-from fgmf_marl.jobs.checkpoints import Victim, load_victim, save_checkpoint
+from fgmf_marl.attacks.base import LEAST_LIKELY
+from fgmf_marl.jobs.checkpoints import PeriodicCheckpoint, Victim, load_victim, save_checkpoint
+from fgmf_marl.jobs.evaluate import LEARNED, EvalConfig, evaluate
 from fgmf_marl.runs import staged_run_dir
 
 PROG = "train_adversary.py"
@@ -32,7 +43,8 @@ def make_training_env(cfg: AdversaryConfig, victim: Victim) -> AdversaryVecEnv:
     """The director's VecEnv: one slot per env copy of the victim's env, seeded apart from its runs."""
     env_cfg = dataclasses.replace(victim.train_config.env, n_envs=cfg.n_envs)
     venv = make_vec_env(env_cfg, seed=seeds.env_seed(cfg.seed, seeds.ADVERSARY_TRAINING))
-    return AdversaryVecEnv(venv, victim.view, cfg.eps / 255.0, n_agents_of(venv, env_cfg), cfg.actor_steps)
+    return AdversaryVecEnv(venv, victim.view, cfg.eps / 255.0, n_agents_of(venv, env_cfg), cfg.actor_steps,
+                           budget=cfg.budget, horizon=horizon(env_cfg), seed=cfg.seed)
 
 
 def train_adversary(cfg: AdversaryConfig, run_root: str | Path, progress: bool = True) -> dict[str, Any]:
@@ -46,19 +58,48 @@ def train_adversary(cfg: AdversaryConfig, run_root: str | Path, progress: bool =
         with staged_run_dir(Path(run_root)) as run:
             cfglib.save_yaml(cfg, run.config)
             # VecMonitor: TensorBoard's rollout/ep_rew_mean is minus the team return under attack
-            model = PPO("CnnPolicy", VecMonitor(venv), learning_rate=cfg.learning_rate, clip_range=cfg.clip_range,
+            model = PPO("MultiInputPolicy", VecMonitor(venv), learning_rate=cfg.learning_rate, clip_range=cfg.clip_range,
                         n_steps=cfg.n_steps, batch_size=cfg.batch_size, n_epochs=cfg.n_epochs, ent_coef=cfg.ent_coef,
                         gamma=cfg.gamma, seed=cfg.seed, device=cfg.device, tensorboard_log=str(run.tensorboard),
                         verbose=0, policy_kwargs=director_policy_kwargs())
             warm_start(model.policy, venv.core, cfg.warm_start, cfg.warm_start_prob)
-            model.learn(cfg.timesteps, progress_bar=progress, tb_log_name="director")
+            checkpoints = PeriodicCheckpoint(run, cfg.checkpoint_every, cfg.timesteps, echo=print)
+            start = time.perf_counter()
+            model.learn(cfg.timesteps, callback=checkpoints, progress_bar=progress, tb_log_name="director")
+            wall = time.perf_counter() - start
             save_checkpoint(model, run.final_checkpoint)
+            venv.close()
+            summary = {"victim": cfg.victim, "eps255": cfg.eps, "budget": cfg.budget.label(),
+                       "timesteps": int(model.num_timesteps), "wall_seconds": round(wall, 1),
+                       "director_steps_per_second": round(model.num_timesteps / max(wall, 1e-9), 1),
+                       **versus_fixed_attacks(cfg, run.root, progress)}
+            run.eval.mkdir(exist_ok=True)
+            atomic_write_text(run.eval / "summary.json", json.dumps(summary, indent=2))
     finally:
         venv.close()
-    summary = {"victim": cfg.victim, "eps255": cfg.eps, "timesteps": int(model.num_timesteps)}
-    run.eval.mkdir(exist_ok=True)
-    atomic_write_text(run.eval / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def versus_fixed_attacks(cfg: AdversaryConfig, run_root: Path, progress: bool) -> dict[str, Any]:
+    """The director against PGD and least-likely PGD within its budget (see the module docstring)."""
+    steps = f"steps={cfg.actor_steps}"
+    fixed = [f"pgd:{steps}", f"pgd:targeted=true,target_action={LEAST_LIKELY},{steps}"]
+    budget = cfg.budget
+    ecfg = EvalConfig(checkpoints=[cfg.victim], attacks=[*fixed, f"adversary:path={run_root}"], eps=[cfg.eps],
+                      seeds=[0], episodes=cfg.eval_episodes, n_envs=cfg.n_envs, device=cfg.device,
+                      budget_agents=None if budget.agents is None else [budget.agents],
+                      budget_steps=None if budget.steps is None else [budget.steps])
+    result = evaluate(ecfg, run_root / "eval" / "versus", progress=progress, echo=lambda _: None)
+    label = budget.label()
+    rows = [r for r in result.summary if r["attack"] != "none" and r["budget"] == label]
+    key = "normalised_mean" if "normalised_mean" in rows[0] else "team_return_mean"
+    director = next(r for r in rows if r["selector"] == LEARNED or r["attack"].startswith("adversary"))
+    baselines = {r["attack"]: r[key] for r in rows if r is not director}
+    best = min(baselines, key=baselines.get)
+    clean = next(r[key] for r in result.summary if r["attack"] == "none")
+    return {"metric": key.removesuffix("_mean"), "episodes": cfg.eval_episodes, "clean": clean,
+            "director": director[key], "fixed_attacks": baselines, "best_fixed_attack": best,
+            "damage_beyond_best": baselines[best] - director[key]}
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -72,6 +113,10 @@ def build_parser() -> cli.ArgumentParser:
                    "(default: none, the built-in defaults)")
     p.add_argument("--eps", type=float, help="budget in 1/255 units (default 8)")
     p.add_argument("--timesteps", type=int, help="director steps to train (default 20000)")
+    p.add_argument("--budget-agents", type=int, metavar="K",
+                   help="attack at most K victims per env and step (default: no agent budget)")
+    p.add_argument("--budget-steps", type=float, metavar="P",
+                   help="attack at most a share P in [0, 1] of each episode's steps (default: no step budget)")
     cli.add_runtime_flags(p)
     p.add_argument("--run-dir", type=Path, help="output run directory (default runs/adversary-<victim>-eps<eps>)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -81,7 +126,7 @@ def build_parser() -> cli.ArgumentParser:
 def resolve_config(args: argparse.Namespace) -> AdversaryConfig:
     """Defaults < --config file < flags < KEY=VALUE overrides."""
     flags = {"victim": args.victim, "eps": args.eps, "timesteps": args.timesteps, "seed": args.seed,
-             "device": args.device}
+             "device": args.device, "budget_agents": args.budget_agents, "budget_steps": args.budget_steps}
     return cli.load_config(AdversaryConfig, config_file=args.config, flags=flags, overrides=args.overrides)
 
 

@@ -10,25 +10,27 @@ adversary, ``--resume``) goes through :func:`load_model` or :func:`load_adversar
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from typing import Any
+from typing import Any, Callable
 
 import gymnasium as gym
 from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv
 
 from agents import defended
 from agents.adversary import AdversaryConfig, LoadedAdversary, load_director
 from agents.policy_view import PolicyView
 from agents.safe_load import ppo_objects
-from envs.registry import EnvConfig, make_vec_env, n_agents_of
+from envs.registry import EnvConfig, horizon, make_vec_env, n_agents_of
 from fgmf_marl import config as cfglib
 from fgmf_marl.atomic import atomic_write
 from fgmf_marl.config import ConfigError
 from fgmf_marl.jobs.train_config import TrainConfig
-from fgmf_marl.runs import resolve_checkpoint
+from fgmf_marl.runs import RunDir, resolve_checkpoint
 
 
 def save_checkpoint(model: PPO, path: Path) -> None:
@@ -114,10 +116,40 @@ def load_adversary(path: str | Path, device: str = "cpu") -> LoadedAdversary:
     _, victim_cfg = _run_config(cfg.victim)
     victim_space, victim_actions, n_agents = env_spaces(victim_cfg.env)
     try:
-        return load_director(ckpt, cfg, victim_space, int(victim_actions.n), n_agents, device=device)
+        return load_director(ckpt, cfg, victim_space, int(victim_actions.n), n_agents, horizon(victim_cfg.env),
+                             device=device)
     except ConfigError:
         raise
     except Exception as exc:  # as in load_model
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"adversary checkpoint {str(ckpt)!r} could not be loaded (not a director of its victim "
                           f"{cfg.victim!r}): {first}") from None
+
+
+class PeriodicCheckpoint(BaseCallback):
+    """Saves ``checkpoints/step_<timesteps>.zip`` every ``every`` steps, atomically; with ``echo``, also a
+    progress line (steps done of ``total``, steps/s), so a log redirected to a file shows progress."""
+
+    def __init__(self, run: RunDir, every: int, total: int | None = None,
+                 echo: Callable[[str], None] | None = None) -> None:
+        super().__init__()
+        self.run = run
+        self.every = every
+        self.total, self.echo = total, echo
+        self._next = every
+        self._start, self._started_at = time.perf_counter(), 0
+
+    def _on_training_start(self) -> None:
+        self._next = (self.num_timesteps // self.every + 1) * self.every
+        self._start, self._started_at = time.perf_counter(), self.num_timesteps
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps >= self._next:
+            save_checkpoint(self.model, self.run.checkpoint_at(self.num_timesteps))
+            if self.echo is not None:
+                rate = (self.num_timesteps - self._started_at) / max(time.perf_counter() - self._start, 1e-9)
+                of = f"/{self.total}" if self.total else ""
+                self.echo(f"step {self.num_timesteps}{of} ({rate:.0f} steps/s), checkpoint "
+                          f"{self.run.checkpoint_at(self.num_timesteps)}")
+            self._next += self.every * max(1, (self.num_timesteps - self._next) // self.every + 1)
+        return True

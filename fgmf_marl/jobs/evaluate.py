@@ -77,6 +77,8 @@ from fgmf_marl.rollout import StepRecord, rollout
 from fgmf_marl.runs import staged_run_dir
 
 PROG = "evaluate.py"
+#: the selector label of a learned director's rows: it chooses whom and when itself
+LEARNED = "learned"
 
 
 @dataclass
@@ -226,7 +228,7 @@ def check_fits(attack: Attack, victims: list[Victim]) -> None:
                 raise ConfigError(f"transfer surrogate sees observations {theirs}, the victim {victim.label} {shape}; "
                                   "accepted: a surrogate trained on the victim's env")
         if isinstance(attack, AdversaryAttack):
-            theirs = tuple(attack.director.observation_space.shape)
+            theirs = tuple(attack.director.observation_space["image"].shape)
             if theirs[1:] != shape[1:] or theirs[0] != attack.n_agents * shape[0]:
                 raise ConfigError(f"adversary director sees observations {theirs}, built for victims other than "
                                   f"{victim.label} {shape}; accepted: a director trained against this victim's env")
@@ -238,9 +240,20 @@ def build_attacks(cfg: EvalConfig, eps255: float, n_actions: int | None = None) 
     for spec in cfg.attacks:
         name, opts = parse_spec(spec)
         attack = make_attack(name, eps255 / 255.0, loader=_loader(cfg.device), n_actions=n_actions, **opts)
-        out.append(GridAttack(_attack_label(spec), attack, _attack_label(spec)))
-    budgeted = [GridAttack(f"{g.base}@{sel}[{b.label()}]", g.attack, g.base, b, sel)
-                for g in out for sel in cfg.budget_selectors for b in cfg.budgets()]
+        label = _attack_label(spec)
+        if isinstance(attack, AdversaryAttack) and not attack.budget.unlimited:   # the budget it was trained for
+            out.append(GridAttack(f"{label}@{LEARNED}[{attack.budget.label()}]", attack, label, attack.budget, LEARNED))
+        else:
+            out.append(GridAttack(label, attack, label))
+    budgeted = []
+    for g in out:
+        for b in cfg.budgets():
+            if isinstance(g.attack, AdversaryAttack):   # a director chooses whom and when itself
+                if g.budget != b:
+                    budgeted.append(GridAttack(f"{g.base}@{LEARNED}[{b.label()}]", g.attack.within(b), g.base, b, LEARNED))
+            else:
+                budgeted += [GridAttack(f"{g.base}@{sel}[{b.label()}]", g.attack, g.base, b, sel)
+                             for sel in cfg.budget_selectors]
     return out + budgeted
 
 
@@ -262,8 +275,9 @@ def calibration_batches(victim: Victim, n_envs: int, seed: int) -> list[torch.Te
 
 def _budgeted(grid: GridAttack, victim: Victim, n_agents: int, seed: int,
               calibration: Callable[[], list[torch.Tensor]]) -> Attack:
-    """``grid``'s attack for this victim: wrapped in its budget and calibrated, or as it is."""
-    if grid.budget is None or grid.selector is None:
+    """``grid``'s attack for this victim: wrapped in its budget and calibrated, or as it is (a director
+    holds its budget itself)."""
+    if grid.budget is None or grid.selector in (None, LEARNED):
         return grid.attack
     attack = BudgetedAttack(grid.attack, make_selector(grid.selector), grid.budget, n_agents=n_agents,
                             horizon=horizon(victim.train_config.env), seed=seed)
@@ -380,8 +394,9 @@ def _metric(cells: Sequence[Cell]) -> str:
 def worst_rows(cells: list[Cell]) -> list[dict[str, Any]]:
     """Per (checkpoint, eps > 0, budget): for each seed the minimum over attackers of the cell's mean return, then mean ± std.
 
-    Budget ``all`` is the worst case over the unbudgeted attacks, the robustness claim; each budget
-    (k, p) of a budget grid gets its own row, the strongest attacker at that budget.
+    Budget ``all`` is the worst case over every attacker of the grid, budgeted ones included (an
+    attacker without limits can act as any of them): the robustness claim. Each budget (k, p) also
+    gets its own row, the strongest attacker at that budget.
 
     The return is the oracle-normalised one where the env has an oracle, the team return otherwise;
     std is over seeds (ddof 0, as every std here). ``episodes`` counts the episodes of the minimum
@@ -394,7 +409,8 @@ def worst_rows(cells: list[Cell]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, float, str], dict[int, list[Cell]]] = {}
     for c in cells:
         if c.attack != "none":
-            groups.setdefault((c.checkpoint, c.eps, c.budget), {}).setdefault(c.seed, []).append(c)
+            for budget in dict.fromkeys(("all", c.budget)):
+                groups.setdefault((c.checkpoint, c.eps, budget), {}).setdefault(c.seed, []).append(c)
 
     def mean(c: Cell) -> float:
         return float((c.team_returns if c.normalised is None else c.normalised).mean())

@@ -37,7 +37,7 @@ from fgmf_marl.attacks import PGD
 from fgmf_marl.config import ConfigError
 from fgmf_marl.defenses.config import DEFENSE_KINDS
 from fgmf_marl.jobs import cli
-from fgmf_marl.jobs.checkpoints import load_model, save_checkpoint
+from fgmf_marl.jobs.checkpoints import PeriodicCheckpoint, load_model, save_checkpoint
 from fgmf_marl.jobs.train_config import TrainConfig
 from fgmf_marl.oversight import OversightLogger
 from fgmf_marl.oversight.store import read_key
@@ -129,25 +129,6 @@ class RobustnessProbe(BaseCallback):
                 score = result.team_returns if normalised is None else normalised
                 self.logger.record(f"eval/{name}_return" + ("" if normalised is None else "_normalised"),
                                    float(score.mean()))
-        return True
-
-
-class PeriodicCheckpoint(BaseCallback):
-    """Saves ``checkpoints/step_<timesteps>.zip`` every ``every`` agent-steps, atomically."""
-
-    def __init__(self, run: RunDir, every: int) -> None:
-        super().__init__()
-        self.run = run
-        self.every = every
-        self._next = every
-
-    def _on_training_start(self) -> None:
-        self._next = (self.num_timesteps // self.every + 1) * self.every
-
-    def _on_step(self) -> bool:
-        if self.num_timesteps >= self._next:
-            save_checkpoint(self.model, self.run.checkpoint_at(self.num_timesteps))
-            self._next += self.every * max(1, (self.num_timesteps - self._next) // self.every + 1)
         return True
 
 
