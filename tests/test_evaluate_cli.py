@@ -132,6 +132,10 @@ def test_strong_preset_runs_end_to_end_with_worst_rows(run_dir: Path, tmp_path: 
     assert "## Worst case over attacks" in table and "| victim | worst | 8 |" in table
     assert "## Worst case across checkpoints" in table
     assert len(list(csv.DictReader((out / "episodes.csv").open()))) == 2 * 2 * 2 * (1 + len(expanded))
+    assert (out / "comparison.png").stat().st_size > 1000       # both checkpoints on one axis
+    for r in results["rows"] + worst:                            # bootstrap bands never leave the episodes' range
+        low, high = r["normalised_ci95"]
+        assert low <= r["normalised_mean"] + 1e-9 and high >= r["normalised_mean"] - 1e-9
     recorded = cfglib.load(EvalConfig, out / "config.yaml")   # the recorded config loads (and reruns) as it is
     assert recorded.attacks == expanded and expand_presets(recorded.attacks) == expanded
 

@@ -6,7 +6,7 @@ import pytest
 
 from fgmf_marl.attacks.registry import expand_presets, make_attack
 from fgmf_marl.config import ConfigError
-from fgmf_marl.jobs.evaluate import Cell, worst_across_checkpoints, worst_markdown, worst_rows
+from fgmf_marl.jobs.evaluate import Cell, bootstrap_ci, worst_across_checkpoints, worst_markdown, worst_rows
 
 STRONG = ["pgd:steps=20,restarts=5", "pgd:targeted=true,target_action=least_likely,steps=20", "mad", "critic", "square"]
 
@@ -87,3 +87,13 @@ def test_target_action_is_checked_against_the_victims_actions():
         make_attack("square", 0.1, n_actions=5, targeted=True, target_action=-1)
     assert make_attack("pgd", 0.1, n_actions=5, targeted=True, target_action=4).target_action == 4
     assert make_attack("pgd", 0.1, n_actions=5, targeted=True, target_action="least_likely").targeted
+
+
+def test_bootstrap_interval_lies_within_the_data_and_around_the_mean():
+    values = np.array([0.9, 1.0, 1.0, 0.95])       # 4 episodes near the top: mean + std would pass 1.0
+    low, high = bootstrap_ci(values)
+    assert values.min() <= low <= values.mean() <= high <= values.max()
+    assert values.mean() + values.std() > 1.0 and high <= 1.0      # the std band leaves the range, this does not
+    assert bootstrap_ci(np.array([0.3])) == (0.3, 0.3)
+    wide = bootstrap_ci(np.random.default_rng(0).normal(0, 1, 400))
+    assert wide[0] < 0 < wide[1] and wide[1] - wide[0] == pytest.approx(2 * 1.96 / 20, rel=0.2)

@@ -17,6 +17,8 @@ Outputs, in one folder (created only after every input is validated, removed if 
     curves_<ckpt>.png   return (normalised where the env has an oracle) vs eps, one line per attack
                         and a dashed one for the worst case
     budget_<ckpt>_eps<e>.png  with a budget grid: return vs (k, p), one panel per attacker
+    comparison.png      every checkpoint's worst case vs eps on one axis, clean reference lines and
+                        95% bootstrap bands; with several checkpoints their mean and [min, max]
     audit_<ckpt>.md     with ``audit: true``: the gradient-masking audit on observations visited by
                         the clean policy (see :mod:`fgmf_marl.audit`)
 
@@ -360,6 +362,20 @@ def collect_observations(victim: Victim, n_obs: int, seed: int, n_envs: int) -> 
     return obs[idx]
 
 
+def bootstrap_ci(values: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap 95% interval of the mean of ``values``.
+
+    Why not mean ± std: with a few episodes a std band leaves the range a return can take (bands
+    above 1.0 from 4 episodes); a bootstrap interval of the mean always lies within [min, max].
+    """
+    values = np.asarray(values, dtype=float)
+    if values.size <= 1:
+        return float(values.mean()), float(values.mean())
+    means = np.random.default_rng(seed).choice(values, (resamples, values.size)).mean(1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return float(low), float(high)
+
+
 def summarise(cells: list[Cell]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str, float], list[Cell]] = {}
     for c in cells:
@@ -369,12 +385,14 @@ def summarise(cells: list[Cell]) -> list[dict[str, Any]]:
         ret = np.concatenate([c.team_returns for c in cs])
         row: dict[str, Any] = {"checkpoint": ckpt, "attack": attack, "eps255": eps, "episodes": int(ret.size),
                                "team_return_mean": float(ret.mean()), "team_return_std": float(ret.std()),
+                               "team_return_ci95": bootstrap_ci(ret),
                                "flip_rate": float(sum(c.flip_rate * c.agent_steps for c in cs)
                                                   / max(sum(c.agent_steps for c in cs), 1)),
                                "flip_rate_std": float(np.concatenate([c.flip_rates for c in cs]).std())}
         if cs[0].normalised is not None:
             norm = np.concatenate([c.normalised for c in cs])
-            row.update(normalised_mean=float(norm.mean()), normalised_std=float(norm.std()))
+            row.update(normalised_mean=float(norm.mean()), normalised_std=float(norm.std()),
+                       normalised_ci95=bootstrap_ci(norm))
         row.update(budget=cs[0].budget, selector=cs[0].selector)
         if attack != "none" and cs[0].attacked_steps is not None:
             steps = np.concatenate([c.attacked_steps for c in cs])
@@ -419,7 +437,9 @@ def worst_rows(cells: list[Cell]) -> list[dict[str, Any]]:
     for (ckpt, eps, budget), by_seed in groups.items():
         minima = [min(cs, key=mean) for _, cs in sorted(by_seed.items())]
         values = np.array([mean(c) for c in minima])
+        episodes = np.concatenate([c.team_returns if c.normalised is None else c.normalised for c in minima])
         rows.append({"checkpoint": ckpt, "attack": "worst", "eps255": eps, "budget": budget, "metric": metric,
+                     f"{metric}_ci95": bootstrap_ci(episodes),
                      f"{metric}_mean": float(values.mean()), f"{metric}_std": float(values.std()),
                      "seeds": len(minima), "episodes": int(sum(c.team_returns.size for c in minima)),
                      "per_seed": [{"seed": c.seed, "attack": c.attack, "value": mean(c)} for c in minima]})
@@ -596,26 +616,66 @@ def episodes_csv(cells: list[Cell]) -> str:
     return buf.getvalue()
 
 
+def _band(ax: Any, xs: list[float], pts: list[dict[str, Any]], key: str, **style: Any) -> None:
+    """The 95% bootstrap band of ``pts`` (rows with ``<metric>_ci95``), where every point has one."""
+    ci = key.replace("_mean", "_ci95")
+    if all(ci in r for r in pts):
+        ax.fill_between(xs, [r[ci][0] for r in pts], [r[ci][1] for r in pts], alpha=0.12, **style)
+
+
 def plot_curves(rows: list[dict[str, Any]], checkpoint: str, path: Path) -> None:
-    """Return vs eps of one checkpoint, one line per attack, clean at eps 0; written atomically."""
+    """Return vs eps of one checkpoint, one line per attack, clean at eps 0, 95% bootstrap bands; written atomically."""
     mine = [r for r in rows if r["checkpoint"] == checkpoint]
     key = "normalised_mean" if all("normalised_mean" in r for r in mine) else "team_return_mean"
-    std = key.replace("mean", "std")
     clean = [r for r in mine if r["attack"] == "none"]
     fig = Figure(figsize=(6, 4))  # no pyplot: no GUI backend, no global figure state
     ax = fig.subplots()
     for attack in dict.fromkeys(r["attack"] for r in mine if r["attack"] != "none"):
         pts = sorted(clean + [r for r in mine if r["attack"] == attack], key=lambda r: r["eps255"])
         xs = [r["eps255"] for r in pts]
-        ys = np.array([r[key] for r in pts])
-        ss = np.array([r[std] for r in pts])
-        ax.plot(xs, ys, marker="o", label=attack, **({"color": "black", "linestyle": "--"} if attack == "worst" else {}))
-        ax.fill_between(xs, ys - ss, ys + ss, alpha=0.12)
+        ax.plot(xs, [r[key] for r in pts], marker="o", label=attack,
+                **({"color": "black", "linestyle": "--"} if attack == "worst" else {}))
+        _band(ax, xs, pts, key)
     ax.set_xlabel("eps (/255)")
     ax.set_ylabel("oracle-normalised team return" if key.startswith("normalised") else "team return")
-    ax.set_title(f"robustness of {checkpoint}")
+    ax.set_title(f"robustness of {checkpoint} (bands: 95% bootstrap CI of the mean)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
+
+
+def plot_comparison(rows: list[dict[str, Any]], worst: list[dict[str, Any]],
+                    across: list[dict[str, Any]], path: Path) -> None:
+    """Every checkpoint's worst case vs eps on one axis, its clean return as a dotted reference line.
+
+    Bands: the 95% bootstrap interval of each point's mean over episodes. With several checkpoints
+    (independent training seeds), a black line is their mean and its band spans their [min, max].
+    """
+    key = "normalised_mean" if all("normalised_mean" in r for r in rows) else "team_return_mean"
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
+    mine = [w for w in worst if w.get("budget", "all") == "all"]
+    for i, ckpt in enumerate(dict.fromkeys(r["checkpoint"] for r in rows)):
+        clean = next(r for r in rows if r["checkpoint"] == ckpt and r["attack"] == "none")
+        pts = [clean] + sorted((w for w in mine if w["checkpoint"] == ckpt), key=lambda w: w["eps255"])
+        xs = [r["eps255"] for r in pts]
+        color = f"C{i % 10}"
+        ax.plot(xs, [r[key] for r in pts], marker="o", color=color, label=f"{ckpt} (worst case)")
+        _band(ax, xs, pts, key, color=color)
+        ax.axhline(clean[key], color=color, linestyle=":", linewidth=1)
+    if across:
+        by_eps = sorted(across, key=lambda r: r["eps255"])
+        cleans = [r[key] for r in rows if r["attack"] == "none"]
+        xs = [0.0] + [r["eps255"] for r in by_eps]
+        values = [np.array(cleans)] + [np.array(list(r["per_checkpoint"].values())) for r in by_eps]
+        ax.plot(xs, [v.mean() for v in values], color="black", linewidth=2, label="mean over checkpoints")
+        ax.fill_between(xs, [v.min() for v in values], [v.max() for v in values], color="black", alpha=0.08)
+    ax.set_xlabel("eps (/255); eps 0 = clean")
+    ax.set_ylabel("oracle-normalised team return" if key.startswith("normalised") else "team return")
+    ax.set_title("worst case over attacks (dotted: each checkpoint's clean return)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
 
@@ -693,6 +753,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
                         run.root / f"curves_{victim.label}.png")
             for e in cfg.eps:
                 plot_budget_heatmaps(rows, victim.label, e, run.root / f"budget_{victim.label}_eps{e:g}.png")
+        plot_comparison(rows, worst, across, run.root / "comparison.png")
     echo(text)
     return EvalResult(folder=run.root, cells=cells, summary=rows, audits=audits)
 
