@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fgmf_marl import config as cfglib
 from fgmf_marl.attacks.registry import expand_presets
@@ -43,6 +44,12 @@ def test_grid_writes_csv_table_curves_and_config(run_dir: Path, tmp_path: Path) 
     table = (out / "results.md").read_text()
     assert "| victim | pgd[steps=2] | 8 |" in table and "±" in table
     assert (out / "curves_victim.png").stat().st_size > 1000
+    events = EventAccumulator(str(out / "tb")).Reload()
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("victim/pgd[steps=2]/normalised")] == [
+        (2, round(r["normalised_mean"], 4)) for r in json.loads((out / "results.json").read_text())["rows"]
+        if r["attack"] == "pgd[steps=2]" and r["eps255"] == 2] + [
+        (8, round(r["normalised_mean"], 4)) for r in json.loads((out / "results.json").read_text())["rows"]
+        if r["attack"] == "pgd[steps=2]" and r["eps255"] == 8]
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["eps"] == [2.0, 8.0] and cfg["seeds"] == [0, 1]
     summary = json.loads((out / "results.json").read_text())["rows"]

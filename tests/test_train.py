@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from agents.policy_view import PolicyView
 from fgmf_marl.jobs.train import entry as cli
@@ -36,6 +38,19 @@ def test_short_run_writes_config_checkpoints_tensorboard_and_summary(trained_run
     summary = json.loads((trained_run.eval / "summary.json").read_text())
     assert summary["timesteps"] >= 1536 and summary["episodes"] == 4
     assert np.isfinite(summary["normalised_mean"])
+
+
+def test_tensorboard_holds_the_final_scores_hparams_and_pgca_overlays(trained_run: RunDir) -> None:
+    events = EventAccumulator(str(trained_run.tensorboard / "final"), size_guidance={"images": 0}).Reload()
+    summary = json.loads((trained_run.eval / "summary.json").read_text())
+    scalars = events.Scalars("final/normalised_mean")   # add_scalar's, and add_hparams' copy of its metrics
+    assert all(s.value == pytest.approx(summary["normalised_mean"], rel=1e-5) for s in scalars)
+    assert summary["timesteps"] in {s.step for s in scalars}
+    images = events.Images("final/pgca_agents")
+    assert len(images) == 4 and images[0].width == 3 * 48 and images[0].height == 48   # 3 agents side by side
+    plugins = {value.metadata.plugin_data.plugin_name for path in (trained_run.tensorboard / "final").glob("events.*")
+               for event in EventFileLoader(str(path)).Load() for value in event.summary.value}
+    assert "hparams" in plugins
 
 
 def test_checkpoint_reload_reproduces_actions(trained_run: RunDir) -> None:

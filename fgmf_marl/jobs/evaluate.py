@@ -19,6 +19,7 @@ Outputs, in one folder (created only after every input is validated, removed if 
     budget_<ckpt>_eps<e>.png  with a budget grid: return vs (k, p), one panel per attacker
     comparison.png      every checkpoint's worst case vs eps on one axis, clean reference lines and
                         95% bootstrap bands; with several checkpoints their mean and [min, max]
+    tb/                 the same rows as TensorBoard scalars, step = eps (/255)
     audit_<ckpt>.md     with ``audit: true``: the gradient-masking audit on observations visited by
                         the clean policy (see :mod:`fgmf_marl.audit`)
 
@@ -57,6 +58,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from stable_baselines3.common.vec_env import VecEnv
+from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from agents.adversary import AdversaryAttack, LoadedAdversary
@@ -680,6 +682,19 @@ def plot_comparison(rows: list[dict[str, Any]], worst: list[dict[str, Any]],
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
 
 
+def write_tensorboard(rows: list[dict[str, Any]], worst: list[dict[str, Any]], folder: Path) -> None:
+    """Every row's return and flip rate as TensorBoard scalars ``<checkpoint>/<attack>/...``, the step
+    being eps in 1/255 units (rounded to an integer: TensorBoard steps are integers; results.json
+    keeps the exact eps), so a robustness curve reads along the step axis."""
+    with SummaryWriter(str(folder)) as writer:
+        for r in rows + worst:
+            step = int(round(r["eps255"]))
+            metric = "normalised_mean" if "normalised_mean" in r else "team_return_mean"
+            writer.add_scalar(f"{r['checkpoint']}/{r['attack']}/{metric.removesuffix('_mean')}", r[metric], step)
+            if "flip_rate" in r:
+                writer.add_scalar(f"{r['checkpoint']}/{r['attack']}/flip_rate", r["flip_rate"], step)
+
+
 def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: Callable[[str], None] = print) -> EvalResult:
     """Run the grid (and the audit) and write every output into the new folder ``out``."""
     cfglib.validate(cfg)
@@ -754,6 +769,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
             for e in cfg.eps:
                 plot_budget_heatmaps(rows, victim.label, e, run.root / f"budget_{victim.label}_eps{e:g}.png")
         plot_comparison(rows, worst, across, run.root / "comparison.png")
+        write_tensorboard(rows, worst, run.root / "tb")
     echo(text)
     return EvalResult(folder=run.root, cells=cells, summary=rows, audits=audits)
 

@@ -23,6 +23,7 @@ from rich.table import Table
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.vec_env import VecEnv
+from torch.utils.tensorboard import SummaryWriter
 
 from agents import defended
 from agents.adversarial import AdversarialTrainingCallback, AttackedVecEnv
@@ -34,12 +35,14 @@ from fgmf_marl import config as cfglib
 from fgmf_marl import seeds
 from fgmf_marl.atomic import atomic_write_text
 from fgmf_marl.attacks import PGD
+from fgmf_marl.attribution import PGCA
 from fgmf_marl.config import ConfigError
 from fgmf_marl.defenses.config import DEFENSE_KINDS
 from fgmf_marl.jobs import cli
 from fgmf_marl.jobs.checkpoints import PeriodicCheckpoint, load_model, save_checkpoint
 from fgmf_marl.jobs.train_config import TrainConfig
 from fgmf_marl.oversight import OversightLogger
+from fgmf_marl.oversight.render import overlay
 from fgmf_marl.oversight.store import read_key
 from fgmf_marl.rollout import rollout
 from fgmf_marl.runs import RunDir, staged_run_dir
@@ -184,6 +187,44 @@ def evaluate_clean(model: PPO, cfg: TrainConfig, episodes: int, log_dir: Path | 
     return summary
 
 
+#: the config keys a run's TensorBoard hparams show: what distinguishes the runs of a sweep
+HPARAMS = ("env.name", "policy.backbone", "defense.kind", "adversary.kind", "adversary.eps", "adversary.fraction",
+           "timesteps", "seed", "ppo.learning_rate", "ppo.n_epochs", "ppo.batch_size", "ppo.ent_coef")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def final_tensorboard(run: RunDir, cfg: TrainConfig, model: PPO, summary: dict[str, Any], n_images: int = 4) -> None:
+    """The final evaluation in the run's TensorBoard (``tb/final``): its scores as scalars, the run's
+    hparams (:data:`HPARAMS`) against them, and PGCA overlays of every agent on ``n_images`` steps of
+    the first evaluation episode, so a sweep can be compared and its explanations glanced at in one place."""
+    metrics = {f"final/{k}": float(summary[k]) for k in ("normalised_mean", "team_return_mean") if k in summary}
+    flat = _flat(cfglib.to_dict(cfg))
+    hparams = {k: flat[k] if isinstance(flat.get(k), (int, float, str, bool)) else str(flat.get(k)) for k in HPARAMS}
+    venv = make_vec_env(dataclasses.replace(cfg.env, n_envs=1), seed=seeds.env_seed(cfg.seed, seeds.EVALUATION))
+    view = PolicyView.from_model(model)
+    frames: list[torch.Tensor] = []
+    try:
+        rollout(view, venv, 1, n_agents=n_agents_of(venv, dataclasses.replace(cfg.env, n_envs=1)),
+                step_hook=lambda r: frames.append(r.clean_obs) if len(frames) < n_images else None)
+    finally:
+        venv.close()
+    with SummaryWriter(str(run.tensorboard / "final")) as writer:
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, int(model.num_timesteps))
+        writer.add_hparams(hparams, metrics, run_name=".")
+        pgca = PGCA(view)
+        for t, obs in enumerate(frames):
+            maps = pgca.attribute(obs).detach().cpu().numpy()
+            tiles = [overlay(obs[a].cpu().numpy(), maps[a]) for a in range(obs.shape[0])]
+            writer.add_image("final/pgca_agents", np.concatenate(tiles, axis=1), t, dataformats="HWC")
+
+
 def _summary_markdown(summary: dict[str, Any]) -> str:
     rows = [("timesteps", f"{summary['timesteps']:,}"), ("wall time", f"{summary['wall_seconds']:.0f} s"),
             ("agent-steps/s", f"{summary['fps']:.0f}"), ("eval episodes", str(summary["episodes"])),
@@ -286,6 +327,7 @@ def train(cfg: TrainConfig, run_root: str | Path, *, resume: bool = False, progr
     summary = evaluate_clean(model, cfg, cfg.eval_episodes,
                              log_dir=run.eval / "oversight" if cfg.log_explanations else None, log_key=log_key)
     summary.update(timesteps=int(model.num_timesteps), wall_seconds=wall, fps=remaining / wall)
+    final_tensorboard(run, cfg, model, summary)
     run.eval.mkdir(exist_ok=True)
     atomic_write_text(run.eval / "summary.json", json.dumps(summary, indent=2))
     atomic_write_text(run.eval / "summary.md", _summary_markdown(summary))
