@@ -18,6 +18,13 @@ Choices:
   and what the buffer stores), so eps below 1/255 changes nothing;
 * the critic and every regulariser see the perturbed observations too: the buffer holds only what
   the agents saw (the value of the observation an agent acts on is the value it is trained on).
+
+``kind: director`` is ATLA (Zhang et al. 2021) with the PA-AD director of :mod:`agents.adversary`
+as the attacker: every ``director_every`` team rollouts the director trains for ``director_steps``
+steps with PPO against the current (frozen for that phase) team, on episodes of its own, and the
+team's next rollouts meet it. It starts warm at the least-likely attack, the strongest fixed one, so
+the team meets a strong attacker from the first attacked rollout and an adaptive one after.
+Checkpoints carry the director (``checkpoints/director_step_N.zip``) and ``--resume`` restores it.
 """
 from __future__ import annotations
 
@@ -29,8 +36,11 @@ import torch
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 
+from stable_baselines3 import PPO
+
+from agents.adversary import AdversaryAttack, AdversaryConfig, AdversaryVecEnv, director_policy_kwargs, warm_start
 from fgmf_marl.attacks import Attack, make_attack
-from fgmf_marl.config import ConfigError
+from fgmf_marl.config import ConfigError, check_range
 from fgmf_marl.policy import PolicyLike
 
 
@@ -38,12 +48,15 @@ from fgmf_marl.policy import PolicyLike
 class AdversarialTrainingConfig:
     """The ``adversary:`` section of a run config: which attacker the team trains against, and how hard."""
 
-    kind: Literal["none", "fgsm", "pgd"] = "none"
+    kind: Literal["none", "fgsm", "pgd", "director"] = "none"
     eps: float = 4.0             # L-inf budget once ramped in, in 1/255 units
     steps: int = 3               # PGD steps (ignored by fgsm)
     fraction: float = 0.5        # share of agent-slots attacked at each step
     start: float = 0.3           # fraction of training before the attacker switches on
     warmup: float = 0.3          # fraction of training over which eps then ramps up linearly from 0
+    director_every: int = 8      # director: team rollouts between its training phases
+    director_steps: int = 1024   # director: its PPO steps per phase (one per env copy per step)
+    director_envs: int = 8       # director: env copies it trains on
 
     def validate(self) -> None:
         if not 0 < self.eps <= 255:
@@ -54,9 +67,14 @@ class AdversarialTrainingConfig:
             raise ConfigError(f"adversary.fraction={self.fraction} must be in (0, 1]")
         if not (0 <= self.start < 1 and 0 <= self.warmup < 1):
             raise ConfigError(f"adversary.start={self.start} and adversary.warmup={self.warmup} must be in [0, 1)")
+        check_range("adversary.director_every", self.director_every, 1, 10**6)
+        check_range("adversary.director_steps", self.director_steps, 1, 10**8)
+        check_range("adversary.director_envs", self.director_envs, 1, 4096)
 
     def attack(self, eps255: float) -> Attack:
-        """The attack at budget ``eps255`` (1/255 units), quantised to the uint8 grid."""
+        """The fixed attack (fgsm, pgd) at budget ``eps255`` (1/255 units), quantised to the uint8 grid."""
+        if self.kind == "director":
+            raise ValueError("the director is trained, not built: see AdversarialTrainingCallback")
         options: dict[str, Any] = {"quantize": True}
         if self.kind == "pgd":
             options["steps"] = self.steps
@@ -113,18 +131,68 @@ class AttackedVecEnv(VecEnvWrapper):
         return self._perturb(obs), rewards, dones, infos
 
 
+class DirectorTrainer:
+    """The ATLA attacker: a PA-AD director and the env it trains on against the team being trained."""
+
+    def __init__(self, env: AdversaryVecEnv, config: AdversarialTrainingConfig, seed: int, device: str = "cpu",
+                 director: PPO | None = None) -> None:
+        defaults = AdversaryConfig()
+        self.env, self.config, self.n_agents = env, config, env.n_agents
+        if director is None:
+            director = PPO("MultiInputPolicy", env, learning_rate=defaults.learning_rate, n_steps=defaults.n_steps,
+                           batch_size=defaults.batch_size, n_epochs=defaults.n_epochs, ent_coef=defaults.ent_coef,
+                           gamma=defaults.gamma, clip_range=defaults.clip_range, seed=seed, device=device,
+                           verbose=0, policy_kwargs=director_policy_kwargs())
+            warm_start(director.policy, env.core, defaults.warm_start, defaults.warm_start_prob)
+        else:
+            director.set_env(env)
+        self.director = director
+        self.phases = 0
+
+    def train(self, eps255: float) -> float:
+        """One phase: ``director_steps`` PPO steps at ``eps255`` against the team; returns the mean team reward."""
+        self.env.set_eps(eps255 / 255.0)
+        rewards: list[float] = []
+        self.env.on_step = lambda team: rewards.append(float(np.mean(team)))
+        try:
+            self.director.learn(self.config.director_steps, reset_num_timesteps=False, progress_bar=False)
+        finally:
+            self.env.on_step = None
+        self.phases += 1
+        return float(np.mean(rewards)) if rewards else float("nan")
+
+    def attack(self, eps255: float) -> AdversaryAttack:
+        return AdversaryAttack(self.director, self.n_agents, eps255 / 255.0, steps=self.config.steps, quantize=True)
+
+
 class AdversarialTrainingCallback(BaseCallback):
     """Before each rollout, sets the attack of :class:`AttackedVecEnv` from the training progress."""
 
-    def __init__(self, env: AttackedVecEnv, config: AdversarialTrainingConfig) -> None:
+    def __init__(self, env: AttackedVecEnv, config: AdversarialTrainingConfig,
+                 director: DirectorTrainer | None = None) -> None:
         super().__init__()
+        if (config.kind == "director") != (director is not None):
+            raise ValueError("adversary kind 'director' needs a DirectorTrainer, and only it")
         self.env = env
         self.config = config
+        self.director = director
+        self._attacked_rollouts = 0
 
     def _on_rollout_start(self) -> None:
         eps = self.config.eps_at(1.0 - self.model._current_progress_remaining)
-        self.env.attack = self.config.attack(eps) if eps > 0 else None
         self.logger.record("adversary/eps255", eps)
+        if eps <= 0:
+            self.env.attack = None
+            return
+        if self.director is None:
+            self.env.attack = self.config.attack(eps)
+            return
+        if self._attacked_rollouts % self.config.director_every == 0:
+            team = self.director.train(eps)
+            self.logger.record("adversary/director_team_reward", team)
+            self.logger.record("adversary/director_phases", self.director.phases)
+        self._attacked_rollouts += 1
+        self.env.attack = self.director.attack(eps)
 
     def _on_rollout_end(self) -> None:
         self.logger.record("adversary/attacked_fraction", self.env.reset_counts())

@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -263,6 +263,12 @@ class AdversaryVecEnv(VecEnv):
         self._obs: np.ndarray | None = None
         self._decisions: np.ndarray | None = None
         self._device = next(victim.parameters()).device
+        self.actor_steps = actor_steps
+        self.on_step: Callable[[np.ndarray], None] | None = None   # sees each step's team rewards (n_envs,)
+
+    def set_eps(self, eps: float) -> None:
+        """Attack at budget ``eps`` (input units) from now on; the director's knowledge is unchanged."""
+        self.core = DirectorCore(self.core.view, eps, self.n_agents, self.actor_steps)
 
     def reset(self) -> dict[str, np.ndarray]:
         self._obs = self.venv.reset()
@@ -279,6 +285,8 @@ class AdversaryVecEnv(VecEnv):
         obs, rewards, dones, infos = self.venv.step(self.core.victim_actions(seen))
         self._obs = obs
         team = rewards.reshape(self.num_envs, self.n_agents).mean(axis=1)
+        if self.on_step is not None:
+            self.on_step(team)
         done = dones.reshape(self.num_envs, self.n_agents).all(axis=1)
         attacked = allowed.reshape(self.num_envs, self.n_agents).sum(1).cpu().numpy()
         terminal = [b for b in range(self.num_envs) if done[b] and all(

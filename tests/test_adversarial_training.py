@@ -7,14 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from agents.adversarial import AdversarialTrainingConfig, AttackedVecEnv
+from agents.adversary import AdversaryConfig, load_director
 from envs.batched import CoverageVecEnv
 from envs.native import CoverageConfig
 from fgmf_marl import config as cfglib
 from fgmf_marl.attacks import PGD
 from fgmf_marl.config import ConfigError
+from fgmf_marl.jobs.checkpoints import env_spaces, load_model
 from fgmf_marl.jobs.train import entry as train_cli
+from fgmf_marl.jobs.train_config import TrainConfig
 from helpers import tiny_view
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,15 +31,14 @@ def test_budget_is_off_then_ramps_then_holds() -> None:
 
 
 @pytest.mark.parametrize("override, message", [
-    ("adversary.kind=mad", "accepted: 'none' | 'fgsm' | 'pgd'"),
+    ("adversary.kind=mad", "accepted: 'none' | 'fgsm' | 'pgd' | 'director'"),
+    ("adversary.director_steps=0", "adversary.director_steps"),
     ("adversary.eps=0", "adversary.eps=0.0 is out of range"),
     ("adversary.fraction=1.5", "adversary.fraction=1.5 must be in (0, 1]"),
     ("adversary.steps=0", "adversary.steps=0 is out of range"),
     ("adversary.start=1", "must be in [0, 1)"),
 ])
 def test_bad_adversary_settings_are_one_line_errors(override: str, message: str) -> None:
-    from fgmf_marl.jobs.train_config import TrainConfig
-
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
                        .replace("|", r"\|")):
         cfglib.load(TrainConfig, overrides=[override])
@@ -63,8 +66,6 @@ def test_attacked_env_perturbs_the_sampled_slots_within_eps_on_the_uint8_grid() 
 
 
 def test_adversarial_training_runs_and_logs_clean_and_attacked_return(tmp_path: Path) -> None:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     root = tmp_path / "at"
     assert train_cli(["--adversary", "pgd", "--timesteps", "384", "--run-dir", str(root), "--no-progress",
                       "env.n_envs=2", "ppo.n_steps=64", "ppo.batch_size=128", "eval_episodes=2", "checkpoint_every=192",
@@ -86,9 +87,29 @@ def test_the_probe_does_not_change_what_is_learned(tmp_path: Path) -> None:
             "ppo.batch_size=128", "eval_episodes=2", "adversary.start=0", "adversary.warmup=0"]
     assert train_cli([*base, "--run-dir", str(tmp_path / "a"), "checkpoint_every=192"]) == 0
     assert train_cli([*base, "--run-dir", str(tmp_path / "b"), "checkpoint_every=100000"]) == 0
-    from fgmf_marl.jobs.checkpoints import load_model
-
     a, _ = load_model(tmp_path / "a")
     b, _ = load_model(tmp_path / "b")
     for x, y in zip(a.policy.state_dict().values(), b.policy.state_dict().values()):
         assert torch.equal(x, y)
+
+
+def test_atla_director_trains_against_the_team_is_checkpointed_and_resumes(tmp_path: Path) -> None:
+    """--adversary director: phases of director training between team rollouts, the director saved with
+    every team checkpoint and restored by --resume (its PPO step count continues)."""
+    root = tmp_path / "atla"
+    base = ["--adversary", "director", "--run-dir", str(root), "--no-progress", "env.n_envs=2", "ppo.n_steps=32",
+            "ppo.batch_size=64", "ppo.n_epochs=1", "eval_episodes=2", "checkpoint_every=192", "env.native.max_steps=8",
+            "adversary.start=0", "adversary.warmup=0", "adversary.steps=1", "adversary.eps=8",
+            "adversary.director_every=1", "adversary.director_steps=16", "adversary.director_envs=2"]
+    assert train_cli([*base, "--timesteps", "384"]) == 0
+    checkpoints = root / "checkpoints"
+    assert {"director_step_192.zip", "director_step_384.zip", "director_final.zip"} <= {p.name for p in checkpoints.iterdir()}
+    events = EventAccumulator(str(next((root / "tb").iterdir()))).Reload()
+    phases = events.Scalars("adversary/director_phases")
+    assert phases[-1].value >= 2 and np.isfinite(events.Scalars("adversary/director_team_reward")[-1].value)
+    space, actions, n_agents = env_spaces(cfglib.load(TrainConfig, root / "config.yaml").env)
+    saved = load_director(checkpoints / "director_final.zip", AdversaryConfig(), space, int(actions.n), n_agents, 8)
+    assert saved.director.num_timesteps >= 2 * 16
+    assert train_cli([*base[:4], "--resume", "--no-progress", "--timesteps", "576"]) == 0
+    resumed = load_director(checkpoints / "director_final.zip", AdversaryConfig(), space, int(actions.n), n_agents, 8)
+    assert resumed.director.num_timesteps > saved.director.num_timesteps   # continued, not restarted

@@ -128,14 +128,15 @@ def load_adversary(path: str | Path, device: str = "cpu") -> LoadedAdversary:
 
 class PeriodicCheckpoint(BaseCallback):
     """Saves ``checkpoints/step_<timesteps>.zip`` every ``every`` steps, atomically; with ``echo``, also a
-    progress line (steps done of ``total``, steps/s), so a log redirected to a file shows progress."""
+    progress line (steps done of ``total``, steps/s), so a log redirected to a file shows progress;
+    ``also(timesteps)`` saves what must be restored with the checkpoint (e.g. an ATLA director)."""
 
     def __init__(self, run: RunDir, every: int, total: int | None = None,
-                 echo: Callable[[str], None] | None = None) -> None:
+                 echo: Callable[[str], None] | None = None, also: Callable[[int], None] | None = None) -> None:
         super().__init__()
         self.run = run
         self.every = every
-        self.total, self.echo = total, echo
+        self.total, self.echo, self.also = total, echo, also
         self._next = every
         self._start, self._started_at = time.perf_counter(), 0
 
@@ -145,6 +146,8 @@ class PeriodicCheckpoint(BaseCallback):
 
     def _on_step(self) -> bool:
         if self.num_timesteps >= self._next:
+            if self.also is not None:   # first: a team checkpoint never exists without what it needs
+                self.also(self.num_timesteps)
             save_checkpoint(self.model, self.run.checkpoint_at(self.num_timesteps))
             if self.echo is not None:
                 rate = (self.num_timesteps - self._started_at) / max(time.perf_counter() - self._start, 1e-9)

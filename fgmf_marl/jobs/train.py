@@ -26,11 +26,12 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch.utils.tensorboard import SummaryWriter
 
 from agents import defended
-from agents.adversarial import AdversarialTrainingCallback, AttackedVecEnv
+from agents.adversarial import AdversarialTrainingCallback, AttackedVecEnv, DirectorTrainer
+from agents.adversary import AdversaryConfig, AdversaryVecEnv, load_director
 from agents.policies import compute_dtype
 from agents.policy_view import PolicyView
 from envs.reference import ReferenceReturns, normalise
-from envs.registry import ENVIRONMENTS, make_vec_env, n_agents_of, reference_for
+from envs.registry import ENVIRONMENTS, horizon, make_vec_env, n_agents_of, reference_for
 from fgmf_marl import config as cfglib
 from fgmf_marl import seeds
 from fgmf_marl.atomic import atomic_write_text
@@ -275,18 +276,39 @@ def training_env(cfg: TrainConfig) -> tuple[VecEnv, AttackedVecEnv | None]:
     return attacked, attacked
 
 
+def director_path(run: RunDir, timesteps: int | None) -> Path:
+    """Where the ATLA director is saved beside the team's checkpoint of ``timesteps`` (None: the final one)."""
+    return run.checkpoints / ("director_final.zip" if timesteps is None else f"director_step_{timesteps}.zip")
+
+
+def director_trainer(cfg: TrainConfig, view: PolicyView, saved: Path | None = None) -> DirectorTrainer:
+    """The ATLA attacker of ``adversary.kind: director``: a director on env copies of its own against ``view``,
+    fresh or restored from ``saved``."""
+    env_cfg = dataclasses.replace(cfg.env, n_envs=cfg.adversary.director_envs)
+    venv = make_vec_env(env_cfg, seed=seeds.env_seed(cfg.seed, seeds.ADVERSARY_TRAINING))
+    n_agents = n_agents_of(venv, env_cfg)
+    env = AdversaryVecEnv(venv, view, cfg.adversary.eps / 255.0, n_agents, cfg.adversary.steps, seed=cfg.seed)
+    director = None
+    if saved is not None:
+        director = load_director(saved, AdversaryConfig(), venv.observation_space, view.n_actions, n_agents,
+                                 horizon(env_cfg), device=cfg.device).director
+    return DirectorTrainer(env, cfg.adversary, cfg.seed, cfg.device, director)
+
+
 def training_callbacks(cfg: TrainConfig, model: PPO, attacked: AttackedVecEnv | None,
-                       run: RunDir | None) -> list[BaseCallback]:
+                       run: RunDir | None, director: DirectorTrainer | None = None) -> list[BaseCallback]:
     """The callbacks of a training run: team returns, checkpoints (with ``run``), and the attacker's schedule.
 
-    The attacker attacks the model being trained, so it is attached here, once the model exists.
+    The attacker attacks the model being trained, so it is attached here, once the model exists;
+    an ATLA ``director`` is saved with every checkpoint.
     """
     callbacks: list[BaseCallback] = [TeamReturnCallback(n_agents_of(model.env, cfg.env), reference_for(cfg.env))]
     if run is not None:
-        callbacks.append(PeriodicCheckpoint(run, cfg.checkpoint_every))
+        also = None if director is None else (lambda n: save_checkpoint(director.director, director_path(run, n)))
+        callbacks.append(PeriodicCheckpoint(run, cfg.checkpoint_every, also=also))
     if attacked is not None:
         attacked.view = PolicyView.from_model(model)
-        callbacks.append(AdversarialTrainingCallback(attacked, cfg.adversary))
+        callbacks.append(AdversarialTrainingCallback(attacked, cfg.adversary, director))
         if run is not None:
             callbacks.append(RobustnessProbe(cfg, cfg.checkpoint_every, cfg.adversary.eps))
     return callbacks
@@ -315,13 +337,21 @@ def train(cfg: TrainConfig, run_root: str | Path, *, resume: bool = False, progr
             if remaining <= 0:
                 raise ConfigError(f"cannot resume: the run already has {model.num_timesteps} of timesteps={cfg.timesteps}; "
                                   "raise --timesteps")
-            callbacks = CallbackList(training_callbacks(cfg, model, attacked, run))
+            director = None
+            if cfg.adversary.kind == "director":
+                saved = director_path(run, model.num_timesteps) if resume else None
+                director = director_trainer(cfg, PolicyView.from_model(model),
+                                            saved if saved is not None and saved.is_file() else None)
+            callbacks = CallbackList(training_callbacks(cfg, model, attacked, run, director))
             start = time.perf_counter()
             with compute_dtype(model.policy, cfg.policy.torch_train_dtype):
                 model.learn(remaining, callback=callbacks, progress_bar=progress, reset_num_timesteps=not resume,
                             tb_log_name="ppo")
             wall = time.perf_counter() - start
             save_checkpoint(model, run.final_checkpoint)
+            if director is not None:
+                save_checkpoint(director.director, director_path(run, None))
+                director.env.close()
     finally:
         venv.close()
     summary = evaluate_clean(model, cfg, cfg.eval_episodes,
@@ -348,8 +378,9 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--defense", choices=DEFENSE_KINDS, help="defense (default: none, the reference every "
                         "robustness figure is compared with); knobs under defense.scorpio.*, defense.sgam.*, "
                         "defense.sappo.*")
-    parser.add_argument("--adversary", choices=("none", "fgsm", "pgd"), help="adversarial training: the attack "
-                        "the team meets in its rollouts (default: none); knobs under adversary.*")
+    parser.add_argument("--adversary", choices=("none", "fgsm", "pgd", "director"), help="adversarial training: "
+                        "the attack the team meets in its rollouts; director = ATLA, a PA-AD director trained "
+                        "against the team as it learns (default: none); knobs under adversary.*")
     parser.add_argument("--timesteps", type=int, help="total agent-steps to train (default: 1000000)")
     cli.add_runtime_flags(parser)
     parser.add_argument("--run-dir", type=Path,
