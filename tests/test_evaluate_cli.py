@@ -80,6 +80,7 @@ def test_log_explanations_writes_a_verifiable_log_with_frames(run_dir: Path, tmp
                  "--log-every", "5") == 0
     logs = sorted(p.parent for p in log_root.rglob("manifest.jsonl"))
     assert logs and all(verify(folder).ok for folder in logs)
+    assert [p.name for p in logs] == ["victim__none__eps0__s0", "victim__pgd-steps-2__eps8__s0"]   # shell-safe
     episode = load_episode(list_episodes(logs[-1])[0])
     assert "frames" in episode.arrays and episode.arrays["frames"].shape[-1] == 3
     recorded = json.loads((tmp_path / "eval" / "results.json").read_text())["oversight_logs"]

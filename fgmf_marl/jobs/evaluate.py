@@ -49,6 +49,7 @@ import csv
 import dataclasses
 import io
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,6 +308,17 @@ def expand_attacks(cfg: EvalConfig, victims: Sequence[Victim]) -> EvalConfig:
                              gated=any(has_gate(v.view) for v in victims),
                              random_forward=any(random_forward(v) for v in victims))
     return dataclasses.replace(cfg, attacks=attacks, surrogate=None, adversary=None)
+
+
+def cell_folder(checkpoint: str, label: str, eps255: float, seed: int) -> str:
+    """The oversight-log folder name of one grid cell, ``<checkpoint>__<attack>__eps<e>__s<seed>``, shell-safe.
+
+    Attack labels hold ``[ ] = , @ :`` (``pgd[steps=20]``); each run of other characters than
+    ``A-Za-z0-9._-`` becomes one ``-``, so the name needs no quoting; the exact label is in every
+    episode's run info.
+    """
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{checkpoint}__{label}").strip("-")
+    return f"{safe}__eps{eps255:g}__s{seed}"
 
 
 def run_cell(victim: Victim, grid: GridAttack | None, eps255: float, seed: int, cfg: EvalConfig,
@@ -708,7 +720,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
     log_root = Path(cfg.log_explanations) if cfg.log_explanations else None
 
     def log_dir(victim: Victim, label: str, e: float, seed: int) -> Path | None:
-        return None if log_root is None else log_root / f"{victim.label}__{label.replace('/', '_')}__eps{e:g}__s{seed}"
+        return None if log_root is None else log_root / cell_folder(victim.label, label, e, seed)
 
     cell_jobs: list[tuple[int, GridAttack | None, float]] = [
         (seed, g, e) for seed in cfg.seeds for g, e in [(None, 0.0)] + [(g, e) for e in cfg.eps for g in grid[e]]]
