@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,20 @@ def test_resume_continues_to_the_new_total(tmp_path: Path, trained_run: RunDir) 
     assert cli(["--resume", "--run-dir", str(root), "--timesteps", "2304", "--no-progress"]) == 0
     model, _ = load_model(root)
     assert model.num_timesteps >= 2304
+
+
+def test_resume_of_a_trained_but_unevaluated_run_only_evaluates_it(tmp_path: Path, trained_run: RunDir) -> None:
+    run = RunDir(tmp_path / "unevaluated")
+    shutil.copytree(trained_run.root, run.root)
+    before = json.loads((run.eval / "summary.json").read_text())
+    shutil.rmtree(run.eval)                               # killed after final.zip, before the evaluation
+    final = run.final_checkpoint.read_bytes()
+    assert cli(["--resume", "--run-dir", str(run.root), "--no-progress"]) == 0
+    after = json.loads((run.eval / "summary.json").read_text())
+    assert run.final_checkpoint.read_bytes() == final     # not trained further
+    assert after["timesteps"] == before["timesteps"] and after["normalised_mean"] == before["normalised_mean"]
+    assert after["wall_seconds"] == pytest.approx(before["wall_seconds"])   # the recorded training time
+    assert cli(["--resume", "--run-dir", str(run.root), "--no-progress"]) == 2   # evaluated: nothing left to do
 
 
 def test_linear_lr_schedule_anneals_to_zero(tmp_path: Path, trained_run: RunDir) -> None:

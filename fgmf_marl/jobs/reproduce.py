@@ -35,8 +35,8 @@ Choices, and why:
   tasks, or those whose id matches), and RESULTS.md says when cells come from another version than
   the one it was written by. A task whose key changed is moved to ``stale/`` first, never deleted.
 * **Resuming.** An interrupted training task restarts with ``--resume`` from its latest checkpoint;
-  one killed before its first checkpoint starts from zero; one killed after its last checkpoint but
-  before its final evaluation is retrained from zero, since ``train`` cannot run only that evaluation.
+  one killed before its first checkpoint starts from zero; one killed after its training but before
+  its final evaluation resumes into that evaluation only (``train --resume`` on a trained run).
   A resumed run is not bit-for-bit the run an uninterrupted one would have been (checkpoints hold no
   random-generator or env state), so its record says ``resumed_from``, and so does RESULTS.md.
   Other tasks are short and rerun from zero. A failed task is reported with its log path, and blocks
@@ -472,8 +472,8 @@ def _prepare(root: Path, task: Task, rerun: bool) -> str | None:
     if task.kind == "train":
         latest = RunDir(out).latest_checkpoint()
         budget = task.config["timesteps"]
-        if latest is not None and latest.name != "final.zip" and int(latest.stem[len("step_"):]) < budget:
-            return latest.name
+        if latest is not None and (latest.name == "final.zip" or int(latest.stem[len("step_"):]) <= budget):
+            return latest.name   # --resume trains on, or only evaluates a run that finished training
     shutil.rmtree(out)   # nothing to continue from: killed before the first checkpoint, or a short job
     return None
 

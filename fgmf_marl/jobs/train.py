@@ -334,9 +334,13 @@ def train(cfg: TrainConfig, run_root: str | Path, *, resume: bool = False, progr
                 cfglib.save_yaml(cfg, run.config)
                 model = defended.build_model(cfg.defense, venv, cfg.policy.policy_kwargs(), ppo_kwargs(cfg, run))
             remaining = cfg.timesteps - model.num_timesteps if resume else cfg.timesteps
-            if remaining <= 0:
+            if remaining <= 0 and (run.eval / "summary.json").is_file():
                 raise ConfigError(f"cannot resume: the run already has {model.num_timesteps} of timesteps={cfg.timesteps}; "
                                   "raise --timesteps")
+            if remaining <= 0:   # trained but never evaluated (stopped after its last checkpoint): evaluate it
+                if not run.final_checkpoint.is_file():
+                    save_checkpoint(model, run.final_checkpoint)
+                return finish(run, cfg, model, _training_time(run), log_key)
             director = None
             if cfg.adversary.kind == "director":
                 saved = director_path(run, model.num_timesteps) if resume else None
@@ -348,15 +352,34 @@ def train(cfg: TrainConfig, run_root: str | Path, *, resume: bool = False, progr
                 model.learn(remaining, callback=callbacks, progress_bar=progress, reset_num_timesteps=not resume,
                             tb_log_name="ppo")
             wall = time.perf_counter() - start
+            atomic_write_text(training_time_path(run), json.dumps({"wall_seconds": wall, "timesteps": remaining}))
             save_checkpoint(model, run.final_checkpoint)
             if director is not None:
                 save_checkpoint(director.director, director_path(run, None))
                 director.env.close()
     finally:
         venv.close()
+    return finish(run, cfg, model, {"wall_seconds": wall, "timesteps": remaining}, log_key)
+
+
+def training_time_path(run: RunDir) -> Path:
+    """Where the training wall time is kept until the final evaluation has used it (beside final.zip)."""
+    return run.checkpoints / "final_training_time.json"
+
+
+def _training_time(run: RunDir) -> dict[str, float]:
+    path = training_time_path(run)
+    return json.loads(path.read_text()) if path.is_file() else {"wall_seconds": float("nan"), "timesteps": 0}
+
+
+def finish(run: RunDir, cfg: TrainConfig, model: PPO, timing: dict[str, float], log_key: bytes | None) -> TrainResult:
+    """The final evaluation of a trained run and its summary files; ``timing`` is the training's wall time
+    and agent-steps (NaN when a resumed run's training time was not recorded)."""
     summary = evaluate_clean(model, cfg, cfg.eval_episodes,
                              log_dir=run.eval / "oversight" if cfg.log_explanations else None, log_key=log_key)
-    summary.update(timesteps=int(model.num_timesteps), wall_seconds=wall, fps=remaining / wall)
+    wall = float(timing["wall_seconds"])
+    summary.update(timesteps=int(model.num_timesteps), wall_seconds=wall,
+                   fps=float(timing["timesteps"]) / wall if wall > 0 else float("nan"))
     final_tensorboard(run, cfg, model, summary)
     run.eval.mkdir(exist_ok=True)
     atomic_write_text(run.eval / "summary.json", json.dumps(summary, indent=2))
