@@ -141,14 +141,14 @@ def _text_block(lines: list[Runs], width: int, bg: tuple[int, int, int] = (20, 2
     return np.asarray(img)
 
 
-def _header(names: list[str], tile: int, width: int) -> np.ndarray:
-    """Column headers over the tiles (11 px tab, then ``tile`` px + 4 px gap each), wrapped to the tile width."""
+def _header(names: list[str], tile: int, width: int, shift: int = 0) -> np.ndarray:
+    """Column headers over the tiles (``shift`` + 11 px tab, then ``tile`` px + 4 px gap each), wrapped to a tile."""
     blocks = [_wrap([(w, (200, 200, 255)) for w in name.split()], tile, gap=4) for name in names]
     n_lines = max(len(b) for b in blocks)
     img = np.full((_LINE * n_lines + 4, width, 3), 20, np.uint8)
     for i, lines in enumerate(blocks):
         block = _text_block(lines, tile, gap=4)
-        x = 11 + i * (tile + 4)
+        x = shift + 11 + i * (tile + 4)
         img[2:2 + block.shape[0], x:x + tile] = block[:, :max(0, min(tile, width - x))]
     return img
 
@@ -182,6 +182,7 @@ def _wrap(parts: Runs, width: int, gap: int = 10) -> list[Runs]:
 
 
 def _caption_block(ep: Episode, j: int, agent: int, width: int) -> np.ndarray:
+    """The caption drawn over an agent's tiles: red ATTACKED/FLIPPED fields, a dark red band when flipped."""
     t = int(ep.arrays["logged_t"][j])
     hot = (255, 110, 110)
     runs = [(p, hot if p == "FLIPPED" or p.startswith("ATTACKED") else (235, 235, 235))
@@ -267,7 +268,8 @@ def compose_frame(ep: Episode, j: int, scale: int = 4, agents: Sequence[int] | N
         rows.append(row)
     width = max(r.shape[1] for r in rows)
     tile = a["seen_obs"].shape[-1] * scale
-    left = np.concatenate([_header(columns(ep), tile, width)] + [_pad_to(r, r.shape[0], width, 20) for r in rows],
+    shift = 3 if focus in agents else 0  # the focus frame moves the tiles right
+    left = np.concatenate([_header(columns(ep), tile, width, shift)] + [_pad_to(r, r.shape[0], width, 20) for r in rows],
                           axis=0)
     if "frames" in a:
         glob = np.asarray(a["frames"][j], dtype=np.uint8)
@@ -292,6 +294,7 @@ def compose_frame(ep: Episode, j: int, scale: int = 4, agents: Sequence[int] | N
 
 
 def render_frames(ep: Episode, scale: int = 4) -> list[np.ndarray]:
+    """Every logged step's frame, padded to one size; ValueError when the episode logged no images."""
     if "pgca_final" not in ep.arrays:
         raise ValueError(f"episode {ep.name} has no logged images (was it logged with every > its length?)")
     return same_size([compose_frame(ep, j, scale) for j in range(len(ep.arrays["logged_t"]))])

@@ -7,7 +7,7 @@ says how), each a card of the one agent it is about, framed, beside the global v
 directory: the manifest verification verdict, a table of all episodes, then each episode's section;
 for a log root (a folder of per-cell logs, see :func:`find_logs`): a table of its logs and their
 verdicts, then each log. At the defaults a page costs under 1 MB per episode (lossy WebP replay at
-scale 2, palette PNG cards); ``tests/test_replay.py`` measures it. The page references no external
+scale 2 within :data:`REPLAY_BUDGET`, palette PNG cards); ``tests/test_replay.py`` measures it. The page references no external
 file, script or stylesheet, so it can be archived or mailed as is.
 
 A log is data from whoever wrote it, so the page treats it as hostile: every string from a log
@@ -40,7 +40,7 @@ from fgmf_marl.oversight.store import (FORMAT, Episode, find_logs, list_episodes
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:24px;background:#fafafa;color:#222}
 h1{font-size:22px}h2{font-size:18px;border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:32px}
-table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}
+table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}td.l{text-align:left}
 th{background:#eee}.ok{color:#060;font-weight:bold}.bad{color:#b00;font-weight:bold}
 .steps{display:flex;flex-wrap:wrap;gap:12px}.step{background:#fff;border:1px solid #ddd;padding:6px;font-size:12px}
 img{image-rendering:pixelated}.why{color:#555;max-width:70em}
@@ -61,13 +61,29 @@ def _palette_png(img: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _webp(frames: list[np.ndarray], fps: float, quality: int = 60) -> str:
-    """An animated lossy WebP: a quarter of a GIF's size for noisy (attacked) observations."""
-    buf = io.BytesIO()
-    imgs = [Image.fromarray(f) for f in frames]
-    imgs[0].save(buf, format="WEBP", save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0,
-                 quality=quality, method=4)
-    return "data:image/webp;base64," + base64.b64encode(buf.getvalue()).decode()
+#: bytes the replay animation may take before base64 (the rest of an episode's page is about 0.2 MB)
+REPLAY_BUDGET = 500_000
+
+
+def _webp(frames: list[np.ndarray], fps: float, budget: int = REPLAY_BUDGET) -> tuple[str, str]:
+    """An animated lossy WebP within ``budget`` bytes, and a note of what was given up to fit (or "").
+
+    Lossy WebP is a quarter of a GIF's size on noisy (attacked) observations; stronger noise still
+    needs more, so quality steps down (60, 40, 20), then every other frame is dropped, until it fits.
+    """
+    step = 1
+    while True:
+        for quality in (60, 40, 20):
+            buf = io.BytesIO()
+            imgs = [Image.fromarray(f) for f in frames[::step]]
+            imgs[0].save(buf, format="WEBP", save_all=True, append_images=imgs[1:], duration=int(1000 * step / fps),
+                         loop=0, quality=quality, method=4)
+            if buf.tell() <= budget or len(imgs) == 1:
+                notes = ([f"WebP quality {quality}"] if quality < 60 else []) + (
+                    [f"1 in {step} logged steps shown"] if step > 1 else [])
+                note = f" (to fit {budget // 1000} kB: {', '.join(notes)})" if notes else ""
+                return "data:image/webp;base64," + base64.b64encode(buf.getvalue()).decode(), note
+        step *= 2
 
 
 def _fig(fig: plt.Figure) -> str:
@@ -144,6 +160,7 @@ def review_steps(ep: Episode, limit: int = 8) -> list[tuple[int, int, str]]:
 
 
 def _sw(cls: str) -> str:
+    """A colour swatch; colours come from CSS classes because the CSP forbids inline styles."""
     return f"<span class='sw {cls}'></span>"
 
 
@@ -185,8 +202,10 @@ def episode_section(ep: Episode, *, fps: float = 4.0, max_frames: int = 200, sca
         n = len(ep.arrays["logged_t"])
         idx = np.linspace(0, n - 1, min(n, max_frames)).round().astype(int)
         frames = same_size([compose_frame(ep, int(j), scale) for j in idx])
+        src, note = _webp(frames, fps)
         parts.append(f"<h3>Replay ({n} logged steps; per agent: {' | '.join(columns(ep))})</h3>" + legend_html(ep)
-                     + f"<p><img alt='replay' src='{_webp(frames, fps)}'></p>")
+                     + f"<p><img alt='replay' src='{src}'></p><p class='why'>Animated, {fps:g} logged steps per "
+                     f"second{note}; the full-resolution video: replay.py render.</p>")
     parts.append(f"<h3>Timelines</h3><img alt='timelines' src='{timelines(ep)}'>")
     steps = review_steps(ep) if "pgca_final" in ep.arrays else []
     if steps:
@@ -232,6 +251,7 @@ _KEYS = ["team_return", "flip_rate", "mean_linf_255", "mean_agreement", "min_agr
 
 
 def _verdict(folder: Path, key: bytes | None) -> tuple[bool, str]:
+    """``verify``'s verdict on ``folder``: whether it passed, and the escaped, coloured HTML of its message."""
     res = verify(folder, key=key)
     cls = "ok" if res.ok else "bad"
     return res.ok, f"<span class='{cls}'>{_esc(res.message if res.ok else 'FAILED: ' + res.message)}</span>"
@@ -277,8 +297,8 @@ def build_report(target: str | Path, out: str | Path, *, max_episodes: int = 20,
             body, left = [], max_episodes
             for i, folder in enumerate(logs):  # anchors are made here (c<i>), never from the folder's name
                 eps = [load_episode(p) for p in list_episodes(folder)]
-                table.append(f"<tr><td><a href='#c{i}'>{_esc(folder.name)}</a></td><td>{len(eps)}</td>"
-                             f"<td>{_verdict(folder, key)[1]}</td></tr>")
+                table.append(f"<tr><td class='l'><a href='#c{i}'>{_esc(folder.name)}</a></td><td>{len(eps)}</td>"
+                             f"<td class='l'>{_verdict(folder, key)[1]}</td></tr>")
                 body.append(f"<h2 id='c{i}'>Log {_esc(folder.name)}</h2>")
                 body += _log_part(folder, eps, key, f"c{i}-", max(left, 0))
                 left -= len(eps)
