@@ -1,12 +1,18 @@
 """``scripts/replay.py``: verify, render and report oversight logs, and its command line.
 
-    replay.py verify <log dir> [--expect-head H] [--log-key-file F]
+    replay.py verify <log dir | log root> [--expect-head H] [--log-key-file F]
                                                    exit 0 and print the head if the log is intact,
                                                    1 naming the first bad record
     replay.py render <episode> [-o out] [--fps]    MP4 + GIF with per-agent heatmap overlays
-    replay.py report <episode | log dir> [-o out.html] [--log-key-file F]
+    replay.py report <episode | log dir | log root> [-o out.html] [--log-key-file F]
 
 ``<episode>`` is ``<log dir>/ep_000003`` (with or without ``.npz``/``.json``) or ``<log dir>:3``.
+A *log root* is a folder of logs, e.g. ``evaluate.py --log-explanations DIR`` (one log per grid
+cell): ``verify`` checks each and prints a line per log (exit 1 if any fails), ``report`` puts them
+all on one page; both use :func:`~fgmf_marl.oversight.store.find_logs`, so they agree on what a log is.
+Derived files never go into a log's hash-chained files: ``render`` and ``report`` write to
+``<log dir>/replay/`` by default (``verify`` knows that folder holds derived files), and refuse an
+``-o`` directly inside a log. A log root's report goes to ``<log root>/report.html``.
 The key file may also be named by ``$FGMF_LOG_KEY_FILE``. Usage errors (missing paths, bad options,
 an unreadable key file) exit with 2, as every fgmf-marl command.
 """
@@ -20,9 +26,9 @@ from typing import Literal, Sequence
 
 from fgmf_marl.config import ConfigError, check_range
 from fgmf_marl.jobs import cli
-from fgmf_marl.oversight.render import render_episode
+from fgmf_marl.oversight.render import derived_path, render_episode
 from fgmf_marl.oversight.report import build_report
-from fgmf_marl.oversight.store import MANIFEST, read_key, verify
+from fgmf_marl.oversight.store import find_logs, read_key, verify
 
 PROG = "replay.py"
 
@@ -66,22 +72,34 @@ def resolve_episode(spec: str) -> Path:
     return stem
 
 
+def _shown(path: Path) -> str:
+    """A folder name for the terminal: as is when printable, else Python's ascii() of it (cell names are not ours)."""
+    return str(path) if str(path).isprintable() else ascii(str(path))
+
+
 def replay(cfg: ReplayConfig) -> int:
-    """Run one subcommand; returns the exit status (verify: 1 when the log fails)."""
+    """Run one subcommand; returns the exit status (verify: 1 when a log fails)."""
     if cfg.command == "verify":
         folder = Path(cfg.target)
-        if not folder.is_dir():
-            raise ConfigError(f"log dir {cfg.target!r} does not exist or is not a directory")
-        if not (folder / MANIFEST).exists() and not any(folder.glob("ep_*")):
-            raise ConfigError(f"{cfg.target!r} is not an oversight log: no {MANIFEST}")
-        res = verify(folder, expect_head=cfg.expect_head, key=read_key(cfg.log_key_file))
-        print(res.message if res.ok else f"FAILED: {res.message}")
-        return 0 if res.ok else 1
+        logs = find_logs(folder)
+        if cfg.expect_head is not None and logs != [folder]:
+            raise ConfigError(f"--expect-head names one log's head, but {_shown(folder)} holds {len(logs)} logs; "
+                              "verify one of them")
+        key = read_key(cfg.log_key_file)
+        bad = 0
+        for log in logs:
+            res = verify(log, expect_head=cfg.expect_head, key=key)
+            bad += not res.ok
+            line = res.message if res.ok else f"FAILED: {res.message}"
+            print(line if logs == [folder] else f"{_shown(log)}: {line}")
+        if logs != [folder]:
+            print(f"{len(logs) - bad} of {len(logs)} logs OK" + (f", {bad} FAILED" if bad else ""))
+        return 1 if bad else 0
     if cfg.command == "render":
         stem = resolve_episode(cfg.target)
         formats = ("mp4", "gif") if cfg.format == "both" else (cfg.format,)
         try:
-            paths = render_episode(stem, cfg.out or stem, formats=formats, fps=cfg.fps, scale=cfg.scale)
+            paths = render_episode(stem, derived_path(stem, cfg.out), formats=formats, fps=cfg.fps, scale=cfg.scale)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         for path in paths:
@@ -90,32 +108,37 @@ def replay(cfg: ReplayConfig) -> int:
     target = Path(cfg.target)
     if not target.is_dir():
         target = resolve_episode(cfg.target)
-        out = Path(cfg.out) if cfg.out else target.with_suffix(".html")
+        out = derived_path(target, cfg.out, ".html")
+    elif find_logs(target) == [target]:
+        out = derived_path(target / "report", cfg.out, ".html")
     else:
         out = Path(cfg.out) if cfg.out else target / "report.html"
     print(build_report(target, out, key=read_key(cfg.log_key_file)))
     return 0
 
 
-# ---------------------------------------------------------------------------------------- CLI
+# ------------------------------------------------------------------------------------------ CLI
 def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog=PROG, description="Verify, render and report fgmf-marl oversight logs.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=cli.ArgumentParser)
     v = sub.add_parser("verify", help="check the manifest's hash chain, seal, HMACs and every file's SHA-256")
-    v.add_argument("target", metavar="log_dir", help="the oversight log directory to verify")
+    v.add_argument("target", metavar="log_dir", help="the oversight log directory to verify, or a folder of logs "
+                   "(e.g. evaluate.py's --log-explanations DIR: each is verified)")
     v.add_argument("--expect-head", metavar="H", help="the head hash printed when the log was "
                    "closed, kept elsewhere (default: none, the log is checked against itself)")
     v.add_argument("--log-key-file", metavar="F", help="file holding the HMAC key the log was written with "
                    "(default: $FGMF_LOG_KEY_FILE if set, else no key)")
     r = sub.add_parser("render", help="MP4/GIF replay with PGCA overlays")
     r.add_argument("target", metavar="episode", help="<log dir>/ep_NNNNNN or <log dir>:N")
-    r.add_argument("-o", "--out", help="output path without suffix (default: next to the episode)")
+    r.add_argument("-o", "--out", help="output path without suffix, not directly inside a log "
+                   "(default: <log dir>/replay/ep_NNNNNN)")
     r.add_argument("--fps", type=float, help="frames per second (default 4)")
     r.add_argument("--scale", type=int, help="pixel upscaling of the observations (default 4)")
     r.add_argument("--format", choices=["mp4", "gif", "both"], help="video format (default both)")
     h = sub.add_parser("report", help="self-contained HTML report of an episode or a log directory")
-    h.add_argument("target", help="<log dir>, <log dir>/ep_NNNNNN or <log dir>:N")
-    h.add_argument("-o", "--out", help="output .html (default: <target>.html or <log dir>/report.html)")
+    h.add_argument("target", help="<log dir>, a folder of logs, <log dir>/ep_NNNNNN or <log dir>:N")
+    h.add_argument("-o", "--out", help="output .html, not directly inside a log (default: <log dir>/replay/"
+                   "ep_NNNNNN.html or <log dir>/replay/report.html; a folder of logs: <folder>/report.html)")
     h.add_argument("--log-key-file", metavar="F", help="HMAC key file, to check the log's HMACs for the verdict "
                    "(default: $FGMF_LOG_KEY_FILE if set, else no key)")
     return p

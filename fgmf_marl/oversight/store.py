@@ -9,6 +9,12 @@ Layout of a log directory (format ``fgmf-oversight/2``)::
       ep_000000.json        metadata, per-step x agent records and summary scores of episode 0
       ...
       quarantine/1/         files of an interrupted write, moved aside when the log was next opened
+      replay/               derived files (``replay.py render`` videos, ``report`` pages): not part of the
+                            chain, never read back, ignored by :func:`verify` (which says they are there)
+
+A log is a folder holding a manifest or an episode file (:func:`holds_log`). A folder holding no log
+itself but logs in sub-folders (``evaluate.py --log-explanations DIR`` writes one per grid cell) is a
+*log root*: :func:`find_logs` names them, and ``replay.py verify`` and ``report`` handle each of them.
 
 Format ``fgmf-oversight/1`` manifests (records without ``kind``, no seal) do not verify: record again.
 
@@ -97,6 +103,7 @@ from fgmf_marl.config import ConfigError
 FORMAT = "fgmf-oversight/2"
 MANIFEST = "manifest.jsonl"
 QUARANTINE = "quarantine"
+DERIVED = "replay"
 GENESIS = "0" * 64
 KEY_ENV = "FGMF_LOG_KEY_FILE"
 MIN_KEY_BYTES = 16
@@ -222,9 +229,29 @@ def _jsonable(obj: Any) -> Any:
 
 
 def holds_log(folder: str | Path) -> bool:
-    """True when ``folder`` already holds an oversight log (a manifest or any episode file)."""
+    """True when ``folder`` already holds an oversight log (a manifest or an ``ep_NNNNNN.json``/``.npz`` file).
+
+    Derived files (``ep_000003.mp4`` in ``replay/``) do not make a folder a log.
+    """
     folder = Path(folder)
-    return (folder / MANIFEST).exists() or any(folder.glob("ep_*"))
+    return (folder / MANIFEST).exists() or any(_NAME.fullmatch(p.name) for p in folder.glob("ep_*.*"))
+
+
+def find_logs(folder: str | Path) -> list[Path]:
+    """The logs ``folder`` stands for: ``[folder]`` if it holds a log, else its sub-folders that hold one, sorted.
+
+    ConfigError (one line) when it is not a directory or neither it nor a sub-folder holds a log, so
+    ``verify`` and ``report`` agree on what a log is. Symlinked sub-folders are not followed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"log dir {str(folder)!r} does not exist or is not a directory")
+    if holds_log(folder):
+        return [folder]
+    logs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and holds_log(p))
+    if not logs:
+        raise ConfigError(f"{str(folder)!r} is not an oversight log: no {MANIFEST}, and no sub-folder holds one")
+    return logs
 
 
 def _quarantine_unfinished(folder: Path) -> str | None:
@@ -427,6 +454,8 @@ def verify(log_dir: str | Path, *, expect_head: str | None = None, key: bytes | 
         notes.append("HMACs verified" if key is not None else "HMACs NOT checked (no key given)")
     if (folder / QUARANTINE).is_dir():
         notes.append(f"{QUARANTINE}/ holds files of an interrupted write")
+    if (folder / DERIVED).is_dir():
+        notes.append(f"{DERIVED}/ holds derived files (not covered by the chain)")
     return VerifyResult(True, n_eps, ", ".join(notes) + f", head {prev}", None, prev, sealed, bool(keyed))
 
 
