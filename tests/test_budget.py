@@ -102,7 +102,7 @@ def test_calibrated_timing_spends_about_its_budget_on_the_steps_with_the_largest
     assert attack.threshold == pytest.approx(np.quantile(scores, 0.75))
     assert (scores >= attack.threshold).mean() == pytest.approx(0.25, abs=0.05)
     result = rollout(victim, CoverageVecEnv(CFG, n_envs=4, seed=7), 8, perturb=attack.as_perturb(victim, n_agents=3))
-    assert (result.episode_attacked_steps <= 2).all() and result.episode_attacked_steps.sum() > 0
+    assert (result.episode_attacked_steps == 2).all()    # floor(0.25 x 8): pacing spends what the threshold left
 
 
 def test_random_timing_needs_no_calibration_and_attacks_a_share_p_of_steps(victim) -> None:
