@@ -19,7 +19,7 @@ from envs.native import CoverageConfig
 from fgmf_marl.attacks import FGSM, PGD
 from fgmf_marl.attacks.budget import (SELECTORS, Budget, BudgetedAttack, FixedSelector, RandomSelector,
                                       TimedSelector, ValueSelector, make_selector, step_scores)
-from fgmf_marl.jobs.evaluate import entry as eval_cli
+from fgmf_marl.jobs.evaluate import _budget_axes, _budget_key, entry as eval_cli
 from fgmf_marl.jobs.train import entry as train_cli
 from fgmf_marl.rollout import rollout
 
@@ -163,3 +163,11 @@ def test_bad_budget_flags_are_one_line_errors_before_anything_runs(tmp_path: Pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
     assert not (tmp_path / "o").exists()
+
+
+def test_heatmap_axes_read_every_budget_label_back() -> None:
+    """Every (k, p) cell of the heatmap finds its row, p = 1 and a missing k or p included."""
+    assert _budget_key("k=1,p=1") == ("1", "1") and _budget_key("k=2") == ("2", "1")
+    assert _budget_key("p=0.25") == ("all", "0.25") and _budget_key("all") == ("all", "1")
+    rows = [{"selector": "timed", "budget": b} for b in ("k=1,p=0.25", "k=1,p=1", "p=0.5", "k=3")]
+    assert _budget_axes(rows) == (["1", "3", "all"], ["0.25", "0.5", "1"])

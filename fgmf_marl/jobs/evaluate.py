@@ -510,20 +510,17 @@ def worst_markdown(worst: list[dict[str, Any]], across: list[dict[str, Any]]) ->
     return text
 
 
+def _budget_key(label: str) -> tuple[str, str]:
+    """``k=1,p=0.25`` -> ("1", "0.25"); a missing k is ``all`` agents, a missing p every step (``1``)."""
+    parts = dict(item.split("=") for item in label.split(",")) if label != "all" else {}
+    return parts.get("k", "all"), parts.get("p", "1")
+
+
 def _budget_axes(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
     """The k and p values of the budget grid in ``rows``, as labels (``all`` = no limit), in order."""
-    ks, ps = set(), set()
-    for r in rows:
-        if r.get("selector"):
-            parts = dict(item.split("=") for item in r["budget"].split(","))
-            ks.add(parts.get("k", "all"))
-            ps.add(parts.get("p", "1"))
-    return (sorted(ks, key=lambda k: (k == "all", int(k) if k != "all" else 0)),
-            sorted(ps, key=float))
-
-
-def _budget_of(k: str, p: str) -> str:
-    return ",".join(([f"k={k}"] if k != "all" else []) + ([f"p={p}"] if p != "1" or k == "all" else [])) or "all"
+    keys = [_budget_key(r["budget"]) for r in rows if r.get("selector")]
+    return (sorted({k for k, _ in keys}, key=lambda k: (k == "all", int(k) if k != "all" else 0)),
+            sorted({p for _, p in keys}, key=float))
 
 
 def budget_markdown(rows: list[dict[str, Any]], worst: list[dict[str, Any]]) -> str:
@@ -575,12 +572,12 @@ def plot_budget_heatmaps(rows: list[dict[str, Any]], checkpoint: str, eps255: fl
     metric = "normalised_mean" if "normalised_mean" in mine[0] else "team_return_mean"
     ks, ps = _budget_axes(mine)
     attackers = list(dict.fromkeys(r["attack"].rsplit("[", 1)[0] for r in mine))
-    values = [np.array([[next((r[metric] for r in mine if r["attack"] == f"{a}[{_budget_of(k, p)}]"), np.nan)
-                         for p in ps] for k in ks]) for a in attackers]
+    cell = {(r["attack"].rsplit("[", 1)[0], *_budget_key(r["budget"])): r[metric] for r in mine}
+    values = [np.array([[cell.get((a, k, p), np.nan) for p in ps] for k in ks]) for a in attackers]
     finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.array([0.0])
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     cols = min(4, len(attackers))
-    fig = Figure(figsize=(3.2 * cols + 0.8, 2.8 * ((len(attackers) + cols - 1) // cols)))
+    fig = Figure(figsize=(3.2 * cols + 0.8, 3.2 * ((len(attackers) + cols - 1) // cols)))
     axes = np.atleast_1d(fig.subplots((len(attackers) + cols - 1) // cols, cols, squeeze=False)).ravel()
     image = None
     for ax, attacker, grid in zip(axes, attackers, values):
@@ -596,10 +593,11 @@ def plot_budget_heatmaps(rows: list[dict[str, Any]], checkpoint: str, eps255: fl
                     ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8, color="white")
     for ax in axes[len(attackers):]:
         ax.set_visible(False)
+    fig.suptitle(f"{checkpoint}: return under budgeted attacks, eps {eps255:g}/255", fontsize=10, y=0.995)
+    fig.subplots_adjust(top=0.82, bottom=0.2, left=0.06, right=0.9, wspace=0.35)
     if image is not None:
-        fig.colorbar(image, ax=list(axes[:len(attackers)]), label="oracle-normalised return"
-                     if metric.startswith("normalised") else "team return")
-    fig.suptitle(f"{checkpoint}: return under budgeted attacks, eps {eps255:g}/255", fontsize=10)
+        fig.colorbar(image, cax=fig.add_axes((0.925, 0.2, 0.012, 0.62)),
+                     label="oracle-normalised return" if metric.startswith("normalised") else "team return")
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
     return True
 
