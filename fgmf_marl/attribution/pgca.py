@@ -123,30 +123,30 @@ def rank_preserving_stretch(maps: Tensor, low: float = 0.0, gamma: float = 1.0, 
 
 
 def cell_means(maps: Tensor, grid: int) -> Tensor:
-    """(B, H, W) -> (B, g*g) means over the grid cells."""
+    """(B, H, W) -> (B, g*g) means over the grid cells (row-major)."""
     h, w = maps.shape[-2:]
+    if h % grid == 0 and w % grid == 0:   # equal cells: one pooling call
+        return F.avg_pool2d(maps[:, None], (h // grid, w // grid))[:, 0].flatten(1)
     ys, xs = cell_edges(h, grid), cell_edges(w, grid)
     return torch.stack([maps[:, ys[i]:ys[i + 1], xs[j]:xs[j + 1]].mean(dim=(1, 2))
                         for i in range(grid) for j in range(grid)], dim=1)
 
 
 def rankdata(x: Tensor) -> Tensor:
-    """Average ranks along the last dim (ties share the mean rank), as scipy.stats.rankdata."""
-    n = x.shape[-1]
-    order = x.argsort(dim=-1, stable=True)
-    sorted_x = x.gather(-1, order)
-    ranks_sorted = torch.arange(1, n + 1, dtype=torch.float64, device=x.device).expand_as(sorted_x).clone()
-    # average ranks within runs of equal values
-    for row in range(x.shape[0]):
-        vals = sorted_x[row]
-        _, counts = torch.unique_consecutive(vals, return_counts=True)
-        if (counts > 1).any():
-            ends = counts.cumsum(0)
-            starts = ends - counts
-            ranks_sorted[row] = torch.repeat_interleave((starts + ends + 1).double() / 2, counts)
-    ranks = torch.empty_like(ranks_sorted)
-    ranks.scatter_(-1, order, ranks_sorted)
-    return ranks
+    """Average ranks along the last dim (ties share the mean rank), as scipy.stats.rankdata.
+
+    rank_i = #{j: x_j < x_i} + (#{j: x_j == x_i} + 1) / 2, vectorised (O(N^2) memory per row: N is a
+    grid's cell count, or a map's pixel count, for which rows are chunked).
+    """
+    x = x.double()
+    out = torch.empty_like(x)
+    step = max(1, (1 << 24) // max(1, x.shape[-1] ** 2))
+    for start in range(0, x.shape[0], step):
+        row = x[start:start + step]
+        less = (row[:, None, :] < row[:, :, None]).sum(-1).double()
+        equal = (row[:, None, :] == row[:, :, None]).sum(-1).double()
+        out[start:start + step] = less + (equal + 1) / 2
+    return out
 
 
 def spearman(a: Tensor, b: Tensor) -> Tensor:
