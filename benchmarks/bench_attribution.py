@@ -78,14 +78,14 @@ def naive_pgca(pgca: PGCA, view: PolicyView, obs: torch.Tensor, target: torch.Te
     for i in range(obs.shape[0]):
         x, t = obs[i:i + 1], target[i:i + 1]
         seg = pgca.segments.segments(x)
-        bg = seg.background[:, :, None, None].expand_as(x)
+        bg = seg.baseline
         mask = torch.where(seg.unit >= 0, seg.unit + 1, 0)[:, None].expand_as(x)   # 0 = background, not ablated
         with torch.no_grad():
             drop = ablation.attribute(x, baselines=bg, target=t, feature_mask=mask)[:, 0]
         drop = torch.where(seg.unit >= 0, drop, torch.zeros_like(drop))
         ps.append(normalise_maps(torch.relu(drop)))
         grad = saliency.attribute(x, target=t, abs=False)
-        gs.append(normalise_maps(torch.relu((grad * (x - bg)).sum(1))))
+        gs.append(normalise_maps((grad * (x - bg)).sum(1).abs()))
         gcam.attribute(x, target=t)
     return pgca.from_parts(torch.cat(ps), torch.cat(gs), target)
 

@@ -174,9 +174,11 @@ def test_pgca_stages_have_documented_ranges_and_are_deterministic() -> None:
         assert float(m.min()) >= 0.0 and float(m.max()) <= 1.0 + 1e-6, name
     assert torch.all(res.agreement.abs() <= 1.0 + 1e-6)
     assert torch.all((res.topk_iou >= 0) & (res.topk_iou <= 1))
-    # consensus is the weighted geometric mean (w = 0.1), so it is zero wherever either part is zero
-    torch.testing.assert_close(res.consensus, res.P.pow(0.1) * res.G.pow(0.9))
-    assert torch.all(res.consensus[(res.P == 0) | (res.G == 0)] == 0)
+    # consensus is the weighted arithmetic mean (w = 0.75); the geometric one is zero where a part is
+    torch.testing.assert_close(res.consensus, 0.75 * res.P + 0.25 * res.G)
+    geo = PGCA(view, grid=4, seed=11, perturbation="grid", consensus="geometric", weight=0.5).explain(obs, target)
+    torch.testing.assert_close(geo.consensus, (geo.P * geo.G).sqrt())
+    assert torch.all(geo.consensus[(geo.P == 0) | (geo.G == 0)] == 0)
     # the final map is stretched: it reaches 1 for each non-flat sample
     assert torch.all(res.final.flatten(1).amax(1) > 0.99)
     again = PGCA(view, grid=4, seed=11, perturbation="grid").explain(obs, target)
@@ -261,13 +263,17 @@ def test_segments_are_entities_and_large_regions_are_split() -> None:
     obs = sprite_obs()
     torch.testing.assert_close(background_colour(obs), torch.full((3, 3), 20 / 255))
     seg = segment_units(obs, grid=4)
-    fg = (obs - 20 / 255).abs().amax(1) > 12 / 255
+    fg = ((obs - 20 / 255).abs().amax(1) > 12 / 255) & ((obs - 90 / 255).abs().amax(1) > 12 / 255)
     assert torch.equal(seg.unit >= 0, fg)
     assert torch.equal(seg.unit.unique()[1:], torch.arange(seg.n_units))   # compact global ids
     for u in range(seg.n_units):                                            # each unit lies in its sample
         assert torch.equal((seg.unit == u).flatten(1).any(1).nonzero()[:, 0], seg.sample[u:u + 1])
-    wall = seg.unit[0, :, :9].unique()
-    assert len(wall) >= 4   # the 24 x 9 block (216 px > split_area 72) is cut along the 4 x 4 grid cells
+    assert torch.all(seg.unit[0, :, :9] == -1)   # the 24 x 9 'wall' is a second flat colour, never a unit
+    # the baseline paints each unit with the flat colour around it and leaves flat pixels alone
+    torch.testing.assert_close(seg.baseline[fg[:, None].expand_as(obs)], torch.full_like(obs, 20 / 255)[fg[:, None].expand_as(obs)])
+    torch.testing.assert_close(seg.baseline[~fg[:, None].expand_as(obs)], obs[~fg[:, None].expand_as(obs)])
+    textured = segment_units(torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(0)), grid=4)
+    assert textured.n_units >= 8   # no flat background: one big component, cut along the 4 x 4 grid
 
 
 def test_segment_perturbation_equals_captum_feature_ablation() -> None:
@@ -276,7 +282,7 @@ def test_segment_perturbation_equals_captum_feature_ablation() -> None:
     target = torch.tensor([1, 4, 0, 2])
     method = SegmentPerturbation(view, grid=4, chunk_size=5)   # chunks straddle samples
     drops, seg = method.drops(obs, target)
-    bg = seg.background[:, :, None, None].expand_as(obs)
+    bg = seg.baseline
     mask = torch.where(seg.unit >= 0, seg.unit + 1, 0)[:, None].expand_as(obs)
     with torch.no_grad():
         ref = FeatureAblation(view).attribute(obs, baselines=bg, target=target, feature_mask=mask)[:, 0]
@@ -286,18 +292,18 @@ def test_segment_perturbation_equals_captum_feature_ablation() -> None:
 
 
 def _naive_pgca(pgca: PGCA, view, obs, target):
-    """Per agent, Captum only: FeatureAblation over the segments + Saliency x (input - background)."""
+    """Per agent, Captum only: FeatureAblation over the segments + |Saliency x (input - baseline)|."""
     ps, gs = [], []
     for i in range(obs.shape[0]):
         x, t = obs[i:i + 1], target[i:i + 1]
         seg = pgca.segments.segments(x)
-        bg = seg.background[:, :, None, None].expand_as(x)
+        bg = seg.baseline
         mask = torch.where(seg.unit >= 0, seg.unit + 1, 0)[:, None].expand_as(x)
         with torch.no_grad():
             drop = FeatureAblation(view).attribute(x, baselines=bg, target=t, feature_mask=mask)[:, 0]
         ps.append(normalise_maps(torch.relu(torch.where(seg.unit >= 0, drop, torch.zeros_like(drop)))))
         grad = Saliency(view).attribute(x, target=t, abs=False)
-        gs.append(normalise_maps(torch.relu((grad * (x - bg)).sum(1))))
+        gs.append(normalise_maps((grad * (x - bg)).sum(1).abs()))
     return pgca.from_parts(torch.cat(ps), torch.cat(gs), target)
 
 
@@ -312,7 +318,8 @@ def test_batched_pgca_equals_naive_per_agent_composition() -> None:
     for stage in ("P", "G", "final"):
         torch.testing.assert_close(PGCAStage(view, stage, grid=4).attribute(obs, target),
                                    normalise_maps(getattr(fast, stage)), atol=1e-6, rtol=1e-5)
-    assert torch.all(fast.final[fast.P == 0] == 0)   # no evidence where removing nothing changes nothing
+    flat = pgca.segments.segments(obs).unit < 0
+    assert torch.all(fast.final[flat] == 0)   # flat regions are never evidence: P and G are both 0 there
 
 
 def test_pgca_rejects_unknown_variants() -> None:

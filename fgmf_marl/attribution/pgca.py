@@ -180,11 +180,11 @@ class PGCA(Attribution):
     agreement statistics and of the large-segment split (and of P itself with ``perturbation="grid"``).
     """
 
-    def __init__(self, view: PolicyLike, grid: int = 8, weight: float = 0.1, sigma: float = 0.0,
+    def __init__(self, view: PolicyLike, grid: int = 8, weight: float = 0.75, sigma: float = 0.0,
                  low_percentile: float = 0.0, gamma: float = 1.0,
                  target_kind: TargetKind = "logit", topk_fraction: float = 0.25, seed: int = 0,
                  noise_std: float = 0.25, chunk_size: int = 1024, perturbation: str = "segments",
-                 gradient: str = "input", consensus: str = "geometric", tol: float = 12 / 255) -> None:
+                 gradient: str = "input_abs", consensus: str = "arithmetic", tol: float = 12 / 255) -> None:
         super().__init__(view, target_kind)
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"PGCA weight must be in [0, 1], got {weight}")
@@ -212,8 +212,9 @@ class PGCA(Attribution):
                 "seed": self.perturbation.seed, "perturbation": self.p_kind, "gradient": self.g_kind,
                 "consensus": self.consensus_kind, "low_percentile": self.low, "gamma": self.gamma}
 
-    def gradient_maps(self, obs: Tensor, target: Tensor, background: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """One forward + backward: (target scores (B,), G pixel map (B, H, W) un-normalised per ``gradient``,
+    def gradient_maps(self, obs: Tensor, target: Tensor, baseline: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One forward + backward: (target scores (B,), G = relu(sum_c dS/dx_c (x - baseline)_c) (B, H, W)
+        un-normalised per ``gradient``,
         Grad-CAM++ map upsampled (B, H, W) un-normalised)."""
         with torch.enable_grad():
             x = obs.detach().clone().requires_grad_(True)
@@ -223,7 +224,7 @@ class PGCA(Attribution):
         with torch.no_grad():
             cam = torch.relu((gradcam_pp_weights(fmap.detach(), gfmap)[:, :, None, None] * fmap.detach()).sum(1))
             cam = torch.relu(upsample(cam, tuple(obs.shape[-2:]), self.gradcam.upsample_mode))
-            lin = (gx * (obs - background[:, :, None, None])).sum(1)
+            lin = (gx * (obs - baseline)).sum(1)
             pix = lin.abs() if self.g_kind == "input_abs" else torch.relu(lin)
         return score.detach(), pix, cam
 
@@ -231,8 +232,8 @@ class PGCA(Attribution):
         obs = check_obs(inputs, "attribution").detach()
         target = self.resolve_target(obs, target)
         seg = self.segments.segments(obs) if self.p_kind == "segments" else None
-        background = seg.background if seg is not None else background_colour(obs)
-        score, pix, cam = self.gradient_maps(obs, target, background)
+        baseline = seg.baseline if seg is not None else background_colour(obs)[:, :, None, None].expand_as(obs)
+        score, pix, cam = self.gradient_maps(obs, target, baseline)
         if seg is not None:
             drops, _ = self.segments.drops(obs, target, base_score=score, segments=seg)
             p = normalise_maps(torch.relu(drops))
