@@ -146,7 +146,7 @@ def test_explain_eval_cli_writes_table_for_all_methods(tmp_path, capsys) -> None
     assert main(argv) == 0
     out = capsys.readouterr().out
     for name in ("PGCA", "P (segments)", "G (grad x input)", "P grid (old)", "Grad-CAM++ (old G)",
-                 "Integrated Gradients", "Occlusion", "GradientShap", "SmoothGrad", "Random (chance)"):
+                 "Integrated Gradients", "Occlusion", "GradientShap", "SmoothGrad", "Segment mask (no model)", "Random (chance)"):
         assert f"| {name} |" in out
     data = json.loads((run.eval / "explain_eval.json").read_text())
     assert data["settings"]["n_samples"] == 2 * 3  # steps 0 and 5 of one episode, 3 agents

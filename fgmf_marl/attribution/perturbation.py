@@ -301,3 +301,17 @@ class SegmentPerturbation(Attribution):
         target = self.resolve_target(obs, target)
         pix, _ = self.drops(obs, target)
         return normalise_maps(torch.relu(pix))
+
+
+class SegmentMask(Attribution):
+    """Model-free control: 1 on every perturbation unit (all non-flat pixels), 0 elsewhere.
+
+    What PGCA's support alone scores; PGCA is informative only where it beats this row."""
+
+    def __init__(self, view: PolicyLike, tol: float = 12 / 255, bins: int = 16, grid: int = 8) -> None:
+        super().__init__(view)
+        self.tol, self.bins, self.grid = tol, bins, grid
+
+    def attribute(self, inputs: Tensor, target: TargetLike = None) -> Tensor:
+        obs = check_obs(inputs, "attribution").detach()
+        return (segment_units(obs, tol=self.tol, bins=self.bins, grid=self.grid).unit >= 0).to(obs.dtype)

@@ -35,7 +35,7 @@ from fgmf_marl.attribution.base import Attribution
 from fgmf_marl.attribution.captum_baselines import (GradientShapMap, IntegratedGradientsMap, OcclusionMap, RandomMap,
                                                      SmoothGradMap)
 from fgmf_marl.attribution.gradcam import GradCAMPlusPlus
-from fgmf_marl.attribution.perturbation import PerturbationMap
+from fgmf_marl.attribution.perturbation import PerturbationMap, SegmentMask
 from fgmf_marl.attribution.pgca import PGCA, PGCAStage
 from fgmf_marl.policy import Perturb, PolicyLike
 from fgmf_marl.rollout import StepRecord, rollout
@@ -64,6 +64,7 @@ def default_methods(view: PolicyLike, seed: int = 0, grid: int = 8, ig_steps: in
         "Occlusion": lambda v: OcclusionMap(v, window=max(1, 48 // grid), stride=max(1, 24 // grid)),
         "GradientShap": lambda v: GradientShapMap(v, seed=seed),
         "SmoothGrad": lambda v: SmoothGradMap(v, seed=seed),
+        "Segment mask (no model)": lambda v: SegmentMask(v, grid=grid),
         "Random (chance)": lambda v: RandomMap(v, seed=seed),
     }
 
