@@ -167,21 +167,23 @@ def test_pgca_stages_have_documented_ranges_and_are_deterministic() -> None:
     view = make_view()
     obs = random_obs(6)
     target = torch.arange(6) % 5
-    res = PGCA(view, grid=4, seed=11).explain(obs, target)
+    res = PGCA(view, grid=4, seed=11, perturbation="grid").explain(obs, target)
     for name in ("P", "G", "consensus", "final"):
         m = getattr(res, name)
         assert m.shape == (6, 24, 24), name
         assert float(m.min()) >= 0.0 and float(m.max()) <= 1.0 + 1e-6, name
     assert torch.all(res.agreement.abs() <= 1.0 + 1e-6)
     assert torch.all((res.topk_iou >= 0) & (res.topk_iou <= 1))
-    # consensus is the weighted geometric mean, so it is zero wherever either part is zero
-    torch.testing.assert_close(res.consensus, (res.P * res.G).sqrt())
-    assert torch.all(res.consensus[(res.P == 0) | (res.G == 0)] == 0)
+    # consensus is the weighted arithmetic mean (w = 0.75); the geometric one is zero where a part is
+    torch.testing.assert_close(res.consensus, 0.75 * res.P + 0.25 * res.G)
+    geo = PGCA(view, grid=4, seed=11, perturbation="grid", consensus="geometric", weight=0.5).explain(obs, target)
+    torch.testing.assert_close(geo.consensus, (geo.P * geo.G).sqrt())
+    assert torch.all(geo.consensus[(geo.P == 0) | (geo.G == 0)] == 0)
     # the final map is stretched: it reaches 1 for each non-flat sample
     assert torch.all(res.final.flatten(1).amax(1) > 0.99)
-    again = PGCA(view, grid=4, seed=11).explain(obs, target)
+    again = PGCA(view, grid=4, seed=11, perturbation="grid").explain(obs, target)
     torch.testing.assert_close(res.final, again.final, rtol=0, atol=0)
-    other = PGCA(view, grid=4, seed=12).explain(obs, target)
+    other = PGCA(view, grid=4, seed=12, perturbation="grid").explain(obs, target)
     assert not torch.equal(res.P, other.P)  # the seed drives the noise replacement
 
 
@@ -222,3 +224,144 @@ def test_captum_baselines_behind_the_interface() -> None:
         maps = method.attribute(obs, target=[1, 2])
         assert maps.shape == (2, 24, 24) and float(maps.min()) >= 0 and float(maps.max()) <= 1
         assert float(maps.max()) > 0
+
+
+# ---------------------------------------------------------------- issue 20: entity-scale PGCA
+from captum.attr import FeatureAblation, IntegratedGradients, Saliency  # noqa: E402
+
+from fgmf_marl.attribution import GradientShapMap, PGCAStage, RandomMap, SegmentPerturbation, SmoothGradMap  # noqa: E402
+from fgmf_marl.attribution.base import normalise_maps  # noqa: E402
+from fgmf_marl.attribution.perturbation import background_colour, connected_components, segment_units  # noqa: E402
+from fgmf_marl.attribution.pgca import rank_preserving_stretch  # noqa: E402
+
+
+def sprite_obs(n: int = 3, size: int = 24, seed: int = 0) -> torch.Tensor:
+    """Flat background with a few 2-4 px sprites (some touching), plus a large 'wall' block."""
+    rng = np.random.default_rng(seed)
+    obs = np.full((n, 3, size, size), 20 / 255, np.float32)
+    for i in range(n):
+        for _ in range(5):
+            y, x, s = rng.integers(0, size - 4), rng.integers(0, size - 4), rng.integers(2, 5)
+            obs[i, :, y:y + s, x:x + s] = rng.random(3)[:, None, None] * 0.6 + 0.4
+        if i == 0:
+            obs[i, :, :, :9] = 90 / 255  # a region larger than split_area
+    return torch.from_numpy(obs)
+
+
+def test_connected_components_match_scipy_label() -> None:
+    fg = torch.rand(4, 17, 19, generator=torch.Generator().manual_seed(0)) > 0.6
+    ours = connected_components(fg).numpy()
+    for m, lab in zip(fg.numpy(), ours):
+        ref, n = ndimage.label(m, structure=np.ones((3, 3)))
+        assert len(np.unique(lab[m])) == n          # same number of components ...
+        for k in range(1, n + 1):                  # ... and the same partition
+            assert len(np.unique(lab[ref == k])) == 1
+        assert np.all(lab[~m] == 0)
+
+
+def test_segments_are_entities_and_large_regions_are_split() -> None:
+    obs = sprite_obs()
+    torch.testing.assert_close(background_colour(obs), torch.full((3, 3), 20 / 255))
+    seg = segment_units(obs, grid=4)
+    fg = ((obs - 20 / 255).abs().amax(1) > 12 / 255) & ((obs - 90 / 255).abs().amax(1) > 12 / 255)
+    assert torch.equal(seg.unit >= 0, fg)
+    assert torch.equal(seg.unit.unique()[1:], torch.arange(seg.n_units))   # compact global ids
+    for u in range(seg.n_units):                                            # each unit lies in its sample
+        assert torch.equal((seg.unit == u).flatten(1).any(1).nonzero()[:, 0], seg.sample[u:u + 1])
+    assert torch.all(seg.unit[0, :, :9] == -1)   # the 24 x 9 'wall' is a second flat colour, never a unit
+    # the baseline paints each unit with the flat colour around it and leaves flat pixels alone
+    torch.testing.assert_close(seg.baseline[fg[:, None].expand_as(obs)], torch.full_like(obs, 20 / 255)[fg[:, None].expand_as(obs)])
+    torch.testing.assert_close(seg.baseline[~fg[:, None].expand_as(obs)], obs[~fg[:, None].expand_as(obs)])
+    textured = segment_units(torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(0)), grid=4)
+    assert textured.n_units >= 8   # no flat background: one big component, cut along the 4 x 4 grid
+
+
+def test_segment_perturbation_equals_captum_feature_ablation() -> None:
+    view = make_view()
+    obs = sprite_obs(4)
+    target = torch.tensor([1, 4, 0, 2])
+    method = SegmentPerturbation(view, grid=4, chunk_size=5)   # chunks straddle samples
+    drops, seg = method.drops(obs, target)
+    bg = seg.baseline
+    mask = torch.where(seg.unit >= 0, seg.unit + 1, 0)[:, None].expand_as(obs)
+    with torch.no_grad():
+        ref = FeatureAblation(view).attribute(obs, baselines=bg, target=target, feature_mask=mask)[:, 0]
+    ref = torch.where(seg.unit >= 0, ref, torch.zeros_like(ref))
+    torch.testing.assert_close(drops, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(method.attribute(obs, target), normalise_maps(torch.relu(ref)), atol=1e-5, rtol=1e-4)
+
+
+def _naive_pgca(pgca: PGCA, view, obs, target):
+    """Per agent, Captum only: FeatureAblation over the segments + |Saliency x (input - baseline)|."""
+    ps, gs = [], []
+    for i in range(obs.shape[0]):
+        x, t = obs[i:i + 1], target[i:i + 1]
+        seg = pgca.segments.segments(x)
+        bg = seg.baseline
+        mask = torch.where(seg.unit >= 0, seg.unit + 1, 0)[:, None].expand_as(x)
+        with torch.no_grad():
+            drop = FeatureAblation(view).attribute(x, baselines=bg, target=t, feature_mask=mask)[:, 0]
+        ps.append(normalise_maps(torch.relu(torch.where(seg.unit >= 0, drop, torch.zeros_like(drop)))))
+        grad = Saliency(view).attribute(x, target=t, abs=False)
+        gs.append(normalise_maps((grad * (x - bg)).sum(1).abs()))
+    return pgca.from_parts(torch.cat(ps), torch.cat(gs), target)
+
+
+def test_batched_pgca_equals_naive_per_agent_composition() -> None:
+    view = make_view()
+    obs = sprite_obs(5)
+    target = torch.tensor([0, 1, 2, 3, 4])
+    pgca = PGCA(view, grid=4, chunk_size=7)
+    fast, ref = pgca.explain(obs, target), _naive_pgca(pgca, view, obs, target)
+    for name in ("P", "G", "consensus", "final", "agreement", "topk_iou"):
+        torch.testing.assert_close(getattr(fast, name), getattr(ref, name), atol=1e-5, rtol=1e-4, msg=name)
+    for stage in ("P", "G", "final"):
+        torch.testing.assert_close(PGCAStage(view, stage, grid=4).attribute(obs, target),
+                                   normalise_maps(getattr(fast, stage)), atol=1e-6, rtol=1e-5)
+    flat = pgca.segments.segments(obs).unit < 0
+    assert torch.all(fast.final[flat] == 0)   # flat regions are never evidence: P and G are both 0 there
+
+
+def test_pgca_rejects_unknown_variants() -> None:
+    view = make_view()
+    for kwargs in (dict(perturbation="sliding"), dict(gradient="deconv"), dict(consensus="max"), dict(weight=2.0)):
+        with pytest.raises(ValueError):
+            PGCA(view, **kwargs)
+
+
+def test_rank_preserving_stretch_keeps_order_and_zero() -> None:
+    x = torch.rand(3, 7, 9, generator=torch.Generator().manual_seed(0))
+    x[0, :2] = 0.0
+    x[2] = 0.0
+    for low, gamma in ((0.0, 1.0), (50.0, 1.0), (90.0, 0.5)):
+        y = rank_preserving_stretch(x, low, gamma)
+        flat_x, flat_y = x[:2].flatten(1), y[:2].flatten(1)
+        assert torch.equal(torch.sort(flat_x, dim=1, stable=True).indices, torch.sort(flat_y, dim=1, stable=True).indices)
+        assert torch.all(flat_y.amax(1) == 1.0) and torch.all(y[x == 0] == 0)
+        assert torch.all(y[2] == 0)
+    # the argmax (pointing game) is unique after stretching, unlike a clipping stretch's ties
+    assert int((y[1] == y[1].max()).sum()) == 1
+
+
+def test_integrated_gradients_completeness() -> None:
+    """IG's completeness axiom: attributions sum to score(x) - score(baseline), here via Captum."""
+    view = make_view()
+    obs = random_obs(2)
+    target = torch.tensor([1, 3])
+    ig = IntegratedGradients(lambda x: view(x))
+    attr, delta = ig.attribute(obs, baselines=torch.zeros_like(obs), target=target, n_steps=128,
+                               return_convergence_delta=True)
+    with torch.no_grad():
+        gap = view(obs).gather(1, target[:, None])[:, 0] - view(torch.zeros_like(obs)).gather(1, target[:, None])[:, 0]
+    torch.testing.assert_close(attr.flatten(1).sum(1), gap, atol=5e-3 * float(gap.abs().max()) + 1e-4, rtol=1e-2)
+    assert float(delta.abs().max()) < 5e-3 * float(gap.abs().max()) + 1e-4
+
+
+def test_more_captum_baselines_and_random_behind_the_interface() -> None:
+    view = make_view()
+    obs = random_obs(2)
+    for method in (GradientShapMap(view, n_samples=4), SmoothGradMap(view, nt_samples=4), RandomMap(view)):
+        maps = method.attribute(obs, target=[1, 2])
+        assert maps.shape == (2, 24, 24) and float(maps.min()) >= 0 and float(maps.max()) <= 1
+        again = method.attribute(obs, target=[1, 2])
+        torch.testing.assert_close(maps, again)   # seeded: deterministic

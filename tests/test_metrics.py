@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
 
 from fgmf_marl.attribution import PGCA, GradCAMPlusPlus
+from fgmf_marl.attribution.study import bootstrap_ci
 from fgmf_marl.attribution.metrics import (auc, deletion_auc, deletion_insertion_curves, insertion_auc,
                                            map_similarity, max_sensitivity, model_randomisation, pointing_game,
                                            relevance_mass_accuracy, relevance_rank_accuracy)
@@ -142,12 +145,28 @@ def test_explain_eval_cli_writes_table_for_all_methods(tmp_path, capsys) -> None
             "--deletion-steps", "4", "--no-progress"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    for name in ("PGCA", "P (perturbation)", "G (Grad-CAM++)", "Integrated Gradients", "Occlusion"):
+    for name in ("PGCA", "P (segments)", "G (grad x input)", "P grid (old)", "Grad-CAM++ (old G)",
+                 "Integrated Gradients", "Occlusion", "GradientShap", "SmoothGrad", "Segment mask (no model)", "Random (chance)"):
         assert f"| {name} |" in out
     data = json.loads((run.eval / "explain_eval.json").read_text())
     assert data["settings"]["n_samples"] == 2 * 3  # steps 0 and 5 of one episode, 3 agents
     row = data["table"][0]
     assert 0 <= row["relevance_mass"]["mean"] <= 1 and row["relevance_mass"]["n"] == 6
+    assert row["relevance_mass"]["episodes"] == 1 and "target_mass" in row   # both ground truths
+    lo, hi = row["relevance_mass"]["ci95"]
+    assert lo <= row["relevance_mass"]["mean"] <= hi
     assert (run.eval / "explain_eval.md").exists() and (run.eval / "explain_eval_config.yaml").exists()
     assert run_cli(main, ["--checkpoint", str(tmp_path / "missing")]) == 2
     assert run_cli(main, ["--checkpoint", str(run.root), "--every", "0"]) == 2
+
+
+def test_bootstrap_ci_lies_within_the_per_episode_range() -> None:
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(7), 5)
+    values = rng.random(groups.size) + groups * 0.1
+    values[3] = np.nan
+    per = np.array([np.nanmean(values[groups == g]) for g in range(7)])
+    mean, lo, hi, n = bootstrap_ci(values, groups, n_boot=500, seed=1)
+    assert n == 7 and mean == pytest.approx(per.mean())
+    assert per.min() <= lo <= mean <= hi <= per.max()
+    assert np.isnan(bootstrap_ci(np.full(4, np.nan), np.arange(4))[0])

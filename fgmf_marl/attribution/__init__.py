@@ -4,10 +4,11 @@
 """
 from fgmf_marl.attribution.base import Attribution, normalise_maps, target_score
 from fgmf_marl.policy import as_target
-from fgmf_marl.attribution.captum_baselines import IntegratedGradientsMap, OcclusionMap
+from fgmf_marl.attribution.captum_baselines import (GradientShapMap, IntegratedGradientsMap, OcclusionMap, RandomMap,
+                                                     SmoothGradMap)
 from fgmf_marl.attribution.gradcam import GradCAMPlusPlus
-from fgmf_marl.attribution.perturbation import PerturbationMap, PerturbationParts
-from fgmf_marl.attribution.pgca import PGCA, PGCAResult
+from fgmf_marl.attribution.perturbation import PerturbationMap, PerturbationParts, SegmentPerturbation
+from fgmf_marl.attribution.pgca import PGCA, PGCAResult, PGCAStage
 
 METHODS = {
     "pgca": PGCA,
@@ -15,7 +16,12 @@ METHODS = {
     "gradcam++": GradCAMPlusPlus,
     "ig": IntegratedGradientsMap,
     "occlusion": OcclusionMap,
+    "gradientshap": GradientShapMap,
+    "smoothgrad": SmoothGradMap,
+    "segments": SegmentPerturbation,
+    "random": RandomMap,
 }
 
-__all__ = ["Attribution", "GradCAMPlusPlus", "IntegratedGradientsMap", "METHODS", "OcclusionMap", "PGCA",
-           "PGCAResult", "PerturbationMap", "PerturbationParts", "as_target", "normalise_maps", "target_score"]
+__all__ = ["Attribution", "GradCAMPlusPlus", "GradientShapMap", "IntegratedGradientsMap", "METHODS", "OcclusionMap",
+           "PGCA", "PGCAResult", "PGCAStage", "PerturbationMap", "PerturbationParts", "RandomMap", "SegmentPerturbation",
+           "SmoothGradMap", "as_target", "normalise_maps", "target_score"]

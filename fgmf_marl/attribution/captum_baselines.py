@@ -1,4 +1,5 @@
-"""Captum baselines behind the fgmf-marl attribution interface: Integrated Gradients and Occlusion.
+"""Captum baselines behind the fgmf-marl attribution interface: Integrated Gradients, Occlusion,
+GradientShap, SmoothGrad (``NoiseTunnel`` over ``Saliency``) and a random map (chance level).
 
 Both are Captum's own implementations applied to the target score; only the reduction to one
 non-negative (H, W) map per sample is ours, and it is the usual one for images:
@@ -10,10 +11,12 @@ Both are divided by their per-sample max.
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
+import numpy as np
 import torch
-from captum.attr import IntegratedGradients, Occlusion
+from captum.attr import GradientShap, IntegratedGradients, NoiseTunnel, Occlusion, Saliency
 from torch import Tensor
 
 from fgmf_marl.attribution.base import Attribution, TargetKind, normalise_maps, target_score
@@ -65,4 +68,73 @@ class OcclusionMap(Attribution):
         return normalise_maps(torch.relu(attr.mean(dim=1)))
 
 
-__all__ = ["IntegratedGradientsMap", "OcclusionMap", "target_score"]
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's and NumPy's global RNGs inside the block and restore both afterwards."""
+    state = np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            np.random.set_state(state)
+
+
+class GradientShapMap(Attribution):
+    """Captum's ``GradientShap`` (Lundberg & Lee 2017): expected gradients x (input - baseline) over
+    ``n_samples`` baselines drawn uniformly in [0, 1] (seeded) with input noise ``stdevs``; |.| summed
+    over channels, divided by the max."""
+
+    def __init__(self, view: PolicyLike, n_samples: int = 16, stdevs: float = 0.05, n_baselines: int = 8,
+                 seed: int = 0, target_kind: TargetKind = "logit") -> None:
+        super().__init__(view, target_kind)
+        self.n_samples, self.stdevs, self.n_baselines, self.seed = n_samples, stdevs, n_baselines, seed
+        self.gs = GradientShap(_ScoreModule(view, target_kind))
+
+    def attribute(self, inputs: Tensor, target: TargetLike = None) -> Tensor:
+        obs = check_obs(inputs, "attribution").detach()
+        target = self.resolve_target(obs, target)
+        gen = torch.Generator().manual_seed(self.seed)
+        baselines = torch.rand((self.n_baselines, *obs.shape[1:]), generator=gen).to(obs.device)
+        with _seeded(self.seed):   # Captum draws baselines, path points and noise from the global RNGs
+            attr = self.gs.attribute(obs, baselines=baselines, target=target, n_samples=self.n_samples,
+                                     stdevs=self.stdevs)
+        return normalise_maps(attr.abs().sum(dim=1).detach())
+
+
+class SmoothGradMap(Attribution):
+    """SmoothGrad (Smilkov et al. 2017): Captum's ``NoiseTunnel`` over ``Saliency`` (|gradient|),
+    ``nt_samples`` Gaussian copies with std ``stdevs``; summed over channels, divided by the max."""
+
+    def __init__(self, view: PolicyLike, nt_samples: int = 16, stdevs: float = 0.1, seed: int = 0,
+                 target_kind: TargetKind = "logit") -> None:
+        super().__init__(view, target_kind)
+        self.nt_samples, self.stdevs, self.seed = nt_samples, stdevs, seed
+        self.nt = NoiseTunnel(Saliency(_ScoreModule(view, target_kind)))
+
+    def attribute(self, inputs: Tensor, target: TargetLike = None) -> Tensor:
+        obs = check_obs(inputs, "attribution").detach()
+        target = self.resolve_target(obs, target)
+        with _seeded(self.seed):
+            attr = self.nt.attribute(obs, nt_type="smoothgrad", nt_samples=self.nt_samples, stdevs=self.stdevs,
+                                     target=target, nt_samples_batch_size=self.nt_samples)
+        return normalise_maps(attr.abs().sum(dim=1).detach())
+
+
+class RandomMap(Attribution):
+    """Chance level: i.i.d. uniform maps, seeded per call, ignoring the model."""
+
+    def __init__(self, view: PolicyLike, seed: int = 0) -> None:
+        super().__init__(view)
+        self.seed = seed
+
+    def attribute(self, inputs: Tensor, target: TargetLike = None) -> Tensor:
+        obs = check_obs(inputs, "attribution")
+        gen = torch.Generator().manual_seed(self.seed)
+        return torch.rand(obs.shape[0], *obs.shape[-2:], generator=gen).to(obs.device)
+
+
+__all__ = ["GradientShapMap", "IntegratedGradientsMap", "OcclusionMap", "RandomMap", "SmoothGradMap", "target_score"]

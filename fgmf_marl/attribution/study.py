@@ -11,7 +11,14 @@ and target actions (the actions the policy took) against the env's ground-truth 
 - sanity: model-parameter randomisation, Spearman similarity of the maps after fully randomising
   the actor (lower is better: the map depends on the model).
 
-Values are mean +- std over steps x agents (nan-aware; the count is reported).
+Localisation is scored against both ground truths of the native env: ``relevance_mask`` (own body,
+all landmarks, all teammates: relevance_*, pointing_game) and ``target_mask`` (own body + the
+landmark the oracle assigns: target_*). Baselines: PGCA's own stages P and G, the old grid P and
+Grad-CAM++, Captum's Integrated Gradients, Occlusion, GradientShap and SmoothGrad, and a random map
+(chance level).
+
+Values are the mean over episodes of the per-episode means (nan-aware), with a 95 % percentile
+bootstrap interval over episodes (:func:`bootstrap_ci`); the JSON also gives the agent-step count.
 """
 from __future__ import annotations
 
@@ -25,36 +32,87 @@ from tqdm.auto import tqdm
 
 from fgmf_marl.attribution import metrics as M
 from fgmf_marl.attribution.base import Attribution
-from fgmf_marl.attribution.captum_baselines import IntegratedGradientsMap, OcclusionMap
+from fgmf_marl.attribution.captum_baselines import (GradientShapMap, IntegratedGradientsMap, OcclusionMap, RandomMap,
+                                                     SmoothGradMap)
 from fgmf_marl.attribution.gradcam import GradCAMPlusPlus
-from fgmf_marl.attribution.perturbation import PerturbationMap
-from fgmf_marl.attribution.pgca import PGCA
+from fgmf_marl.attribution.perturbation import PerturbationMap, SegmentMask
+from fgmf_marl.attribution.pgca import PGCA, PGCAStage
 from fgmf_marl.policy import Perturb, PolicyLike
 from fgmf_marl.rollout import StepRecord, rollout
 
 METRICS = {  # name -> (higher is better?)
     "relevance_mass": True, "relevance_rank": True, "pointing_game": True,
+    "target_mass": True, "target_rank": True, "target_pointing": True,
     "deletion_auc": False, "insertion_auc": True, "max_sensitivity": False,
     "attack_spearman": True, "randomised_spearman": False,
 }
 
 
 def default_methods(view: PolicyLike, seed: int = 0, grid: int = 8, ig_steps: int = 32) -> dict[str, Callable[[PolicyLike], Attribution]]:
-    """Factories (view -> method) so that the randomisation test can rebuild each method."""
+    """Factories (view -> method) so that the randomisation test can rebuild each method.
+
+    P and G are PGCA's own stages (segment perturbation, gradient x (input - background)); the old
+    grid P and Grad-CAM++ stay as rows, since they were PGCA's parts before issue 20.
+    """
     return {
         "PGCA": lambda v: PGCA(v, grid=grid, seed=seed),
-        "P (perturbation)": lambda v: PerturbationMap(v, grid=grid, seed=seed),
-        "G (Grad-CAM++)": lambda v: GradCAMPlusPlus(v),
+        "P (segments)": lambda v: PGCAStage(v, "P", grid=grid, seed=seed),
+        "G (grad x input)": lambda v: PGCAStage(v, "G", grid=grid, seed=seed),
+        "P grid (old)": lambda v: PerturbationMap(v, grid=grid, seed=seed),
+        "Grad-CAM++ (old G)": lambda v: GradCAMPlusPlus(v),
         "Integrated Gradients": lambda v: IntegratedGradientsMap(v, n_steps=ig_steps),
         "Occlusion": lambda v: OcclusionMap(v, window=max(1, 48 // grid), stride=max(1, 24 // grid)),
+        "GradientShap": lambda v: GradientShapMap(v, seed=seed),
+        "SmoothGrad": lambda v: SmoothGradMap(v, seed=seed),
+        "Segment mask (no model)": lambda v: SegmentMask(v, grid=grid),
+        "Random (chance)": lambda v: RandomMap(v, seed=seed),
     }
+
+
+def bootstrap_ci(values: np.ndarray, groups: np.ndarray, *, n_boot: int = 2000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float, float, int]:
+    """Mean over groups (episodes) of the per-group nan-means and its percentile bootstrap interval.
+
+    Episodes, not agent-steps, are resampled (with replacement), because steps of one episode are
+    correlated. Every bootstrap replicate is a mean of per-episode means, so the interval lies
+    within [min, max] of the per-episode means. Returns (mean, low, high, n_episodes); nan when no
+    episode has a defined value.
+    """
+    values, groups = np.asarray(values, dtype=float), np.asarray(groups)
+    ok = ~np.isnan(values)
+    uniq = np.unique(groups[ok])
+    if uniq.size == 0:
+        return float("nan"), float("nan"), float("nan"), 0
+    per = np.array([values[ok & (groups == g)].mean() for g in uniq])
+    rng = np.random.default_rng(seed)
+    reps = per[rng.integers(0, per.size, size=(n_boot, per.size))].mean(1)
+    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
+    return float(per.mean()), float(lo), float(hi), int(per.size)
 
 
 @dataclass
 class Samples:
     obs: Tensor        # (S, C, H, W) what the policy saw
     target: Tensor     # (S,) the actions taken
-    masks: Tensor      # (S, H, W) ground-truth relevance
+    masks: Tensor      # (S, H, W) ground-truth relevance (own body, all landmarks, all teammates)
+    target_masks: Tensor | None = None   # (S, H, W) own body + the oracle's landmark, when the env gives it
+    episode: Tensor | None = None        # (S,) episode id of each sample (the bootstrap's unit)
+
+
+class _MaskTap:
+    """Delegates to a VecEnv; when ``rollout`` asks for ``relevance_masks()`` (just before the step)
+    it also records ``target_masks()`` of the same state, which ``StepRecord`` does not carry."""
+
+    def __init__(self, venv: Any) -> None:
+        self._venv = venv
+        self.last_target: np.ndarray | None = None
+
+    def relevance_masks(self) -> np.ndarray:
+        self.last_target = np.asarray(self._venv.target_masks()) if hasattr(self._venv, "target_masks") else None
+        return self._venv.relevance_masks()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._venv, name)
 
 
 def collect_samples(view: PolicyLike, venv: Any, n_episodes: int, every: int = 4, seed: int = 0,
@@ -66,7 +124,9 @@ def collect_samples(view: PolicyLike, venv: Any, n_episodes: int, every: int = 4
     """
     if not hasattr(venv, "relevance_masks"):
         raise ValueError("explanation metrics need ground-truth relevance masks: use the native env")
-    obs, target, masks = [], [], []
+    obs, target, masks, tmasks, episode = [], [], [], [], []
+    tap = _MaskTap(venv)
+    ids: dict[tuple[int, int], int] = {}
 
     def hook(rec: StepRecord) -> None:
         n = rec.n_agents
@@ -76,23 +136,35 @@ def collect_samples(view: PolicyLike, venv: Any, n_episodes: int, every: int = 4
                 obs.append(rec.seen_obs[sl].cpu())
                 target.append(torch.as_tensor(rec.actions[sl]))
                 masks.append(torch.as_tensor(rec.relevance[sl]))
-    rollout(view, venv, n_episodes, step_hook=hook, perturb=perturb, seed=seed)
-    return Samples(torch.cat(obs), torch.cat(target).long(), torch.cat(masks).bool())
+                if tap.last_target is not None:
+                    tmasks.append(torch.as_tensor(tap.last_target[sl]))
+                key = ids.setdefault((b, int(rec.episode[b])), len(ids))
+                episode.append(torch.full((n,), key, dtype=torch.long))
+    rollout(view, tap, n_episodes, step_hook=hook, perturb=perturb, seed=seed)
+    return Samples(torch.cat(obs), torch.cat(target).long(), torch.cat(masks).bool(),
+                   torch.cat(tmasks).bool() if len(tmasks) == len(masks) else None, torch.cat(episode))
 
 
 @dataclass
 class ExplainEvalResult:
     per_sample: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)   # method -> metric -> values
+    groups: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)       # method -> metric -> episode ids
     n_samples: int = 0
+    n_episodes: int = 0
+    seed: int = 0
 
     def table(self) -> list[dict[str, Any]]:
+        """Per method and metric: mean of per-episode means, 95 % bootstrap CI over episodes, the
+        number of episodes and of agent-steps that counted, and the std over agent-steps."""
         rows = []
         for method, scores in self.per_sample.items():
             row: dict[str, Any] = {"method": method}
             for metric, vals in scores.items():
                 v = vals[~np.isnan(vals)]
-                row[metric] = {"mean": float(v.mean()) if v.size else float("nan"),
-                               "std": float(v.std()) if v.size else float("nan"), "n": int(v.size)}
+                groups = self.groups.get(method, {}).get(metric, np.arange(len(vals)))
+                mean, lo, hi, n_ep = bootstrap_ci(vals, groups, seed=self.seed)
+                row[metric] = {"mean": mean, "ci95": [lo, hi], "episodes": n_ep, "n": int(v.size),
+                               "std": float(v.std()) if v.size else float("nan")}
             rows.append(row)
         return rows
 
@@ -105,7 +177,12 @@ class ExplainEvalResult:
             cells = []
             for m in metrics:
                 c = row.get(m)
-                cells.append("n/a" if c is None or np.isnan(c["mean"]) else f"{c['mean']:.3f} ± {c['std']:.3f}")
+                if c is None or np.isnan(c["mean"]):
+                    cells.append("n/a")
+                elif c["n"] <= 1:
+                    cells.append(f"{c['mean']:.3f}")
+                else:
+                    cells.append(f"{c['mean']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]")
             lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
@@ -115,15 +192,18 @@ def explain_eval(view: PolicyLike, samples: Samples, methods: dict[str, Callable
                  sensitivity_radius: float = 4 / 255, attack: Callable[[Tensor], Tensor] | None = None,
                  randomisation_samples: int = 12, seed: int = 0, progress: bool = True) -> ExplainEvalResult:
     """Score every method on ``samples``; see the module docstring for the metrics."""
-    result = ExplainEvalResult(n_samples=len(samples.target))
+    episode = samples.episode if samples.episode is not None else torch.arange(len(samples.target))
+    result = ExplainEvalResult(n_samples=len(samples.target), n_episodes=int(episode.unique().numel()), seed=seed)
     gen = torch.Generator().manual_seed(seed)
     sub = torch.randperm(len(samples.target), generator=gen)
     sens_idx, rand_idx = sub[:sensitivity_samples], sub[:randomisation_samples]
     bar = tqdm(total=len(methods), desc="methods", disable=not progress, leave=False)
     for name, factory in methods.items():
         method = factory(view)
-        scores: dict[str, list[Tensor]] = {k: [] for k in ("relevance_mass", "relevance_rank", "pointing_game",
-                                                              "deletion_auc", "insertion_auc")}
+        keys = ["relevance_mass", "relevance_rank", "pointing_game", "deletion_auc", "insertion_auc"]
+        if samples.target_masks is not None:
+            keys += ["target_mass", "target_rank", "target_pointing"]
+        scores: dict[str, list[Tensor]] = {k: [] for k in keys}
         for start in range(0, len(samples.target), batch):
             obs = samples.obs[start:start + batch]
             tgt = samples.target[start:start + batch]
@@ -132,23 +212,33 @@ def explain_eval(view: PolicyLike, samples: Samples, methods: dict[str, Callable
             scores["relevance_mass"].append(M.relevance_mass_accuracy(maps, msk))
             scores["relevance_rank"].append(M.relevance_rank_accuracy(maps, msk))
             scores["pointing_game"].append(M.pointing_game(maps, msk))
+            if samples.target_masks is not None:
+                tm = samples.target_masks[start:start + batch]
+                scores["target_mass"].append(M.relevance_mass_accuracy(maps, tm))
+                scores["target_rank"].append(M.relevance_rank_accuracy(maps, tm))
+                scores["target_pointing"].append(M.pointing_game(maps, tm))
             scores["deletion_auc"].append(M.deletion_auc(view, obs, maps, tgt, n_steps=n_steps))
             scores["insertion_auc"].append(M.insertion_auc(view, obs, maps, tgt, n_steps=n_steps))
         out = {k: torch.cat(v).numpy() for k, v in scores.items()}
+        groups = {k: episode.numpy() for k in out}
         if sensitivity_samples:
             out["max_sensitivity"] = M.max_sensitivity(method, samples.obs[sens_idx], samples.target[sens_idx],
                                                        radius=sensitivity_radius, n_samples=sensitivity_n,
                                                        seed=seed).numpy()
+            groups["max_sensitivity"] = episode[sens_idx].numpy()
         if attack is not None and sensitivity_samples:
             obs = samples.obs[sens_idx]
             tgt = samples.target[sens_idx]
             clean_maps = method.attribute(obs, target=tgt)
             adv_maps = method.attribute(attack(obs).detach(), target=tgt)
             out["attack_spearman"] = M.map_similarity(clean_maps, adv_maps)["spearman"].numpy()
+            groups["attack_spearman"] = episode[sens_idx].numpy()
         if randomisation_samples:
             stages = M.model_randomisation(factory, view, samples.obs[rand_idx], samples.target[rand_idx], seed=seed)
             out["randomised_spearman"] = np.array([stages[-1]["spearman"]])
+            groups["randomised_spearman"] = np.zeros(1, dtype=np.int64)
         result.per_sample[name] = out
+        result.groups[name] = groups
         bar.update(1)
     bar.close()
     return result

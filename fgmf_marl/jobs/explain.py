@@ -2,7 +2,9 @@
 
 Runs ``episodes`` evaluation episodes on the run's native env (fresh seeds,
 ``fgmf_marl.seeds.EXPLANATION``), keeps every ``every``-th step of every agent, and compares PGCA,
-P alone, Grad-CAM++ alone, Integrated Gradients and Occlusion on the same observations (see
+its stages P and G alone, the old grid P and Grad-CAM++, Integrated Gradients, Occlusion, GradientShap,
+SmoothGrad and a random map on the same observations against both ground-truth masks, with 95 %
+bootstrap intervals over episodes (see
 :mod:`fgmf_marl.attribution.study`). With ``eps`` > 0 the maps are also compared on PGD-attacked
 observations. Prints a Markdown table and writes ``<run>/eval/explain_eval.{md,json}`` plus the
 resolved config (``explain_eval_config.yaml``, rerun with ``--config``) next to them.
@@ -98,11 +100,12 @@ def explain(cfg: ExplainConfig, *, progress: bool = True) -> Path:
                           randomisation_samples=cfg.randomisation_samples, seed=cfg.seed, progress=progress)
     table = result.markdown()
     header = (f"Explanation quality of {ckpt} on {result.n_samples} agent-steps "
-              f"({cfg.episodes} episodes, every {cfg.every}th step); mean ± std over steps and agents.")
+              f"({result.n_episodes} episodes, every {cfg.every}th step, env seed {eval_seed}, --seed {cfg.seed}); "
+              f"mean over episodes [95% bootstrap CI over episodes].")
     print(header)
     print(table)
     settings = {**cfglib.to_dict(cfg), "checkpoint_file": str(ckpt), "n_samples": result.n_samples,
-                "eval_seed": eval_seed, "seconds": round(time.perf_counter() - start, 1)}
+                "eval_seed": eval_seed, "n_episodes": result.n_episodes, "seconds": round(time.perf_counter() - start, 1)}
     out.mkdir(parents=True, exist_ok=True)
     cfglib.save_yaml(cfg, out / "explain_eval_config.yaml")
     atomic_write_text(out / "explain_eval.json", json.dumps({"settings": settings, "table": result.table()}, indent=1))

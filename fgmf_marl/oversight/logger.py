@@ -5,8 +5,9 @@ Usage (the one episode loop is :func:`fgmf_marl.rollout.rollout`)::
     with OversightLogger("runs/x/eval/oversight", view, every=1, attack_name="pgd") as log:
         rollout(view, venv, n_episodes, perturb=attack, step_hook=log.step_hook)
 
-Per step, all agents of all env copies are explained in ONE batched PGCA call (the perturbation
-copies of every agent go through the policy together). Cheap facts (actions, probabilities, values,
+Per step, all agents of all env copies are explained in ONE batched PGCA call (one forward +
+backward for the scores and G, then the perturbation copies of every agent together, under
+inference mode); the stages are copied to the host and converted to float16 once per step. Cheap facts (actions, probabilities, values,
 rewards, attack facts) are kept for every step; images and explanations for every ``every``-th step
 of an episode (``every=1`` logs everything; larger values bound the overhead). An episode is written
 (atomically, then chained into the manifest, see :mod:`fgmf_marl.oversight.store`) when it ends;
@@ -111,15 +112,24 @@ class OversightLogger:
         if not active:
             return
         seen, clean = record.seen_obs.detach(), record.clean_obs.detach()
+        attacked = seen is not clean
         greedy = record.probs.argmax(dim=-1).cpu().numpy()
-        linf = (seen - clean).abs().flatten(1).amax(dim=1).cpu().numpy()
+        linf = ((seen - clean).abs().flatten(1).amax(dim=1).cpu().numpy() if attacked
+                else np.zeros(seen.shape[0], dtype=np.float32))
         logged = [b for b in active if record.t[b] % self.every == 0]
+        logged_pos = {b: j for j, b in enumerate(logged)}
         slots = np.array([b * n + a for b in logged for a in range(n)], dtype=int)
         expl = mask = frames = None
         if len(slots):
             obs = seen[torch.as_tensor(slots, device=seen.device)]
             expl = self.pgca.explain(obs, torch.as_tensor(record.actions[slots], device=seen.device)).to("cpu")
             mask = sgam_mask_of(self.view, obs)
+            # one device->host copy and one dtype conversion per logged step, sliced per env below
+            stages = {key: val.numpy().astype(np.float16) for key, val in
+                      (("pgca_P", expl.P), ("pgca_G", expl.G), ("pgca_consensus", expl.consensus),
+                       ("pgca_final", expl.final))}
+            seen16 = obs.cpu().numpy().astype(np.float16)
+            clean8 = np.rint(clean[torch.as_tensor(slots, device=clean.device)].cpu().numpy() * 255).astype(np.uint8)
         if self.frame_fn is not None:
             # The hook runs after the step: the frame before step t is the one seen after step t-1
             # (after an episode's last step the env has auto-reset, which is the next episode's
@@ -138,15 +148,14 @@ class OversightLogger:
                              ("rewards", record.rewards), ("linf", linf)):
                 buf[key].append(np.asarray(arr[sl]))
             buf["flipped"].append(greedy[sl] != np.asarray(record.clean_actions[sl]))
-            if b in logged:
-                j = logged.index(b)
+            if b in logged_pos:
+                j = logged_pos[b]
                 rows = slice(j * n, (j + 1) * n)
                 buf["logged_t"].append(int(record.t[b]))
-                buf["clean_obs"].append(np.rint(clean[sl].cpu().numpy() * 255).astype(np.uint8))
-                buf["seen_obs"].append(seen[sl].cpu().numpy().astype(np.float16))
-                for key, val in (("pgca_P", expl.P), ("pgca_G", expl.G), ("pgca_consensus", expl.consensus),
-                                 ("pgca_final", expl.final)):
-                    buf[key].append(val[rows].numpy().astype(np.float16))
+                buf["clean_obs"].append(clean8[rows])
+                buf["seen_obs"].append(seen16[rows])
+                for key, val in stages.items():
+                    buf[key].append(val[rows])
                 buf["agreement"].append(expl.agreement[rows].numpy())
                 buf["topk_iou"].append(expl.topk_iou[rows].numpy())
                 if mask is not None:
@@ -208,8 +217,7 @@ class OversightLogger:
                 records.append(rec)
         meta = {"env_index": env, "episode_in_env": episode_in_env, "n_agents": n_agents,
                 "attack": self.attack_name, "every": self.every, "action_names": self.action_names,
-                "pgca": {"grid": self.pgca.grid, "weight": self.pgca.weight, "sigma": self.pgca.sigma,
-                         "target_kind": self.pgca.target_kind, "seed": self.pgca.perturbation.seed},
+                "pgca": self.pgca.settings(),
                 "run": self.run_info, "summary": summary, "records": records}
         entry = self.writer.append(arrays, meta)
         self.written.append(entry)
