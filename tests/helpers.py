@@ -11,6 +11,8 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 from agents.policies import ImageFeatures
 from agents.policy_view import PolicyView
+from envs.batched import CoverageVecEnv
+from envs.native import CoverageConfig
 
 
 class ImageEnv(gym.Env):
@@ -38,3 +40,12 @@ def tiny_view(backbone: str = "cnn", size: int = 48, seed: int = 0, net_arch: An
     model = PPO("CnnPolicy", DummyVecEnv([lambda: ImageEnv(size)]), policy_kwargs=policy_kwargs, seed=seed,
                 device="cpu", n_steps=8, batch_size=8)
     return PolicyView.from_model(model)
+
+
+def coverage_view(cfg: CoverageConfig, seed: int = 0) -> PolicyView:
+    """An untrained SB3 PPO policy built on the native env ``cfg``, as an eval-mode view."""
+    torch.manual_seed(seed)
+    model = PPO("CnnPolicy", CoverageVecEnv(cfg, n_envs=1, seed=seed), device="cpu", seed=seed, n_steps=8,
+                batch_size=8, policy_kwargs=dict(features_extractor_class=ImageFeatures,
+                                                 features_extractor_kwargs=dict(backbone="cnn")))
+    return PolicyView.from_model(model).eval()

@@ -15,7 +15,6 @@ from agents.adversary import (ADVERSARY, AdversaryParallelEnv, AdversaryVecEnv, 
                               knowledge_size, warm_start)
 from fgmf_marl.attacks.budget import Budget
 from fgmf_marl.jobs.checkpoints import load_adversary
-from agents.policies import ImageFeatures
 from agents.policy_view import PolicyView
 from envs.batched import CoverageVecEnv
 from envs.native import CoverageConfig
@@ -24,6 +23,7 @@ from fgmf_marl.attacks import PGD
 from fgmf_marl.jobs.adversary import entry as cli
 from fgmf_marl.jobs.evaluate import entry as eval_cli
 from fgmf_marl.jobs.train import entry as train_cli
+from helpers import coverage_view
 
 CFG = CoverageConfig(max_steps=8)
 
@@ -33,10 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def victim() -> PolicyView:
-    torch.manual_seed(0)
-    model = PPO("CnnPolicy", CoverageVecEnv(CFG, n_envs=1, seed=0), device="cpu", seed=0, n_steps=8, batch_size=8,
-                policy_kwargs=dict(features_extractor_class=ImageFeatures, features_extractor_kwargs=dict(backbone="cnn")))
-    return PolicyView.from_model(model).eval()
+    return coverage_view(CFG)
 
 
 def test_wrapper_passes_the_pettingzoo_parallel_api_test(victim: PolicyView) -> None:

@@ -10,9 +10,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from stable_baselines3 import PPO
 
-from agents.policies import ImageFeatures
 from agents.policy_view import PolicyView
 from envs.batched import CoverageVecEnv
 from envs.native import CoverageConfig
@@ -22,6 +20,7 @@ from fgmf_marl.attacks.budget import (SELECTORS, Budget, BudgetedAttack, FixedSe
 from fgmf_marl.jobs.evaluate import _budget_axes, _budget_key, entry as eval_cli
 from fgmf_marl.jobs.train import entry as train_cli
 from fgmf_marl.rollout import rollout
+from helpers import coverage_view
 
 CFG = CoverageConfig(max_steps=8)
 N_AGENTS = 3
@@ -32,10 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def victim() -> PolicyView:
-    torch.manual_seed(0)
-    model = PPO("CnnPolicy", CoverageVecEnv(CFG, n_envs=1, seed=0), device="cpu", seed=0, n_steps=8, batch_size=8,
-                policy_kwargs=dict(features_extractor_class=ImageFeatures, features_extractor_kwargs=dict(backbone="cnn")))
-    return PolicyView.from_model(model).eval()
+    return coverage_view(CFG)
 
 
 def _budgeted(selector: str, k: int | None, p: float | None, **kw) -> BudgetedAttack:

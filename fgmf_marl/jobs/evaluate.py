@@ -785,19 +785,11 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
 
 
 # ---------------------------------------------------------------------------------------- CLI
-def _floats(text: str) -> list[float]:
+def _floats(text: str, what: str = "eps", accepted: str = "numbers in 1/255 units, e.g. 1,2,4,8") -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ConfigError(f"eps {text!r} is not a comma-separated list of numbers in 1/255 units, e.g. 1,2,4,8") from None
-
-
-def _fractions(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"budget steps {text!r} is not a comma-separated list of fractions in [0, 1], "
-                          "e.g. 0.1,0.25") from None
+        raise ConfigError(f"{what} {text!r} is not a comma-separated list of {accepted}") from None
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -866,7 +858,7 @@ def resolve_config(args: argparse.Namespace) -> EvalConfig:
         "log_append": True if args.append else None, "log_key_file": args.log_key_file,
         "surrogate": args.surrogate, "adversary": args.adversary,
         "budget_agents": _ints(args.budget_agents, "budget agents") if args.budget_agents is not None else None,
-        "budget_steps": _fractions(args.budget_steps) if args.budget_steps is not None else None,
+        "budget_steps": _floats(args.budget_steps, "budget steps", "fractions in [0, 1], e.g. 0.1,0.25") if args.budget_steps is not None else None,
         "budget_selectors": [x.strip() for x in args.budget_selectors.split(",") if x.strip()]
         if args.budget_selectors is not None else None,
     }
