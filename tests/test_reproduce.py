@@ -61,6 +61,7 @@ def test_tiny_experiment_end_to_end_on_a_local_ray_cluster(clean_run: Path) -> N
     assert sorted(r["id"] for r in records) == ["evaluate/pgd/none/s0", "evaluate/pgd/none/s1",
                                                 "train/none/s0", "train/none/s1"]
     assert all(r["status"] == "done" and r["threads"] == 1 and Path(r["log"]).is_file() for r in records)
+    assert {r["code_version"] for r in records} == {reproduce.code_version()}   # read by each task as it started
     assert _numbers(folder / "root")["train__none__s0"][0] == 768
 
 

@@ -29,7 +29,8 @@ Choices, and why:
 * **Caching rule.** A task's key is the SHA-256 of its kind, its resolved job config (paths relative
   to the results root) and the keys of the tasks it depends on. A task whose record
   (``tasks/<task>/task.json``) says done under the same key, with its output present, is skipped. The
-  code version (``git rev-parse HEAD``, ``+dirty`` for uncommitted changes) is recorded per task and
+  code version (``git rev-parse HEAD``, ``+dirty`` for uncommitted changes) the task's job runs is read
+  when the task starts, recorded per task and
   printed per cell in RESULTS.md, but a code change does *not* invalidate the cache: retraining hours
   of runs for a docstring edit would be silent and costly; ``--rerun [GLOB]`` reruns explicitly (all
   tasks, or those whose id matches), and RESULTS.md says when cells come from another version than
@@ -478,7 +479,7 @@ def _prepare(root: Path, task: Task, rerun: bool) -> str | None:
     return None
 
 
-def execute(root: str, task: Task, *, threads: int = 1, rerun: bool = False, version: str = "unknown") -> dict[str, Any]:
+def execute(root: str, task: Task, *, threads: int = 1, rerun: bool = False) -> dict[str, Any]:
     """Run one task to completion (or failure) as a subprocess; return its record (also ``task.json``).
 
     Holds ``tasks/<task>/.lock`` (shared with the child, so it is held until the job itself exits):
@@ -501,7 +502,9 @@ def execute(root: str, task: Task, *, threads: int = 1, rerun: bool = False, ver
         resume_from = _prepare(base, task, rerun)
         atomic_write_text(folder / "config.yaml", yaml.safe_dump(task.config, sort_keys=False))
         argv = task.argv(threads, resume=resume_from is not None)
-        record = {"id": task.id, "kind": task.kind, "key": task.key, "status": "running", "code_version": version,
+        # the version of the code this task's job imports, read as it starts: a driver's own version is
+        # stale once the working tree changes under a long run
+        record = {"id": task.id, "kind": task.kind, "key": task.key, "status": "running", "code_version": code_version(),
                   "config": task.config, "overrides": list(task.overrides), "command": task.command(threads),
                   "threads": threads, "log": str(folder / "log.txt"), "host": socket.gethostname(),
                   "resumed_from": resume_from, "started": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
@@ -549,7 +552,6 @@ def run_tasks(root: Path, tasks: list[Task], *, max_parallel: int, address: str 
     Cached tasks are never submitted (and Ray is not started when all are cached). Each record gains
     ``ray_overhead_seconds``: the driver's submit-to-result time minus the job's own wall time.
     """
-    version = code_version()
     records: dict[str, dict[str, Any]] = {}
     todo: list[Task] = []
     for task in tasks:
@@ -580,7 +582,7 @@ def run_tasks(root: Path, tasks: list[Task], *, max_parallel: int, address: str 
                 elif all(s == "done" for s in states) and len(in_flight) < max_parallel:
                     todo.remove(task)
                     ref = _remote_execute.options(num_cpus=threads).remote(
-                        str(root), task, threads=threads, rerun=rerun(task), version=version)
+                        str(root), task, threads=threads, rerun=rerun(task))
                     in_flight[ref] = (task, time.perf_counter())
             if not in_flight:
                 if todo:   # unreachable for tasks made by expand(): dependencies come first
