@@ -80,7 +80,7 @@ def _pistonball(cfg: AdapterConfig) -> ParallelEnv:
     from pettingzoo.butterfly import pistonball_v6  # deferred: pygame
 
     # As pong: with render_mode None, pistonball never redraws its screen, and every observation is the
-    # first frame (measured: 0 of 20 agents saw a change in 10 steps). Its masks: envs/ground_truth.py.
+    # first frame (docs/DESIGN.md, "The native environment"). Its masks: envs/ground_truth.py.
     env = pistonball_v6.parallel_env(continuous=False, max_cycles=cfg.max_cycles, render_mode="rgb_array")
     return PistonballMasks(env, cfg.size)
 

@@ -1,11 +1,9 @@
 """Robust-training regression (slow): a short PGD-adversarially trained team holds under PGD at 4/255,
 where vanilla PPO at the same budget does not.
 
-Measured on 2026-12-01 (docs/EXPERIMENTS.md, "Adversarial team training"), seed 0, 300k agent-steps,
-one thread each: vanilla 0.709 clean, -0.011 under PGD-10 at 4/255; PGD adversarial training (eps 8,
-PGD-3 on half the slots, on from 20% and ramped in over the next 20%) 0.720 clean, 0.493 under the
-same attack (16 episodes, per-episode std ~0.19, so ~0.05 standard error). The bars, 0.30 and
-0.10, sit about four standard errors inside those figures.
+The bars (< 0.10 for vanilla, > 0.30 for the adversarially trained team, PGD-10 at 4/255, 16
+episodes) sit about four standard errors inside what these exact commands measured; the figures are
+in docs/EXPERIMENTS.md, "Adversarial team training" (the short run the slow guard rests on).
 """
 from __future__ import annotations
 
