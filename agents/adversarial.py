@@ -18,6 +18,11 @@ Choices:
   and what the buffer stores), so eps below 1/255 changes nothing;
 * the critic and every regulariser see the perturbed observations too: the buffer holds only what
   the agents saw (the value of the observation an agent acts on is the value it is trained on).
+* ``bpda: true`` attacks a gated policy (SGAM) as BPDA does at evaluation: the gradient passes
+  through a straight-through version of the gate (forward unchanged). Why it is offered: a team
+  trained only against attacks that differentiate through its own soft mask meets, at evaluation,
+  a BPDA attacker it never trained against, and BPDA was that team's worst attack on some seeds
+  (docs/RESULTS.md, robust_team). On a policy without a gate it is exactly the plain attack.
 
 ``kind: director`` is ATLA (Zhang et al. 2021) with the PA-AD director of :mod:`agents.adversary`
 as the attacker: every ``director_every`` team rollouts the director trains for ``director_steps``
@@ -39,7 +44,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 from stable_baselines3 import PPO
 
 from agents.adversary import AdversaryAttack, AdversaryConfig, AdversaryVecEnv, director_policy_kwargs, warm_start
-from fgmf_marl.attacks import Attack, make_attack
+from fgmf_marl.attacks import BPDA, Attack, make_attack
 from fgmf_marl.config import ConfigError, check_range
 from fgmf_marl.policy import PolicyLike
 
@@ -52,6 +57,7 @@ class AdversarialTrainingConfig:
     eps: float = 4.0             # L-inf budget once ramped in, in 1/255 units
     steps: int = 3               # PGD steps (ignored by fgsm)
     fraction: float = 0.5        # share of agent-slots attacked at each step
+    bpda: bool = False           # fgsm/pgd: differentiate through the input gate's straight-through version
     start: float = 0.3           # fraction of training before the attacker switches on
     warmup: float = 0.3          # fraction of training over which eps then ramps up linearly from 0
     director_every: int = 8      # director: team rollouts between its training phases
@@ -78,7 +84,8 @@ class AdversarialTrainingConfig:
         options: dict[str, Any] = {"quantize": True}
         if self.kind == "pgd":
             options["steps"] = self.steps
-        return make_attack(self.kind, eps255 / 255.0, **options)
+        attack = make_attack(self.kind, eps255 / 255.0, **options)
+        return BPDA(attack) if self.bpda else attack
 
     def eps_at(self, done: float) -> float:
         """Budget (1/255 units) after the fraction ``done`` of training: 0, then a ramp to ``eps``."""

@@ -44,6 +44,33 @@ def test_bad_adversary_settings_are_one_line_errors(override: str, message: str)
         cfglib.load(TrainConfig, overrides=[override])
 
 
+def test_bpda_option_attacks_through_the_straight_through_gate() -> None:
+    """``adversary.bpda`` wraps the training attack in BPDA: the same PGD (steps, quantised), which on
+    a policy without a gate is exactly the plain attack, and through a shielded SGAM still raises the loss."""
+    from fgmf_marl.attacks import BPDA
+    from fgmf_marl.defenses.sgam import SGAM
+
+    plain_cfg = AdversarialTrainingConfig(kind="pgd", steps=2)
+    bpda_cfg = cfglib.load(TrainConfig, overrides=["adversary.kind=pgd", "adversary.steps=2", "adversary.bpda=true"]).adversary
+    attack = bpda_cfg.attack(4.0)
+    assert isinstance(attack, BPDA) and isinstance(attack.attack, PGD)
+    assert attack.attack.steps == 2 and attack.quantize and attack.eps == pytest.approx(4 / 255)
+    assert not isinstance(plain_cfg.attack(4.0), BPDA)
+    view = tiny_view("cnn", 48, features_dim=16).eval()
+    x = torch.rand(6, 3, 48, 48)
+    torch.manual_seed(1)
+    plain = plain_cfg.attack(4.0)(view, x)
+    torch.manual_seed(1)
+    assert torch.equal(attack(view, x), plain)  # no gate: BPDA is the inner attack
+    view.set_gate(SGAM(3, gradient_shield=True, shield_strength=1.0))
+    labels = view(x).argmax(1)
+    adv = attack(view, x)
+    with torch.no_grad():
+        assert (adv - x).abs().max() <= 4 / 255 + 1e-6
+        clean_loss = torch.nn.functional.cross_entropy(view(x), labels)
+        assert torch.nn.functional.cross_entropy(view(adv), labels) > clean_loss
+
+
 def test_attacked_env_perturbs_the_sampled_slots_within_eps_on_the_uint8_grid() -> None:
     cfg = CoverageConfig()
     venv = CoverageVecEnv(cfg, n_envs=8, seed=0)
