@@ -13,7 +13,7 @@ from fgmf_marl.attribution import PGCA, GradCAMPlusPlus
 from fgmf_marl.attribution.study import bootstrap_ci
 from fgmf_marl.attribution.metrics import (auc, deletion_auc, deletion_insertion_curves, insertion_auc,
                                            map_similarity, max_sensitivity, model_randomisation, pointing_game,
-                                           relevance_mass_accuracy, relevance_rank_accuracy)
+                                           relevance_mass_accuracy, relevance_rank_accuracy, support_spearman)
 from test_attribution import make_view, random_obs
 
 
@@ -101,6 +101,30 @@ def test_model_randomisation_changes_gradcam_but_not_an_edge_detector() -> None:
         assert s["spearman"] == pytest.approx(1.0)
 
 
+def test_support_spearman_matches_scipy_on_the_support_only() -> None:
+    from scipy.stats import spearmanr
+
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.rand(3, 6, 6, generator=gen), torch.rand(3, 6, 6, generator=gen)
+    support = torch.rand(3, 6, 6, generator=gen) > 0.5
+    support[2] = False
+    support[2, 0, 0] = True  # one pixel: no rank correlation
+    out = support_spearman(a, b, support)
+    for i in range(2):
+        expected = spearmanr(a[i][support[i]].numpy(), b[i][support[i]].numpy()).statistic
+        assert out[i].item() == pytest.approx(expected, abs=1e-6)
+    assert math.isnan(out[2])
+    # off-support pixels never matter: a shared zero background alone gives no correlation
+    shared = torch.zeros(1, 6, 6)
+    x, y = shared.clone(), shared.clone()
+    x[0, :2, :2] = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    y[0, :2, :2] = torch.tensor([[4.0, 3.0], [2.0, 1.0]])
+    assert map_similarity(x, y)["spearman"].item() > 0.5  # the full map mostly sees the common zeros
+    square = torch.zeros(1, 6, 6, dtype=torch.bool)
+    square[0, :2, :2] = True
+    assert support_spearman(x, y, square).item() == pytest.approx(-1.0)
+
+
 def test_clean_vs_attacked_similarity_with_pgd() -> None:
     from fgmf_marl import attacks
 
@@ -170,3 +194,30 @@ def test_bootstrap_ci_lies_within_the_per_episode_range() -> None:
     assert n == 7 and mean == pytest.approx(per.mean())
     assert per.min() <= lo <= mean <= hi <= per.max()
     assert np.isnan(bootstrap_ci(np.full(4, np.nan), np.arange(4))[0])
+
+
+def test_study_sanity_rows_separate_model_free_maps_from_model_dependent_ones() -> None:
+    """The randomisation rows of ``explain_eval``: a seeded random map and the model-free segment mask
+    lose nothing when the model is randomised, and the gradient map's ranking inside the entities changes."""
+    from envs.batched import CoverageVecEnv
+    from envs.native import CoverageConfig
+    from fgmf_marl.attribution import RandomMap
+    from fgmf_marl.attribution.perturbation import SegmentMask
+    from fgmf_marl.attribution.pgca import PGCAStage
+    from fgmf_marl.attribution.study import collect_samples, explain_eval
+    from helpers import coverage_view
+
+    cfg = CoverageConfig()
+    view = coverage_view(cfg, seed=0)
+    samples = collect_samples(view, CoverageVecEnv(cfg, n_envs=2, seed=0), 2, every=20, seed=0)
+    methods = {"random": lambda v: RandomMap(v, seed=0), "segments": lambda v: SegmentMask(v),
+               "G": lambda v: PGCAStage(v, "G")}
+    result = explain_eval(view, samples, methods, n_steps=4, sensitivity_samples=0, randomisation_samples=6,
+                          progress=False)
+    rand, seg, grad = (result.per_sample[k] for k in ("random", "segments", "G"))
+    assert rand["randomised_spearman"] == pytest.approx(np.ones(6))
+    assert rand["randomised_mass_drop"] == pytest.approx(np.zeros(6))
+    assert np.nanmax(np.abs(seg["randomised_mass_drop"])) == 0.0
+    assert np.nanmean(grad["randomised_entity_spearman"]) < 0.9
+    assert {"randomised_entity_spearman", "randomised_mass_drop"} <= set(result.table()[0])
+    assert "randomised_entity_spearman ↓" in result.markdown() and "randomised_mass_drop ↑" in result.markdown()

@@ -133,6 +133,24 @@ def map_similarity(a: Tensor, b: Tensor, top_fraction: float = 0.1) -> dict[str,
     return {"spearman": spearman(fa, fb), "topk_iou": topk_iou(fa, fb, k)}
 
 
+def support_spearman(a: Tensor, b: Tensor, support: Tensor) -> Tensor:
+    """Spearman rank correlation of (B, H, W) maps ``a`` and ``b`` over each sample's ``support`` pixels only.
+
+    Why: a method whose map is zero off a model-free support (PGCA's segments) shares that support with
+    every model, so the full-map Spearman measures the support, not the model; inside it the ranking is
+    what the model decides. nan where a sample's support has fewer than 2 pixels.
+    """
+    fa, fb = torch.as_tensor(a).float().flatten(1), torch.as_tensor(b).float().flatten(1)
+    sup = torch.as_tensor(support).bool().flatten(1)
+    if fa.shape != fb.shape or fa.shape != sup.shape:
+        raise ValueError(f"maps and support must share a shape, got {tuple(a.shape)}, {tuple(b.shape)}, {tuple(support.shape)}")
+    out = torch.full((fa.shape[0],), float("nan"))
+    for i in range(fa.shape[0]):
+        if int(sup[i].sum()) >= 2:
+            out[i] = spearman(fa[i, sup[i]][None], fb[i, sup[i]][None])[0]
+    return out
+
+
 def _randomise(module: nn.Module, gen: torch.Generator, own_only: bool = False) -> None:
     params = module._parameters.values() if own_only else module.parameters()
     with torch.no_grad():
@@ -150,7 +168,9 @@ def model_randomisation(method_factory: Callable[[PolicyLike], Attribution], vie
     Each stage re-draws the parameters of one more layer (Gaussian with the layer's own weight std,
     so the scale is kept and only the learned structure is destroyed) on a deep copy of ``view``, and
     compares the maps for the *same* target actions with the original maps. A sane method's
-    similarity drops; one that ignores the model (an edge detector) does not.
+    similarity drops; one that ignores the model (an edge detector) does not. Each stage also holds
+    its maps (``maps``, and the trained model's under ``original``), so a caller can score them
+    against ground truth or on a support (:func:`support_spearman`).
     """
     target = as_target(target, obs.shape[0], obs.device)
     original = method_factory(view).attribute(obs, target=target)
@@ -162,5 +182,5 @@ def model_randomisation(method_factory: Callable[[PolicyLike], Attribution], vie
         maps = method_factory(randomised).attribute(obs, target=target)
         sim = map_similarity(original, maps, top_fraction)
         stages.append({"layer": name, "spearman": float(sim["spearman"].nanmean()),
-                       "topk_iou": float(sim["topk_iou"].nanmean())})
+                       "topk_iou": float(sim["topk_iou"].nanmean()), "maps": maps.detach(), "original": original.detach()})
     return stages

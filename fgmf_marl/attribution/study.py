@@ -8,8 +8,13 @@ and target actions (the actions the policy took) against the env's ground-truth 
 - faithfulness: deletion AUC (lower is better) and insertion AUC (higher), target probability;
 - robustness (on a subsample): max-sensitivity (lower is better) and, when an attack is given,
   Spearman similarity of the maps on clean vs attacked observations (higher is better);
-- sanity: model-parameter randomisation, Spearman similarity of the maps after fully randomising
-  the actor (lower is better: the map depends on the model).
+- sanity: model-parameter randomisation (Adebayo et al. 2018) after fully randomising the actor:
+  Spearman similarity of the maps over all pixels (lower is better: the map depends on the model),
+  the same over the entity pixels only (``randomised_entity_spearman``: a map that is zero off a
+  model-free support, as PGCA's segments, shares that support with every model, so only the ranking
+  inside it can show that the model matters), and the relevance mass the maps lose when the model
+  is randomised (``randomised_mass_drop``, higher is better: what the trained policy, rather than
+  the method's prior, contributes to its localisation score).
 
 Localisation is scored against both ground truths of the native env: ``relevance_mask`` (own body,
 all landmarks, all teammates: relevance_*, pointing_game) and ``target_mask`` (own body + the
@@ -44,7 +49,8 @@ METRICS = {  # name -> (higher is better?)
     "relevance_mass": True, "relevance_rank": True, "pointing_game": True,
     "target_mass": True, "target_rank": True, "target_pointing": True,
     "deletion_auc": False, "insertion_auc": True, "max_sensitivity": False,
-    "attack_spearman": True, "randomised_spearman": False,
+    "attack_spearman": True, "randomised_spearman": False, "randomised_entity_spearman": False,
+    "randomised_mass_drop": True,
 }
 
 
@@ -234,9 +240,17 @@ def explain_eval(view: PolicyLike, samples: Samples, methods: dict[str, Callable
             out["attack_spearman"] = M.map_similarity(clean_maps, adv_maps)["spearman"].numpy()
             groups["attack_spearman"] = episode[sens_idx].numpy()
         if randomisation_samples:
-            stages = M.model_randomisation(factory, view, samples.obs[rand_idx], samples.target[rand_idx], seed=seed)
-            out["randomised_spearman"] = np.array([stages[-1]["spearman"]])
-            groups["randomised_spearman"] = np.zeros(1, dtype=np.int64)
+            obs = samples.obs[rand_idx]
+            stages = M.model_randomisation(factory, view, obs, samples.target[rand_idx], seed=seed)
+            last = stages[-1]
+            out["randomised_spearman"] = M.map_similarity(last["original"], last["maps"])["spearman"].numpy()
+            entities = SegmentMask(view).attribute(obs) > 0
+            out["randomised_entity_spearman"] = M.support_spearman(last["original"], last["maps"], entities).numpy()
+            masks = samples.masks[rand_idx]
+            out["randomised_mass_drop"] = (M.relevance_mass_accuracy(last["original"], masks)
+                                           - M.relevance_mass_accuracy(last["maps"], masks)).numpy()
+            for key in ("randomised_spearman", "randomised_entity_spearman", "randomised_mass_drop"):
+                groups[key] = episode[rand_idx].numpy()
         result.per_sample[name] = out
         result.groups[name] = groups
         bar.update(1)
