@@ -207,13 +207,30 @@ def test_study_sanity_rows_separate_model_free_maps_from_model_dependent_ones() 
     from fgmf_marl.attribution.study import collect_samples, explain_eval
     from helpers import coverage_view
 
+    from fgmf_marl.attacks import PGD
+    from fgmf_marl.attribution import PGCA
+    from fgmf_marl.defenses.sgam import SGAM
+    from fgmf_marl.jobs.explain import shielded_view
+
     cfg = CoverageConfig()
     view = coverage_view(cfg, seed=0)
+    assert shielded_view(view) is None  # no gate: no masked-gradient rows
+    view.set_gate(SGAM(3, init_keep=0.5))
+    shielded = shielded_view(view)
+    assert shielded.gate.gradient_shield and not view.gate.gradient_shield
     samples = collect_samples(view, CoverageVecEnv(cfg, n_envs=2, seed=0), 2, every=20, seed=0)
     methods = {"random": lambda v: RandomMap(v, seed=0), "segments": lambda v: SegmentMask(v),
-               "G": lambda v: PGCAStage(v, "G")}
-    result = explain_eval(view, samples, methods, n_steps=4, sensitivity_samples=0, randomisation_samples=6,
-                          progress=False)
+               "G": lambda v: PGCAStage(v, "G"), "PGCA": lambda v: PGCA(v)}
+    attack = lambda x: PGD(4 / 255, steps=2)(view, x)  # noqa: E731
+    result = explain_eval(view, samples, methods, n_steps=4, sensitivity_samples=4, randomisation_samples=6,
+                          progress=False, shielded=shielded, attack=attack)
+    ratios = result.ratios()
+    assert ratios["segments"]["shielded / unshielded"] == pytest.approx(1.0)  # model-free: the shield changes nothing
+    assert ratios["random"]["attacked / clean"] == pytest.approx(1.0, abs=0.2)
+    # the shield damps G's gradients at the salient pixels: its maps change while the forward does not
+    assert not np.allclose(result.per_sample["G"]["shielded_relevance_mass"], result.per_sample["G"]["relevance_mass"])
+    assert {"spearman_agreement_mass", "flagged_mass", "rest_mass"} <= set(result.trust)
+    assert "shielded / unshielded" in result.markdown() and "trust signal" in result.markdown()
     rand, seg, grad = (result.per_sample[k] for k in ("random", "segments", "G"))
     assert rand["randomised_spearman"] == pytest.approx(np.ones(6))
     assert rand["randomised_mass_drop"] == pytest.approx(np.zeros(6))

@@ -41,7 +41,7 @@ from fgmf_marl.attribution.captum_baselines import (GradientShapMap, IntegratedG
                                                      SmoothGradMap)
 from fgmf_marl.attribution.gradcam import GradCAMPlusPlus
 from fgmf_marl.attribution.perturbation import PerturbationMap, SegmentMask
-from fgmf_marl.attribution.pgca import PGCA, PGCAStage
+from fgmf_marl.attribution.pgca import PGCA, PGCAStage, spearman
 from fgmf_marl.policy import Perturb, PolicyLike
 from fgmf_marl.rollout import StepRecord, rollout
 
@@ -50,7 +50,7 @@ METRICS = {  # name -> (higher is better?)
     "target_mass": True, "target_rank": True, "target_pointing": True,
     "deletion_auc": False, "insertion_auc": True, "max_sensitivity": False,
     "attack_spearman": True, "randomised_spearman": False, "randomised_entity_spearman": False,
-    "randomised_mass_drop": True,
+    "randomised_mass_drop": True, "attacked_relevance_mass": True, "shielded_relevance_mass": True,
 }
 
 
@@ -158,6 +158,7 @@ class ExplainEvalResult:
     n_samples: int = 0
     n_episodes: int = 0
     seed: int = 0
+    trust: dict[str, Any] = field(default_factory=dict)   # PGCA's agreement as a trust signal (:func:`agreement_as_trust`)
 
     def table(self) -> list[dict[str, Any]]:
         """Per method and metric: mean of per-episode means, 95 % bootstrap CI over episodes, the
@@ -173,6 +174,22 @@ class ExplainEvalResult:
                                "std": float(v.std()) if v.size else float("nan")}
             rows.append(row)
         return rows
+
+    def ratios(self) -> dict[str, dict[str, float]]:
+        """Per method, relevance mass under the attack and under the gradient shield over the clean
+        (unshielded) mass on the same samples: ratio of the means (the seed's claims (b) and (c))."""
+        out: dict[str, dict[str, float]] = {}
+        for method, scores in self.per_sample.items():
+            clean = scores["relevance_mass"]
+            row = {}
+            for key, label in (("attacked_relevance_mass", "attacked / clean"),
+                               ("shielded_relevance_mass", "shielded / unshielded")):
+                if key in scores:
+                    ok = ~np.isnan(clean) & ~np.isnan(scores[key])
+                    row[label] = float(scores[key][ok].mean() / clean[ok].mean()) if ok.any() and clean[ok].mean() > 0 \
+                        else float("nan")
+            out[method] = row
+        return out
 
     def markdown(self) -> str:
         metrics = [m for m in METRICS if any(m in s for s in self.per_sample.values())]
@@ -190,25 +207,80 @@ class ExplainEvalResult:
                 else:
                     cells.append(f"{c['mean']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]")
             lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+        ratios = self.ratios()
+        labels = sorted({label for r in ratios.values() for label in r})
+        if labels:
+            lines += ["", "Relevance mass kept (ratio of means over the same agent-steps; claims (b) and (c)):", "",
+                      "| method | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+            lines += [f"| {m} | " + " | ".join(f"{r.get(label, float('nan')):.3f}" for label in labels) + " |"
+                      for m, r in ratios.items()]
+        if self.trust:
+            t = self.trust
+            lines += ["", f"PGCA agreement as a trust signal (claim (e), {t['n_steps']} agent-steps, {t['n_episodes']} "
+                      f"episodes): Spearman(agreement, relevance mass) = {t['spearman_agreement_mass']:.3f}; relevance mass "
+                      f"of the {t['flagged_share']:.0%} lowest-agreement steps {t['flagged_mass']:.3f} vs the rest "
+                      f"{t['rest_mass']:.3f} (difference 95% CI [{t['difference_ci95'][0]:.3f}, {t['difference_ci95'][1]:.3f}])."]
         return "\n".join(lines)
+
+
+def agreement_as_trust(agreement: np.ndarray, mass: np.ndarray, episode: np.ndarray, *, flagged: float = 0.25,
+                       seed: int = 0) -> dict[str, Any]:
+    """Does PGCA's per-step agreement predict how good its explanation is (the seed's claim (e))?
+
+    Returns the Spearman correlation of agreement with the step's relevance mass over all steps, and the
+    mean relevance mass of the ``flagged`` share of steps with the lowest agreement (what a reviewer is
+    told to look at first) against the rest, with a 95 % bootstrap interval over episodes of the
+    difference (rest - flagged; > 0 means the flagged steps do have worse explanations).
+    """
+    ok = ~np.isnan(agreement) & ~np.isnan(mass)
+    agreement, mass, episode = agreement[ok], mass[ok], episode[ok]
+    if agreement.size < 4:
+        return {}
+    rho = float(spearman(torch.as_tensor(agreement)[None], torch.as_tensor(mass)[None])[0])
+    is_flagged = agreement <= np.quantile(agreement, flagged)
+    uniq = np.unique(episode)
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(2000):
+        pick = np.isin(episode, rng.choice(uniq, size=uniq.size, replace=True))
+        f, r = mass[pick & is_flagged], mass[pick & ~is_flagged]
+        if f.size and r.size:
+            diffs.append(r.mean() - f.mean())
+    lo, hi = np.quantile(diffs, [0.025, 0.975]) if diffs else (float("nan"), float("nan"))
+    return {"spearman_agreement_mass": rho, "flagged_share": flagged, "flagged_mass": float(mass[is_flagged].mean()),
+            "rest_mass": float(mass[~is_flagged].mean()), "difference_ci95": [float(lo), float(hi)],
+            "n_steps": int(agreement.size), "n_episodes": int(uniq.size)}
 
 
 def explain_eval(view: PolicyLike, samples: Samples, methods: dict[str, Callable[[PolicyLike], Attribution]], *,
                  batch: int = 24, n_steps: int = 16, sensitivity_samples: int = 12, sensitivity_n: int = 4,
                  sensitivity_radius: float = 4 / 255, attack: Callable[[Tensor], Tensor] | None = None,
-                 randomisation_samples: int = 12, seed: int = 0, progress: bool = True) -> ExplainEvalResult:
-    """Score every method on ``samples``; see the module docstring for the metrics."""
+                 randomisation_samples: int = 12, seed: int = 0, progress: bool = True,
+                 shielded: PolicyLike | None = None) -> ExplainEvalResult:
+    """Score every method on ``samples``; see the module docstring for the metrics.
+
+    With ``attack``, every sample is also attacked once (shared by all methods) and each method's
+    relevance mass on the attacked observation is scored against the same state's mask
+    (``attacked_relevance_mass``). ``shielded`` is the same policy with its gradients masked (the SGAM
+    ``gradient_shield`` control: forward unchanged, so the actions explained are the same); each method
+    is then also run on it (``shielded_relevance_mass``). PGCA's agreement goes to ``result.trust``.
+    """
     episode = samples.episode if samples.episode is not None else torch.arange(len(samples.target))
     result = ExplainEvalResult(n_samples=len(samples.target), n_episodes=int(episode.unique().numel()), seed=seed)
     gen = torch.Generator().manual_seed(seed)
     sub = torch.randperm(len(samples.target), generator=gen)
     sens_idx, rand_idx = sub[:sensitivity_samples], sub[:randomisation_samples]
+    adv_obs = torch.cat([attack(samples.obs[i:i + batch]).detach() for i in range(0, len(samples.target), batch)]) \
+        if attack is not None else None
     bar = tqdm(total=len(methods), desc="methods", disable=not progress, leave=False)
     for name, factory in methods.items():
         method = factory(view)
+        shielded_method = factory(shielded) if shielded is not None else None
         keys = ["relevance_mass", "relevance_rank", "pointing_game", "deletion_auc", "insertion_auc"]
         if samples.target_masks is not None:
             keys += ["target_mass", "target_rank", "target_pointing"]
+        keys += ["attacked_relevance_mass"] if adv_obs is not None else []
+        keys += ["shielded_relevance_mass"] if shielded_method is not None else []
         scores: dict[str, list[Tensor]] = {k: [] for k in keys}
         for start in range(0, len(samples.target), batch):
             obs = samples.obs[start:start + batch]
@@ -223,6 +295,12 @@ def explain_eval(view: PolicyLike, samples: Samples, methods: dict[str, Callable
                 scores["target_mass"].append(M.relevance_mass_accuracy(maps, tm))
                 scores["target_rank"].append(M.relevance_rank_accuracy(maps, tm))
                 scores["target_pointing"].append(M.pointing_game(maps, tm))
+            if adv_obs is not None:
+                adv_maps = method.attribute(adv_obs[start:start + batch], target=tgt).detach()
+                scores["attacked_relevance_mass"].append(M.relevance_mass_accuracy(adv_maps, msk))
+            if shielded_method is not None:
+                shielded_maps = shielded_method.attribute(obs, target=tgt).detach()
+                scores["shielded_relevance_mass"].append(M.relevance_mass_accuracy(shielded_maps, msk))
             scores["deletion_auc"].append(M.deletion_auc(view, obs, maps, tgt, n_steps=n_steps))
             scores["insertion_auc"].append(M.insertion_auc(view, obs, maps, tgt, n_steps=n_steps))
         out = {k: torch.cat(v).numpy() for k, v in scores.items()}
@@ -232,11 +310,10 @@ def explain_eval(view: PolicyLike, samples: Samples, methods: dict[str, Callable
                                                        radius=sensitivity_radius, n_samples=sensitivity_n,
                                                        seed=seed).numpy()
             groups["max_sensitivity"] = episode[sens_idx].numpy()
-        if attack is not None and sensitivity_samples:
-            obs = samples.obs[sens_idx]
+        if adv_obs is not None and sensitivity_samples:
             tgt = samples.target[sens_idx]
-            clean_maps = method.attribute(obs, target=tgt)
-            adv_maps = method.attribute(attack(obs).detach(), target=tgt)
+            clean_maps = method.attribute(samples.obs[sens_idx], target=tgt)
+            adv_maps = method.attribute(adv_obs[sens_idx], target=tgt)
             out["attack_spearman"] = M.map_similarity(clean_maps, adv_maps)["spearman"].numpy()
             groups["attack_spearman"] = episode[sens_idx].numpy()
         if randomisation_samples:
@@ -253,6 +330,10 @@ def explain_eval(view: PolicyLike, samples: Samples, methods: dict[str, Callable
                 groups[key] = episode[rand_idx].numpy()
         result.per_sample[name] = out
         result.groups[name] = groups
+        if isinstance(method, PGCA):
+            agreement = torch.cat([method.explain(samples.obs[i:i + batch], target=samples.target[i:i + batch]).agreement
+                                   for i in range(0, len(samples.target), batch)]).numpy()
+            result.trust = agreement_as_trust(agreement, out["relevance_mass"], episode.numpy(), seed=seed)
         bar.update(1)
     bar.close()
     return result

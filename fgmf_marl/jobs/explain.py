@@ -6,12 +6,15 @@ its stages P and G alone, the old grid P and Grad-CAM++, Integrated Gradients, O
 SmoothGrad and a random map on the same observations against both ground-truth masks, with 95 %
 bootstrap intervals over episodes (see
 :mod:`fgmf_marl.attribution.study`). With ``eps`` > 0 the maps are also compared on PGD-attacked
-observations. Prints a Markdown table and writes ``<run>/eval/explain_eval.{md,json}`` plus the
+observations (also their relevance mass on those observations), and for a policy with an SGAM gate
+every method also runs with the gate's ``gradient_shield`` on (same forward, masked gradients), the
+masked-gradient check; PGCA's agreement is scored as a trust signal. Prints a Markdown table and writes ``<run>/eval/explain_eval.{md,json}`` plus the
 resolved config (``explain_eval_config.yaml``, rerun with ``--config``) next to them.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import json
@@ -29,6 +32,7 @@ from fgmf_marl import seeds
 from fgmf_marl.atomic import atomic_write_text
 from fgmf_marl.attacks import PGD
 from fgmf_marl.attribution.study import collect_samples, default_methods, explain_eval
+from fgmf_marl.defenses.sgam import SGAM
 from fgmf_marl.config import ConfigError, check_device, check_range, check_seed
 from fgmf_marl.jobs import cli
 from fgmf_marl.jobs.checkpoints import load_model
@@ -76,6 +80,16 @@ class ExplainConfig:
         check_device(self.device)
 
 
+def shielded_view(view: PolicyView) -> PolicyView | None:
+    """The same policy with its SGAM gate's ``gradient_shield`` on (forward unchanged, gradients masked at
+    the salient pixels), for the study's masked-gradient rows; None for a policy without an SGAM gate."""
+    if not isinstance(view.gate, SGAM):
+        return None
+    shielded = copy.deepcopy(view)
+    shielded.gate.gradient_shield = True
+    return shielded
+
+
 def explain(cfg: ExplainConfig, *, progress: bool = True) -> Path:
     """Run the study on ``cfg.checkpoint`` and write its outputs; returns the Markdown table's path."""
     cfglib.validate(cfg)
@@ -97,7 +111,8 @@ def explain(cfg: ExplainConfig, *, progress: bool = True) -> Path:
     methods = default_methods(view, seed=cfg.seed, grid=cfg.grid, ig_steps=cfg.ig_steps)
     result = explain_eval(view, samples, methods, attack=attack,
                           n_steps=cfg.deletion_steps, sensitivity_samples=cfg.sensitivity_samples,
-                          randomisation_samples=cfg.randomisation_samples, seed=cfg.seed, progress=progress)
+                          randomisation_samples=cfg.randomisation_samples, seed=cfg.seed, progress=progress,
+                          shielded=shielded_view(view))
     table = result.markdown()
     header = (f"Explanation quality of {ckpt} on {result.n_samples} agent-steps "
               f"({result.n_episodes} episodes, every {cfg.every}th step, env seed {eval_seed}, --seed {cfg.seed}); "
@@ -108,7 +123,8 @@ def explain(cfg: ExplainConfig, *, progress: bool = True) -> Path:
                 "eval_seed": eval_seed, "n_episodes": result.n_episodes, "seconds": round(time.perf_counter() - start, 1)}
     out.mkdir(parents=True, exist_ok=True)
     cfglib.save_yaml(cfg, out / "explain_eval_config.yaml")
-    atomic_write_text(out / "explain_eval.json", json.dumps({"settings": settings, "table": result.table()}, indent=1))
+    atomic_write_text(out / "explain_eval.json", json.dumps({"settings": settings, "table": result.table(),
+                                                            "mass_kept": result.ratios(), "trust": result.trust}, indent=1))
     atomic_write_text(out / "explain_eval.md", header + "\n\n" + table + "\n")
     return out / "explain_eval.md"
 
