@@ -3,6 +3,7 @@ rerun, resume, failures, and one-line errors for bad experiment files before any
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -184,6 +185,13 @@ def _write(folder: Path, edit: dict) -> Path:
     ({"runs.0.overrides": ["ppo.n_stepz=3"]}, "unknown config key 'ppo.n_stepz'"),
     ({"evaluations.0.kind": "attack"}, "'evaluations[0].kind' is 'attack'; accepted: 'evaluate' | 'explain'"),
     ({"tables.0.columns.0.source": "nosuch"}, "source='nosuch' is not an evaluation"),
+    ({"tables.0.columns.1.budget": "k=one"}, "budget='k=one'; accepted: all, k=INT, p=FRACTION or k=INT,p=FRACTION"),
+    ({"tables.0.columns.0.budget": "k=1"}, "budget is for evaluate sources, not 'train'"),
+    ({"tables.0.columns.2.attack": "heuristic"}, "attack 'heuristic' needs a budget, e.g. budget: k=1"),
+    ({"tables.0.columns.2.budget": "k=1"}, "budget k=1 is not run by evaluation 'pgd'; accepted: all"),
+    ({"evaluations.0.overrides": ["attacks=[pgd:steps=2]", "eps=[2]", "budget_agents=[1]"],
+      "tables.0.columns.2.budget": "k=1", "tables.0.columns.2.attack": "learned"},
+     "attack 'learned' needs a director: evaluation 'pgd' names no adversary"),
 ])
 def test_a_bad_experiment_file_is_one_line_and_exit_2_before_anything_starts(
         tmp_path: Path, capsys: pytest.CaptureFixture, edit: dict, message: str) -> None:
@@ -193,6 +201,28 @@ def test_a_bad_experiment_file_is_one_line_and_exit_2_before_anything_starts(
     assert not (tmp_path / "root").exists() and not (tmp_path / "RESULTS.md").exists()
 
 
+def test_budget_columns_read_the_strongest_heuristic_the_director_and_the_worst_within_a_budget() -> None:
+    def row(attack: str, budget: str, selector: str | None, value: float) -> dict:
+        return {"attack": attack, "eps255": 4.0, "budget": budget, "selector": selector, "normalised_mean": value,
+                "episodes": 16}
+    data = {"rows": [row("pgd[steps=10]", "all", None, -0.1), row("pgd[steps=10]@random[k=1]", "k=1", "random", 0.6),
+                     row("pgd[steps=10]@timed[k=1]", "k=1", "timed", 0.5), row("pgd[steps=10]@value[p=0.25]", "p=0.25",
+                                                                             "value", 0.4),
+                     row("adversary@learned[k=1]", "k=1", "learned", 0.55)],
+            "worst": [{"eps255": 4.0, "budget": "k=1", "metric": "normalised", "normalised_mean": 0.5, "episodes": 16,
+                       "per_seed": [{"attack": "pgd[steps=10]@timed[k=1]"}]},
+                      {"eps255": 4.0, "budget": "all", "metric": "normalised", "normalised_mean": -0.1, "episodes": 16,
+                       "per_seed": [{"attack": "pgd[steps=10]"}]}]}
+    col = functools.partial(reproduce.ColumnSpec, label="c", source="s", metric="normalised", eps=4.0)
+    assert reproduce._value(data, col(attack="heuristic", budget="k=1"), "evaluate") == (0.5, 16, "pgd[steps=10]@timed[k=1]")
+    assert reproduce._value(data, col(attack="learned", budget="k=1"), "evaluate") == (0.55, 16, "adversary@learned[k=1]")
+    assert reproduce._value(data, col(attack="worst", budget="k=1"), "evaluate")[0] == 0.5
+    assert reproduce._value(data, col(attack="worst"), "evaluate")[0] == -0.1
+    assert reproduce._value(data, col(attack="pgd[steps=10]"), "evaluate")[0] == -0.1  # the unbudgeted row
+    with pytest.raises(reproduce.ConfigError, match="no learned attacker within budget p=0.25"):
+        reproduce._value(data, col(attack="learned", budget="p=0.25"), "evaluate")
+
+
 def test_quick_needs_toy_budgets_and_is_written_apart() -> None:
     exp = reproduce.load_experiment(ROOT / "experiments" / "default_job.yaml")
     full, quick = reproduce.expand(exp, quick=False), reproduce.expand(exp, quick=True)
@@ -200,6 +230,18 @@ def test_quick_needs_toy_budgets_and_is_written_apart() -> None:
     assert {t.key for t in full}.isdisjoint(t.key for t in quick)
     with pytest.raises(reproduce.ConfigError, match="--quick needs the experiment's 'quick' overrides"):
         reproduce.expand(dataclasses.replace(exp, quick=[]), quick=True)
+
+
+def test_the_budget_adversary_experiment_trains_a_director_per_victim_and_budget() -> None:
+    exp = reproduce.load_experiment(ROOT / "experiments" / "budget_adversary.yaml")
+    tasks = reproduce.expand(exp, quick=False)
+    reproduce.check_tables(exp, tasks)
+    directors = [t for t in tasks if t.kind == "adversary"]
+    assert len(directors) == 12 and all(t.config["eps"] == 4.0 and t.config["timesteps"] == 40_000 for t in directors)
+    assert {(t.config["budget_agents"], t.config["budget_steps"]) for t in directors} == {(1, None), (None, 0.25)}
+    for t in (t for t in tasks if t.kind == "evaluate"):
+        director = f"adversary/director_{t.source.split('_')[1]}/{t.run}/s{t.seed}"
+        assert t.config["attacks"] == ["budgeted"] and t.deps == (f"train/{t.run}/s{t.seed}", director)
 
 
 def test_the_readme_experiments_are_valid_and_expand_as_described() -> None:

@@ -70,6 +70,13 @@ def test_strong_preset_adds_transfer_bpda_eot_adversary_only_when_they_apply():
     assert expand_presets(["strong"], surrogate="s.zip") == [*STRONG, "transfer:surrogate=s.zip"]
 
 
+def test_budgeted_preset_is_the_directors_choice_set_plus_what_applies():
+    ll = "pgd:targeted=true,target_action=least_likely,steps=10"
+    assert expand_presets(["budgeted"]) == ["pgd:steps=10", ll]
+    assert expand_presets(["budgeted:steps=3"], adversary="runs/adv", gated=True, surrogate="runs/s") == \
+        ["pgd:steps=3", ll.replace("10", "3"), "bpda:steps=3", "adversary:path=runs/adv"]
+
+
 def test_strong_preset_options_and_composition():
     cheap = expand_presets(["fgsm", "strong:steps=2,restarts=1", "mad"], gated=True)
     assert cheap == ["fgsm", "pgd:steps=2,restarts=1", "pgd:targeted=true,target_action=least_likely,steps=2", "mad",

@@ -107,6 +107,13 @@ PRESETS: dict[str, Preset] = {
         with_gate=("bpda:steps={steps}",),
         with_random_forward=("eot:steps={steps}",),
         with_adversary=("adversary:path={adversary}",)),
+    # the budgeted-adversary comparison (issue 19): the two fixed attacks a director chooses between,
+    # which every budget heuristic then applies within the budget, and the director itself
+    "budgeted": Preset(
+        specs=("pgd:steps={steps}", f"pgd:targeted=true,target_action={LEAST_LIKELY},steps={{steps}}"),
+        options={"steps": 10},
+        with_gate=("bpda:steps={steps}",),
+        with_adversary=("adversary:path={adversary}",)),
 }
 
 

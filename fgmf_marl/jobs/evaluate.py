@@ -33,7 +33,10 @@ PGD-20 with 5 restarts, least-likely targeted PGD-20, MAD, critic, Square; plus 
 ``--surrogate``, BPDA-20 when a victim has an input gate, EOT-20 when a victim's forward pass is
 random (two forward passes of the same input differ; EOT over a deterministic forward is PGD at 8x
 the cost, so it is left out), and the learned adversary of ``--adversary`` (trained against the one
-checkpoint given). config.yaml records the expanded list, so ``--config`` reruns exactly those attacks.
+checkpoint given). ``--attacks budgeted`` is the budgeted-adversary comparison: PGD-10 and least-likely
+PGD-10 (the two fixed attacks a director chooses between, which the budget heuristics then apply),
+BPDA-10 for a gated victim, and the learned adversary of ``--adversary``. config.yaml records the
+expanded list, so ``--config`` reruns exactly those attacks.
 
 Budgets (``--budget-agents K,... --budget-steps P,...``, :mod:`fgmf_marl.attacks.budget`): every
 attack also runs within every budget (k agents per step, a share p of each episode's steps) on the
@@ -810,7 +813,8 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--attacks", nargs="+", metavar="SPEC",
                    help=f"attack specs name[:key=value,...]; names: {', '.join(ATTACKS)}; presets: "
                         f"{', '.join(PRESETS)} (strong[:steps=N,restarts=R]: PGD-20 x5 restarts, least-likely PGD, "
-                        "mad, critic, square, + transfer/bpda/eot/adversary where they apply) (default: random fgsm "
+                        "mad, critic, square, + transfer/bpda/eot/adversary where they apply; budgeted[:steps=N]: "
+                        "PGD-10, least-likely PGD-10, + bpda/adversary where they apply) (default: random fgsm "
                         "pgd mad critic; e.g. pgd:steps=20 transfer:surrogate=runs/other adversary:path=runs/adv)")
     p.add_argument("--surrogate", metavar="RUN_OR_ZIP",
                    help="for a preset: an independently trained vanilla policy to transfer attacks from "

@@ -81,7 +81,7 @@ from fgmf_marl import config as cfglib
 from fgmf_marl.atomic import atomic_write, atomic_write_text
 from fgmf_marl.config import ConfigError, check_range
 from fgmf_marl.jobs import cli
-from fgmf_marl.jobs.evaluate import EvalConfig
+from fgmf_marl.jobs.evaluate import LEARNED, EvalConfig
 from fgmf_marl.jobs.explain import ExplainConfig
 from fgmf_marl.jobs.train_config import TrainConfig
 from fgmf_marl.runs import RunDir, check_output_dir
@@ -135,6 +135,12 @@ class ColumnSpec:
     minimum over attacks; ``none``: the clean row; else an attack label) at ``eps`` (1/255), or
     ``audit`` (the verdict). An ``explain`` source reads ``explain_eval.json``: ``metric`` is
     ``METHOD/METRIC``.
+
+    ``budget`` (an evaluate source's ``Budget.label()``, e.g. ``k=1`` or ``p=0.25``; default ``all``) reads
+    the attackers within that budget: ``worst`` is the strongest of them, ``heuristic`` the strongest
+    budgeted heuristic (random, fixed, timed, value selectors), ``learned`` the trained director.
+    Why the split: the budgeted-adversary question is whether learning whom and when beats every
+    heuristic at the same budget, so both must be columns of one table.
     """
 
     label: str = ""
@@ -142,6 +148,7 @@ class ColumnSpec:
     metric: str = "normalised_mean"
     attack: str = "worst"
     eps: float | None = None
+    budget: str = "all"
 
 
 @dataclass
@@ -242,6 +249,9 @@ def _known(where: str, names: list[str], known: list[str], what: str) -> None:
 
 def _check_column(where: str, col: ColumnSpec, rows: list[str], kinds: dict[str, str],
                   eval_runs: dict[str, list[str]]) -> None:
+    _check_budget_label(f"{where}.budget", col.budget)
+    if col.budget != "all" and (col.source not in kinds or kinds[col.source] != "evaluate"):
+        raise ConfigError(f"{where}.budget is for evaluate sources, not {col.source!r}")
     if col.source == "train":
         if col.metric not in TRAIN_METRICS:
             raise ConfigError(f"{where}.metric={col.metric!r}; accepted for source train: {', '.join(TRAIN_METRICS)}")
@@ -261,6 +271,28 @@ def _check_column(where: str, col: ColumnSpec, rows: list[str], kinds: dict[str,
             raise ConfigError(f"{where}.metric={col.metric!r}; accepted for an evaluate source: {', '.join(EVAL_METRICS)}")
         if col.metric != "audit" and col.attack != "none" and col.eps is None:
             raise ConfigError(f"{where}: attack {col.attack!r} needs eps (1/255 units)")
+        if col.attack in BUDGET_ATTACKERS and col.budget == "all":
+            raise ConfigError(f"{where}: attack {col.attack!r} needs a budget, e.g. budget: k=1")
+        if col.attack in BUDGET_ATTACKERS and col.metric == "flip_rate":
+            raise ConfigError(f"{where}: attack {col.attack!r} is the strongest by return; flip_rate needs an attack label")
+
+
+#: budgeted column attackers: the strongest heuristic, the trained director (see ColumnSpec)
+BUDGET_ATTACKERS = ("heuristic", "learned")
+
+
+def _check_budget_label(where: str, label: str) -> None:
+    """``all`` or ``k=INT``, ``p=FRACTION`` or ``k=INT,p=FRACTION`` (``Budget.label()``)."""
+    if label == "all":
+        return
+    parts = [part.split("=") for part in label.split(",")]
+    ok = all(len(part) == 2 for part in parts) and [part[0] for part in parts] in (["k"], ["p"], ["k", "p"])
+    try:
+        ok = ok and all(int(v) >= 0 if k == "k" else 0.0 <= float(v) <= 1.0 for k, v in parts)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{where}={label!r}; accepted: all, k=INT, p=FRACTION or k=INT,p=FRACTION (e.g. k=1,p=0.25)")
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -408,10 +440,18 @@ def check_tables(exp: Experiment, tasks: list[Task], where: str = "experiment") 
             if col.metric != "audit" and col.attack != "none" and col.eps not in config["eps"]:
                 raise ConfigError(f"{at}: eps {col.eps:g} is not among the eps of evaluation {col.source!r}; "
                                   f"accepted: {', '.join(f'{e:g}' for e in config['eps'])}")
-            if col.metric != "audit" and col.attack not in ("none", "worst") and \
+            if col.metric != "audit" and col.attack not in ("none", "worst", *BUDGET_ATTACKERS) and \
                     col.attack not in [a.replace(":", "[", 1) + "]" if ":" in a else a for a in config["attacks"]]:
                 raise ConfigError(f"{at}: attack {col.attack!r} is not run by evaluation {col.source!r}; "
-                                  "accepted: worst, none, or one of its attack labels")
+                                  f"accepted: worst, none, {', '.join(BUDGET_ATTACKERS)} or one of its attack labels")
+            budgets = [b.label() for b in cfglib.from_dict(EvalConfig, config).budgets()]
+            if col.budget != "all" and col.budget not in budgets:
+                raise ConfigError(f"{at}: budget {col.budget} is not run by evaluation {col.source!r}; "
+                                  f"accepted: all{''.join(', ' + b for b in budgets)}")
+            if col.attack == "learned" and not config.get("adversary") and \
+                    not any(a.partition(":")[0].strip() == "adversary" for a in config["attacks"]):
+                raise ConfigError(f"{at}: attack 'learned' needs a director: evaluation {col.source!r} names no "
+                                  "adversary (adversary: NAME)")
 
 
 # ---------------------------------------------------------------------------------------- running one task
@@ -644,14 +684,23 @@ def _value(data: dict[str, Any], col: ColumnSpec, kind: str) -> tuple[Any, int, 
             raise ConfigError(f"column {col.label!r}: the evaluation ran without audit: true")
         return verdicts[0], 0, ""
     eps = 0.0 if col.attack == "none" else col.eps
+    if col.attack in BUDGET_ATTACKERS:
+        key = f"{col.metric}_mean"
+        rows = [r for r in data["rows"] if r["eps255"] == eps and r.get("budget", "all") == col.budget
+                and r.get("selector") is not None and (r["selector"] == LEARNED) == (col.attack == "learned")]
+        if not rows:
+            raise ConfigError(f"column {col.label!r}: no {col.attack} attacker within budget {col.budget} at eps {eps:g}")
+        row = min(rows, key=lambda r: r[key])
+        return row[key], int(row["episodes"]), row["attack"]
     if col.attack == "worst":
-        row = next((r for r in data["worst"] if r["eps255"] == eps and r.get("budget", "all") == "all"), None)
+        row = next((r for r in data["worst"] if r["eps255"] == eps and r.get("budget", "all") == col.budget), None)
         if row is None:
-            raise ConfigError(f"column {col.label!r}: no worst-case row at eps {eps:g}")
+            raise ConfigError(f"column {col.label!r}: no worst-case row at eps {eps:g}, budget {col.budget}")
         if col.metric == "flip_rate":
             raise ConfigError(f"column {col.label!r}: the worst case is of returns; flip_rate needs an attack")
         return row[f"{row['metric']}_mean"], int(row["episodes"]), "/".join(p["attack"] for p in row["per_seed"])
-    row = next((r for r in data["rows"] if r["attack"] == col.attack and r["eps255"] == eps), None)
+    row = next((r for r in data["rows"] if r["attack"] == col.attack and r["eps255"] == eps
+                and r.get("budget", "all") == col.budget), None)
     if row is None:
         raise ConfigError(f"column {col.label!r}: no row for attack {col.attack!r} at eps {eps:g}")
     key = "flip_rate" if col.metric == "flip_rate" else f"{col.metric}_mean"
