@@ -168,6 +168,24 @@ def test_frank_wolfe_inside_regularizer_improves_the_model_on_the_true_hessian(n
     torch.testing.assert_close(quadratic_model(g, d, torch.stack([h @ d[i] for i, h in enumerate(hs)])), q(d))
 
 
+def test_pgd_delta_raises_the_true_loss_within_the_weighted_box(net: TinyNet) -> None:
+    torch.manual_seed(6)
+    x = torch.rand(8, *SHAPE, dtype=torch.float64)
+    one_step = ScorpioRegulariser(eps=0.3, q=0.2, beta=0.5, ig_steps=8)(net, x)
+    out = ScorpioRegulariser(eps=0.3, q=0.2, beta=0.5, ig_steps=8, pgd_steps=5)(net, x)
+    assert torch.equal(out.mask, one_step.mask)
+    radius = 0.3 * pixel_weights(out.mask, 0.5).double()
+    assert torch.all(out.delta.abs() <= radius + 1e-12)
+    with torch.no_grad():
+        target = net(x).argmax(1)
+        loss = lambda d: F.cross_entropy(net(x + d), target, reduction="none")  # noqa: E731
+        gain = loss(out.delta) - loss(one_step.delta)
+    assert torch.all(gain >= -1e-12) and gain.max() > 0   # never weaker than delta0, stronger somewhere
+    assert torch.isfinite(out.loss) and out.loss.requires_grad
+    with pytest.raises(ConfigError, match="fw_steps=2 or pgd_steps=3, not both"):
+        ScorpioRegulariser(fw_steps=2, pgd_steps=3)
+
+
 def _policy_view(backbone: str) -> PolicyView:
     return tiny_view(backbone)
 
@@ -212,6 +230,8 @@ def test_regularizer_runs_and_backpropagates_on_real_policies(backbone: str, hvp
     ({"beta": 2.0}, "defense.scorpio.beta"),
     ({"hvp": "lanczos"}, "defense.scorpio.hvp='lanczos' is unknown; accepted: finite_difference, pearlmutter"),
     ({"fw_steps": -1}, "defense.scorpio.fw_steps"),
+    ({"pgd_steps": -1}, "defense.scorpio.pgd_steps"),
+    ({"pgd_steps": 2, "fw_steps": 1}, "at most one of them > 0"),
     ({"ig_steps": 0}, "defense.scorpio.ig_steps"),
     ({"subsample": 0.0}, "defense.scorpio.subsample"),
     ({"every": 0}, "defense.scorpio.every"),

@@ -59,6 +59,7 @@ class ScorpioConfig:
     lambda1: float = 1.0               # weight of the first-order term g^T delta*
     lambda2: float = 1.0               # weight of the second-order term 1/2 delta*^T H delta*
     fw_steps: int = 0                  # Frank-Wolfe steps on the quadratic model after delta0
+    pgd_steps: int = 0                 # sign-gradient ascent steps on the attack loss itself after delta0
     hvp: str = "finite_difference"     # finite_difference | pearlmutter
     fd_step: float = 1.0               # finite-difference step h, relative to delta* (1 = secant over delta*)
     ig_steps: int = 4                  # Integrated-Gradients steps (Gauss-Legendre)
@@ -78,6 +79,10 @@ class ScorpioConfig:
         check_range("defense.scorpio.lambda1", self.lambda1, 0)
         check_range("defense.scorpio.lambda2", self.lambda2, 0)
         check_range("defense.scorpio.fw_steps", self.fw_steps, 0, MAX_INNER_STEPS)
+        check_range("defense.scorpio.pgd_steps", self.pgd_steps, 0, MAX_INNER_STEPS)
+        if self.fw_steps and self.pgd_steps:
+            raise ConfigError(f"defense.scorpio.fw_steps={self.fw_steps} and pgd_steps={self.pgd_steps}: delta* comes "
+                              "from one search; accepted: at most one of them > 0")
         if self.hvp not in HVP_METHODS:
             raise ConfigError(f"defense.scorpio.hvp={self.hvp!r} is unknown; accepted: {', '.join(HVP_METHODS)}")
         if not self.fd_step > 0:

@@ -8,7 +8,8 @@ For a minibatch of float images x in [0, 1] and a policy's logits z(x) (a ``Poli
   top-q fraction of pixels of each image form the mask m;
 * pixel weights w = (1 - m) + beta * m (beta = 1 is plain SCORPIO);
 * exploitable direction: delta0 = eps * w * sign(g), then optionally K Frank-Wolfe steps on
-  Q(delta) = g^T delta + 1/2 delta^T H delta over the weighted box |delta_i| <= eps * w_i;
+  Q(delta) = g^T delta + 1/2 delta^T H delta over the weighted box |delta_i| <= eps * w_i, or
+  K PGD steps on the attack loss l itself in the same box (``pgd_steps``);
 * R = lambda1 * g^T delta* + lambda2 * 1/2 delta*^T H delta*, averaged over the batch.
 
 Choices the design leaves open, made here:
@@ -30,6 +31,12 @@ Choices the design leaves open, made here:
   PPO the project asks for, and every eighth rather than every fourth minibatch also halves the
   term's average weight, which had cost clean return (measurements: ``benchmarks/bench_defense.py``;
   docs/EXPERIMENTS.md, "Defenses and their schedule").
+* ``pgd_steps`` K > 0 (the issue-18 retune option): from delta0, K steps delta <- clip(delta + a w sign(grad
+  l(x + delta))) with a = 2.5 eps / K, each image keeping the iterate of highest true loss (delta0
+  included). Why offered: one sign step is the worst direction only for a linear l; against an
+  attacker that takes several steps the penalised direction should be the one it finds. The image
+  range [0, 1] is not imposed, as it is not on delta0: the term measures the loss surface, not an
+  image. R keeps its form, evaluated at that delta*.
 * Attention layers are run on PyTorch's math SDPA kernel inside the regulariser, because the
   fused CPU attention kernel has no double backward; this does not change the policy.
 """
@@ -163,6 +170,32 @@ def frank_wolfe(g: Tensor, hvp: HvpFn, radius: Tensor, steps: int) -> FrankWolfe
     return FrankWolfeResult(best_delta, best_h, torch.stack(history), best_idx)
 
 
+def loss_ascent(model: LogitsFn, x: Tensor, target: Tensor, g: Tensor, radius: Tensor, steps: int) -> Tensor:
+    """delta* by ``steps`` sign-gradient steps on the attack loss in the box |delta| <= ``radius``, from delta0.
+
+    Starts at delta0 = radius * sign(g) (``g`` = grad l(x)); step size 2.5 * radius / steps (Madry et al.).
+    Each image keeps the iterate with the highest l(x + delta), delta0 included, so the result is never a
+    weaker direction than the one-step default. Returns a detached (B, ...) tensor.
+    """
+    x = x.detach()
+    radius = radius.detach().expand_as(x)
+    step = 2.5 * radius / steps
+    delta = radius * torch.sign(g.detach())
+    best, best_loss = delta, torch.full((x.shape[0],), float("-inf"), device=x.device)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    for k in range(steps + 1):
+        xd = (x + delta).requires_grad_(True)
+        loss = attack_loss(model(xd), target)
+        better = loss.detach() > best_loss
+        best = torch.where(better.view(shape), delta, best)
+        best_loss = torch.where(better, loss.detach(), best_loss)
+        if k == steps:
+            break
+        (grad,) = torch.autograd.grad(loss.sum(), xd)
+        delta = torch.maximum(torch.minimum(delta + step * grad.sign(), radius), -radius)
+    return best.detach()
+
+
 @dataclass
 class ScorpioTerms:
     """The regulariser and its parts, for the loss and for logging."""
@@ -184,7 +217,7 @@ class ScorpioRegulariser:
 
     def __init__(self, eps: float = 4.0 / 255, q: float = 0.1, beta: float = 0.5, lambda1: float = 1.0,
                  lambda2: float = 1.0, fw_steps: int = 0, hvp: str = "finite_difference", fd_step: float = 1.0,
-                 ig_steps: int = 4) -> None:
+                 ig_steps: int = 4, pgd_steps: int = 0) -> None:
         """``eps`` here is in the image scale [0, 1] (``from_config`` converts from 1/255 units)."""
         if not eps > 0:
             raise ConfigError(f"SCOR-PIO eps={eps} must be > 0")
@@ -194,16 +227,21 @@ class ScorpioRegulariser:
             raise ConfigError(f"SCOR-PIO beta={beta} must be in [0, 1]")
         if hvp not in HVP_METHODS:
             raise ConfigError(f"SCOR-PIO hvp={hvp!r} is unknown; accepted: {', '.join(HVP_METHODS)}")
-        if fw_steps < 0 or ig_steps < 1 or not fd_step > 0:
-            raise ConfigError(f"SCOR-PIO needs fw_steps >= 0, ig_steps >= 1, fd_step > 0; got {fw_steps}, {ig_steps}, {fd_step}")
+        if fw_steps < 0 or pgd_steps < 0 or ig_steps < 1 or not fd_step > 0:
+            raise ConfigError(f"SCOR-PIO needs fw_steps >= 0, pgd_steps >= 0, ig_steps >= 1, fd_step > 0; got {fw_steps}, "
+                              f"{pgd_steps}, {ig_steps}, {fd_step}")
+        if fw_steps and pgd_steps:
+            raise ConfigError(f"SCOR-PIO takes delta* from one search: fw_steps={fw_steps} or pgd_steps={pgd_steps}, not both")
         self.eps, self.q, self.beta = eps, q, beta
         self.lambda1, self.lambda2 = lambda1, lambda2
         self.fw_steps, self.hvp, self.fd_step, self.ig_steps = fw_steps, hvp, fd_step, ig_steps
+        self.pgd_steps = pgd_steps
 
     @classmethod
     def from_config(cls, cfg: ScorpioConfig) -> "ScorpioRegulariser":
         return cls(eps=cfg.eps / 255.0, q=cfg.q, beta=cfg.beta, lambda1=cfg.lambda1, lambda2=cfg.lambda2,
-                   fw_steps=cfg.fw_steps, hvp=cfg.hvp, fd_step=cfg.fd_step, ig_steps=cfg.ig_steps)
+                   fw_steps=cfg.fw_steps, hvp=cfg.hvp, fd_step=cfg.fd_step, ig_steps=cfg.ig_steps,
+                   pgd_steps=cfg.pgd_steps)
 
     def saliency_mask(self, model: LogitsFn, x: Tensor, target: Tensor) -> Tensor:
         """Top-q |IG| mask (B, H, W); skipped (all False) when beta = 1 makes it irrelevant."""
@@ -229,6 +267,8 @@ class ScorpioRegulariser:
 
             if self.fw_steps > 0:
                 delta = frank_wolfe(g, hvp, radius, self.fw_steps).delta
+            elif self.pgd_steps > 0:
+                delta = loss_ascent(model, x, target, g, radius, self.pgd_steps)
             else:
                 delta = radius * torch.sign(g.detach())
             first = _bdot(g, delta).mean()
