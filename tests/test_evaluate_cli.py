@@ -114,6 +114,22 @@ def test_audit_writes_verdict_and_table(run_dir: Path, tmp_path: Path, capsys) -
     assert "audit verdict:" in capsys.readouterr().out
 
 
+def test_a_gated_victims_audit_comes_with_its_gradient_shield_control(tmp_path: Path, capsys) -> None:
+    gated = tmp_path / "gated"
+    assert train_cli(["--timesteps", "192", "--run-dir", str(gated), "--no-progress", "--defense", "sgam",
+                      *FAST_TRAIN]) == 0
+    out = tmp_path / "eval"
+    config = tmp_path / "fast_audit.yaml"
+    config.write_text("audit_queries: 30\n")
+    assert _eval(gated, out, "--attacks", "fgsm", "--eps", "8", "--audit", "--audit-obs", "32", "--config",
+                 str(config)) == 0
+    results = json.loads((out / "results.json").read_text())
+    control = results["audit_controls"]["gated"]
+    assert control["verdict"].startswith("FAIL") and results["audits"]["gated"]["verdict"].startswith("PASS")
+    assert "Verdict: FAIL" in (out / "audit_control.md").read_text()
+    assert "gradient_shield control (must FAIL): FAIL" in capsys.readouterr().out
+
+
 def test_strong_preset_runs_end_to_end_with_worst_rows(run_dir: Path, tmp_path: Path) -> None:
     second = tmp_path / "victim2"                   # a second checkpoint: the worst case across checkpoints
     shutil.copytree(run_dir, second)

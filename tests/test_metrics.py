@@ -209,14 +209,13 @@ def test_study_sanity_rows_separate_model_free_maps_from_model_dependent_ones() 
 
     from fgmf_marl.attacks import PGD
     from fgmf_marl.attribution import PGCA
-    from fgmf_marl.defenses.sgam import SGAM
-    from fgmf_marl.jobs.explain import shielded_view
+    from fgmf_marl.defenses.sgam import SGAM, with_gradient_shield
 
     cfg = CoverageConfig()
     view = coverage_view(cfg, seed=0)
-    assert shielded_view(view) is None  # no gate: no masked-gradient rows
+    assert with_gradient_shield(view) is None  # no gate: no masked-gradient rows
     view.set_gate(SGAM(3, init_keep=0.5))
-    shielded = shielded_view(view)
+    shielded = with_gradient_shield(view)
     assert shielded.gate.gradient_shield and not view.gate.gradient_shield
     samples = collect_samples(view, CoverageVecEnv(cfg, n_envs=2, seed=0), 2, every=20, seed=0)
     methods = {"random": lambda v: RandomMap(v, seed=0), "segments": lambda v: SegmentMask(v),

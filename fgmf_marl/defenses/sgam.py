@@ -28,6 +28,7 @@ SGAM is nearly transparent and early PPO learning is not slowed by a random mask
 """
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import contextmanager
 from functools import lru_cache
@@ -212,6 +213,20 @@ class SGAM(nn.Module):
     def extra_repr(self) -> str:
         shield = ", gradient_shield=True (POSITIVE CONTROL, NOT A DEFENSE)" if self.gradient_shield else ""
         return f"tau={self.tau}, temperature={self.temperature}, baseline={self.baseline!r}{shield}"
+
+
+def with_gradient_shield(view: PolicyLike) -> PolicyLike | None:
+    """A deep copy of ``view`` whose SGAM gate has ``gradient_shield`` on, None for a policy without SGAM.
+
+    The forward pass is unchanged (the same actions, the same keep-mask); only gradients at the salient
+    pixels are damped. Why: it is the positive control of the gradient-masking audit and of the
+    explanations' masked-gradient check, built from the very policy being evaluated.
+    """
+    if not isinstance(getattr(view, "gate", None), SGAM):
+        return None
+    shielded = copy.deepcopy(view)
+    shielded.gate.gradient_shield = True
+    return shielded
 
 
 def keep_ratio_loss(mask: Tensor, rho: float) -> Tensor:

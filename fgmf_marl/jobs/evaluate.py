@@ -22,6 +22,9 @@ Outputs, in one folder (created only after every input is validated, removed if 
     tb/                 the same rows as TensorBoard scalars, step = eps (/255)
     audit_<ckpt>.md     with ``audit: true``: the gradient-masking audit on observations visited by
                         the clean policy (see :mod:`fgmf_marl.audit`)
+    audit_control_<ckpt>.md  for a victim with an SGAM gate: the same audit of the same policy with the
+                        gate's gradient_shield on (same forward, masked gradients), the positive control
+                        that shows the audit catches masking on this policy: it must FAIL
 
 Choices: evaluation envs use seeds ``seed + fgmf_marl.seeds.EVALUATION`` (never a training seed, as the
 trainer's own evaluation); the deterministic (greedy) policy is evaluated, the usual protocol in robust-RL papers
@@ -77,6 +80,7 @@ from fgmf_marl.attacks.base import MAX_ITERATIONS
 from fgmf_marl.attacks.budget import SELECTORS, Budget, BudgetedAttack, make_selector
 from fgmf_marl.audit import AuditConfig, AuditReport, audit
 from fgmf_marl.config import ConfigError, check_device, check_range, check_seed
+from fgmf_marl.defenses.sgam import with_gradient_shield
 from fgmf_marl.jobs import cli
 from fgmf_marl.jobs.checkpoints import Victim, load_adversary, load_victim
 from fgmf_marl.oversight import OversightLogger
@@ -732,6 +736,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
                           "or another --log-explanations folder")
     cells: list[Cell] = []
     audits: dict[str, AuditReport] = {}
+    controls: dict[str, AuditReport] = {}
     total = len(victims) * len(cell_jobs)
     batches: dict[tuple[str, int], list[torch.Tensor]] = {}
 
@@ -764,6 +769,12 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
                 atomic_write_text(run.root / name.replace(".md", ".json"), json.dumps(report.to_dict(), indent=2))
                 audits[victim.label] = report
                 echo(f"[{victim.label}] audit verdict: {report.verdict}\n{report.table_markdown()}")
+                shielded = with_gradient_shield(victim.view)
+                if shielded is not None:   # the positive control on this very policy: it must FAIL
+                    control = audit(shielded, obs, acfg, progress=progress)
+                    atomic_write_text(run.root / name.replace("audit", "audit_control", 1), control.markdown())
+                    controls[victim.label] = control
+                    echo(f"[{victim.label}] audit of the gradient_shield control (must FAIL): {control.verdict}")
         bar.close()
         rows = summarise(cells)
         worst = worst_rows(cells)
@@ -775,7 +786,8 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
         atomic_write_text(run.root / "results.json", json.dumps(
             {"rows": rows, "worst": worst, "worst_across_checkpoints": across,
              "wall_seconds": time.perf_counter() - start,
-             "audits": {k: v.to_dict() for k, v in audits.items()}, "oversight_logs": logs}, indent=2))
+             "audits": {k: v.to_dict() for k, v in audits.items()},
+             "audit_controls": {k: v.to_dict() for k, v in controls.items()}, "oversight_logs": logs}, indent=2))
         for victim in victims:
             plot_curves([r for r in rows + worst if r.get("budget", "all") == "all"], victim.label,
                         run.root / f"curves_{victim.label}.png")

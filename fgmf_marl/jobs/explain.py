@@ -14,7 +14,6 @@ resolved config (``explain_eval_config.yaml``, rerun with ``--config``) next to 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import functools
 import json
@@ -32,8 +31,8 @@ from fgmf_marl import seeds
 from fgmf_marl.atomic import atomic_write_text
 from fgmf_marl.attacks import PGD
 from fgmf_marl.attribution.study import collect_samples, default_methods, explain_eval
-from fgmf_marl.defenses.sgam import SGAM
 from fgmf_marl.config import ConfigError, check_device, check_range, check_seed
+from fgmf_marl.defenses.sgam import with_gradient_shield
 from fgmf_marl.jobs import cli
 from fgmf_marl.jobs.checkpoints import load_model
 from fgmf_marl.runs import check_output_dir, resolve_checkpoint
@@ -80,16 +79,6 @@ class ExplainConfig:
         check_device(self.device)
 
 
-def shielded_view(view: PolicyView) -> PolicyView | None:
-    """The same policy with its SGAM gate's ``gradient_shield`` on (forward unchanged, gradients masked at
-    the salient pixels), for the study's masked-gradient rows; None for a policy without an SGAM gate."""
-    if not isinstance(view.gate, SGAM):
-        return None
-    shielded = copy.deepcopy(view)
-    shielded.gate.gradient_shield = True
-    return shielded
-
-
 def explain(cfg: ExplainConfig, *, progress: bool = True) -> Path:
     """Run the study on ``cfg.checkpoint`` and write its outputs; returns the Markdown table's path."""
     cfglib.validate(cfg)
@@ -112,7 +101,7 @@ def explain(cfg: ExplainConfig, *, progress: bool = True) -> Path:
     result = explain_eval(view, samples, methods, attack=attack,
                           n_steps=cfg.deletion_steps, sensitivity_samples=cfg.sensitivity_samples,
                           randomisation_samples=cfg.randomisation_samples, seed=cfg.seed, progress=progress,
-                          shielded=shielded_view(view))
+                          shielded=with_gradient_shield(view))
     table = result.markdown()
     header = (f"Explanation quality of {ckpt} on {result.n_samples} agent-steps "
               f"({result.n_episodes} episodes, every {cfg.every}th step, env seed {eval_seed}, --seed {cfg.seed}); "

@@ -133,7 +133,8 @@ class ColumnSpec:
     ``team_return_mean``, ``wall_seconds``, ``fps``). An ``evaluate`` source reads ``results.json``:
     ``metric`` is ``normalised``, ``team_return`` or ``flip_rate`` of ``attack`` (``worst``: the per-seed
     minimum over attacks; ``none``: the clean row; else an attack label) at ``eps`` (1/255), or
-    ``audit`` (the verdict). An ``explain`` source reads ``explain_eval.json``: ``metric`` is
+    ``audit`` (the verdict), or ``audit_control`` (the verdict on the gradient_shield copy of a
+    gated policy, which must FAIL; ``n/a (no gate)`` otherwise). An ``explain`` source reads ``explain_eval.json``: ``metric`` is
     ``METHOD/METRIC``.
 
     ``budget`` (an evaluate source's ``Budget.label()``, e.g. ``k=1`` or ``p=0.25``; default ``all``) reads
@@ -167,7 +168,9 @@ class TableSpec:
 
 
 TRAIN_METRICS = ("normalised_mean", "team_return_mean", "wall_seconds", "fps")
-EVAL_METRICS = ("normalised", "team_return", "flip_rate", "audit")
+EVAL_METRICS = ("normalised", "team_return", "flip_rate", "audit", "audit_control")
+#: metrics whose values are verdicts (counted per verdict), not numbers
+VERDICT_METRICS = ("audit", "audit_control")
 RETURN_METRICS = ("normalised_mean", "team_return_mean", "normalised", "team_return")
 
 
@@ -269,7 +272,7 @@ def _check_column(where: str, col: ColumnSpec, rows: list[str], kinds: dict[str,
     if kind == "evaluate":
         if col.metric not in EVAL_METRICS:
             raise ConfigError(f"{where}.metric={col.metric!r}; accepted for an evaluate source: {', '.join(EVAL_METRICS)}")
-        if col.metric != "audit" and col.attack != "none" and col.eps is None:
+        if col.metric not in VERDICT_METRICS and col.attack != "none" and col.eps is None:
             raise ConfigError(f"{where}: attack {col.attack!r} needs eps (1/255 units)")
         if col.attack in BUDGET_ATTACKERS and col.budget == "all":
             raise ConfigError(f"{where}: attack {col.attack!r} needs a budget, e.g. budget: k=1")
@@ -435,12 +438,12 @@ def check_tables(exp: Experiment, tasks: list[Task], where: str = "experiment") 
             if config is None:
                 continue
             at = f"{where}: tables[{i}] ({table.name}).columns[{j}] ({col.label})"
-            if col.metric == "audit" and not config["audit"]:
+            if col.metric in VERDICT_METRICS and not config["audit"]:
                 raise ConfigError(f"{at} reads the audit, but evaluation {col.source!r} runs without audit=true")
-            if col.metric != "audit" and col.attack != "none" and col.eps not in config["eps"]:
+            if col.metric not in VERDICT_METRICS and col.attack != "none" and col.eps not in config["eps"]:
                 raise ConfigError(f"{at}: eps {col.eps:g} is not among the eps of evaluation {col.source!r}; "
                                   f"accepted: {', '.join(f'{e:g}' for e in config['eps'])}")
-            if col.metric != "audit" and col.attack not in ("none", "worst", *BUDGET_ATTACKERS) and \
+            if col.metric not in VERDICT_METRICS and col.attack not in ("none", "worst", *BUDGET_ATTACKERS) and \
                     col.attack not in [a.replace(":", "[", 1) + "]" if ":" in a else a for a in config["attacks"]]:
                 raise ConfigError(f"{at}: attack {col.attack!r} is not run by evaluation {col.source!r}; "
                                   f"accepted: worst, none, {', '.join(BUDGET_ATTACKERS)} or one of its attack labels")
@@ -683,6 +686,9 @@ def _value(data: dict[str, Any], col: ColumnSpec, kind: str) -> tuple[Any, int, 
         if not verdicts:
             raise ConfigError(f"column {col.label!r}: the evaluation ran without audit: true")
         return verdicts[0], 0, ""
+    if col.metric == "audit_control":   # only a gated victim has one (evaluate.py: audit_control_<ckpt>.md)
+        controls = [a["verdict"] for a in data.get("audit_controls", {}).values()]
+        return (controls[0] if controls else "n/a (no gate)"), 0, ""
     eps = 0.0 if col.attack == "none" else col.eps
     if col.attack in BUDGET_ATTACKERS:
         key = f"{col.metric}_mean"
@@ -754,7 +760,7 @@ def format_cell(cell: Cell, col: ColumnSpec) -> str:
     """``mean ± std (n seeds)``; an audit cell counts verdicts; a cell with missing seeds says so."""
     if not cell.values:
         return "missing (" + ", ".join(cell.missing) + ")"
-    if col.metric == "audit":
+    if col.metric in VERDICT_METRICS:
         text = ", ".join(f"{v} {cell.values.count(v)}/{len(cell.values)}" for v in sorted(set(cell.values)))
     elif len(cell.values) == 1:
         text = _fmt(cell.values[0], col.metric)
