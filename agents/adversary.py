@@ -351,7 +351,8 @@ class AdversaryConfig:
     ent_coef: float = 0.01
     gamma: float = 0.95
     warm_start: Literal["least_likely", "untargeted", "none"] = "least_likely"  # "none": a uniform start
-    warm_start_prob: float = 0.9  # its initial probability per victim
+    warm_start_prob: float = 0.9  # its initial probability per victim (times the share below)
+    warm_start_share: Literal["budget", "full"] = "budget"  # budget: attack about the budget's share of victim-steps
     budget_agents: int | None = None   # k: at most k attacked victims per env and step
     budget_steps: float | None = None  # p: at most floor(p * horizon) attacked steps per episode
     checkpoint_every: int = 5_000      # director steps between checkpoints (and progress lines in the log)
@@ -361,6 +362,10 @@ class AdversaryConfig:
     @property
     def budget(self) -> Budget:
         return Budget(self.budget_agents, self.budget_steps)
+
+    def warm_share(self, n_agents: int) -> float:
+        """The warm start's attacked share of victim-steps (:func:`warm_start`): the budget's, or all."""
+        return budget_share(self.budget, n_agents) if self.warm_start_share == "budget" else 1.0
 
     def validate(self) -> None:
         if not self.victim:
@@ -390,22 +395,40 @@ class AdversaryConfig:
         check_range("eval_episodes", self.eval_episodes, 1, 100_000)
 
 
-def warm_start(policy: ActorCriticPolicy, core: DirectorCore, option: str, prob: float) -> None:
-    """Bias the director's initial logits so each victim's ``option`` has probability ``prob``.
+def warm_start(policy: ActorCriticPolicy, core: DirectorCore, option: str, prob: float, share: float = 1.0) -> None:
+    """Bias the director's initial logits so each victim is attacked with probability ``share``, by ``option``
+    with probability ``prob * share``; "no attack" holds the rest (``1 - share``, plus its part of the
+    other options' mass ``(1 - prob) * share``, spread evenly over the ``n_options - 1`` other options).
 
     Why: a director that starts uniform over its options is far weaker than PGD (measurements:
-    docs/EXPERIMENTS.md, "The adversary's warm start") and spends its budget rediscovering fixed attacks. Starting at the least-likely attack (the strongest fixed option
-    measured on the default victim) turns training into a search for *improvements*, as PA-AD
-    intends; the other options keep ``1 - prob`` of the mass, so PPO still explores them. SB3's
-    orthogonal init with gain 0.01 makes the initial logits ~ the bias.
+    docs/EXPERIMENTS.md, "The adversary's warm start") and spends its budget rediscovering fixed attacks.
+    Starting at the least-likely attack (the strongest fixed option measured on the default victim)
+    turns training into a search for *improvements*, as PA-AD intends; the other options keep
+    ``1 - prob`` of the mass, so PPO still explores them. ``share`` < 1 (:func:`budget_share`) makes the
+    initial director ask for about its budget: attacking every victim at every step under a budget
+    of k agents or a share p of the steps, the budget's random truncation (or its pacing) and not the
+    director decides whom and when, and no victim's head can learn that its choice matters.
+    SB3's orthogonal init with gain 0.01 makes the initial logits ~ the bias.
     """
     if option == "none":
         return
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"warm-start share={share} must be in (0, 1]")
     index = core.least_likely if option == "least_likely" else core.untargeted
+    other = share * (1 - prob) / (core.n_options - 1)
+    probs = torch.full((core.n_options,), other)
+    probs[index] = prob * share
+    probs[core.no_attack] = other + (1 - share)
     with torch.no_grad():
         bias = policy.action_net.bias.view(core.n_agents, core.n_options)
-        bias.zero_()
-        bias[:, index] = float(np.log(prob * (core.n_options - 1) / (1 - prob)))
+        bias.copy_(torch.log(probs).expand_as(bias))
+
+
+def budget_share(budget: Budget, n_agents: int) -> float:
+    """The share of victim-steps ``budget`` lets an attacker touch: k / n agents times p of the steps."""
+    agents = 1.0 if budget.agents is None else min(budget.agents, n_agents) / n_agents
+    steps = 1.0 if budget.steps is None else budget.steps
+    return max(agents * steps, 1e-3)
 
 
 # ------------------------------------------------------------------------------ as an attack

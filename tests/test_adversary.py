@@ -11,7 +11,7 @@ import torch
 from pettingzoo.test import parallel_api_test
 from stable_baselines3 import PPO
 
-from agents.adversary import (ADVERSARY, AdversaryParallelEnv, AdversaryVecEnv, DirectorCore, director_policy_kwargs,
+from agents.adversary import (ADVERSARY, AdversaryConfig, AdversaryParallelEnv, AdversaryVecEnv, DirectorCore, director_policy_kwargs,
                               knowledge_size, warm_start)
 from fgmf_marl.attacks.budget import Budget
 from fgmf_marl.jobs.checkpoints import load_adversary
@@ -101,6 +101,17 @@ def test_warm_start_puts_the_prior_on_its_option(victim: PolicyView, option: str
     probs = torch.stack([d.probs for d in dist.distribution], dim=1)  # (envs, agents, options)
     assert probs[..., index].numpy() == pytest.approx(0.9, abs=0.02)
     assert (director.predict(venv.reset(), deterministic=True)[0] == index).all()
+    # under a budget of one agent in three, it starts by asking for about one: the rest is "no attack"
+    share = AdversaryConfig(victim="v", budget_agents=1).warm_share(3)
+    assert share == pytest.approx(1 / 3)
+    warm_start(director.policy, venv.core, option, 0.9, share)
+    with torch.no_grad():
+        probs = torch.stack([d.probs for d in director.policy.get_distribution(obs).distribution], dim=1)
+    assert probs[..., index].numpy() == pytest.approx(0.3, abs=0.02)
+    assert (1 - probs[..., venv.core.no_attack]).numpy() == pytest.approx(share * (1 - 0.1 / (venv.core.n_options - 1)),
+                                                                          abs=0.02)
+    assert AdversaryConfig(victim="v", budget_steps=0.25, warm_start_share="full").warm_share(3) == 1.0
+    assert AdversaryConfig(victim="v", budget_agents=2, budget_steps=0.5).warm_share(3) == pytest.approx(1 / 3)
 
 
 def test_train_adversary_cli_and_use_as_attack(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -62,7 +62,7 @@ def train_adversary(cfg: AdversaryConfig, run_root: str | Path, progress: bool =
                         n_steps=cfg.n_steps, batch_size=cfg.batch_size, n_epochs=cfg.n_epochs, ent_coef=cfg.ent_coef,
                         gamma=cfg.gamma, seed=cfg.seed, device=cfg.device, tensorboard_log=str(run.tensorboard),
                         verbose=0, policy_kwargs=director_policy_kwargs())
-            warm_start(model.policy, venv.core, cfg.warm_start, cfg.warm_start_prob)
+            warm_start(model.policy, venv.core, cfg.warm_start, cfg.warm_start_prob, cfg.warm_share(venv.core.n_agents))
             checkpoints = PeriodicCheckpoint(run, cfg.checkpoint_every, cfg.timesteps, echo=print)
             start = time.perf_counter()
             model.learn(cfg.timesteps, callback=checkpoints, progress_bar=progress, tb_log_name="director")
