@@ -229,6 +229,8 @@ def test_study_sanity_rows_separate_model_free_maps_from_model_dependent_ones() 
     # the shield damps G's gradients at the salient pixels: its maps change while the forward does not
     assert not np.allclose(result.per_sample["G"]["shielded_relevance_mass"], result.per_sample["G"]["relevance_mass"])
     assert {"spearman_agreement_mass", "flagged_mass", "rest_mass"} <= set(result.trust)
+    entity = result.per_sample["G"]["attack_entity_spearman"]
+    assert entity.shape == (4,) and np.all(np.abs(entity[~np.isnan(entity)]) <= 1.0)
     assert "shielded / unshielded" in result.markdown() and "trust signal" in result.markdown()
     rand, seg, grad = (result.per_sample[k] for k in ("random", "segments", "G"))
     assert rand["randomised_spearman"] == pytest.approx(np.ones(6))

@@ -7,7 +7,8 @@ and target actions (the actions the policy took) against the env's ground-truth 
 - localisation: relevance mass accuracy, relevance rank accuracy, pointing game (higher is better);
 - faithfulness: deletion AUC (lower is better) and insertion AUC (higher), target probability;
 - robustness (on a subsample): max-sensitivity (lower is better) and, when an attack is given,
-  Spearman similarity of the maps on clean vs attacked observations (higher is better);
+  Spearman similarity of the maps on clean vs attacked observations (higher is better), over all
+  pixels and over the entity pixels only (``attack_entity_spearman``, for the reason given below);
 - sanity: model-parameter randomisation (Adebayo et al. 2018) after fully randomising the actor:
   Spearman similarity of the maps over all pixels (lower is better: the map depends on the model),
   the same over the entity pixels only (``randomised_entity_spearman``: a map that is zero off a
@@ -49,7 +50,7 @@ METRICS = {  # name -> (higher is better?)
     "relevance_mass": True, "relevance_rank": True, "pointing_game": True,
     "target_mass": True, "target_rank": True, "target_pointing": True,
     "deletion_auc": False, "insertion_auc": True, "max_sensitivity": False,
-    "attack_spearman": True, "randomised_spearman": False, "randomised_entity_spearman": False,
+    "attack_spearman": True, "attack_entity_spearman": True, "randomised_spearman": False, "randomised_entity_spearman": False,
     "randomised_mass_drop": True, "attacked_relevance_mass": True, "shielded_relevance_mass": True,
 }
 
@@ -315,7 +316,10 @@ def explain_eval(view: PolicyLike, samples: Samples, methods: dict[str, Callable
             clean_maps = method.attribute(samples.obs[sens_idx], target=tgt)
             adv_maps = method.attribute(adv_obs[sens_idx], target=tgt)
             out["attack_spearman"] = M.map_similarity(clean_maps, adv_maps)["spearman"].numpy()
-            groups["attack_spearman"] = episode[sens_idx].numpy()
+            entities = SegmentMask(view).attribute(samples.obs[sens_idx]) > 0
+            out["attack_entity_spearman"] = M.support_spearman(clean_maps, adv_maps, entities).numpy()
+            for key in ("attack_spearman", "attack_entity_spearman"):
+                groups[key] = episode[sens_idx].numpy()
         if randomisation_samples:
             obs = samples.obs[rand_idx]
             stages = M.model_randomisation(factory, view, obs, samples.target[rand_idx], seed=seed)
