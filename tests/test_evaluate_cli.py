@@ -111,6 +111,11 @@ def test_audit_writes_verdict_and_table(run_dir: Path, tmp_path: Path, capsys) -
     assert _eval(run_dir, out, "--attacks", "fgsm", "--eps", "8", "--audit", "--audit-obs", "16", "--config", str(config)) == 0
     text = (out / "audit.md").read_text()
     assert "Verdict:" in text and "| pgd-10 |" in text and "gradient_mismatch" in text
+    assert "| transfer |" not in text
+    # a transfer attack in the grid lends its surrogate to the audit's black-box-beats-white-box check
+    assert _eval(run_dir, tmp_path / "eval2", "--attacks", f"transfer:surrogate={run_dir}", "--eps", "8", "--audit",
+                 "--audit-obs", "16", "--config", str(config)) == 0
+    assert "| transfer |" in (tmp_path / "eval2" / "audit.md").read_text()
     assert "audit verdict:" in capsys.readouterr().out
 
 

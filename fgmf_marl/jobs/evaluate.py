@@ -21,7 +21,8 @@ Outputs, in one folder (created only after every input is validated, removed if 
                         95% bootstrap bands; with several checkpoints their mean and [min, max]
     tb/                 the same rows as TensorBoard scalars, step = eps (/255)
     audit_<ckpt>.md     with ``audit: true``: the gradient-masking audit on observations visited by
-                        the clean policy (see :mod:`fgmf_marl.audit`)
+                        the clean policy (see :mod:`fgmf_marl.audit`); with a transfer attack in the
+                        grid, its surrogate also runs the audit's transfer check
     audit_control_<ckpt>.md  for a victim with an SGAM gate: the same audit of the same policy with the
                         gate's gradient_shield on (same forward, masked gradients), the positive control
                         that shows the audit catches masking on this policy: it must FAIL
@@ -734,6 +735,9 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
     if taken and not cfg.log_append:                                           # a log belongs to one run
         raise ConfigError(f"oversight log folder {str(taken[0])!r} already holds a log; give --append to add to it, "
                           "or another --log-explanations folder")
+    # the grid's transfer surrogate (if any) also feeds the audit's black-box-beats-white-box check
+    surrogate = next((g.attack.surrogate for attackers in grid.values() for g in attackers
+                      if isinstance(g.attack, Transfer)), None)
     cells: list[Cell] = []
     audits: dict[str, AuditReport] = {}
     controls: dict[str, AuditReport] = {}
@@ -763,7 +767,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
             if cfg.audit:
                 obs = collect_observations(victim, cfg.audit_obs, cfg.seeds[0], cfg.n_envs)
                 acfg = AuditConfig(eps=tuple(cfg.eps), square_queries=cfg.audit_queries, max_obs=cfg.audit_obs)
-                report = audit(victim.view, obs, acfg, progress=progress)
+                report = audit(victim.view, obs, acfg, surrogate=surrogate, progress=progress)
                 name = f"audit_{victim.label}.md" if len(victims) > 1 else "audit.md"
                 atomic_write_text(run.root / name, report.markdown())
                 atomic_write_text(run.root / name.replace(".md", ".json"), json.dumps(report.to_dict(), indent=2))
@@ -771,7 +775,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
                 echo(f"[{victim.label}] audit verdict: {report.verdict}\n{report.table_markdown()}")
                 shielded = with_gradient_shield(victim.view)
                 if shielded is not None:   # the positive control on this very policy: it must FAIL
-                    control = audit(shielded, obs, acfg, progress=progress)
+                    control = audit(shielded, obs, acfg, surrogate=surrogate, progress=progress)
                     atomic_write_text(run.root / name.replace("audit", "audit_control", 1), control.markdown())
                     controls[victim.label] = control
                     echo(f"[{victim.label}] audit of the gradient_shield control (must FAIL): {control.verdict}")
