@@ -255,3 +255,17 @@ def test_the_readme_experiments_are_valid_and_expand_as_described() -> None:
     assert len(evals) == 9 and all(t.config["attacks"] == ["strong"] and t.config["eps"] == [2.0, 4.0, 8.0]
                                    and t.config["audit"] for t in evals)
     assert all(t.deps == (f"train/{t.run}/s{t.seed}",) for t in evals)
+
+
+def test_comparisons_do_not_call_a_one_seed_margin_evidence() -> None:
+    table = reproduce.TableSpec(name="t", rows=["a", "b"], compare="a", against=["b"],
+                                columns=[reproduce.ColumnSpec(label="clean", metric="normalised_mean")])
+    one = {("a", "clean"): reproduce.Cell([0.752], 256, [0]), ("b", "clean"): reproduce.Cell([0.750], 256, [0])}
+    (line,) = reproduce.comparisons(table, one)
+    assert "ahead of b" in line and "on one seed" in line and "not evidence" in line and "a beats b" not in line
+    three = {("a", "clean"): reproduce.Cell([0.70, 0.72, 0.74], 768, [0, 1, 2]),
+             ("b", "clean"): reproduce.Cell([0.50, 0.52, 0.54], 768, [0, 1, 2])}
+    (line,) = reproduce.comparisons(table, three)
+    assert "a beats b" in line and "more than the larger std over seeds" in line
+    (line,) = reproduce.comparisons(dataclasses.replace(table, compare="b", against=["a"]), three)
+    assert "**b does not beat a**" in line

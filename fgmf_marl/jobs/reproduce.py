@@ -786,7 +786,11 @@ def comparisons(table: TableSpec, cells: dict[tuple[str, str], Cell]) -> list[st
                 continue
             (m, ms), (t, ts) = _mean_std(mine), _mean_std(theirs)
             pair = f"{_fmt(m, col.metric)} ± {_fmt(ms, col.metric)} vs {_fmt(t, col.metric)} ± {_fmt(ts, col.metric)}"
-            if m > t:
+            one_seed = min(len(mine.values), len(theirs.values)) < 2
+            if m > t and one_seed:   # no spread over seeds to judge the margin by
+                lines.append(f"- {col.label}: {table.compare} is ahead of {other} ({pair}) by {m - t:.3f} on one seed; "
+                             "with no spread over seeds, not evidence that it beats it.")
+            elif m > t:
                 margin = "more" if m - t > max(ms, ts) else "less"
                 lines.append(f"- {col.label}: {table.compare} beats {other} ({pair}), by {m - t:.3f}, {margin} than "
                              "the larger std over seeds.")
