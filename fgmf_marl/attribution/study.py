@@ -283,11 +283,17 @@ def explain_eval(view: PolicyLike, samples: Samples, methods: dict[str, Callable
         keys += ["attacked_relevance_mass"] if adv_obs is not None else []
         keys += ["shielded_relevance_mass"] if shielded_method is not None else []
         scores: dict[str, list[Tensor]] = {k: [] for k in keys}
+        agreements: list[Tensor] = []
         for start in range(0, len(samples.target), batch):
             obs = samples.obs[start:start + batch]
             tgt = samples.target[start:start + batch]
             msk = samples.masks[start:start + batch]
-            maps = method.attribute(obs, target=tgt).detach()
+            if isinstance(method, PGCA):   # one pass gives the map and the agreement scored as a trust signal
+                explained = method.explain(obs, target=tgt)
+                maps = explained.final.detach()
+                agreements.append(explained.agreement)
+            else:
+                maps = method.attribute(obs, target=tgt).detach()
             scores["relevance_mass"].append(M.relevance_mass_accuracy(maps, msk))
             scores["relevance_rank"].append(M.relevance_rank_accuracy(maps, msk))
             scores["pointing_game"].append(M.pointing_game(maps, msk))
@@ -334,10 +340,9 @@ def explain_eval(view: PolicyLike, samples: Samples, methods: dict[str, Callable
                 groups[key] = episode[rand_idx].numpy()
         result.per_sample[name] = out
         result.groups[name] = groups
-        if isinstance(method, PGCA):
-            agreement = torch.cat([method.explain(samples.obs[i:i + batch], target=samples.target[i:i + batch]).agreement
-                                   for i in range(0, len(samples.target), batch)]).numpy()
-            result.trust = agreement_as_trust(agreement, out["relevance_mass"], episode.numpy(), seed=seed)
+        if agreements:
+            result.trust = agreement_as_trust(torch.cat(agreements).numpy(), out["relevance_mass"], episode.numpy(),
+                                              seed=seed)
         bar.update(1)
     bar.close()
     return result
