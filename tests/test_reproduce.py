@@ -2,6 +2,7 @@
 rerun, resume, failures, and one-line errors for bad experiment files before anything starts."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -87,6 +88,31 @@ def test_rerun_flag_reruns_the_matching_tasks_and_their_dependents(clean_run: Pa
         if task.id.startswith("train/none/s1") or rerun.intersection(task.deps):
             rerun.add(task.id)
     assert rerun == {"train/none/s1", "evaluate/pgd/none/s1"} and rerun < ids
+
+
+def test_the_cache_survives_a_new_option_at_its_default_but_not_a_changed_default(clean_run: Path) -> None:
+    root = clean_run / "root"
+    tasks = reproduce.expand(reproduce.load_experiment(TINY), quick=False)
+    train = next(t for t in tasks if t.id == "train/none/s0")
+    record = reproduce.read_record(root, train.id)
+    assert reproduce.is_cached(root, train, record, {})
+    # the record as code without defense.scorpio.pgd_steps (added later, default 0) would have written it
+    older = copy.deepcopy(record["config"])
+    del older["defense"]["scorpio"]["pgd_steps"]
+    assert reproduce._key("train", older, ()) == train.key
+    assert reproduce.is_cached(root, train, {**record, "config": older}, {})
+    # a default that changed since the cell was computed, or a value the experiment sets, is another cell
+    changed = copy.deepcopy(record["config"])
+    changed["ppo"]["learning_rate"] *= 2
+    assert not reproduce.is_cached(root, train, {**record, "config": changed}, {})
+    assert reproduce._key("train", {**train.config, "timesteps": 999}, ()) != train.key
+    # a dependent is cached only on the very run of its dependency it read
+    evaluation = next(t for t in tasks if t.id == "evaluate/pgd/none/s0")
+    ev_record = reproduce.read_record(root, evaluation.id)
+    assert reproduce.dep_runs(root, evaluation) == {train.id: record["run_id"]}
+    assert reproduce.is_cached(root, evaluation, ev_record, reproduce.dep_runs(root, evaluation))
+    assert not reproduce.is_cached(root, evaluation, ev_record, {train.id: "a rerun of the training"})
+    assert not reproduce.is_cached(root, evaluation, ev_record, {train.id: None})   # the training reruns now
 
 
 def kill_and_rerun(experiment: Path, folder: Path) -> None:

@@ -26,15 +26,22 @@ Choices, and why:
   ``PR_SET_PDEATHSIG``: SIGTERM, which the jobs unwind like Ctrl-C), and holds the task's lock until
   it exits, so a rerun never races a dying run. In-process calls would share one log stream per
   worker and could not be stopped without killing the worker mid-write.
-* **Caching rule.** A task's key is the SHA-256 of its kind, its resolved job config (paths relative
-  to the results root) and the keys of the tasks it depends on. A task whose record
-  (``tasks/<task>/task.json``) says done under the same key, with its output present, is skipped. The
-  code version (``git rev-parse HEAD``, ``+dirty`` for uncommitted changes) the task's job runs is read
-  when the task starts, recorded per task and
+* **Caching rule.** A task's key is the SHA-256 of its kind, the part of its resolved job config
+  (paths relative to the results root) that differs from the job's defaults, and the keys of the
+  tasks it depends on. A task whose record (``tasks/<task>/task.json``) says done under the same
+  key, with its output present, whose recorded config agrees with today's on every field both have,
+  and that ran on the very runs of its dependencies that are cached now (each record carries a
+  ``run_id``; a dependent records its dependencies' in ``dep_runs``), is skipped. Keying on the
+  difference from the defaults is what lets a cache survive the code gaining an option: a new field
+  at its default is taken to mean the behaviour the cell was computed with (the convention every new
+  option follows), whereas a changed default of an existing field shows as a disagreement with the
+  recorded config and reruns the task. The code version (``git rev-parse HEAD``, ``+dirty`` for
+  uncommitted changes) the task's job runs is read when the task starts, recorded per task and
   printed per cell in RESULTS.md, but a code change does *not* invalidate the cache: retraining hours
   of runs for a docstring edit would be silent and costly; ``--rerun [GLOB]`` reruns explicitly (all
-  tasks, or those whose id matches), and RESULTS.md says when cells come from another version than
-  the one it was written by. A task whose key changed is moved to ``stale/`` first, never deleted.
+  tasks, or those whose id matches, and their dependents), and RESULTS.md says when cells come from
+  another version than the one it was written by. A task whose key or config changed is moved to
+  ``stale/`` first, never deleted.
 * **Resuming.** An interrupted training task restarts with ``--resume`` from its latest checkpoint;
   one killed before its first checkpoint starts from zero; one killed after its training but before
   its final evaluation resumes into that evaluation only (``train --resume`` on a trained run).
@@ -64,6 +71,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -340,7 +348,7 @@ class Task:
 
     @property
     def folder(self) -> str:
-        return "tasks/" + self.id.replace("/", "__")
+        return _folder(self.id)
 
     @property
     def out(self) -> str:
@@ -362,8 +370,38 @@ class Task:
         return f"python {JOBS[self.kind].script} {' '.join(self.argv(threads))}"
 
 
+def _folder(task_id: str) -> str:
+    return "tasks/" + task_id.replace("/", "__")
+
+
+def _delta(config: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``config`` whose values differ from ``defaults`` (nested sections compared field by field)."""
+    out: dict[str, Any] = {}
+    for name, value in config.items():
+        default = defaults.get(name)
+        if isinstance(value, dict) and isinstance(default, dict):
+            if sub := _delta(value, default):
+                out[name] = sub
+        elif name not in defaults or value != default:
+            out[name] = value
+    return out
+
+
+def _agrees(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
+    """True when every field present in both configs has the same value (nested sections field by field)."""
+    for name in recorded.keys() & current.keys():
+        a, b = recorded[name], current[name]
+        if isinstance(a, dict) and isinstance(b, dict):
+            if not _agrees(a, b):
+                return False
+        elif a != b:
+            return False
+    return True
+
+
 def _key(kind: str, config: dict[str, Any], deps: Sequence[Task]) -> str:
-    blob = json.dumps({"kind": kind, "config": config, "deps": [d.key for d in deps]}, sort_keys=True)
+    delta = _delta(config, cfglib.to_dict(JOBS[kind].config()))
+    blob = json.dumps({"kind": kind, "config": delta, "deps": [d.key for d in deps]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -420,7 +458,7 @@ def expand(exp: Experiment, *, quick: bool, where: str = "experiment") -> list[T
                     base = {"victim": train.out}
                 tid = f"{ev.kind}/{ev.name}/{run_name}/s{seed}"
                 if ev.kind == "explain":
-                    base["out"] = "tasks/" + tid.replace("/", "__") + "/out"
+                    base["out"] = _folder(tid) + "/out"
                 config = _resolve(JOBS[ev.kind].config, overrides, base, f"{where}: evaluations[{i}] ({ev.name})")
                 task = Task(tid, ev.kind, ev.name, run_name, seed, config, tuple(d.id for d in deps),
                             _key(ev.kind, config, deps), tuple(overrides))
@@ -470,17 +508,27 @@ def code_version() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def read_record(root: Path, task: Task) -> dict[str, Any] | None:
-    """The task's ``task.json``, or None if it has none (or an unreadable one)."""
+def read_record(root: Path, task_id: str) -> dict[str, Any] | None:
+    """The ``task.json`` of task ``task_id``, or None if it has none (or an unreadable one)."""
     try:
-        return json.loads((root / task.folder / "task.json").read_text())
+        return json.loads((root / _folder(task_id) / "task.json").read_text())
     except (OSError, ValueError):
         return None
 
 
-def is_cached(root: Path, task: Task, record: dict[str, Any] | None) -> bool:
-    """Done under the same key, with the job's output present."""
-    return (record is not None and record.get("status") == "done" and record.get("key") == task.key
+def dep_runs(root: Path, task: Task) -> dict[str, str | None]:
+    """The ``run_id`` of each dependency's record as it is on disk now."""
+    return {d: (read_record(root, d) or {}).get("run_id") for d in task.deps}
+
+
+def _same_config(task: Task, record: dict[str, Any] | None) -> bool:
+    return record is not None and record.get("key") == task.key and _agrees(record.get("config", {}), task.config)
+
+
+def is_cached(root: Path, task: Task, record: dict[str, Any] | None, deps: dict[str, str | None]) -> bool:
+    """Done under the same key and an agreeing config, on the dependency runs ``deps``, with its output present."""
+    return (_same_config(task, record) and record.get("status") == "done"
+            and all(v is not None for v in deps.values()) and record.get("dep_runs", {}) == deps
             and (root / task.out / JOBS[task.kind].output).is_file())
 
 
@@ -507,8 +555,8 @@ def _set_aside(root: Path, folder: Path, why: str) -> None:
 def _prepare(root: Path, task: Task, rerun: bool) -> str | None:
     """Clear what an earlier attempt left that cannot be continued; return the checkpoint to resume from."""
     folder, out = root / task.folder, root / task.out
-    record = read_record(root, task)
-    if folder.exists() and (rerun or record is None or record.get("key") != task.key):
+    record = read_record(root, task.id)
+    if folder.exists() and (rerun or not _same_config(task, record)):
         if any(p.name != ".lock" for p in folder.iterdir()):
             _set_aside(root, folder, "is rerun" if rerun else "was made by another config")
     if not out.exists():
@@ -534,9 +582,9 @@ def execute(root: str, task: Task, *, threads: int = 1, rerun: bool = False) -> 
     lock = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        record = read_record(base, task)
-        if not rerun and record is not None and record.get("key") == task.key \
-                and (base / task.out / JOBS[task.kind].output).is_file():
+        record = read_record(base, task.id)
+        deps = dep_runs(base, task)
+        if not rerun and record is not None and is_cached(base, task, {**record, "status": "done"}, deps):
             # done, or its job finished after the worker that waited for it was killed
             if record.get("status") != "done":
                 record.update(status="done", returncode=0)
@@ -550,7 +598,7 @@ def execute(root: str, task: Task, *, threads: int = 1, rerun: bool = False) -> 
         record = {"id": task.id, "kind": task.kind, "key": task.key, "status": "running", "code_version": code_version(),
                   "config": task.config, "overrides": list(task.overrides), "command": task.command(threads),
                   "threads": threads, "log": str(folder / "log.txt"), "host": socket.gethostname(),
-                  "resumed_from": resume_from, "started": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+                  "resumed_from": resume_from, "run_id": uuid.uuid4().hex, "dep_runs": deps, "started": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
         atomic_write_text(folder / "task.json", json.dumps(record, indent=2))
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
@@ -598,8 +646,10 @@ def run_tasks(root: Path, tasks: list[Task], *, max_parallel: int, address: str 
     records: dict[str, dict[str, Any]] = {}
     todo: list[Task] = []
     for task in tasks:
-        record = read_record(root, task)
-        if not rerun(task) and is_cached(root, task, record):
+        record = read_record(root, task.id)
+        # cached only on cached dependencies: one that reruns changes what its dependents read
+        deps = {d: records[d].get("run_id") if d in records else None for d in task.deps}
+        if not rerun(task) and is_cached(root, task, record, deps):
             records[task.id] = {**record, "cached": True}
         else:
             todo.append(task)
