@@ -12,7 +12,8 @@ from fgmf_marl import config as cfglib
 from fgmf_marl.attribution import GradCAMPlusPlus
 from fgmf_marl.config import ConfigError
 from fgmf_marl.defenses.config import DefenseConfig, SgamConfig
-from fgmf_marl.defenses.sgam import SGAM, bilinear_upsample, distillation_loss, gate_bypassed, gradcam_teacher, keep_ratio_loss
+from fgmf_marl.defenses.sgam import (SGAM, _stretch_per_image, bilinear_upsample, distillation_loss, gate_bypassed,
+                                    gradcam_teacher, keep_ratio_loss)
 from helpers import tiny_view
 
 
@@ -87,6 +88,29 @@ def test_gradient_shield_changes_input_gradients_but_not_the_forward_pass() -> N
     with torch.no_grad():
         k = plain.mask(x)
     torch.testing.assert_close(grads[1][1], grads[0][1] * (1 - 0.99 * k))
+
+
+def test_a_focused_shield_damps_the_most_salient_pixels_and_spares_the_least_salient() -> None:
+    torch.manual_seed(1)
+    gate = SGAM(3, init_keep=0.5, gradient_shield=True, shield_strength=0.99)
+    nn.init.normal_(gate.attention[-1].weight, std=1.0)
+    gate.shield_focus = True
+    x = torch.rand(3, 3, 48, 48)
+    with torch.no_grad():
+        k = gate.mask(x)
+    lo, hi = k.amin(dim=(1, 2, 3), keepdim=True), k.amax(dim=(1, 2, 3), keepdim=True)
+    xi = x.clone().requires_grad_(True)
+    gate(xi).sum().backward()
+    gate.gradient_shield = False
+    plain = x.clone().requires_grad_(True)
+    gate(plain).sum().backward()
+    factor = xi.grad / plain.grad
+    torch.testing.assert_close(factor, (1 - 0.99 * (k - lo) / (hi - lo)).expand_as(factor))
+    flat = factor.flatten(1)
+    assert torch.allclose(flat.max(dim=1).values, torch.ones(3)) and torch.allclose(flat.min(dim=1).values,
+                                                                                   torch.full((3,), 0.01))
+    # a gate with one keep value everywhere has no ranking to focus on: uniform damping, as unfocused
+    assert torch.equal(_stretch_per_image(torch.full((2, 1, 4, 4), 0.7)), torch.ones(2, 1, 4, 4))
 
 
 @pytest.mark.parametrize("rho", [0.2, 0.6])

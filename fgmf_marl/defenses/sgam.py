@@ -59,6 +59,13 @@ class _GradientShield(torch.autograd.Function):
         return grad * (1.0 - ctx.strength * weight), None, None
 
 
+def _stretch_per_image(weight: Tensor) -> Tensor:
+    """Each image's map rescaled to span [0, 1] (min -> 0, max -> 1); a flat map becomes all ones."""
+    lo = weight.amin(dim=(-3, -2, -1), keepdim=True)
+    span = weight.amax(dim=(-3, -2, -1), keepdim=True) - lo
+    return torch.where(span > 1e-3, (weight - lo) / span.clamp_min(1e-3), torch.ones_like(weight))
+
+
 class _PoolToChannelsLast(nn.Module):
     """2x2 average pooling (``nn.AvgPool2d(2)``), then the channels-last copy the attention convs want.
 
@@ -140,6 +147,7 @@ class SGAM(nn.Module):
         self.attention = nn.Sequential(*layers)
         self.tau, self.temperature, self.baseline = tau, temperature, baseline
         self.gradient_shield, self.shield_strength = gradient_shield, shield_strength
+        self.shield_focus = False   # set by with_gradient_shield(view, focused=True)
         self.downsample = downsample
         self._training_keep: Tensor | None = None
 
@@ -200,6 +208,8 @@ class SGAM(nn.Module):
         if self.gradient_shield:
             with torch.no_grad():
                 weight = self.mask(x)
+                if self.shield_focus:
+                    weight = _stretch_per_image(weight)
             x = _GradientShield.apply(x, weight, self.shield_strength)
         keep = self.keep_lowres(x)
         if self.training and torch.is_grad_enabled():
@@ -215,17 +225,25 @@ class SGAM(nn.Module):
         return f"tau={self.tau}, temperature={self.temperature}, baseline={self.baseline!r}{shield}"
 
 
-def with_gradient_shield(view: PolicyLike) -> PolicyLike | None:
+def with_gradient_shield(view: PolicyLike, focused: bool = False) -> PolicyLike | None:
     """A deep copy of ``view`` whose SGAM gate has ``gradient_shield`` on, None for a policy without SGAM.
 
     The forward pass is unchanged (the same actions, the same keep-mask); only gradients at the salient
     pixels are damped. Why: it is the positive control of the gradient-masking audit and of the
     explanations' masked-gradient check, built from the very policy being evaluated.
+
+    By default the damping is ``strength * k`` with k the keep-mask, which is close to 1 on most pixels a
+    trained gate keeps: nearly a uniform scale of the input gradient, enough to break the audit's
+    finite-difference check but invisible to an attribution map normalised per image. ``focused=True``
+    stretches each image's k to span [0, 1] first, so the damping falls on the pixels the gate ranks
+    most salient and spares the least salient ones: gradient mass moves off what the policy looks at,
+    which is the masking an explanation method has to resist (the explanations' check uses this one).
     """
     if not isinstance(getattr(view, "gate", None), SGAM):
         return None
     shielded = copy.deepcopy(view)
     shielded.gate.gradient_shield = True
+    shielded.gate.shield_focus = focused
     return shielded
 
 

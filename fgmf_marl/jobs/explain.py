@@ -101,7 +101,7 @@ def explain(cfg: ExplainConfig, *, progress: bool = True) -> Path:
     result = explain_eval(view, samples, methods, attack=attack,
                           n_steps=cfg.deletion_steps, sensitivity_samples=cfg.sensitivity_samples,
                           randomisation_samples=cfg.randomisation_samples, seed=cfg.seed, progress=progress,
-                          shielded=with_gradient_shield(view))
+                          shielded=with_gradient_shield(view, focused=True))
     table = result.markdown()
     header = (f"Explanation quality of {ckpt} on {result.n_samples} agent-steps "
               f"({result.n_episodes} episodes, every {cfg.every}th step, env seed {eval_seed}, --seed {cfg.seed}); "
