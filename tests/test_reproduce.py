@@ -249,6 +249,18 @@ def test_budget_columns_read_the_strongest_heuristic_the_director_and_the_worst_
         reproduce._value(data, col(attack="learned", budget="p=0.25"), "evaluate")
 
 
+def test_a_masked_gradient_column_reads_n_a_for_a_policy_without_a_gate() -> None:
+    gated = {"settings": {"episodes": 16}, "table": [{"method": "PGCA", "relevance_mass": {"mean": 0.9},
+                                                     "shielded_relevance_mass": {"mean": 0.8}}]}
+    plain = {"settings": {"episodes": 16}, "table": [{"method": "PGCA", "relevance_mass": {"mean": 0.9}}]}
+    col = reproduce.ColumnSpec(label="PGCA", source="explain", metric="PGCA/shielded_relevance_mass")
+    assert reproduce._value(gated, col, "explain") == (0.8, 16, "")
+    value = reproduce._value(plain, col, "explain")[0]
+    assert reproduce.format_cell(reproduce.Cell([value, value], 0, [0, 1]), col) == "n/a (no gate)"
+    with pytest.raises(reproduce.ConfigError, match="has no 'PGCA/deletion_auc'"):   # other rows stay required
+        reproduce._value(plain, dataclasses.replace(col, metric="PGCA/deletion_auc"), "explain")
+
+
 def test_quick_needs_toy_budgets_and_is_written_apart() -> None:
     exp = reproduce.load_experiment(ROOT / "experiments" / "default_job.yaml")
     full, quick = reproduce.expand(exp, quick=False), reproduce.expand(exp, quick=True)

@@ -179,6 +179,7 @@ TRAIN_METRICS = ("normalised_mean", "team_return_mean", "wall_seconds", "fps")
 EVAL_METRICS = ("normalised", "team_return", "flip_rate", "audit", "audit_control")
 #: metrics whose values are verdicts (counted per verdict), not numbers
 VERDICT_METRICS = ("audit", "audit_control")
+GATED_EXPLAIN_METRICS = ("shielded_relevance_mass",)   # explain_eval rows only a gated policy has
 RETURN_METRICS = ("normalised_mean", "team_return_mean", "normalised", "team_return")
 
 
@@ -728,6 +729,8 @@ def _value(data: dict[str, Any], col: ColumnSpec, kind: str) -> tuple[Any, int, 
     if kind == "explain":
         method, metric = col.metric.split("/")
         row = next((r for r in data["table"] if r["method"] == method), None)
+        if row is not None and metric not in row and metric in GATED_EXPLAIN_METRICS:
+            return math.nan, 0, ""   # a policy without an SGAM gate has no gradient_shield copy
         if row is None or metric not in row:
             raise ConfigError(f"column {col.label!r}: explain_eval.json has no {col.metric!r}")
         return row[metric]["mean"], int(data["settings"]["episodes"]), ""
@@ -810,6 +813,8 @@ def format_cell(cell: Cell, col: ColumnSpec) -> str:
     """``mean ± std (n seeds)``; an audit cell counts verdicts; a cell with missing seeds says so."""
     if not cell.values:
         return "missing (" + ", ".join(cell.missing) + ")"
+    if all(isinstance(v, float) and math.isnan(v) for v in cell.values):
+        return "n/a (no gate)" if col.metric.endswith(GATED_EXPLAIN_METRICS) else "n/a"
     if col.metric in VERDICT_METRICS:
         text = ", ".join(f"{v} {cell.values.count(v)}/{len(cell.values)}" for v in sorted(set(cell.values)))
     elif len(cell.values) == 1:
