@@ -298,7 +298,7 @@ def test_segment_perturbation_equals_captum_feature_ablation() -> None:
 
 def _naive_pgca(pgca: PGCA, view, obs, target):
     """Per agent, Captum only: FeatureAblation over the segments + |Saliency x (input - baseline)|."""
-    ps, gs = [], []
+    ps, gs, evidence = [], [], []
     for i in range(obs.shape[0]):
         x, t = obs[i:i + 1], target[i:i + 1]
         seg = pgca.segments.segments(x)
@@ -306,10 +306,12 @@ def _naive_pgca(pgca: PGCA, view, obs, target):
         mask = torch.where(seg.unit >= 0, seg.unit + 1, 0)[:, None].expand_as(x)
         with torch.no_grad():
             drop = FeatureAblation(view).attribute(x, baselines=bg, target=t, feature_mask=mask)[:, 0]
-        ps.append(normalise_maps(torch.relu(torch.where(seg.unit >= 0, drop, torch.zeros_like(drop)))))
+        drop = torch.relu(torch.where(seg.unit >= 0, drop, torch.zeros_like(drop)))
+        ps.append(normalise_maps(drop))
+        evidence.append(drop.amax())
         grad = Saliency(view).attribute(x, target=t, abs=False)
         gs.append(normalise_maps((grad * (x - bg)).sum(1).abs()))
-    return pgca.from_parts(torch.cat(ps), torch.cat(gs), target)
+    return pgca.from_parts(torch.cat(ps), torch.cat(gs), target, torch.stack(evidence))
 
 
 def test_batched_pgca_equals_naive_per_agent_composition() -> None:
@@ -318,7 +320,7 @@ def test_batched_pgca_equals_naive_per_agent_composition() -> None:
     target = torch.tensor([0, 1, 2, 3, 4])
     pgca = PGCA(view, grid=4, chunk_size=7)
     fast, ref = pgca.explain(obs, target), _naive_pgca(pgca, view, obs, target)
-    for name in ("P", "G", "consensus", "final", "agreement", "topk_iou"):
+    for name in ("P", "G", "consensus", "final", "agreement", "topk_iou", "evidence"):
         torch.testing.assert_close(getattr(fast, name), getattr(ref, name), atol=1e-5, rtol=1e-4, msg=name)
     for stage in ("P", "G", "final"):
         torch.testing.assert_close(PGCAStage(view, stage, grid=4).attribute(obs, target),

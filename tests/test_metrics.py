@@ -228,10 +228,13 @@ def test_study_sanity_rows_separate_model_free_maps_from_model_dependent_ones() 
     assert ratios["random"]["attacked / clean"] == pytest.approx(1.0, abs=0.2)
     # the shield damps G's gradients at the salient pixels: its maps change while the forward does not
     assert not np.allclose(result.per_sample["G"]["shielded_relevance_mass"], result.per_sample["G"]["relevance_mass"])
-    assert {"spearman_agreement_mass", "flagged_mass", "rest_mass"} <= set(result.trust)
+    assert set(result.trust) == {"agreement", "evidence", "confidence"}
+    for signal in result.trust.values():
+        assert {"spearman", "flagged_mass", "rest_mass", "difference_ci95"} <= set(signal)
+        assert -1.0 <= signal["spearman"] <= 1.0
     entity = result.per_sample["G"]["attack_entity_spearman"]
     assert entity.shape == (4,) and np.all(np.abs(entity[~np.isnan(entity)]) <= 1.0)
-    assert "shielded / unshielded" in result.markdown() and "trust signal" in result.markdown()
+    assert "shielded / unshielded" in result.markdown() and "Trust signals" in result.markdown()
     rand, seg, grad = (result.per_sample[k] for k in ("random", "segments", "G"))
     assert rand["randomised_spearman"] == pytest.approx(np.ones(6))
     assert rand["randomised_mass_drop"] == pytest.approx(np.zeros(6))
@@ -239,3 +242,17 @@ def test_study_sanity_rows_separate_model_free_maps_from_model_dependent_ones() 
     assert np.nanmean(grad["randomised_entity_spearman"]) < 0.9
     assert {"randomised_entity_spearman", "randomised_mass_drop"} <= set(result.table()[0])
     assert "randomised_entity_spearman ↓" in result.markdown() and "randomised_mass_drop ↑" in result.markdown()
+
+
+def test_a_trust_signal_that_tracks_the_explanation_flags_the_worse_steps() -> None:
+    from fgmf_marl.attribution.study import trust_signal
+
+    rng = np.random.default_rng(0)
+    episode = np.repeat(np.arange(8), 12)
+    mass = rng.uniform(0.2, 1.0, episode.size)
+    good = trust_signal(mass + rng.normal(0, 0.05, mass.size), mass, episode)
+    assert good["spearman"] > 0.9 and good["difference_ci95"][0] > 0 and good["flagged_mass"] < good["rest_mass"]
+    noise = trust_signal(rng.normal(size=mass.size), mass, episode)
+    assert abs(noise["spearman"]) < 0.3 and noise["difference_ci95"][0] < 0 < noise["difference_ci95"][1]
+    nan_signal = np.full(mass.size, np.nan)
+    assert trust_signal(nan_signal, mass, episode) == {}   # e.g. evidence of a grid-P PGCA

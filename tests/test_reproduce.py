@@ -259,6 +259,10 @@ def test_a_masked_gradient_column_reads_n_a_for_a_policy_without_a_gate() -> Non
     assert reproduce.format_cell(reproduce.Cell([value, value], 0, [0, 1]), col) == "n/a (no gate)"
     with pytest.raises(reproduce.ConfigError, match="has no 'PGCA/deletion_auc'"):   # other rows stay required
         reproduce._value(plain, dataclasses.replace(col, metric="PGCA/deletion_auc"), "explain")
+    trusted = {**plain, "trust": {"evidence": {"spearman": 0.25}}}
+    assert reproduce._value(trusted, dataclasses.replace(col, metric="trust/evidence"), "explain") == (0.25, 16, "")
+    with pytest.raises(reproduce.ConfigError, match="no trust signal 'margin'"):
+        reproduce._value(trusted, dataclasses.replace(col, metric="trust/margin"), "explain")
 
 
 def test_quick_needs_toy_budgets_and_is_written_apart() -> None:

@@ -67,6 +67,7 @@ class PGCAResult:
     agreement: Tensor   # Spearman rank correlation of P and G over grid cells, in [-1, 1]
     topk_iou: Tensor    # IoU of the top-k cells of P and of G, in [0, 1]
     target: Tensor      # (B,) the explained actions
+    evidence: Tensor    # (B,) the largest drop of the target score one segment's removal causes (NaN for grid P)
 
     def to(self, device: torch.device | str) -> "PGCAResult":
         return PGCAResult(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -243,13 +244,15 @@ class PGCA(Attribution):
         score, g_map = self.gradient_maps(obs, target, baseline)
         if seg is not None:
             drops, _ = self.segments.drops(obs, target, base_score=score, segments=seg)
+            evidence = torch.relu(drops).flatten(1).amax(dim=1)
             p = normalise_maps(torch.relu(drops))
         else:
             p = self.perturbation.attribute(obs, target)
+            evidence = torch.full((obs.shape[0],), math.nan)
         g = normalise_maps(g_map)
-        return self.from_parts(p, g, target)
+        return self.from_parts(p, g, target, evidence)
 
-    def from_parts(self, p: Tensor, g: Tensor, target: Tensor) -> PGCAResult:
+    def from_parts(self, p: Tensor, g: Tensor, target: Tensor, evidence: Tensor | None = None) -> PGCAResult:
         """Stages 3-5 from given P and G maps (also used by the naive reference composition)."""
         if self.consensus_kind == "geometric":
             consensus = p.pow(self.weight) * g.pow(1.0 - self.weight)
@@ -259,8 +262,10 @@ class PGCA(Attribution):
         final = rank_preserving_stretch(smoothed, self.low, self.gamma)
         pc, gc = cell_means(p, self.grid), cell_means(g, self.grid)
         k = max(1, round(self.topk_fraction * self.grid * self.grid))
+        if evidence is None:
+            evidence = torch.full((p.shape[0],), math.nan)
         return PGCAResult(P=p, G=g, consensus=consensus, final=final, agreement=spearman(pc, gc),
-                          topk_iou=topk_iou(pc, gc, k), target=target)
+                          topk_iou=topk_iou(pc, gc, k), target=target, evidence=evidence)
 
     def attribute(self, inputs: Tensor, target: TargetLike = None) -> Tensor:
         return self.explain(inputs, target).final

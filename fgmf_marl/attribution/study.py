@@ -159,7 +159,7 @@ class ExplainEvalResult:
     n_samples: int = 0
     n_episodes: int = 0
     seed: int = 0
-    trust: dict[str, Any] = field(default_factory=dict)   # PGCA's agreement as a trust signal (:func:`agreement_as_trust`)
+    trust: dict[str, dict[str, Any]] = field(default_factory=dict)   # signal -> :func:`trust_signal` of PGCA's maps
 
     def table(self) -> list[dict[str, Any]]:
         """Per method and metric: mean of per-episode means, 95 % bootstrap CI over episodes, the
@@ -216,29 +216,41 @@ class ExplainEvalResult:
             lines += [f"| {m} | " + " | ".join(f"{r.get(label, float('nan')):.3f}" for label in labels) + " |"
                       for m, r in ratios.items()]
         if self.trust:
-            t = self.trust
-            lines += ["", f"PGCA agreement as a trust signal (claim (e), {t['n_steps']} agent-steps, {t['n_episodes']} "
-                      f"episodes): Spearman(agreement, relevance mass) = {t['spearman_agreement_mass']:.3f}; relevance mass "
-                      f"of the {t['flagged_share']:.0%} lowest-agreement steps {t['flagged_mass']:.3f} vs the rest "
-                      f"{t['rest_mass']:.3f} (difference 95% CI [{t['difference_ci95'][0]:.3f}, {t['difference_ci95'][1]:.3f}])."]
+            first = next(iter(self.trust.values()))
+            lines += ["", f"Trust signals for PGCA's maps (claim (e), {first['n_steps']} agent-steps, {first['n_episodes']} "
+                      f"episodes): does a low signal mark a worse explanation? Flagged: the {first['flagged_share']:.0%} of "
+                      "steps with the lowest signal; difference = rest - flagged relevance mass (> 0: the flagged steps "
+                      "are worse), 95% bootstrap CI over episodes.", "",
+                      "| signal | Spearman(signal, relevance mass) | flagged mass | rest mass | difference [95% CI] |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {name} | {t['spearman']:.3f} | {t['flagged_mass']:.3f} | {t['rest_mass']:.3f} | "
+                      f"{t['rest_mass'] - t['flagged_mass']:.3f} [{t['difference_ci95'][0]:.3f}, {t['difference_ci95'][1]:.3f}] |"
+                      for name, t in self.trust.items()]
         return "\n".join(lines)
 
 
-def agreement_as_trust(agreement: np.ndarray, mass: np.ndarray, episode: np.ndarray, *, flagged: float = 0.25,
-                       seed: int = 0) -> dict[str, Any]:
-    """Does PGCA's per-step agreement predict how good its explanation is (the seed's claim (e))?
+#: per-step trust signals the study scores (low = trust less): PGCA's P-G agreement (what the report ranks
+#: by today), its evidence (the largest drop of the target score one segment's removal causes: a map whose
+#: top entity barely matters rests on noise) and the policy's confidence (top-1 minus top-2 action
+#: probability, a method-free reference any signal must beat)
+TRUST_SIGNALS = ("agreement", "evidence", "confidence")
 
-    Returns the Spearman correlation of agreement with the step's relevance mass over all steps, and the
-    mean relevance mass of the ``flagged`` share of steps with the lowest agreement (what a reviewer is
+
+def trust_signal(signal: np.ndarray, mass: np.ndarray, episode: np.ndarray, *, flagged: float = 0.25,
+                 seed: int = 0) -> dict[str, Any]:
+    """Does a per-step signal predict how good the explanation is (the seed's claim (e))?
+
+    Returns the Spearman correlation of the signal with the step's relevance mass over all steps, and the
+    mean relevance mass of the ``flagged`` share of steps with the lowest signal (what a reviewer would be
     told to look at first) against the rest, with a 95 % bootstrap interval over episodes of the
     difference (rest - flagged; > 0 means the flagged steps do have worse explanations).
     """
-    ok = ~np.isnan(agreement) & ~np.isnan(mass)
-    agreement, mass, episode = agreement[ok], mass[ok], episode[ok]
-    if agreement.size < 4:
+    ok = ~np.isnan(signal) & ~np.isnan(mass)
+    signal, mass, episode = signal[ok], mass[ok], episode[ok]
+    if signal.size < 4:
         return {}
-    rho = float(spearman(torch.as_tensor(agreement)[None], torch.as_tensor(mass)[None])[0])
-    is_flagged = agreement <= np.quantile(agreement, flagged)
+    rho = float(spearman(torch.as_tensor(signal)[None], torch.as_tensor(mass)[None])[0])
+    is_flagged = signal <= np.quantile(signal, flagged)
     uniq = np.unique(episode)
     rng = np.random.default_rng(seed)
     diffs = []
@@ -248,9 +260,9 @@ def agreement_as_trust(agreement: np.ndarray, mass: np.ndarray, episode: np.ndar
         if f.size and r.size:
             diffs.append(r.mean() - f.mean())
     lo, hi = np.quantile(diffs, [0.025, 0.975]) if diffs else (float("nan"), float("nan"))
-    return {"spearman_agreement_mass": rho, "flagged_share": flagged, "flagged_mass": float(mass[is_flagged].mean()),
+    return {"spearman": rho, "flagged_share": flagged, "flagged_mass": float(mass[is_flagged].mean()),
             "rest_mass": float(mass[~is_flagged].mean()), "difference_ci95": [float(lo), float(hi)],
-            "n_steps": int(agreement.size), "n_episodes": int(uniq.size)}
+            "n_steps": int(signal.size), "n_episodes": int(uniq.size)}
 
 
 def explain_eval(view: PolicyLike, samples: Samples, methods: dict[str, Callable[[PolicyLike], Attribution]], *,
@@ -264,7 +276,8 @@ def explain_eval(view: PolicyLike, samples: Samples, methods: dict[str, Callable
     relevance mass on the attacked observation is scored against the same state's mask
     (``attacked_relevance_mass``). ``shielded`` is the same policy with its gradients masked (the SGAM
     ``gradient_shield`` control: forward unchanged, so the actions explained are the same); each method
-    is then also run on it (``shielded_relevance_mass``). PGCA's agreement goes to ``result.trust``.
+    is then also run on it (``shielded_relevance_mass``). ``result.trust`` scores each of
+    :data:`TRUST_SIGNALS` against PGCA's per-step relevance mass.
     """
     episode = samples.episode if samples.episode is not None else torch.arange(len(samples.target))
     result = ExplainEvalResult(n_samples=len(samples.target), n_episodes=int(episode.unique().numel()), seed=seed)
@@ -283,15 +296,19 @@ def explain_eval(view: PolicyLike, samples: Samples, methods: dict[str, Callable
         keys += ["attacked_relevance_mass"] if adv_obs is not None else []
         keys += ["shielded_relevance_mass"] if shielded_method is not None else []
         scores: dict[str, list[Tensor]] = {k: [] for k in keys}
-        agreements: list[Tensor] = []
+        signals: dict[str, list[Tensor]] = {k: [] for k in TRUST_SIGNALS}
         for start in range(0, len(samples.target), batch):
             obs = samples.obs[start:start + batch]
             tgt = samples.target[start:start + batch]
             msk = samples.masks[start:start + batch]
-            if isinstance(method, PGCA):   # one pass gives the map and the agreement scored as a trust signal
+            if isinstance(method, PGCA):   # one pass gives the map and the signals scored for trust
                 explained = method.explain(obs, target=tgt)
                 maps = explained.final.detach()
-                agreements.append(explained.agreement)
+                signals["agreement"].append(explained.agreement)
+                signals["evidence"].append(explained.evidence)
+                with torch.no_grad():
+                    top2 = torch.softmax(view(obs), dim=-1).topk(2, dim=-1).values
+                signals["confidence"].append(top2[:, 0] - top2[:, 1])
             else:
                 maps = method.attribute(obs, target=tgt).detach()
             scores["relevance_mass"].append(M.relevance_mass_accuracy(maps, msk))
@@ -340,9 +357,10 @@ def explain_eval(view: PolicyLike, samples: Samples, methods: dict[str, Callable
                 groups[key] = episode[rand_idx].numpy()
         result.per_sample[name] = out
         result.groups[name] = groups
-        if agreements:
-            result.trust = agreement_as_trust(torch.cat(agreements).numpy(), out["relevance_mass"], episode.numpy(),
-                                              seed=seed)
+        if signals["agreement"]:
+            scored = {k: trust_signal(torch.cat(v).numpy(), out["relevance_mass"], episode.numpy(), seed=seed)
+                      for k, v in signals.items()}
+            result.trust = {k: t for k, t in scored.items() if t}   # a signal with < 4 finite steps has no score
         bar.update(1)
     bar.close()
     return result

@@ -143,7 +143,7 @@ class ColumnSpec:
     minimum over attacks; ``none``: the clean row; else an attack label) at ``eps`` (1/255), or
     ``audit`` (the verdict), or ``audit_control`` (the verdict on the gradient_shield copy of a
     gated policy, which must FAIL; ``n/a (no gate)`` otherwise). An ``explain`` source reads ``explain_eval.json``: ``metric`` is
-    ``METHOD/METRIC``.
+    ``METHOD/METRIC``, or ``trust/SIGNAL`` (that signal's Spearman correlation with PGCA's relevance mass).
 
     ``budget`` (an evaluate source's ``Budget.label()``, e.g. ``k=1`` or ``p=0.25``; default ``all``) reads
     the attackers within that budget: ``worst`` is the strongest of them, ``heuristic`` the strongest
@@ -728,6 +728,10 @@ def _value(data: dict[str, Any], col: ColumnSpec, kind: str) -> tuple[Any, int, 
         return data[col.metric], int(data["episodes"]), ""
     if kind == "explain":
         method, metric = col.metric.split("/")
+        if method == "trust":   # trust/SIGNAL: the signal's Spearman correlation with PGCA's relevance mass
+            if metric not in data.get("trust", {}):
+                raise ConfigError(f"column {col.label!r}: explain_eval.json scores no trust signal {metric!r}")
+            return data["trust"][metric]["spearman"], int(data["settings"]["episodes"]), ""
         row = next((r for r in data["table"] if r["method"] == method), None)
         if row is not None and metric not in row and metric in GATED_EXPLAIN_METRICS:
             return math.nan, 0, ""   # a policy without an SGAM gate has no gradient_shield copy
