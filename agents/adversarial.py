@@ -117,6 +117,14 @@ class AttackedVecEnv(VecEnvWrapper):
         self._attacked = self._seen = 0
         return share
 
+    def get_state(self) -> dict[str, Any]:
+        """The generator that picks the attacked slots (and the slot counters), for an exact resume."""
+        return {"rng": self._rng.bit_generator.state, "attacked": self._attacked, "seen": self._seen}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._rng.bit_generator.state = state["rng"]
+        self._attacked, self._seen = int(state["attacked"]), int(state["seen"])
+
     def _perturb(self, obs: np.ndarray) -> np.ndarray:
         if self.attack is None or self.view is None:
             return obs

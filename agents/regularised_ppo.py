@@ -82,6 +82,13 @@ class RegularisedPPO(PPO):
         self._generator = th.Generator(device=self.device)
         self._generator.manual_seed(0 if self.seed is None else int(self.seed))
 
+    def get_state(self) -> dict[str, Any]:
+        """The regularisers' random generator (subsamples, random starts), for an exact resume."""
+        return {"generator": self._generator.get_state().numpy()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._generator.set_state(th.from_numpy(np.asarray(state["generator"], dtype=np.uint8)))
+
     def _install_layers(self) -> None:
         """Hook for network changes (SGAM) made before the optimizer sees the parameters."""
 

@@ -245,6 +245,34 @@ class CoverageVecEnv(VecEnv):
         self._agent_ret = np.zeros((n_envs, cfg.n_agents))
         self._team_ret = np.zeros(n_envs)
 
+    # ---- exact resume ------------------------------------------------------------------------
+    _STATE_ARRAYS = ("agents", "landmarks", "dpos", "dvel", "t", "phi_team", "phi_local")
+
+    def get_state(self) -> dict[str, Any]:
+        """Everything the next steps depend on: the simulator's arrays, each env copy's random generator,
+        the running returns and pending seeds. With :meth:`set_state`, an interrupted training run
+        continues exactly where the saved one was (numpy arrays, and JSON-ready values)."""
+        core = self.core
+        return {**{name: getattr(core, name).copy() for name in self._STATE_ARRAYS},
+                "agent_ret": self._agent_ret.copy(), "team_ret": self._team_ret.copy(),
+                "rngs": [rng.bit_generator.state for rng in core.rngs], "env_seeds": list(self._env_seeds)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`get_state`'s output; a state of another env size is a ValueError."""
+        core = self.core
+        for name in self._STATE_ARRAYS:
+            if np.shape(state[name]) != getattr(core, name).shape:
+                raise ValueError(f"env state {name!r} has shape {np.shape(state[name])}, this env "
+                                 f"{getattr(core, name).shape}")
+        if len(state["rngs"]) != self.n_envs:
+            raise ValueError(f"env state holds {len(state['rngs'])} env copies, this env {self.n_envs}")
+        for name in self._STATE_ARRAYS:
+            getattr(core, name)[...] = state[name]
+        self._agent_ret[...], self._team_ret[...] = state["agent_ret"], state["team_ret"]
+        for rng, rng_state in zip(core.rngs, state["rngs"]):
+            rng.bit_generator.state = rng_state
+        self._env_seeds = list(state["env_seeds"])
+
     # ---- VecEnv API -------------------------------------------------------------------------
     def seed(self, seed: int | None = None) -> list[int | None]:
         """Env ``b`` gets ``seed + b`` at the next ``reset()``; returns each slot's env seed."""

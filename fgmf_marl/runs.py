@@ -2,7 +2,9 @@
 
     runs/<name>/
         config.yaml        the resolved config (every default filled in): rerun with --config
-        checkpoints/       step_<timesteps>.zip (periodic) and final.zip
+        checkpoints/       step_<timesteps>.zip (periodic) and final.zip; beside each periodic one,
+                           step_<timesteps>.resume.npz: the random streams and env state --resume
+                           needs to continue exactly (fgmf_marl.jobs.checkpoints)
         tb/                TensorBoard event files
         eval/              evaluation outputs (summary.json, summary.md, CSVs, plots)
 
@@ -56,6 +58,11 @@ class RunDir:
 
     def checkpoint_at(self, timesteps: int) -> Path:
         return self.checkpoints / f"step_{timesteps}.zip"
+
+    @staticmethod
+    def resume_state_of(checkpoint: Path) -> Path:
+        """Where the exact-resume state of ``checkpoint`` lives (beside it)."""
+        return checkpoint.with_name(checkpoint.stem + ".resume.npz")
 
     def latest_checkpoint(self) -> Path | None:
         """``final.zip`` if present, else the periodic checkpoint with the most timesteps."""

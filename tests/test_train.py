@@ -187,3 +187,76 @@ def test_bfloat16_training_runs_and_records_its_dtype(tmp_path: Path) -> None:
     assert "train_dtype: bfloat16" in (tmp_path / "bf16" / "config.yaml").read_text()
     summary = json.loads((tmp_path / "bf16" / "eval" / "summary.json").read_text())
     assert np.isfinite(summary["normalised_mean"])
+
+
+def _policy_tensors(path: Path) -> dict[str, torch.Tensor]:
+    model, _ = load_model(path)
+    return model.policy.state_dict()
+
+
+@pytest.mark.parametrize("extra", [
+    [],
+    # the regularisers' generator, the attacker's slot generator and its PGD random starts, all active
+    ["--defense", "fgmf", "--adversary", "pgd", "adversary.start=0", "adversary.warmup=0", "adversary.steps=1",
+     "defense.scorpio.start=0", "defense.scorpio.warmup=0", "defense.scorpio.every=1",
+     "defense.sgam.start=0", "defense.sgam.warmup=0"],
+], ids=["ppo", "fgmf_adversarial"])
+def test_an_interrupted_run_resumes_bit_for_bit(tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str]) -> None:
+    """What a kill after the step-768 checkpoint leaves, resumed, ends in the uninterrupted run's very weights."""
+    fast = [o for o in FAST if not o.startswith("checkpoint_every")] + ["checkpoint_every=384"]
+    clean = RunDir(tmp_path / "clean")
+    assert cli(["--timesteps", "1536", "--run-dir", str(clean.root), "--no-progress", *fast, *extra]) == 0
+    assert clean.resume_state_of(clean.checkpoint_at(768)).is_file()
+    cut = clean.checkpoint_at(768)
+
+    def interrupted(name: str) -> RunDir:
+        run = RunDir(tmp_path / name)
+        shutil.copytree(clean.root, run.root)
+        run.final_checkpoint.unlink()
+        shutil.rmtree(run.eval)
+        for p in run.checkpoints.glob("step_*"):
+            if not p.name.startswith(cut.stem + "."):
+                p.unlink()
+        return run
+
+    exact = interrupted("exact")
+    assert cli(["--resume", "--run-dir", str(exact.root), "--no-progress"]) == 0
+    assert "resuming from step_768.zip: exactly" in capsys.readouterr().out
+    reference = _policy_tensors(clean.final_checkpoint)
+    resumed = _policy_tensors(exact.final_checkpoint)
+    assert reference.keys() == resumed.keys()
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    assert json.loads((exact.eval / "summary.json").read_text())["normalised_mean"] == \
+        json.loads((clean.eval / "summary.json").read_text())["normalised_mean"]
+    # without the state file the same resume restarts the env and the random streams: other weights
+    fresh = interrupted("fresh")
+    fresh.resume_state_of(fresh.checkpoint_at(768)).unlink()
+    assert cli(["--resume", "--run-dir", str(fresh.root), "--no-progress"]) == 0
+    assert "with a fresh env reset (no step_768.resume.npz" in capsys.readouterr().out
+    other = _policy_tensors(fresh.final_checkpoint)
+    assert not all(torch.equal(reference[k], other[k]) for k in reference)
+
+
+class _Payload:
+    """Unpickling this writes a marker file: proof that a loader ran code from the file."""
+
+    marker: Path
+
+    def __reduce__(self):  # noqa: ANN204
+        return (Path.write_text, (self.marker, "ran"))
+
+
+def test_a_resume_state_file_can_never_run_code(tmp_path: Path, trained_run: RunDir, capsys: pytest.CaptureFixture) -> None:
+    from fgmf_marl.jobs.checkpoints import restore_resume_state
+
+    run = RunDir(tmp_path / "hostile")
+    shutil.copytree(trained_run.root, run.root)
+    payload = _Payload()
+    payload.marker = tmp_path / "marker"
+    state = run.resume_state_of(run.checkpoint_at(768))
+    assert state.is_file()
+    with open(state, "wb") as fh:
+        np.savez(fh, __json__=np.array([payload], dtype=object))
+    model, _ = load_model(run.checkpoint_at(768))
+    assert restore_resume_state(state, model) == f"{state.name} is unreadable (ValueError)"
+    assert not payload.marker.exists() and model._last_obs is None

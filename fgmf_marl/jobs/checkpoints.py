@@ -10,16 +10,21 @@ adversary, ``--resume``) goes through :func:`load_model` or :func:`load_adversar
 from __future__ import annotations
 
 import dataclasses
+import json
+import random
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from typing import Any, Callable
 
 import gymnasium as gym
+import numpy as np
+import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.vec_env import VecEnv
+from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper, VecTransposeImage
 
 from agents import defended
 from agents.adversary import AdversaryConfig, LoadedAdversary, load_director
@@ -126,10 +131,117 @@ def load_adversary(path: str | Path, device: str = "cpu") -> LoadedAdversary:
                           f"{cfg.victim!r}): {first}") from None
 
 
+# ---------------------------------------------------------------------------------------- exact resume
+RESUME_FORMAT = 1
+_STATELESS_LAYERS = (VecTransposeImage,)   # VecEnv wrappers that hold nothing the next steps depend on
+
+
+def _env_layers(env: VecEnv) -> list[VecEnv]:
+    layers = [env]
+    while isinstance(layers[-1], VecEnvWrapper):
+        layers.append(layers[-1].venv)
+    return layers
+
+
+def exact_resume_supported(env: VecEnv) -> bool:
+    """True when every layer of ``env`` either exposes ``get_state``/``set_state`` or holds no state.
+
+    The native env and the adversarial-training wrapper do; SuperSuit's vector envs (the PettingZoo
+    envs) do not, so their runs resume with a fresh ``reset()`` instead."""
+    return all(hasattr(layer, "get_state") or isinstance(layer, _STATELESS_LAYERS) for layer in _env_layers(env))
+
+
+def _split(prefix: str, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``state`` with its numpy arrays moved into ``arrays`` (under ``prefix.key``), the rest JSON-ready."""
+    meta = {}
+    for key, value in state.items():
+        if isinstance(value, np.ndarray):
+            arrays[f"{prefix}.{key}"] = value
+        else:
+            meta[key] = value
+    return meta
+
+
+def _join(prefix: str, meta: dict[str, Any], arrays: Any) -> dict[str, Any]:
+    out = dict(meta)
+    for name in arrays.files:
+        if name.startswith(prefix + "."):
+            out[name[len(prefix) + 1:]] = arrays[name]
+    return out
+
+
+def save_resume_state(path: Path, model: PPO) -> None:
+    """Write what ``--resume`` needs to continue ``model``'s training exactly, at a rollout boundary.
+
+    The random streams (torch, numpy, Python, the algorithm's own generator), the observation and
+    episode-start flags of the next step, and every env layer's state, as an ``.npz`` of plain arrays
+    plus one JSON string: loading it never unpickles anything. Why: a checkpoint alone restarts the
+    env and the random streams, so a resumed run is another sample of the experiment, not the same run.
+    """
+    arrays: dict[str, np.ndarray] = {"torch_rng": torch.get_rng_state().numpy(),
+                                     "last_obs": np.asarray(model._last_obs),
+                                     "last_episode_starts": np.asarray(model._last_episode_starts)}
+    bit_generator, key, pos, has_gauss, cached = np.random.get_state()
+    arrays["numpy_rng_key"] = key
+    version, internal, gauss = random.getstate()
+    meta: dict[str, Any] = {
+        "format": RESUME_FORMAT, "num_timesteps": int(model.num_timesteps),
+        "numpy_rng": [bit_generator, int(pos), int(has_gauss), float(cached)],
+        "python_rng": [version, list(internal), gauss],
+        "algorithm": _split("algorithm", model.get_state(), arrays) if hasattr(model, "get_state") else None,
+        "env": [{"class": type(layer).__name__,
+                 "state": _split(f"env{i}", layer.get_state(), arrays) if hasattr(layer, "get_state") else None}
+                for i, layer in enumerate(_env_layers(model.get_env()))]}
+
+    def write(fh: Any) -> None:
+        np.savez(fh, __json__=np.array(json.dumps(meta)), **arrays)
+
+    atomic_write(path, write)
+
+
+def restore_resume_state(path: Path, model: PPO) -> str | None:
+    """Restore :func:`save_resume_state`'s file into the freshly loaded ``model`` and its env.
+
+    Returns None when the run now continues exactly, else why not (no state file, another env stack,
+    another checkpoint): the run then resumes as SB3 does, with a fresh env ``reset()``.
+    """
+    if not path.is_file():
+        return f"no {path.name} beside the checkpoint"
+    layers = _env_layers(model.get_env())
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            meta = json.loads(str(arrays["__json__"]))
+            if meta.get("format") != RESUME_FORMAT or meta.get("num_timesteps") != model.num_timesteps:
+                return f"{path.name} belongs to another checkpoint or format"
+            if [e["class"] for e in meta["env"]] != [type(layer).__name__ for layer in layers]:
+                return f"{path.name} was saved with another env stack"
+            for i, (layer, saved) in enumerate(zip(layers, meta["env"])):
+                if saved["state"] is not None:
+                    layer.set_state(_join(f"env{i}", saved["state"], arrays))
+            if meta["algorithm"] is not None:
+                model.set_state(_join("algorithm", meta["algorithm"], arrays))
+            model._last_obs = arrays["last_obs"].copy()
+            model._last_episode_starts = arrays["last_episode_starts"].copy()
+            bit_generator, pos, has_gauss, cached = meta["numpy_rng"]
+            np.random.set_state((bit_generator, arrays["numpy_rng_key"], pos, has_gauss, cached))
+            version, internal, gauss = meta["python_rng"]
+            random.setstate((version, tuple(internal), gauss))
+            torch.set_rng_state(torch.from_numpy(arrays["torch_rng"].copy()))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, zipfile.BadZipFile) as exc:
+        # nothing half-restored matters: the env is reset and SB3 starts its rollout afresh
+        model._last_obs = None
+        return f"{path.name} is unreadable ({type(exc).__name__})"
+    return None
+
+
 class PeriodicCheckpoint(BaseCallback):
-    """Saves ``checkpoints/step_<timesteps>.zip`` every ``every`` steps, atomically; with ``echo``, also a
-    progress line (steps done of ``total``, steps/s), so a log redirected to a file shows progress;
-    ``also(timesteps)`` saves what must be restored with the checkpoint (e.g. an ATLA director)."""
+    """Saves ``checkpoints/step_<timesteps>.zip`` at the first rollout boundary after every ``every``
+    steps, atomically; with ``echo``, also a progress line (steps done of ``total``, steps/s), so a log
+    redirected to a file shows progress; ``also(timesteps)`` first saves what must be restored with the
+    checkpoint (an ATLA director, the exact-resume state). At a rollout boundary (the start of the next
+    rollout, or the end of training, after the update on the last one) nothing is half-collected, so a
+    resume can continue exactly.
+    """
 
     def __init__(self, run: RunDir, every: int, total: int | None = None,
                  echo: Callable[[str], None] | None = None, also: Callable[[int], None] | None = None) -> None:
@@ -145,6 +257,15 @@ class PeriodicCheckpoint(BaseCallback):
         self._start, self._started_at = time.perf_counter(), self.num_timesteps
 
     def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_start(self) -> None:
+        self._save_if_due()
+
+    def _on_training_end(self) -> None:   # after the update on the last rollout: a boundary too
+        self._save_if_due()
+
+    def _save_if_due(self) -> None:
         if self.num_timesteps >= self._next:
             if self.also is not None:   # first: a team checkpoint never exists without what it needs
                 self.also(self.num_timesteps)
@@ -155,4 +276,3 @@ class PeriodicCheckpoint(BaseCallback):
                 self.echo(f"step {self.num_timesteps}{of} ({rate:.0f} steps/s), checkpoint "
                           f"{self.run.checkpoint_at(self.num_timesteps)}")
             self._next += self.every * max(1, (self.num_timesteps - self._next) // self.every + 1)
-        return True

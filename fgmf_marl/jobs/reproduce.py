@@ -45,8 +45,10 @@ Choices, and why:
 * **Resuming.** An interrupted training task restarts with ``--resume`` from its latest checkpoint;
   one killed before its first checkpoint starts from zero; one killed after its training but before
   its final evaluation resumes into that evaluation only (``train --resume`` on a trained run).
-  A resumed run is not bit-for-bit the run an uninterrupted one would have been (checkpoints hold no
-  random-generator or env state), so its record says ``resumed_from``, and so does RESULTS.md.
+  On the native env a resumed run is bit-for-bit the run an uninterrupted one would have been: each
+  periodic checkpoint carries its random streams and env state (``fgmf_marl.jobs.checkpoints``,
+  ``save_resume_state``); PettingZoo envs and ATLA-director runs resume with a fresh env reset instead
+  (the training log says which). Either way the record says ``resumed_from``, and so does RESULTS.md.
   Other tasks are short and rerun from zero. A failed task is reported with its log path, and blocks
   only the tasks that depend on it.
 

@@ -40,7 +40,8 @@ from fgmf_marl.attribution import PGCA
 from fgmf_marl.config import ConfigError
 from fgmf_marl.defenses.config import DEFENSE_KINDS
 from fgmf_marl.jobs import cli
-from fgmf_marl.jobs.checkpoints import PeriodicCheckpoint, load_model, save_checkpoint
+from fgmf_marl.jobs.checkpoints import (PeriodicCheckpoint, exact_resume_supported, load_model, restore_resume_state,
+                                        save_checkpoint, save_resume_state)
 from fgmf_marl.jobs.train_config import TrainConfig
 from fgmf_marl.oversight import OversightLogger
 from fgmf_marl.oversight.render import overlay
@@ -304,7 +305,15 @@ def training_callbacks(cfg: TrainConfig, model: PPO, attacked: AttackedVecEnv | 
     """
     callbacks: list[BaseCallback] = [TeamReturnCallback(n_agents_of(model.env, cfg.env), reference_for(cfg.env))]
     if run is not None:
-        also = None if director is None else (lambda n: save_checkpoint(director.director, director_path(run, n)))
+        # an ATLA director's own PPO, env and phase counter are not captured: such runs resume inexactly
+        exact = director is None and exact_resume_supported(model.get_env())
+
+        def also(timesteps: int) -> None:
+            if director is not None:
+                save_checkpoint(director.director, director_path(run, timesteps))
+            if exact:
+                save_resume_state(run.resume_state_of(run.checkpoint_at(timesteps)), model)
+
         callbacks.append(PeriodicCheckpoint(run, cfg.checkpoint_every, also=also))
     if attacked is not None:
         attacked.view = PolicyView.from_model(model)
@@ -347,6 +356,12 @@ def train(cfg: TrainConfig, run_root: str | Path, *, resume: bool = False, progr
                 director = director_trainer(cfg, PolicyView.from_model(model),
                                             saved if saved is not None and saved.is_file() else None)
             callbacks = CallbackList(training_callbacks(cfg, model, attacked, run, director))
+            if resume:   # last, so that nothing set up above draws from the restored random streams
+                latest = run.latest_checkpoint()
+                why = "an ATLA director's training state is not saved" if director is not None else \
+                    restore_resume_state(run.resume_state_of(latest), model)
+                print(f"resuming from {latest.name}: " + ("exactly (random streams and env state restored)"
+                                                          if why is None else f"with a fresh env reset ({why})"))
             start = time.perf_counter()
             with compute_dtype(model.policy, cfg.policy.torch_train_dtype):
                 model.learn(remaining, callback=callbacks, progress_bar=progress, reset_num_timesteps=not resume,
