@@ -268,6 +268,16 @@ def test_a_masked_gradient_column_reads_n_a_for_a_policy_without_a_gate() -> Non
         reproduce._value(trusted, dataclasses.replace(col, metric="trust/margin"), "explain")
 
 
+def test_only_runs_the_matching_tasks_and_what_they_depend_on() -> None:
+    tasks = reproduce.expand(reproduce.load_experiment(ROOT / "experiments" / "budget_adversary.yaml"), quick=False)
+    chosen = {t.id for t in reproduce.select(tasks, "evaluate/budget_k1/ppo/*")}
+    assert chosen == {f"{kind}/s{s}" for s in (0, 1, 2) for kind in ("train/ppo", "adversary/director_k1/ppo",
+                                                                       "evaluate/budget_k1/ppo")}
+    assert reproduce.select(tasks, None) == tasks
+    with pytest.raises(reproduce.ConfigError, match="--only 'train/nothing' matches no task"):
+        reproduce.select(tasks, "train/nothing")
+
+
 def test_quick_needs_toy_budgets_and_is_written_apart() -> None:
     exp = reproduce.load_experiment(ROOT / "experiments" / "default_job.yaml")
     full, quick = reproduce.expand(exp, quick=False), reproduce.expand(exp, quick=True)

@@ -1004,6 +1004,7 @@ class ReproduceConfig:
     results: str | None = None            # default docs/RESULTS.md (docs/RESULTS.quick.md under --quick)
     figures: str | None = None            # default docs/figures (docs/figures/quick under --quick)
     rerun: str | None = None              # glob of task ids to rerun although cached ("*": all)
+    only: str | None = None               # glob of task ids to run (with their dependencies); the rest stay missing
 
     def validate(self) -> None:
         if not self.experiment:
@@ -1026,8 +1027,24 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--figures", help="folder of the tables' figures (default docs/figures[/quick])")
     p.add_argument("--rerun", nargs="?", const="*", metavar="GLOB",
                    help="rerun cached tasks: all, or those whose id matches GLOB (e.g. 'train/fgmf/*')")
+    p.add_argument("--only", metavar="GLOB", help="run only the tasks whose id matches GLOB and what they depend on "
+                   "(e.g. '*/ppo/*'); the tables show the other cells as missing (a partial run within a compute budget)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
+
+
+def select(tasks: list[Task], pattern: str | None) -> list[Task]:
+    """The tasks whose id matches ``pattern`` and, transitively, their dependencies (all tasks for None)."""
+    if pattern is None:
+        return tasks
+    chosen = {t.id for t in tasks if fnmatch.fnmatch(t.id, pattern)}
+    if not chosen:
+        raise ConfigError(f"--only {pattern!r} matches no task; task ids look like {tasks[0].id!r}, "
+                          f"{tasks[-1].id!r}")
+    for task in reversed(tasks):   # dependencies come first, so one backward pass closes the set
+        if task.id in chosen:
+            chosen.update(task.deps)
+    return [t for t in tasks if t.id in chosen]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1035,11 +1052,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = cli.load_config(ReproduceConfig, flags={
         "experiment": args.experiment, "quick": args.quick or None, "address": args.address,
         "max_parallel": args.max_parallel, "results_root": args.results_root, "results": args.results,
-        "figures": args.figures, "rerun": args.rerun})
+        "figures": args.figures, "rerun": args.rerun, "only": args.only})
     name = Path(cfg.experiment).stem
     exp = load_experiment(cfg.experiment)
     tasks = expand(exp, quick=cfg.quick, where=cfg.experiment)
     check_tables(exp, tasks, cfg.experiment)
+    chosen = select(tasks, cfg.only)
     suffix = "-quick" if cfg.quick else ""
     root = Path(cfg.results_root or Path("runs") / "reproduce" / f"{name}{suffix}").resolve()
     results = Path(cfg.results or ("docs/RESULTS.quick.md" if cfg.quick else "docs/RESULTS.md"))
@@ -1053,9 +1071,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cfg.rerun is not None and fnmatch.fnmatch(task.id, cfg.rerun) or rerun.intersection(task.deps):
             rerun.add(task.id)
     start = time.perf_counter()
-    records = run_tasks(root, tasks, max_parallel=max_parallel, address=address, rerun=lambda t: t.id in rerun,
+    records = run_tasks(root, chosen, max_parallel=max_parallel, address=address, rerun=lambda t: t.id in rerun,
                         progress=not args.no_progress)
-    shown = " ".join(["python scripts/reproduce.py", cfg.experiment] + (["--quick"] if cfg.quick else []))
+    shown = " ".join(["python scripts/reproduce.py", cfg.experiment] + (["--quick"] if cfg.quick else [])
+                     + ([f"--only '{cfg.only}'"] if cfg.only else []))
     text = section_markdown(name, exp, tasks, records, root, quick=cfg.quick, command=shown, figures=figures,
                             results=results, wall=time.perf_counter() - start)
     write_section(results, name + suffix, text)
