@@ -103,7 +103,7 @@ def test_logger_every_k_steps_attack_facts_and_tensorboard(tmp_path: Path) -> No
     writer.close()
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
-    assert "oversight/lowest_agreement_step" in events.Tags()["images"]
+    assert "oversight/least_trusted_step" in events.Tags()["images"]
     assert len(events.Scalars("oversight/mean_agreement")) == 2
     ep = load_episode(tmp_path / "ep_000001")
     a = ep.arrays

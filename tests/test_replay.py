@@ -207,13 +207,13 @@ def test_legend_colours_match_the_native_env() -> None:
 
 # ------------------------------------------------------------------ ranking and cards (item 4)
 def _attacked(ep):
-    """The episode as under PGD: every action flipped; agreement and (flat) values made up to test the ranking."""
+    """The episode as under PGD: every action flipped; evidence and (flat) values made up to test the ranking."""
     a = ep.arrays
-    L, N = a["agreement"].shape
+    L, N = a["evidence"].shape
     a["flipped"] = np.ones_like(a["flipped"])
-    agree = np.linspace(0.9, -0.5, L * N).reshape(L, N)             # the lowest at the last step
-    agree[1, :] = -0.9                                          # except step index 1: the lowest, for every agent
-    a["agreement"] = agree.astype(np.float32)
+    evidence = np.linspace(1.9, 0.5, L * N).reshape(L, N)           # the lowest at the last step
+    evidence[1, :] = 0.1                                        # except step index 1: the lowest, for every agent
+    a["evidence"] = evidence.astype(np.float32)
     a["values"] = np.zeros_like(a["values"])
     return ep
 
@@ -222,15 +222,17 @@ def test_review_steps_rank_when_every_step_flips(small_log: Path) -> None:
     from fgmf_marl.oversight.report import review_steps
     ep = _attacked(load_episode(small_log / "ep_000000"))
     steps = review_steps(ep, limit=3)
-    assert [j for j, _, _ in steps] == [1, 2, 0]               # lowest agreement first, one card per step, not t order
-    assert steps[0] == (1, 0, "flipped action, agreement -0.90, value drop +0.000")
-    assert all(why.startswith("flipped action, agreement") for _, _, why in steps)
+    assert [j for j, _, _ in steps] == [1, 2, 0]               # lowest evidence first, one card per step, not t order
+    assert steps[0] == (1, 0, "flipped action, evidence +0.10, value drop +0.000")
+    assert all(why.startswith("flipped action, evidence") for _, _, why in steps)
     t1 = int(ep.arrays["logged_t"][1])
     ep.arrays["values"][t1 - 1, :] = 1.0
-    ep.arrays["values"][t1, 1] = -1.0                          # the agents tie on agreement: agent 1 lost more value
-    assert review_steps(ep, limit=1) == [(1, 1, "flipped action, agreement -0.90, value drop +2.000")]
-    ep.arrays["flipped"][:] = False                            # nothing flipped: lowest agreement first
-    assert review_steps(ep, limit=1)[0][2].startswith("not flipped, agreement -0.90")
+    ep.arrays["values"][t1, 1] = -1.0                          # the agents tie on evidence: agent 1 lost more value
+    assert review_steps(ep, limit=1) == [(1, 1, "flipped action, evidence +0.10, value drop +2.000")]
+    ep.arrays["flipped"][:] = False                            # nothing flipped: lowest evidence first
+    assert review_steps(ep, limit=1)[0][2].startswith("not flipped, evidence +0.10")
+    del ep.arrays["evidence"]                                  # a log from before evidence existed: agreement ranks
+    assert review_steps(ep, limit=1)[0][2].startswith("not flipped, agreement")
 
 
 def test_cards_show_and_frame_their_agent(small_log: Path, tmp_path: Path) -> None:
@@ -242,7 +244,7 @@ def test_cards_show_and_frame_their_agent(small_log: Path, tmp_path: Path) -> No
     assert (card == render.FOCUS).all(-1).sum() > 4 * 3 * 100   # a 3 px frame round the agent's row
     assert not (full == render.FOCUS).all(-1).any() and card.shape[0] < full.shape[0]
     page = episode_section(ep)
-    assert RANKING in page and "<b>#1 agent 0: flipped action, agreement -0.90" in page
+    assert RANKING in page and "<b>#1 agent 0: flipped action, evidence +0.10" in page
     assert "alt='agent 0 at step" in page
 
 

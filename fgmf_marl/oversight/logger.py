@@ -31,14 +31,14 @@ from torch import Tensor
 
 from fgmf_marl.attribution.metrics import pointing_game, relevance_mass_accuracy
 from fgmf_marl.attribution.pgca import PGCA
-from fgmf_marl.oversight.render import overlay
+from fgmf_marl.oversight.render import overlay, review_signal
 from fgmf_marl.oversight.store import LogWriter
 from fgmf_marl.policy import PolicyLike
 
 
 PER_STEP = ("actions", "clean_actions", "greedy_actions", "probs", "values", "rewards", "linf", "flipped")
 PER_LOGGED = ("clean_obs", "seen_obs", "pgca_P", "pgca_G", "pgca_consensus", "pgca_final", "agreement", "topk_iou",
-              "sgam_mask", "relevance", "frames")
+              "evidence", "sgam_mask", "relevance", "frames")
 
 
 def sgam_mask_of(view: PolicyLike, obs: Tensor) -> Tensor | None:
@@ -61,8 +61,8 @@ class OversightLogger:
     """Step hook that buffers per-env episodes and writes them to an oversight log directory.
 
     ``frame_fn() -> (n_envs, h, w, 3)`` (e.g. ``CoverageVecEnv.global_frames``) adds the global frame;
-    ``tb_writer`` (a ``SummaryWriter``) gets per-episode scores and the overlay of the step with the
-    lowest agreement; ``run_info`` is copied into every episode's JSON (checkpoint, config, seed);
+    ``tb_writer`` (a ``SummaryWriter``) gets per-episode scores and the overlay of the least trusted
+    step (``render.review_signal``); ``run_info`` is copied into every episode's JSON (checkpoint, config, seed);
     ``action_names`` label actions in replays. ``append`` and ``key`` are :class:`LogWriter`'s: a
     folder holding a log is refused unless ``append``, and a ``key`` adds an HMAC to every record.
     :meth:`close` seals the log and returns its head hash, which the caller keeps elsewhere.
@@ -158,6 +158,7 @@ class OversightLogger:
                     buf[key].append(val[rows])
                 buf["agreement"].append(expl.agreement[rows].numpy())
                 buf["topk_iou"].append(expl.topk_iou[rows].numpy())
+                buf["evidence"].append(expl.evidence[rows].numpy())
                 if mask is not None:
                     buf["sgam_mask"].append(mask[rows].cpu().numpy().astype(np.float16))
                 if record.relevance is not None:
@@ -179,7 +180,7 @@ class OversightLogger:
         arrays["logged_t"] = np.asarray(buf["logged_t"], dtype=np.int64)
         arrays["actions"] = arrays["actions"].astype(np.int64)
         arrays["clean_actions"] = arrays["clean_actions"].astype(np.int64)
-        for key in ("probs", "values", "rewards", "linf", "agreement", "topk_iou"):
+        for key in ("probs", "values", "rewards", "linf", "agreement", "topk_iou", "evidence"):
             if key in arrays:
                 arrays[key] = arrays[key].astype(np.float32)
         rewards = arrays["rewards"]
@@ -196,6 +197,8 @@ class OversightLogger:
             summary.update(mean_agreement=float(arrays["agreement"].mean()),
                            min_agreement=float(arrays["agreement"].min()),
                            mean_topk_iou=float(arrays["topk_iou"].mean()))
+        if "evidence" in arrays and np.isfinite(arrays["evidence"]).any():
+            summary.update(min_evidence=float(np.nanmin(arrays["evidence"])))
         if "relevance" in arrays:
             h, w = arrays["relevance"].shape[-2:]
             final = torch.from_numpy(arrays["pgca_final"].astype(np.float32)).reshape(-1, h, w)
@@ -214,6 +217,8 @@ class OversightLogger:
                        "logged": t in logged_index}
                 if t in logged_index and "agreement" in arrays:
                     rec["agreement"] = float(arrays["agreement"][logged_index[t], a])
+                if t in logged_index and "evidence" in arrays:
+                    rec["evidence"] = float(arrays["evidence"][logged_index[t], a])
                 records.append(rec)
         meta = {"env_index": env, "episode_in_env": episode_in_env, "n_agents": n_agents,
                 "attack": self.attack_name, "every": self.every, "action_names": self.action_names,
@@ -228,11 +233,12 @@ class OversightLogger:
         for key in ("team_return", "flip_rate", "mean_agreement", "relevance_mass_accuracy"):
             if key in summary:
                 self.tb.add_scalar(f"oversight/{key}", summary[key], index)
-        if "pgca_final" in arrays:
-            j = int(np.argmin(arrays["agreement"].min(axis=1)))  # the step a reviewer should see first
+        signal = review_signal(arrays)
+        if "pgca_final" in arrays and signal is not None:
+            j = int(np.argmin(signal[1].min(axis=1)))  # the step a reviewer should see first
             tiles = [overlay(arrays["seen_obs"][j, a].astype(np.float32), arrays["pgca_final"][j, a].astype(np.float32))
                      for a in range(arrays["seen_obs"].shape[1])]
-            self.tb.add_image("oversight/lowest_agreement_step", np.concatenate(tiles, axis=1), index, dataformats="HWC")
+            self.tb.add_image("oversight/least_trusted_step", np.concatenate(tiles, axis=1), index, dataformats="HWC")
         self.tb.flush()
 
     def close(self) -> str:

@@ -120,7 +120,23 @@ def caption_parts(ep: Episode, j: int, agent: int) -> list[str]:
         parts.append("FLIPPED")
     if "agreement" in a:
         parts.append(f"agreement {float(a['agreement'][j, agent]):+.2f}")
+    if "evidence" in a and np.isfinite(a["evidence"][j, agent]):
+        parts.append(f"evidence {float(a['evidence'][j, agent]):.2f}")
     return parts
+
+
+def review_signal(arrays: dict[str, np.ndarray]) -> tuple[str, np.ndarray] | None:
+    """The per-logged-step trust signal (L, N) a reviewer is pointed by (low = look first), and its name.
+
+    PGCA's evidence (the largest drop of the target score one segment's removal causes) where the log
+    has it: it predicted the explanation's relevance mass on held-out policies, while the P-G agreement
+    did not (docs/EXPERIMENTS.md, "Trust signals"); logs written before it existed fall back to agreement.
+    """
+    if "evidence" in arrays and np.isfinite(arrays["evidence"]).all():
+        return "evidence", arrays["evidence"].astype(np.float64)
+    if "agreement" in arrays:
+        return "agreement", arrays["agreement"].astype(np.float64)
+    return None
 
 
 def caption(ep: Episode, j: int, agent: int) -> str:

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from fgmf_marl.oversight.render import (AGENT_COLOUR_NAMES, AGENT_COLOURS, OUTLINE, OWN_VIEW_LEGEND,  # noqa: E402
-                                        caption, columns, compose_frame, same_size)
+                                        caption, columns, compose_frame, review_signal, same_size)
 from fgmf_marl.atomic import atomic_write_bytes  # noqa: E402
 from fgmf_marl.config import ConfigError  # noqa: E402
 from fgmf_marl.oversight.store import (FORMAT, Episode, find_logs, list_episodes, load_episode,  # noqa: E402
@@ -119,9 +119,11 @@ def timelines(ep: Episode) -> str:
 
 #: how :func:`review_steps` ranks, shown on the page above the cards
 RANKING = ("Ranked: flipped actions first (the attack changed the greedy action), among them the lowest PGCA "
-           "agreement first (the explanation is least trustworthy where the attack worked), ties broken by the "
-           "largest drop of the agent's value estimate since the previous step; then unflipped steps by lowest "
-           "agreement. At most one card per step (its top-ranked agent), so a run of flips cannot fill the list.")
+           "evidence first (the largest drop of the action's score that removing one entity causes: where no entity "
+           "matters much the map rests on noise, and on held-out policies such steps had the worst explanations; "
+           "logs without it rank by the P-G agreement), ties broken by the largest drop of the agent's value "
+           "estimate since the previous step; then unflipped steps by the same signal. At most one card per step "
+           "(its top-ranked agent), so a run of flips cannot fill the list.")
 
 
 def review_steps(ep: Episode, limit: int = 8) -> list[tuple[int, int, str]]:
@@ -135,12 +137,13 @@ def review_steps(ep: Episode, limit: int = 8) -> list[tuple[int, int, str]]:
     values = a["values"].astype(np.float64)
     drop = np.zeros_like(values)
     drop[1:] = values[:-1] - values[1:]
-    agree = a["agreement"].astype(np.float64) if "agreement" in a else np.zeros((len(logged), n))
+    signal = review_signal(a)
+    name, trust = signal if signal is not None else ("", np.zeros((len(logged), n)))
     keyed = []
     for j, t in enumerate(logged):
         for k in range(n):
             flipped = bool(a["flipped"][t, k])
-            keyed.append(((not flipped, agree[j, k], -drop[t, k], j, k), j, k, flipped))
+            keyed.append(((not flipped, trust[j, k], -drop[t, k], j, k), j, k, flipped))
     keyed.sort(key=lambda x: x[0])
     out: list[tuple[int, int, str]] = []
     used: set[int] = set()
@@ -152,8 +155,8 @@ def review_steps(ep: Episode, limit: int = 8) -> list[tuple[int, int, str]]:
         used.add(j)
         t = int(logged[j])
         parts = ["flipped action" if flipped else "not flipped"]
-        if "agreement" in a:
-            parts.append(f"agreement {agree[j, k]:+.2f}")
+        if name:
+            parts.append(f"{name} {trust[j, k]:+.2f}")
         parts.append(f"value drop {drop[t, k]:+.3f}")
         out.append((j, k, ", ".join(parts)))
     return out

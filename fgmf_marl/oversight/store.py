@@ -75,6 +75,7 @@ pgca_consensus      (L, N, H, W) f16        geometric-mean consensus
 pgca_final          (L, N, H, W) f16        smoothed, contrast-enhanced map shown to reviewers
 agreement           (L, N) f32              Spearman agreement of P and G, in [-1, 1]
 topk_iou            (L, N) f32              top-k cell IoU of P and G, in [0, 1]
+evidence            (L, N) f32              largest drop of the target score one segment's removal causes (>= 0; NaN for grid P)
 sgam_mask           (L, N, H, W) f16        SGAM keep-mask (only when the policy has SGAM)
 relevance           (L, N, H, W) bool       ground-truth relevance (native env only)
 frames              (L, h, w, 3) uint8      global frame when the agents observed (only with a frame source)
