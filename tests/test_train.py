@@ -202,10 +202,12 @@ def _policy_tensors(path: Path) -> dict[str, torch.Tensor]:
      "defense.sgam.start=0", "defense.sgam.warmup=0"],
 ], ids=["ppo", "fgmf_adversarial"])
 def test_an_interrupted_run_resumes_bit_for_bit(tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str]) -> None:
-    """What a kill after the step-768 checkpoint leaves, resumed, ends in the uninterrupted run's very weights."""
+    """What a kill after the step-768 checkpoint leaves, resumed, ends in the uninterrupted run's very weights.
+
+    1,536 steps, so that two updates follow the cut: the learning rate anneals to 0 at the last one."""
     fast = [o for o in FAST if not o.startswith("checkpoint_every")] + ["checkpoint_every=384"]
     clean = RunDir(tmp_path / "clean")
-    assert cli(["--timesteps", "1152", "--run-dir", str(clean.root), "--no-progress", *fast, *extra]) == 0
+    assert cli(["--timesteps", "1536", "--run-dir", str(clean.root), "--no-progress", *fast, *extra]) == 0
     assert clean.resume_state_of(clean.checkpoint_at(768)).is_file()
     cut = clean.checkpoint_at(768)
 
