@@ -905,7 +905,9 @@ def section_markdown(name: str, exp: Experiment, tasks: list[Task], records: dic
     if quick:
         lines += [f"**{QUICK_LABEL}: these numbers check that the pipeline runs; they measure nothing.**", ""]
     lines += [exp.description.strip(), "",
-              f"- command: `{command}` (wall time of this invocation: {wall:.0f} s)",
+              f"- command: `{command}` (wall time of this invocation: {wall:.0f} s"
+              + ("; every task was cached, so it only wrote the tables: the tasks' own times are in the cells)"
+                 if records and all(r.get("cached") for r in records.values()) else ")"),
               f"- results root: `{_shown(root)}`: every command below runs there (`scripts/` is the repository's); "
               "each task's config, log and record are under its `tasks/` folder",
               f"- written by code version `{version}`; cells computed at "
