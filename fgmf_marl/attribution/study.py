@@ -229,8 +229,8 @@ class ExplainEvalResult:
         return "\n".join(lines)
 
 
-#: per-step trust signals the study scores (low = trust less): PGCA's P-G agreement (what the report ranks
-#: by today), its evidence (the largest drop of the target score one segment's removal causes: a map whose
+#: per-step trust signals the study scores (low = trust less): PGCA's P-G agreement (what the report ranked
+#: by until evidence replaced it), its evidence (the largest drop of the target score one segment's removal causes: a map whose
 #: top entity barely matters rests on noise) and the policy's confidence (top-1 minus top-2 action
 #: probability, a method-free reference any signal must beat)
 TRUST_SIGNALS = ("agreement", "evidence", "confidence")
