@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from envs.registry import PETTINGZOO_ENVS
+from envs.registry import MASKED_ENVS, PETTINGZOO_ENVS
 from fgmf_marl.jobs.evaluate import entry as eval_cli
 from fgmf_marl.jobs.explain import entry as explain_cli
 from fgmf_marl.jobs.train import entry as train_cli
@@ -45,10 +45,23 @@ def test_trained_policy_is_evaluated_under_attack_with_audit_and_oversight_log(r
     assert results["oversight_logs"] and all(verify(entry["dir"]).ok for entry in results["oversight_logs"])
 
 
-def test_explanation_metrics_refuse_an_env_without_relevance_masks(run: Path, capsys: pytest.CaptureFixture) -> None:
-    assert explain_cli(["--checkpoint", str(run), "--episodes", "1", "--n-envs", "1", "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "relevance masks" in err and "\n" not in err
+def test_explanation_metrics_run_where_the_env_gives_masks_and_refuse_in_one_line_elsewhere(
+        run: Path, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture) -> None:
+    args = ["--checkpoint", str(run), "--episodes", "1", "--n-envs", "1", "--every", "10", "--ig-steps", "2",
+            "--deletion-steps", "2", "--eps", "0", "--sensitivity-samples", "0", "--randomisation-samples", "0",
+            "--no-progress"]
+    if request.node.callspec.params["run"] not in MASKED_ENVS:
+        assert explain_cli(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert "relevance masks" in err and "pistonball" in err and "\n" not in err
+        return
+    assert explain_cli(args) == 0
+    study = json.loads((run / "eval" / "explain_eval.json").read_text())
+    rows = {row["method"]: row for row in study["table"]}
+    # 20 pistons x the steps 0 and 10 of the one 20-cycle episode, each scored against pistonball's masks
+    assert study["settings"]["n_samples"] == 40 and study["settings"]["n_episodes"] == 1
+    for metric in ("relevance_mass", "target_mass", "pointing_game"):
+        assert 0.0 <= rows["PGCA"][metric]["mean"] <= 1.0 and rows["PGCA"][metric]["n"] > 0
 
 
 def test_a_defended_policy_trains_on_a_pettingzoo_env(tmp_path: Path) -> None:

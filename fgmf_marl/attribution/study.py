@@ -123,14 +123,14 @@ class _MaskTap:
 
 
 def collect_samples(view: PolicyLike, venv: Any, n_episodes: int, every: int = 4, seed: int = 0,
-                    perturb: Perturb | None = None) -> Samples:
+                    perturb: Perturb | None = None, n_agents: int | None = None) -> Samples:
     """Observations, taken actions and relevance masks at every ``every``-th step of ``n_episodes`` episodes.
 
     Only the episodes ``rollout`` counts are sampled, so ``n_episodes`` means episodes in total
-    whatever the number of env copies.
+    whatever the number of env copies. ``n_agents`` (slots per env copy) as :func:`rollout` takes it.
     """
     if not hasattr(venv, "relevance_masks"):
-        raise ValueError("explanation metrics need ground-truth relevance masks: use the native env")
+        raise ValueError("explanation metrics need ground-truth relevance masks: use the native env or pistonball")
     obs, target, masks, tmasks, episode = [], [], [], [], []
     tap = _MaskTap(venv)
     ids: dict[tuple[int, int], int] = {}
@@ -147,7 +147,7 @@ def collect_samples(view: PolicyLike, venv: Any, n_episodes: int, every: int = 4
                     tmasks.append(torch.as_tensor(tap.last_target[sl]))
                 key = ids.setdefault((b, int(rec.episode[b])), len(ids))
                 episode.append(torch.full((n,), key, dtype=torch.long))
-    rollout(view, tap, n_episodes, step_hook=hook, perturb=perturb, seed=seed)
+    rollout(view, tap, n_episodes, n_agents=n_agents, step_hook=hook, perturb=perturb, seed=seed)
     return Samples(torch.cat(obs), torch.cat(target).long(), torch.cat(masks).bool(),
                    torch.cat(tmasks).bool() if len(tmasks) == len(masks) else None, torch.cat(episode))
 

@@ -1,9 +1,10 @@
 """``scripts/explain_eval.py --checkpoint runs/<name>``: the explanation-quality table of a trained policy.
 
-Runs ``episodes`` evaluation episodes on the run's native env (fresh seeds,
+Runs ``episodes`` evaluation episodes on the run's env (fresh seeds,
 ``fgmf_marl.seeds.EXPLANATION``), keeps every ``every``-th step of every agent, and compares PGCA,
 its stages P and G alone, the old grid P and Grad-CAM++, Integrated Gradients, Occlusion, GradientShap,
-SmoothGrad and a random map on the same observations against both ground-truth masks, with 95 %
+SmoothGrad and a random map on the same observations against both ground-truth masks (the native env
+draws them; for pistonball ``envs/ground_truth.py`` computes them from the physics state), with 95 %
 bootstrap intervals over episodes (see
 :mod:`fgmf_marl.attribution.study`). With ``eps`` > 0 the maps are also compared on PGD-attacked
 observations (also their relevance mass on those observations), and for a policy with an SGAM gate
@@ -25,7 +26,7 @@ from typing import Sequence
 import torch
 
 from agents.policy_view import PolicyView
-from envs.registry import MAX_ENVS, make_vec_env
+from envs.registry import MASKED_ENVS, MAX_ENVS, make_vec_env, n_agents_of
 from fgmf_marl import config as cfglib
 from fgmf_marl import seeds
 from fgmf_marl.atomic import atomic_write_text
@@ -86,16 +87,17 @@ def explain(cfg: ExplainConfig, *, progress: bool = True) -> Path:
     out = Path(cfg.out) if cfg.out else (run.eval if run else ckpt.parent / "eval")
     check_output_dir(out, "--out")                       # before the study's minutes of compute, not after
     model, train_cfg = load_model(cfg.checkpoint, device=cfg.device)
-    if train_cfg.env.name != "native":
-        raise ConfigError(f"explanation metrics need the native env's relevance masks; this run uses env "
-                          f"{train_cfg.env.name!r} (accepted: native)")
-    check_range("--grid", cfg.grid, 1, train_cfg.env.native.size)   # cells of at least one pixel
+    if train_cfg.env.name not in ("native", *MASKED_ENVS):
+        raise ConfigError(f"explanation metrics need ground-truth relevance masks, which env {train_cfg.env.name!r} "
+                          f"does not give; accepted: {', '.join(('native', *MASKED_ENVS))}")
+    check_range("--grid", cfg.grid, 1, train_cfg.env.image_size)   # cells of at least one pixel
     torch.manual_seed(cfg.seed)
     view = PolicyView.from_model(model).eval()
     eval_seed = seeds.env_seed(cfg.seed, seeds.EXPLANATION)
-    venv = make_vec_env(dataclasses.replace(train_cfg.env, n_envs=cfg.n_envs), seed=eval_seed)
+    env_cfg = dataclasses.replace(train_cfg.env, n_envs=cfg.n_envs)
+    venv = make_vec_env(env_cfg, seed=eval_seed)
     start = time.perf_counter()
-    samples = collect_samples(view, venv, cfg.episodes, every=cfg.every, seed=cfg.seed)
+    samples = collect_samples(view, venv, cfg.episodes, every=cfg.every, seed=cfg.seed, n_agents=n_agents_of(venv, env_cfg))
     attack = functools.partial(PGD(cfg.eps / 255, steps=10), view) if cfg.eps > 0 else None
     methods = default_methods(view, seed=cfg.seed, grid=cfg.grid, ig_steps=cfg.ig_steps)
     result = explain_eval(view, samples, methods, attack=attack,
