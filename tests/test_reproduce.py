@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import functools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -230,6 +231,28 @@ def test_a_bad_experiment_file_is_one_line_and_exit_2_before_anything_starts(
     assert not (tmp_path / "root").exists() and not (tmp_path / "RESULTS.md").exists()
 
 
+@pytest.mark.parametrize("metric, message", [
+    ("PGCA", "accepted for an explain source: METHOD/METRIC or trust/SIGNAL"),
+    ("pgca/relevance_mass", "unknown method 'pgca'; accepted: trust, PGCA, P (segments)"),
+    ("PGCA/relevance_mas", "unknown metric 'relevance_mas'; accepted: relevance_mass"),
+    ("trust/agreemnt", "unknown trust signal 'agreemnt'; accepted: agreement, evidence, confidence"),
+])
+def test_an_explain_column_naming_no_method_metric_or_signal_fails_before_anything_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture, metric: str, message: str) -> None:
+    data = yaml.safe_load(TINY.read_text())
+    data["evaluations"].append({"name": "explain", "kind": "explain", "runs": ["none"], "overrides": ["episodes=2"]})
+    data["tables"][0]["columns"].append({"label": "explained", "source": "explain", "metric": metric})
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    assert reproduce.entry(_args(tmp_path, path)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and not (tmp_path / "root").exists()
+    for good in ("PGCA/relevance_mass", "Integrated Gradients/deletion_auc", "trust/evidence"):
+        data["tables"][0]["columns"][-1]["metric"] = good
+        path.write_text(yaml.safe_dump(data, allow_unicode=True))
+        reproduce.load_experiment(path)   # accepted
+
+
 def test_budget_columns_read_the_strongest_heuristic_the_director_and_the_worst_within_a_budget() -> None:
     def row(attack: str, budget: str, selector: str | None, value: float) -> dict:
         return {"attack": attack, "eps255": 4.0, "budget": budget, "selector": selector, "normalised_mean": value,
@@ -250,6 +273,17 @@ def test_budget_columns_read_the_strongest_heuristic_the_director_and_the_worst_
     assert reproduce._value(data, col(attack="pgd[steps=10]"), "evaluate")[0] == -0.1  # the unbudgeted row
     with pytest.raises(reproduce.ConfigError, match="no learned attacker within budget p=0.25"):
         reproduce._value(data, col(attack="learned", budget="p=0.25"), "evaluate")
+
+
+def test_episode_counts_name_each_explain_study_once_beside_the_return_columns() -> None:
+    spec = functools.partial(reproduce.ColumnSpec, source="explain")
+    table = reproduce.TableSpec(name="t", rows=["ppo"], columns=[
+        reproduce.ColumnSpec(label="clean", source="train", metric="normalised_mean"),
+        spec(label="PGCA", metric="PGCA/relevance_mass"), spec(label="shielded", metric="PGCA/shielded_relevance_mass")])
+    cells = {("ppo", "clean"): reproduce.Cell([0.8], 768, [0]), ("ppo", "PGCA"): reproduce.Cell([0.9], 48, [0]),
+             ("ppo", "shielded"): reproduce.Cell([math.nan], 0, [0])}
+    counts = reproduce._episode_counts(table, cells, "ppo", {"explain": "explain"})
+    assert counts == ["clean 768", "explain 48"]
 
 
 def test_a_masked_gradient_column_reads_n_a_for_a_policy_without_a_gate() -> None:

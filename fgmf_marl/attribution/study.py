@@ -55,8 +55,12 @@ METRICS = {  # name -> (higher is better?)
 }
 
 
-def default_methods(view: PolicyLike, seed: int = 0, grid: int = 8, ig_steps: int = 32) -> dict[str, Callable[[PolicyLike], Attribution]]:
-    """Factories (view -> method) so that the randomisation test can rebuild each method.
+def default_methods(seed: int = 0, grid: int = 8, ig_steps: int = 32,
+                    image_size: int = 48) -> dict[str, Callable[[PolicyLike], Attribution]]:
+    """Factories (view -> method) so that the randomisation test can rebuild each method; the keys
+    are the method names tables refer to (``METHOD/METRIC``).
+
+    Occlusion's window is one grid cell of the ``image_size`` image, its stride half a cell.
 
     P and G are PGCA's own stages (segment perturbation, gradient x (input - background)); the old
     grid P and Grad-CAM++ stay as rows, since they were PGCA's parts before issue 20.
@@ -68,7 +72,7 @@ def default_methods(view: PolicyLike, seed: int = 0, grid: int = 8, ig_steps: in
         "P grid (old)": lambda v: PerturbationMap(v, grid=grid, seed=seed),
         "Grad-CAM++ (old G)": lambda v: GradCAMPlusPlus(v),
         "Integrated Gradients": lambda v: IntegratedGradientsMap(v, n_steps=ig_steps),
-        "Occlusion": lambda v: OcclusionMap(v, window=max(1, 48 // grid), stride=max(1, 24 // grid)),
+        "Occlusion": lambda v: OcclusionMap(v, window=max(1, image_size // grid), stride=max(1, image_size // (2 * grid))),
         "GradientShap": lambda v: GradientShapMap(v, seed=seed),
         "SmoothGrad": lambda v: SmoothGradMap(v, seed=seed),
         "Segment mask (no model)": lambda v: SegmentMask(v, grid=grid),

@@ -99,7 +99,7 @@ def explain(cfg: ExplainConfig, *, progress: bool = True) -> Path:
     start = time.perf_counter()
     samples = collect_samples(view, venv, cfg.episodes, every=cfg.every, seed=cfg.seed, n_agents=n_agents_of(venv, env_cfg))
     attack = functools.partial(PGD(cfg.eps / 255, steps=10), view) if cfg.eps > 0 else None
-    methods = default_methods(view, seed=cfg.seed, grid=cfg.grid, ig_steps=cfg.ig_steps)
+    methods = default_methods(seed=cfg.seed, grid=cfg.grid, ig_steps=cfg.ig_steps, image_size=train_cfg.env.image_size)
     result = explain_eval(view, samples, methods, attack=attack,
                           n_steps=cfg.deletion_steps, sensitivity_samples=cfg.sensitivity_samples,
                           randomisation_samples=cfg.randomisation_samples, seed=cfg.seed, progress=progress,

@@ -89,6 +89,8 @@ from tqdm.auto import tqdm
 from agents.adversary import AdversaryConfig
 from fgmf_marl import config as cfglib
 from fgmf_marl.atomic import atomic_write, atomic_write_text
+from fgmf_marl.attribution.study import METRICS as EXPLAIN_METRICS
+from fgmf_marl.attribution.study import TRUST_SIGNALS, default_methods
 from fgmf_marl.config import ConfigError, check_range
 from fgmf_marl.jobs import cli
 from fgmf_marl.jobs.evaluate import LEARNED, EvalConfig
@@ -277,9 +279,8 @@ def _check_column(where: str, col: ColumnSpec, rows: list[str], kinds: dict[str,
     if kind == "adversary":
         raise ConfigError(f"{where}.source={col.source!r} is an adversary; table it through the evaluation that "
                           "names it (adversary: NAME)")
-    if kind == "explain" and col.metric.count("/") != 1:
-        raise ConfigError(f"{where}.metric={col.metric!r}; accepted for an explain source: METHOD/METRIC, e.g. "
-                          "pgca/deletion_auc")
+    if kind == "explain":
+        _check_explain_metric(where, col.metric)
     if kind == "evaluate":
         if col.metric not in EVAL_METRICS:
             raise ConfigError(f"{where}.metric={col.metric!r}; accepted for an evaluate source: {', '.join(EVAL_METRICS)}")
@@ -289,6 +290,34 @@ def _check_column(where: str, col: ColumnSpec, rows: list[str], kinds: dict[str,
             raise ConfigError(f"{where}: attack {col.attack!r} needs a budget, e.g. budget: k=1")
         if col.attack in BUDGET_ATTACKERS and col.metric == "flip_rate":
             raise ConfigError(f"{where}: attack {col.attack!r} is the strongest by return; flip_rate needs an attack label")
+
+
+def _episode_counts(table: TableSpec, cells: dict[tuple[str, str], Cell], row: str, kinds: dict[str, str]) -> list[str]:
+    """``label N`` per return column of ``row``, and ``source N`` once per explain study (all its columns
+    score the same episodes; a column a policy has no value for, e.g. no gate, counts none)."""
+    out = [f"{c.label} {cells[row, c.label].episodes}" for c in table.columns if c.metric in RETURN_METRICS]
+    studies = dict.fromkeys(c.source for c in table.columns if kinds.get(c.source) == "explain")
+    out += [f"{source} {max(cells[row, c.label].episodes for c in table.columns if c.source == source)}"
+            for source in studies]
+    return out
+
+
+def _check_explain_metric(where: str, metric: str) -> None:
+    """``METHOD/METRIC`` names a method and a metric of explain_eval's table, ``trust/SIGNAL`` one of its
+    trust signals: checked here, so a typo fails before the study's minutes of compute, not in the tables step."""
+    method, _, name = metric.partition("/")
+    if not name or "/" in name:
+        raise ConfigError(f"{where}.metric={metric!r}; accepted for an explain source: METHOD/METRIC or trust/SIGNAL, "
+                          "e.g. PGCA/deletion_auc")
+    if method == "trust":
+        if name not in TRUST_SIGNALS:
+            raise ConfigError(f"{where}.metric={metric!r}: unknown trust signal {name!r}; accepted: {', '.join(TRUST_SIGNALS)}")
+        return
+    methods = default_methods()
+    if method not in methods:
+        raise ConfigError(f"{where}.metric={metric!r}: unknown method {method!r}; accepted: trust, {', '.join(methods)}")
+    if name not in EXPLAIN_METRICS:
+        raise ConfigError(f"{where}.metric={metric!r}: unknown metric {name!r}; accepted: {', '.join(EXPLAIN_METRICS)}")
 
 
 #: budgeted column attackers: the strongest heuristic, the trained director (see ColumnSpec)
@@ -926,6 +955,7 @@ def section_markdown(name: str, exp: Experiment, tasks: list[Task], records: dic
                   + (f" ({r['reason']})" if r.get("reason") else "") for r in failed]
         lines.append("")
     seeds = {r.name: r.seeds for r in exp.runs}
+    kinds = {e.name: e.kind for e in exp.evaluations}
     for table in exp.tables:
         cells = table_cells(root, table, tasks, records, exp)
         lines += [f"### {table.title or table.name}{label}", ""]
@@ -940,9 +970,7 @@ def section_markdown(name: str, exp: Experiment, tasks: list[Task], records: dic
                                  + " | ".join(format_cell(_only(cells[row, c.label], seed), c) for c in table.columns)
                                  + " |")
         lines += ["", "Mean ± std over seeds (std ddof 0). Episodes per cell (all seeds): "
-                  + "; ".join(f"{row}: " + ", ".join(f"{c.label} {cells[row, c.label].episodes}"
-                                                     for c in table.columns if c.metric in RETURN_METRICS)
-                              for row in table.rows) + "."]
+                  + "; ".join(f"{row}: " + ", ".join(_episode_counts(table, cells, row, kinds)) for row in table.rows) + "."]
         notes = [f"{row}, {c.label}: {', '.join(cells[row, c.label].notes)}" for row in table.rows
                  for c in table.columns if cells[row, c.label].notes and c.attack == "worst" and c.source != "train"]
         if notes:
