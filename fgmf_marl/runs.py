@@ -4,7 +4,9 @@
         config.yaml        the resolved config (every default filled in): rerun with --config
         checkpoints/       step_<timesteps>.zip (periodic) and final.zip; beside each periodic one,
                            step_<timesteps>.resume.npz: the random streams and env state --resume
-                           needs to continue exactly (fgmf_marl.jobs.checkpoints)
+                           needs to continue exactly (fgmf_marl.jobs.checkpoints), and
+                           step_<timesteps>.time.json: the training seconds spent up to it, so a
+                           resumed run reports its whole training time
         tb/                TensorBoard event files
         eval/              evaluation outputs (summary.json, summary.md, CSVs, plots)
 
@@ -63,6 +65,11 @@ class RunDir:
     def resume_state_of(checkpoint: Path) -> Path:
         """Where the exact-resume state of ``checkpoint`` lives (beside it)."""
         return checkpoint.with_name(checkpoint.stem + ".resume.npz")
+
+    @staticmethod
+    def training_time_of(checkpoint: Path) -> Path:
+        """Where the training seconds spent up to ``checkpoint`` are kept (beside it)."""
+        return checkpoint.with_name(checkpoint.stem + ".time.json")
 
     def latest_checkpoint(self) -> Path | None:
         """``final.zip`` if present, else the periodic checkpoint with the most timesteps."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -84,9 +85,32 @@ def test_resume_continues_to_the_new_total(tmp_path: Path, trained_run: RunDir) 
 
     root = tmp_path / "resumed"
     shutil.copytree(trained_run.root, root)
+    run = RunDir(root)
+    spent = json.loads(run.training_time_of(run.final_checkpoint).read_text())["wall_seconds"]
+    assert spent == json.loads((run.eval / "summary.json").read_text())["wall_seconds"] > 0
     assert cli(["--resume", "--run-dir", str(root), "--timesteps", "2304", "--no-progress"]) == 0
     model, _ = load_model(root)
     assert model.num_timesteps >= 2304
+    # the summary counts the training before the resume too, not only the last segment
+    summary = json.loads((run.eval / "summary.json").read_text())
+    assert summary["wall_seconds"] > spent and summary["fps"] == pytest.approx(2304 / summary["wall_seconds"])
+
+
+def test_every_checkpoint_records_the_training_seconds_spent_up_to_it(tmp_path: Path, trained_run: RunDir) -> None:
+    steps = sorted(trained_run.checkpoints.glob("step_*.zip"), key=lambda p: int(p.stem.split("_")[1]))
+    assert steps
+    times = [json.loads(trained_run.training_time_of(p).read_text()) for p in steps]
+    assert [t["timesteps"] for t in times] == [int(p.stem.split("_")[1]) for p in steps]
+    assert all(0 < a["wall_seconds"] <= b["wall_seconds"] for a, b in zip(times, times[1:] + times[-1:]))
+    # a checkpoint without the record (written before the clock existed): the total is unknown, not the segment
+    run = RunDir(tmp_path / "unrecorded")
+    shutil.copytree(trained_run.root, run.root)
+    run.final_checkpoint.unlink()
+    shutil.rmtree(run.eval)
+    for p in run.checkpoints.glob("*.time.json"):
+        p.unlink()
+    assert cli(["--resume", "--run-dir", str(run.root), "--no-progress"]) == 0
+    assert math.isnan(json.loads((run.eval / "summary.json").read_text())["wall_seconds"])
 
 
 def test_resume_of_a_trained_but_unevaluated_run_only_evaluates_it(tmp_path: Path, trained_run: RunDir) -> None:

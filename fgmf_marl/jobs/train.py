@@ -297,11 +297,13 @@ def director_trainer(cfg: TrainConfig, view: PolicyView, saved: Path | None = No
 
 
 def training_callbacks(cfg: TrainConfig, model: PPO, attacked: AttackedVecEnv | None,
-                       run: RunDir | None, director: DirectorTrainer | None = None) -> list[BaseCallback]:
+                       run: RunDir | None, director: DirectorTrainer | None = None,
+                       clock: TrainingClock | None = None) -> list[BaseCallback]:
     """The callbacks of a training run: team returns, checkpoints (with ``run``), and the attacker's schedule.
 
     The attacker attacks the model being trained, so it is attached here, once the model exists;
-    an ATLA ``director`` is saved with every checkpoint.
+    an ATLA ``director`` is saved with every checkpoint, and so are the training seconds ``clock``
+    has counted (for a resumed run, those before the resume included).
     """
     callbacks: list[BaseCallback] = [TeamReturnCallback(n_agents_of(model.env, cfg.env), reference_for(cfg.env))]
     if run is not None:
@@ -313,6 +315,9 @@ def training_callbacks(cfg: TrainConfig, model: PPO, attacked: AttackedVecEnv | 
                 save_checkpoint(director.director, director_path(run, timesteps))
             if exact:
                 save_resume_state(run.resume_state_of(run.checkpoint_at(timesteps)), model)
+            if clock is not None:
+                atomic_write_text(run.training_time_of(run.checkpoint_at(timesteps)),
+                                  json.dumps({"wall_seconds": clock.seconds(), "timesteps": timesteps}))
 
         callbacks.append(PeriodicCheckpoint(run, cfg.checkpoint_every, also=also))
     if attacked is not None:
@@ -355,31 +360,60 @@ def train(cfg: TrainConfig, run_root: str | Path, *, resume: bool = False, progr
                 saved = director_path(run, model.num_timesteps) if resume else None
                 director = director_trainer(cfg, PolicyView.from_model(model),
                                             saved if saved is not None and saved.is_file() else None)
-            callbacks = CallbackList(training_callbacks(cfg, model, attacked, run, director))
-            if resume:   # last, so that nothing set up above draws from the restored random streams
-                latest = run.latest_checkpoint()
+            latest = run.latest_checkpoint() if resume else None
+            clock = TrainingClock(_seconds_before(run, latest))
+            callbacks = CallbackList(training_callbacks(cfg, model, attacked, run, director, clock))
+            if latest is not None:   # last, so that nothing set up above draws from the restored random streams
                 why = "an ATLA director's training state is not saved" if director is not None else \
                     restore_resume_state(run.resume_state_of(latest), model)
                 print(f"resuming from {latest.name}: " + ("exactly (random streams and env state restored)"
                                                           if why is None else f"with a fresh env reset ({why})"))
-            start = time.perf_counter()
+            clock.start()
             with compute_dtype(model.policy, cfg.policy.torch_train_dtype):
                 model.learn(remaining, callback=callbacks, progress_bar=progress, reset_num_timesteps=not resume,
                             tb_log_name="ppo")
-            wall = time.perf_counter() - start
-            atomic_write_text(training_time_path(run), json.dumps({"wall_seconds": wall, "timesteps": remaining}))
+            wall = clock.seconds()
+            atomic_write_text(training_time_path(run), json.dumps({"wall_seconds": wall, "timesteps": cfg.timesteps}))
             save_checkpoint(model, run.final_checkpoint)
             if director is not None:
                 save_checkpoint(director.director, director_path(run, None))
                 director.env.close()
     finally:
         venv.close()
-    return finish(run, cfg, model, {"wall_seconds": wall, "timesteps": remaining}, log_key)
+    return finish(run, cfg, model, {"wall_seconds": wall, "timesteps": cfg.timesteps}, log_key)
+
+
+class TrainingClock:
+    """Training seconds of a run across resumes: ``before`` (what the checkpoint resumed from had spent)
+    plus the time since :meth:`start`. Why: a resumed run's summary and the tables built from it would
+    otherwise report only the last segment's time, as if the run had been cheap."""
+
+    def __init__(self, before: float = 0.0) -> None:
+        self.before = before
+        self._start: float | None = None
+
+    def start(self) -> None:
+        self._start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.before + (time.perf_counter() - self._start if self._start is not None else 0.0)
+
+
+def _seconds_before(run: RunDir, checkpoint: Path | None) -> float:
+    """Training seconds spent up to ``checkpoint`` (0 for a fresh run; NaN when a checkpoint from before
+    the clock existed has no record: the total is then unknown, not the last segment's)."""
+    if checkpoint is None:
+        return 0.0
+    try:
+        return float(json.loads(run.training_time_of(checkpoint).read_text())["wall_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return float("nan")
 
 
 def training_time_path(run: RunDir) -> Path:
-    """Where the training wall time is kept until the final evaluation has used it (beside final.zip)."""
-    return run.checkpoints / "final_training_time.json"
+    """Where the whole training's wall time is kept (beside final.zip, as every checkpoint's is beside it):
+    read by the final evaluation, and by a resume that extends a finished run's budget."""
+    return run.training_time_of(run.final_checkpoint)
 
 
 def _training_time(run: RunDir) -> dict[str, float]:
