@@ -354,14 +354,14 @@ def train(cfg: TrainConfig, run_root: str | Path, *, resume: bool = False, progr
             if remaining <= 0:   # trained but never evaluated (stopped after its last checkpoint): evaluate it
                 if not run.final_checkpoint.is_file():
                     save_checkpoint(model, run.final_checkpoint)
-                return finish(run, cfg, model, _training_time(run), log_key)
+                return finish(run, cfg, model, _training_time(run.final_checkpoint), log_key)
             director = None
             if cfg.adversary.kind == "director":
                 saved = director_path(run, model.num_timesteps) if resume else None
                 director = director_trainer(cfg, PolicyView.from_model(model),
                                             saved if saved is not None and saved.is_file() else None)
             latest = run.latest_checkpoint() if resume else None
-            clock = TrainingClock(_seconds_before(run, latest))
+            clock = TrainingClock(_training_time(latest)["wall_seconds"] if latest is not None else 0.0)
             callbacks = CallbackList(training_callbacks(cfg, model, attacked, run, director, clock))
             if latest is not None:   # last, so that nothing set up above draws from the restored random streams
                 why = "an ATLA director's training state is not saved" if director is not None else \
@@ -399,26 +399,21 @@ class TrainingClock:
         return self.before + (time.perf_counter() - self._start if self._start is not None else 0.0)
 
 
-def _seconds_before(run: RunDir, checkpoint: Path | None) -> float:
-    """Training seconds spent up to ``checkpoint`` (0 for a fresh run; NaN when a checkpoint from before
-    the clock existed has no record: the total is then unknown, not the last segment's)."""
-    if checkpoint is None:
-        return 0.0
-    try:
-        return float(json.loads(run.training_time_of(checkpoint).read_text())["wall_seconds"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return float("nan")
-
-
 def training_time_path(run: RunDir) -> Path:
     """Where the whole training's wall time is kept (beside final.zip, as every checkpoint's is beside it):
     read by the final evaluation, and by a resume that extends a finished run's budget."""
     return run.training_time_of(run.final_checkpoint)
 
 
-def _training_time(run: RunDir) -> dict[str, float]:
-    path = training_time_path(run)
-    return json.loads(path.read_text()) if path.is_file() else {"wall_seconds": float("nan"), "timesteps": 0}
+def _training_time(checkpoint: Path) -> dict[str, float]:
+    """The training seconds and agent-steps recorded beside ``checkpoint``; NaN seconds when it has no
+    readable record (a checkpoint from before the record existed): the total is then unknown, not the
+    last segment's."""
+    try:
+        record = json.loads(RunDir.training_time_of(checkpoint).read_text())
+        return {"wall_seconds": float(record["wall_seconds"]), "timesteps": int(record["timesteps"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"wall_seconds": float("nan"), "timesteps": 0}
 
 
 def finish(run: RunDir, cfg: TrainConfig, model: PPO, timing: dict[str, float], log_key: bytes | None) -> TrainResult:
