@@ -10,7 +10,9 @@ defense components (``fgmf_marl.defenses.config.DEFENSES``) they train.
 Each term is logged to TensorBoard on its own (``train/ppo_loss``, ``train/scorpio_loss``,
 ``train/scorpio_first_order``, ``train/scorpio_second_order``, ``train/sgam_keep_loss``,
 ``train/sgam_keep_ratio``, ``train/sgam_distill_loss``, ``train/<term>_seconds``, ...), as the mean
-over the minibatches where the term ran.
+over the minibatches where the term ran, beside the gradient norm before clipping (``train/grad_norm``;
+with ``defense.grad_clip=separate``, ``train/ppo_grad_norm`` and ``train/regulariser_grad_norm`` on the
+minibatches where a regulariser ran), which says whether ``max_grad_norm`` binds.
 
 Regularisers run on the first ``ceil(subsample * batch)`` samples of a minibatch (SB3 shuffles the
 rollout buffer, so that is a uniformly random subsample and draws no random numbers) and on every
@@ -122,6 +124,29 @@ class RegularisedPPO(PPO):
         """Extra loss terms for this minibatch (name -> weighted scalar); ``obs01`` is in [0, 1]."""
         return {}
 
+    def _backward_clipped_apart(self, ppo_loss: Tensor, regulariser_loss: Tensor) -> None:
+        """Fill ``.grad`` with clip(grad PPO) + clip(grad regularisers), each clipped to ``max_grad_norm``.
+
+        ``defense.grad_clip=separate``: under the shared clip a regulariser gradient larger than PPO's
+        scales PPO's own step down on every minibatch the regulariser runs on.
+        """
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        regulariser_grads = th.autograd.grad(regulariser_loss, params, retain_graph=True, allow_unused=True)
+        ppo_loss.backward()
+        ppo_norm = th.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        squares = [g.detach().pow(2).sum() for g in regulariser_grads if g is not None]
+        regulariser_norm = th.stack(squares).sum().sqrt() if squares else th.zeros(())
+        scale = th.clamp(self.max_grad_norm / (regulariser_norm + 1e-6), max=1.0)
+        for param, grad in zip(params, regulariser_grads):
+            if grad is None:
+                continue
+            if param.grad is None:
+                param.grad = grad.detach() * scale
+            else:
+                param.grad.add_(grad.detach() * scale)
+        self._log_term("ppo_grad_norm", ppo_norm)
+        self._log_term("regulariser_grad_norm", regulariser_norm)
+
     # -- SB3's PPO.train with the regulariser terms added ------------------------------------------
     def train(self) -> None:
         """Update policy using the currently gathered rollout buffer (SB3's loop + regularisers)."""
@@ -177,7 +202,9 @@ class RegularisedPPO(PPO):
 
                 obs01 = preprocess_obs(rollout_data.observations, self.observation_space,
                                        normalize_images=self.policy.normalize_images)
-                for name, term in self._regularisers(obs01, actions).items():
+                ppo_loss = loss
+                terms = self._regularisers(obs01, actions)
+                for name, term in terms.items():
                     loss = loss + term
                     self._log_term(f"{name}_loss", term.detach())
                 self._minibatch_index += 1
@@ -194,8 +221,12 @@ class RegularisedPPO(PPO):
                     break
 
                 self.policy.optimizer.zero_grad()
-                loss.backward()
-                th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+                if terms and self.defense.grad_clip == "separate":
+                    self._backward_clipped_apart(ppo_loss, loss - ppo_loss)
+                else:
+                    loss.backward()
+                    norm = th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+                    self._log_term("grad_norm", norm)
                 self.policy.optimizer.step()
 
             self._n_updates += 1

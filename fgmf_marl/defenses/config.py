@@ -33,6 +33,7 @@ DEFENSE_KINDS: tuple[str, ...] = tuple(DEFENSES)
 DefenseKind = Literal[DEFENSE_KINDS]  # type: ignore[valid-type]  (built from the table at import time)
 HVP_METHODS: tuple[str, ...] = ("finite_difference", "pearlmutter")
 SGAM_BASELINES: tuple[str, ...] = ("zero", "gray", "mean")
+GRAD_CLIPS: tuple[str, ...] = ("shared", "separate")
 #: bounds of the regularisers' inner loops and widths: each runs per minibatch, so far above any
 #: useful value a typo would only stall training
 MAX_INNER_STEPS = 1000
@@ -172,6 +173,11 @@ class DefenseConfig:
     """
 
     kind: DefenseKind = "none"
+    #: how ``ppo.max_grad_norm`` meets the regularisers' gradient: ``shared`` clips the sum of the PPO
+    #: and regulariser gradients as one vector (SB3's single clip, what every defense trained with
+    #: before this knob); ``separate`` clips each to ``max_grad_norm`` on its own and adds them, so a
+    #: large regulariser gradient can no longer shrink PPO's own step on the minibatches it runs on
+    grad_clip: str = "shared"
     scorpio: ScorpioConfig = field(default_factory=ScorpioConfig)
     sgam: SgamConfig = field(default_factory=SgamConfig)
     sappo: SappoConfig = field(default_factory=SappoConfig)
@@ -183,3 +189,5 @@ class DefenseConfig:
     def validate(self) -> None:
         if self.kind not in DEFENSE_KINDS:
             raise ConfigError(f"defense.kind={self.kind!r} is unknown; accepted: {', '.join(DEFENSE_KINDS)}")
+        if self.grad_clip not in GRAD_CLIPS:
+            raise ConfigError(f"defense.grad_clip={self.grad_clip!r} is unknown; accepted: {', '.join(GRAD_CLIPS)}")
