@@ -341,9 +341,14 @@ def test_the_readme_experiments_are_valid_and_expand_as_described() -> None:
     assert sorted((t.config["defense"]["kind"], t.seed) for t in trains) == sorted(
         (d, s) for d in ("none", "sappo", "fgmf") for s in (0, 1, 2))
     evals = [t for t in tasks if t.kind == "evaluate"]
-    assert len(evals) == 9 and all(t.config["attacks"] == ["strong"] and t.config["eps"] == [2.0, 4.0, 8.0]
+    assert len(evals) == 9 and all(t.config["attacks"] == ["strong"] and t.config["eps"] == [4.0, 8.0]
                                    and t.config["audit"] for t in evals)
-    assert all(t.deps == (f"train/{t.run}/s{t.seed}",) for t in evals)
+    assert all(t.deps == (f"train/{t.run}/s{t.seed}", f"train/ppo/s{(t.seed + 1) % 3}") for t in evals)
+    # the vanilla rows are robust_team's own tasks (same ids and keys): one results root shares them
+    robust = {t.id: t.key for t in reproduce.expand(reproduce.load_experiment(ROOT / "experiments" / "robust_team.yaml"),
+                                                    quick=False)}
+    vanilla = [t for t in tasks if t.run == "ppo"]
+    assert len(vanilla) == 6 and all(robust[t.id] == t.key for t in vanilla)
 
 
 def test_comparisons_do_not_call_a_one_seed_margin_evidence() -> None:
