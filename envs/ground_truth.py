@@ -26,21 +26,36 @@ import numpy as np
 from pettingzoo.utils.wrappers import BaseParallelWrapper
 
 
+def _reduce_axis(mask: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """OR over ``size`` equal bins of ``axis`` (the bins ``reduce_any`` uses; a bin narrower than one
+    pixel takes the pixel it starts at, as ``np.logical_or.reduceat`` does). One ``any`` per bin: several
+    times faster than ``reduceat`` on these shapes."""
+    edges = np.linspace(0, mask.shape[axis], size + 1).astype(int)
+    moved = np.moveaxis(mask, axis, 0)
+    bins = [moved[a:max(b, a + 1)].any(axis=0) for a, b in zip(edges[:-1], edges[1:])]
+    return np.moveaxis(np.stack(bins), 0, axis)
+
+
 def reduce_any(mask: np.ndarray, size: int) -> np.ndarray:
-    """(H, W) bool -> (size, size) bool: a cell is set when any source pixel inside it is."""
-    rows = np.linspace(0, mask.shape[0], size + 1).astype(int)
-    cols = np.linspace(0, mask.shape[1], size + 1).astype(int)
-    summed = np.add.reduceat(np.add.reduceat(mask.astype(np.int32), rows[:-1], axis=0), cols[:-1], axis=1)
-    return summed > 0
+    """(..., H, W) bool -> (..., size, size) bool: a cell is set when any source pixel inside it is."""
+    return _reduce_axis(_reduce_axis(mask, size, -2), size, -1)
 
 
 def disk(height: int, width: int, centre_row: float, centre_col: float, radius: float) -> np.ndarray:
-    rr, cc = np.ogrid[:height, :width]
-    return (rr - centre_row) ** 2 + (cc - centre_col) ** 2 <= radius ** 2
-
-
-def box(height: int, width: int, top: float, left: float, box_height: float, box_width: float) -> np.ndarray:
+    """The pixels (row, col) of a (height, width) grid within ``radius`` of the centre, evaluated on its bounding box."""
     out = np.zeros((height, width), dtype=bool)
+    r0, r1 = max(int(np.floor(centre_row - radius)), 0), min(int(np.ceil(centre_row + radius)) + 1, height)
+    c0, c1 = max(int(np.floor(centre_col - radius)), 0), min(int(np.ceil(centre_col + radius)) + 1, width)
+    if r0 < r1 and c0 < c1:
+        rr, cc = np.ogrid[r0:r1, c0:c1]
+        out[r0:r1, c0:c1] = (rr - centre_row) ** 2 + (cc - centre_col) ** 2 <= radius ** 2
+    return out
+
+
+def box(height: int, width: int, top: float, left: float, box_height: float, box_width: float,
+        out: np.ndarray | None = None) -> np.ndarray:
+    """A (height, width) mask of the box, clipped; with ``out``, the box is added to it in place instead."""
+    out = np.zeros((height, width), dtype=bool) if out is None else out
     r0, r1 = max(int(np.floor(top)), 0), min(int(np.ceil(top + box_height)), height)
     c0, c1 = max(int(np.floor(left)), 0), min(int(np.ceil(left + box_width)), width)
     if r0 < r1 and c0 < c1:
@@ -48,14 +63,16 @@ def box(height: int, width: int, top: float, left: float, box_height: float, box
     return out
 
 
-def stamp(height: int, width: int, top: int, left: int, footprint: np.ndarray) -> np.ndarray:
-    """A (height, width) mask holding ``footprint`` with its top-left corner at (top, left), clipped."""
-    out = np.zeros((height, width), dtype=bool)
+def stamp(height: int, width: int, top: int, left: int, footprint: np.ndarray,
+          out: np.ndarray | None = None) -> np.ndarray:
+    """A (height, width) mask holding ``footprint`` with its top-left corner at (top, left), clipped; with
+    ``out``, the footprint is added to it in place instead."""
+    out = np.zeros((height, width), dtype=bool) if out is None else out
     fh, fw = footprint.shape
     r0, c0 = max(top, 0), max(left, 0)
     r1, c1 = min(top + fh, height), min(left + fw, width)
     if r0 < r1 and c0 < c1:
-        out[r0:r1, c0:c1] = footprint[r0 - top:r1 - top, c0 - left:c1 - left]
+        out[r0:r1, c0:c1] |= footprint[r0 - top:r1 - top, c0 - left:c1 - left]
     return out
 
 
@@ -68,28 +85,40 @@ def _head_footprint(raw: Any) -> np.ndarray:
 
 def pistonball_masks(raw: Any, size: int | None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Per piston index: (relevance_mask, target_mask), (size, size) bool, of ``raw`` (the unwrapped env);
-    ``size`` None keeps the crop's own resolution (the shape of ``observe``'s output)."""
+    ``size`` None keeps the crop's own resolution (the shape of ``observe``'s output).
+
+    The ball and the pistons are drawn once on a canvas spanning every agent's crop, reduced over
+    rows once, and each agent's masks are slices of it: a piston moves only up and down its own lane,
+    so agent ``i``'s own piston is the middle third of its slice of the pistons' canvas. Linear in the
+    number of pistons, so masks at every step cost a fraction of the env's own step (drawing every
+    piston into every agent's crop was quadratic and cost more than the step).
+    """
     wall, width = raw.wall_width, raw.piston_width
     top, bottom = wall, raw.screen_height - wall - raw.piston_body_height
     height = bottom - top
+    n = len(raw.pistonList)
     head = _head_footprint(raw)
     bx, by = int(raw.ball.position[0]), int(raw.ball.position[1])   # where pygame draws it
-    out = {}
-    for i in range(len(raw.pistonList)):
-        left = wall + width * (i - 1)
-        crop_w = 3 * width
-        ball = disk(height, crop_w, by - top, bx - left, raw.ball_radius + 0.5)   # pygame fills partly covered pixels
-        heads = []
-        for piston in raw.pistonList:   # the head sprite and the blue rod below it, as draw_pistons draws them
-            px, py = float(piston.position[0]), float(piston.position[1])
-            r = raw.piston_radius
-            rod = raw.screen_height - wall - raw.piston_body_height - (py + r) + (raw.piston_body_height - 6)
-            heads.append(stamp(height, crop_w, int(py - r) - top, int(px - r) - left, head)
-                         | box(height, crop_w, py + r + 1 - top, px + r + 1 - left, rod, 18))
-        relevance = ball | np.logical_or.reduce(heads)
-        target = ball | heads[i]
-        out[i] = (relevance, target) if size is None else (reduce_any(relevance, size), reduce_any(target, size))
-    return out
+    origin, crop_w = wall - width, 3 * width        # agent i's crop: canvas columns [width i, width i + crop_w)
+    canvas_w = width * (n + 2)
+    ball = disk(height, canvas_w, by - top, bx - origin, raw.ball_radius + 0.5)   # pygame fills partly covered pixels
+    pistons = np.zeros((height, canvas_w), dtype=bool)
+    for piston in raw.pistonList:   # the head sprite and the blue rod below it, as draw_pistons draws them
+        px, py = float(piston.position[0]), float(piston.position[1])
+        r = raw.piston_radius
+        rod = raw.screen_height - wall - raw.piston_body_height - (py + r) + (raw.piston_body_height - 6)
+        stamp(height, canvas_w, int(py - r) - top, int(px - r) - origin, head, out=pistons)
+        box(height, canvas_w, py + r + 1 - top, px + r + 1 - origin, rod, 18, out=pistons)
+    if size is not None:   # OR over row bins commutes with slicing columns: reduce the canvases once
+        ball, pistons = _reduce_axis(ball, size, 0), _reduce_axis(pistons, size, 0)
+    crops = np.lib.stride_tricks.sliding_window_view(np.arange(canvas_w), crop_w)[::width][:n]   # (n, crop_w) columns
+    relevance = (ball | pistons)[:, crops].transpose(1, 0, 2)           # (n, rows, crop_w)
+    own = np.zeros_like(relevance)
+    own[:, :, width:2 * width] = pistons[:, crops[:, width:2 * width]].transpose(1, 0, 2)
+    target = ball[:, crops].transpose(1, 0, 2) | own
+    if size is not None:
+        relevance, target = _reduce_axis(relevance, size, -1), _reduce_axis(target, size, -1)
+    return {i: (relevance[i], target[i]) for i in range(n)}
 
 
 class PistonballMasks(BaseParallelWrapper):

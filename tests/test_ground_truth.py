@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from pettingzoo.butterfly import pistonball_v6
 
-from envs.ground_truth import PistonballMasks, pistonball_masks, reduce_any
+from envs.ground_truth import PistonballMasks, _head_footprint, box, pistonball_masks, reduce_any, stamp
 from envs.registry import AdapterConfig, EnvConfig, make_vec_env
 
 BLUE = np.array([65, 159, 221])   # pistonball's colour of the ball and of the piston heads
@@ -46,6 +46,55 @@ def test_masks_cover_exactly_what_pistonball_draws_in_each_agents_view() -> None
                 seen_ball += 1
             assert target.sum() <= relevance.sum()
     assert seen_ball > 0
+
+
+def _masks_drawn_per_agent(raw, size):  # noqa: ANN001, ANN202
+    """The reference: every piston and the ball drawn into every agent's crop on its own (quadratic)."""
+    wall, width = raw.wall_width, raw.piston_width
+    top, bottom = wall, raw.screen_height - wall - raw.piston_body_height
+    height, head = bottom - top, _head_footprint(raw)
+    bx, by = int(raw.ball.position[0]), int(raw.ball.position[1])
+    out = {}
+    for i in range(len(raw.pistonList)):
+        left, crop_w = wall + width * (i - 1), 3 * width
+        rr, cc = np.ogrid[:height, :crop_w]
+        ball = (rr - (by - top)) ** 2 + (cc - (bx - left)) ** 2 <= (raw.ball_radius + 0.5) ** 2
+        heads = []
+        for piston in raw.pistonList:
+            px, py, r = float(piston.position[0]), float(piston.position[1]), raw.piston_radius
+            rod = raw.screen_height - wall - raw.piston_body_height - (py + r) + (raw.piston_body_height - 6)
+            heads.append(stamp(height, crop_w, int(py - r) - top, int(px - r) - left, head)
+                         | box(height, crop_w, py + r + 1 - top, px + r + 1 - left, rod, 18))
+        relevance, target = ball | np.logical_or.reduce(heads), ball | heads[i]
+        out[i] = (relevance, target) if size is None else (_any_per_cell(relevance, size), _any_per_cell(target, size))
+    return out
+
+
+def _any_per_cell(mask: np.ndarray, size: int) -> np.ndarray:
+    rows = np.linspace(0, mask.shape[0], size + 1).astype(int)
+    cols = np.linspace(0, mask.shape[1], size + 1).astype(int)
+    return np.add.reduceat(np.add.reduceat(mask.astype(np.int32), rows[:-1], axis=0), cols[:-1], axis=1) > 0
+
+
+def test_masks_equal_drawing_every_piston_into_every_agents_crop() -> None:
+    env = pistonball_v6.parallel_env(continuous=False, max_cycles=80, render_mode="rgb_array")
+    env.reset(seed=5)
+    rng = np.random.default_rng(1)
+    for step in range(60):
+        env.step({a: int(rng.integers(3)) for a in env.agents})
+        for size in (None, 48, 84):
+            fast, reference = pistonball_masks(env.unwrapped, size), _masks_drawn_per_agent(env.unwrapped, size)
+            assert fast.keys() == reference.keys()
+            for i in fast:
+                assert np.array_equal(fast[i][0], reference[i][0]) and np.array_equal(fast[i][1], reference[i][1]), \
+                    (step, size, i)
+
+
+@pytest.mark.parametrize("shape, size", [((457, 120), 48), ((457, 120), 84), ((3, 50, 40), 48), ((30, 20), 7)])
+def test_reduce_any_is_any_pixel_of_the_cell(shape: tuple[int, ...], size: int) -> None:
+    mask = np.random.default_rng(0).random(shape) < 0.02
+    expected = np.stack([_any_per_cell(m, size) for m in mask.reshape(-1, *shape[-2:])]).reshape(*shape[:-2], size, size)
+    assert np.array_equal(reduce_any(mask, size), expected)
 
 
 def test_reduce_any_keeps_a_one_pixel_entity() -> None:
