@@ -333,6 +333,15 @@ def test_the_budget_adversary_experiment_trains_a_director_per_victim_and_budget
         assert t.config["attacks"] == ["budgeted"] and t.deps == (f"train/{t.run}/s{t.seed}", director)
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_experiment_file_loads_expands_and_its_tables_name_real_tasks(path: Path) -> None:
+    exp = reproduce.load_experiment(path)
+    for quick in (False, True) if exp.quick else (False,):   # tiny.yaml is toy already: it has no quick form
+        tasks = reproduce.expand(exp, quick=quick)
+        reproduce.check_tables(exp, tasks)
+        assert tasks and len({t.id for t in tasks}) == len(tasks)
+
+
 def test_the_readme_experiments_are_valid_and_expand_as_described() -> None:
     defense = reproduce.load_experiment(ROOT / "experiments" / "defense_table.yaml")
     tasks = reproduce.expand(defense, quick=False)
