@@ -265,6 +265,7 @@ class AdversaryVecEnv(VecEnv):
         self._device = next(victim.parameters()).device
         self.actor_steps = actor_steps
         self.on_step: Callable[[np.ndarray], None] | None = None   # sees each step's team rewards (n_envs,)
+        self.last_granted: np.ndarray | None = None   # (n_envs, n_agents) bool: whom the last step attacked
 
     def set_eps(self, eps: float) -> None:
         """Attack at budget ``eps`` (input units) from now on; the director's knowledge is unchanged."""
@@ -288,7 +289,8 @@ class AdversaryVecEnv(VecEnv):
         if self.on_step is not None:
             self.on_step(team)
         done = dones.reshape(self.num_envs, self.n_agents).all(axis=1)
-        attacked = allowed.reshape(self.num_envs, self.n_agents).sum(1).cpu().numpy()
+        self.last_granted = allowed.reshape(self.num_envs, self.n_agents).cpu().numpy()
+        attacked = self.last_granted.sum(1)
         terminal = [b for b in range(self.num_envs) if done[b] and all(
             "terminal_observation" in i for i in infos[b * self.n_agents:(b + 1) * self.n_agents])]
         final = None

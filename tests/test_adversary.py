@@ -141,6 +141,13 @@ def test_train_adversary_cli_and_use_as_attack(tmp_path: Path, capsys: pytest.Ca
                                              for a in ("pgd[steps=2]", "pgd[targeted=true,target_action=least_likely,steps=2]")}
     assert summary["damage_beyond_best"] == pytest.approx(
         summary["fixed_attacks"][summary["best_fixed_attack"]] - summary["director"])
+    behaviour = summary["behaviour"]   # what it learned: within the budget, shares that add up
+    assert behaviour["episodes"] == 2 and 0 <= behaviour["granted_per_step"] <= 0.5 + 1e-9   # k = 1 on half the steps
+    assert behaviour["asked_per_step"] >= behaviour["granted_per_step"]
+    assert all(0 <= q <= 1 for q in behaviour["by_quarter"]) and len(behaviour["victims"]) == 3
+    if behaviour["granted_per_step"] > 0:
+        assert sum(behaviour["options"].values()) == pytest.approx(1, abs=2e-3)
+        assert sum(behaviour["victims"]) == pytest.approx(1, abs=2e-3)
     versus = json.loads((budgeted / "eval" / "versus" / "results.json").read_text())["rows"]
     director_rows = [r for r in versus if r["selector"] == "learned"]
     assert len(director_rows) == 1 and director_rows[0]["attacked_agents_max"] <= 1

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import VecMonitor
 
@@ -68,11 +69,11 @@ def train_adversary(cfg: AdversaryConfig, run_root: str | Path, progress: bool =
             model.learn(cfg.timesteps, callback=checkpoints, progress_bar=progress, tb_log_name="director")
             wall = time.perf_counter() - start
             save_checkpoint(model, run.final_checkpoint)
-            venv.close()
             summary = {"victim": cfg.victim, "eps255": cfg.eps, "budget": cfg.budget.label(),
                        "timesteps": int(model.num_timesteps), "wall_seconds": round(wall, 1),
                        "director_steps_per_second": round(model.num_timesteps / max(wall, 1e-9), 1),
-                       **versus_fixed_attacks(cfg, run.root, progress)}
+                       **versus_fixed_attacks(cfg, run.root, progress),
+                       "behaviour": director_behaviour(model, venv, cfg.eval_episodes, venv.state.horizon)}
             run.eval.mkdir(exist_ok=True)
             atomic_write_text(run.eval / "summary.json", json.dumps(summary, indent=2))
     finally:
@@ -100,6 +101,57 @@ def versus_fixed_attacks(cfg: AdversaryConfig, run_root: Path, progress: bool) -
     return {"metric": key.removesuffix("_mean"), "episodes": cfg.eval_episodes, "clean": clean,
             "director": director[key], "fixed_attacks": baselines, "best_fixed_attack": best,
             "damage_beyond_best": baselines[best] - director[key]}
+
+
+def director_behaviour(model: PPO, venv: AdversaryVecEnv, episodes: int, horizon_steps: int) -> dict[str, Any]:
+    """What the trained director does, from ``episodes`` deterministic episodes of ``venv`` (whole batches).
+
+    The budget issue asks, where the director does not beat the heuristics, to show what it learned:
+    which option it realises (``options``: shares of the granted attacks that are untargeted PGD,
+    least-likely PGD, or a push toward one chosen action), whom (``victims``: share of granted
+    attacks per agent index), when (``by_quarter``: share of slots attacked in each quarter of the
+    episode), how much it asks compared with what the budget grants (``asked_per_step``,
+    ``granted_per_step``), and ``largest_gap_share``: of the steps where one victim was attacked, the
+    share where that victim had the largest clean top-1 minus top-2 action probability (Lin et al.'s
+    timing signal; chance is 1 / n_agents). Steps are counted from each batch's reset, which is the
+    episode's step in envs of fixed length (the native env).
+    """
+    core, n = venv.core, venv.n_agents
+    batches = -(-episodes // venv.num_envs)
+    asked = granted = 0
+    options = np.zeros(3)
+    victims = np.zeros(n)
+    quarters, quarter_slots = np.zeros(4), np.zeros(4)
+    gap_hits = single = 0
+    for _ in range(batches):
+        obs = venv.reset()
+        for t in range(horizon_steps):
+            decisions, _ = model.predict(obs, deterministic=True)
+            decisions = np.asarray(decisions).reshape(venv.num_envs, n)
+            probs = obs["victim"][:, :n * (core.n_actions + 1)].reshape(venv.num_envs, n, core.n_actions + 1)[..., :-1]
+            top2 = np.sort(probs, axis=-1)[..., -2:]
+            gap = top2[..., 1] - top2[..., 0]
+            obs, _, _, _ = venv.step(decisions)
+            hit = venv.last_granted
+            asked += int((decisions != core.no_attack).sum())
+            granted += int(hit.sum())
+            chosen = decisions[hit]
+            options += [(chosen == core.untargeted).sum(), (chosen == core.least_likely).sum(),
+                        (chosen < core.n_actions).sum()]
+            victims += hit.sum(0)
+            q = min(4 * t // horizon_steps, 3)
+            quarters[q] += hit.sum()
+            quarter_slots[q] += hit.size
+            one = hit.sum(1) == 1
+            single += int(one.sum())
+            gap_hits += int((hit[one].argmax(1) == gap[one].argmax(1)).sum())
+    steps = batches * horizon_steps * venv.num_envs
+    share = lambda x: (x / max(x.sum(), 1)).round(3).tolist()   # noqa: E731
+    return {"episodes": batches * venv.num_envs, "asked_per_step": round(asked / steps, 3),
+            "granted_per_step": round(granted / steps, 3),
+            "options": dict(zip(("untargeted", "least_likely", "toward_action"), share(options))),
+            "victims": share(victims), "by_quarter": (quarters / np.maximum(quarter_slots, 1)).round(3).tolist(),
+            "largest_gap_share": round(gap_hits / single, 3) if single else None}
 
 
 # ---------------------------------------------------------------------------------------- CLI
