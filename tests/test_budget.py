@@ -71,6 +71,13 @@ def test_fixed_attacks_agents_0_to_k_minus_1_and_timed_the_largest_preference_ga
     gap = (probs.amax(-1) - probs.amin(-1)).reshape(4, N_AGENTS)
     changed = (_budgeted("timed", 1, None).perturb(victim, obs) != obs).flatten(1).any(1).reshape(4, N_AGENTS)
     assert torch.equal(changed.float().argmax(1), gap.argmax(1)) and (changed.sum(1) == 1).all()
+    # fixed:agent=J starts the set at agent J, wrapping around: J = 2, k = 2 attacks agents 2 and 0
+    changed = (_budgeted("fixed:agent=2", 2, None).perturb(victim, obs) != obs).flatten(1).any(1).reshape(4, N_AGENTS)
+    assert changed[:, [0, 2]].all() and not changed[:, 1].any()
+    changed = (_budgeted("fixed:agent=1", 1, None).perturb(victim, obs) != obs).flatten(1).any(1).reshape(4, N_AGENTS)
+    assert changed[:, 1].all() and changed.sum() == 4
+    with pytest.raises(ValueError, match="fixed:agent=3 but the env has 3 agents"):
+        _budgeted("fixed:agent=3", 1, None).perturb(victim, obs)
 
 
 def test_value_picks_the_largest_value_drop_and_reuses_that_perturbation(victim) -> None:
@@ -121,6 +128,10 @@ def test_budgets_and_selectors_reject_bad_values() -> None:
     assert Budget(1, 0.25).label() == "k=1,p=0.25" and Budget().label() == "all" and Budget(2).label() == "k=2"
     assert Budget(None, 0.25).step_count(40) == 10 and Budget(None, 0.1).step_count(40) == 4
     assert isinstance(make_selector("fixed"), FixedSelector) and isinstance(make_selector("timed"), TimedSelector)
+    assert make_selector("fixed:agent=2").agent == 2 and make_selector("fixed").agent == 0
+    for bad in ("fixed:agent=x", "fixed:first=1", "timed:agent=1"):
+        with pytest.raises(ValueError, match="the only option is fixed:agent=J"):
+            make_selector(bad)
 
 
 # ------------------------------------------------------------------ evaluate.py
@@ -146,12 +157,17 @@ def test_evaluate_budget_grid_reports_spending_worst_per_budget_and_a_heatmap(tm
     text = (out / "results.md").read_text()
     assert "## Budgeted attackers" in text and "**" in text
     assert (out / "budget_victim_eps8.png").stat().st_size > 1000
+    # a fixed agent the team does not have is refused before anything runs
+    assert eval_cli([str(run), "--out", str(tmp_path / "bad"), "--attacks", "fgsm", "--budget-agents", "1",
+                     "--budget-selectors", "fixed:agent=3", "--no-progress"]) == 2
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("flag, value, message", [
     ("--budget-steps", "1.5", "budget_steps value 1.5 is out of range; accepted: fractions in [0, 1]"),
     ("--budget-agents", "x", "budget agents 'x' is not a comma-separated list of integers"),
     ("--budget-selectors", "best", "unknown budget selector 'best'; accepted: random, fixed, timed, value"),
+    ("--budget-selectors", "fixed:agent=-1", "budget selector 'fixed:agent=-1': the only option is fixed:agent=J"),
 ])
 def test_bad_budget_flags_are_one_line_errors_before_anything_runs(tmp_path: Path, capsys, flag, value, message) -> None:
     assert eval_cli([str(tmp_path / "missing"), "--out", str(tmp_path / "o"), flag, value, "--budget-agents", "1"]

@@ -12,7 +12,10 @@ attack, learned or fixed) with a :class:`Selector`, the heuristic that ranks age
 says whether the step is worth spending budget on:
 
 * ``random``: k agents uniformly at random, each step attacked with probability p;
-* ``fixed``: always agents 0..k-1 (one compromised sensor), steps as ``random``;
+* ``fixed``: always agents 0..k-1 (one compromised sensor), steps as ``random``; ``fixed:agent=J``
+  starts the set at agent J (agents J..J+k-1, mod n), so a grid over J finds the team's weakest
+  sensor (evaluated on the same episodes, the best J is a hindsight choice: a baseline no online
+  attacker beats by luck);
 * ``timed``: strategically timed (Lin et al. 2017): the k agents with the largest action-preference
   gap ``max_a pi(a|x) - min_a pi(a|x)``, on steps whose gap is among the largest;
 * ``value``: critic-guided greedy: the k agents whose own value estimate the attack lowers most,
@@ -108,10 +111,18 @@ class RandomSelector(Selector):
 class FixedSelector(Selector):
     name = "fixed"
 
+    def __init__(self, agent: int = 0) -> None:
+        if isinstance(agent, bool) or not isinstance(agent, int) or agent < 0:
+            raise ValueError(f"fixed:agent={agent!r} must be an agent index >= 0")
+        self.agent = agent
+
     def scores(self, view: PolicyLike, clean: Tensor, n_agents: int, attack: Attack, target: TargetLike,
                generator: torch.Generator) -> Scores:
+        if self.agent >= n_agents:
+            raise ValueError(f"fixed:agent={self.agent} but the env has {n_agents} agents (0..{n_agents - 1})")
         n_envs = clean.shape[0] // n_agents
-        order = -torch.arange(n_agents, dtype=torch.float32, device=clean.device)   # agent 0 first
+        rank = (torch.arange(n_agents, device=clean.device) - self.agent) % n_agents
+        order = -rank.float()   # agent J first, then J+1, ... (mod n)
         return Scores(order.expand(n_envs, n_agents).clone(), None)
 
 
@@ -140,11 +151,18 @@ class ValueSelector(Selector):
 SELECTORS: dict[str, type[Selector]] = {s.name: s for s in (RandomSelector, FixedSelector, TimedSelector, ValueSelector)}
 
 
-def make_selector(name: str) -> Selector:
-    """The selector called ``name``; ValueError naming the accepted ones otherwise."""
+def make_selector(spec: str) -> Selector:
+    """The selector ``spec`` names (``random``, ``fixed``, ``fixed:agent=J``, ``timed``, ``value``);
+    ValueError naming the accepted ones otherwise."""
+    name, _, option = spec.partition(":")
     if name not in SELECTORS:
-        raise ValueError(f"unknown budget selector {name!r}; accepted: {', '.join(SELECTORS)}")
-    return SELECTORS[name]()
+        raise ValueError(f"unknown budget selector {spec!r}; accepted: {', '.join(SELECTORS)} or fixed:agent=J")
+    if not option:
+        return SELECTORS[name]()
+    key, _, value = option.partition("=")
+    if name != "fixed" or key != "agent" or not value.isdigit():
+        raise ValueError(f"budget selector {spec!r}: the only option is fixed:agent=J (J an agent index)")
+    return FixedSelector(int(value))
 
 
 def _choose(scores: Scores, k: int, allowed: Tensor | None) -> tuple[Tensor, Tensor | None]:

@@ -83,7 +83,7 @@ from fgmf_marl.audit import AuditConfig, AuditReport, audit
 from fgmf_marl.config import ConfigError, check_device, check_range, check_seed
 from fgmf_marl.defenses.sgam import with_gradient_shield
 from fgmf_marl.jobs import cli
-from fgmf_marl.jobs.checkpoints import Victim, load_adversary, load_victim
+from fgmf_marl.jobs.checkpoints import Victim, env_spaces, load_adversary, load_victim
 from fgmf_marl.oversight import OversightLogger
 from fgmf_marl.oversight.store import holds_log, read_key
 from fgmf_marl.rollout import StepRecord, rollout
@@ -167,8 +167,10 @@ class EvalConfig:
         if self.budgets() and not self.budget_selectors:
             raise ConfigError(f"a budget needs at least one selector; accepted: {', '.join(SELECTORS)}")
         for name in self.budget_selectors:
-            if name not in SELECTORS:
-                raise ConfigError(f"unknown budget selector {name!r}; accepted: {', '.join(SELECTORS)}")
+            try:
+                make_selector(name)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
 
 
 def _loader(device: str) -> Callable[[str, str], PolicyView | LoadedAdversary]:
@@ -713,6 +715,17 @@ def write_tensorboard(rows: list[dict[str, Any]], worst: list[dict[str, Any]], f
                 writer.add_scalar(f"{r['checkpoint']}/{r['attack']}/flip_rate", r["flip_rate"], step)
 
 
+def check_fixed_agents(cfg: EvalConfig, victims: Sequence[Victim]) -> None:
+    """Every ``fixed:agent=J`` selector names an agent each victim's env has (checked before any compute)."""
+    fixed = [make_selector(s) for s in cfg.budget_selectors if s.startswith("fixed:")] if cfg.budgets() else []
+    for victim in victims if fixed else []:
+        n_agents = env_spaces(victim.train_config.env)[2]
+        for selector in fixed:
+            if selector.agent >= n_agents:
+                raise ConfigError(f"budget selector fixed:agent={selector.agent}: {victim.label} has {n_agents} agents "
+                                  f"per env; accepted: fixed:agent=0..{n_agents - 1}")
+
+
 def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: Callable[[str], None] = print) -> EvalResult:
     """Run the grid (and the audit) and write every output into the new folder ``out``."""
     cfglib.validate(cfg)
@@ -723,6 +736,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
     grid = {e: build_attacks(cfg, e, n_actions) for e in cfg.eps}              # unknown attack / option -> ConfigError
     for attack in (g.attack for attackers in grid.values() for g in attackers):
         check_fits(attack, victims)                                            # another env's policy -> ConfigError
+    check_fixed_agents(cfg, victims)                                           # fixed:agent=J beyond the team -> ConfigError
     log_root = Path(cfg.log_explanations) if cfg.log_explanations else None
 
     def log_dir(victim: Victim, label: str, e: float, seed: int) -> Path | None:
@@ -849,7 +863,8 @@ def build_parser() -> cli.ArgumentParser:
                    help="also attack within each budget of at most a share P in [0, 1] of each episode's steps, "
                         "e.g. 0.1,0.25 (default: no step budget)")
     p.add_argument("--budget-selectors", metavar="NAME,...",
-                   help=f"who/when heuristics of budgeted attacks: {', '.join(SELECTORS)} (default: all of them)")
+                   help=f"who/when heuristics of budgeted attacks: {', '.join(SELECTORS)}, or fixed:agent=J for the "
+                        "fixed set starting at agent J (default: the four plain ones)")
     p.add_argument("--n-envs", type=int, help="parallel env copies (default 8)")
     cli.add_runtime_flags(p, seed=False)
     p.add_argument("--audit", action="store_true", help="also run the gradient-masking audit")
