@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import functools
 import json
+import shutil
 import math
 import os
 import signal
@@ -66,6 +67,30 @@ def test_tiny_experiment_end_to_end_on_a_local_ray_cluster(clean_run: Path) -> N
     assert all(r["status"] == "done" and r["threads"] == 1 and Path(r["log"]).is_file() for r in records)
     assert {r["code_version"] for r in records} == {reproduce.code_version()}   # read by each task as it started
     assert _numbers(folder / "root")["train__none__s0"][0] == 768
+
+
+def test_legacy_training_records_are_upgraded_not_retrained(clean_run: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    """Records from before run ids: a training whose recorded config keys to today's key is kept (and
+    upgraded); one whose config disagrees, and the evaluations (which cannot show the run they read), rerun."""
+    shutil.copytree(clean_run / "root", tmp_path / "root")
+    for path in (tmp_path / "root").glob("tasks/*/task.json"):
+        record = json.loads(path.read_text())
+        record.pop("run_id"), record.pop("dep_runs")
+        record["key"] = "0123456789abcdef"                       # the old key format
+        if record["id"] == "train/none/s1":
+            record["config"]["timesteps"] = 512                 # not what the experiment asks for
+        path.write_text(json.dumps(record))
+    before = (tmp_path / "root" / "tasks" / "train__none__s0" / "out" / "eval" / "summary.json").read_text()
+    assert reproduce.entry(_args(tmp_path)) == 0
+    assert "4/4 tasks done (1 cached)" in capsys.readouterr().out
+    kept = json.loads((tmp_path / "root" / "tasks" / "train__none__s0" / "task.json").read_text())
+    assert kept["legacy_key"] == "0123456789abcdef" and kept["key"] != kept["legacy_key"] and kept["run_id"]
+    assert (tmp_path / "root" / "tasks" / "train__none__s0" / "out" / "eval" / "summary.json").read_text() == before
+    redone = json.loads((tmp_path / "root" / "tasks" / "train__none__s1" / "task.json").read_text())
+    assert "legacy_key" not in redone and redone["config"]["timesteps"] == 768
+    assert len(list((tmp_path / "root" / "stale").iterdir())) == 3      # s1's training and both evaluations set aside
+    assert _numbers(tmp_path / "root") == _numbers(clean_run / "root")
 
 
 def test_cached_tasks_are_skipped_on_a_rerun(clean_run: Path, capsys: pytest.CaptureFixture) -> None:

@@ -41,7 +41,11 @@ Choices, and why:
   of runs for a docstring edit would be silent and costly; ``--rerun [GLOB]`` reruns explicitly (all
   tasks, or those whose id matches, and their dependents), and RESULTS.md says when cells come from
   another version than the one it was written by. A task whose key or config changed is moved to
-  ``stale/`` first, never deleted.
+  ``stale/`` first, never deleted. Records written before keys and run ids took this form (a
+  training task's ``task.json`` with no ``run_id``) are upgraded in place when their recorded config,
+  keyed today, gives the task's key (:func:`upgrade_legacy_record`): hours of finished training are
+  not redone for a change of bookkeeping. Such dependents (evaluations) rerun, as they cannot show
+  which run they read.
 * **Resuming.** An interrupted training task restarts with ``--resume`` from its latest checkpoint;
   one killed before its first checkpoint starts from zero; one killed after its training but before
   its final evaluation resumes into that evaluation only (``train --resume`` on a trained run).
@@ -557,6 +561,17 @@ def _same_config(task: Task, record: dict[str, Any] | None) -> bool:
     return record is not None and record.get("key") == task.key and _agrees(record.get("config", {}), task.config)
 
 
+def upgrade_legacy_record(root: Path, task: Task, record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A done training record from before run ids, whose config keys to ``task.key`` today, rewritten with
+    that key and a fresh ``run_id`` (``legacy_key`` keeps the old one); any other record unchanged."""
+    if (record is None or "run_id" in record or task.deps or task.kind != "train" or record.get("status") != "done"
+            or _key(task.kind, record.get("config", {}), ()) != task.key or not _agrees(record.get("config", {}), task.config)):
+        return record
+    upgraded = {**record, "key": task.key, "legacy_key": record.get("key"), "run_id": uuid.uuid4().hex, "dep_runs": {}}
+    atomic_write_text(root / task.folder / "task.json", json.dumps(upgraded, indent=2))
+    return upgraded
+
+
 def is_cached(root: Path, task: Task, record: dict[str, Any] | None, deps: dict[str, str | None]) -> bool:
     """Done under the same key and an agreeing config, on the dependency runs ``deps``, with its output present."""
     return (_same_config(task, record) and record.get("status") == "done"
@@ -678,7 +693,7 @@ def run_tasks(root: Path, tasks: list[Task], *, max_parallel: int, address: str 
     records: dict[str, dict[str, Any]] = {}
     todo: list[Task] = []
     for task in tasks:
-        record = read_record(root, task.id)
+        record = upgrade_legacy_record(root, task, read_record(root, task.id)) if not rerun(task) else read_record(root, task.id)
         # cached only on cached dependencies: one that reruns changes what its dependents read
         deps = {d: records[d].get("run_id") if d in records else None for d in task.deps}
         if not rerun(task) and is_cached(root, task, record, deps):
