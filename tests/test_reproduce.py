@@ -93,6 +93,16 @@ def test_legacy_training_records_are_upgraded_not_retrained(clean_run: Path, tmp
     assert _numbers(tmp_path / "root") == _numbers(clean_run / "root")
 
 
+def test_only_keeps_every_cached_cell_in_the_tables(clean_run: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    shutil.copytree(clean_run / "root", tmp_path / "root")
+    assert reproduce.entry([*_args(tmp_path), "--only", "train/none/s0"]) == 0
+    assert "1/1 tasks done (1 cached)" in capsys.readouterr().out              # only s0 was asked for
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "missing" not in text and "| none seed 1 | 1 |" in text              # ... the table keeps seed 1's cells
+    assert "| `evaluate/pgd/none/s1` |" in text                                    # and its cell's command
+
+
 def test_cached_tasks_are_skipped_on_a_rerun(clean_run: Path, capsys: pytest.CaptureFixture) -> None:
     folder = clean_run
     records = {p: p.stat().st_mtime_ns for p in (folder / "root").glob("tasks/*/task.json")}

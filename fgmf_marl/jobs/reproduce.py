@@ -579,6 +579,18 @@ def is_cached(root: Path, task: Task, record: dict[str, Any] | None, deps: dict[
             and (root / task.out / JOBS[task.kind].output).is_file())
 
 
+def with_cached(root: Path, tasks: Sequence[Task], records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``records`` plus the cached record of every other task of ``tasks`` (dependencies first), read only."""
+    out = dict(records)
+    for task in tasks:
+        if task.id not in out:
+            record = read_record(root, task.id)
+            deps = {d: out[d].get("run_id") if d in out else None for d in task.deps}
+            if is_cached(root, task, record, deps):
+                out[task.id] = {**record, "cached": True}
+    return out
+
+
 _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
@@ -1049,7 +1061,7 @@ class ReproduceConfig:
     results: str | None = None            # default docs/RESULTS.md (docs/RESULTS.quick.md under --quick)
     figures: str | None = None            # default docs/figures (docs/figures/quick under --quick)
     rerun: str | None = None              # glob of task ids to rerun although cached ("*": all)
-    only: str | None = None               # glob of task ids to run (with their dependencies); the rest stay missing
+    only: str | None = None               # glob of task ids to run (with their dependencies); tables keep cached cells
 
     def validate(self) -> None:
         if not self.experiment:
@@ -1073,7 +1085,8 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--rerun", nargs="?", const="*", metavar="GLOB",
                    help="rerun cached tasks: all, or those whose id matches GLOB (e.g. 'train/fgmf/*')")
     p.add_argument("--only", metavar="GLOB", help="run only the tasks whose id matches GLOB and what they depend on "
-                   "(e.g. '*/ppo/*'); the tables show the other cells as missing (a partial run within a compute budget)")
+                   "(e.g. '*/ppo/*'); the tables keep every other cell already computed and show the rest as missing "
+                   "(a partial run within a compute budget)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -1120,8 +1133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         progress=not args.no_progress)
     shown = " ".join(["python scripts/reproduce.py", cfg.experiment] + (["--quick"] if cfg.quick else [])
                      + ([f"--only '{cfg.only}'"] if cfg.only else []))
-    text = section_markdown(name, exp, tasks, records, root, quick=cfg.quick, command=shown, figures=figures,
-                            results=results, wall=time.perf_counter() - start)
+    # --only limits what runs, not what the tables show: every other cell already computed is kept
+    text = section_markdown(name, exp, tasks, with_cached(root, tasks, records), root, quick=cfg.quick, command=shown,
+                            figures=figures, results=results, wall=time.perf_counter() - start)
     write_section(results, name + suffix, text)
     bad = [r for r in records.values() if r["status"] != "done"]
     cached = sum(1 for r in records.values() if r.get("cached"))
