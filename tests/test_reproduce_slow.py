@@ -19,8 +19,8 @@ def test_the_whole_tiny_experiment_killed_and_rerun_equals_a_clean_run(tmp_path:
     assert _numbers(tmp_path / "killed" / "root") == _numbers(tmp_path / "clean" / "root")
 
 
-@pytest.mark.parametrize("name", ["default_job", "defense_table", "robust_team", "fgmf_ablation", "budget_adversary", "pistonball",
-                                  "explanations"])
+@pytest.mark.parametrize("name", ["default_job", "defense_table", "robust_team", "fgmf_ablation", "budget_adversary",
+                                  "explanations", "pistonball"])
 def test_quick_runs_each_experiment_within_20_minutes_labelled_as_toy(tmp_path: Path, name: str) -> None:
     start = time.perf_counter()
     args = _args(tmp_path, ROOT / "experiments" / f"{name}.yaml")
