@@ -72,7 +72,7 @@ def test_tiny_experiment_end_to_end_on_a_local_ray_cluster(clean_run: Path) -> N
 def test_legacy_training_records_are_upgraded_not_retrained(clean_run: Path, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture) -> None:
     """Records from before run ids: a training whose recorded config keys to today's key is kept (and
-    upgraded); one whose config disagrees, and the evaluations (which cannot show the run they read), rerun."""
+    upgraded), and so is its evaluation; a training whose config disagrees reruns, and its evaluation with it."""
     shutil.copytree(clean_run / "root", tmp_path / "root")
     for path in (tmp_path / "root").glob("tasks/*/task.json"):
         record = json.loads(path.read_text())
@@ -83,13 +83,16 @@ def test_legacy_training_records_are_upgraded_not_retrained(clean_run: Path, tmp
         path.write_text(json.dumps(record))
     before = (tmp_path / "root" / "tasks" / "train__none__s0" / "out" / "eval" / "summary.json").read_text()
     assert reproduce.entry(_args(tmp_path)) == 0
-    assert "4/4 tasks done (1 cached)" in capsys.readouterr().out
+    assert "4/4 tasks done (2 cached)" in capsys.readouterr().out
     kept = json.loads((tmp_path / "root" / "tasks" / "train__none__s0" / "task.json").read_text())
     assert kept["legacy_key"] == "0123456789abcdef" and kept["key"] != kept["legacy_key"] and kept["run_id"]
     assert (tmp_path / "root" / "tasks" / "train__none__s0" / "out" / "eval" / "summary.json").read_text() == before
     redone = json.loads((tmp_path / "root" / "tasks" / "train__none__s1" / "task.json").read_text())
     assert "legacy_key" not in redone and redone["config"]["timesteps"] == 768
-    assert len(list((tmp_path / "root" / "stale").iterdir())) == 3      # s1's training and both evaluations set aside
+    evaluation = json.loads((tmp_path / "root" / "tasks" / "evaluate__pgd__none__s0" / "task.json").read_text())
+    assert evaluation["legacy_key"] and evaluation["dep_runs"] == {"train/none/s0": kept["run_id"]}
+    assert sorted(p.name.rsplit("-", 2)[0] for p in (tmp_path / "root" / "stale").iterdir()) == [
+        "evaluate__pgd__none__s1", "train__none__s1"]                  # what disagreed, and what read it
     assert _numbers(tmp_path / "root") == _numbers(clean_run / "root")
 
 

@@ -42,10 +42,10 @@ Choices, and why:
   tasks, or those whose id matches, and their dependents), and RESULTS.md says when cells come from
   another version than the one it was written by. A task whose key or config changed is moved to
   ``stale/`` first, never deleted. Records written before keys and run ids took this form (a
-  training task's ``task.json`` with no ``run_id``) are upgraded in place when their recorded config,
-  keyed today, gives the task's key (:func:`upgrade_legacy_record`): hours of finished training are
-  not redone for a change of bookkeeping. Such dependents (evaluations) rerun, as they cannot show
-  which run they read.
+  ``task.json`` with no ``run_id``) are upgraded in place when their recorded config,
+  keyed today, gives the task's key (:func:`upgrade_legacy_record`): hours of finished work are not
+  redone for a change of bookkeeping. A legacy evaluation is upgraded only on upgraded legacy
+  dependencies (the only runs it can have read); on any other it reruns.
 * **Resuming.** An interrupted training task restarts with ``--resume`` from its latest checkpoint;
   one killed before its first checkpoint starts from zero; one killed after its training but before
   its final evaluation resumes into that evaluation only (``train --resume`` on a trained run).
@@ -561,13 +561,25 @@ def _same_config(task: Task, record: dict[str, Any] | None) -> bool:
     return record is not None and record.get("key") == task.key and _agrees(record.get("config", {}), task.config)
 
 
-def upgrade_legacy_record(root: Path, task: Task, record: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A done training record from before run ids, whose config keys to ``task.key`` today, rewritten with
-    that key and a fresh ``run_id`` (``legacy_key`` keeps the old one); any other record unchanged."""
-    if (record is None or "run_id" in record or task.deps or task.kind != "train" or record.get("status") != "done"
-            or _key(task.kind, record.get("config", {}), ()) != task.key or not _agrees(record.get("config", {}), task.config)):
+def upgrade_legacy_record(root: Path, task: Task, record: dict[str, Any] | None,
+                          cached: dict[str, dict[str, Any]], tasks_by_id: dict[str, Task]) -> dict[str, Any] | None:
+    """A done record from before run ids, rewritten with today's key and a fresh ``run_id`` (``legacy_key``
+    keeps the old one) when its recorded config keys to ``task.key`` today; any other record unchanged.
+
+    A dependent (an evaluation) is upgraded only when every dependency is itself an upgraded legacy
+    record in ``cached``: those are the very runs that existed before run ids, so the only runs it can
+    have read; its ``dep_runs`` become theirs.
+    """
+    if record is None or "run_id" in record or record.get("status") != "done":
         return record
-    upgraded = {**record, "key": task.key, "legacy_key": record.get("key"), "run_id": uuid.uuid4().hex, "dep_runs": {}}
+    deps = [cached.get(d) for d in task.deps]
+    if not all(d is not None and "legacy_key" in d for d in deps):
+        return record
+    config = record.get("config", {})
+    if _key(task.kind, config, [tasks_by_id[d] for d in task.deps]) != task.key or not _agrees(config, task.config):
+        return record
+    upgraded = {**record, "key": task.key, "legacy_key": record.get("key"), "run_id": uuid.uuid4().hex,
+                "dep_runs": {d: dep["run_id"] for d, dep in zip(task.deps, deps)}}
     atomic_write_text(root / task.folder / "task.json", json.dumps(upgraded, indent=2))
     return upgraded
 
@@ -704,8 +716,11 @@ def run_tasks(root: Path, tasks: list[Task], *, max_parallel: int, address: str 
     """
     records: dict[str, dict[str, Any]] = {}
     todo: list[Task] = []
+    by_id = {t.id: t for t in tasks}
     for task in tasks:
-        record = upgrade_legacy_record(root, task, read_record(root, task.id)) if not rerun(task) else read_record(root, task.id)
+        record = read_record(root, task.id)
+        if not rerun(task):
+            record = upgrade_legacy_record(root, task, record, records, by_id)
         # cached only on cached dependencies: one that reruns changes what its dependents read
         deps = {d: records[d].get("run_id") if d in records else None for d in task.deps}
         if not rerun(task) and is_cached(root, task, record, deps):
