@@ -11,7 +11,9 @@ Its summary (``eval/summary.json``) answers "is it worth its training?": an eval
 (``eval/versus/``, evaluate.py's own outputs) of the director against the fixed attacks it could have
 been replaced by, PGD and least-likely PGD with its actor's steps, within the same budget on the
 agents and steps each heuristic selector picks; ``damage_beyond_best`` is the best fixed attacker's
-oracle-normalised return minus the director's (> 0: the director is the stronger attacker).
+oracle-normalised return minus the director's (> 0: the director is the stronger attacker). Its
+``behaviour`` (:func:`director_behaviour`) says what the director learned, so a director that does
+not beat the heuristics can be read: which option it realises, whom, when, and how much it asks.
 """
 from __future__ import annotations
 
