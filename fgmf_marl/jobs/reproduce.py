@@ -1147,6 +1147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = run_tasks(root, chosen, max_parallel=max_parallel, address=address, rerun=lambda t: t.id in rerun,
                         progress=not args.no_progress)
     shown = " ".join(["python scripts/reproduce.py", cfg.experiment] + (["--quick"] if cfg.quick else [])
+                     + ([f"--results-root {_shown(root)}"] if cfg.results_root else [])
                      + ([f"--only '{cfg.only}'"] if cfg.only else []))
     # --only limits what runs, not what the tables show: every other cell already computed is kept
     text = section_markdown(name, exp, tasks, with_cached(root, tasks, records), root, quick=cfg.quick, command=shown,
