@@ -156,6 +156,11 @@ class DirectorCore:
         budget = np.stack([left / max(state.max_steps, 1), np.full(n_envs, state.k / self.n_agents)], axis=1)
         return np.concatenate([per_victim.cpu().numpy(), budget], axis=1).astype(np.float32)
 
+    def victim_probabilities(self, knowledge: np.ndarray) -> np.ndarray:
+        """(n_envs, n_agents, n_actions): the clean action probabilities a :meth:`knowledge` vector holds."""
+        per_victim = knowledge[:, :self.n_agents * (self.n_actions + 1)]
+        return per_victim.reshape(len(knowledge), self.n_agents, self.n_actions + 1)[..., :-1]
+
     def observe(self, obs_uint8: np.ndarray, state: BudgetState,
                 steps_left: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The director's observation of every env of a batch of victim observations (uint8, env-major)."""

@@ -131,19 +131,16 @@ class RegularisedPPO(PPO):
         scales PPO's own step down on every minibatch the regulariser runs on.
         """
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        regulariser_grads = th.autograd.grad(regulariser_loss, params, retain_graph=True, allow_unused=True)
+        regulariser_loss.backward(retain_graph=True)   # the terms may share the PPO forward's graph (SGAM)
+        regulariser_norm = th.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        regulariser_grads = [p.grad for p in params]
+        for param in params:
+            param.grad = None   # the regularisers' gradients are kept above, not zeroed in place
         ppo_loss.backward()
         ppo_norm = th.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        squares = [g.detach().pow(2).sum() for g in regulariser_grads if g is not None]
-        regulariser_norm = th.stack(squares).sum().sqrt() if squares else th.zeros(())
-        scale = th.clamp(self.max_grad_norm / (regulariser_norm + 1e-6), max=1.0)
         for param, grad in zip(params, regulariser_grads):
-            if grad is None:
-                continue
-            if param.grad is None:
-                param.grad = grad.detach() * scale
-            else:
-                param.grad.add_(grad.detach() * scale)
+            if grad is not None:
+                param.grad = grad if param.grad is None else param.grad.add_(grad)
         self._log_term("ppo_grad_norm", ppo_norm)
         self._log_term("regulariser_grad_norm", regulariser_norm)
 

@@ -111,7 +111,7 @@ def pistonball_masks(raw: Any, size: int | None) -> dict[int, tuple[np.ndarray, 
         box(height, canvas_w, py + r + 1 - top, px + r + 1 - origin, rod, 18, out=pistons)
     if size is not None:   # OR over row bins commutes with slicing columns: reduce the canvases once
         ball, pistons = _reduce_axis(ball, size, 0), _reduce_axis(pistons, size, 0)
-    crops = np.lib.stride_tricks.sliding_window_view(np.arange(canvas_w), crop_w)[::width][:n]   # (n, crop_w) columns
+    crops = width * np.arange(n)[:, None] + np.arange(crop_w)   # (n, crop_w): each agent's canvas columns
     relevance = (ball | pistons)[:, crops].transpose(1, 0, 2)           # (n, rows, crop_w)
     own = np.zeros_like(relevance)
     own[:, :, width:2 * width] = pistons[:, crops[:, width:2 * width]].transpose(1, 0, 2)

@@ -130,8 +130,7 @@ def director_behaviour(model: PPO, venv: AdversaryVecEnv, episodes: int, horizon
         for t in range(horizon_steps):
             decisions, _ = model.predict(obs, deterministic=True)
             decisions = np.asarray(decisions).reshape(venv.num_envs, n)
-            probs = obs["victim"][:, :n * (core.n_actions + 1)].reshape(venv.num_envs, n, core.n_actions + 1)[..., :-1]
-            top2 = np.sort(probs, axis=-1)[..., -2:]
+            top2 = np.sort(core.victim_probabilities(obs["victim"]), axis=-1)[..., -2:]
             gap = top2[..., 1] - top2[..., 0]
             obs, _, _, _ = venv.step(decisions)
             hit = venv.last_granted

@@ -575,8 +575,8 @@ def upgrade_legacy_record(root: Path, task: Task, record: dict[str, Any] | None,
     deps = [cached.get(d) for d in task.deps]
     if not all(d is not None and "legacy_key" in d for d in deps):
         return record
-    config = record.get("config", {})
-    if _key(task.kind, config, [tasks_by_id[d] for d in task.deps]) != task.key or not _agrees(config, task.config):
+    # the same key is the same difference from today's defaults, so the configs agree field by field
+    if _key(task.kind, record.get("config", {}), [tasks_by_id[d] for d in task.deps]) != task.key:
         return record
     upgraded = {**record, "key": task.key, "legacy_key": record.get("key"), "run_id": uuid.uuid4().hex,
                 "dep_runs": {d: dep["run_id"] for d, dep in zip(task.deps, deps)}}
