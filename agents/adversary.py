@@ -63,15 +63,19 @@ def knowledge_size(n_agents: int, n_actions: int) -> int:
     return n_agents * (n_actions + 1) + 2
 
 
-def director_spaces(victim_space: gym.spaces.Box, n_actions: int, n_agents: int) -> tuple[gym.spaces.Dict,
-                                                                                           gym.spaces.MultiDiscrete]:
+def director_spaces(victim_space: gym.spaces.Box, n_actions: int, n_agents: int,
+                    joint: bool = False) -> tuple[gym.spaces.Dict, gym.spaces.MultiDiscrete | gym.spaces.Discrete]:
     """The director's observation (``image``: every victim's image stacked on channels; ``victim``: what it
-    knows of the victims and its budget, :meth:`DirectorCore.knowledge`) and decision spaces."""
+    knows of the victims and its budget, :meth:`DirectorCore.knowledge`) and decision spaces: one option per
+    victim, or with ``joint`` one choice per env of "no attack" or a (victim, option) pair
+    (:meth:`DirectorCore.to_decisions`)."""
     c, h, w = victim_space.shape
-    return (gym.spaces.Dict({"image": gym.spaces.Box(0, 255, (n_agents * c, h, w), np.uint8),
-                             "victim": gym.spaces.Box(-np.inf, np.inf, (knowledge_size(n_agents, n_actions),),
-                                                      np.float32)}),
-            gym.spaces.MultiDiscrete([n_actions + POLICY_LEVEL_OPTIONS] * n_agents))
+    observation = gym.spaces.Dict({"image": gym.spaces.Box(0, 255, (n_agents * c, h, w), np.uint8),
+                                   "victim": gym.spaces.Box(-np.inf, np.inf, (knowledge_size(n_agents, n_actions),),
+                                                            np.float32)})
+    if joint:
+        return observation, gym.spaces.Discrete(1 + n_agents * (n_actions + POLICY_LEVEL_OPTIONS - 1))
+    return observation, gym.spaces.MultiDiscrete([n_actions + POLICY_LEVEL_OPTIONS] * n_agents)
 
 
 class DirectorFeatures(BaseFeaturesExtractor):
@@ -113,19 +117,47 @@ class DirectorCore:
     its choice set contains PGD and the least-likely attack, so training searches for damage
     *beyond* theirs (where and whom to attack, which action to force) instead of first having to
     rediscover them, which a director starting from scratch could not do in its budget.
+
+    With ``joint`` the director's action is one choice per env instead of one per victim
+    (:meth:`to_decisions` turns it into the decisions above): 0 is "no attack", ``1 + i * m + o`` is
+    option ``o`` on victim ``i`` (``m = n_actions + 2`` attacking options: the actions, then untargeted,
+    then least likely). Why: under a budget of one victim per step, "attack exactly victim i now" is
+    one of the per-victim heads saying yes while every other says no, a joint choice PPO's independent
+    heads rarely explore; here it is one logit.
     """
 
-    def __init__(self, view: PolicyLike, eps: float, n_agents: int, actor_steps: int = 10, quantize: bool = False) -> None:
+    def __init__(self, view: PolicyLike, eps: float, n_agents: int, actor_steps: int = 10, quantize: bool = False,
+                 joint: bool = False) -> None:
         self.view = view
         self.n_agents = n_agents
+        self.joint = joint
         self.n_actions = int(view.n_actions)
         self.no_attack = self.n_actions
         self.untargeted = self.n_actions + 1
         self.least_likely = self.n_actions + 2
         self.n_options = self.n_actions + POLICY_LEVEL_OPTIONS
+        self.n_attacking = self.n_options - 1
         self.actor = PGD(eps, steps=actor_steps, targeted=True, quantize=quantize)
         self.untargeted_actor = PGD(eps, steps=actor_steps, quantize=quantize)
         self.least_likely_actor = PGD(eps, steps=actor_steps, targeted=True, target_action=LEAST_LIKELY, quantize=quantize)
+
+    def to_decisions(self, actions: np.ndarray | Tensor) -> np.ndarray:
+        """The director's actions (per-victim options, or one joint choice per env) as (n_envs, n_agents) options."""
+        actions = np.asarray(actions).astype(np.int64)
+        if not self.joint:
+            return actions.reshape(-1, self.n_agents)
+        choice = actions.reshape(-1)
+        decisions = np.full((len(choice), self.n_agents), self.no_attack, dtype=np.int64)
+        rows = np.flatnonzero(choice > 0)
+        victim, option = np.divmod(choice[rows] - 1, self.n_attacking)
+        decisions[rows, victim] = np.where(option < self.n_actions, option, option + 1)   # skip the no-attack code
+        return decisions
+
+    def joint_index(self, victim: int, option: int) -> int:
+        """The joint choice that puts ``option`` (an attacking option code) on ``victim``."""
+        if option == self.no_attack or not 0 <= option < self.n_options:
+            raise ValueError(f"option {option} is not an attacking option")
+        return 1 + victim * self.n_attacking + (option if option < self.n_actions else option - 1)
 
     def realise(self, obs01: Tensor, decisions: np.ndarray | Tensor, allowed: Tensor | None = None) -> Tensor:
         """Perturb slot ``env * n_agents + agent`` as ``decisions[env, agent]`` says (rows are independent)."""
@@ -193,15 +225,15 @@ class AdversaryParallelEnv(ParallelEnv):
     metadata = {"name": "adversary_v0", "render_modes": []}
 
     def __init__(self, env: ParallelEnv, victim: PolicyLike, eps: float, actor_steps: int = 10,
-                 budget: Budget = Budget(), horizon: int | None = None, seed: int = 0) -> None:
+                 budget: Budget = Budget(), horizon: int | None = None, seed: int = 0, joint: bool = False) -> None:
         self.env = env
         self.victims = list(env.possible_agents)
         self.possible_agents = [*self.victims, ADVERSARY]
         self.agents: list[str] = []
-        self.core = DirectorCore(victim, eps, len(self.victims), actor_steps)
+        self.core = DirectorCore(victim, eps, len(self.victims), actor_steps, joint=joint)
         self.state = budget_state(budget, len(self.victims), horizon, seed)
         self._adv_obs_space, self._adv_act_space = director_spaces(env.observation_space(self.victims[0]),
-                                                                   self.core.n_actions, len(self.victims))
+                                                                   self.core.n_actions, len(self.victims), joint)
         self._last: dict[str, np.ndarray] = {}
 
     @functools.lru_cache(maxsize=None)
@@ -224,7 +256,8 @@ class AdversaryParallelEnv(ParallelEnv):
         return {**obs, ADVERSARY: self._adv_obs()}, {**infos, ADVERSARY: {}}
 
     def step(self, actions: dict) -> tuple[dict, dict, dict, dict, dict]:
-        decision = np.asarray(actions.get(ADVERSARY, [self.core.no_attack] * len(self.victims)))
+        idle = 0 if self.core.joint else [self.core.no_attack] * len(self.victims)
+        decision = self.core.to_decisions(np.asarray(actions.get(ADVERSARY, idle))[None])[0]
         alive = [a for a in self.victims if a in self.env.agents]
         clean = torch.as_tensor(np.stack([self._last[a] for a in self.victims])).float().div(255.0)
         allowed = self.core.decide(decision[None], self.state, torch.tensor([[a in alive for a in self.victims]]))
@@ -258,11 +291,11 @@ class AdversaryVecEnv(VecEnv):
     """SB3 VecEnv of the director over a batched victim VecEnv: one slot per env copy."""
 
     def __init__(self, venv: VecEnv, victim: PolicyLike, eps: float, n_agents: int, actor_steps: int = 10,
-                 budget: Budget = Budget(), horizon: int | None = None, seed: int = 0) -> None:
+                 budget: Budget = Budget(), horizon: int | None = None, seed: int = 0, joint: bool = False) -> None:
         self.venv, self.n_agents = venv, n_agents
-        self.core = DirectorCore(victim, eps, n_agents, actor_steps)
+        self.core = DirectorCore(victim, eps, n_agents, actor_steps, joint=joint)
         self.state = budget_state(budget, n_agents, horizon, seed)
-        space, decisions = director_spaces(venv.observation_space, self.core.n_actions, n_agents)
+        space, decisions = director_spaces(venv.observation_space, self.core.n_actions, n_agents, joint)
         self.render_mode = None
         super().__init__(venv.num_envs // n_agents, space, decisions)
         self._obs: np.ndarray | None = None
@@ -274,7 +307,7 @@ class AdversaryVecEnv(VecEnv):
 
     def set_eps(self, eps: float) -> None:
         """Attack at budget ``eps`` (input units) from now on; the director's knowledge is unchanged."""
-        self.core = DirectorCore(self.core.view, eps, self.n_agents, self.actor_steps)
+        self.core = DirectorCore(self.core.view, eps, self.n_agents, self.actor_steps, joint=self.core.joint)
 
     def reset(self) -> dict[str, np.ndarray]:
         self._obs = self.venv.reset()
@@ -282,7 +315,7 @@ class AdversaryVecEnv(VecEnv):
         return self.core.observe(self._obs, self.state)
 
     def step_async(self, actions: np.ndarray) -> None:
-        self._decisions = np.asarray(actions).reshape(self.num_envs, self.n_agents)
+        self._decisions = self.core.to_decisions(actions)
 
     def step_wait(self) -> Any:
         clean = torch.as_tensor(self._obs, device=self._device).float().div(255.0)
@@ -362,6 +395,9 @@ class AdversaryConfig:
     warm_start_share: Literal["budget", "full"] = "budget"  # budget: attack about the budget's share of victim-steps
     budget_agents: int | None = None   # k: at most k attacked victims per env and step
     budget_steps: float | None = None  # p: at most floor(p * horizon) attacked steps per episode
+    #: per_victim: an option for every victim (the budget keeps k of those asked); joint: one choice per env
+    #: of "no attack" or (victim, option), a director of exactly one victim per step (needs budget_agents=1)
+    decision: Literal["per_victim", "joint"] = "per_victim"
     checkpoint_every: int = 5_000      # director steps between checkpoints (and progress lines in the log)
     eval_episodes: int = 16            # the summary: director vs the best heuristic at the same budget
     device: str = "cpu"
@@ -370,9 +406,16 @@ class AdversaryConfig:
     def budget(self) -> Budget:
         return Budget(self.budget_agents, self.budget_steps)
 
+    @property
+    def joint(self) -> bool:
+        return self.decision == "joint"
+
     def warm_share(self, n_agents: int) -> float:
-        """The warm start's attacked share of victim-steps (:func:`warm_start`): the budget's, or all."""
-        return budget_share(self.budget, n_agents) if self.warm_start_share == "budget" else 1.0
+        """The warm start's attacked share (:func:`warm_start`): the budget's, or all. Per victim it is a share
+        of victim-steps; a joint director attacks one victim whenever it attacks, so only the step budget counts."""
+        if self.warm_start_share == "full":
+            return 1.0
+        return budget_share(Budget(None, self.budget_steps) if self.joint else self.budget, n_agents)
 
     def validate(self) -> None:
         if not self.victim:
@@ -400,6 +443,11 @@ class AdversaryConfig:
                               "of each episode's steps")
         check_range("checkpoint_every", self.checkpoint_every, 1, 10**9)
         check_range("eval_episodes", self.eval_episodes, 1, 100_000)
+        if self.decision not in ("per_victim", "joint"):
+            raise ConfigError(f"decision={self.decision!r} is unknown; accepted: per_victim, joint")
+        if self.joint and self.budget_agents != 1:
+            raise ConfigError(f"decision=joint attacks exactly one victim per step; it needs budget_agents=1, "
+                              f"got {self.budget_agents}")
 
 
 def warm_start(policy: ActorCriticPolicy, core: DirectorCore, option: str, prob: float, share: float = 1.0) -> None:
@@ -415,13 +463,26 @@ def warm_start(policy: ActorCriticPolicy, core: DirectorCore, option: str, prob:
     initial director ask for about its budget: attacking every victim at every step under a budget
     of k agents or a share p of the steps, the budget's random truncation (or its pacing) and not the
     director decides whom and when, and no victim's head can learn that its choice matters.
-    SB3's orthogonal init with gain 0.01 makes the initial logits ~ the bias.
+    SB3's orthogonal init with gain 0.01 makes the initial logits ~ the bias. A joint director
+    (:class:`DirectorCore`, ``joint``) attacks with probability ``share``, by ``option`` on each victim
+    with ``prob * share / n_agents``, every other choice (no attack included) sharing ``(1 - prob) * share``
+    evenly, and "no attack" holding ``1 - share`` besides.
     """
     if option == "none":
         return
     if not 0.0 < share <= 1.0:
         raise ValueError(f"warm-start share={share} must be in (0, 1]")
     index = core.least_likely if option == "least_likely" else core.untargeted
+    if core.joint:
+        warm = [core.joint_index(victim, index) for victim in range(core.n_agents)]
+        choices = 1 + core.n_agents * core.n_attacking
+        other = share * (1 - prob) / (choices - len(warm))
+        probs = torch.full((choices,), other)
+        probs[warm] = prob * share / core.n_agents
+        probs[0] = other + (1 - share)
+        with torch.no_grad():
+            policy.action_net.bias.copy_(torch.log(probs))
+        return
     other = share * (1 - prob) / (core.n_options - 1)
     probs = torch.full((core.n_options,), other)
     probs[index] = prob * share
@@ -486,14 +547,16 @@ class DirectorPerturb:
 
     def __init__(self, attack: AdversaryAttack, view: PolicyLike, agents: list[int] | None = None) -> None:
         self.attack, self.agents = attack, agents
-        self.core = DirectorCore(view, attack.eps, attack.n_agents, attack.steps, attack.quantize)
+        joint = isinstance(attack.director.action_space, gym.spaces.Discrete)   # one (victim, option) choice per env
+        self.core = DirectorCore(view, attack.eps, attack.n_agents, attack.steps, attack.quantize, joint=joint)
         self.state = budget_state(attack.budget, attack.n_agents, attack.horizon, 0)
 
     def __call__(self, clean: Tensor, allowed_rows: Tensor | None = None) -> Tensor:
         n_envs = envs_of(clean, self.attack.n_agents)
         uint8 = torch.round(clean * 255).to(torch.uint8).cpu().numpy()
-        decisions, _ = self.attack.director.predict(self.core.observe(uint8, self.state),
-                                                    deterministic=self.attack.deterministic)
+        actions, _ = self.attack.director.predict(self.core.observe(uint8, self.state),
+                                                  deterministic=self.attack.deterministic)
+        decisions = self.core.to_decisions(actions)
         allowed = allowed_agents(self.agents, n_envs, self.attack.n_agents, clean.device)
         if allowed_rows is not None:
             rows = allowed_rows.reshape(n_envs, self.attack.n_agents)
@@ -521,7 +584,7 @@ class LoadedAdversary:
 def load_director(path: str | Path, cfg: AdversaryConfig, victim_space: gym.spaces.Box, victim_actions: int,
                   n_agents: int, horizon: int, device: str = "cpu") -> LoadedAdversary:
     """A director checkpoint, rebuilt from its run's config and its victim's spaces (nothing unpickled)."""
-    observation_space, action_space = director_spaces(victim_space, victim_actions, n_agents)
+    observation_space, action_space = director_spaces(victim_space, victim_actions, n_agents, cfg.joint)
     objects = ppo_objects(observation_space=observation_space, action_space=action_space,
                           policy_kwargs=director_policy_kwargs(), learning_rate=cfg.learning_rate,
                           clip_range=cfg.clip_range)

@@ -152,7 +152,19 @@ def test_train_adversary_cli_and_use_as_attack(tmp_path: Path, capsys: pytest.Ca
     director_rows = [r for r in versus if r["selector"] == "learned"]
     assert len(director_rows) == 1 and director_rows[0]["attacked_agents_max"] <= 1
     assert director_rows[0]["attacked_steps_max"] <= 5      # floor(0.5 x 10 steps)
-    # bad input: missing victim, and a victim that is not a run
+    # a joint director (one (victim, option) choice per env and step) trains, loads back and attacks one victim
+    joint = tmp_path / "adv_joint"
+    assert cli(["--victim", str(victim_dir), "--timesteps", "64", "--run-dir", str(joint), "--no-progress",
+                "n_envs=2", "n_steps=16", "batch_size=32", "n_epochs=1", "actor_steps=2", "budget_agents=1",
+                "decision=joint", "eval_episodes=2"]) == 0
+    assert load_adversary(joint).director.action_space.n == 1 + 3 * 7
+    joint_summary = json.loads((joint / "eval" / "summary.json").read_text())
+    assert joint_summary["behaviour"]["granted_per_step"] <= 1 and joint_summary["behaviour"]["asked_per_step"] <= 1
+    joint_rows = json.loads((joint / "eval" / "versus" / "results.json").read_text())["rows"]
+    assert [r["attacked_agents_max"] for r in joint_rows if r["selector"] == "learned"] in ([0], [1])
+    # bad input: missing victim, a victim that is not a run, a joint director without a one-victim budget
+    assert cli(["--victim", str(victim_dir), "--run-dir", str(tmp_path / "y"), "--no-progress", "decision=joint"]) == 2
+    assert not (tmp_path / "y").exists()
     assert cli(["--victim", str(tmp_path / "nope"), "--run-dir", str(tmp_path / "x"), "--no-progress"]) == 2
     assert not (tmp_path / "x").exists()
 
@@ -188,3 +200,58 @@ def test_the_director_knows_each_victims_policy_and_its_budget_and_cannot_exceed
     assert attacked.max() == 1 and (attacked.sum(0) == 2).all()               # first two steps, then spent
     assert np.allclose(left[0], 0.5) and np.allclose(left[1], 0.0) and dones.all()
     assert np.allclose(infos[0]["terminal_observation"]["victim"][-2], 0.0)   # the ended episode's last view
+
+
+def test_joint_choices_decode_to_one_victim_and_option_each(victim: PolicyView) -> None:
+    """0 = no attack; 1 + i * m + o = option o on victim i, m = 5 actions + untargeted + least likely = 7."""
+    core = DirectorCore(victim, eps=4 / 255, n_agents=3, actor_steps=1, joint=True)
+    assert core.n_attacking == 7
+    choices = np.array([0, 1, 1 + 4, 1 + 5, 1 + 6, 1 + 7 + 2, 1 + 2 * 7 + 6])
+    expected = np.full((7, 3), core.no_attack)
+    expected[1, 0] = 0                       # victim 0 pushed toward action 0
+    expected[2, 0] = 4                       # ... toward action 4
+    expected[3, 0] = core.untargeted
+    expected[4, 0] = core.least_likely
+    expected[5, 1] = 2                       # victim 1 toward action 2
+    expected[6, 2] = core.least_likely       # victim 2, least likely
+    assert np.array_equal(core.to_decisions(choices), expected)
+    for row, choice in enumerate(choices[1:], start=1):   # joint_index inverts it
+        agent = int(np.flatnonzero(expected[row] != core.no_attack)[0])
+        assert core.joint_index(agent, int(expected[row, agent])) == choice
+    with pytest.raises(ValueError):
+        core.joint_index(0, core.no_attack)
+    per_victim = DirectorCore(victim, eps=4 / 255, n_agents=3, actor_steps=1)
+    assert np.array_equal(per_victim.to_decisions(np.arange(6)), np.arange(6).reshape(2, 3))
+
+
+def test_joint_director_attacks_one_victim_per_step_and_warm_starts_on_least_likely(victim: PolicyView) -> None:
+    venv = AdversaryVecEnv(CoverageVecEnv(CFG, n_envs=2, seed=0), victim, eps=4 / 255, n_agents=3, actor_steps=1,
+                           budget=Budget(1, None), horizon=CFG.max_steps, joint=True)
+    assert venv.action_space.n == 1 + 3 * 7
+    director = PPO("MultiInputPolicy", venv, n_steps=8, batch_size=8, device="cpu", seed=0,
+                   policy_kwargs=director_policy_kwargs())
+    cfg = AdversaryConfig(victim="v", budget_agents=1, decision="joint")
+    assert cfg.warm_share(3) == 1.0                                # one victim whenever it attacks: every step
+    assert AdversaryConfig(victim="v", budget_agents=1, budget_steps=0.25, decision="joint").warm_share(3) == 0.25
+    warm_start(director.policy, venv.core, "least_likely", 0.9, cfg.warm_share(3))
+    obs, _ = director.policy.obs_to_tensor(venv.reset())
+    with torch.no_grad():
+        probs = director.policy.get_distribution(obs).distribution.probs          # (envs, 22)
+    warm = [venv.core.joint_index(i, venv.core.least_likely) for i in range(3)]
+    assert probs[:, warm].numpy() == pytest.approx(0.3, abs=0.01)               # 0.9 spread over the victims
+    assert probs.sum(-1).numpy() == pytest.approx(1.0, abs=1e-5)
+    assert (probs[:, 0] > 0).all()                                               # "no attack" stays explorable
+    for step in range(CFG.max_steps):   # every joint choice attacks at most one victim, and that victim
+        choice = np.array([1 + (step % 3) * 7 + 6, 0])
+        _, _, _, infos = venv.step(choice)
+        assert [i["attacked_agents"] for i in infos] == [1, 0]
+        assert venv.last_granted[0].tolist() == [a == step % 3 for a in range(3)]
+
+
+def test_joint_decision_needs_a_budget_of_one_victim() -> None:
+    for budget in (None, 2):
+        with pytest.raises(Exception, match="budget_agents=1"):
+            AdversaryConfig(victim="v", budget_agents=budget, decision="joint").validate()
+    with pytest.raises(Exception, match="per_victim, joint"):
+        AdversaryConfig(victim="v", decision="both").validate()
+    AdversaryConfig(victim="v", budget_agents=1, decision="joint").validate()

@@ -47,7 +47,7 @@ def make_training_env(cfg: AdversaryConfig, victim: Victim) -> AdversaryVecEnv:
     env_cfg = dataclasses.replace(victim.train_config.env, n_envs=cfg.n_envs)
     venv = make_vec_env(env_cfg, seed=seeds.env_seed(cfg.seed, seeds.ADVERSARY_TRAINING))
     return AdversaryVecEnv(venv, victim.view, cfg.eps / 255.0, n_agents_of(venv, env_cfg), cfg.actor_steps,
-                           budget=cfg.budget, horizon=horizon(env_cfg), seed=cfg.seed)
+                           budget=cfg.budget, horizon=horizon(env_cfg), seed=cfg.seed, joint=cfg.joint)
 
 
 def train_adversary(cfg: AdversaryConfig, run_root: str | Path, progress: bool = True) -> dict[str, Any]:
@@ -128,11 +128,11 @@ def director_behaviour(model: PPO, venv: AdversaryVecEnv, episodes: int, horizon
     for _ in range(batches):
         obs = venv.reset()
         for t in range(horizon_steps):
-            decisions, _ = model.predict(obs, deterministic=True)
-            decisions = np.asarray(decisions).reshape(venv.num_envs, n)
+            actions, _ = model.predict(obs, deterministic=True)
+            decisions = core.to_decisions(actions)
             top2 = np.sort(core.victim_probabilities(obs["victim"]), axis=-1)[..., -2:]
             gap = top2[..., 1] - top2[..., 0]
-            obs, _, _, _ = venv.step(decisions)
+            obs, _, _, _ = venv.step(actions)
             hit = venv.last_granted
             asked += int((decisions != core.no_attack).sum())
             granted += int(hit.sum())
