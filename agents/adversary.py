@@ -575,10 +575,13 @@ class LoadedAdversary:
     n_agents: int
     horizon: int
 
-    def attack(self, eps: float, steps: int | None = None, quantize: bool = False) -> AdversaryAttack:
-        """The director as an attack, within the budget it was trained under."""
+    def attack(self, eps: float, steps: int | None = None, quantize: bool = False,
+               deterministic: bool = True) -> AdversaryAttack:
+        """The director as an attack, within the budget it was trained under; ``deterministic=False`` samples its
+        decisions (a mixed strategy: attacking one of two victims at random can beat always the same one)."""
         return AdversaryAttack(self.director, self.n_agents, eps, steps=steps or self.config.actor_steps,
-                               quantize=quantize, budget=self.config.budget, horizon=self.horizon)
+                               quantize=quantize, deterministic=deterministic, budget=self.config.budget,
+                               horizon=self.horizon)
 
 
 def load_director(path: str | Path, cfg: AdversaryConfig, victim_space: gym.spaces.Box, victim_actions: int,

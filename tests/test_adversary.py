@@ -20,6 +20,7 @@ from envs.batched import CoverageVecEnv
 from envs.native import CoverageConfig
 from envs.registry import EnvConfig, make_parallel_env
 from fgmf_marl.attacks import PGD
+from fgmf_marl.attacks.registry import make_attack
 from fgmf_marl.jobs.adversary import entry as cli
 from fgmf_marl.jobs.evaluate import entry as eval_cli
 from fgmf_marl.jobs.train import entry as train_cli
@@ -124,6 +125,9 @@ def test_train_adversary_cli_and_use_as_attack(tmp_path: Path, capsys: pytest.Ca
                 "n_envs=2", "n_steps=16", "batch_size=32", "n_epochs=1", "actor_steps=2"]) == 0
     loaded = load_adversary(adv_dir)
     assert loaded.n_agents == 3 and loaded.config.eps == 8.0
+    # a mixed strategy: the director's decisions sampled
+    assert make_attack("adversary", 8 / 255, path=loaded).deterministic
+    assert not make_attack("adversary", 8 / 255, path=loaded, deterministic=False).deterministic
     out = tmp_path / "eval"
     assert eval_cli([str(victim_dir), "--attacks", f"adversary:path={adv_dir},steps=2", "--eps", "8", "--episodes", "2",
                      "--n-envs", "2", "--out", str(out), "--no-progress"]) == 0

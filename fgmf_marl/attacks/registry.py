@@ -44,10 +44,11 @@ def _transfer(eps: float, surrogate: Any = None, **opts: Any) -> Attack:
     return Transfer(surrogate, PGD(eps, **opts))
 
 
-def _adversary(eps: float, path: Any = None, steps: int | None = None, quantize: bool = False) -> Attack:
+def _adversary(eps: float, path: Any = None, steps: int | None = None, quantize: bool = False,
+               deterministic: bool = True) -> Attack:
     if path is None:
         raise ConfigError("attack 'adversary' needs path=<run dir written by scripts/train_adversary.py>")
-    return path.attack(eps, steps=steps, quantize=quantize)
+    return path.attack(eps, steps=steps, quantize=quantize, deterministic=deterministic)
 
 
 @dataclass(frozen=True)
