@@ -135,6 +135,35 @@ def test_beta_one_is_plain_scorpio_including_parameter_gradients(net: TinyNet) -
     torch.testing.assert_close(fd.loss, ref, rtol=1e-5, atol=1e-8)
 
 
+def test_value_curvature_is_the_taylor_remainder_and_matches_the_explicit_hessian_for_small_delta(net: TinyNet) -> None:
+    """curvature=value: second = l(x + d) - l(x) - g.d -> 1/2 d^T H d as |d| -> 0 (error O(|d|^3)), and with
+    lambda1 = lambda2 the term is lambda (l(x + d) - l(x)), whose parameter gradient needs no double backprop."""
+    torch.manual_seed(7)
+    x = torch.rand(4, *SHAPE, dtype=torch.float64)
+    target = net(x).argmax(1)
+    loss = lambda xx: F.cross_entropy(net(xx), target, reduction="none")  # noqa: E731
+    for eps in (1e-2, 1e-3):
+        out = ScorpioRegulariser(eps=eps, beta=1.0, lambda1=0.7, lambda2=1.3, curvature="value")(net, x)
+        d = out.delta
+        exact = torch.stack([0.5 * d[i].reshape(-1) @ h @ d[i].reshape(-1)
+                             for i, h in enumerate(per_sample_hessians(net, x, target))]).mean()
+        torch.testing.assert_close(out.second_order, exact, rtol=20 * eps, atol=1e-12)
+        assert out.second_order.abs() > 0
+    # lambda1 = lambda2 = lam: R = lam * mean(l(x + d) - l(x)), value and parameter gradient, from a plain expression
+    lam = 0.125
+    out = ScorpioRegulariser(eps=0.05, beta=1.0, lambda1=lam, lambda2=lam, curvature="value", pgd_steps=2)(net, x)
+    reference = lam * (loss(x + out.delta) - loss(x)).mean()
+    torch.testing.assert_close(out.loss, reference, rtol=1e-10, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(out.loss, list(net.parameters())),
+                    torch.autograd.grad(reference, list(net.parameters()))):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    # lambda1 != lambda2 keeps the first-order term's gradient (through g): it differs from the value gap alone
+    skew = ScorpioRegulariser(eps=0.05, beta=1.0, lambda1=1.0, lambda2=0.5, curvature="value")(net, x)
+    torch.testing.assert_close(skew.loss, 0.5 * skew.first_order + 0.5 * (loss(x + skew.delta) - loss(x)).mean().detach(),
+                               rtol=1e-10, atol=1e-12)
+    assert skew.loss.requires_grad
+
+
 def test_beta_below_one_shrinks_delta_on_salient_pixels(net: TinyNet) -> None:
     torch.manual_seed(3)
     x = torch.rand(4, *SHAPE, dtype=torch.float64)
@@ -236,6 +265,7 @@ def test_regularizer_runs_and_backpropagates_on_real_policies(backbone: str, hvp
     ({"subsample": 0.0}, "defense.scorpio.subsample"),
     ({"every": 0}, "defense.scorpio.every"),
     ({"lambda1": -0.1}, "defense.scorpio.lambda1"),
+    ({"curvature": "hessian"}, "defense.scorpio.curvature='hessian' is unknown; accepted: gradient, value"),
 ])
 def test_bad_scorpio_config_is_a_one_line_config_error(override: dict, message: str) -> None:
     with pytest.raises(ConfigError) as err:

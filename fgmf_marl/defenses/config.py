@@ -32,6 +32,7 @@ DEFENSES: dict[str, frozenset[str]] = {
 DEFENSE_KINDS: tuple[str, ...] = tuple(DEFENSES)
 DefenseKind = Literal[DEFENSE_KINDS]  # type: ignore[valid-type]  (built from the table at import time)
 HVP_METHODS: tuple[str, ...] = ("finite_difference", "pearlmutter")
+CURVATURES: tuple[str, ...] = ("gradient", "value")
 SGAM_BASELINES: tuple[str, ...] = ("zero", "gray", "mean")
 GRAD_CLIPS: tuple[str, ...] = ("shared", "separate")
 #: bounds of the regularisers' inner loops and widths: each runs per minibatch, so far above any
@@ -63,6 +64,7 @@ class ScorpioConfig:
     pgd_steps: int = 0                 # sign-gradient ascent steps on the attack loss itself after delta0
     hvp: str = "finite_difference"     # finite_difference | pearlmutter
     fd_step: float = 1.0               # finite-difference step h, relative to delta* (1 = secant over delta*)
+    curvature: str = "gradient"        # gradient: 1/2 delta* . H delta* by an HVP; value: l(x+delta*) - l(x) - g.delta*
     ig_steps: int = 4                  # Integrated-Gradients steps (Gauss-Legendre)
     subsample: float = 0.125           # fraction of each minibatch the regulariser runs on
     every: int = 8                     # run on every k-th minibatch
@@ -88,6 +90,8 @@ class ScorpioConfig:
             raise ConfigError(f"defense.scorpio.hvp={self.hvp!r} is unknown; accepted: {', '.join(HVP_METHODS)}")
         if not self.fd_step > 0:
             raise ConfigError(f"defense.scorpio.fd_step={self.fd_step} must be > 0")
+        if self.curvature not in CURVATURES:
+            raise ConfigError(f"defense.scorpio.curvature={self.curvature!r} is unknown; accepted: {', '.join(CURVATURES)}")
         check_range("defense.scorpio.ig_steps", self.ig_steps, 1, MAX_INNER_STEPS)
         _check_fraction("defense.scorpio.subsample", self.subsample)
         if self.every < 1:

@@ -37,6 +37,14 @@ Choices the design leaves open, made here:
   attacker that takes several steps the penalised direction should be the one it finds. The image
   range [0, 1] is not imposed, as it is not on delta0: the term measures the loss surface, not an
   image. R keeps its form, evaluated at that delta*.
+* ``curvature="value"`` (the issue-18 option): the second-order term is the Taylor remainder of the loss
+  *values* along delta*, l(x + delta*) - l(x) - g^T delta* (= 1/2 delta*^T H delta* + O(|delta*|^3), exact for a
+  quadratic l), instead of 1/2 delta*^T H delta* from an HVP; with lambda1 = lambda2, R = lambda (l(x + delta*)
+  - l(x)) and no double backprop runs. Why offered: the default penalises *input gradients* (g and H delta*
+  enter R through double backprop), which a network can lower by flattening its loss surface at the sampled
+  points while l still rises over an eps-step (gradient masking); a penalty on values cannot be met that way.
+  Measured: SCOR-PIO on SA-PPO's sample budget at eps 8 with the gradient curvature failed the audit
+  (docs/EXPERIMENTS.md, "SCOR-PIO on SA-PPO's sample budget").
 * Attention layers are run on PyTorch's math SDPA kernel inside the regulariser, because the
   fused CPU attention kernel has no double backward; this does not change the policy.
 """
@@ -54,7 +62,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fgmf_marl.attribution import IntegratedGradientsMap
 from fgmf_marl.config import ConfigError
-from fgmf_marl.defenses.config import HVP_METHODS, ScorpioConfig
+from fgmf_marl.defenses.config import CURVATURES, HVP_METHODS, ScorpioConfig
 
 LogitsFn = Callable[[Tensor], Tensor]
 HvpFn = Callable[[Tensor], Tensor]
@@ -217,7 +225,7 @@ class ScorpioRegulariser:
 
     def __init__(self, eps: float = 4.0 / 255, q: float = 0.1, beta: float = 0.5, lambda1: float = 1.0,
                  lambda2: float = 1.0, fw_steps: int = 0, hvp: str = "finite_difference", fd_step: float = 1.0,
-                 ig_steps: int = 4, pgd_steps: int = 0) -> None:
+                 ig_steps: int = 4, pgd_steps: int = 0, curvature: str = "gradient") -> None:
         """``eps`` here is in the image scale [0, 1] (``from_config`` converts from 1/255 units)."""
         if not eps > 0:
             raise ConfigError(f"SCOR-PIO eps={eps} must be > 0")
@@ -227,6 +235,8 @@ class ScorpioRegulariser:
             raise ConfigError(f"SCOR-PIO beta={beta} must be in [0, 1]")
         if hvp not in HVP_METHODS:
             raise ConfigError(f"SCOR-PIO hvp={hvp!r} is unknown; accepted: {', '.join(HVP_METHODS)}")
+        if curvature not in CURVATURES:
+            raise ConfigError(f"SCOR-PIO curvature={curvature!r} is unknown; accepted: {', '.join(CURVATURES)}")
         if fw_steps < 0 or pgd_steps < 0 or ig_steps < 1 or not fd_step > 0:
             raise ConfigError(f"SCOR-PIO needs fw_steps >= 0, pgd_steps >= 0, ig_steps >= 1, fd_step > 0; got {fw_steps}, "
                               f"{pgd_steps}, {ig_steps}, {fd_step}")
@@ -235,13 +245,13 @@ class ScorpioRegulariser:
         self.eps, self.q, self.beta = eps, q, beta
         self.lambda1, self.lambda2 = lambda1, lambda2
         self.fw_steps, self.hvp, self.fd_step, self.ig_steps = fw_steps, hvp, fd_step, ig_steps
-        self.pgd_steps = pgd_steps
+        self.pgd_steps, self.curvature = pgd_steps, curvature
 
     @classmethod
     def from_config(cls, cfg: ScorpioConfig) -> "ScorpioRegulariser":
         return cls(eps=cfg.eps / 255.0, q=cfg.q, beta=cfg.beta, lambda1=cfg.lambda1, lambda2=cfg.lambda2,
                    fw_steps=cfg.fw_steps, hvp=cfg.hvp, fd_step=cfg.fd_step, ig_steps=cfg.ig_steps,
-                   pgd_steps=cfg.pgd_steps)
+                   pgd_steps=cfg.pgd_steps, curvature=cfg.curvature)
 
     def saliency_mask(self, model: LogitsFn, x: Tensor, target: Tensor) -> Tensor:
         """Top-q |IG| mask (B, H, W); skipped (all False) when beta = 1 makes it irrelevant."""
@@ -255,8 +265,12 @@ class ScorpioRegulariser:
             x = x.detach().requires_grad_(True)
             logits = model(x)
             target = logits.argmax(dim=1).detach()
-            # g with a graph: R's parameter gradient flows through it (and Pearlmutter needs it).
-            g = torch.autograd.grad(attack_loss(logits, target).sum(), x, create_graph=True)[0]
+            clean_loss = attack_loss(logits, target)
+            # g with a graph: R's parameter gradient flows through it (and Pearlmutter needs it), except where
+            # the value curvature with lambda1 = lambda2 cancels g's term: R = lambda (l(x + delta*) - l(x)).
+            by_value = self.curvature == "value"
+            g_graph = not by_value or self.lambda1 != self.lambda2 or (self.fw_steps > 0 and self.hvp == "pearlmutter")
+            g = torch.autograd.grad(clean_loss.sum(), x, create_graph=g_graph, retain_graph=g_graph or by_value)[0]
             mask = self.saliency_mask(model, x, target)
             radius = eps * pixel_weights(mask, self.beta).to(x.dtype)
 
@@ -271,9 +285,14 @@ class ScorpioRegulariser:
                 delta = loss_ascent(model, x, target, g, radius, self.pgd_steps)
             else:
                 delta = radius * torch.sign(g.detach())
-            first = _bdot(g, delta).mean()
-            # The curvature term is always measured (it is logged); it only carries a graph when weighted.
-            second = 0.5 * _bdot(delta, hvp(delta, create_graph=self.lambda2 != 0.0)).mean()
+            first_each = _bdot(g, delta)
+            first = first_each.mean()
+            if by_value:
+                # the second-order Taylor remainder of the loss along delta*: 1/2 delta*^T H delta* + O(|delta*|^3)
+                second = (attack_loss(model(x + delta), target) - clean_loss - first_each).mean()
+            else:
+                # The curvature term is always measured (it is logged); it only carries a graph when weighted.
+                second = 0.5 * _bdot(delta, hvp(delta, create_graph=self.lambda2 != 0.0)).mean()
             loss = self.lambda1 * first + self.lambda2 * second
         return ScorpioTerms(loss=loss, first_order=first.detach(), second_order=second.detach(),
                             delta=delta.detach(), mask=mask, n=int(x.shape[0]))
