@@ -7,7 +7,8 @@ order rotating), so machine-load drift hits every row alike; each row reports it
 agent-steps/s and the median over rounds of its ratio to vanilla PPO *in the same round*.
 
 Rows: PPO; FGMF-PPO (default knobs); SA-PPO (default knobs); PPO and FGMF-PPO with PGD adversarial
-training (``--adversary pgd``, its default knobs); then the components: SCOR-PIO alone, SCOR-PIO
+training (``--adversary pgd``, its default knobs); FGMF-PPO as ``experiments/fgmf_dense.yaml``'s
+``fgmf_value`` row trains it (SCOR-PIO by values on a quarter of every minibatch at eps 8); then the components: SCOR-PIO alone, SCOR-PIO
 without its IG saliency (beta = 1, i.e. plain SCORPIO), SGAM alone, SGAM without the Grad-CAM++
 distillation. Usage:
     python benchmarks/bench_defense.py [--rounds 3] [--rollouts 1] [--policy cnn|vit] [--extra]
@@ -36,6 +37,10 @@ CONFIGS: list[tuple[str, list[str]]] = [
     ("SA-PPO (default knobs)", ["defense.kind=sappo"]),
     ("PPO + PGD adversarial training", ["defense.kind=none", "adversary.kind=pgd"]),
     ("FGMF-PPO + PGD adversarial training", ["defense.kind=fgmf", "adversary.kind=pgd"]),
+    ("FGMF-PPO, SCOR-PIO by values, dense, eps 8", ["defense.kind=fgmf", "defense.scorpio.eps=8",
+                                                     "defense.scorpio.subsample=0.25", "defense.scorpio.every=1",
+                                                     "defense.scorpio.lambda1=0.125", "defense.scorpio.lambda2=0.125",
+                                                     "defense.scorpio.pgd_steps=2", "defense.scorpio.curvature=value"]),
     ("  SCOR-PIO only", ["defense.kind=scorpio"]),
     ("  SCOR-PIO only, no IG (beta=1)", ["defense.kind=scorpio", "defense.scorpio.beta=1.0"]),
     ("  SGAM only", ["defense.kind=sgam"]),
