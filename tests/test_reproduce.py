@@ -364,10 +364,11 @@ def test_the_budget_adversary_experiment_trains_a_director_per_victim_and_budget
     tasks = reproduce.expand(exp, quick=False)
     reproduce.check_tables(exp, tasks)
     directors = [t for t in tasks if t.kind == "adversary"]
-    assert len(directors) == 12 and all(t.config["eps"] == 4.0 and t.config["timesteps"] == 40_000 for t in directors)
-    assert {(t.config["budget_agents"], t.config["budget_steps"]) for t in directors} == {(1, None), (None, 0.25)}
+    assert len(directors) == 18 and all(t.config["eps"] == 4.0 and t.config["timesteps"] == 40_000 for t in directors)
+    assert {(t.config["budget_agents"], t.config["budget_steps"], t.config.get("decision", "per_victim"))
+            for t in directors} == {(1, None, "per_victim"), (None, 0.25, "per_victim"), (1, None, "joint")}
     for t in (t for t in tasks if t.kind == "evaluate"):
-        director = f"adversary/director_{t.source.split('_')[1]}/{t.run}/s{t.seed}"
+        director = f"adversary/director_{t.source.removeprefix('budget_')}/{t.run}/s{t.seed}"
         assert t.config["attacks"] == ["budgeted"] and t.deps == (f"train/{t.run}/s{t.seed}", director)
 
 
