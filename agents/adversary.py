@@ -55,6 +55,8 @@ from fgmf_marl.policy import PolicyLike, TargetLike
 ADVERSARY = "adversary_0"
 #: the director's options per victim besides "push toward action a": no attack, untargeted, least likely
 POLICY_LEVEL_OPTIONS = 3
+#: how a director's action is laid out (``AdversaryConfig.decision``): an option per victim, or one joint choice
+DECISIONS: tuple[str, ...] = ("per_victim", "joint")
 
 
 def knowledge_size(n_agents: int, n_actions: int) -> int:
@@ -443,8 +445,8 @@ class AdversaryConfig:
                               "of each episode's steps")
         check_range("checkpoint_every", self.checkpoint_every, 1, 10**9)
         check_range("eval_episodes", self.eval_episodes, 1, 100_000)
-        if self.decision not in ("per_victim", "joint"):
-            raise ConfigError(f"decision={self.decision!r} is unknown; accepted: per_victim, joint")
+        if self.decision not in DECISIONS:
+            raise ConfigError(f"decision={self.decision!r} is unknown; accepted: {', '.join(DECISIONS)}")
         if self.joint and self.budget_agents != 1:
             raise ConfigError(f"decision=joint attacks exactly one victim per step; it needs budget_agents=1, "
                               f"got {self.budget_agents}")
