@@ -7,13 +7,13 @@ order rotating), so machine-load drift hits every row alike; each row reports it
 agent-steps/s and the median over rounds of its ratio to vanilla PPO *in the same round*.
 
 Rows: PPO; FGMF-PPO (default knobs); SA-PPO (default knobs); PPO and FGMF-PPO with PGD adversarial
-training (``--adversary pgd``, its default knobs); FGMF-PPO as ``experiments/fgmf_dense.yaml``'s
-``fgmf_value`` row trains it (SCOR-PIO by values on a quarter of every minibatch at eps 8); then the components: SCOR-PIO alone, SCOR-PIO
+training (``--adversary pgd``, its default knobs); FGMF-PPO with the older default SCOR-PIO knobs (``OLD_SCORPIO``:
+a sparse, cheaper term); then the components: SCOR-PIO alone, SCOR-PIO
 without its IG saliency (beta = 1, i.e. plain SCORPIO), SGAM alone, SGAM without the Grad-CAM++
 distillation. Usage:
     python benchmarks/bench_defense.py [--rounds 3] [--rollouts 1] [--policy cnn|vit] [--extra]
                                        [--n-envs N] [--no-warmup] [--only 1 2 ...]
-``--extra`` adds the costlier SCOR-PIO variants (Pearlmutter HVP, 2 Frank-Wolfe steps, every minibatch).
+``--extra`` adds the SCOR-PIO variants (gradient curvature by each HVP, 2 Frank-Wolfe steps, the full minibatch).
 """
 from __future__ import annotations
 
@@ -31,16 +31,18 @@ from fgmf_marl import config as cfglib
 from fgmf_marl.jobs.train import ppo_kwargs, training_callbacks, training_env
 from fgmf_marl.jobs.train_config import TrainConfig
 
+#: SCOR-PIO's default knobs before experiments/fgmf_dense.yaml's configuration replaced them: an eighth of every
+#: eighth minibatch at lambda 1, eps 4, delta* one sign step, the curvature by a finite-difference HVP
+OLD_SCORPIO = ["defense.scorpio.eps=4", "defense.scorpio.subsample=0.125", "defense.scorpio.every=8",
+               "defense.scorpio.lambda1=1", "defense.scorpio.lambda2=1", "defense.scorpio.pgd_steps=0",
+               "defense.scorpio.curvature=gradient"]
 CONFIGS: list[tuple[str, list[str]]] = [
     ("PPO (vanilla)", ["defense.kind=none"]),
     ("FGMF-PPO (default knobs)", ["defense.kind=fgmf"]),
     ("SA-PPO (default knobs)", ["defense.kind=sappo"]),
     ("PPO + PGD adversarial training", ["defense.kind=none", "adversary.kind=pgd"]),
     ("FGMF-PPO + PGD adversarial training", ["defense.kind=fgmf", "adversary.kind=pgd"]),
-    ("FGMF-PPO, SCOR-PIO by values, dense, eps 8", ["defense.kind=fgmf", "defense.scorpio.eps=8",
-                                                     "defense.scorpio.subsample=0.25", "defense.scorpio.every=1",
-                                                     "defense.scorpio.lambda1=0.125", "defense.scorpio.lambda2=0.125",
-                                                     "defense.scorpio.pgd_steps=2", "defense.scorpio.curvature=value"]),
+    ("FGMF-PPO, the older default (sparse SCOR-PIO)", ["defense.kind=fgmf", *OLD_SCORPIO]),
     ("  SCOR-PIO only", ["defense.kind=scorpio"]),
     ("  SCOR-PIO only, no IG (beta=1)", ["defense.kind=scorpio", "defense.scorpio.beta=1.0"]),
     ("  SGAM only", ["defense.kind=sgam"]),
@@ -52,10 +54,12 @@ CONFIGS: list[tuple[str, list[str]]] = [
 FULL_COST = [f"{part}.{knob}=0" for part in ("defense.scorpio", "defense.sgam", "defense.sappo", "adversary")
              for knob in ("start", "warmup")]
 EXTRA: list[tuple[str, list[str]]] = [
-    ("  SCOR-PIO, Pearlmutter HVP", ["defense.kind=scorpio", "defense.scorpio.hvp=pearlmutter"]),
-    ("  SCOR-PIO, 2 Frank-Wolfe steps", ["defense.kind=scorpio", "defense.scorpio.fw_steps=2"]),
-    ("  SCOR-PIO, every minibatch, full", ["defense.kind=scorpio", "defense.scorpio.every=1",
-                                           "defense.scorpio.subsample=1.0"]),
+    ("  SCOR-PIO, gradient curvature (finite-difference HVP)", ["defense.kind=scorpio", "defense.scorpio.curvature=gradient"]),
+    ("  SCOR-PIO, gradient curvature, Pearlmutter HVP", ["defense.kind=scorpio", "defense.scorpio.curvature=gradient",
+                                                         "defense.scorpio.hvp=pearlmutter"]),
+    ("  SCOR-PIO, 2 Frank-Wolfe steps", ["defense.kind=scorpio", "defense.scorpio.curvature=gradient",
+                                         "defense.scorpio.pgd_steps=0", "defense.scorpio.fw_steps=2"]),
+    ("  SCOR-PIO, full minibatch", ["defense.kind=scorpio", "defense.scorpio.subsample=1.0"]),
 ]
 
 

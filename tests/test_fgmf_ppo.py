@@ -103,8 +103,8 @@ def _zero_weight_run(defense: DefenseConfig) -> tuple[dict, dict]:
 def test_zero_lambdas_give_exactly_sb3_ppo_parameters_after_one_train() -> None:
     # every knob that adds work is on (IG, Frank-Wolfe, Pearlmutter, full minibatch, every minibatch):
     # the machinery runs, but with lambda1 = lambda2 = 0 it must leave the update bit-identical.
-    scorpio = dict(lambda1=0.0, lambda2=0.0, fw_steps=2, hvp="pearlmutter", ig_steps=2, subsample=1.0, every=1, beta=0.5,
-                   start=0.0, warmup=0.0)  # on from the first update
+    scorpio = dict(lambda1=0.0, lambda2=0.0, fw_steps=2, pgd_steps=0, curvature="gradient", hvp="pearlmutter",
+                   ig_steps=2, subsample=1.0, every=1, beta=0.5, start=0.0, warmup=0.0)  # on from the first update
     ppo, fgmf = _zero_weight_run(cfglib.from_dict(DefenseConfig, {"kind": "scorpio", "scorpio": scorpio}))
     assert ppo.keys() == fgmf.keys()
     for name in ppo:

@@ -411,3 +411,18 @@ def test_comparisons_do_not_call_a_one_seed_margin_evidence() -> None:
     assert "a beats b" in line and "more than the larger std over seeds" in line
     (line,) = reproduce.comparisons(dataclasses.replace(table, compare="b", against=["a"]), three)
     assert "**b does not beat a**" in line
+
+
+def test_an_experiments_own_overrides_apply_to_every_run_and_a_runs_own_win() -> None:
+    # fgmf_retune was measured before fgmf_dense's configuration became SCOR-PIO's default: it pins the
+    # earlier defaults for every run, and its fgmf run's own pgd_steps=3 wins over the pinned 0
+    exp = reproduce.load_experiment(ROOT / "experiments" / "fgmf_retune.yaml")
+    trains = {t.run: t.config for t in reproduce.expand(exp, quick=False) if t.kind == "train"}
+    pinned = dict(eps=4.0, subsample=0.125, every=8, lambda1=1.0, lambda2=1.0, curvature="gradient")
+    for config in trains.values():
+        assert {k: config["defense"]["scorpio"][k] for k in pinned} == pinned
+    assert {run: c["defense"]["scorpio"]["pgd_steps"] for run, c in trains.items()} == {
+        run: 3 if c["defense"]["kind"] == "fgmf" else 0 for run, c in trains.items()}
+    # without the pin the same file would train today's defaults
+    bare = reproduce.expand(dataclasses.replace(exp, overrides=[]), quick=False)
+    assert all(t.config["defense"]["scorpio"]["eps"] == 8.0 for t in bare if t.kind == "train")

@@ -55,19 +55,19 @@ def _check_fraction(name: str, value: float) -> None:
 class ScorpioConfig:
     """SCOR-PIO 2.0 knobs (see ``fgmf_marl.defenses.scorpio`` for why the defaults are what they are)."""
 
-    eps: float = 4.0                   # L-inf budget of the exploitable direction, in 1/255 units
+    eps: float = 8.0                   # L-inf budget of the exploitable direction, in 1/255 units
     q: float = 0.1                     # fraction of pixels that count as salient (top-q by |IG|)
     beta: float = 0.5                  # weight of salient pixels: 1 = plain SCORPIO, 0 = salient pixels free
-    lambda1: float = 1.0               # weight of the first-order term g^T delta*
-    lambda2: float = 1.0               # weight of the second-order term 1/2 delta*^T H delta*
-    fw_steps: int = 0                  # Frank-Wolfe steps on the quadratic model after delta0
-    pgd_steps: int = 0                 # sign-gradient ascent steps on the attack loss itself after delta0
-    hvp: str = "finite_difference"     # finite_difference | pearlmutter
+    lambda1: float = 0.125             # weight of the first-order term g^T delta*
+    lambda2: float = 0.125             # weight of the second-order term 1/2 delta*^T H delta*
+    fw_steps: int = 0                  # Frank-Wolfe steps on the quadratic model after delta0 (needs pgd_steps=0)
+    pgd_steps: int = 2                 # sign-gradient ascent steps on the attack loss itself after delta0
+    hvp: str = "finite_difference"     # finite_difference | pearlmutter (curvature=gradient only)
     fd_step: float = 1.0               # finite-difference step h, relative to delta* (1 = secant over delta*)
-    curvature: str = "gradient"        # gradient: 1/2 delta* . H delta* by an HVP; value: l(x+delta*) - l(x) - g.delta*
+    curvature: str = "value"           # value: l(x+delta*) - l(x) - g.delta*; gradient: 1/2 delta* . H delta* by an HVP
     ig_steps: int = 4                  # Integrated-Gradients steps (Gauss-Legendre)
-    subsample: float = 0.125           # fraction of each minibatch the regulariser runs on
-    every: int = 8                     # run on every k-th minibatch
+    subsample: float = 0.25            # fraction of each minibatch the regulariser runs on
+    every: int = 1                     # run on every k-th minibatch
     start: float = 0.3                 # fraction of training before the term is switched on (see below)
     warmup: float = 0.3                # fraction of training over which eps then ramps up linearly from 0
 

@@ -16,7 +16,8 @@ Choices the design leaves open, made here:
 
 * delta* is treated as a constant when R is differentiated w.r.t. the policy parameters (as in
   SCORPIO and CURE): R penalises the first- and second-order growth of the attack loss along the
-  worst direction, and gradients flow through g and H delta* (double backprop).
+  worst direction, and gradients flow through g and H delta* (double backprop; with the value
+  curvature, through the loss values).
 * Frank-Wolfe with gamma_k = 2 / (k + 2) is not monotone on an indefinite quadratic; every
   iterate's Q is evaluated anyway (it needs H delta_k for the next step) and each image keeps its
   best iterate, so delta* never has a lower model value than delta0.
@@ -24,27 +25,31 @@ Choices the design leaves open, made here:
   ``fd_step`` h is relative to delta: h = 1 (default) is the secant over the actual perturbation,
   which for ReLU networks (whose exact Hessian only sees the softmax curvature) measures the
   curvature an eps-attacker really meets, as CURE does; a small h recovers the exact HVP.
-* Default cost knobs: finite differences (one extra forward + backward, cheaper than Pearlmutter's
-  double-backward-through-a-double-backward, and it sees ReLU kinks), no Frank-Wolfe steps (each
-  costs one more HVP), 4 Gauss-Legendre IG steps, on an eighth (``subsample``) of every eighth
-  (``every``) minibatch. Why: they keep FGMF-PPO's training throughput near the >= 0.6x of vanilla
-  PPO the project asks for, and every eighth rather than every fourth minibatch also halves the
-  term's average weight, which had cost clean return (measurements: ``benchmarks/bench_defense.py``;
-  docs/EXPERIMENTS.md, "Defenses and their schedule").
-* ``pgd_steps`` K > 0 (the issue-18 retune option): from delta0, K steps delta <- clip(delta + a w sign(grad
+* Default knobs (``ScorpioConfig``, what ``--defense fgmf`` trains with): delta* from PGD-2 on the attack
+  loss at eps 8/255, the value curvature (below) with lambda1 = lambda2 = 0.125, 4 Gauss-Legendre IG steps, on
+  a quarter (``subsample``) of every minibatch (``every``), SA-PPO's sample budget. Why: of every configuration
+  measured it is the one whose worst case under the strong attacks held at both 4 and 8/255 while the audit
+  passed; a small weight on many samples replaced a large weight on few (the older default, an eighth of
+  every eighth minibatch at lambda 1, eps 4 and one sign step, held nothing at 8/255). The figures and the
+  configurations it beat: docs/RESULTS.md, fgmf_dense; docs/EXPERIMENTS.md, "SCOR-PIO on SA-PPO's sample
+  budget". With ``curvature="gradient"``, finite differences are the default HVP (one extra forward +
+  backward, cheaper than Pearlmutter's double-backward-through-a-double-backward, and it sees ReLU kinks).
+* ``pgd_steps`` K > 0: from delta0, K steps delta <- clip(delta + a w sign(grad
   l(x + delta))) with a = 2.5 eps / K, each image keeping the iterate of highest true loss (delta0
-  included). Why offered: one sign step is the worst direction only for a linear l; against an
-  attacker that takes several steps the penalised direction should be the one it finds. The image
+  included). Why: one sign step is the worst direction only for a linear l; against an
+  attacker that takes several steps the penalised direction should be the one it finds, and one sign
+  step at 8/255 is the FGSM setting known for catastrophic overfitting. The image
   range [0, 1] is not imposed, as it is not on delta0: the term measures the loss surface, not an
-  image. R keeps its form, evaluated at that delta*.
-* ``curvature="value"`` (the issue-18 option): the second-order term is the Taylor remainder of the loss
+  image. R keeps its form, evaluated at that delta*. ``pgd_steps=0`` keeps delta0 (or runs ``fw_steps``
+  Frank-Wolfe steps on the quadratic model, each one more HVP).
+* ``curvature="value"``: the second-order term is the Taylor remainder of the loss
   *values* along delta*, l(x + delta*) - l(x) - g^T delta* (= 1/2 delta*^T H delta* + O(|delta*|^3), exact for a
-  quadratic l), instead of 1/2 delta*^T H delta* from an HVP; with lambda1 = lambda2, R = lambda (l(x + delta*)
-  - l(x)) and no double backprop runs. Why offered: the default penalises *input gradients* (g and H delta*
-  enter R through double backprop), which a network can lower by flattening its loss surface at the sampled
-  points while l still rises over an eps-step (gradient masking); a penalty on values cannot be met that way.
-  Measured: SCOR-PIO on SA-PPO's sample budget at eps 8 with the gradient curvature failed the audit
-  (docs/EXPERIMENTS.md, "SCOR-PIO on SA-PPO's sample budget").
+  quadratic l), instead of 1/2 delta*^T H delta* from an HVP (``curvature="gradient"``, the design's literal
+  form); with lambda1 = lambda2, R = lambda (l(x + delta*) - l(x)) and no double backprop runs. Why: the
+  gradient form penalises *input gradients* (g and H delta* enter R through double backprop), which a network
+  can lower by flattening its loss surface at the sampled points while l still rises over an eps-step
+  (gradient masking, and the audit flagged exactly that on SA-PPO's sample budget); a penalty on values
+  cannot be met that way.
 * Attention layers are run on PyTorch's math SDPA kernel inside the regulariser, because the
   fused CPU attention kernel has no double backward; this does not change the policy.
 """

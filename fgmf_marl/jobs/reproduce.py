@@ -197,6 +197,9 @@ class Experiment:
 
     title: str = ""
     description: str = ""
+    #: train overrides of every run, before each run's own: e.g. an older experiment pins the defaults it
+    #: was measured with, so a later change of a default does not change what rerunning it computes
+    overrides: list[str] = field(default_factory=list)
     quick: list[str] = field(default_factory=list)   # train overrides of every run under --quick
     runs: list[RunSpec] = field(default_factory=list)
     evaluations: list[EvalSpec] = field(default_factory=list)
@@ -462,7 +465,7 @@ def expand(exp: Experiment, *, quick: bool, where: str = "experiment") -> list[T
     tasks: list[Task] = []
     trains: dict[tuple[str, int], Task] = {}
     for i, run in enumerate(exp.runs):
-        overrides = run.overrides + (exp.quick + run.quick if quick else [])
+        overrides = exp.overrides + run.overrides + (exp.quick + run.quick if quick else [])
         if any(o.partition("=")[0].strip() == "seed" for o in overrides):
             raise ConfigError(f"{where}: runs[{i}] ({run.name}) sets seed in its overrides; list seeds under 'seeds'")
         for seed in run.seeds:
