@@ -74,10 +74,13 @@ def naive_pgca(pgca: PGCA, view: PolicyView, obs: torch.Tensor, target: torch.Te
     copy per forward, Captum's default), Captum's ``Saliency`` for the gradient term, then the same
     consensus / smoothing / contrast."""
     ablation, saliency = FeatureAblation(view), Saliency(view)
-    ps, gs = [], []
+    ps, gs, units = [], [], []
+    offset = 0
     for i in range(obs.shape[0]):
         x, t = obs[i:i + 1], target[i:i + 1]
         seg = pgca.segments.segments(x)
+        units.append(torch.where(seg.unit >= 0, seg.unit + offset, -1))   # the batch's unit numbering
+        offset += seg.n_units
         bg = seg.baseline
         mask = torch.where(seg.unit >= 0, seg.unit + 1, 0)[:, None].expand_as(x)   # 0 = background, not ablated
         with torch.no_grad():
@@ -86,7 +89,7 @@ def naive_pgca(pgca: PGCA, view: PolicyView, obs: torch.Tensor, target: torch.Te
         ps.append(normalise_maps(torch.relu(drop)))
         grad = saliency.attribute(x, target=t, abs=False)
         gs.append(normalise_maps((grad * (x - bg)).sum(1).abs()))
-    return pgca.from_parts(torch.cat(ps), torch.cat(gs), target)
+    return pgca.from_parts(torch.cat(ps), torch.cat(gs), target, unit=torch.cat(units))
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:

@@ -167,7 +167,7 @@ def test_pgca_stages_have_documented_ranges_and_are_deterministic() -> None:
     view = make_view()
     obs = random_obs(6)
     target = torch.arange(6) % 5
-    res = PGCA(view, grid=4, seed=11, perturbation="grid").explain(obs, target)
+    res = PGCA(view, grid=4, seed=11, perturbation="grid", consensus="arithmetic").explain(obs, target)
     for name in ("P", "G", "consensus", "final"):
         m = getattr(res, name)
         assert m.shape == (6, 24, 24), name
@@ -181,9 +181,9 @@ def test_pgca_stages_have_documented_ranges_and_are_deterministic() -> None:
     assert torch.all(geo.consensus[(geo.P == 0) | (geo.G == 0)] == 0)
     # the final map is stretched: it reaches 1 for each non-flat sample
     assert torch.all(res.final.flatten(1).amax(1) > 0.99)
-    again = PGCA(view, grid=4, seed=11, perturbation="grid").explain(obs, target)
+    again = PGCA(view, grid=4, seed=11, perturbation="grid", consensus="arithmetic").explain(obs, target)
     torch.testing.assert_close(res.final, again.final, rtol=0, atol=0)
-    other = PGCA(view, grid=4, seed=12, perturbation="grid").explain(obs, target)
+    other = PGCA(view, grid=4, seed=12, perturbation="grid", consensus="arithmetic").explain(obs, target)
     assert not torch.equal(res.P, other.P)  # the seed drives the noise replacement
 
 
@@ -298,10 +298,13 @@ def test_segment_perturbation_equals_captum_feature_ablation() -> None:
 
 def _naive_pgca(pgca: PGCA, view, obs, target):
     """Per agent, Captum only: FeatureAblation over the segments + |Saliency x (input - baseline)|."""
-    ps, gs, evidence = [], [], []
+    ps, gs, evidence, units = [], [], [], []
+    offset = 0
     for i in range(obs.shape[0]):
         x, t = obs[i:i + 1], target[i:i + 1]
         seg = pgca.segments.segments(x)
+        units.append(torch.where(seg.unit >= 0, seg.unit + offset, -1))   # numbered over the batch
+        offset += seg.n_units
         bg = seg.baseline
         mask = torch.where(seg.unit >= 0, seg.unit + 1, 0)[:, None].expand_as(x)
         with torch.no_grad():
@@ -311,7 +314,7 @@ def _naive_pgca(pgca: PGCA, view, obs, target):
         evidence.append(drop.amax())
         grad = Saliency(view).attribute(x, target=t, abs=False)
         gs.append(normalise_maps((grad * (x - bg)).sum(1).abs()))
-    return pgca.from_parts(torch.cat(ps), torch.cat(gs), target, torch.stack(evidence))
+    return pgca.from_parts(torch.cat(ps), torch.cat(gs), target, torch.stack(evidence), unit=torch.cat(units))
 
 
 def test_batched_pgca_equals_naive_per_agent_composition() -> None:
@@ -329,11 +332,42 @@ def test_batched_pgca_equals_naive_per_agent_composition() -> None:
     assert torch.all(fast.final[flat] == 0)   # flat regions are never evidence: P and G are both 0 there
 
 
+def test_gated_consensus_equals_a_loop_over_units() -> None:
+    # the reference walks every unit of every sample in Python: the pixel of the unit's largest G gets P's
+    # value, the others P * G / that largest G; pixels of units with P = 0 get fill * G; off units 0
+    view = make_view()
+    obs = sprite_obs(5)
+    target = torch.tensor([0, 1, 2, 3, 4])
+    pgca = PGCA(view, grid=4, fill=0.3)
+    res = pgca.explain(obs, target)
+    unit = pgca.segments.segments(obs).unit
+    expected = torch.zeros_like(res.P)
+    for b in range(obs.shape[0]):
+        for u in unit[b].unique().tolist():
+            if u < 0:
+                continue
+            px = unit[b] == u
+            p, g = res.P[b][px], res.G[b][px]
+            assert torch.all(p == p[0])                                     # P is constant on a unit
+            expected[b][px] = p * g / g.max() if p[0] > 0 and g.max() > 0 else (0.3 * g if p[0] == 0 else 0 * g)
+    torch.testing.assert_close(res.consensus, expected)
+    assert bool((res.P > 0).any()) and bool(((res.P == 0) & (res.G > 0)).any())   # both branches ran
+    # each unit with P > 0 keeps P's value at its most gradient-salient pixel, so P's order of units stays
+    peaks = [res.consensus[b][unit[b] == u].max() for b in range(5) for u in unit[b].unique().tolist()
+             if u >= 0 and res.P[b][unit[b] == u][0] > 0 and res.G[b][unit[b] == u].max() > 0]
+    values = [res.P[b][unit[b] == u][0] for b in range(5) for u in unit[b].unique().tolist()
+              if u >= 0 and res.P[b][unit[b] == u][0] > 0 and res.G[b][unit[b] == u].max() > 0]
+    torch.testing.assert_close(torch.stack(peaks), torch.stack(values))
+
+
 def test_pgca_rejects_unknown_variants() -> None:
     view = make_view()
-    for kwargs in (dict(perturbation="sliding"), dict(gradient="deconv"), dict(consensus="max"), dict(weight=2.0)):
+    for kwargs in (dict(perturbation="sliding"), dict(gradient="deconv"), dict(consensus="max"), dict(weight=2.0),
+                   dict(fill=-0.1), dict(perturbation="grid")):   # the gated default needs P's units
         with pytest.raises(ValueError):
             PGCA(view, **kwargs)
+    with pytest.raises(ValueError, match="needs P's units"):
+        PGCA(view).from_parts(torch.rand(1, 4, 4), torch.rand(1, 4, 4), torch.tensor([0]))
 
 
 def test_rank_preserving_stretch_keeps_order_and_zero() -> None:

@@ -18,10 +18,16 @@ each choice was measured on held-out tuning episodes, docs/EXPERIMENTS.md, "PGCA
    must be resolved; the pixel gradient is sharp and comes from the same backward pass.
    ``"input"`` keeps the positive part only (ranked pixels worse on the tuning seeds);
    ``"gradcam++"`` is the old G.
-3. Consensus of P and G (``consensus``): ``"arithmetic"`` (default) w P + (1-w) G with w = 0.75, or
-   ``"geometric"`` P^w G^(1-w). P ranks the entities, G the pixels inside each (P alone ties all
-   pixels of an entity); no product of two blurs. Kept on tuning seeds 1000 / 2000 by the sum of
-   relevance mass, rank and pointing against both masks (docs/DESIGN.md, "PGCA").
+3. Consensus of P and G (``consensus``): ``"gated"`` (default) C = P * G / max_unit(G) on the pixels of
+   units with P > 0, and ``fill`` * G (0.1) on the pixels P leaves at 0: each entity keeps P's value at its
+   most gradient-salient pixel and G ranks the pixels inside it, so the entities' order is P's and the
+   mass inside an entity moves to where the gradient says the policy looks; entities whose removal does
+   not lower the score (P = 0, e.g. a teammate that raises it) are still ranked, below, by G.
+   ``"arithmetic"`` w P + (1-w) G (w = 0.75, the default until 2026-12-04) or ``"geometric"`` P^w G^(1-w).
+   *Why gated*: the arithmetic mean can only average the two masses, so it lost to P on relevance mass
+   (claim (a) of issue 20); gating G by P's units cannot spread mass onto entities P found irrelevant.
+   Chosen on tuning seeds 1000 / 2000 by the smallest margin over P and G on relevance mass and rank
+   (docs/EXPERIMENTS.md, "PGCA gated by P's units").
    Agreement (per sample, in [-1, 1]) = Spearman rank correlation of P and G averaged over the
    g x g grid cells; also the top-k IoU of their most important cells, in [0, 1]. A low agreement
    tells the reviewer that the two paradigms disagree and the picture deserves less trust.
@@ -171,9 +177,28 @@ def topk_iou(a: Tensor, b: Tensor, k: int) -> Tensor:
     return (ma & mb).sum(-1).float() / (ma | mb).sum(-1).float()
 
 
+def unit_max(values: Tensor, unit: Tensor) -> Tensor:
+    """Each pixel's unit maximum of ``values`` (B, H, W), 0 off units; ``unit`` numbers the units of the
+    whole batch (-1 off units), as :class:`~fgmf_marl.attribution.perturbation.Segments` does."""
+    flat_u, flat_v = unit.flatten(), values.flatten()
+    on = flat_u >= 0
+    n = int(flat_u.max()) + 1 if bool(on.any()) else 0
+    peak = torch.zeros(n, dtype=values.dtype, device=values.device)
+    peak = peak.scatter_reduce(0, flat_u[on], flat_v[on], "amax", include_self=False)
+    return torch.where(on, peak[flat_u.clamp_min(0)] if n else torch.zeros_like(flat_v),
+                       torch.zeros((), dtype=values.dtype, device=values.device)).reshape(values.shape)
+
+
+def gated_consensus(p: Tensor, g: Tensor, unit: Tensor, fill: float) -> Tensor:
+    """C = P * G / max_unit(G) where P > 0, ``fill`` * G where P = 0 (module docstring, stage 3)."""
+    peak = unit_max(g, unit)
+    within = torch.where(peak > 0, g / peak.clamp_min(1e-12), torch.zeros_like(g))
+    return torch.where(p > 0, p * within, fill * g)
+
+
 PERTURBATIONS = ("segments", "grid")
 GRADIENTS = ("input", "input_abs", "gradcam++")
-CONSENSUS = ("geometric", "arithmetic")
+CONSENSUS = ("gated", "arithmetic", "geometric")
 
 
 class PGCA(Attribution):
@@ -188,10 +213,13 @@ class PGCA(Attribution):
                  low_percentile: float = 0.0, gamma: float = 1.0,
                  target_kind: TargetKind = "logit", topk_fraction: float = 0.25, seed: int = 0,
                  noise_std: float = 0.25, chunk_size: int = 1024, perturbation: str = "segments",
-                 gradient: str = "input_abs", consensus: str = "arithmetic", tol: float = 12 / 255) -> None:
+                 gradient: str = "input_abs", consensus: str = "gated", fill: float = 0.1,
+                 tol: float = 12 / 255) -> None:
         super().__init__(view, target_kind)
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"PGCA weight must be in [0, 1], got {weight}")
+        if not 0.0 <= fill <= 1.0:
+            raise ValueError(f"PGCA fill must be in [0, 1], got {fill}")
         if not 0.0 <= low_percentile < 100.0:
             raise ValueError(f"PGCA low_percentile must be in [0, 100), got {low_percentile}")
         if gamma <= 0:
@@ -202,11 +230,13 @@ class PGCA(Attribution):
                                      ("consensus", consensus, CONSENSUS)):
             if value not in allowed:
                 raise ValueError(f"PGCA {name} must be one of {allowed}, got {value!r}")
+        if consensus == "gated" and perturbation != "segments":
+            raise ValueError(f"PGCA consensus 'gated' needs perturbation 'segments' (its units), got {perturbation!r}")
         self.perturbation = PerturbationMap(view, grid=grid, target_kind=target_kind, seed=seed,
                                             noise_std=noise_std, chunk_size=chunk_size)
         self.segments = SegmentPerturbation(view, target_kind=target_kind, tol=tol, grid=grid, chunk_size=chunk_size)
         self.gradcam = GradCAMPlusPlus(view, target_kind=target_kind)
-        self.grid, self.weight, self.sigma = grid, weight, sigma
+        self.grid, self.weight, self.fill, self.sigma = grid, weight, fill, sigma
         self.low, self.gamma, self.topk_fraction = low_percentile, gamma, topk_fraction
         self.p_kind, self.g_kind, self.consensus_kind = perturbation, gradient, consensus
 
@@ -214,7 +244,7 @@ class PGCA(Attribution):
         """What an oversight log records about the PGCA that explained it."""
         return {"grid": self.grid, "weight": self.weight, "sigma": self.sigma, "target_kind": self.target_kind,
                 "seed": self.perturbation.seed, "perturbation": self.p_kind, "gradient": self.g_kind,
-                "consensus": self.consensus_kind, "low_percentile": self.low, "gamma": self.gamma}
+                "consensus": self.consensus_kind, "fill": self.fill, "low_percentile": self.low, "gamma": self.gamma}
 
     def gradient_maps(self, obs: Tensor, target: Tensor, baseline: Tensor) -> tuple[Tensor, Tensor]:
         """One forward + backward: (target scores (B,), the un-normalised G map (B, H, W) of ``gradient``).
@@ -250,11 +280,17 @@ class PGCA(Attribution):
             p = self.perturbation.attribute(obs, target)
             evidence = torch.full((obs.shape[0],), math.nan)
         g = normalise_maps(g_map)
-        return self.from_parts(p, g, target, evidence)
+        return self.from_parts(p, g, target, evidence, unit=seg.unit if seg is not None else None)
 
-    def from_parts(self, p: Tensor, g: Tensor, target: Tensor, evidence: Tensor | None = None) -> PGCAResult:
-        """Stages 3-5 from given P and G maps (also used by the naive reference composition)."""
-        if self.consensus_kind == "geometric":
+    def from_parts(self, p: Tensor, g: Tensor, target: Tensor, evidence: Tensor | None = None,
+                   unit: Tensor | None = None) -> PGCAResult:
+        """Stages 3-5 from given P and G maps (also used by the naive reference composition); ``unit``
+        (B, H, W), P's units as ``Segments.unit`` numbers them (-1 off units), is what ``gated`` needs."""
+        if self.consensus_kind == "gated":
+            if unit is None:
+                raise ValueError("PGCA consensus 'gated' needs P's units (unit=...)")
+            consensus = gated_consensus(p, g, unit, self.fill)
+        elif self.consensus_kind == "geometric":
             consensus = p.pow(self.weight) * g.pow(1.0 - self.weight)
         else:
             consensus = self.weight * p + (1.0 - self.weight) * g

@@ -63,10 +63,12 @@ def default_methods(seed: int = 0, grid: int = 8, ig_steps: int = 32,
     Occlusion's window is one grid cell of the ``image_size`` image, its stride half a cell.
 
     P and G are PGCA's own stages (segment perturbation, gradient x (input - background)); the old
-    grid P and Grad-CAM++ stay as rows, since they were PGCA's parts before issue 20.
+    grid P and Grad-CAM++ stay as rows, since they were PGCA's parts before issue 20, and so does PGCA's
+    arithmetic consensus, its default before the gated one.
     """
     return {
         "PGCA": lambda v: PGCA(v, grid=grid, seed=seed),
+        "PGCA arithmetic (old)": lambda v: PGCA(v, grid=grid, seed=seed, consensus="arithmetic"),
         "P (segments)": lambda v: PGCAStage(v, "P", grid=grid, seed=seed),
         "G (grad x input)": lambda v: PGCAStage(v, "G", grid=grid, seed=seed),
         "P grid (old)": lambda v: PerturbationMap(v, grid=grid, seed=seed),
