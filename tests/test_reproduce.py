@@ -200,7 +200,8 @@ def test_an_interrupted_training_task_resumes_from_its_latest_checkpoint(tmp_pat
     for p in (out / "eval").iterdir():
         p.unlink()
     (out / "eval").rmdir()
-    (tmp_path / task.folder / "task.json").write_text(json.dumps({"id": task.id, "key": task.key, "status": "running"}))
+    (tmp_path / task.folder / "task.json").write_text(json.dumps({"id": task.id, "key": task.key, "status": "running",
+                                                                  "config": task.config, "run_id": "killed"}))
     record = reproduce.execute(str(tmp_path), task)
     assert record["status"] == "done" and record["resumed_from"] == "step_384.zip"
     assert "--resume" in (tmp_path / task.folder / "log.txt").read_text()
@@ -271,7 +272,7 @@ def test_a_bad_experiment_file_is_one_line_and_exit_2_before_anything_starts(
 
 @pytest.mark.parametrize("metric, message", [
     ("PGCA", "accepted for an explain source: METHOD/METRIC or trust/SIGNAL"),
-    ("pgca/relevance_mass", "unknown method 'pgca'; accepted: trust, PGCA, P (segments)"),
+    ("pgca/relevance_mass", "unknown method 'pgca'; accepted: trust, PGCA, PGCA arithmetic (old), P (segments)"),
     ("PGCA/relevance_mas", "unknown metric 'relevance_mas'; accepted: relevance_mass"),
     ("trust/agreemnt", "unknown trust signal 'agreemnt'; accepted: agreement, evidence, confidence"),
 ])
@@ -426,3 +427,26 @@ def test_an_experiments_own_overrides_apply_to_every_run_and_a_runs_own_win() ->
     # without the pin the same file would train today's defaults
     bare = reproduce.expand(dataclasses.replace(exp, overrides=[]), quick=False)
     assert all(t.config["defense"]["scorpio"]["eps"] == 8.0 for t in bare if t.kind == "train")
+
+
+def test_a_moved_default_reruns_what_reads_it_and_nothing_else(clean_run: Path) -> None:
+    # a record written when SCOR-PIO's eps default was 4: a vanilla run never reads it, so it stays cached;
+    # an fgmf run at the default reads it and reruns; an fgmf run that spelled eps out stays cached
+    root = clean_run / "root"
+    tasks = reproduce.expand(reproduce.load_experiment(TINY), quick=False)
+    vanilla = next(t for t in tasks if t.id == "train/none/s0")
+    record = reproduce.read_record(root, vanilla.id)
+    older = copy.deepcopy(record["config"])
+    older["defense"]["scorpio"]["eps"] = 4.0
+    stored = {**record, "config": older, "key": "written-by-older-code"}
+    assert reproduce.is_cached(root, vanilla, stored, {})
+    fgmf = dataclasses.replace(vanilla, config={**vanilla.config, "defense": {**vanilla.config["defense"], "kind": "fgmf"}})
+    fgmf = dataclasses.replace(fgmf, key=reproduce._key("train", fgmf.config, ()))
+    at_default = {**stored, "config": {**older, "defense": {**older["defense"], "kind": "fgmf"}}}
+    assert not reproduce.is_cached(root, fgmf, at_default, {})
+    spelled = copy.deepcopy(fgmf.config)
+    spelled["defense"]["scorpio"]["eps"] = 4.0
+    spelled_task = dataclasses.replace(fgmf, config=spelled, key=reproduce._key("train", spelled, ()))
+    assert reproduce.is_cached(root, spelled_task, at_default, {})
+    assert reproduce.without_unused_defenses(vanilla.config)["defense"] == {
+        k: v for k, v in vanilla.config["defense"].items() if k not in ("scorpio", "sgam", "sappo")}

@@ -28,14 +28,18 @@ Choices, and why:
   worker and could not be stopped without killing the worker mid-write.
 * **Caching rule.** A task's key is the SHA-256 of its kind, the part of its resolved job config
   (paths relative to the results root) that differs from the job's defaults, and the keys of the
-  tasks it depends on. A task whose record (``tasks/<task>/task.json``) says done under the same
-  key, with its output present, whose recorded config agrees with today's on every field both have,
+  tasks it depends on. A task whose record (``tasks/<task>/task.json``) says done, whose recorded
+  config, keyed under today's defaults, gives the same key, with its output present, whose recorded
+  config agrees with today's on every field both have,
   and that ran on the very runs of its dependencies that are cached now (each record carries a
   ``run_id``; a dependent records its dependencies' in ``dep_runs``), is skipped. Keying on the
   difference from the defaults is what lets a cache survive the code gaining an option: a new field
   at its default is taken to mean the behaviour the cell was computed with (the convention every new
   option follows), whereas a changed default of an existing field shows as a disagreement with the
-  recorded config and reruns the task. The code version (``git rev-parse HEAD``, ``+dirty`` for
+  recorded config and reruns the task, while a default that moved under a value the experiment spells
+  out does not (the recorded config is keyed again, today). Only what can change a job's result is
+  compared (``JobInfo.comparable``): a training run's config without the knobs of defense components its
+  ``defense.kind`` does not train. The code version (``git rev-parse HEAD``, ``+dirty`` for
   uncommitted changes) the task's job runs is read when the task starts, recorded per task and
   printed per cell in RESULTS.md, but a code change does *not* invalidate the cache: retraining hours
   of runs for a docstring edit would be silent and costly; ``--rerun [GLOB]`` reruns explicitly (all
@@ -99,7 +103,7 @@ from fgmf_marl.config import ConfigError, check_range
 from fgmf_marl.jobs import cli
 from fgmf_marl.jobs.evaluate import LEARNED, EvalConfig
 from fgmf_marl.jobs.explain import ExplainConfig
-from fgmf_marl.jobs.train_config import TrainConfig
+from fgmf_marl.jobs.train_config import TrainConfig, without_unused_defenses
 from fgmf_marl.runs import RunDir, check_output_dir
 
 PROG = "reproduce.py"
@@ -360,10 +364,13 @@ class JobInfo:
     script: str          # the equivalent scripts/ command, for RESULTS.md
     output: str          # the file (under the task's out/) that marks the job as done
     config: type
+    #: the part of a resolved config that can change what the job computes (keys and agreement read only it)
+    comparable: Callable[[dict[str, Any]], dict[str, Any]] = lambda config: config
 
 
 JOBS: dict[str, JobInfo] = {
-    "train": JobInfo("fgmf_marl.jobs.train", "scripts/train_marl.py", "eval/summary.json", TrainConfig),
+    "train": JobInfo("fgmf_marl.jobs.train", "scripts/train_marl.py", "eval/summary.json", TrainConfig,
+                     without_unused_defenses),
     "evaluate": JobInfo("fgmf_marl.jobs.evaluate", "scripts/evaluate.py", "results.json", EvalConfig),
     "explain": JobInfo("fgmf_marl.jobs.explain", "scripts/explain_eval.py", "explain_eval.json", ExplainConfig),
     "adversary": JobInfo("fgmf_marl.jobs.adversary", "scripts/train_adversary.py", "eval/summary.json",
@@ -384,6 +391,7 @@ class Task:
     deps: tuple[str, ...]
     key: str                      # the cache key (see the module docstring)
     overrides: tuple[str, ...]    # what the experiment file set, for RESULTS.md
+    dep_keys: tuple[str, ...] = ()   # the keys of ``deps``, in order (part of ``key``)
 
     @property
     def folder(self) -> str:
@@ -438,9 +446,9 @@ def _agrees(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
     return True
 
 
-def _key(kind: str, config: dict[str, Any], deps: Sequence[Task]) -> str:
-    delta = _delta(config, cfglib.to_dict(JOBS[kind].config()))
-    blob = json.dumps({"kind": kind, "config": delta, "deps": [d.key for d in deps]}, sort_keys=True)
+def _key(kind: str, config: dict[str, Any], dep_keys: Sequence[str]) -> str:
+    delta = _delta(JOBS[kind].comparable(config), cfglib.to_dict(JOBS[kind].config()))
+    blob = json.dumps({"kind": kind, "config": delta, "deps": list(dep_keys)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -499,8 +507,9 @@ def expand(exp: Experiment, *, quick: bool, where: str = "experiment") -> list[T
                 if ev.kind == "explain":
                     base["out"] = _folder(tid) + "/out"
                 config = _resolve(JOBS[ev.kind].config, overrides, base, f"{where}: evaluations[{i}] ({ev.name})")
+                dep_keys = tuple(d.key for d in deps)
                 task = Task(tid, ev.kind, ev.name, run_name, seed, config, tuple(d.id for d in deps),
-                            _key(ev.kind, config, deps), tuple(overrides))
+                            _key(ev.kind, config, dep_keys), tuple(overrides), dep_keys)
                 by_eval[ev.name, run_name, seed] = task
                 tasks.append(task)
     return tasks
@@ -561,7 +570,14 @@ def dep_runs(root: Path, task: Task) -> dict[str, str | None]:
 
 
 def _same_config(task: Task, record: dict[str, Any] | None) -> bool:
-    return record is not None and record.get("key") == task.key and _agrees(record.get("config", {}), task.config)
+    """The record's config, keyed under today's defaults, gives the task's key and agrees with it field by
+    field (only the part ``JobInfo.comparable`` keeps): a default that moved under a value the experiment
+    spells out, or one the job never reads, does not make finished work stale."""
+    if record is None or not isinstance(record.get("config"), dict):
+        return False
+    comparable = JOBS[task.kind].comparable
+    return (_key(task.kind, record["config"], task.dep_keys) == task.key
+            and _agrees(comparable(record["config"]), comparable(task.config)))
 
 
 def upgrade_legacy_record(root: Path, task: Task, record: dict[str, Any] | None,
@@ -579,7 +595,7 @@ def upgrade_legacy_record(root: Path, task: Task, record: dict[str, Any] | None,
     if not all(d is not None and "legacy_key" in d for d in deps):
         return record
     # the same key is the same difference from today's defaults, so the configs agree field by field
-    if _key(task.kind, record.get("config", {}), [tasks_by_id[d] for d in task.deps]) != task.key:
+    if _key(task.kind, record.get("config", {}), [tasks_by_id[d].key for d in task.deps]) != task.key:
         return record
     upgraded = {**record, "key": task.key, "legacy_key": record.get("key"), "run_id": uuid.uuid4().hex,
                 "dep_runs": {d: dep["run_id"] for d, dep in zip(task.deps, deps)}}
@@ -630,9 +646,10 @@ def _prepare(root: Path, task: Task, rerun: bool) -> str | None:
     """Clear what an earlier attempt left that cannot be continued; return the checkpoint to resume from."""
     folder, out = root / task.folder, root / task.out
     record = read_record(root, task.id)
-    if folder.exists() and (rerun or not _same_config(task, record)):
+    legacy = record is not None and "run_id" not in record   # from before run ids and not upgraded: kept aside
+    if folder.exists() and (rerun or legacy or not _same_config(task, record)):
         if any(p.name != ".lock" for p in folder.iterdir()):
-            _set_aside(root, folder, "is rerun" if rerun else "was made by another config")
+            _set_aside(root, folder, "is rerun" if rerun else "was made by another config or before run ids")
     if not out.exists():
         return None
     if task.kind == "train":

@@ -7,12 +7,13 @@ Defaults are the embedded default job (see the README's ``make train``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from agents.adversarial import AdversarialTrainingConfig
 from agents.config import PolicyConfig, PPOConfig
 from envs.registry import EnvConfig
 from fgmf_marl.config import ConfigError, check_device, check_range, check_seed
-from fgmf_marl.defenses.config import DefenseConfig
+from fgmf_marl.defenses.config import DEFENSES, DefenseConfig
 
 
 @dataclass
@@ -55,3 +56,17 @@ class TrainConfig:
         if self.policy.backbone == "vit" and size % self.policy.vit_patch_size:
             raise ConfigError(f"policy.vit_patch_size={self.policy.vit_patch_size} must divide the image size {size} "
                               "(env.native.size or env.adapter.size)")
+
+
+def without_unused_defenses(config: dict[str, Any]) -> dict[str, Any]:
+    """A resolved train config (as a dict) without the knob sections of the defense components its
+    ``defense.kind`` does not train (``defense.scorpio`` of a vanilla run, say); everything else as given.
+
+    Why: those knobs cannot change what such a run computes, so a cache keyed on the config
+    (``reproduce.py``) must not rerun a vanilla training because a default of SCOR-PIO changed.
+    """
+    defense = config.get("defense")
+    if not isinstance(defense, dict) or defense.get("kind") not in DEFENSES:
+        return config
+    unused = {c for parts in DEFENSES.values() for c in parts} - DEFENSES[defense["kind"]]
+    return {**config, "defense": {k: v for k, v in defense.items() if k not in unused}}
