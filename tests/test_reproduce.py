@@ -360,12 +360,14 @@ def test_quick_needs_toy_budgets_and_is_written_apart() -> None:
         reproduce.expand(dataclasses.replace(exp, quick=[]), quick=True)
 
 
-def test_the_budget_adversary_experiment_trains_a_director_per_victim_and_budget() -> None:
-    exp = reproduce.load_experiment(ROOT / "experiments" / "budget_adversary.yaml")
+@pytest.mark.parametrize("name, victim", [("budget_adversary", "none"), ("budget_defended", "fgmf")])
+def test_the_budget_experiments_train_a_director_per_victim_and_budget(name: str, victim: str) -> None:
+    exp = reproduce.load_experiment(ROOT / "experiments" / f"{name}.yaml")
     tasks = reproduce.expand(exp, quick=False)
     reproduce.check_tables(exp, tasks)
+    assert {t.config["defense"]["kind"] for t in tasks if t.kind == "train"} == {victim}
     directors = [t for t in tasks if t.kind == "adversary"]
-    assert len(directors) == 18 and all(t.config["eps"] == 4.0 and t.config["timesteps"] == 40_000 for t in directors)
+    assert len(directors) == 9 and all(t.config["eps"] == 4.0 and t.config["timesteps"] == 40_000 for t in directors)
     assert {(t.config["budget_agents"], t.config["budget_steps"], t.config.get("decision", "per_victim"))
             for t in directors} == {(1, None, "per_victim"), (None, 0.25, "per_victim"), (1, None, "joint")}
     for t in (t for t in tasks if t.kind == "evaluate"):
