@@ -434,18 +434,6 @@ def _delta(config: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _agrees(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
-    """True when every field present in both configs has the same value (nested sections field by field)."""
-    for name in recorded.keys() & current.keys():
-        a, b = recorded[name], current[name]
-        if isinstance(a, dict) and isinstance(b, dict):
-            if not _agrees(a, b):
-                return False
-        elif a != b:
-            return False
-    return True
-
-
 def _key(kind: str, config: dict[str, Any], dep_keys: Sequence[str]) -> str:
     delta = _delta(JOBS[kind].comparable(config), cfglib.to_dict(JOBS[kind].config()))
     blob = json.dumps({"kind": kind, "config": delta, "deps": list(dep_keys)}, sort_keys=True)
@@ -570,14 +558,13 @@ def dep_runs(root: Path, task: Task) -> dict[str, str | None]:
 
 
 def _same_config(task: Task, record: dict[str, Any] | None) -> bool:
-    """The record's config, keyed under today's defaults, gives the task's key and agrees with it field by
-    field (only the part ``JobInfo.comparable`` keeps): a default that moved under a value the experiment
-    spells out, or one the job never reads, does not make finished work stale."""
+    """The record's config, keyed under today's defaults, gives the task's key: the same difference from
+    the same defaults, so the two agree on every field both have (the part ``JobInfo.comparable`` keeps).
+    A default that moved under a value the experiment spells out, or one the job never reads, does not
+    make finished work stale."""
     if record is None or not isinstance(record.get("config"), dict):
         return False
-    comparable = JOBS[task.kind].comparable
-    return (_key(task.kind, record["config"], task.dep_keys) == task.key
-            and _agrees(comparable(record["config"]), comparable(task.config)))
+    return _key(task.kind, record["config"], task.dep_keys) == task.key
 
 
 def upgrade_legacy_record(root: Path, task: Task, record: dict[str, Any] | None,
