@@ -29,9 +29,8 @@ Choices, and why:
 * **Caching rule.** A task's key is the SHA-256 of its kind, the part of its resolved job config
   (paths relative to the results root) that differs from the job's defaults, and the keys of the
   tasks it depends on. A task whose record (``tasks/<task>/task.json``) says done, whose recorded
-  config, keyed under today's defaults, gives the same key, with its output present, whose recorded
-  config agrees with today's on every field both have,
-  and that ran on the very runs of its dependencies that are cached now (each record carries a
+  config, keyed under today's defaults, gives the same key (so it agrees with today's on every field
+  both have), with its output present, and that ran on the very runs of its dependencies that are cached now (each record carries a
   ``run_id``; a dependent records its dependencies' in ``dep_runs``), is skipped. Keying on the
   difference from the defaults is what lets a cache survive the code gaining an option: a new field
   at its default is taken to mean the behaviour the cell was computed with (the convention every new
