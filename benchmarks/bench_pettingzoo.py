@@ -18,6 +18,7 @@ beside a uniformly random policy's. Measured side by side in one run:
 
 Prints returns, wall times and the recipe/ours ratios. Usage:
     python benchmarks/bench_pettingzoo.py [--timesteps 2000000] [--episodes 16] [--out runs/bench_pettingzoo]
+        [--recipe-wall-seconds 3600]   (the recipe at one wall-time budget: it stops there, at any step count)
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import supersuit as ss
 import torch
 from pettingzoo.butterfly import pistonball_v6
 from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
 
 from envs.registry import SeededVecEnv
 from fgmf_marl.jobs.train import entry as train_entry
@@ -74,11 +76,28 @@ def team_returns(act: Callable[[np.ndarray], np.ndarray], episodes: int, seed: i
     return np.array(out)
 
 
-def train_recipe(timesteps: int, episodes: int, seed: int, cpus: int) -> dict[str, float]:
+class WallBudget(BaseCallback):
+    """Stops SB3's ``learn`` at the first step after ``seconds`` of wall time (None: never), so that the
+    recipe can be compared with ours at one wall-time budget as well as at one agent-step budget."""
+
+    def __init__(self, seconds: float | None) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.start = time.perf_counter()
+
+    def _on_training_start(self) -> None:
+        self.start = time.perf_counter()
+
+    def _on_step(self) -> bool:
+        return self.seconds is None or time.perf_counter() - self.start < self.seconds
+
+
+def train_recipe(timesteps: int, episodes: int, seed: int, cpus: int,
+                 wall_seconds: float | None = None) -> dict[str, float]:
     venv = recipe_env(RECIPE_COPIES, cpus)
     model = PPO("CnnPolicy", venv, seed=seed, verbose=0, **RECIPE_PPO)
     start = time.perf_counter()
-    model.learn(total_timesteps=timesteps)
+    model.learn(total_timesteps=timesteps, callback=WallBudget(wall_seconds), progress_bar=True)
     wall = time.perf_counter() - start
     venv.close()
     scores = team_returns(lambda obs: model.predict(obs, deterministic=True)[0], episodes, seed + 10_000)
@@ -106,10 +125,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench_pettingzoo"),
                         help="folder of our run and of results.json (default runs/bench_pettingzoo)")
     parser.add_argument("--only", choices=("ours", "recipe"), help="train one of the two (default both)")
+    parser.add_argument("--recipe-wall-seconds", type=float, default=None,
+                        help="stop the recipe's training after this much wall time, at whatever agent-step count "
+                        "it reached (default: none, train all --timesteps)")
     args = parser.parse_args()
-    if args.timesteps < 1 or args.episodes < 1 or args.recipe_cpus < 0:
+    if args.timesteps < 1 or args.episodes < 1 or args.recipe_cpus < 0 or (args.recipe_wall_seconds or 1) <= 0:
         parser.error(f"--timesteps {args.timesteps} and --episodes {args.episodes} must be >= 1, "
-                     f"--recipe-cpus {args.recipe_cpus} >= 0")
+                     f"--recipe-cpus {args.recipe_cpus} >= 0, --recipe-wall-seconds > 0")
     if (args.out / "ours").exists() and args.only != "recipe":
         parser.error(f"--out {args.out}: {args.out / 'ours'} exists; accepted: a folder without a previous run")
     print(f"torch threads: {torch.get_num_threads()}, agent-steps each: {args.timesteps:,}, "
@@ -121,7 +143,7 @@ def main() -> None:
         rows["ours (defaults, 48x48 RGB)"] = train_ours(args.timesteps, args.episodes, args.seed, args.out / "ours")
     if args.only != "ours":
         rows["recipe (SB3 + SuperSuit tutorial)"] = train_recipe(args.timesteps, args.episodes, args.seed,
-                                                                 args.recipe_cpus)
+                                                                 args.recipe_cpus, args.recipe_wall_seconds)
     print(f"\n| {'trainer':<34} | {'team return':>16} | {'wall':>8} | {'agent-steps/s':>13} |")
     print(f"|{'-' * 36}|{'-' * 18}|{'-' * 10}|{'-' * 15}|")
     for name, row in rows.items():
