@@ -168,14 +168,15 @@ def part2(args) -> dict[int, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--agents", type=int, default=3)
-    parser.add_argument("--envs", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--grid", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--episodes", type=int, default=2)
-    parser.add_argument("--log-envs", type=int, default=1)
-    parser.add_argument("--skip-logging", action="store_true")
-    parser.add_argument("--skip-pgca", action="store_true")
+    parser.add_argument("--agents", type=int, default=3, help="agents per env (default 3)")
+    parser.add_argument("--envs", type=int, nargs="+", default=[1, 4],
+                        help="env copies of each part-1 row: slots = envs x agents (default 1 4)")
+    parser.add_argument("--grid", type=int, default=8, help="PGCA grid cells per side (default 8)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats of part 1, median taken (default 5)")
+    parser.add_argument("--episodes", type=int, default=2, help="evaluation episodes of each part-2 row (default 2)")
+    parser.add_argument("--log-envs", type=int, default=1, help="env copies of the part-2 rollouts (default 1)")
+    parser.add_argument("--skip-logging", action="store_true", help="skip part 2 (logging cost)")
+    parser.add_argument("--skip-pgca", action="store_true", help="skip part 1 (batched vs naive)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:

@@ -66,9 +66,9 @@ EXTRA: list[tuple[str, list[str]]] = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median over rounds)")
-    parser.add_argument("--rollouts", type=int, default=1, help="rollouts (+ train) per config per round")
-    parser.add_argument("--policy", choices=("cnn", "vit"), default="cnn")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds, median over rounds (default 3)")
+    parser.add_argument("--rollouts", type=int, default=1, help="rollouts (+ train) per config per round (default 1)")
+    parser.add_argument("--policy", choices=("cnn", "vit"), default="cnn", help="policy backbone (default cnn)")
     parser.add_argument("--extra", action="store_true", help="also time costlier SCOR-PIO variants")
     parser.add_argument("--only", nargs="*", help="subset of row numbers (0 = PPO is always kept)")
     parser.add_argument("--n-envs", type=int, help="env copies (default: the training default); fewer = faster, "

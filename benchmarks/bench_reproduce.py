@@ -18,8 +18,8 @@ from fgmf_marl.jobs import reproduce
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=4)
-    parser.add_argument("--timesteps", type=int, default=12_288)
+    parser.add_argument("--tasks", type=int, default=4, help="training tasks in the toy experiment (default 4)")
+    parser.add_argument("--timesteps", type=int, default=12_288, help="agent-steps per task (default 12,288)")
     args = parser.parse_args()
     exp = reproduce.Experiment(runs=[reproduce.RunSpec(
         name="bench", seeds=list(range(args.tasks)),

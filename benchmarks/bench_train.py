@@ -59,8 +59,8 @@ def ppo_train(cfg: TrainConfig, timesteps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--timesteps", type=int, default=30_000)
-    parser.add_argument("--policy", choices=("cnn", "vit"), default="cnn")
+    parser.add_argument("--timesteps", type=int, default=30_000, help="agent-steps of PPO training timed (default 30,000)")
+    parser.add_argument("--policy", choices=("cnn", "vit"), default="cnn", help="policy backbone (default cnn)")
     parser.add_argument("--vs-cnn", action="store_true", help="also measure the CNN's PPO training and print the ratio")
     args = parser.parse_args()
     cfg = cfglib.load(TrainConfig, overrides=[f"policy.backbone={args.policy}"])
