@@ -39,6 +39,7 @@ class PolicyConfig:
     backbone: Literal["cnn", "vit"] = "cnn"
     features_dim: int = 128
     cnn_channels: tuple[int, int, int] = (16, 32, 32)
+    vit_stem: Literal["patch", "conv"] = "patch"
     vit_patch_size: int = 6
     vit_dim: int = 64
     vit_depth: int = 2
@@ -74,7 +75,7 @@ class PolicyConfig:
             backbone_kwargs: dict[str, Any] = {"channels": tuple(self.cnn_channels)}
         else:
             backbone_kwargs = {"patch_size": self.vit_patch_size, "dim": self.vit_dim, "depth": self.vit_depth,
-                               "heads": self.vit_heads}
+                               "heads": self.vit_heads, "stem": self.vit_stem}
         return {
             "features_extractor_class": ImageFeatures,
             "features_extractor_kwargs": {"backbone": self.backbone, "features_dim": self.features_dim, **backbone_kwargs},

@@ -74,26 +74,50 @@ class _Block(nn.Module):
         return tokens + self.mlp(self.norm2(tokens))
 
 
-class VitBackbone(nn.Module):
-    """A small Vision Transformer: patch embedding, learned positions, a few blocks.
+VitStem = Literal["patch", "conv"]
 
-    ``spatial`` returns the token grid after the last block as (B, D, H/p, W/p), the ViT
-    analogue of a conv feature map (this is what Grad-CAM++ uses for ViTs). There is no class
-    token; the head flattens the normalised tokens so positional information reaches the policy.
+
+class VitBackbone(nn.Module):
+    """A small Vision Transformer: a stem that makes tokens, learned positions, a few blocks.
+
+    ``stem="patch"`` is ViT's patchify stem, one ``patch_size`` x ``patch_size`` stride-``patch_size``
+    convolution. ``stem="conv"`` is the convolutional stem of "Early Convolutions Help Transformers
+    See Better" (Xiao et al., 2021): three 3 x 3 stride-2 convolutions (16, 32, ``dim`` channels, ReLU
+    between), one token per 8 x 8 px. Why both: with the patchify stem PPO never learned the coverage
+    task (the value function stayed at zero explained variance; docs/EXPERIMENTS.md, "ViT
+    throughput"); a convolutional stem is the standard remedy for ViTs' optimisation instability.
+
+    ``spatial`` returns the token grid after the last block as (B, D, h, w), the ViT analogue of a conv
+    feature map (this is what Grad-CAM++ uses for ViTs). There is no class token; the head flattens the
+    normalised tokens so positional information reaches the policy.
     """
 
     def __init__(self, in_channels: int, height: int, width: int, patch_size: int = 6, dim: int = 64,
-                 depth: int = 2, heads: int = 4, features_dim: int = 128) -> None:
+                 depth: int = 2, heads: int = 4, features_dim: int = 128, stem: VitStem = "patch") -> None:
         super().__init__()
-        if height % patch_size or width % patch_size:
-            raise ValueError(f"ViT patch_size={patch_size} must divide the image size {height}x{width}")
-        self.grid = (height // patch_size, width // patch_size)
-        self.embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
-        self.pos = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], dim))
+        if stem == "patch":
+            if height % patch_size or width % patch_size:
+                raise ValueError(f"ViT patch_size={patch_size} must divide the image size {height}x{width}")
+            self.embed: nn.Module = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
+        elif stem == "conv":
+            self.embed = nn.Sequential(
+                nn.Conv2d(in_channels, 16, 3, stride=2, padding=1), nn.ReLU(),
+                nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+                nn.Conv2d(32, dim, 3, stride=2, padding=1),
+            )
+        else:
+            raise ValueError(f"unknown ViT stem {stem!r}; known: patch, conv")
+        with torch.no_grad():
+            self.grid = tuple(self.embed(torch.zeros(1, in_channels, height, width)).shape[2:])
+        n_tokens = self.grid[0] * self.grid[1]
+        self.pos = nn.Parameter(torch.zeros(1, n_tokens, dim))
         nn.init.trunc_normal_(self.pos, std=0.02)
         self.blocks = nn.Sequential(*[_Block(dim, heads) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
-        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(dim * self.grid[0] * self.grid[1], features_dim), nn.ReLU())
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(dim * n_tokens, features_dim), nn.ReLU())
+        #: 1/sqrt(tokens): the flattened normalised tokens have norm ~sqrt(T * dim); without the scale the
+        #: features grew to norm ~90 within 100k PPO steps, saturating every tanh of SB3's MLP heads
+        self.token_scale = n_tokens ** -0.5
         self.features_dim = features_dim
 
     def spatial(self, x: Tensor) -> Tensor:
@@ -104,7 +128,7 @@ class VitBackbone(nn.Module):
 
     def head(self, fmap: Tensor) -> Tensor:
         tokens = self.norm(fmap.flatten(2).transpose(1, 2))
-        return self.fc(tokens)
+        return self.fc(tokens * self.token_scale)
 
 
 class ImageFeatures(BaseFeaturesExtractor):

@@ -252,17 +252,28 @@ def read_yaml(path: str | Path) -> dict:
 
 def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
          base: dict | None = None) -> T:
-    """Defaults, then ``base`` data, then the YAML file, then dotted overrides; validated."""
+    """Defaults, then the class's presets, then ``base`` data, then the YAML file, then dotted overrides;
+    validated.
+
+    A config class may define ``presets(data) -> dict``: tuned values for the choices ``data`` made (a
+    backbone, an env), merged beneath everything ``data`` sets, so what a user writes always wins
+    (rl-zoo's per-env hyperparameters, made one layer of the one loader).
+    """
     data = apply_overrides(base or {}, [])
     if path is not None:
-        data = _merge(data, read_yaml(path))
-    return from_dict(cls, apply_overrides(data, overrides or []))
+        data = merge(data, read_yaml(path))
+    data = apply_overrides(data, overrides or [])
+    presets = getattr(cls, "presets", None)
+    if callable(presets):
+        data = merge(presets(data), data)
+    return from_dict(cls, data)
 
 
-def _merge(base: dict, update: dict) -> dict:
+def merge(base: dict, update: dict) -> dict:
+    """``base`` updated by ``update``, nested mappings merged key by key (neither is changed)."""
     out = dict(base)
     for key, value in update.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 

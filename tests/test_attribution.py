@@ -38,8 +38,10 @@ def _closed_form_gradcampp(fmap: np.ndarray, grads: np.ndarray) -> np.ndarray:
 
 
 def _head_gradient(view: PolicyView, fmap: torch.Tensor, target: np.ndarray, token_major: bool) -> np.ndarray:
-    """dS/dA in closed form for logits = W_a relu(W_fc flatten(A) + b_fc) + b_a (no hidden MLP layers)."""
+    """dS/dA in closed form for logits = W_a relu(W_fc flatten(A) * scale + b_fc) + b_a (no hidden MLP layers;
+    scale is the ViT's 1/sqrt(tokens), 1 for the CNN)."""
     fc: nn.Linear = view.extractor.backbone.fc[1]
+    scale = getattr(view.extractor.backbone, "token_scale", 1.0)
     wfc = fc.weight.detach().double().numpy()
     bfc = fc.bias.detach().double().numpy()
     wa = view.policy.action_net.weight.detach().double().numpy()
@@ -48,8 +50,8 @@ def _head_gradient(view: PolicyView, fmap: torch.Tensor, target: np.ndarray, tok
     out = np.zeros_like(a)
     for s in range(b):
         flat = a[s].reshape(d, h * w).T.reshape(-1) if token_major else a[s].reshape(-1)
-        active = (wfc @ flat + bfc) > 0
-        g_flat = wfc.T @ (active * wa[target[s]])
+        active = (wfc @ flat * scale + bfc) > 0
+        g_flat = scale * wfc.T @ (active * wa[target[s]])
         out[s] = g_flat.reshape(h * w, d).T.reshape(d, h, w) if token_major else g_flat.reshape(d, h, w)
     return out
 

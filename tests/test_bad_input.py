@@ -61,6 +61,7 @@ CASES: list[tuple[str, str, str]] = [
     ("train", "policy.vit_heads=0", "policy.vit_heads"),
     ("train", "policy.vit_dim=1e9", "policy.vit_dim"),
     ("train", "policy.vit_depth=1e6", "policy.vit_depth"),
+    ("train", "policy.vit_stem=big", "policy.vit_stem"),
     ("train", "policy.features_dim=1e9", "policy.features_dim"),
     ("train", "policy.cnn_channels=[16,32,1e9]", "policy.cnn_channels[2]"),
     ("train", "policy.net_arch=[]", "policy.net_arch"),

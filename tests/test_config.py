@@ -175,3 +175,48 @@ def test_a_run_killed_before_its_first_checkpoint_is_taken_over(tmp_path: Path) 
         with staged_run_dir(root):
             pass
     assert (root / "notes.txt").exists() and run.config.exists()
+
+
+@dataclass
+class WithPresets(Outer):
+    """A config whose presets depend on a choice it makes (``name``), as TrainConfig's do."""
+
+    @classmethod
+    def presets(cls, data: dict) -> dict:
+        return {"steps": 9, "inner": {"rate": 0.25}} if data.get("name") == "tuned" else {}
+
+
+def test_presets_sit_beneath_everything_a_user_writes(tmp_path: Path) -> None:
+    assert cfglib.load(WithPresets).steps == 3                                     # no choice, no preset
+    tuned = cfglib.load(WithPresets, overrides=["name=tuned"])
+    assert (tuned.steps, tuned.inner.rate, tuned.inner.sizes) == (9, 0.25, (1, 2))  # preset, other defaults kept
+    assert cfglib.load(WithPresets, overrides=["name=tuned", "inner.rate=2"]).inner.rate == 2.0
+    path = tmp_path / "c.yaml"
+    path.write_text("name: tuned\nsteps: 4\n")
+    assert cfglib.load(WithPresets, path).steps == 4                               # the file wins over the preset
+    resumed = cfglib.to_dict(cfglib.load(Outer, overrides=["name=tuned"]))          # a full config, as a run records
+    assert cfglib.load(WithPresets, base=resumed).steps == 3                       # a recorded config is never re-tuned
+
+
+def test_train_config_presets_follow_env_and_backbone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fgmf_marl.jobs import train_config
+    from fgmf_marl.jobs.train_config import TrainConfig
+    table = {"env.name": {"pistonball": {"ppo": {"gamma": 0.95, "learning_rate": 5e-4}}},
+             "policy.backbone": {"vit": {"ppo": {"learning_rate": 2e-4}}}}
+    monkeypatch.setattr(train_config, "_preset_table", lambda: table)
+    assert cfglib.load(TrainConfig).ppo == cfglib.load(TrainConfig, overrides=["policy.backbone=cnn"]).ppo
+    vit = cfglib.load(TrainConfig, overrides=["policy.backbone=vit"]).ppo
+    assert (vit.learning_rate, vit.gamma) == (2e-4, TrainConfig().ppo.gamma)
+    both = cfglib.load(TrainConfig, overrides=["policy.backbone=vit", "env.name=pistonball"]).ppo
+    assert (both.learning_rate, both.gamma) == (2e-4, 0.95)                        # backbone merged after env
+    assert cfglib.load(TrainConfig, overrides=["policy.backbone=vit", "ppo.learning_rate=1e-3"]).ppo.learning_rate == 1e-3
+
+
+def test_shipped_presets_are_valid_configs() -> None:
+    from fgmf_marl.jobs.train_config import PRESET_KEYS, TrainConfig, _preset_table
+    table = _preset_table()
+    assert set(table) <= set(PRESET_KEYS)
+    for key, choices in table.items():
+        for choice in choices:
+            cfg = cfglib.load(TrainConfig, overrides=[f"{key}={choice}"])
+            assert cfglib.to_dict(cfg) == cfglib.to_dict(cfglib.from_dict(TrainConfig, cfglib.to_dict(cfg)))

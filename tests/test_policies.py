@@ -1,13 +1,15 @@
-"""Speed choices that must not change the function: the CNN's channels-last layout, training-time autocast."""
+"""Speed choices that must not change the function (the CNN's channels-last layout, training-time autocast) and the
+ViT's stems and head scale."""
 from __future__ import annotations
 
 import copy
 
 import gymnasium as gym
 import numpy as np
+import pytest
 import torch
 
-from agents.policies import CnnBackbone, ImageFeatures, compute_dtype
+from agents.policies import CnnBackbone, ImageFeatures, VitBackbone, compute_dtype
 
 
 def test_channels_last_cnn_equals_the_plain_layout() -> None:
@@ -46,3 +48,24 @@ def test_compute_dtype_changes_only_forward_and_is_restored() -> None:
     assert low.dtype == torch.float32 and not torch.equal(low, reference)
     torch.testing.assert_close(low, reference, rtol=0.05, atol=0.02)  # bfloat16 keeps ~3 significant digits
     torch.testing.assert_close(exact, reference)
+
+
+@pytest.mark.parametrize("stem, size, grid", [("patch", 48, (8, 8)), ("conv", 48, (6, 6)), ("conv", 84, (11, 11))])
+def test_vit_stems_make_the_token_grid_and_the_head_scales_by_token_count(stem: str, size: int, grid: tuple) -> None:
+    torch.manual_seed(0)
+    vit = VitBackbone(3, size, size, patch_size=6, dim=16, depth=1, heads=2, stem=stem)
+    fmap = vit.spatial(torch.rand(2, 3, size, size))
+    assert vit.grid == grid and fmap.shape == (2, 16, *grid)
+    # the head is fc(flatten(LN(tokens)) / sqrt(T)): written out with the layers' own weights
+    tokens = torch.nn.functional.layer_norm(fmap.flatten(2).transpose(1, 2), (16,), vit.norm.weight, vit.norm.bias)
+    fc = vit.fc[1]
+    expected = torch.relu(tokens.flatten(1) @ fc.weight.T / (grid[0] * grid[1]) ** 0.5 + fc.bias)
+    torch.testing.assert_close(vit.head(fmap), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_vit_refuses_an_unknown_stem_and_a_patch_that_does_not_divide() -> None:
+    with pytest.raises(ValueError, match="unknown ViT stem 'big'"):
+        VitBackbone(3, 48, 48, stem="big")
+    with pytest.raises(ValueError, match="must divide"):
+        VitBackbone(3, 48, 48, patch_size=7)
+    VitBackbone(3, 50, 50, stem="conv")   # the conv stem takes any size

@@ -7,13 +7,30 @@ Defaults are the embedded default job (see the README's ``make train``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from agents.adversarial import AdversarialTrainingConfig
 from agents.config import PolicyConfig, PPOConfig
 from envs.registry import EnvConfig
-from fgmf_marl.config import ConfigError, check_device, check_range, check_seed
+from fgmf_marl.config import ConfigError, check_device, check_range, check_seed, merge
 from fgmf_marl.defenses.config import DEFENSES, DefenseConfig
+
+#: tuned settings per env and per backbone (rl-zoo style), beside this file
+PRESETS_FILE = Path(__file__).with_name("presets.yaml")
+#: the choices a preset may be keyed on, in the order their presets are merged (a later one wins)
+PRESET_KEYS = ("env.name", "policy.backbone")
+
+
+@cache
+def _preset_table() -> dict[str, dict[str, dict[str, Any]]]:
+    table = yaml.safe_load(PRESETS_FILE.read_text(encoding="utf-8")) or {}
+    if not isinstance(table, dict) or set(table) - set(PRESET_KEYS):
+        raise ConfigError(f"{PRESETS_FILE.name} must map some of {', '.join(PRESET_KEYS)} to presets")
+    return table
 
 
 @dataclass
@@ -43,6 +60,26 @@ class TrainConfig:
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     adversary: AdversarialTrainingConfig = field(default_factory=AdversarialTrainingConfig)
 
+    @classmethod
+    def presets(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """The tuned settings of ``presets.yaml`` for the env and backbone ``data`` chooses (the defaults'
+        where it chooses none), merged env first; ``fgmf_marl.config.load`` puts them beneath ``data``.
+
+        Why: the PPO knobs were tuned for the CNN on the native env; a backbone or an env that needs
+        others (measured, docs/EXPERIMENTS.md) gets them without the user having to know, and a run's
+        config.yaml records them like any other value.
+        """
+        defaults = {"env.name": EnvConfig().name, "policy.backbone": PolicyConfig().backbone}
+        out: dict[str, Any] = {}
+        for key in PRESET_KEYS:
+            section, name = key.split(".")
+            given = data.get(section)
+            chosen = given.get(name, defaults[key]) if isinstance(given, dict) else defaults[key]
+            preset = _preset_table().get(key, {}).get(chosen) if isinstance(chosen, str) else None
+            if preset:
+                out = merge(out, preset)
+        return out
+
     def validate(self) -> None:
         check_seed(self.seed)
         check_device(self.device)
@@ -53,7 +90,7 @@ class TrainConfig:
         check_range("log_every", self.log_every, 1, 100_000)
         check_range("eval_episodes", self.eval_episodes, 1, 100_000)
         size = self.env.image_size
-        if self.policy.backbone == "vit" and size % self.policy.vit_patch_size:
+        if self.policy.backbone == "vit" and self.policy.vit_stem == "patch" and size % self.policy.vit_patch_size:
             raise ConfigError(f"policy.vit_patch_size={self.policy.vit_patch_size} must divide the image size {size} "
                               "(env.native.size or env.adapter.size)")
 
