@@ -233,6 +233,7 @@ from captum.attr import FeatureAblation, IntegratedGradients, Saliency  # noqa: 
 
 from fgmf_marl.attribution import GradientShapMap, PGCAStage, RandomMap, SegmentPerturbation, SmoothGradMap  # noqa: E402
 from fgmf_marl.attribution.base import normalise_maps  # noqa: E402
+from fgmf_marl.attribution import perturbation  # noqa: E402
 from fgmf_marl.attribution.perturbation import background_colour, connected_components, segment_units  # noqa: E402
 from fgmf_marl.attribution.pgca import rank_preserving_stretch  # noqa: E402
 
@@ -281,6 +282,26 @@ def test_segments_are_entities_and_large_regions_are_split() -> None:
     torch.testing.assert_close(seg.baseline[~fg[:, None].expand_as(obs)], obs[~fg[:, None].expand_as(obs)])
     textured = segment_units(torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(0)), grid=4)
     assert textured.n_units >= 8   # no flat background: one big component, cut along the 4 x 4 grid
+
+
+def test_stacked_frames_segment_as_their_frame_and_sparse_colour_tables_equal_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frame-stacked images (9 channels: 16^9 colour bins, a 5 TB dense table) take the sparse path."""
+    obs = sprite_obs(20)                                   # 20 > SPARSE_COLOUR_CHUNK: the chunks are exercised
+    stacked = segment_units(obs.repeat(1, 3, 1, 1), grid=4)
+    single = segment_units(obs, grid=4)                    # independent reference: 3 copies = the frame itself
+    assert torch.equal(stacked.unit, single.unit) and torch.equal(stacked.sample, single.sample)
+    torch.testing.assert_close(stacked.baseline, single.baseline.repeat(1, 3, 1, 1))
+    # the sparse table equals the dense one where both fit (6 channels x 4 levels = 4,096 bins)
+    rng = np.random.default_rng(0)
+    palette = rng.random((5, 6)).astype(np.float32)
+    counts = [30, 16, 10, 5, 3]                            # distinct counts: no ties in the top 4
+    pixels = np.stack([rng.permutation(np.repeat(np.arange(5), counts)) for _ in range(40)])
+    images = torch.from_numpy(palette[pixels].reshape(40, 8, 8, 6).transpose(0, 3, 1, 2).copy())
+    dense = perturbation.flat_colours(images, bins=4, min_share=0.2)
+    monkeypatch.setattr(perturbation, "DENSE_COLOUR_KEYS", 16)
+    sparse = perturbation.flat_colours(images, bins=4, min_share=0.2)
+    torch.testing.assert_close(sparse[0], dense[0])
+    assert torch.equal(sparse[1], dense[1]) and sparse[1].sum(1).eq(2).all()   # 30 and 16 of 64 px >= 20 %
 
 
 def test_segment_perturbation_equals_captum_feature_ablation() -> None:

@@ -164,24 +164,40 @@ class Segments:
         return int(self.sample.numel())
 
 
+#: colour tables up to this many bins (16 levels of 4 channels) are dense; beyond, only the colours present count
+DENSE_COLOUR_KEYS = 16 ** 4
+#: samples per colour table on the sparse path
+SPARSE_COLOUR_CHUNK = 16
+
+
 def flat_colours(obs: Tensor, bins: int = 16, min_share: float = 0.1, k: int = 4) -> tuple[Tensor, Tensor]:
     """Colours of the large flat regions: (B, k, C) mean colour of each of the ``k`` most common
     colour bins (``bins`` levels per channel) and (B, k) bool, True where the bin holds at least
     ``min_share`` of the pixels (the first, most common, is always kept)."""
     b, c, h, w = obs.shape
+    n_keys = bins ** c
+    sparse = n_keys > max(DENSE_COLOUR_KEYS, h * w)
+    if sparse and b > SPARSE_COLOUR_CHUNK:   # bounded memory: each chunk's table has at most chunk * HW colours
+        parts = [flat_colours(obs[i:i + SPARSE_COLOUR_CHUNK], bins, min_share, k) for i in range(0, b, SPARSE_COLOUR_CHUNK)]
+        return torch.cat([col for col, _ in parts]), torch.cat([ok for _, ok in parts])
     q = (obs.clamp(0, 1) * (bins - 1) + 0.5).long().flatten(2)                    # (B, C, HW)
     key = torch.zeros(b, h * w, dtype=torch.long, device=obs.device)
     for ch in range(c):
         key = key * bins + q[:, ch]
-    n_keys = bins ** c
+    k = min(k, n_keys)
+    if sparse:   # many channels (stacked frames: 16^9 bins): count only the colours present
+        present, key = torch.unique(key, return_inverse=True)
+        n_keys = int(present.numel())
     counts = torch.zeros(b, n_keys, device=obs.device, dtype=obs.dtype).scatter_add_(1, key, torch.ones_like(key, dtype=obs.dtype))
     sums = torch.zeros(b, n_keys, c, device=obs.device, dtype=obs.dtype).scatter_add_(
         1, key[:, :, None].expand(-1, -1, c), obs.flatten(2).transpose(1, 2))
-    k = min(k, n_keys)
-    top = counts.topk(k, dim=1)
+    top = counts.topk(min(k, n_keys), dim=1)
     colours = sums.gather(1, top.indices[:, :, None].expand(-1, -1, c)) / top.values.clamp_min(1)[:, :, None]
     valid = top.values >= min_share * h * w
     valid[:, 0] = True
+    if colours.shape[1] < k:   # fewer colours present than asked: pad with invalid entries
+        colours = torch.cat([colours, colours.new_zeros(b, k - colours.shape[1], c)], 1)
+        valid = torch.cat([valid, valid.new_zeros(b, k - valid.shape[1])], 1)
     return colours, valid
 
 
