@@ -39,7 +39,7 @@ class PolicyConfig:
     backbone: Literal["cnn", "vit"] = "cnn"
     features_dim: int = 128
     cnn_channels: tuple[int, int, int] = (16, 32, 32)
-    vit_stem: Literal["patch", "conv"] = "patch"
+    vit_stem: Literal["patch", "conv"] = "conv"
     vit_patch_size: int = 6
     vit_dim: int = 64
     vit_depth: int = 2

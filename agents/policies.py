@@ -93,7 +93,7 @@ class VitBackbone(nn.Module):
     """
 
     def __init__(self, in_channels: int, height: int, width: int, patch_size: int = 6, dim: int = 64,
-                 depth: int = 2, heads: int = 4, features_dim: int = 128, stem: VitStem = "patch") -> None:
+                 depth: int = 2, heads: int = 4, features_dim: int = 128, stem: VitStem = "conv") -> None:
         super().__init__()
         if stem == "patch":
             if height % patch_size or width % patch_size:

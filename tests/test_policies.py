@@ -67,5 +67,5 @@ def test_vit_refuses_an_unknown_stem_and_a_patch_that_does_not_divide() -> None:
     with pytest.raises(ValueError, match="unknown ViT stem 'big'"):
         VitBackbone(3, 48, 48, stem="big")
     with pytest.raises(ValueError, match="must divide"):
-        VitBackbone(3, 48, 48, patch_size=7)
+        VitBackbone(3, 48, 48, patch_size=7, stem="patch")
     VitBackbone(3, 50, 50, stem="conv")   # the conv stem takes any size
