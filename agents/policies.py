@@ -89,7 +89,7 @@ class VitBackbone(nn.Module):
 
     ``spatial`` returns the token grid after the last block as (B, D, h, w), the ViT analogue of a conv
     feature map (this is what Grad-CAM++ uses for ViTs). There is no class token; the head flattens the
-    normalised tokens so positional information reaches the policy.
+    normalised tokens so positional information reaches the policy: tanh(W flatten(LN(tokens)) / sqrt(T) + b).
     """
 
     def __init__(self, in_channels: int, height: int, width: int, patch_size: int = 6, dim: int = 64,
@@ -114,7 +114,9 @@ class VitBackbone(nn.Module):
         nn.init.trunc_normal_(self.pos, std=0.02)
         self.blocks = nn.Sequential(*[_Block(dim, heads) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
-        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(dim * n_tokens, features_dim), nn.ReLU())
+        # tanh, ViT's pre-logits activation, not the CNN's ReLU: with ReLU all 128 features of one seed
+        # died in PPO's first updates and never came back (docs/EXPERIMENTS.md, "ViT throughput")
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(dim * n_tokens, features_dim), nn.Tanh())
         #: 1/sqrt(tokens): the flattened normalised tokens have norm ~sqrt(T * dim); without the scale the
         #: features grew to norm ~90 within 100k PPO steps, saturating every tanh of SB3's MLP heads
         self.token_scale = n_tokens ** -0.5

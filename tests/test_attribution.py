@@ -38,8 +38,8 @@ def _closed_form_gradcampp(fmap: np.ndarray, grads: np.ndarray) -> np.ndarray:
 
 
 def _head_gradient(view: PolicyView, fmap: torch.Tensor, target: np.ndarray, token_major: bool) -> np.ndarray:
-    """dS/dA in closed form for logits = W_a relu(W_fc flatten(A) * scale + b_fc) + b_a (no hidden MLP layers;
-    scale is the ViT's 1/sqrt(tokens), 1 for the CNN)."""
+    """dS/dA in closed form for logits = W_a act(W_fc flatten(A) * scale + b_fc) + b_a (no hidden MLP layers;
+    the CNN's act is ReLU and scale 1, the ViT's act is tanh and scale 1/sqrt(tokens))."""
     fc: nn.Linear = view.extractor.backbone.fc[1]
     scale = getattr(view.extractor.backbone, "token_scale", 1.0)
     wfc = fc.weight.detach().double().numpy()
@@ -50,8 +50,9 @@ def _head_gradient(view: PolicyView, fmap: torch.Tensor, target: np.ndarray, tok
     out = np.zeros_like(a)
     for s in range(b):
         flat = a[s].reshape(d, h * w).T.reshape(-1) if token_major else a[s].reshape(-1)
-        active = (wfc @ flat * scale + bfc) > 0
-        g_flat = scale * wfc.T @ (active * wa[target[s]])
+        pre = wfc @ flat * scale + bfc
+        slope = 1 - np.tanh(pre) ** 2 if token_major else (pre > 0).astype(float)
+        g_flat = scale * wfc.T @ (slope * wa[target[s]])
         out[s] = g_flat.reshape(h * w, d).T.reshape(d, h, w) if token_major else g_flat.reshape(d, h, w)
     return out
 
@@ -60,7 +61,7 @@ def _head_gradient(view: PolicyView, fmap: torch.Tensor, target: np.ndarray, tok
 def test_gradcampp_matches_closed_form(backbone: str) -> None:
     kwargs = dict(patch_size=6, dim=8, depth=1, heads=2) if backbone == "vit" else dict(channels=(4, 6, 5))
     view = make_view(backbone, net_arch=dict(pi=[], vf=[]), **kwargs)
-    if backbone == "vit":  # drop the final LayerNorm so the head is affine + ReLU (closed-form gradient)
+    if backbone == "vit":  # drop the final LayerNorm so the head is affine + tanh (closed-form gradient)
         view.extractor.backbone.norm = nn.Identity()
     obs = random_obs(4)
     target = np.array([0, 3, 1, 4])

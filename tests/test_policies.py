@@ -56,10 +56,10 @@ def test_vit_stems_make_the_token_grid_and_the_head_scales_by_token_count(stem: 
     vit = VitBackbone(3, size, size, patch_size=6, dim=16, depth=1, heads=2, stem=stem)
     fmap = vit.spatial(torch.rand(2, 3, size, size))
     assert vit.grid == grid and fmap.shape == (2, 16, *grid)
-    # the head is fc(flatten(LN(tokens)) / sqrt(T)): written out with the layers' own weights
+    # the head is tanh(W flatten(LN(tokens)) / sqrt(T) + b): written out with the layers' own weights
     tokens = torch.nn.functional.layer_norm(fmap.flatten(2).transpose(1, 2), (16,), vit.norm.weight, vit.norm.bias)
     fc = vit.fc[1]
-    expected = torch.relu(tokens.flatten(1) @ fc.weight.T / (grid[0] * grid[1]) ** 0.5 + fc.bias)
+    expected = torch.tanh(tokens.flatten(1) @ fc.weight.T / (grid[0] * grid[1]) ** 0.5 + fc.bias)
     torch.testing.assert_close(vit.head(fmap), expected, rtol=1e-5, atol=1e-6)
 
 
