@@ -453,3 +453,25 @@ def test_a_moved_default_reruns_what_reads_it_and_nothing_else(clean_run: Path) 
     assert reproduce.is_cached(root, spelled_task, at_default, {})
     assert reproduce.without_unused_defenses(vanilla.config)["defense"] == {
         k: v for k, v in vanilla.config["defense"].items() if k not in ("scorpio", "sgam", "sappo")}
+
+
+def test_a_results_root_holds_toy_runs_or_measured_ones_never_both(tmp_path: Path) -> None:
+    measured = tmp_path / "measured"
+    (measured / "tasks" / "train__ppo__s0").mkdir(parents=True)
+    (measured / "tasks" / "train__ppo__s0" / "task.json").write_text("{}")
+    with pytest.raises(reproduce.ConfigError, match="holds measured runs; --quick writes toy runs only"):
+        reproduce.check_root_kind(measured, quick=True)
+    reproduce.check_root_kind(measured, quick=False)                        # a measured run may continue there
+    toy = tmp_path / "toy"
+    reproduce.check_root_kind(toy, quick=True)                              # an empty folder becomes a quick root
+    assert (toy / reproduce.QUICK_MARKER).is_file()
+    with pytest.raises(reproduce.ConfigError, match="holds --quick \\(toy\\) runs"):
+        reproduce.check_root_kind(toy, quick=False)
+    legacy = tmp_path / "default_job-quick"                                 # the default layout, written before the marker
+    (legacy / "tasks" / "train__ppo__s0").mkdir(parents=True)
+    (legacy / "tasks" / "train__ppo__s0" / "task.json").write_text("{}")
+    reproduce.check_root_kind(legacy, quick=True)
+    out = tmp_path / "cli"
+    code = reproduce.entry([str(ROOT / "experiments" / "default_job.yaml"), "--quick", "--results-root", str(measured),
+                            "--results", str(out / "R.md"), "--figures", str(out / "f"), "--no-progress"])
+    assert code == 2 and not (out / "R.md").exists()

@@ -61,7 +61,8 @@ Choices, and why:
 
 ``--quick`` applies the experiment's ``quick`` overrides (toy budgets), writes to
 ``runs/reproduce/<name>-quick`` and ``docs/RESULTS.quick.md``, and labels every table "QUICK (toy
-budgets)", so a quick run never mixes with, or overwrites, measured results.
+budgets)", so a quick run never mixes with, or overwrites, measured results; a results root holds one
+kind or the other, never both (``check_root_kind``).
 """
 from __future__ import annotations
 
@@ -1126,6 +1127,30 @@ def select(tasks: list[Task], pattern: str | None) -> list[Task]:
     return [t for t in tasks if t.id in chosen]
 
 
+#: file in a results root that marks it as holding --quick (toy) runs
+QUICK_MARKER = "QUICK"
+
+
+def check_root_kind(root: Path, *, quick: bool) -> None:
+    """A results root holds toy (``--quick``) runs or measured ones, never both; a quick run marks its root.
+
+    Why: a quick task has another key than the measured one, so a quick run pointed at a measured root
+    (by ``--results-root``) would set the measured trainings aside into ``stale/`` and write toys in their
+    place. Roots named ``*-quick`` (the default layout) count as quick without the marker.
+    """
+    marked = (root / QUICK_MARKER).is_file() or root.name.endswith("-quick")
+    measured = any((root / "tasks").glob("*/task.json")) and not marked
+    if quick and measured:
+        raise ConfigError(f"--results-root {root}: holds measured runs; --quick writes toy runs only into a root "
+                          "of their own (accepted: an empty folder, or the default runs/reproduce/<name>-quick)")
+    if not quick and marked:
+        raise ConfigError(f"--results-root {root}: holds --quick (toy) runs; accepted: a root without them "
+                          "(default runs/reproduce/<name>)")
+    if quick:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / QUICK_MARKER).write_text("this results root holds --quick (toy-budget) runs only\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = cli.parse(build_parser(), argv)
     cfg = cli.load_config(ReproduceConfig, flags={
@@ -1143,6 +1168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     figures = Path(cfg.figures or ("docs/figures/quick" if cfg.quick else "docs/figures"))
     for folder, what in ((root, "--results-root"), (results.parent, "--results folder"), (figures, "--figures")):
         check_output_dir(folder, what)
+    check_root_kind(root, quick=cfg.quick)
     address = cfg.address or os.environ.get("RAY_ADDRESS") or None
     max_parallel = cfg.max_parallel or (os.cpu_count() or 1 if address is None else len(tasks))
     rerun: set[str] = set()   # a rerun task's dependents rerun too: their input changed
