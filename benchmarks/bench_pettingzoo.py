@@ -82,8 +82,7 @@ class WallBudget(BaseCallback):
 
     def __init__(self, seconds: float | None) -> None:
         super().__init__()
-        self.seconds = seconds
-        self.start = time.perf_counter()
+        self.seconds, self.start = seconds, 0.0
 
     def _on_training_start(self) -> None:
         self.start = time.perf_counter()
@@ -129,7 +128,8 @@ def main() -> None:
                         help="stop the recipe's training after this much wall time, at whatever agent-step count "
                         "it reached (default: none, train all --timesteps)")
     args = parser.parse_args()
-    if args.timesteps < 1 or args.episodes < 1 or args.recipe_cpus < 0 or (args.recipe_wall_seconds or 1) <= 0:
+    if args.timesteps < 1 or args.episodes < 1 or args.recipe_cpus < 0 or (
+            args.recipe_wall_seconds is not None and args.recipe_wall_seconds <= 0):
         parser.error(f"--timesteps {args.timesteps} and --episodes {args.episodes} must be >= 1, "
                      f"--recipe-cpus {args.recipe_cpus} >= 0, --recipe-wall-seconds > 0")
     if (args.out / "ours").exists() and args.only != "recipe":
