@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 from stable_baselines3.common.utils import LinearSchedule
 
-from agents.policies import ImageFeatures
+from agents.policies import CNN_LAYOUTS, CnnLayout, ImageFeatures
 from fgmf_marl.config import ConfigError, check_range
 
 
@@ -29,6 +29,10 @@ MAX_EPOCHS = 1000
 class PolicyConfig:
     """Policy network: backbone (features extractor) and the actor/critic MLP heads.
 
+    ``cnn_layout`` is the CNN's convolution geometry (``agents.policies.CNN_LAYOUTS``: ``small`` for the
+    native env's 48 x 48 views, ``nature`` for 84 x 84 Atari-style frames); ``net_arch=[]`` feeds the
+    features straight into the action and value layers, as SB3's ``CnnPolicy`` does with ``NatureCNN``.
+
     ``train_dtype=bfloat16`` autocasts the extractor's forward during training (attacks, attributions
     and regularisers stay float32). float32 is the default because bfloat16 only pays on CPUs with
     native bfloat16 (AVX-512 BF16 / AMX) and is far slower on AVX2-only CPUs (``torch.backends.cpu.
@@ -39,6 +43,7 @@ class PolicyConfig:
     backbone: Literal["cnn", "vit"] = "cnn"
     features_dim: int = 128
     cnn_channels: tuple[int, int, int] = (16, 32, 32)
+    cnn_layout: CnnLayout = "small"
     vit_stem: Literal["patch", "conv"] = "conv"
     vit_patch_size: int = 6
     vit_dim: int = 64
@@ -58,8 +63,10 @@ class PolicyConfig:
         check_range("policy.features_dim", self.features_dim, 1, MAX_WIDTH)
         for i, n in enumerate(self.cnn_channels):
             check_range(f"policy.cnn_channels[{i}]", n, 1, MAX_WIDTH)
-        if not 1 <= len(self.net_arch) <= MAX_LAYERS:
-            raise ConfigError(f"policy.net_arch={list(self.net_arch)} must list 1..{MAX_LAYERS} layer widths")
+        if self.cnn_layout not in CNN_LAYOUTS:
+            raise ConfigError(f"policy.cnn_layout={self.cnn_layout!r} is not a CNN layout; known: {', '.join(CNN_LAYOUTS)}")
+        if len(self.net_arch) > MAX_LAYERS:
+            raise ConfigError(f"policy.net_arch={list(self.net_arch)} must list 0..{MAX_LAYERS} layer widths")
         for i, n in enumerate(self.net_arch):
             check_range(f"policy.net_arch[{i}]", n, 1, MAX_WIDTH)
         check_range("policy.vit_patch_size", self.vit_patch_size, 1, MAX_IMAGE)
@@ -72,7 +79,7 @@ class PolicyConfig:
     def policy_kwargs(self) -> dict[str, Any]:
         """SB3 ``policy_kwargs`` for an ``ActorCriticPolicy`` with our image extractor."""
         if self.backbone == "cnn":
-            backbone_kwargs: dict[str, Any] = {"channels": tuple(self.cnn_channels)}
+            backbone_kwargs: dict[str, Any] = {"channels": tuple(self.cnn_channels), "layout": self.cnn_layout}
         else:
             backbone_kwargs = {"patch_size": self.vit_patch_size, "dim": self.vit_dim, "depth": self.vit_depth,
                                "heads": self.vit_heads, "stem": self.vit_stem}

@@ -24,8 +24,20 @@ from torch import Tensor, nn
 BackboneName = Literal["cnn", "vit"]
 
 
+#: (kernel, stride, padding) of the three convolutions of each CNN layout
+CNN_LAYOUTS: dict[str, tuple[tuple[int, int, int], ...]] = {
+    "small": ((3, 2, 1), (3, 2, 1), (3, 1, 1)),
+    "nature": ((8, 4, 0), (4, 2, 0), (3, 1, 0)),
+}
+CnnLayout = Literal["small", "nature"]
+
+
 class CnnBackbone(nn.Module):
-    """Three 3x3 convolutions (two with stride 2) and a linear head over the flattened map.
+    """Three convolutions and a linear head over the flattened map.
+
+    ``layout="small"`` (default): three 3x3 convolutions, two with stride 2, for the native env's
+    48 x 48 views; ``"nature"``: the DQN network of Mnih et al. (2015) (8x8/4, 4x4/2, 3x3/1, no
+    padding), SB3's ``NatureCNN`` and so the network of the PettingZoo/SB3 tutorial recipe at 84 x 84.
 
     The head flattens instead of pooling because positions matter in the coverage task: which
     landmark is nearest depends on where things are, and pooling would throw that away.
@@ -37,14 +49,14 @@ class CnnBackbone(nn.Module):
     """
 
     def __init__(self, in_channels: int, height: int, width: int, channels: tuple[int, int, int] = (16, 32, 32),
-                 features_dim: int = 128) -> None:
+                 features_dim: int = 128, layout: CnnLayout = "small") -> None:
         super().__init__()
-        c1, c2, c3 = channels
-        self.convs = nn.Sequential(
-            nn.Conv2d(in_channels, c1, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(c2, c3, 3, stride=1, padding=1), nn.ReLU(),
-        )
+        if layout not in CNN_LAYOUTS:
+            raise ValueError(f"unknown CNN layout {layout!r}; known: {', '.join(CNN_LAYOUTS)}")
+        layers: list[nn.Module] = []
+        for c_in, c_out, (kernel, stride, padding) in zip((in_channels, *channels[:2]), channels, CNN_LAYOUTS[layout]):
+            layers += [nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding), nn.ReLU()]
+        self.convs = nn.Sequential(*layers)
         with torch.no_grad():
             fmap_numel = self.convs(torch.zeros(1, in_channels, height, width)).numel()
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(fmap_numel, features_dim), nn.ReLU())

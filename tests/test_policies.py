@@ -69,3 +69,48 @@ def test_vit_refuses_an_unknown_stem_and_a_patch_that_does_not_divide() -> None:
     with pytest.raises(ValueError, match="must divide"):
         VitBackbone(3, 48, 48, patch_size=7, stem="patch")
     VitBackbone(3, 50, 50, stem="conv")   # the conv stem takes any size
+
+
+def test_nature_layout_is_sb3s_nature_cnn() -> None:
+    """The ``nature`` layout computes SB3's ``NatureCNN`` (the tutorial recipe's network) given its weights."""
+    from stable_baselines3.common.torch_layers import NatureCNN
+
+    torch.manual_seed(0)
+    space = gym.spaces.Box(0, 255, (3, 84, 84), dtype=np.uint8)
+    reference = NatureCNN(space, features_dim=512)
+    ours = CnnBackbone(3, 84, 84, channels=(32, 64, 64), features_dim=512, layout="nature")
+    ref_convs = [m for m in reference.cnn if isinstance(m, torch.nn.Conv2d)]
+    our_convs = [m for m in ours.convs if isinstance(m, torch.nn.Conv2d)]
+    for mine, theirs in zip(our_convs, ref_convs, strict=True):
+        mine.load_state_dict(theirs.state_dict())
+    ours.fc[1].load_state_dict(reference.linear[0].state_dict())
+    x = torch.rand(4, 3, 84, 84)
+    assert ours.spatial(x).shape == (4, 64, 7, 7)
+    torch.testing.assert_close(ours.head(ours.spatial(x)), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_empty_net_arch_feeds_features_to_the_heads() -> None:
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from agents.config import PolicyConfig
+    from agents.policy_view import PolicyView
+
+    class Images(gym.Env):
+        observation_space = gym.spaces.Box(0, 255, (3, 48, 48), dtype=np.uint8)
+        action_space = gym.spaces.Discrete(3)
+
+        def reset(self, *, seed=None, options=None):
+            return self.observation_space.sample(), {}
+
+        def step(self, action):
+            return self.observation_space.sample(), 0.0, False, True, {}
+
+    config = PolicyConfig(net_arch=())
+    config.validate()
+    model = PPO("CnnPolicy", DummyVecEnv([Images]), policy_kwargs=config.policy_kwargs(), n_steps=8, batch_size=8)
+    view = PolicyView.from_model(model)
+    x = torch.rand(2, 3, 48, 48)
+    features = model.policy.features_extractor(x)
+    assert model.policy.action_net.in_features == config.features_dim
+    torch.testing.assert_close(view(x), model.policy.action_net(features))
