@@ -8,7 +8,7 @@ Part 1, on the same inputs (all agents x envs of one step, 3 x 48 x 48, default 
              G), then the ablated copies of every agent in one chunked inference-mode batch.
   Prints the median times side by side, the speed-up, and the max abs difference of the final maps.
 Part 2: an evaluation rollout unlogged vs logged with ``OversightLogger`` (every step, every 4th
-step), on the native env when it is importable (else a synthetic image env of the same shape); then the
+step), beside the floor of any gradient explanation (one forward + backward of each step's batch, no log), on the native env when it is importable (else a synthetic image env of the same shape); then the
 same under PGD-10 at 4/255 on every agent, the evaluation a log is mostly for (the attack's own cost is in
 both sides of that ratio).
 
@@ -126,7 +126,7 @@ def part1(args) -> dict[int, float]:
     return speedups
 
 
-def part2(args) -> dict[int, float]:
+def part2(args) -> dict[int | str, float]:
     venv, kind = make_env(args.log_envs, args.agents)
     view = make_view(venv)
     print(f"\n== Oversight logging cost: {args.episodes} episodes, env: {kind}, "
@@ -134,6 +134,7 @@ def part2(args) -> dict[int, float]:
     print(f"{'mode':>22} {'seconds':>9} {'x unlogged':>11} {'MB on disk':>11}")
 
     attack = PGD(4 / 255, steps=10).as_perturb(view, n_agents=args.agents)
+    ratios: dict[int | str, float] = {}
 
     def run(every: int | None, perturb=None) -> tuple[float, float]:
         venv.seed(0)
@@ -149,10 +150,24 @@ def part2(args) -> dict[int, float]:
                 size = sum(p.stat().st_size for p in pathlib.Path(tmp).iterdir()) / 2**20
         return time.perf_counter() - start, size
 
+    def gradient_floor(step) -> None:
+        """One forward + backward of the step's batch to the taken actions' logits: what any gradient map costs."""
+        x = step.seen_obs.detach().requires_grad_(True)
+        score = view(x).gather(1, torch.as_tensor(step.actions).long()[:, None]).sum()
+        torch.autograd.grad(score, [x])
+
+    def floor() -> float:
+        venv.seed(0)
+        start = time.perf_counter()
+        rollout(view, venv, args.episodes, step_hook=gradient_floor)
+        return time.perf_counter() - start
+
     run(None)  # warm-up (first-call allocations, thread pools)
     base, _ = run(None)
     print(f"{'unlogged':>22} {base:>9.2f} {1.0:>10.1f}x {0.0:>11.2f}")
-    ratios = {}
+    grad_only = floor()
+    ratios["floor"] = grad_only / base
+    print(f"{'one backward, no log':>22} {grad_only:>9.2f} {grad_only / base:>10.1f}x {0.0:>11.2f}")
     for every in (1, 4):
         t, size = run(every)
         ratios[every] = t / base
@@ -190,6 +205,8 @@ def main() -> None:
     if 1 in ratios:
         print(f"logging every step: {ratios[1]:.2f}x the unlogged clean evaluation ({'ok' if ratios[1] <= 2 else 'MISSED'}); "
               f"{ratios['pgd']:.2f}x the unlogged evaluation under PGD-10 ({'ok' if ratios['pgd'] <= 2 else 'MISSED'})")
+        print(f"floor: one forward + backward per step and nothing else (any gradient map, no log) costs "
+              f"{ratios['floor']:.2f}x the unlogged clean evaluation")
 
 
 if __name__ == "__main__":
