@@ -430,3 +430,16 @@ def test_more_captum_baselines_and_random_behind_the_interface() -> None:
         assert maps.shape == (2, 24, 24) and float(maps.min()) >= 0 and float(maps.max()) <= 1
         again = method.attribute(obs, target=[1, 2])
         torch.testing.assert_close(maps, again)   # seeded: deterministic
+
+
+def test_rankdata_is_scipys_average_rank_with_ties_and_on_whole_maps() -> None:
+    from fgmf_marl.attribution.pgca import rankdata
+
+    rng = np.random.default_rng(5)
+    rows = np.concatenate([rng.integers(0, 4, (3, 50)),                 # many ties
+                           np.zeros((1, 50)),                           # one run of ties
+                           rng.random((2, 50))], 0)                     # none
+    ours = rankdata(torch.from_numpy(rows)).numpy()
+    np.testing.assert_allclose(ours, np.stack([stats.rankdata(r) for r in rows]))
+    whole = np.round(rng.random((2, 84 * 84)), 2)                       # an 84 x 84 map, ties included
+    np.testing.assert_allclose(rankdata(torch.from_numpy(whole)).numpy(), np.stack([stats.rankdata(r) for r in whole]))

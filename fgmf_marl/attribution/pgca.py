@@ -143,20 +143,23 @@ def cell_means(maps: Tensor, grid: int) -> Tensor:
 
 
 def rankdata(x: Tensor) -> Tensor:
-    """Average ranks along the last dim (ties share the mean rank), as scipy.stats.rankdata.
+    """Average ranks (1..N) along the last dim of (B, N), ties sharing their mean rank, as
+    ``scipy.stats.rankdata(method="average")``.
 
-    rank_i = #{j: x_j < x_i} + (#{j: x_j == x_i} + 1) / 2, vectorised (O(N^2) memory per row: N is a
-    grid's cell count, or a map's pixel count, for which rows are chunked).
+    One sort per row, then each run of equal sorted values gets the mean of its positions: O(N log N),
+    so ranking a whole 84 x 84 map is cheap (the pairwise count it replaces was O(N^2) and spent 95 % of a
+    pistonball explanation study ranking maps).
     """
     x = x.double()
-    out = torch.empty_like(x)
-    step = max(1, (1 << 24) // max(1, x.shape[-1] ** 2))
-    for start in range(0, x.shape[0], step):
-        row = x[start:start + step]
-        less = (row[:, None, :] < row[:, :, None]).sum(-1).double()
-        equal = (row[:, None, :] == row[:, :, None]).sum(-1).double()
-        out[start:start + step] = less + (equal + 1) / 2
-    return out
+    values, order = x.sort(dim=-1, stable=True)
+    starts = torch.ones_like(values, dtype=torch.bool)
+    starts[..., 1:] = values[..., 1:] != values[..., :-1]
+    run = starts.cumsum(-1) - 1                                                   # run index of each sorted entry
+    position = torch.arange(1, x.shape[-1] + 1, dtype=x.dtype, device=x.device).expand_as(x)
+    total = torch.zeros_like(x).scatter_add_(-1, run, position)
+    count = torch.zeros_like(x).scatter_add_(-1, run, torch.ones_like(x))
+    mean_rank = (total / count.clamp_min(1)).gather(-1, run)
+    return torch.empty_like(x).scatter_(-1, order, mean_rank)
 
 
 def spearman(a: Tensor, b: Tensor) -> Tensor:
