@@ -7,8 +7,9 @@ scored by the same definition: the deterministic policy's team return (per episo
 the pistons of their summed rewards), mean ± std over ``--episodes`` episodes from the same seeds,
 beside a uniformly random policy's. Measured side by side in one run:
 
-  * ours     ``train_marl.py --env pistonball --timesteps T`` with every default (48 x 48 RGB, our CNN
-             and PPO defaults), evaluated by its own final evaluation;
+  * ours     ``train_marl.py --env pistonball --timesteps T`` with every default (pistonball's preset:
+             the recipe's observation, network layout and PPO settings in our trainer), evaluated by its
+             own final evaluation;
   * recipe   the PettingZoo/SB3 tutorial ("Multi-agent deep RL in 13 lines", pistonball): grey
              (``color_reduction_v0`` mode B), ``resize_v1`` 84 x 84, ``frame_stack_v1`` 3, 8 env copies,
              SB3 ``PPO(CnnPolicy)`` with the tutorial's hyperparameters, ``learn(T)`` (its T is 2M).
@@ -140,7 +141,7 @@ def main() -> None:
     random = team_returns(lambda obs: rng.integers(0, 3, size=len(obs)), args.episodes, args.seed + 10_000)
     rows = {"random policy": {"return_mean": float(random.mean()), "return_std": float(random.std())}}
     if args.only != "recipe":
-        rows["ours (defaults, 48x48 RGB)"] = train_ours(args.timesteps, args.episodes, args.seed, args.out / "ours")
+        rows["ours (pistonball's preset)"] = train_ours(args.timesteps, args.episodes, args.seed, args.out / "ours")
     if args.only != "ours":
         rows["recipe (SB3 + SuperSuit tutorial)"] = train_recipe(args.timesteps, args.episodes, args.seed,
                                                                  args.recipe_cpus, args.recipe_wall_seconds)
