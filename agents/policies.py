@@ -32,6 +32,14 @@ CNN_LAYOUTS: dict[str, tuple[tuple[int, int, int], ...]] = {
 CnnLayout = Literal["small", "nature"]
 
 
+def cnn_min_image_size(layout: CnnLayout) -> int:
+    """The smallest square image side the layout's convolutions map to at least a 1 x 1 feature map."""
+    size = 1
+    for kernel, stride, padding in reversed(CNN_LAYOUTS[layout]):
+        size = max(1, (size - 1) * stride + kernel - 2 * padding)
+    return size
+
+
 class CnnBackbone(nn.Module):
     """Three convolutions and a linear head over the flattened map.
 

@@ -8,7 +8,8 @@ Part 1, on the same inputs (all agents x envs of one step, 3 x 48 x 48, default 
              G), then the ablated copies of every agent in one chunked inference-mode batch.
   Prints the median times side by side, the speed-up, and the max abs difference of the final maps.
 Part 2: an evaluation rollout unlogged vs logged with ``OversightLogger`` (every step, every 4th
-step), beside the floor of any gradient explanation (one forward + backward of each step's batch, no log), on the native env when it is importable (else a synthetic image env of the same shape); then the
+step), beside the floor of any gradient explanation (one forward + backward of each step's batch, no
+log), on the native env when it is importable (else a synthetic image env of the same shape); then the
 same under PGD-10 at 4/255 on every agent, the evaluation a log is mostly for (the attack's own cost is in
 both sides of that ratio).
 

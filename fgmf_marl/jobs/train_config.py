@@ -15,14 +15,13 @@ import yaml
 
 from agents.adversarial import AdversarialTrainingConfig
 from agents.config import PolicyConfig, PPOConfig
+from agents.policies import cnn_min_image_size
 from envs.registry import EnvConfig
 from fgmf_marl.config import ConfigError, check_device, check_range, check_seed, merge
 from fgmf_marl.defenses.config import DEFENSES, DefenseConfig
 
 #: tuned settings per env and per backbone (rl-zoo style), beside this file
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
-#: the smallest image side the ``nature`` CNN layout maps to a feature map (8x8/4, 4x4/2, 3x3/1, no padding)
-NATURE_MIN_SIZE = 36
 #: the choices a preset may be keyed on, in the order their presets are merged (a later one wins)
 PRESET_KEYS = ("env.name", "policy.backbone")
 
@@ -92,9 +91,10 @@ class TrainConfig:
         check_range("log_every", self.log_every, 1, 100_000)
         check_range("eval_episodes", self.eval_episodes, 1, 100_000)
         size = self.env.image_size
-        if self.policy.backbone == "cnn" and self.policy.cnn_layout == "nature" and size < NATURE_MIN_SIZE:
-            raise ConfigError(f"policy.cnn_layout=nature needs images of at least {NATURE_MIN_SIZE} px, got {size} "
-                              "(env.native.size or env.adapter.size)")
+        min_size = cnn_min_image_size(self.policy.cnn_layout)
+        if self.policy.backbone == "cnn" and size < min_size:
+            raise ConfigError(f"policy.cnn_layout={self.policy.cnn_layout} needs images of at least {min_size} px, "
+                              f"got {size} (env.native.size or env.adapter.size)")
         if self.policy.backbone == "vit" and self.policy.vit_stem == "patch" and size % self.policy.vit_patch_size:
             raise ConfigError(f"policy.vit_patch_size={self.policy.vit_patch_size} must divide the image size {size} "
                               "(env.native.size or env.adapter.size)")
