@@ -13,6 +13,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import Tensor, nn
 
 from agents.policies import ImageFeatures, image_extractors
+from fgmf_marl.policy import Ablations
 
 
 class PolicyView(nn.Module):
@@ -50,6 +51,15 @@ class PolicyView(nn.Module):
     def spatial(self, obs: Tensor) -> Tensor:
         """Last spatial feature map (B, D, h, w): conv channels, or the ViT token grid."""
         return self.extractor.spatial(obs)
+
+    def spatial_of_ablations(self, ablations: Ablations, clean: Tensor) -> Tensor:
+        """``spatial`` of the ablated copies (:class:`~fgmf_marl.policy.Ablations`) given ``clean`` =
+        ``spatial(ablations.obs)``: only each ablation's receptive field is recomputed when the backbone knows
+        its locality (the CNN) and the gate is the identity; otherwise the full pass."""
+        local = getattr(self.extractor.backbone, "spatial_of_ablations", None)
+        if local is None or not isinstance(self.gate, nn.Identity):
+            return self.spatial(ablations.images())
+        return local(ablations, clean)
 
     def logits_from_spatial(self, fmap: Tensor) -> Tensor:
         latent_pi = self.policy.mlp_extractor.forward_actor(self.extractor.head(fmap))

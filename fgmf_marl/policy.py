@@ -13,6 +13,7 @@ Conventions shared by every floor above:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -59,6 +60,12 @@ class PolicyLike(Protocol):
         """The last spatial feature map (B, D, h, w) of the gated input."""
         ...
 
+    def spatial_of_ablations(self, ablations: "Ablations", clean: Tensor) -> Tensor:
+        """``spatial(ablations.images())`` (n, D, h, w), given ``clean`` = ``spatial(ablations.obs)``; an
+        implementation may recompute only what each ablated region can reach (ablation-based explanations
+        remove one small entity per copy). Equal to the full pass up to float summation order."""
+        ...
+
     def logits_from_spatial(self, fmap: Tensor) -> Tensor:
         """Action logits (B, n_actions) from a feature map returned by :meth:`spatial`."""
         ...
@@ -78,6 +85,29 @@ class PolicyLike(Protocol):
 
     @property
     def training(self) -> bool: ...
+
+
+@dataclass
+class Ablations:
+    """n ablated copies of a batch ``obs`` (B, C, H, W): copy i is ``obs[sample[i]]`` with the pixels where
+    ``region[sample[i]] == label[i]`` replaced by ``baseline[sample[i]]``; ``region`` (B, H, W) labels
+    pixels, ``box`` (n, 4) is the half-open bounding box (y0, y1, x0, x1) of copy i's replaced pixels.
+
+    Described rather than materialised so that a policy can crop what it needs (``spatial_of_ablations``);
+    this is Captum's ``FeatureAblation`` with ``feature_mask = region`` and ``baselines = baseline``."""
+
+    obs: Tensor
+    baseline: Tensor
+    region: Tensor
+    label: Tensor
+    sample: Tensor
+    box: Tensor
+
+    def images(self, index: Tensor | None = None) -> Tensor:
+        """The ablated copies (n, C, H, W), or those at ``index``."""
+        label, sample = (self.label, self.sample) if index is None else (self.label[index], self.sample[index])
+        replaced = (self.region[sample] == label[:, None, None])[:, None]
+        return torch.where(replaced, self.baseline[sample], self.obs[sample])
 
 
 def check_obs(obs: Tensor, what: str = "policy") -> Tensor:

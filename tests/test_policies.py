@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from agents.policies import CnnBackbone, ImageFeatures, VitBackbone, compute_dtype
+from fgmf_marl.policy import Ablations
 
 
 def test_channels_last_cnn_equals_the_plain_layout() -> None:
@@ -114,3 +115,85 @@ def test_empty_net_arch_feeds_features_to_the_heads() -> None:
     features = model.policy.features_extractor(x)
     assert model.policy.action_net.in_features == config.features_dim
     torch.testing.assert_close(view(x), model.policy.action_net(features))
+
+
+def _random_ablations(batch: int, channels: int, height: int, width: int, n: int, max_side: int, seed: int) -> Ablations:
+    """Irregular regions (random pixels of random boxes, some on the image's edges and corners), one label each."""
+    gen = torch.Generator().manual_seed(seed)
+    obs, baseline = torch.rand(batch, channels, height, width, generator=gen), torch.rand(batch, channels, height, width, generator=gen)
+    region = torch.full((batch, height, width), -1, dtype=torch.long)
+    sample = torch.randint(0, batch, (n,), generator=gen)
+    for label in range(n):
+        side_y, side_x = (int(v) for v in torch.randint(1, max_side + 1, (2,), generator=gen))
+        y0 = [0, height - side_y, int(torch.randint(0, height - side_y + 1, (1,), generator=gen))][label % 3]
+        x0 = [width - side_x, 0, int(torch.randint(0, width - side_x + 1, (1,), generator=gen))][label % 3]
+        keep = torch.rand(side_y, side_x, generator=gen) < 0.7
+        keep[0, 0] = True
+        patch = region[sample[label], y0:y0 + side_y, x0:x0 + side_x]
+        patch[keep] = label
+    box = torch.zeros(n, 4, dtype=torch.long)
+    for label in range(n):   # later regions may cover earlier ones: boxes of what is left
+        ys, xs = torch.nonzero(region[sample[label]] == label, as_tuple=True)
+        box[label] = torch.tensor([ys.min(), ys.max() + 1, xs.min(), xs.max() + 1]) if ys.numel() else torch.tensor([0, 1, 0, 1])
+    return Ablations(obs=obs, baseline=baseline, region=region, label=torch.arange(n), sample=sample, box=box)
+
+
+@pytest.mark.parametrize("layout, shape, max_side, most_local", [
+    ("small", (3, 48, 48), 5, True), ("small", (2, 37, 29), 9, True), ("nature", (3, 84, 84), 6, True),
+    ("nature", (1, 50, 61), 12, False)])   # a 2 x 4 last map: no window is cheaper than the full pass
+def test_ablations_recompute_only_the_receptive_field_and_equal_the_full_pass(layout, shape, max_side, most_local,
+                                                                              monkeypatch) -> None:
+    torch.manual_seed(0)
+    net = CnnBackbone(*shape, layout=layout)
+    for conv in net.convs:
+        if isinstance(conv, torch.nn.Conv2d):
+            torch.nn.init.normal_(conv.bias, std=0.3)   # padding positions must stay zero, not ReLU(bias)
+    ablations = _random_ablations(5, *shape, n=48, max_side=max_side, seed=1)
+    with torch.no_grad():
+        clean = net.spatial(ablations.obs)
+        full = net.spatial(ablations.images())
+        full_passes: list[int] = []
+        spatial = net.spatial
+        monkeypatch.setattr(net, "spatial", lambda x: (full_passes.append(x.shape[0]), spatial(x))[1])
+        local = net.spatial_of_ablations(ablations, clean)
+    assert (full - clean[ablations.sample]).abs().amax(dim=(1, 2, 3)).gt(1e-6).float().mean() > 0.7   # ablations matter
+    torch.testing.assert_close(local, full, atol=1e-5, rtol=1e-5)
+    assert (sum(full_passes) < 48 // 2) == most_local
+
+
+def test_large_ablations_take_the_full_pass_and_none_is_empty(monkeypatch) -> None:
+    torch.manual_seed(0)
+    net = CnnBackbone(3, 48, 48)
+    obs = torch.rand(2, 3, 48, 48)
+    region = torch.full((2, 48, 48), -1, dtype=torch.long)
+    region[0, 4:44, 4:44] = 0   # reaches the whole last map
+    ablations = Ablations(obs=obs, baseline=torch.zeros_like(obs), region=region, label=torch.tensor([0]),
+                          sample=torch.tensor([0]), box=torch.tensor([[4, 44, 4, 44]]))
+    with torch.no_grad():
+        clean = net.spatial(obs)
+        full_passes: list[int] = []
+        spatial = net.spatial
+        monkeypatch.setattr(net, "spatial", lambda x: (full_passes.append(x.shape[0]), spatial(x))[1])
+        local = net.spatial_of_ablations(ablations, clean)
+        none = net.spatial_of_ablations(Ablations(obs, obs, region, torch.zeros(0, dtype=torch.long),
+                                                  torch.zeros(0, dtype=torch.long), torch.zeros(0, 4, dtype=torch.long)), clean)
+    assert full_passes == [1]
+    torch.testing.assert_close(local, spatial(ablations.images()))
+    assert none.shape == (0, *clean.shape[1:])
+
+
+def test_policy_view_takes_the_full_pass_behind_a_gate() -> None:
+    from tests.test_attribution import make_view
+    view = make_view(size=48)
+    ablations = _random_ablations(3, 3, 48, 48, n=12, max_side=4, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(view.spatial_of_ablations(ablations, view.spatial(ablations.obs)),
+                                   view.spatial(ablations.images()), atol=1e-5, rtol=1e-5)
+        view.set_gate(_Halve())   # not local in general: the view must not assume it is
+        torch.testing.assert_close(view.spatial_of_ablations(ablations, view.spatial(ablations.obs)),
+                                   view.spatial(ablations.images()), atol=1e-5, rtol=1e-5)
+
+
+class _Halve(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 0.5

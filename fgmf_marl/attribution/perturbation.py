@@ -26,7 +26,7 @@ from scipy import ndimage
 from torch import Tensor
 
 from fgmf_marl.attribution.base import Attribution, TargetKind, normalise_maps, target_score
-from fgmf_marl.policy import PolicyLike, TargetLike, check_obs
+from fgmf_marl.policy import Ablations, PolicyLike, TargetLike, check_obs
 
 
 def cell_edges(size: int, grid: int) -> list[int]:
@@ -274,6 +274,20 @@ def segment_units(obs: Tensor, *, tol: float = 12 / 255, bins: int = 16, grid: i
     return Segments(unit=unit, sample=sample, background=colours[:, 0], baseline=baseline)
 
 
+def unit_boxes(seg: Segments) -> Tensor:
+    """(n_units, 4) long: each unit's half-open bounding box (y0, y1, x0, x1) in pixels."""
+    _, h, w = seg.unit.shape
+    flat = seg.unit.flatten()
+    on = flat >= 0
+    index = torch.arange(flat.numel(), device=flat.device)[on]
+    units, ys, xs = flat[on], (index // w) % h, index % w
+    box = torch.empty(seg.n_units, 4, dtype=torch.long, device=flat.device)
+    for column, (coords, reduce, shift) in enumerate(((ys, "amin", 0), (ys, "amax", 1), (xs, "amin", 0), (xs, "amax", 1))):
+        box[:, column] = torch.zeros(seg.n_units, dtype=torch.long, device=flat.device).scatter_reduce(
+            0, units, coords, reduce, include_self=False) + shift
+    return box
+
+
 class SegmentPerturbation(Attribution):
     """Entity-scale perturbation map P (section docstring above); ``attribute`` -> (B, H, W) in [0, 1].
 
@@ -297,23 +311,29 @@ class SegmentPerturbation(Attribution):
 
     @torch.inference_mode()
     def drops(self, inputs: Tensor, target: Tensor, base_score: Tensor | None = None,
-              segments: Segments | None = None) -> tuple[Tensor, Segments]:
-        """Per-pixel score drop of removing the pixel's unit (B, H, W), 0 on the background."""
+              segments: Segments | None = None, clean_spatial: Tensor | None = None) -> tuple[Tensor, Segments]:
+        """Per-pixel score drop of removing the pixel's unit (B, H, W), 0 on the background.
+
+        ``clean_spatial`` (B, D, h, w), the view's ``spatial`` of ``inputs``, may be passed in with
+        ``base_score`` to share a pass already done. The ablated copies go to the view as
+        :class:`~fgmf_marl.policy.Ablations` (``view.spatial_of_ablations``), so a view that knows its locality
+        recomputes only what each unit can reach."""
         obs = inputs.detach()
-        b, c, h, w = obs.shape
         seg = segments if segments is not None else self.segments(obs)
+        if clean_spatial is None:
+            clean_spatial = self.view.spatial(obs)
         if base_score is None:
-            base_score = target_score(self.view(obs), target, self.target_kind)
-        base_score = base_score.detach()
+            base_score = target_score(self.view.logits_from_spatial(clean_spatial), target, self.target_kind)
+        base_score, clean_spatial = base_score.detach(), clean_spatial.detach()
         n = seg.n_units
         unit_drop = torch.empty(n, device=obs.device)
-        flat_unit = seg.unit.flatten(1)                                             # (B, HW)
+        box = unit_boxes(seg)
         for start in range(0, n, self.chunk_size):
             u = torch.arange(start, min(start + self.chunk_size, n), device=obs.device)
             s = seg.sample[u]
-            m = (flat_unit[s] == u[:, None]).reshape(-1, 1, h, w)                   # (n, 1, H, W)
-            x = torch.where(m, seg.baseline[s], obs[s])
-            unit_drop[u] = base_score[s] - target_score(self.view(x), target[s], self.target_kind)
+            ablations = Ablations(obs=obs, baseline=seg.baseline, region=seg.unit, label=u, sample=s, box=box[u])
+            fmap = self.view.spatial_of_ablations(ablations, clean_spatial)
+            unit_drop[u] = base_score[s] - target_score(self.view.logits_from_spatial(fmap), target[s], self.target_kind)
         pix = torch.where(seg.unit >= 0, unit_drop[seg.unit.clamp_min(0)] if n else torch.zeros_like(seg.unit,
                           dtype=obs.dtype), torch.zeros((), device=obs.device))
         return pix, seg

@@ -44,7 +44,8 @@ the gradient G are deterministic; only the grid P's noise field is random, seede
 
 Cost: one forward + backward on the clean batch gives the target scores (shared with P) and G
 (the input gradient, or Grad-CAM++'s feature-map gradient for ``gradient="gradcam++"``); P adds one
-forward per segment, in ``chunk_size`` batches under inference mode.
+forward per segment, in ``chunk_size`` batches under inference mode, through the view's ``spatial_of_edits``
+with the clean map of that pass: a CNN recomputes only each segment's receptive field.
 """
 from __future__ import annotations
 
@@ -249,8 +250,9 @@ class PGCA(Attribution):
                 "seed": self.perturbation.seed, "perturbation": self.p_kind, "gradient": self.g_kind,
                 "consensus": self.consensus_kind, "fill": self.fill, "low_percentile": self.low, "gamma": self.gamma}
 
-    def gradient_maps(self, obs: Tensor, target: Tensor, baseline: Tensor) -> tuple[Tensor, Tensor]:
-        """One forward + backward: (target scores (B,), the un-normalised G map (B, H, W) of ``gradient``).
+    def gradient_maps(self, obs: Tensor, target: Tensor, baseline: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One forward + backward: (target scores (B,), the un-normalised G map (B, H, W) of ``gradient``,
+        the clean ``spatial`` map (B, D, h, w), which P's ablations reuse).
 
         ``input``/``input_abs``: relu / |sum_c dS/dx_c (x - baseline)_c|; ``gradcam++``: the Grad-CAM++ map of
         the same backward pass, upsampled. Only the map the variant uses is computed (its cost is per step)."""
@@ -265,18 +267,20 @@ class PGCA(Attribution):
         with torch.no_grad():
             if self.g_kind == "gradcam++":
                 cam = torch.relu((gradcam_pp_weights(fmap.detach(), gfmap)[:, :, None, None] * fmap.detach()).sum(1))
-                return score.detach(), torch.relu(upsample(cam, tuple(obs.shape[-2:]), self.gradcam.upsample_mode))
-            lin = (gx * (obs - baseline)).sum(1)
-            return score.detach(), lin.abs() if self.g_kind == "input_abs" else torch.relu(lin)
+                g_map = torch.relu(upsample(cam, tuple(obs.shape[-2:]), self.gradcam.upsample_mode))
+            else:
+                lin = (gx * (obs - baseline)).sum(1)
+                g_map = lin.abs() if self.g_kind == "input_abs" else torch.relu(lin)
+            return score.detach(), g_map, fmap.detach()
 
     def explain(self, inputs: Tensor, target: TargetLike = None) -> PGCAResult:
         obs = check_obs(inputs, "attribution").detach()
         target = self.resolve_target(obs, target)
         seg = self.segments.segments(obs) if self.p_kind == "segments" else None
         baseline = seg.baseline if seg is not None else background_colour(obs)[:, :, None, None].expand_as(obs)
-        score, g_map = self.gradient_maps(obs, target, baseline)
+        score, g_map, clean_spatial = self.gradient_maps(obs, target, baseline)
         if seg is not None:
-            drops, _ = self.segments.drops(obs, target, base_score=score, segments=seg)
+            drops, _ = self.segments.drops(obs, target, base_score=score, segments=seg, clean_spatial=clean_spatial)
             evidence = torch.relu(drops).flatten(1).amax(dim=1)
             p = normalise_maps(torch.relu(drops))
         else:
