@@ -72,6 +72,7 @@ class CnnBackbone(nn.Module):
             fmap_numel = self.convs(torch.zeros(1, in_channels, height, width)).numel()
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(fmap_numel, features_dim), nn.ReLU())
         self.features_dim = features_dim
+        self._columns: tuple[Tensor, tuple, Tensor] | None = None
 
     def spatial(self, x: Tensor) -> Tensor:
         return self.convs(x.contiguous(memory_format=torch.channels_last))
@@ -79,23 +80,34 @@ class CnnBackbone(nn.Module):
     def head(self, fmap: Tensor) -> Tensor:
         return self.fc(fmap)
 
-    def spatial_of_ablations(self, ablations: Ablations, clean: Tensor) -> Tensor:
-        """``spatial(ablations.images())`` (n, D, h, w), recomputing only the receptive field of each ablation.
+    def linear_columns(self) -> Tensor:
+        """The head's linear weight transposed, contiguous (in_features, features_dim), cached until the weight
+        changes in place (training, a state-dict load), moves, or is replaced: ``embedding_bag`` reads its rows."""
+        weight = self.fc[1].weight
+        key = (weight._version, weight.data_ptr(), weight.device, weight.dtype)   # .to() swaps .data in place
+        if self._columns is None or self._columns[0] is not weight or self._columns[1] != key:
+            self._columns = (weight, key, weight.detach().t().contiguous())
+        return self._columns[2]
+
+    def features_of_ablations(self, ablations: Ablations, clean: Tensor) -> Tensor:
+        """``head(spatial(ablations.images()))`` (n, features_dim), recomputing only each ablation's receptive field.
 
         ``clean`` (B, D, h, w) is ``spatial(ablations.obs)``. Each ablation's window on the last map is the
-        square (side rounded up to even, so that few window sizes occur) covering the positions its box
-        can reach; every convolution runs on the crop that window reads, built from one gather of ``obs``,
+        square (side rounded up to even, so that few window sizes occur) covering the positions its box can
+        reach; every convolution runs on the crop that window reads, built from one gather of ``obs``,
         ``baseline`` and ``region`` packed together (zero padding emulated by a zero margin, then by
-        masking), and the window is written into the clean map. A window size whose convolutions would
-        cost more than ``LOCAL_COST_LIMIT`` of a full pass takes the full pass. Equal to the full pass up
-        to float summation order (tested). Why: an ablation-based explanation (PGCA's P) removes one small
+        masking), and the head's linear layer adds only the window's change to the clean pre-activation
+        (a sparse product, as ``embedding_bag`` with weights). A window size whose convolutions would cost
+        more than ``LOCAL_COST_LIMIT`` of a full pass takes the full pass. Equal to the full pass up to
+        float summation order (tested). Why: an ablation-based explanation (PGCA's P) removes one small
         entity per copy, and a full pass recomputes a map that mostly cannot change.
         """
         sample, box = ablations.sample, ablations.box.long()
-        n, device = sample.numel(), box.device
-        out = clean.permute(0, 2, 3, 1)[sample]                                    # (n, h, w, D), a copy
-        if n == 0:
-            return out.permute(0, 3, 1, 2)
+        device = box.device
+        _, linear, activation = self.fc
+        pre = linear(clean.flatten(1))[sample]                                     # (n, F) clean pre-activations
+        if sample.numel() == 0:
+            return activation(pre)
         convs = [m for m in self.convs if isinstance(m, nn.Conv2d)]
         sizes = [tuple(ablations.obs.shape[-2:])]
         for conv in convs:
@@ -110,33 +122,35 @@ class CnnBackbone(nn.Module):
             hi = torch.minimum((hi - 1 + p) // st + 1, torch.tensor(size, device=device))
         reach = (hi - lo).amax(1)                                                  # 0: no convolution reads the region
         side = reach + reach % 2
-        last = torch.tensor(sizes[-1], device=device)
-        margin = receptive_margin(convs, sizes)
-        packed = None
-        flat_out = out.reshape(-1, out.shape[-1])
+        (depth, height, width), last = clean.shape[1:], torch.tensor(sizes[-1], device=device)
+        packed = clean_rows = None
         for value in torch.unique(side[reach > 0]).tolist():
             members = (side == value).nonzero()[:, 0]
-            extents = [[min(value, sizes[-1][0]), min(value, sizes[-1][1])]]       # per layer, last map first
+            extents = [[min(value, height), min(value, width)]]                   # per layer, last map first
             starts = [torch.minimum(lo[members], last - torch.tensor(extents[0], device=device))]
             for conv in reversed(convs):
                 starts.append(starts[-1] * torch.tensor(conv.stride, device=device) - torch.tensor(conv.padding, device=device))
                 extents.append([(e - 1) * conv.stride[d] + conv.kernel_size[d] for d, e in enumerate(extents[-1])])
             starts, extents = starts[::-1], extents[::-1]                         # image first
             if sum(m * e[0] * e[1] for m, e in zip(macs, extents[1:])) > LOCAL_COST_LIMIT * full_cost:
-                fmap = self.spatial(ablations.images(members))
-                out[members] = fmap.permute(0, 2, 3, 1)
+                pre[members] = linear(self.spatial(ablations.images(members)).flatten(1))
                 continue
             if packed is None:
-                packed = pack_for_crops(ablations, margin)
+                margin = receptive_margin(convs, sizes)
+                packed, clean_rows = pack_for_crops(ablations, margin), clean.permute(0, 2, 3, 1).reshape(-1, depth)
             x = ablated_crop(packed, ablations, members, starts[0] + margin, extents[0])
             for i, conv in enumerate(convs, start=1):
                 x = torch.relu(F.conv2d(x, conv.weight, conv.bias, conv.stride))
                 if i < len(convs):
                     x = x * crop_validity(starts[i], extents[i], sizes[i])[:, None]
             rows, cols = window_indices(starts[-1], extents[-1])
-            index = ((members[:, None, None] * sizes[-1][0] + rows[:, :, None]) * sizes[-1][1] + cols[:, None, :]).flatten()
-            flat_out.index_copy_(0, index, x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]))
-        return out.permute(0, 3, 1, 2)
+            position = (rows[:, :, None] * width + cols[:, None, :])                 # (m, kh, kw) on the last map
+            flat = (sample[members][:, None, None] * (height * width) + position).flatten()
+            change = x.permute(0, 2, 3, 1).reshape(-1, depth) - clean_rows.index_select(0, flat)   # (m kh kw, D)
+            column = position[..., None] + torch.arange(depth, device=device) * (height * width)  # flatten's order
+            pre[members] += F.embedding_bag(column.reshape(members.numel(), -1), self.linear_columns(),
+                                            per_sample_weights=change.reshape(members.numel(), -1), mode="sum")
+        return activation(pre)
 
 
 #: a window size takes the full pass when its windows' convolutions cost more than this share of it

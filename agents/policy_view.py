@@ -52,18 +52,20 @@ class PolicyView(nn.Module):
         """Last spatial feature map (B, D, h, w): conv channels, or the ViT token grid."""
         return self.extractor.spatial(obs)
 
-    def spatial_of_ablations(self, ablations: Ablations, clean: Tensor) -> Tensor:
-        """``spatial`` of the ablated copies (:class:`~fgmf_marl.policy.Ablations`) given ``clean`` =
-        ``spatial(ablations.obs)``: only each ablation's receptive field is recomputed when the backbone knows
-        its locality (the CNN) and the gate is the identity; otherwise the full pass."""
-        local = getattr(self.extractor.backbone, "spatial_of_ablations", None)
+    def logits_of_ablations(self, ablations: Ablations, clean: Tensor) -> Tensor:
+        """Action logits (n, n_actions) of the ablated copies (:class:`~fgmf_marl.policy.Ablations`) given
+        ``clean`` = ``spatial(ablations.obs)``: only each ablation's receptive field is recomputed when the
+        backbone knows its locality (the CNN) and the gate is the identity; otherwise the full pass."""
+        local = getattr(self.extractor.backbone, "features_of_ablations", None)
         if local is None or not isinstance(self.gate, nn.Identity):
-            return self.spatial(ablations.images())
-        return local(ablations, clean)
+            return self(ablations.images())
+        return self.logits_from_features(local(ablations, clean))
 
     def logits_from_spatial(self, fmap: Tensor) -> Tensor:
-        latent_pi = self.policy.mlp_extractor.forward_actor(self.extractor.head(fmap))
-        return self.policy.action_net(latent_pi)
+        return self.logits_from_features(self.extractor.head(fmap))
+
+    def logits_from_features(self, features: Tensor) -> Tensor:
+        return self.policy.action_net(self.policy.mlp_extractor.forward_actor(features))
 
     def forward(self, obs: Tensor) -> Tensor:
         """Action logits (B, n_actions)."""

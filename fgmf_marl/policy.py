@@ -60,9 +60,9 @@ class PolicyLike(Protocol):
         """The last spatial feature map (B, D, h, w) of the gated input."""
         ...
 
-    def spatial_of_ablations(self, ablations: "Ablations", clean: Tensor) -> Tensor:
-        """``spatial(ablations.images())`` (n, D, h, w), given ``clean`` = ``spatial(ablations.obs)``; an
-        implementation may recompute only what each ablated region can reach (ablation-based explanations
+    def logits_of_ablations(self, ablations: "Ablations", clean: Tensor) -> Tensor:
+        """Action logits (n, n_actions) of ``ablations.images()`` given ``clean`` = ``spatial(ablations.obs)``;
+        an implementation may recompute only what each ablated region can reach (ablation-based explanations
         remove one small entity per copy). Equal to the full pass up to float summation order."""
         ...
 
@@ -93,7 +93,7 @@ class Ablations:
     ``region[sample[i]] == label[i]`` replaced by ``baseline[sample[i]]``; ``region`` (B, H, W) labels
     pixels, ``box`` (n, 4) is the half-open bounding box (y0, y1, x0, x1) of copy i's replaced pixels.
 
-    Described rather than materialised so that a policy can crop what it needs (``spatial_of_ablations``);
+    Described rather than materialised so that a policy can crop what it needs (``logits_of_ablations``);
     this is Captum's ``FeatureAblation`` with ``feature_mask = region`` and ``baselines = baseline``."""
 
     obs: Tensor

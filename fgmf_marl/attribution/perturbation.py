@@ -18,7 +18,7 @@ baseline, which the tests check.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -227,14 +227,25 @@ def connected_components(fg: Tensor) -> Tensor:
     return torch.where(on, labels - offset[:, None, None], torch.zeros_like(labels))
 
 
+def neighbourhood(x: Tensor, reduce: Callable[[Tensor, Tensor], Tensor], pad: int) -> Tensor:
+    """``reduce`` (``torch.maximum`` / ``torch.minimum``) of each pixel's 3 x 3 neighbourhood of ``x`` (B, H, W),
+    off-image neighbours read as ``pad``: a max/min pooling with stride 1 in six elementwise passes."""
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), value=pad)
+    rows = reduce(reduce(padded[:, :-2], padded[:, 1:-1]), padded[:, 2:])
+    return reduce(reduce(rows[..., :-2], rows[..., 1:-1]), rows[..., 2:])
+
+
 def segment_units(obs: Tensor, *, tol: float = 12 / 255, bins: int = 16, grid: int = 8,
                   split_area: int | None = None, min_share: float = 0.1) -> Segments:
     """Perturbation units of ``obs`` (B, C, H, W) in [0, 1]; see the section docstring above."""
     b, c, h, w = obs.shape
     colours, valid = flat_colours(obs, bins, min_share)                           # (B, K, C), (B, K)
-    dist = (obs[:, None] - colours[:, :, :, None, None]).abs().amax(2)             # (B, K, H, W)
-    dist = torch.where(valid[:, :, None, None], dist, torch.full_like(dist, float("inf")))
-    near, cls = dist.min(1)                                                        # nearest flat colour
+    near = torch.full((b, h, w), float("inf"), device=obs.device, dtype=obs.dtype)   # L-inf to the nearest flat colour
+    cls = torch.zeros(b, h, w, dtype=torch.long, device=obs.device)               # which one (the first on ties)
+    for j in range(colours.shape[1]):
+        dist = (obs - colours[:, j, :, None, None]).abs_().amax(1).masked_fill_(~valid[:, j, None, None], float("inf"))
+        closer = dist < near
+        near, cls = torch.where(closer, dist, near), cls.masked_fill_(closer, j)
     fg = near > tol                                                                # (B, H, W)
     labels = connected_components(fg)
     split_area = split_area if split_area is not None else 2 * round(h / grid) * round(w / grid)
@@ -248,22 +259,19 @@ def segment_units(obs: Tensor, *, tol: float = 12 / 255, bins: int = 16, grid: i
     large = area.gather(1, flat).reshape(b, h, w) > split_area
     sub = torch.where(large, cell + 1, torch.zeros_like(cell))
     key = (torch.arange(b, device=obs.device)[:, None, None] * (h * w + 1) + labels) * (grid * grid + 1) + sub
-    key = torch.where(fg, key, torch.full_like(key, -1))
-    uniq, inverse = torch.unique(key, return_inverse=True)
-    has_bg = bool((uniq[0] == -1).item()) if uniq.numel() else False
-    unit = torch.where(fg, inverse - int(has_bg), torch.full_like(inverse, -1))
-    keys = uniq[int(has_bg):]
+    on = fg.flatten()
+    keys, inverse = torch.unique(key.flatten()[on], return_inverse=True)          # foreground pixels only
+    unit = torch.full((b * h * w,), -1, dtype=torch.long, device=obs.device).masked_scatter_(on, inverse).reshape(b, h, w)
     sample = keys // ((h * w + 1) * (grid * grid + 1))
     # fill colour of each unit: the flat colour most common on its 1 px border (else the modal colour).
     # Each flat pixel votes for the largest and the smallest unit id among its 8 neighbours.
     n, k = int(sample.numel()), colours.shape[1]
     votes = torch.zeros((n + 1) * k, device=obs.device, dtype=obs.dtype)
     if n:
-        ids = (unit + 1).to(obs.dtype)[:, None]                                    # 0 on flat pixels
-        big = torch.nn.functional.max_pool2d(ids, 3, stride=1, padding=1)[:, 0].long()
-        masked = torch.where(ids > 0, ids, torch.full_like(ids, float(n + 1)))
-        small = (-torch.nn.functional.max_pool2d(-masked, 3, stride=1, padding=1))[:, 0].long()
-        small = torch.where(small > n, torch.zeros_like(small), small)
+        ids = unit + 1                                                             # 0 on flat pixels
+        big = neighbourhood(ids, torch.maximum, 0)
+        small = neighbourhood(torch.where(ids > 0, ids, n + 1), torch.minimum, n + 1)
+        small = small.masked_fill_(small > n, 0)
         for nb in (big, small):
             ok = (~fg) & (nb > 0)
             votes.scatter_add_(0, ((nb - 1) * k + cls)[ok], torch.ones(int(ok.sum()), device=obs.device, dtype=obs.dtype))
@@ -316,7 +324,7 @@ class SegmentPerturbation(Attribution):
 
         ``clean_spatial`` (B, D, h, w), the view's ``spatial`` of ``inputs``, may be passed in with
         ``base_score`` to share a pass already done. The ablated copies go to the view as
-        :class:`~fgmf_marl.policy.Ablations` (``view.spatial_of_ablations``), so a view that knows its locality
+        :class:`~fgmf_marl.policy.Ablations` (``view.logits_of_ablations``), so a view that knows its locality
         recomputes only what each unit can reach."""
         obs = inputs.detach()
         seg = segments if segments is not None else self.segments(obs)
@@ -332,8 +340,8 @@ class SegmentPerturbation(Attribution):
             u = torch.arange(start, min(start + self.chunk_size, n), device=obs.device)
             s = seg.sample[u]
             ablations = Ablations(obs=obs, baseline=seg.baseline, region=seg.unit, label=u, sample=s, box=box[u])
-            fmap = self.view.spatial_of_ablations(ablations, clean_spatial)
-            unit_drop[u] = base_score[s] - target_score(self.view.logits_from_spatial(fmap), target[s], self.target_kind)
+            logits = self.view.logits_of_ablations(ablations, clean_spatial)
+            unit_drop[u] = base_score[s] - target_score(logits, target[s], self.target_kind)
         pix = torch.where(seg.unit >= 0, unit_drop[seg.unit.clamp_min(0)] if n else torch.zeros_like(seg.unit,
                           dtype=obs.dtype), torch.zeros((), device=obs.device))
         return pix, seg

@@ -44,7 +44,7 @@ the gradient G are deterministic; only the grid P's noise field is random, seede
 
 Cost: one forward + backward on the clean batch gives the target scores (shared with P) and G
 (the input gradient, or Grad-CAM++'s feature-map gradient for ``gradient="gradcam++"``); P adds one
-forward per segment, in ``chunk_size`` batches under inference mode, through the view's ``spatial_of_edits``
+forward per segment, in ``chunk_size`` batches under inference mode, through the view's ``logits_of_ablations``
 with the clean map of that pass: a CNN recomputes only each segment's receptive field.
 """
 from __future__ import annotations
