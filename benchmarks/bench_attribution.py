@@ -4,16 +4,19 @@ Part 1, on the same inputs (all agents x envs of one step, 3 x 48 x 48, default 
   * naive    per agent: Captum ``FeatureAblation`` over PGCA's segments (background image as baseline,
              one ablated copy per forward, Captum's default), Captum ``Saliency`` for the gradient
              term, then the same consensus / smoothing / contrast stages;
-  * batched  ``PGCA.explain``: one forward + backward of the clean batch (scores shared with P and
-             G), then the ablated copies of every agent in one chunked inference-mode batch.
-  Prints the median times side by side, the speed-up, and the max abs difference of the final maps.
+  * batched  ``PGCA.explain``: one forward + backward of the clean batch (scores and the clean feature
+             map shared with P and G), then the ablated copies of every agent in one chunked
+             inference-mode batch, each recomputing only its segment's receptive field.
+  The two run alternately; prints their median times, the median of the per-repeat speed-ups, and the
+  max abs difference of the final maps. Rows: 1, 4 and 8 env copies x 3 agents; 8 is the evaluation's
+  default (``evaluate.py --n-envs``), so its 24 slots are "all agents of a step" of a logged evaluation.
 Part 2: an evaluation rollout unlogged vs logged with ``OversightLogger`` (every step, every 4th
-step), beside the floor of any gradient explanation (one forward + backward of each step's batch, no
-log), on the native env when it is importable (else a synthetic image env of the same shape); then the
+step), beside the floor of any gradient explanation (one forward + backward of every agent-step, batched
+across steps as the logger batches PGCA, no log), on the native env when it is importable (else a synthetic image env of the same shape); then the
 same under PGD-10 at 4/255 on every agent, the evaluation a log is mostly for (the attack's own cost is in
 both sides of that ratio).
 
-    python benchmarks/bench_attribution.py [--agents 3] [--envs 1 4] [--repeats 5] [--episodes 2] [--threads 1]
+    python benchmarks/bench_attribution.py [--agents 3] [--envs 1 4 8] [--repeats 5] [--episodes 2] [--threads 1]
 
 The last lines print both ratios against their targets, measured in the same run.
 """
@@ -36,6 +39,7 @@ from agents.policy_view import PolicyView
 from fgmf_marl.attacks import PGD
 from fgmf_marl.attribution import PGCA, normalise_maps
 from fgmf_marl.oversight import OversightLogger
+from fgmf_marl.oversight.logger import EXPLAIN_BATCH
 from fgmf_marl.rollout import rollout
 
 
@@ -96,14 +100,18 @@ def naive_pgca(pgca: PGCA, view: PolicyView, obs: torch.Tensor, target: torch.Te
     return pgca.from_parts(torch.cat(ps), torch.cat(gs), target, unit=torch.cat(units))
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    out = fn()  # warm-up
-    times = []
+def timed_pair(first, second, repeats: int) -> tuple[float, float, float, object, object]:
+    """Median seconds of ``first`` and ``second`` run alternately (so both see the same machine load), the
+    median of the per-repeat ratios first / second, and both outputs."""
+    out_first, out_second = first(), second()  # warm-up
+    times_first, times_second = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+        for fn, times in ((first, times_first), (second, times_second)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    ratios = [a / b for a, b in zip(times_first, times_second)]
+    return statistics.median(times_first), statistics.median(times_second), statistics.median(ratios), out_first, out_second
 
 
 def part1(args) -> dict[int, float]:
@@ -117,12 +125,12 @@ def part1(args) -> dict[int, float]:
         obs = torch.as_tensor(venv.reset()).float() / 255
         target = view(obs).argmax(-1)
         pgca = PGCA(view, grid=args.grid, seed=0)
-        t_naive, ref = timed(lambda: naive_pgca(pgca, view, obs, target), args.repeats)
-        t_ours, res = timed(lambda: pgca.explain(obs, target), args.repeats)
+        t_naive, t_ours, speedup, ref, res = timed_pair(lambda: naive_pgca(pgca, view, obs, target),
+                                                        lambda: pgca.explain(obs, target), args.repeats)
         diff = float((ref.final - res.final).abs().max())
         pdiff = float((ref.P - res.P).abs().max())
-        print(f"{obs.shape[0]:>6} {t_naive:>9.4f} {t_ours:>10.4f} {t_naive / t_ours:>8.1f}x {diff:>16.2e} {pdiff:>12.2e}")
-        speedups[obs.shape[0]] = t_naive / t_ours
+        print(f"{obs.shape[0]:>6} {t_naive:>9.4f} {t_ours:>10.4f} {speedup:>8.1f}x {diff:>16.2e} {pdiff:>12.2e}")
+        speedups[obs.shape[0]] = speedup
         venv.close()
     return speedups
 
@@ -151,16 +159,22 @@ def part2(args) -> dict[int | str, float]:
                 size = sum(p.stat().st_size for p in pathlib.Path(tmp).iterdir()) / 2**20
         return time.perf_counter() - start, size
 
-    def gradient_floor(step) -> None:
-        """One forward + backward of the step's batch to the taken actions' logits: what any gradient map costs."""
-        x = step.seen_obs.detach().requires_grad_(True)
-        score = view(x).gather(1, torch.as_tensor(step.actions).long()[:, None]).sum()
-        torch.autograd.grad(score, [x])
-
     def floor() -> float:
+        """One forward + backward of every step's agents to the taken actions' logits, batched across steps as
+        the logger batches PGCA (``EXPLAIN_BATCH`` agent-slots per call): what any gradient map costs."""
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def gradient(step) -> None:
+            pending.append((step.seen_obs.detach(), torch.as_tensor(step.actions).long()))
+            if sum(x.shape[0] for x, _ in pending) >= EXPLAIN_BATCH or np.asarray(step.dones).any():
+                x = torch.cat([x for x, _ in pending]).requires_grad_(True)
+                score = view(x).gather(1, torch.cat([a for _, a in pending])[:, None]).sum()
+                torch.autograd.grad(score, [x])
+                pending.clear()
+
         venv.seed(0)
         start = time.perf_counter()
-        rollout(view, venv, args.episodes, step_hook=gradient_floor)
+        rollout(view, venv, args.episodes, step_hook=gradient)
         return time.perf_counter() - start
 
     run(None)  # warm-up (first-call allocations, thread pools)
@@ -185,8 +199,8 @@ def part2(args) -> dict[int | str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=3, help="agents per env (default 3)")
-    parser.add_argument("--envs", type=int, nargs="+", default=[1, 4],
-                        help="env copies of each part-1 row: slots = envs x agents (default 1 4)")
+    parser.add_argument("--envs", type=int, nargs="+", default=[1, 4, 8],
+                        help="env copies of each part-1 row: slots = envs x agents (default 1 4 8; 8 = the evaluation's)")
     parser.add_argument("--grid", type=int, default=8, help="PGCA grid cells per side (default 8)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of part 1, median taken (default 5)")
     parser.add_argument("--episodes", type=int, default=2, help="evaluation episodes of each part-2 row (default 2)")
@@ -206,7 +220,7 @@ def main() -> None:
     if 1 in ratios:
         print(f"logging every step: {ratios[1]:.2f}x the unlogged clean evaluation ({'ok' if ratios[1] <= 2 else 'MISSED'}); "
               f"{ratios['pgd']:.2f}x the unlogged evaluation under PGD-10 ({'ok' if ratios['pgd'] <= 2 else 'MISSED'})")
-        print(f"floor: one forward + backward per step and nothing else (any gradient map, no log) costs "
+        print(f"floor: one forward + backward per agent-step, batched as the logger batches, nothing else (any gradient map, no log) costs "
               f"{ratios['floor']:.2f}x the unlogged clean evaluation")
 
 

@@ -19,7 +19,7 @@ from envs.native import ACTION_NAMES as NATIVE_ACTION_NAMES
 from fgmf_marl.oversight import OversightLogger, load_episode, read_manifest, verify
 from fgmf_marl.jobs.replay import main as replay_main
 from fgmf_marl.config import ConfigError
-from fgmf_marl.oversight.store import MANIFEST, LogWriter
+from fgmf_marl.oversight.store import MANIFEST, LogWriter, npz_bytes
 from fgmf_marl.rollout import rollout
 from test_attribution import make_view
 
@@ -265,3 +265,50 @@ def test_logger_on_native_env_records_frames_relevance_and_scores(tmp_path: Path
     from fgmf_marl.oversight.render import caption
     action = int(a["actions"][0, 0])
     assert f"agent 0: {NATIVE_ACTION_NAMES[action]} p=" in caption(ep, 0, 0)
+
+
+def test_episode_files_are_npz_that_numpy_reads_and_never_pickle(tmp_path: Path) -> None:
+    import io
+    arrays = {"maps": np.random.default_rng(0).random((4, 3, 8, 8)).astype(np.float16),
+              "t": np.arange(4, dtype=np.int64), "flags": np.array([True, False])}
+    data = npz_bytes(arrays)
+    with np.load(io.BytesIO(data), allow_pickle=False) as loaded:
+        assert sorted(loaded.files) == sorted(arrays)
+        for key, value in arrays.items():
+            assert loaded[key].dtype == value.dtype and np.array_equal(loaded[key], value)
+    reference = io.BytesIO()
+    np.savez_compressed(reference, **arrays)
+    assert len(data) < 2 * len(reference.getvalue())
+    with pytest.raises(ValueError):
+        npz_bytes({"objects": np.array([{"a": 1}], dtype=object)})
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_steps_explained_together_equal_one_call_per_step(tmp_path: Path, every: int) -> None:
+    """Logged steps wait for ``explain_batch`` agent-slots (or an episode's end) and share one PGCA call;
+    the log must be what one call per step writes. Env copies end at different steps (5 and 7)."""
+    view = make_view()
+    logs = {}
+    for batch in (1, 5, 1000):
+        venv = DummyVecEnv([lambda i=i: SquareEnv(5 + 2 * (i // 2), seed=i) for i in range(4)])
+        venv.n_agents = 2
+        folder = tmp_path / f"batch{batch}"
+        with OversightLogger(folder, view, every=every, pgca=PGCA(view, grid=4), explain_batch=batch) as log:
+            rollout(view, venv, 4, perturb=sign_noise(), step_hook=log.step_hook)
+        assert verify(folder).ok
+        logs[batch] = [load_episode(folder / e["episode"]) for e in read_manifest(folder) if e["kind"] == "episode"]
+    reference = logs[1]
+    assert len(reference) == 4 and {ep.meta["summary"]["steps"] for ep in reference} == {5, 7}
+    for batch in (5, 1000):
+        for ep, ref in zip(logs[batch], reference):
+            assert ep.arrays.keys() == ref.arrays.keys() and "pgca_final" in ep.arrays
+            for key, value in ref.arrays.items():
+                np.testing.assert_allclose(ep.arrays[key].astype(np.float64), value.astype(np.float64),
+                                           atol=2e-3, err_msg=key)
+            assert [r["t"] for r in ep.meta["records"]] == [r["t"] for r in ref.meta["records"]]
+
+
+def test_explain_batch_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="explain_batch must be >= 1"):
+        OversightLogger(tmp_path / "log", make_view(), explain_batch=0)
+    assert not (tmp_path / "log").exists()

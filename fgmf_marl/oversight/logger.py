@@ -5,9 +5,11 @@ Usage (the one episode loop is :func:`fgmf_marl.rollout.rollout`)::
     with OversightLogger("runs/x/eval/oversight", view, every=1, attack_name="pgd") as log:
         rollout(view, venv, n_episodes, perturb=attack, step_hook=log.step_hook)
 
-Per step, all agents of all env copies are explained in ONE batched PGCA call (one forward +
+All agents of all env copies of a logged step are explained in ONE batched PGCA call (one forward +
 backward for the scores and G, then the perturbation copies of every agent together, under
-inference mode); the stages are copied to the host and converted to float16 once per step. Cheap facts (actions, probabilities, values,
+inference mode), and with few env copies several logged steps share a call: steps wait until
+``explain_batch`` agent-slots (24) do or an episode ends; the stages are copied to the host and
+converted to float16 once per call. Cheap facts (actions, probabilities, values,
 rewards, attack facts) are kept for every step; images and explanations for every ``every``-th step
 of an episode (``every=1`` logs everything; larger values bound the overhead). An episode is written
 (atomically, then chained into the manifest, see :mod:`fgmf_marl.oversight.store`) when it ends;
@@ -35,6 +37,9 @@ from fgmf_marl.oversight.render import overlay, review_signal
 from fgmf_marl.oversight.store import LogWriter
 from fgmf_marl.policy import PolicyLike
 
+
+#: agent-slots explained in one PGCA call (see ``OversightLogger._explain_pending``)
+EXPLAIN_BATCH = 24
 
 PER_STEP = ("actions", "clean_actions", "greedy_actions", "probs", "values", "rewards", "linf", "flipped")
 PER_LOGGED = ("clean_obs", "seen_obs", "pgca_P", "pgca_G", "pgca_consensus", "pgca_final", "agreement", "topk_iou",
@@ -72,9 +77,11 @@ class OversightLogger:
                  pgca: PGCA | None = None,
                  frame_fn: Callable[[], np.ndarray] | None = None, tb_writer: Any = None,
                  run_info: dict[str, Any] | None = None, action_names: Sequence[str] | None = None,
-                 append: bool = False, key: bytes | None = None) -> None:
+                 append: bool = False, key: bytes | None = None, explain_batch: int = EXPLAIN_BATCH) -> None:
         if every < 1:
             raise ValueError(f"log every must be >= 1 step, got {every}")
+        if explain_batch < 1:
+            raise ValueError(f"explain_batch must be >= 1 agent-slot, got {explain_batch}")
         self.writer = LogWriter(log_dir, append=append, key=key)
         self.view, self.every, self.attack_name = view, every, attack_name
         self.frame_fn, self.tb = frame_fn, tb_writer
@@ -82,6 +89,8 @@ class OversightLogger:
         self.run_info = run_info or {}
         self.action_names = list(action_names) if action_names is not None else None
         self._buf: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        self.explain_batch = explain_batch
+        self._pending: list[tuple[int, Tensor, Tensor]] = []   # (env, observations seen, actions) of logged steps
         self._closed = False
         self._last_frames: np.ndarray | None = None
         self.written: list[dict[str, Any]] = []
@@ -119,17 +128,12 @@ class OversightLogger:
         logged = [b for b in active if record.t[b] % self.every == 0]
         logged_pos = {b: j for j, b in enumerate(logged)}
         slots = np.array([b * n + a for b in logged for a in range(n)], dtype=int)
-        expl = mask = frames = None
+        frames = None
         if len(slots):
-            obs = seen[torch.as_tensor(slots, device=seen.device)]
-            expl = self.pgca.explain(obs, torch.as_tensor(record.actions[slots], device=seen.device)).to("cpu")
-            mask = sgam_mask_of(self.view, obs)
-            # one device->host copy and one dtype conversion per logged step, sliced per env below
-            stages = {key: val.numpy().astype(np.float16) for key, val in
-                      (("pgca_P", expl.P), ("pgca_G", expl.G), ("pgca_consensus", expl.consensus),
-                       ("pgca_final", expl.final))}
+            index = torch.as_tensor(slots, device=seen.device)
+            obs, actions = seen[index], torch.as_tensor(record.actions[slots], device=seen.device)
             seen16 = obs.cpu().numpy().astype(np.float16)
-            clean8 = np.rint(clean[torch.as_tensor(slots, device=clean.device)].cpu().numpy() * 255).astype(np.uint8)
+            clean8 = np.rint(clean[index.to(clean.device)].cpu().numpy() * 255).astype(np.uint8)
         if self.frame_fn is not None:
             # The hook runs after the step: the frame before step t is the one seen after step t-1
             # (after an episode's last step the env has auto-reset, which is the next episode's
@@ -139,6 +143,7 @@ class OversightLogger:
             self._last_frames = after
         probs = record.probs.detach().cpu().numpy()
         values = record.values.detach().cpu().numpy()
+        ended = []
         for b in active:
             sl = slice(b * n, (b + 1) * n)
             buf = self._buf[b]
@@ -154,19 +159,47 @@ class OversightLogger:
                 buf["logged_t"].append(int(record.t[b]))
                 buf["clean_obs"].append(clean8[rows])
                 buf["seen_obs"].append(seen16[rows])
-                for key, val in stages.items():
-                    buf[key].append(val[rows])
-                buf["agreement"].append(expl.agreement[rows].numpy())
-                buf["topk_iou"].append(expl.topk_iou[rows].numpy())
-                buf["evidence"].append(expl.evidence[rows].numpy())
-                if mask is not None:
-                    buf["sgam_mask"].append(mask[rows].cpu().numpy().astype(np.float16))
+                self._pending.append((b, obs[rows], actions[rows]))
                 if record.relevance is not None:
                     buf["relevance"].append(np.asarray(record.relevance[sl]).astype(bool))
                 if frames is not None:
                     buf["frames"].append(frames[b] if frames.ndim == 4 else frames)
             if np.asarray(record.dones[sl]).all():
-                self._write(b, int(record.episode[b]), n)
+                ended.append(b)
+        if ended or sum(obs.shape[0] for _, obs, _ in self._pending) >= self.explain_batch:
+            self._explain_pending()
+        for b in ended:
+            self._write(b, int(record.episode[b]), n)
+
+    def _explain_pending(self) -> None:
+        """Explain every logged step still waiting, in ONE batched PGCA call, and file the stages per env.
+
+        Why wait: PGCA's cost per image roughly halves from one step of 3 agents to ~24 agent-slots
+        (per-call overhead) and is flat above, so an evaluation of few env copies batches across steps
+        (docs/EXPERIMENTS.md, "Logging cost"); the maps are those of one call per step (tested)."""
+        if not self._pending:
+            return
+        obs = torch.cat([o for _, o, _ in self._pending])
+        expl = self.pgca.explain(obs, torch.cat([a for _, _, a in self._pending])).to("cpu")
+        mask = sgam_mask_of(self.view, obs)
+        # one device->host copy and one dtype conversion per batch, sliced per logged step below
+        stages = {key: val.numpy().astype(np.float16) for key, val in
+                  (("pgca_P", expl.P), ("pgca_G", expl.G), ("pgca_consensus", expl.consensus),
+                   ("pgca_final", expl.final))}
+        mask16 = mask.cpu().numpy().astype(np.float16) if mask is not None else None
+        start = 0
+        for b, o, _ in self._pending:
+            rows = slice(start, start + o.shape[0])
+            start += o.shape[0]
+            buf = self._buf[b]
+            for key, val in stages.items():
+                buf[key].append(val[rows])
+            buf["agreement"].append(expl.agreement[rows].numpy())
+            buf["topk_iou"].append(expl.topk_iou[rows].numpy())
+            buf["evidence"].append(expl.evidence[rows].numpy())
+            if mask16 is not None:
+                buf["sgam_mask"].append(mask16[rows])
+        self._pending.clear()
 
     # ------------------------------------------------------------------ episode
     def _write(self, env: int, episode_in_env: int, n_agents: int) -> None:
@@ -248,6 +281,7 @@ class OversightLogger:
         run looks like to ``replay.py verify``.
         """
         self._buf.clear()
+        self._pending.clear()
         self._closed = True
         return self.writer.close()
 
@@ -264,4 +298,5 @@ class OversightLogger:
             self.close()
         else:
             self._buf.clear()
+            self._pending.clear()
             self._closed = True

@@ -5,7 +5,7 @@ Layout of a log directory (format ``fgmf-oversight/2``)::
     <log dir>/
       manifest.jsonl        one JSON record per line: an "episode" record per episode, in write order,
                             and a "seal" record each time a run closes the log
-      ep_000000.npz         arrays of episode 0 (numpy ``savez_compressed``; open with ``np.load``)
+      ep_000000.npz         arrays of episode 0 (a zip of ``.npy`` files as ``savez_compressed``; ``np.load``)
       ep_000000.json        metadata, per-step x agent records and summary scores of episode 0
       ...
       quarantine/1/         files of an interrupted write, moved aside when the log was next opened
@@ -280,6 +280,22 @@ def _quarantine_unfinished(folder: Path) -> str | None:
             f"into {QUARANTINE}/{k}")
 
 
+#: zlib level of the episode files: level 1 compresses the float16 maps and images ~4x faster than numpy's
+#: default (6) for files ~18 % larger, and the log is written while the evaluation waits
+NPZ_COMPRESSLEVEL = 1
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """``arrays`` as the bytes of an ``.npz`` (what ``np.savez_compressed`` writes, at ``NPZ_COMPRESSLEVEL``;
+    ``np.load`` reads it), never pickling an object array."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=NPZ_COMPRESSLEVEL) as archive:
+        for key, value in arrays.items():
+            with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+    return buf.getvalue()
+
+
 class LogWriter:
     """Writes one run's episodes into a log folder (files first, then the manifest line, both atomic).
 
@@ -322,9 +338,7 @@ class LogWriter:
         index = self.n_episodes
         name = f"ep_{index:06d}"
         meta = _jsonable({"format": FORMAT, "episode": name, **meta})
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **arrays)
-        atomic_write_bytes(self.dir / f"{name}.npz", buf.getvalue())
+        atomic_write_bytes(self.dir / f"{name}.npz", npz_bytes(arrays))
         atomic_write_bytes(self.dir / f"{name}.json", json.dumps(meta, indent=1).encode())
         return self._commit({
             "kind": "episode", "index": index, "episode": name,
