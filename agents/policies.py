@@ -184,8 +184,11 @@ def crop_validity(start: Tensor, extent: list[int], size: tuple[int, ...]) -> Te
 
 def pack_for_crops(ablations: Ablations, margin: int) -> Tensor:
     """(B, H + 2m, W + 2m, 2C + 1): each pixel's obs, baseline and region label + 1, channels last, with a
-    zero margin of ``margin`` pixels (label 0 there: never replaced), so that one gather crops all three."""
+    zero margin of ``margin`` pixels (label 0 there: never replaced), so that one gather crops all three.
+    Labels ride in the image's float dtype, exact below 2 ** 24 (a batch has ~10 segments per image)."""
     obs = ablations.obs
+    if ablations.region.numel() and int(ablations.region.max()) >= 2 ** 24 - 1:
+        raise ValueError(f"ablation region labels must be < 2**24 - 1 to be packed exactly, got {int(ablations.region.max())}")
     packed = torch.cat([obs, ablations.baseline.to(obs.dtype), (ablations.region + 1).to(obs.dtype)[:, None]], 1)
     return F.pad(packed, (margin,) * 4).permute(0, 2, 3, 1).contiguous()
 

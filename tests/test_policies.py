@@ -212,3 +212,14 @@ def test_policy_view_takes_the_full_pass_behind_a_gate() -> None:
 class _Halve(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * 0.5
+
+
+def test_region_labels_beyond_float_precision_are_refused() -> None:
+    net = CnnBackbone(3, 48, 48)
+    obs = torch.rand(1, 3, 48, 48)
+    region = torch.full((1, 48, 48), -1, dtype=torch.long)
+    region[0, 10:12, 10:12] = 2 ** 24
+    ablations = Ablations(obs=obs, baseline=obs, region=region, label=torch.tensor([2 ** 24]),
+                          sample=torch.tensor([0]), box=torch.tensor([[10, 12, 10, 12]]))
+    with pytest.raises(ValueError, match="region labels must be < 2\\*\\*24"):
+        net.features_of_ablations(ablations, net.spatial(obs))
