@@ -166,7 +166,7 @@ class OversightLogger:
                     buf["frames"].append(frames[b] if frames.ndim == 4 else frames)
             if np.asarray(record.dones[sl]).all():
                 ended.append(b)
-        if ended or sum(obs.shape[0] for _, obs, _ in self._pending) >= self.explain_batch:
+        if ended or sum(waiting.shape[0] for _, waiting, _ in self._pending) >= self.explain_batch:
             self._explain_pending()
         for b in ended:
             self._write(b, int(record.episode[b]), n)
@@ -176,7 +176,8 @@ class OversightLogger:
 
         Why wait: PGCA's cost per image roughly halves from one step of 3 agents to ~24 agent-slots
         (per-call overhead) and is flat above, so an evaluation of few env copies batches across steps
-        (docs/EXPERIMENTS.md, "Logging cost"); the maps are those of one call per step (tested)."""
+        (docs/EXPERIMENTS.md, "logging cost with local ablations"); the maps are those of one call per
+        step (tested)."""
         if not self._pending:
             return
         obs = torch.cat([o for _, o, _ in self._pending])
