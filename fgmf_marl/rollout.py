@@ -6,7 +6,10 @@ everywhere. Observations enter the perturbation and the policy as float images i
 (``obs / 255``), the threat model's scale.
 
 Episodes are counted per environment copy as SB3's ``evaluate_policy`` does (copy ``i`` runs
-``(n_episodes + i) // n_envs`` episodes), so fast-ending copies do not bias the mean.
+``(n_episodes + i) // n_envs`` episodes), so fast-ending copies do not bias the mean. Results are in
+the canonical episode order (each copy's first episode, copy by copy, then each copy's second, ...),
+not in the order episodes ended: episode ``i`` then starts from the same env seed under every attack,
+which is what pairs episodes across attacks (the per-episode worst case, ``fgmf_marl.stats``).
 """
 from __future__ import annotations
 
@@ -108,6 +111,7 @@ def rollout(view: PolicyLike, venv: VecEnv, n_episodes: int, *, n_agents: int | 
     attacked_agent_steps = np.zeros(n_envs, dtype=int)
     max_attacked = np.zeros(n_envs, dtype=int)
     spent: dict[str, list[int]] = {"steps": [], "agent_steps": [], "max_agents": []}
+    order: list[int] = []   # canonical position of each recorded episode: (per-copy index, copy)
     end_episodes = getattr(perturb, "end_episodes", None)
 
     was_training = view.training
@@ -147,6 +151,7 @@ def rollout(view: PolicyLike, venv: VecEnv, n_episodes: int, *, n_agents: int | 
                 end_episodes(env_done)
             for b in np.flatnonzero(env_done):
                 if done_count[b] < targets[b]:
+                    order.append(int(done_count[b]) * n_envs + int(b))
                     team_returns.append(float(team_acc[b]))
                     agent_returns.append(agent_acc[b].copy())
                     lengths.append(int(step_in_ep[b]))
@@ -164,9 +169,10 @@ def rollout(view: PolicyLike, venv: VecEnv, n_episodes: int, *, n_agents: int | 
     finally:
         bar.close()
         view.train(was_training)
-    return RolloutResult(team_returns=np.array(team_returns), agent_returns=np.array(agent_returns),
-                         lengths=np.array(lengths), flip_rate=flips / max(agent_steps, 1), agent_steps=agent_steps,
-                         episode_flip_rates=np.array(episode_flip_rates),
-                         episode_attacked_steps=np.array(spent["steps"], dtype=int),
-                         episode_attacked_agent_steps=np.array(spent["agent_steps"], dtype=int),
-                         episode_max_attacked_agents=np.array(spent["max_agents"], dtype=int))
+    idx = np.argsort(np.array(order, dtype=int), kind="stable")
+    return RolloutResult(team_returns=np.array(team_returns)[idx], agent_returns=np.array(agent_returns)[idx],
+                         lengths=np.array(lengths)[idx], flip_rate=flips / max(agent_steps, 1), agent_steps=agent_steps,
+                         episode_flip_rates=np.array(episode_flip_rates)[idx],
+                         episode_attacked_steps=np.array(spent["steps"], dtype=int)[idx],
+                         episode_attacked_agent_steps=np.array(spent["agent_steps"], dtype=int)[idx],
+                         episode_max_attacked_agents=np.array(spent["max_agents"], dtype=int)[idx])

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fgmf_marl.attribution import PGCA, GradCAMPlusPlus
-from fgmf_marl.attribution.study import bootstrap_ci
+from fgmf_marl.attribution.study import episode_mean_ci
 from fgmf_marl.attribution.metrics import (auc, deletion_auc, deletion_insertion_curves, insertion_auc,
                                            map_similarity, max_sensitivity, model_randomisation, pointing_game,
                                            relevance_mass_accuracy, relevance_rank_accuracy, support_spearman)
@@ -184,16 +184,16 @@ def test_explain_eval_cli_writes_table_for_all_methods(tmp_path, capsys) -> None
     assert run_cli(main, ["--checkpoint", str(run.root), "--every", "0"]) == 2
 
 
-def test_bootstrap_ci_lies_within_the_per_episode_range() -> None:
+def test_episode_mean_ci_lies_within_the_per_episode_range() -> None:
     rng = np.random.default_rng(0)
     groups = np.repeat(np.arange(7), 5)
     values = rng.random(groups.size) + groups * 0.1
     values[3] = np.nan
     per = np.array([np.nanmean(values[groups == g]) for g in range(7)])
-    mean, lo, hi, n = bootstrap_ci(values, groups, n_boot=500, seed=1)
+    mean, lo, hi, n = episode_mean_ci(values, groups, seed=1)
     assert n == 7 and mean == pytest.approx(per.mean())
     assert per.min() <= lo <= mean <= hi <= per.max()
-    assert np.isnan(bootstrap_ci(np.full(4, np.nan), np.arange(4))[0])
+    assert np.isnan(episode_mean_ci(np.full(4, np.nan), np.arange(4))[0])
 
 
 def test_study_sanity_rows_separate_model_free_maps_from_model_dependent_ones() -> None:

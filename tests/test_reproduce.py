@@ -15,9 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
+from fgmf_marl import stats
 from fgmf_marl.jobs import reproduce
 from fgmf_marl.jobs.train import entry as train_cli
 
@@ -56,7 +58,10 @@ def test_tiny_experiment_end_to_end_on_a_local_ray_cluster(clean_run: Path) -> N
     text = (folder / "RESULTS.md").read_text()
     assert "<!-- reproduce:begin tiny -->" in text and "<!-- reproduce:end tiny -->" in text
     table = [line for line in text.splitlines() if line.startswith("| none |")]
-    assert len(table) == 1 and table[0].count("±") == 4                        # mean ± std over 2 seeds
+    # the return columns: IQM over seeds x episodes [interval]; the wall time: mean ± std over 2 seeds
+    assert len(table) == 1 and table[0].count("[") == 3 and table[0].count("±") == 1
+    assert "IQM over seeds × episodes [95 % stratified-bootstrap interval" in text
+    assert "Per-seed means of the attacked columns:" in text and "(min " in text
     assert "| none seed 0 | 1 |" in text and "| none seed 1 | 1 |" in text
     assert "python scripts/train_marl.py --config tasks/train__none__s0/config.yaml" in text
     assert "torch 2" in text and "ray 2" in text and "QUICK" not in text
@@ -305,8 +310,8 @@ def test_budget_columns_read_the_strongest_heuristic_the_director_and_the_worst_
                       {"eps255": 4.0, "budget": "all", "metric": "normalised", "normalised_mean": -0.1, "episodes": 16,
                        "per_seed": [{"attack": "pgd[steps=10]"}]}]}
     col = functools.partial(reproduce.ColumnSpec, label="c", source="s", metric="normalised", eps=4.0)
-    assert reproduce._value(data, col(attack="heuristic", budget="k=1"), "evaluate") == (0.5, 16, "pgd[steps=10]@timed[k=1]")
-    assert reproduce._value(data, col(attack="learned", budget="k=1"), "evaluate") == (0.55, 16, "adversary@learned[k=1]")
+    assert reproduce._value(data, col(attack="heuristic", budget="k=1"), "evaluate")[:3] == (0.5, 16, "pgd[steps=10]@timed[k=1]")
+    assert reproduce._value(data, col(attack="learned", budget="k=1"), "evaluate")[:3] == (0.55, 16, "adversary@learned[k=1]")
     assert reproduce._value(data, col(attack="worst", budget="k=1"), "evaluate")[0] == 0.5
     assert reproduce._value(data, col(attack="worst"), "evaluate")[0] == -0.1
     assert reproduce._value(data, col(attack="pgd[steps=10]"), "evaluate")[0] == -0.1  # the unbudgeted row
@@ -330,13 +335,13 @@ def test_a_masked_gradient_column_reads_n_a_for_a_policy_without_a_gate() -> Non
                                                      "shielded_relevance_mass": {"mean": 0.8}}]}
     plain = {"settings": {"episodes": 16}, "table": [{"method": "PGCA", "relevance_mass": {"mean": 0.9}}]}
     col = reproduce.ColumnSpec(label="PGCA", source="explain", metric="PGCA/shielded_relevance_mass")
-    assert reproduce._value(gated, col, "explain") == (0.8, 16, "")
+    assert reproduce._value(gated, col, "explain") == (0.8, 16, "", None)
     value = reproduce._value(plain, col, "explain")[0]
     assert reproduce.format_cell(reproduce.Cell([value, value], 0, [0, 1]), col) == "n/a (no gate)"
     with pytest.raises(reproduce.ConfigError, match="has no 'PGCA/deletion_auc'"):   # other rows stay required
         reproduce._value(plain, dataclasses.replace(col, metric="PGCA/deletion_auc"), "explain")
     trusted = {**plain, "trust": {"evidence": {"spearman": 0.25}}}
-    assert reproduce._value(trusted, dataclasses.replace(col, metric="trust/evidence"), "explain") == (0.25, 16, "")
+    assert reproduce._value(trusted, dataclasses.replace(col, metric="trust/evidence"), "explain") == (0.25, 16, "", None)
     with pytest.raises(reproduce.ConfigError, match="no trust signal 'margin'"):
         reproduce._value(trusted, dataclasses.replace(col, metric="trust/margin"), "explain")
 
@@ -403,18 +408,31 @@ def test_the_readme_experiments_are_valid_and_expand_as_described() -> None:
     assert len(vanilla) == 6 and all(robust[t.id] == t.key for t in vanilla)
 
 
-def test_comparisons_do_not_call_a_one_seed_margin_evidence() -> None:
+def test_comparisons_say_beats_only_where_the_interval_of_the_difference_excludes_zero() -> None:
     table = reproduce.TableSpec(name="t", rows=["a", "b"], compare="a", against=["b"],
                                 columns=[reproduce.ColumnSpec(label="clean", metric="normalised_mean")])
-    one = {("a", "clean"): reproduce.Cell([0.752], 256, [0]), ("b", "clean"): reproduce.Cell([0.750], 256, [0])}
-    (line,) = reproduce.comparisons(table, one)
-    assert "ahead of b" in line and "on one seed" in line and "not evidence" in line and "a beats b" not in line
-    three = {("a", "clean"): reproduce.Cell([0.70, 0.72, 0.74], 768, [0, 1, 2]),
-             ("b", "clean"): reproduce.Cell([0.50, 0.52, 0.54], 768, [0, 1, 2])}
-    (line,) = reproduce.comparisons(table, three)
-    assert "a beats b" in line and "more than the larger std over seeds" in line
-    (line,) = reproduce.comparisons(dataclasses.replace(table, compare="b", against=["a"]), three)
-    assert "**b does not beat a**" in line
+    # outputs without recorded episodes: means over seeds, never a verdict
+    legacy = {("a", "clean"): reproduce.Cell([0.70, 0.72, 0.74], 768, [0, 1, 2]),
+              ("b", "clean"): reproduce.Cell([0.50, 0.52, 0.54], 768, [0, 1, 2])}
+    (line,) = reproduce.comparisons(table, legacy)
+    assert "beats" not in line and "no verdict" in line
+
+    rng = np.random.default_rng(0)
+
+    def cell(centre: float) -> reproduce.Cell:
+        strata = [rng.normal(centre, 0.1, 48) for _ in range(5)]
+        return reproduce.Cell([float(s.mean()) for s in strata], 240, list(range(5)), strata=strata)
+
+    apart = {("a", "clean"): cell(0.7), ("b", "clean"): cell(0.5)}
+    (line,) = reproduce.comparisons(table, apart)
+    assert "a beats b: IQM 0.69" in line and "vs 0.49" in line and "P(a > b) = 0.9" in line
+    (line,) = reproduce.comparisons(dataclasses.replace(table, compare="b", against=["a"]), apart)
+    assert "b **is beaten by** a" in line
+    close = {("a", "clean"): cell(0.5), ("b", "clean"): cell(0.5)}
+    (line,) = reproduce.comparisons(table, close)
+    assert "**does not beat** (the interval of the difference includes 0)" in line
+    gap = stats.difference(close["a", "clean"].strata, close["b", "clean"].strata)
+    assert gap.low < 0 < gap.high and f"[{gap.low:.3f}".replace("-", "−") in line
 
 
 def test_an_experiments_own_overrides_apply_to_every_run_and_a_runs_own_win() -> None:

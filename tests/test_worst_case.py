@@ -6,7 +6,8 @@ import pytest
 
 from fgmf_marl.attacks.registry import expand_presets, make_attack
 from fgmf_marl.config import ConfigError
-from fgmf_marl.jobs.evaluate import Cell, bootstrap_ci, worst_across_checkpoints, worst_markdown, worst_rows
+from fgmf_marl.jobs.evaluate import Cell, worst_across_checkpoints, worst_markdown, worst_rows
+from fgmf_marl.stats import bootstrap_ci
 
 STRONG = ["pgd:steps=20,restarts=5", "pgd:targeted=true,target_action=least_likely,steps=20", "mad", "critic", "square"]
 
@@ -36,8 +37,23 @@ def test_worst_is_the_per_seed_minimum_then_mean_and_std_over_seeds():
     assert [(m["seed"], m["attack"]) for m in row["per_seed"]] == [(0, "mad"), (1, "pgd"), (2, "mad")]
     assert [m["value"] for m in row["per_seed"]] == pytest.approx([0.4, 0.3, 0.2])
     text = worst_markdown([row], [])
-    assert "| a | worst | 4 | 0.300 ± 0.082 | 3 | 6 | seed 0: mad 0.400; seed 1: pgd 0.300; seed 2: mad 0.200 |" in text
+    assert ("| a | worst | 4 | 0.300 ± 0.082 | 0.300 [" in text
+            and "| 3 | 6 | seed 0: mad 0.400; seed 1: pgd 0.300; seed 2: mad 0.200 | pgd 3; mad 3 |" in text)
     assert "across checkpoints" not in text
+    # per episode (paired by env seed): s0 min(0.4,0.4), min(0.6,0.4); s1 0.3, 0.3; s2 min(0.6,0.1), min(0.6,0.3)
+    assert row["episode_worst_values"] == pytest.approx([0.4, 0.4, 0.3, 0.3, 0.1, 0.3])
+    assert row["episode_values"] == pytest.approx([0.4, 0.4, 0.3, 0.3, 0.1, 0.3])
+    assert row["episode_worst_attacks"] == {"pgd": 3, "mad": 3}
+
+
+def test_the_per_episode_worst_case_is_stricter_than_the_weakest_attacks_mean():
+    """Two attacks that each fail on a different episode: each mean is 0.5, yet no episode survives both."""
+    cells = [_cell("a", "pgd", 4.0, 0, [0.0, 1.0], [0.0, 10.0]), _cell("a", "mad", 4.0, 0, [1.0, 0.0], [10.0, 0.0])]
+    (row,) = worst_rows(cells)
+    assert row["normalised_mean"] == 0.5
+    assert row["episode_worst_mean"] == 0.0 and row["episode_worst_values"] == [0.0, 0.0]
+    assert row["episode_worst_ci95"] == (0.0, 0.0)
+    assert row["episode_worst_attacks"] == {"pgd": 1, "mad": 1}
 
 
 def test_worst_uses_the_team_return_where_the_env_has_no_oracle():

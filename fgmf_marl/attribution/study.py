@@ -24,7 +24,7 @@ Grad-CAM++, Captum's Integrated Gradients, Occlusion, GradientShap and SmoothGra
 (chance level).
 
 Values are the mean over episodes of the per-episode means (nan-aware), with a 95 % percentile
-bootstrap interval over episodes (:func:`bootstrap_ci`); the JSON also gives the agent-step count.
+bootstrap interval over episodes (:func:`episode_mean_ci`); the JSON also gives the agent-step count.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from fgmf_marl import stats
 from fgmf_marl.attribution import metrics as M
 from fgmf_marl.attribution.base import Attribution
 from fgmf_marl.attribution.captum_baselines import (GradientShapMap, IntegratedGradientsMap, OcclusionMap, RandomMap,
@@ -82,14 +83,12 @@ def default_methods(seed: int = 0, grid: int = 8, ig_steps: int = 32,
     }
 
 
-def bootstrap_ci(values: np.ndarray, groups: np.ndarray, *, n_boot: int = 2000, level: float = 0.95,
-                 seed: int = 0) -> tuple[float, float, float, int]:
+def episode_mean_ci(values: np.ndarray, groups: np.ndarray, *, seed: int = 0) -> tuple[float, float, float, int]:
     """Mean over groups (episodes) of the per-group nan-means and its percentile bootstrap interval.
 
-    Episodes, not agent-steps, are resampled (with replacement), because steps of one episode are
-    correlated. Every bootstrap replicate is a mean of per-episode means, so the interval lies
-    within [min, max] of the per-episode means. Returns (mean, low, high, n_episodes); nan when no
-    episode has a defined value.
+    Episodes, not agent-steps, are resampled (``fgmf_marl.stats``), because steps of one episode are
+    correlated; the interval lies within [min, max] of the per-episode means. Returns (mean, low,
+    high, n_episodes); nan when no episode has a defined value.
     """
     values, groups = np.asarray(values, dtype=float), np.asarray(groups)
     ok = ~np.isnan(values)
@@ -97,10 +96,8 @@ def bootstrap_ci(values: np.ndarray, groups: np.ndarray, *, n_boot: int = 2000, 
     if uniq.size == 0:
         return float("nan"), float("nan"), float("nan"), 0
     per = np.array([values[ok & (groups == g)].mean() for g in uniq])
-    rng = np.random.default_rng(seed)
-    reps = per[rng.integers(0, per.size, size=(n_boot, per.size))].mean(1)
-    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
-    return float(per.mean()), float(lo), float(hi), int(per.size)
+    est = stats.estimate([per], stats.mean, seed=seed)
+    return est.value, est.low, est.high, int(per.size)
 
 
 @dataclass
@@ -176,7 +173,7 @@ class ExplainEvalResult:
             for metric, vals in scores.items():
                 v = vals[~np.isnan(vals)]
                 groups = self.groups.get(method, {}).get(metric, np.arange(len(vals)))
-                mean, lo, hi, n_ep = bootstrap_ci(vals, groups, seed=self.seed)
+                mean, lo, hi, n_ep = episode_mean_ci(vals, groups, seed=self.seed)
                 row[metric] = {"mean": mean, "ci95": [lo, hi], "episodes": n_ep, "n": int(v.size),
                                "std": float(v.std()) if v.size else float("nan")}
             rows.append(row)
@@ -257,15 +254,20 @@ def trust_signal(signal: np.ndarray, mass: np.ndarray, episode: np.ndarray, *, f
         return {}
     rho = float(spearman(torch.as_tensor(signal)[None], torch.as_tensor(mass)[None])[0])
     is_flagged = signal <= np.quantile(signal, flagged)
-    uniq = np.unique(episode)
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(2000):
-        pick = np.isin(episode, rng.choice(uniq, size=uniq.size, replace=True))
-        f, r = mass[pick & is_flagged], mass[pick & ~is_flagged]
-        if f.size and r.size:
-            diffs.append(r.mean() - f.mean())
-    lo, hi = np.quantile(diffs, [0.025, 0.975]) if diffs else (float("nan"), float("nan"))
+    uniq, unit = np.unique(episode, return_inverse=True)
+
+    def per_episode(weights: np.ndarray) -> np.ndarray:
+        return np.bincount(unit, weights=weights, minlength=uniq.size)
+
+    flagged_sum, flagged_n = per_episode(mass * is_flagged), per_episode(is_flagged.astype(float))
+    rest_sum, rest_n = per_episode(mass * ~is_flagged), per_episode((~is_flagged).astype(float))
+
+    def rest_minus_flagged(idx: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (rest_sum[idx].sum(-1) / rest_n[idx].sum(-1)) - (flagged_sum[idx].sum(-1) / flagged_n[idx].sum(-1))
+
+    lo, hi = stats.resampled_units(uniq.size, rest_minus_flagged, seed=seed) if uniq.size > 1 else (
+        float("nan"), float("nan"))
     return {"spearman": rho, "flagged_share": flagged, "flagged_mass": float(mass[is_flagged].mean()),
             "rest_mass": float(mass[~is_flagged].mean()), "difference_ci95": [float(lo), float(hi)],
             "n_steps": int(signal.size), "n_episodes": int(uniq.size)}

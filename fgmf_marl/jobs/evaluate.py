@@ -74,7 +74,8 @@ from agents.policy_view import PolicyView
 from envs.reference import normalise
 from envs.registry import MAX_ENVS, horizon, make_vec_env, n_agents_of, reference_for
 from fgmf_marl import config as cfglib
-from fgmf_marl import seeds
+from fgmf_marl import seeds, stats
+from fgmf_marl.stats import bootstrap_ci
 from fgmf_marl.atomic import atomic_write, atomic_write_text
 from fgmf_marl.attacks import ATTACKS, PRESETS, Attack, Transfer, expand_presets, has_gate, make_attack, parse_spec
 from fgmf_marl.attacks.base import MAX_ITERATIONS
@@ -386,20 +387,6 @@ def collect_observations(victim: Victim, n_obs: int, seed: int, n_envs: int) -> 
     return obs[idx]
 
 
-def bootstrap_ci(values: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Percentile-bootstrap 95% interval of the mean of ``values``.
-
-    Why not mean ± std: with a few episodes a std band leaves the range a return can take (bands
-    above 1.0 from 4 episodes); a bootstrap interval of the mean always lies within [min, max].
-    """
-    values = np.asarray(values, dtype=float)
-    if values.size <= 1:
-        return float(values.mean()), float(values.mean())
-    means = np.random.default_rng(seed).choice(values, (resamples, values.size)).mean(1)
-    low, high = np.quantile(means, [0.025, 0.975])
-    return float(low), float(high)
-
-
 def summarise(cells: list[Cell]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str, float], list[Cell]] = {}
     for c in cells:
@@ -417,6 +404,9 @@ def summarise(cells: list[Cell]) -> list[dict[str, Any]]:
             norm = np.concatenate([c.normalised for c in cs])
             row.update(normalised_mean=float(norm.mean()), normalised_std=float(norm.std()),
                        normalised_ci95=bootstrap_ci(norm))
+        row["team_return_episodes"] = [float(v) for v in ret]
+        if cs[0].normalised is not None:
+            row["normalised_episodes"] = [float(v) for v in norm]
         row.update(budget=cs[0].budget, selector=cs[0].selector)
         if attack != "none" and cs[0].attacked_steps is not None:
             steps = np.concatenate([c.attacked_steps for c in cs])
@@ -433,19 +423,26 @@ def _metric(cells: Sequence[Cell]) -> str:
     return "normalised" if cells[0].normalised is not None else "team_return"
 
 
+def _values(cell: Cell) -> np.ndarray:
+    """The cell's per-episode return the worst case is taken of (oracle-normalised where the env has an oracle)."""
+    return cell.team_returns if cell.normalised is None else cell.normalised
+
+
 def worst_rows(cells: list[Cell]) -> list[dict[str, Any]]:
-    """Per (checkpoint, eps > 0, budget): for each seed the minimum over attackers of the cell's mean return, then mean ± std.
+    """Per (checkpoint, eps > 0, budget): the weakest attack's mean per seed, and the per-episode worst case.
 
     Budget ``all`` is the worst case over every attacker of the grid, budgeted ones included (an
     attacker without limits can act as any of them): the robustness claim. Each budget (k, p) also
     gets its own row, the strongest attacker at that budget.
 
-    The return is the oracle-normalised one where the env has an oracle, the team return otherwise;
-    std is over seeds (ddof 0, as every std here). ``episodes`` counts the episodes of the minimum
-    cells (seeds x episodes), ``per_seed`` names the attack that was the minimum on each seed (the first
-    in grid order on a tie). Why the
-    minimum per seed: a defense is as robust as its weakest attack says, and taking it per seed
-    keeps the paired structure (same env seeds) that a minimum of means over seeds would lose.
+    Two aggregates, both over the oracle-normalised return where the env has an oracle (the team
+    return otherwise): ``<metric>_mean`` is, per evaluation seed, the minimum over attackers of the
+    cell's mean, then the mean over seeds (± std, ddof 0; ``per_seed`` names each seed's minimum,
+    the first in grid order on a tie); ``episode_worst_mean`` scores every episode by its own worst
+    attacker (episodes are paired across attackers by their env seed, ``fgmf_marl.rollout``), then
+    averages: the stricter number, AutoAttack's per-sample rule. ``episode_values`` /
+    ``episode_worst_values`` keep the episodes of each (seeds concatenated), so tables over training
+    seeds can take IQMs and bootstrap intervals of them (``fgmf_marl.stats``).
     """
     metric = _metric(cells)
     groups: dict[tuple[str, float, str], dict[int, list[Cell]]] = {}
@@ -455,18 +452,26 @@ def worst_rows(cells: list[Cell]) -> list[dict[str, Any]]:
                 groups.setdefault((c.checkpoint, c.eps, budget), {}).setdefault(c.seed, []).append(c)
 
     def mean(c: Cell) -> float:
-        return float((c.team_returns if c.normalised is None else c.normalised).mean())
+        return float(_values(c).mean())
 
     rows = []
     for (ckpt, eps, budget), by_seed in groups.items():
         minima = [min(cs, key=mean) for _, cs in sorted(by_seed.items())]
         values = np.array([mean(c) for c in minima])
-        episodes = np.concatenate([c.team_returns if c.normalised is None else c.normalised for c in minima])
+        episodes = np.concatenate([_values(c) for c in minima])
+        per_episode = [stats.episode_worst({c.attack: _values(c) for c in cs}) for _, cs in sorted(by_seed.items())]
+        worst_each = np.concatenate([w for w, _ in per_episode])
+        which = [a for _, attacks in per_episode for a in attacks]
         rows.append({"checkpoint": ckpt, "attack": "worst", "eps255": eps, "budget": budget, "metric": metric,
                      f"{metric}_ci95": bootstrap_ci(episodes),
                      f"{metric}_mean": float(values.mean()), f"{metric}_std": float(values.std()),
                      "seeds": len(minima), "episodes": int(sum(c.team_returns.size for c in minima)),
-                     "per_seed": [{"seed": c.seed, "attack": c.attack, "value": mean(c)} for c in minima]})
+                     "per_seed": [{"seed": c.seed, "attack": c.attack, "value": mean(c)} for c in minima],
+                     "episode_values": [float(v) for v in episodes],
+                     "episode_worst_mean": float(worst_each.mean()),
+                     "episode_worst_ci95": bootstrap_ci(worst_each),
+                     "episode_worst_values": [float(v) for v in worst_each],
+                     "episode_worst_attacks": {a: which.count(a) for a in dict.fromkeys(which)}})
     return rows
 
 
@@ -501,14 +506,20 @@ def worst_markdown(worst: list[dict[str, Any]], across: list[dict[str, Any]]) ->
     if not worst:
         return ""
     metric = worst[0]["metric"]
-    text = (f"\n## Worst case over attacks\n\nPer seed the lowest mean {_metric_label(metric)} over the grid's "
-            "attacks at that eps, then mean ± std over seeds.\n\n"
-            f"| checkpoint | attack | eps | worst {_metric_label(metric)} | seeds | episodes | minimum per seed |\n"
-            "|---|---|---|---|---|---|---|\n")
+    text = (f"\n## Worst case over attacks\n\nWeakest attack: per seed the lowest mean {_metric_label(metric)} over "
+            "the grid's attacks at that eps, then mean ± std over seeds. Per episode: every episode scored by its own "
+            "worst attack (episodes paired by env seed), then the mean [95% bootstrap CI over episodes]; the "
+            "stricter of the two.\n\n"
+            f"| checkpoint | attack | eps | worst {_metric_label(metric)} (weakest attack) | per-episode worst | seeds "
+            "| episodes | minimum per seed | attacks that were an episode's worst |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
     for r in worst:
         minima = "; ".join(f"seed {m['seed']}: {m['attack']} {m['value']:.3f}" for m in r["per_seed"])
+        low, high = r["episode_worst_ci95"]
+        which = "; ".join(f"{a} {n}" for a, n in r["episode_worst_attacks"].items())
         text += (f"| {r['checkpoint']} | worst | {r['eps255']:g} | {r[f'{metric}_mean']:.3f} ± {r[f'{metric}_std']:.3f} "
-                 f"| {r['seeds']} | {r['episodes']} | {minima} |\n")
+                 f"| {r['episode_worst_mean']:.3f} [{low:.3f}, {high:.3f}] | {r['seeds']} | {r['episodes']} | {minima} "
+                 f"| {which} |\n")
     if across:
         text += (f"\n## Worst case across checkpoints\n\nMean ± std over checkpoints of each checkpoint's worst "
                  f"(the figure to quote).\n\n| eps | worst {_metric_label(metric)} | checkpoints | per checkpoint |\n"

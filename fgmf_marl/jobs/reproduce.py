@@ -96,6 +96,7 @@ from tqdm.auto import tqdm
 
 from agents.adversary import AdversaryConfig
 from fgmf_marl import config as cfglib
+from fgmf_marl import stats
 from fgmf_marl.atomic import atomic_write, atomic_write_text
 from fgmf_marl.attribution.study import METRICS as EXPLAIN_METRICS
 from fgmf_marl.attribution.study import TRUST_SIGNALS, default_methods
@@ -151,8 +152,9 @@ class ColumnSpec:
 
     ``source: train`` reads the run's ``eval/summary.json`` key ``metric`` (``normalised_mean``,
     ``team_return_mean``, ``wall_seconds``, ``fps``). An ``evaluate`` source reads ``results.json``:
-    ``metric`` is ``normalised``, ``team_return`` or ``flip_rate`` of ``attack`` (``worst``: the per-seed
-    minimum over attacks; ``none``: the clean row; else an attack label) at ``eps`` (1/255), or
+    ``metric`` is ``normalised``, ``team_return`` or ``flip_rate`` of ``attack`` (``worst``: the weakest
+    attack's episodes, per evaluation seed the attack of lowest mean; ``worst_episode``: every episode scored
+    by its own worst attack; ``none``: the clean row; else an attack label) at ``eps`` (1/255), or
     ``audit`` (the verdict), or ``audit_control`` (the verdict on the gradient_shield copy of a
     gated policy, which must FAIL; ``n/a (no gate)`` otherwise). An ``explain`` source reads ``explain_eval.json``: ``metric`` is
     ``METHOD/METRIC``, or ``trust/SIGNAL`` (that signal's Spearman correlation with PGCA's relevance mass).
@@ -333,6 +335,8 @@ def _check_explain_metric(where: str, metric: str) -> None:
 
 #: budgeted column attackers: the strongest heuristic, the trained director (see ColumnSpec)
 BUDGET_ATTACKERS = ("heuristic", "learned")
+#: the two worst cases over attacks an evaluate column can read (``evaluate.worst_rows``)
+WORST_ATTACKERS = ("worst", "worst_episode")
 
 
 def _check_budget_label(where: str, label: str) -> None:
@@ -517,10 +521,11 @@ def check_tables(exp: Experiment, tasks: list[Task], where: str = "experiment") 
             if col.metric not in VERDICT_METRICS and col.attack != "none" and col.eps not in config["eps"]:
                 raise ConfigError(f"{at}: eps {col.eps:g} is not among the eps of evaluation {col.source!r}; "
                                   f"accepted: {', '.join(f'{e:g}' for e in config['eps'])}")
-            if col.metric not in VERDICT_METRICS and col.attack not in ("none", "worst", *BUDGET_ATTACKERS) and \
+            if col.metric not in VERDICT_METRICS and col.attack not in ("none", *WORST_ATTACKERS, *BUDGET_ATTACKERS) and \
                     col.attack not in [a.replace(":", "[", 1) + "]" if ":" in a else a for a in config["attacks"]]:
                 raise ConfigError(f"{at}: attack {col.attack!r} is not run by evaluation {col.source!r}; "
-                                  f"accepted: worst, none, {', '.join(BUDGET_ATTACKERS)} or one of its attack labels")
+                                  f"accepted: {', '.join(WORST_ATTACKERS)}, none, {', '.join(BUDGET_ATTACKERS)} or one of "
+                                  "its attack labels")
             budgets = [b.label() for b in cfglib.from_dict(EvalConfig, config).budgets()]
             if col.budget != "all" and col.budget not in budgets:
                 raise ConfigError(f"{at}: budget {col.budget} is not run by evaluation {col.source!r}; "
@@ -796,36 +801,48 @@ class Cell:
     seeds: list[int]
     notes: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)   # task ids without an output
+    strata: list[np.ndarray | None] = field(default_factory=list)   # per seed, its episodes' values if recorded
+
+    def by_episode(self) -> list[np.ndarray] | None:
+        """The per-seed episode values (the strata of ``fgmf_marl.stats``), or None if a seed lacks them."""
+        if not self.strata or any(s is None or not s.size for s in self.strata):
+            return None
+        return [s for s in self.strata if s is not None]
 
 
 def _read_output(root: Path, task: Task) -> dict[str, Any]:
     return json.loads((root / task.out / JOBS[task.kind].output).read_text())
 
 
-def _value(data: dict[str, Any], col: ColumnSpec, kind: str) -> tuple[Any, int, str]:
-    """(value, episodes, note) of one run's output for ``col``."""
+def _episodes(values: Any) -> np.ndarray | None:
+    return None if values is None else np.asarray(values, dtype=float)
+
+
+def _value(data: dict[str, Any], col: ColumnSpec, kind: str) -> tuple[Any, int, str, np.ndarray | None]:
+    """(value, episodes, note, per-episode values if the output records them) of one run's output for ``col``."""
     if kind == "train":
-        return data[col.metric], int(data["episodes"]), ""
+        per_episode = data.get(col.metric.replace("_mean", "_episodes")) if col.metric in RETURN_METRICS else None
+        return data[col.metric], int(data["episodes"]), "", _episodes(per_episode)
     if kind == "explain":
         method, metric = col.metric.split("/")
         if method == "trust":   # trust/SIGNAL: the signal's Spearman correlation with PGCA's relevance mass
             if metric not in data.get("trust", {}):
                 raise ConfigError(f"column {col.label!r}: explain_eval.json scores no trust signal {metric!r}")
-            return data["trust"][metric]["spearman"], int(data["settings"]["episodes"]), ""
+            return data["trust"][metric]["spearman"], int(data["settings"]["episodes"]), "", None
         row = next((r for r in data["table"] if r["method"] == method), None)
         if row is not None and metric not in row and metric in GATED_EXPLAIN_METRICS:
-            return math.nan, 0, ""   # a policy without an SGAM gate has no gradient_shield copy
+            return math.nan, 0, "", None   # a policy without an SGAM gate has no gradient_shield copy
         if row is None or metric not in row:
             raise ConfigError(f"column {col.label!r}: explain_eval.json has no {col.metric!r}")
-        return row[metric]["mean"], int(data["settings"]["episodes"]), ""
+        return row[metric]["mean"], int(data["settings"]["episodes"]), "", None
     if col.metric == "audit":
         verdicts = [a["verdict"] for a in data["audits"].values()]
         if not verdicts:
             raise ConfigError(f"column {col.label!r}: the evaluation ran without audit: true")
-        return verdicts[0], 0, ""
+        return verdicts[0], 0, "", None
     if col.metric == "audit_control":   # only a gated victim has one (evaluate.py: audit_control_<ckpt>.md)
         controls = [a["verdict"] for a in data.get("audit_controls", {}).values()]
-        return (controls[0] if controls else "n/a (no gate)"), 0, ""
+        return (controls[0] if controls else "n/a (no gate)"), 0, "", None
     eps = 0.0 if col.attack == "none" else col.eps
     if col.attack in BUDGET_ATTACKERS:
         key = f"{col.metric}_mean"
@@ -834,20 +851,27 @@ def _value(data: dict[str, Any], col: ColumnSpec, kind: str) -> tuple[Any, int, 
         if not rows:
             raise ConfigError(f"column {col.label!r}: no {col.attack} attacker within budget {col.budget} at eps {eps:g}")
         row = min(rows, key=lambda r: r[key])
-        return row[key], int(row["episodes"]), row["attack"]
-    if col.attack == "worst":
+        return row[key], int(row["episodes"]), row["attack"], _episodes(row.get(f"{col.metric}_episodes"))
+    if col.attack in WORST_ATTACKERS:
         row = next((r for r in data["worst"] if r["eps255"] == eps and r.get("budget", "all") == col.budget), None)
         if row is None:
             raise ConfigError(f"column {col.label!r}: no worst-case row at eps {eps:g}, budget {col.budget}")
         if col.metric == "flip_rate":
             raise ConfigError(f"column {col.label!r}: the worst case is of returns; flip_rate needs an attack")
-        return row[f"{row['metric']}_mean"], int(row["episodes"]), "/".join(p["attack"] for p in row["per_seed"])
+        if col.attack == "worst_episode":
+            if "episode_worst_mean" not in row:
+                raise ConfigError(f"column {col.label!r}: results.json predates the per-episode worst case; "
+                                  "rerun its evaluation (--rerun)")
+            which = ", ".join(f"{a} {n}" for a, n in row["episode_worst_attacks"].items())
+            return row["episode_worst_mean"], int(row["episodes"]), which, _episodes(row["episode_worst_values"])
+        return (row[f"{row['metric']}_mean"], int(row["episodes"]), "/".join(p["attack"] for p in row["per_seed"]),
+                _episodes(row.get("episode_values")))
     row = next((r for r in data["rows"] if r["attack"] == col.attack and r["eps255"] == eps
                 and r.get("budget", "all") == col.budget), None)
     if row is None:
         raise ConfigError(f"column {col.label!r}: no row for attack {col.attack!r} at eps {eps:g}")
     key = "flip_rate" if col.metric == "flip_rate" else f"{col.metric}_mean"
-    return row[key], int(row["episodes"]), ""
+    return row[key], int(row["episodes"]), "", _episodes(row.get(f"{col.metric}_episodes"))
 
 
 def table_cells(root: Path, table: TableSpec, tasks: list[Task], records: dict[str, dict[str, Any]],
@@ -864,8 +888,9 @@ def table_cells(root: Path, table: TableSpec, tasks: list[Task], records: dict[s
                 if records.get(task.id, {}).get("status") != "done":
                     cell.missing.append(task.id)
                     continue
-                value, episodes, note = _value(_read_output(root, task), col, task.kind)
+                value, episodes, note, per_episode = _value(_read_output(root, task), col, task.kind)
                 cell.values.append(value)
+                cell.strata.append(per_episode)
                 cell.episodes += episodes
                 cell.seeds.append(seed)
                 if note:
@@ -893,6 +918,13 @@ def _mean_std(cell: Cell) -> tuple[float, float]:
     return float(values.mean()), float(values.std())   # std over seeds, ddof 0 as everywhere in the project
 
 
+def _iqm(cell: Cell, col: ColumnSpec) -> stats.Estimate | None:
+    """The return column's IQM over seeds x episodes with its stratified-bootstrap interval, where every seed's
+    output records its episodes (older outputs do not: their cells stay mean ± std over seeds)."""
+    strata = cell.by_episode() if col.metric in RETURN_METRICS else None
+    return None if strata is None else stats.estimate(strata, stats.iqm)
+
+
 def format_cell(cell: Cell, col: ColumnSpec) -> str:
     """``mean ± std (n seeds)``; an audit cell counts verdicts; a cell with missing seeds says so."""
     if not cell.values:
@@ -901,6 +933,8 @@ def format_cell(cell: Cell, col: ColumnSpec) -> str:
         return "n/a (no gate)" if col.metric.endswith(GATED_EXPLAIN_METRICS) else "n/a"
     if col.metric in VERDICT_METRICS:
         text = ", ".join(f"{v} {cell.values.count(v)}/{len(cell.values)}" for v in sorted(set(cell.values)))
+    elif (est := _iqm(cell, col)) is not None:
+        text = f"{_fmt(est.value, col.metric)} [{_fmt(est.low, col.metric)}, {_fmt(est.high, col.metric)}]"
     elif len(cell.values) == 1:
         text = _fmt(cell.values[0], col.metric)
     else:
@@ -910,7 +944,12 @@ def format_cell(cell: Cell, col: ColumnSpec) -> str:
 
 
 def comparisons(table: TableSpec, cells: dict[tuple[str, str], Cell]) -> list[str]:
-    """One sentence per return column and baseline: whether ``compare`` beats it, in those words."""
+    """One sentence per return column and baseline: whether ``compare`` beats it, in those words.
+
+    "beats" only where the 95 % interval of the IQM difference (stratified bootstrap over seeds x
+    episodes) excludes 0, with the probability of improvement and its interval beside it (Agarwal et
+    al. 2021). Cells whose outputs predate per-episode values get means over seeds and no verdict.
+    """
     if table.compare is None:
         return []
     lines = []
@@ -923,32 +962,62 @@ def comparisons(table: TableSpec, cells: dict[tuple[str, str], Cell]) -> list[st
             if not mine.values or not theirs.values:
                 lines.append(f"- {col.label}: {table.compare} vs {other} cannot be compared (missing cells).")
                 continue
-            (m, ms), (t, ts) = _mean_std(mine), _mean_std(theirs)
-            pair = f"{_fmt(m, col.metric)} ± {_fmt(ms, col.metric)} vs {_fmt(t, col.metric)} ± {_fmt(ts, col.metric)}"
-            one_seed = min(len(mine.values), len(theirs.values)) < 2
-            if m > t and one_seed:   # no spread over seeds to judge the margin by
-                lines.append(f"- {col.label}: {table.compare} is ahead of {other} ({pair}) by {m - t:.3f} on one seed; "
-                             "with no spread over seeds, not evidence that it beats it.")
-            elif m > t:
-                margin = "more" if m - t > max(ms, ts) else "less"
-                lines.append(f"- {col.label}: {table.compare} beats {other} ({pair}), by {m - t:.3f}, {margin} than "
-                             "the larger std over seeds.")
-            else:
-                lines.append(f"- {col.label}: **{table.compare} does not beat {other}** ({pair}).")
+            a, b = mine.by_episode(), theirs.by_episode()
+            if a is None or b is None:
+                (m, ms), (t, ts) = _mean_std(mine), _mean_std(theirs)
+                lines.append(f"- {col.label}: {table.compare} {_fmt(m, col.metric)} ± {_fmt(ms, col.metric)} vs {other} "
+                             f"{_fmt(t, col.metric)} ± {_fmt(ts, col.metric)} (mean ± std over seeds); the outputs "
+                             "record no episodes, so there is no interval of the difference and no verdict.")
+                continue
+            gap = stats.difference(a, b, stats.iqm)
+            better = stats.probability_of_improvement(a, b)
+            verdict = ("beats" if gap.low > 0 else "**is beaten by**" if gap.high < 0
+                       else "**does not beat** (the interval of the difference includes 0)")
+            centre_a, centre_b = (float(stats.iqm(np.concatenate(x))) for x in (a, b))
+            lines.append(f"- {col.label}: {table.compare} {verdict} {other}: IQM {_fmt(centre_a, col.metric)} vs "
+                         f"{_fmt(centre_b, col.metric)}, difference {_fmt(gap.value, col.metric)} "
+                         f"[{_fmt(gap.low, col.metric)}, {_fmt(gap.high, col.metric)}]; "
+                         f"P({table.compare} > {other}) = {better.value:.2f} [{better.low:.2f}, {better.high:.2f}] "
+                         f"({len(a)} vs {len(b)} seeds, {sum(x.size for x in a)} vs {sum(x.size for x in b)} episodes).")
     return lines
 
 
+def per_seed_lines(table: TableSpec, cells: dict[tuple[str, str], Cell]) -> list[str]:
+    """Each row's per-seed means of every attacked return column and their minimum: the spread over training
+    seeds, which the episode-level intervals do not include."""
+    out = []
+    for row in table.rows:
+        parts = []
+        for col in table.columns:
+            cell = cells[row, col.label]
+            if col.metric in RETURN_METRICS and col.source != "train" and len(cell.values) > 1:
+                each = " / ".join(_fmt(float(v), col.metric) for v in cell.values)
+                parts.append(f"{col.label} {each} (min {_fmt(float(min(cell.values)), col.metric)})")
+        if parts:
+            out.append(f"- {row}: " + "; ".join(parts))
+    return out
+
+
 def plot_table(table: TableSpec, cells: dict[tuple[str, str], Cell], path: Path, title: str) -> None:
-    """Mean ± std over seeds of every return column, one line per row."""
+    """Every return column, one line per row: IQM and its interval where episodes are recorded, else mean ± std."""
     cols = [c for c in table.columns if c.metric in RETURN_METRICS]
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     for row in table.rows:
-        stats = [_mean_std(cells[row, c.label]) if cells[row, c.label].values else (math.nan, math.nan) for c in cols]
-        ax.errorbar(range(len(cols)), [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3,
-                    label=row)
+        centre, low, high = [], [], []
+        for c in cols:
+            cell = cells[row, c.label]
+            est = _iqm(cell, c) if cell.values else None
+            if est is not None:
+                centre.append(est.value), low.append(est.value - est.low), high.append(est.high - est.value)
+            elif cell.values:
+                mean, std = _mean_std(cell)
+                centre.append(mean), low.append(std), high.append(std)
+            else:
+                centre.append(math.nan), low.append(math.nan), high.append(math.nan)
+        ax.errorbar(range(len(cols)), centre, yerr=[low, high], marker="o", capsize=3, label=row)
     ax.set_xticks(range(len(cols)), [c.label for c in cols])
-    ax.set_ylabel("oracle-normalised team return")
+    ax.set_ylabel("team return" if cols and cols[0].metric.startswith("team_return") else "oracle-normalised team return")
     ax.set_title(title, fontsize=9)
     ax.legend()
     ax.grid(alpha=0.3)
@@ -1018,7 +1087,11 @@ def section_markdown(name: str, exp: Experiment, tasks: list[Task], records: dic
                     lines.append(f"| {row} seed {seed} | 1 | "
                                  + " | ".join(format_cell(_only(cells[row, c.label], seed), c) for c in table.columns)
                                  + " |")
-        lines += ["", "Mean ± std over seeds (std ddof 0). Episodes per cell (all seeds): "
+        with_intervals = any(_iqm(cells[row, c.label], c) is not None for row in table.rows for c in table.columns
+                             if cells[row, c.label].values)
+        lines += ["", ("Return columns: IQM over seeds × episodes [95 % stratified-bootstrap interval, strata = training "
+                       "seeds]; other columns and cells without recorded episodes: mean ± std over seeds (std ddof 0). "
+                       if with_intervals else "Mean ± std over seeds (std ddof 0). ") + "Episodes per cell (all seeds): "
                   + "; ".join(f"{row}: " + ", ".join(_episode_counts(table, cells, row, kinds)) for row in table.rows) + "."]
         notes = [f"{row}, {c.label}: {', '.join(cells[row, c.label].notes)}" for row in table.rows
                  for c in table.columns if cells[row, c.label].notes and c.attack == "worst" and c.source != "train"]
@@ -1026,6 +1099,9 @@ def section_markdown(name: str, exp: Experiment, tasks: list[Task], records: dic
             lines += ["", "Worst attack per training seed (per evaluation seed, '/'-separated): " + "; ".join(notes) + "."]
         if table.notes:
             lines += ["", table.notes.strip()]
+        spread = per_seed_lines(table, cells)
+        if spread:
+            lines += ["", "Per-seed means of the attacked columns:", "", *spread]
         claims = comparisons(table, cells)
         if claims:
             lines += ["", f"{table.compare} against {', '.join(table.against)}:", "", *claims]

@@ -186,6 +186,10 @@ def evaluate_clean(model: PPO, cfg: TrainConfig, episodes: int, log_dir: Path | 
     if normalised is not None:
         summary.update(normalised_mean=float(normalised.mean()), normalised_std=float(normalised.std()),
                        random_return=float(reference.random), oracle_return=float(reference.oracle))
+    # per episode, what tables over training seeds take IQMs and intervals of (fgmf_marl.stats)
+    summary["team_return_episodes"] = [float(v) for v in result.team_returns]
+    if normalised is not None:
+        summary["normalised_episodes"] = [float(v) for v in normalised]
     return summary
 
 
