@@ -82,7 +82,9 @@ def rollout(view: PolicyLike, venv: VecEnv, n_episodes: int, *, n_agents: int | 
 
     ``perturb(clean_obs01) -> seen_obs01`` is called once per step with all slots' observations;
     attacks restrict themselves to the agents they target. A perturbation with an episode budget
-    also has ``end_episodes(env_done)``, called after every step with the envs whose episode ended.
+    also has ``end_episodes(env_done)``, called after every step with the envs whose episode ended; one
+    that carries earlier perturbations forward (stacked frames) has ``changed(seen, clean) -> (slots,)``,
+    the slots it touched this step, which the attacked-step counts use.
     What an attack spent is measured here, not asked of it: a slot counts as attacked when its seen
     observation differs from the clean one. ``n_agents`` defaults to ``venv.n_agents`` (the native
     env has it).
@@ -113,6 +115,7 @@ def rollout(view: PolicyLike, venv: VecEnv, n_episodes: int, *, n_agents: int | 
     spent: dict[str, list[int]] = {"steps": [], "agent_steps": [], "max_agents": []}
     order: list[int] = []   # canonical position of each recorded episode: (per-copy index, copy)
     end_episodes = getattr(perturb, "end_episodes", None)
+    changed_of = getattr(perturb, "changed", None)   # which slots the attacker touched, if it says (stacked frames)
 
     was_training = view.training
     view.eval()
@@ -132,7 +135,8 @@ def rollout(view: PolicyLike, venv: VecEnv, n_episodes: int, *, n_agents: int | 
             flips += int((flipped * (done_count < targets)).sum())
             flip_acc += flipped
             if perturb is not None:
-                touched = (seen != clean).flatten(1).any(1).reshape(n_envs, n_agents).sum(1).cpu().numpy()
+                changed = changed_of(seen, clean) if changed_of is not None else (seen != clean).flatten(1).any(1)
+                touched = changed.reshape(n_envs, n_agents).sum(1).cpu().numpy()
                 attacked_steps += touched > 0
                 attacked_agent_steps += touched
                 max_attacked = np.maximum(max_attacked, touched)

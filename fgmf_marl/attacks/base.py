@@ -19,7 +19,9 @@ on the selected rows only; the base class does the row selection and the final p
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -79,21 +81,51 @@ def check_eps(eps: float, name: str = "eps") -> float:
     return float(eps)
 
 
+#: the channels an attacker may change in the current call (None = all): set by :func:`only_channels`
+_FREE_CHANNELS: ContextVar[Tensor | None] = ContextVar("free_channels", default=None)
+
+
+@contextmanager
+def only_channels(free: Tensor) -> Iterator[None]:
+    """Within the block every attack may change only the channels where ``free`` (C,) is True; the others
+    keep the value of the input it was given (its "clean"), in every iterate and in the result.
+
+    Why a context and not an option: wrappers (transfer, BPDA, EOT, budgets) build inner attacks the
+    caller never sees, and all of them must respect the same restriction (stacked frames: only the
+    newest frame is the attacker's, ``fgmf_marl.attacks.frames``).
+    """
+    token = _FREE_CHANNELS.set(torch.as_tensor(free, dtype=torch.bool).reshape(1, -1, 1, 1))
+    try:
+        yield
+    finally:
+        _FREE_CHANNELS.reset(token)
+
+
+def restrict(adv: Tensor, clean: Tensor) -> Tensor:
+    """``adv`` with the channels the current :func:`only_channels` block freezes put back to ``clean``."""
+    free = _FREE_CHANNELS.get()
+    if free is None:
+        return adv
+    if free.shape[1] != adv.shape[1]:
+        raise ValueError(f"only_channels names {free.shape[1]} channels; the observations have {adv.shape[1]}")
+    return torch.where(free.to(adv.device), adv, clean)
+
+
 def project(adv: Tensor, clean: Tensor, eps: float, quantize: bool = False) -> Tensor:
-    """Project ``adv`` onto {x : ||x - clean||_inf <= eps} intersected with [0, 1].
+    """Project ``adv`` onto {x : ||x - clean||_inf <= eps} intersected with [0, 1] (and the free channels).
 
     With ``quantize`` the result lies on the uint8 grid k/255 *and* still inside the eps-ball: it
     is rounded to the nearest grid value within [max(clean - eps, 0), min(clean + eps, 1)]. If that
     interval holds no grid value (eps < 1/255 around an off-grid pixel) the clean pixel is kept.
     """
-    adv = torch.max(torch.min(adv, clean + eps), clean - eps).clamp_(0.0, 1.0)
+    adv = restrict(torch.max(torch.min(adv, clean + eps), clean - eps).clamp_(0.0, 1.0), clean)
     if not quantize:
         return adv
     lo = torch.ceil((clean - eps).clamp(0.0, 1.0) * 255.0 - 1e-4) / 255.0
     hi = torch.floor((clean + eps).clamp(0.0, 1.0) * 255.0 + 1e-4) / 255.0
     q = torch.round(adv * 255.0) / 255.0
     q = torch.max(torch.min(q, hi), lo)
-    return torch.where(lo <= hi, q, clean)
+    return restrict(torch.where(lo <= hi, q, clean), clean)
 
 
 def slot_mask(batch: int, n_agents: int, agents: Sequence[int] | None, device: torch.device | str = "cpu") -> Tensor | None:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fgmf_marl.attacks.base import (LEAST_LIKELY, Attack, check_count, check_flag, check_number, check_target_action,
-                                    margin)
+                                    margin, restrict)
 from fgmf_marl.policy import PolicyLike, greedy
 
 Objective = Literal["ce", "margin", "targeted", "kl", "value"]
@@ -123,7 +123,8 @@ class GradientAttack(Attack):
 
     def _ascent(self, view: PolicyLike, clean: Tensor, labels: Tensor | None, clean_logp: Tensor | None) -> tuple[Tensor, Tensor]:
         """One run of projected sign-gradient ascent: (adversarial rows, their objective)."""
-        lo, hi = (clean - self.eps).clamp_(0.0, 1.0), (clean + self.eps).clamp_(0.0, 1.0)  # the feasible box
+        lo = restrict((clean - self.eps).clamp_(0.0, 1.0), clean)   # the feasible box (frozen channels: a point)
+        hi = restrict((clean + self.eps).clamp_(0.0, 1.0), clean)
         adv = clean.clone()
         if self.random_start:
             adv = torch.min(torch.max(clean + torch.empty_like(clean).uniform_(-self.eps, self.eps), lo), hi)

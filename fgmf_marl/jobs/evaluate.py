@@ -80,6 +80,7 @@ from fgmf_marl.atomic import atomic_write, atomic_write_text
 from fgmf_marl.attacks import ATTACKS, PRESETS, Attack, Transfer, expand_presets, has_gate, make_attack, parse_spec
 from fgmf_marl.attacks.base import MAX_ITERATIONS
 from fgmf_marl.attacks.budget import SELECTORS, Budget, BudgetedAttack, make_selector
+from fgmf_marl.attacks.frames import on_frames
 from fgmf_marl.audit import AuditConfig, AuditReport, audit
 from fgmf_marl.config import ConfigError, check_device, check_range, check_seed
 from fgmf_marl.defenses.sgam import with_gradient_shield
@@ -349,7 +350,8 @@ def run_cell(victim: Victim, grid: GridAttack | None, eps255: float, seed: int, 
         perturb = None
         if grid is not None:
             attack = _budgeted(grid, victim, n_agents, seed, calibration)
-            perturb = attack.as_perturb(victim.view, n_agents=n_agents, agents=cfg.agents)
+            perturb = on_frames(attack.as_perturb(victim.view, n_agents=n_agents, agents=cfg.agents),
+                                venv.observation_space.shape[0], victim.train_config.env.adapter.frame_stack, n_agents)
         hook, logger = None, None
         if log_dir is not None:
             logger = OversightLogger.for_venv(log_dir, victim.view, venv, every=cfg.log_every, attack_name=label,

@@ -36,6 +36,7 @@ from fgmf_marl import config as cfglib
 from fgmf_marl import seeds
 from fgmf_marl.atomic import atomic_write_text
 from fgmf_marl.attacks import PGD
+from fgmf_marl.attacks.frames import on_frames
 from fgmf_marl.attribution import PGCA
 from fgmf_marl.config import ConfigError
 from fgmf_marl.defenses.config import DEFENSE_KINDS
@@ -126,8 +127,10 @@ class RobustnessProbe(BaseCallback):
             for name, attack in (("clean", None), ("pgd", PGD(self.eps255 / 255, steps=10))):
                 venv = make_vec_env(env_cfg, seed=seeds.env_seed(self.cfg.seed, seeds.EVALUATION))
                 try:
-                    perturb = None if attack is None else attack.as_perturb(view)
-                    result = rollout(view, venv, self.episodes, n_agents=n_agents_of(venv, env_cfg), perturb=perturb)
+                    n_agents = n_agents_of(venv, env_cfg)
+                    perturb = None if attack is None else on_frames(attack.as_perturb(view), venv.observation_space.shape[0],
+                                                                    env_cfg.adapter.frame_stack, n_agents)
+                    result = rollout(view, venv, self.episodes, n_agents=n_agents, perturb=perturb)
                 finally:
                     venv.close()
                 normalised = normalise(result.team_returns, reference)
