@@ -67,6 +67,7 @@ kind or the other, never both (``check_root_kind``).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import datetime as dt
 import fcntl
 import fnmatch
@@ -80,6 +81,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -396,6 +398,7 @@ class Task:
     key: str                      # the cache key (see the module docstring)
     overrides: tuple[str, ...]    # what the experiment file set, for RESULTS.md
     dep_keys: tuple[str, ...] = ()   # the keys of ``deps``, in order (part of ``key``)
+    experiment: str = ""             # the experiment file's name, recorded (not part of ``key``)
 
     @property
     def folder(self) -> str:
@@ -458,6 +461,25 @@ def _surrogate_seed(exp: Experiment, group: str, run_name: str, seed: int) -> in
     return others[victim_seeds.index(seed) % len(others)]
 
 
+#: per job kind, the config keys an experiment fills for each task: the run's own checkpoint, the surrogate and
+#: adversary it names, and output paths inside the task's folder. An override of one of them would evaluate
+#: another model under this run's name, or write outside the results root, so it is refused.
+PLACED_KEYS: dict[str, tuple[str, ...]] = {
+    "evaluate": ("checkpoints", "adversary", "surrogate", "out", "log_explanations"),
+    "explain": ("checkpoint", "out"),
+    "adversary": ("victim", "run_dir"),
+}
+
+
+def _check_placed(kind: str, overrides: list[str], where: str) -> None:
+    for override in overrides:
+        key = override.partition("=")[0].strip()
+        if key in PLACED_KEYS[kind]:
+            raise ConfigError(f"{where}: override {key!r} is set by the experiment for each task (its own run's "
+                              "checkpoint, the surrogate and adversary it names, outputs inside the results root); "
+                              f"accepted: any other key of the {kind} job")
+
+
 def expand(exp: Experiment, *, quick: bool, where: str = "experiment") -> list[Task]:
     """Every task of ``exp``, dependencies first; each job config resolved (and so validated) now."""
     if quick and not exp.quick:
@@ -479,6 +501,7 @@ def expand(exp: Experiment, *, quick: bool, where: str = "experiment") -> list[T
     for ev in order:
         i = exp.evaluations.index(ev)
         overrides = ev.overrides + (ev.quick if quick else [])
+        _check_placed(ev.kind, overrides, f"{where}: evaluations[{i}] ({ev.name})")
         for run_name in ev.runs:
             for seed in next(r for r in exp.runs if r.name == run_name).seeds:
                 train = trains[run_name, seed]
@@ -550,11 +573,12 @@ def code_version() -> str:
 
 
 def read_record(root: Path, task_id: str) -> dict[str, Any] | None:
-    """The ``task.json`` of task ``task_id``, or None if it has none (or an unreadable one)."""
+    """The ``task.json`` of task ``task_id``, or None if it has none (or an unreadable one, or not a JSON object)."""
     try:
-        return json.loads((root / _folder(task_id) / "task.json").read_text())
+        record = json.loads((root / _folder(task_id) / "task.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) else None
 
 
 def dep_runs(root: Path, task: Task) -> dict[str, str | None]:
@@ -634,6 +658,22 @@ def _set_aside(root: Path, folder: Path, why: str) -> None:
     print(f"{PROG}: {folder.relative_to(root)} {why}; moved to {stale.relative_to(root)}", file=sys.stderr)
 
 
+def check_foreign_tasks(root: Path, tasks: Sequence[Task], experiment: str) -> None:
+    """Refuse a results root where another experiment's task of the same id was made by another config.
+
+    Experiments may share a root on purpose (the same vanilla runs in several tables: the same id and key,
+    so each reads the other's cached work); a task of the same id and a *different* config would set the
+    other experiment's finished work aside, so the second experiment needs a root of its own.
+    """
+    for task in tasks:
+        record = read_record(root, task.id)
+        owner = (record or {}).get("experiment")
+        if owner and owner != experiment and not _same_config(task, record):
+            raise ConfigError(f"--results-root {root}: task {task.id!r} there belongs to experiment {owner!r} and "
+                              f"was made by another config; accepted: a results root of {experiment!r}'s own "
+                              "(experiments share a root only where their tasks agree)")
+
+
 def _prepare(root: Path, task: Task, rerun: bool) -> str | None:
     """Clear what an earlier attempt left that cannot be continued; return the checkpoint to resume from."""
     folder, out = root / task.folder, root / task.out
@@ -678,7 +718,8 @@ def execute(root: str, task: Task, *, threads: int = 1, rerun: bool = False) -> 
         argv = task.argv(threads, resume=resume_from is not None)
         # the version of the code this task's job imports, read as it starts: a driver's own version is
         # stale once the working tree changes under a long run
-        record = {"id": task.id, "kind": task.kind, "key": task.key, "status": "running", "code_version": code_version(),
+        record = {"id": task.id, "kind": task.kind, "key": task.key, "experiment": task.experiment, "status": "running",
+                  "code_version": code_version(),
                   "config": task.config, "overrides": list(task.overrides), "command": task.command(threads),
                   "threads": threads, "log": str(folder / "log.txt"), "host": socket.gethostname(),
                   "resumed_from": resume_from, "run_id": uuid.uuid4().hex, "dep_runs": deps, "started": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
@@ -718,6 +759,21 @@ def _last_line(text: str) -> str:
     return lines[-1].strip() if lines else "no message"
 
 
+def _note_sigterm() -> list[int]:
+    """Replace Ray's SIGTERM handler (a C++ stack dump, exit 134) by one that notes the signal; the driver loop
+    checks the note between waits and unwinds (cancelling its tasks, shutting Ray down) to exit 143. Why not
+    raise from the handler: raised inside Ray's wait, the exception surfaces as a SystemError."""
+    noted: list[int] = []
+
+    def note(signum: int, frame: object) -> None:
+        noted.append(signum)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second SIGTERM must not interrupt the clean-up
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, note)
+    return noted
+
+
 def run_tasks(root: Path, tasks: list[Task], *, max_parallel: int, address: str | None, threads: int = 1,
               rerun: Callable[[Task], bool] = lambda t: False, progress: bool = True,
               echo: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
@@ -745,8 +801,13 @@ def run_tasks(root: Path, tasks: list[Task], *, max_parallel: int, address: str 
         bar.close()
         return records
     local = address is None
-    ray.init(address="local" if local else address, num_cpus=max_parallel * threads if local else None,
-             include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        ray.init(address="local" if local else address, num_cpus=max_parallel * threads if local else None,
+                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, TimeoutError, ValueError) as exc:
+        bar.close()
+        raise ConfigError(f"Ray did not start{'' if local else f' at {address}'}: {_last_line(str(exc))}") from None
+    terminated = _note_sigterm()
     in_flight: dict[Any, tuple[Task, float]] = {}
     try:
         while todo or in_flight:
@@ -768,7 +829,9 @@ def run_tasks(root: Path, tasks: list[Task], *, max_parallel: int, address: str 
                     raise RuntimeError(f"tasks {[t.id for t in todo]} wait on dependencies that never ran")
                 continue
             bar.set_postfix_str(", ".join(t.id for t, _ in in_flight.values()), refresh=True)
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
+            if terminated:
+                raise cli.Terminated
             for ref in ready:
                 task, submitted = in_flight.pop(ref)
                 try:
@@ -811,7 +874,15 @@ class Cell:
 
 
 def _read_output(root: Path, task: Task) -> dict[str, Any]:
-    return json.loads((root / task.out / JOBS[task.kind].output).read_text())
+    """The task's output JSON; a damaged one is a one-line ConfigError naming it (rerun that task)."""
+    path = root / task.out / JOBS[task.kind].output
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot be read as JSON ({exc}); rerun the task: --rerun '{task.id}'") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: is not a JSON object; rerun the task: --rerun '{task.id}'")
+    return data
 
 
 def _episodes(values: Any) -> np.ndarray | None:
@@ -1134,6 +1205,22 @@ RESULTS_HEADER = ("# Results\n\nGenerated by `scripts/reproduce.py`, one section
                   "Do not edit between the markers.\n")
 
 
+def check_results_file(results: Path) -> None:
+    """``--results`` is a new or existing UTF-8 Markdown file in a folder we can write: checked before any task
+    runs, so a bad path fails in a second, not after hours of training."""
+    if results.exists():
+        if not results.is_file():
+            raise ConfigError(f"--results {str(results)!r} is not a regular file; accepted: a Markdown file, new or "
+                              "existing")
+        try:
+            results.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"--results {str(results)!r} is not UTF-8 text; accepted: a Markdown file") from None
+        except OSError as exc:
+            raise ConfigError(f"--results {str(results)!r} cannot be read ({exc.strerror})") from None
+    check_output_dir(results.parent, "--results folder")
+
+
 def write_section(results: Path, name: str, text: str) -> None:
     """Replace (or append) the experiment's section between its markers, atomically."""
     begin, end = f"<!-- reproduce:begin {name} -->", f"<!-- reproduce:end {name} -->"
@@ -1207,6 +1294,23 @@ def select(tasks: list[Task], pattern: str | None) -> list[Task]:
 QUICK_MARKER = "QUICK"
 
 
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """A one-line ConfigError unless ``address`` (``host:port``, ``ray://host:port`` or ``auto``) answers a TCP
+    connection within ``timeout`` seconds: ``ray.init`` would otherwise wait minutes on a wrong address."""
+    if address in ("auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--address {address!r} is not host:port; accepted: host:port, ray://host:port or auto "
+                          "(as printed by 'ray start --head')")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"--address {address!r}: no Ray cluster answers there ({reason}); accepted: the address "
+                          "of a running head node ('ray start --head' prints it)") from None
+
+
 def check_root_kind(root: Path, *, quick: bool) -> None:
     """A results root holds toy (``--quick``) runs or measured ones, never both; a quick run marks its root.
 
@@ -1235,17 +1339,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "figures": args.figures, "rerun": args.rerun, "only": args.only})
     name = Path(cfg.experiment).stem
     exp = load_experiment(cfg.experiment)
-    tasks = expand(exp, quick=cfg.quick, where=cfg.experiment)
+    tasks = [dataclasses.replace(t, experiment=name) for t in expand(exp, quick=cfg.quick, where=cfg.experiment)]
     check_tables(exp, tasks, cfg.experiment)
     chosen = select(tasks, cfg.only)
     suffix = "-quick" if cfg.quick else ""
     root = Path(cfg.results_root or Path("runs") / "reproduce" / f"{name}{suffix}").resolve()
     results = Path(cfg.results or ("docs/RESULTS.quick.md" if cfg.quick else "docs/RESULTS.md"))
     figures = Path(cfg.figures or ("docs/figures/quick" if cfg.quick else "docs/figures"))
-    for folder, what in ((root, "--results-root"), (results.parent, "--results folder"), (figures, "--figures")):
+    for folder, what in ((root, "--results-root"), (figures, "--figures")):
         check_output_dir(folder, what)
+    check_results_file(results)
+    check_foreign_tasks(root, chosen, name)
     check_root_kind(root, quick=cfg.quick)
     address = cfg.address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
+        check_ray_address(address)
     max_parallel = cfg.max_parallel or (os.cpu_count() or 1 if address is None else len(tasks))
     rerun: set[str] = set()   # a rerun task's dependents rerun too: their input changed
     for task in tasks:

@@ -1,0 +1,127 @@
+"""reproduce.py refuses, in one line and before any task runs, what would misattribute results or lose work:
+an evaluation override naming another model or an outside path, another experiment's task in a shared root,
+a bad --results file, an unreachable Ray address; damaged records are errors, not tracebacks; SIGTERM is 143."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fgmf_marl.config import ConfigError
+from fgmf_marl.jobs import reproduce
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "experiments" / "tiny.yaml"
+
+
+def _args(folder: Path, experiment: Path = TINY) -> list[str]:
+    return [str(experiment), "--results-root", str(folder / "root"), "--results", str(folder / "RESULTS.md"),
+            "--figures", str(folder / "figures"), "--max-parallel", "1", "--no-progress"]
+
+
+def _tiny_with(tmp_path: Path, **evaluation: object) -> Path:
+    data = yaml.safe_load(TINY.read_text())
+    data["evaluations"][0].update(evaluation)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    return path
+
+
+@pytest.mark.parametrize("override", ["checkpoints=['/elsewhere/final.zip']", "out=/tmp/outside",
+                                      "log_explanations=logs", "surrogate=/elsewhere/run"])
+def test_an_evaluation_override_of_a_placed_key_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                           override: str) -> None:
+    exp = _tiny_with(tmp_path, overrides=["attacks=[pgd:steps=2]", "eps=[2]", "episodes=2", override])
+    assert reproduce.entry(_args(tmp_path, exp)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"override {override.partition('=')[0]!r} is set by the experiment" in err[0]
+    assert not (tmp_path / "root" / "tasks").exists()
+
+
+def test_another_experiments_task_of_another_config_is_not_set_aside(tmp_path: Path) -> None:
+    exp = reproduce.load_experiment(TINY)
+    task = reproduce.expand(exp, quick=False)[0]
+    folder = tmp_path / "root" / task.folder
+    folder.mkdir(parents=True)
+    theirs = {"id": task.id, "kind": "train", "key": "0" * 16, "experiment": "other", "status": "done", "run_id": "x",
+              "config": {**task.config, "timesteps": 999_424}}
+    (folder / "task.json").write_text(json.dumps(theirs))
+    with pytest.raises(ConfigError, match="belongs to experiment 'other'"):
+        reproduce.check_foreign_tasks(tmp_path / "root", [task], "tiny")
+    reproduce.check_foreign_tasks(tmp_path / "root", [task], "other")          # its own experiment may rerun it
+    same = {**theirs, "config": task.config, "key": task.key}
+    (folder / "task.json").write_text(json.dumps(same))
+    reproduce.check_foreign_tasks(tmp_path / "root", [task], "tiny")           # same config: shared on purpose
+
+
+@pytest.mark.parametrize("kind", ["directory", "binary", "device"])
+def test_a_bad_results_file_is_refused_before_any_task(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                       kind: str) -> None:
+    target = {"directory": tmp_path, "binary": tmp_path / "r.md", "device": Path("/dev/null")}[kind]
+    if kind == "binary":
+        target.write_bytes(b"\xff\xfe\x00results")
+    args = _args(tmp_path)
+    args[args.index("--results") + 1] = str(target)
+    assert reproduce.entry(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--results" in err[0]
+    assert not (tmp_path / "root" / "tasks").exists()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("address", ["nonsense", "127.0.0.1:notaport", "LOCAL"])
+def test_a_malformed_or_unreachable_ray_address_fails_at_once(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                              address: str) -> None:
+    address = f"127.0.0.1:{_closed_port()}" if address == "LOCAL" else address
+    start = time.monotonic()
+    assert reproduce.entry(_args(tmp_path) + ["--address", address]) == 2
+    assert time.monotonic() - start < 30          # a guard against the minutes-long hang, not a speed check
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--address" in err[0]
+
+
+def test_damaged_records_and_outputs_are_one_line_errors(tmp_path: Path) -> None:
+    task = reproduce.expand(reproduce.load_experiment(TINY), quick=False)[0]
+    folder = tmp_path / task.folder
+    (folder / "out" / "eval").mkdir(parents=True)
+    (folder / "task.json").write_text("[1, 2, 3]")
+    assert reproduce.read_record(tmp_path, task.id) is None
+    (folder / "out" / "eval" / "summary.json").write_text('{"normalised_mean": 0.')   # truncated
+    with pytest.raises(ConfigError, match="cannot be read as JSON.*--rerun 'train/none/s0'"):
+        reproduce._read_output(tmp_path, task)
+    (folder / "out" / "eval" / "summary.json").write_text("[0.5]")
+    with pytest.raises(ConfigError, match="not a JSON object"):
+        reproduce._read_output(tmp_path, task)
+
+
+def test_sigterm_stops_the_driver_with_143_and_leaves_no_job_running(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "scripts" / "reproduce.py"), *_args(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300   # a guard against a hang, not a speed check
+    record = tmp_path / "root" / "tasks" / "train__none__s0" / "task.json"
+    while not (record.is_file() and json.loads(record.read_text() or "{}").get("status") == "running"):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "SIGTERM received" not in err and "terminated" in err
+    time.sleep(2)
+    jobs = subprocess.run(["pgrep", "-f", "--", f"--run-dir {tmp_path}|train__none__s0/config.yaml"], capture_output=True,
+                          text=True)
+    running = [line for line in jobs.stdout.split() if line]
+    assert not running, f"a job outlived its driver: {running}"
