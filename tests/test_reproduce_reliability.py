@@ -125,3 +125,17 @@ def test_sigterm_stops_the_driver_with_143_and_leaves_no_job_running(tmp_path: P
                           text=True)
     running = [line for line in jobs.stdout.split() if line]
     assert not running, f"a job outlived its driver: {running}"
+
+
+def test_every_experiment_file_expands_to_the_recorded_tasks_and_cache_keys() -> None:
+    """The cache keys of every experiment file (measured and --quick), recorded in tests/data/experiment_keys.json:
+    a refactor of the experiment machinery or of the files' spelling must not change one (no cached result is
+    recomputed). A deliberate change of a job's defaults or of an experiment updates the record in the same
+    commit, and says why."""
+    recorded = json.loads((ROOT / "tests" / "data" / "experiment_keys.json").read_text())
+    today: dict[str, dict[str, str]] = {}
+    for path in sorted((ROOT / "experiments").glob("*.yaml")):
+        exp = reproduce.load_experiment(path)
+        for quick in (False, True) if exp.quick else (False,):
+            today[path.stem + ("-quick" if quick else "")] = {t.id: t.key for t in reproduce.expand(exp, quick=quick)}
+    assert today == recorded
