@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from fgmf_marl.experiments import plan, runner, schema
 from fgmf_marl.jobs import reproduce
 
 
@@ -21,16 +22,16 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=4, help="training tasks in the toy experiment (default 4)")
     parser.add_argument("--timesteps", type=int, default=12_288, help="agent-steps per task (default 12,288)")
     args = parser.parse_args()
-    exp = reproduce.Experiment(runs=[reproduce.RunSpec(
+    exp = schema.Experiment(runs=[schema.RunSpec(
         name="bench", seeds=list(range(args.tasks)),
         overrides=[f"timesteps={args.timesteps}", f"checkpoint_every={args.timesteps}", "eval_episodes=16"])])
-    tasks = reproduce.expand(exp, quick=False)
+    tasks = plan.expand(exp, reproduce.JOBS, quick=False)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        walls = [reproduce.execute(f"{tmp}/a", task, threads=2)["wall_seconds"] for task in tasks]
+        walls = [runner.execute(f"{tmp}/a", task, threads=2)["wall_seconds"] for task in tasks]
         sequential = time.perf_counter() - start
         start = time.perf_counter()
-        records = reproduce.run_tasks(Path(tmp) / "b", tasks, max_parallel=2, address=None, threads=1, progress=False)
+        records = runner.run_tasks(Path(tmp) / "b", tasks, max_parallel=2, address=None, threads=1, progress=False)
         parallel = time.perf_counter() - start
     bad = [r["id"] for r in records.values() if r["status"] != "done"]
     if bad:

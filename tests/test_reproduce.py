@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from fgmf_marl import stats
+from fgmf_marl.experiments import cache, plan, runner, schema, tables
 from fgmf_marl.jobs import reproduce
 from fgmf_marl.jobs.train import entry as train_cli
 
@@ -70,7 +71,7 @@ def test_tiny_experiment_end_to_end_on_a_local_ray_cluster(clean_run: Path) -> N
     assert sorted(r["id"] for r in records) == ["evaluate/pgd/none/s0", "evaluate/pgd/none/s1",
                                                 "train/none/s0", "train/none/s1"]
     assert all(r["status"] == "done" and r["threads"] == 1 and Path(r["log"]).is_file() for r in records)
-    assert {r["code_version"] for r in records} == {reproduce.code_version()}   # read by each task as it started
+    assert {r["code_version"] for r in records} == {cache.code_version()}   # read by each task as it started
     assert _numbers(folder / "root")["train__none__s0"][0] == 768
 
 
@@ -125,7 +126,7 @@ def test_cached_tasks_are_skipped_on_a_rerun(clean_run: Path, capsys: pytest.Cap
 
 def test_rerun_flag_reruns_the_matching_tasks_and_their_dependents(clean_run: Path) -> None:
     folder = clean_run
-    tasks = reproduce.expand(reproduce.load_experiment(TINY), quick=False)
+    tasks = plan.expand(schema.load_experiment(TINY), reproduce.JOBS, quick=False)
     ids = {t.id for t in tasks}
     rerun: set[str] = set()
     for task in tasks:   # the rule main() applies
@@ -136,27 +137,27 @@ def test_rerun_flag_reruns_the_matching_tasks_and_their_dependents(clean_run: Pa
 
 def test_the_cache_survives_a_new_option_at_its_default_but_not_a_changed_default(clean_run: Path) -> None:
     root = clean_run / "root"
-    tasks = reproduce.expand(reproduce.load_experiment(TINY), quick=False)
+    tasks = plan.expand(schema.load_experiment(TINY), reproduce.JOBS, quick=False)
     train = next(t for t in tasks if t.id == "train/none/s0")
-    record = reproduce.read_record(root, train.id)
-    assert reproduce.is_cached(root, train, record, {})
+    record = cache.read_record(root, train.id)
+    assert cache.is_cached(root, train, record, {})
     # the record as code without defense.scorpio.pgd_steps (added later, default 0) would have written it
     older = copy.deepcopy(record["config"])
     del older["defense"]["scorpio"]["pgd_steps"]
-    assert reproduce._key("train", older, ()) == train.key
-    assert reproduce.is_cached(root, train, {**record, "config": older}, {})
+    assert plan.task_key(reproduce.JOBS["train"], "train", older, ()) == train.key
+    assert cache.is_cached(root, train, {**record, "config": older}, {})
     # a default that changed since the cell was computed, or a value the experiment sets, is another cell
     changed = copy.deepcopy(record["config"])
     changed["ppo"]["learning_rate"] *= 2
-    assert not reproduce.is_cached(root, train, {**record, "config": changed}, {})
-    assert reproduce._key("train", {**train.config, "timesteps": 999}, ()) != train.key
+    assert not cache.is_cached(root, train, {**record, "config": changed}, {})
+    assert plan.task_key(reproduce.JOBS["train"], "train", {**train.config, "timesteps": 999}, ()) != train.key
     # a dependent is cached only on the very run of its dependency it read
     evaluation = next(t for t in tasks if t.id == "evaluate/pgd/none/s0")
-    ev_record = reproduce.read_record(root, evaluation.id)
-    assert reproduce.dep_runs(root, evaluation) == {train.id: record["run_id"]}
-    assert reproduce.is_cached(root, evaluation, ev_record, reproduce.dep_runs(root, evaluation))
-    assert not reproduce.is_cached(root, evaluation, ev_record, {train.id: "a rerun of the training"})
-    assert not reproduce.is_cached(root, evaluation, ev_record, {train.id: None})   # the training reruns now
+    ev_record = cache.read_record(root, evaluation.id)
+    assert cache.dep_runs(root, evaluation) == {train.id: record["run_id"]}
+    assert cache.is_cached(root, evaluation, ev_record, cache.dep_runs(root, evaluation))
+    assert not cache.is_cached(root, evaluation, ev_record, {train.id: "a rerun of the training"})
+    assert not cache.is_cached(root, evaluation, ev_record, {train.id: None})   # the training reruns now
 
 
 def kill_and_rerun(experiment: Path, folder: Path) -> None:
@@ -192,10 +193,10 @@ def test_kill_and_rerun_equals_a_clean_run(clean_run: Path, tmp_path: Path) -> N
 
 
 def test_an_interrupted_training_task_resumes_from_its_latest_checkpoint(tmp_path: Path) -> None:
-    exp = reproduce.load_experiment(TINY)
+    exp = schema.load_experiment(TINY)
     exp.runs[0].overrides = [o for o in exp.runs[0].overrides if not o.startswith("checkpoint_every")] + \
         ["checkpoint_every=384"]
-    task = reproduce.expand(exp, quick=False)[0]
+    task = plan.expand(exp, reproduce.JOBS, quick=False)[0]
     out = tmp_path / task.out
     # what a kill after the first checkpoint leaves: step_384.zip, no final.zip, no evaluation
     assert train_cli(["--timesteps", "384", "--run-dir", str(out), "--no-progress",
@@ -207,13 +208,13 @@ def test_an_interrupted_training_task_resumes_from_its_latest_checkpoint(tmp_pat
     (out / "eval").rmdir()
     (tmp_path / task.folder / "task.json").write_text(json.dumps({"id": task.id, "key": task.key, "status": "running",
                                                                   "config": task.config, "run_id": "killed"}))
-    record = reproduce.execute(str(tmp_path), task)
+    record = runner.execute(str(tmp_path), task)
     assert record["status"] == "done" and record["resumed_from"] == "step_384.zip"
     assert "--resume" in (tmp_path / task.folder / "log.txt").read_text()
     assert json.loads((out / "eval" / "summary.json").read_text())["timesteps"] == 768
     # the same folder under another config is set aside, never deleted, and the task starts from zero
     other = dataclasses.replace(task, key="0" * 16)
-    record = reproduce.execute(str(tmp_path), other)
+    record = runner.execute(str(tmp_path), other)
     assert record["status"] == "done" and record["resumed_from"] is None
     assert len(list((tmp_path / "stale").glob("train__none__s0-*/out/checkpoints/step_384.zip"))) == 1
 
@@ -294,7 +295,7 @@ def test_an_explain_column_naming_no_method_metric_or_signal_fails_before_anythi
     for good in ("PGCA/relevance_mass", "Integrated Gradients/deletion_auc", "trust/evidence"):
         data["tables"][0]["columns"][-1]["metric"] = good
         path.write_text(yaml.safe_dump(data, allow_unicode=True))
-        reproduce.load_experiment(path)   # accepted
+        schema.load_experiment(path)   # accepted
 
 
 def test_budget_columns_read_the_strongest_heuristic_the_director_and_the_worst_within_a_budget() -> None:
@@ -309,24 +310,24 @@ def test_budget_columns_read_the_strongest_heuristic_the_director_and_the_worst_
                        "per_seed": [{"attack": "pgd[steps=10]@timed[k=1]"}]},
                       {"eps255": 4.0, "budget": "all", "metric": "normalised", "normalised_mean": -0.1, "episodes": 16,
                        "per_seed": [{"attack": "pgd[steps=10]"}]}]}
-    col = functools.partial(reproduce.ColumnSpec, label="c", source="s", metric="normalised", eps=4.0)
-    assert reproduce._value(data, col(attack="heuristic", budget="k=1"), "evaluate")[:3] == (0.5, 16, "pgd[steps=10]@timed[k=1]")
-    assert reproduce._value(data, col(attack="learned", budget="k=1"), "evaluate")[:3] == (0.55, 16, "adversary@learned[k=1]")
-    assert reproduce._value(data, col(attack="worst", budget="k=1"), "evaluate")[0] == 0.5
-    assert reproduce._value(data, col(attack="worst"), "evaluate")[0] == -0.1
-    assert reproduce._value(data, col(attack="pgd[steps=10]"), "evaluate")[0] == -0.1  # the unbudgeted row
+    col = functools.partial(schema.ColumnSpec, label="c", source="s", metric="normalised", eps=4.0)
+    assert tables._value(data, col(attack="heuristic", budget="k=1"), "evaluate")[:3] == (0.5, 16, "pgd[steps=10]@timed[k=1]")
+    assert tables._value(data, col(attack="learned", budget="k=1"), "evaluate")[:3] == (0.55, 16, "adversary@learned[k=1]")
+    assert tables._value(data, col(attack="worst", budget="k=1"), "evaluate")[0] == 0.5
+    assert tables._value(data, col(attack="worst"), "evaluate")[0] == -0.1
+    assert tables._value(data, col(attack="pgd[steps=10]"), "evaluate")[0] == -0.1  # the unbudgeted row
     with pytest.raises(reproduce.ConfigError, match="no learned attacker within budget p=0.25"):
-        reproduce._value(data, col(attack="learned", budget="p=0.25"), "evaluate")
+        tables._value(data, col(attack="learned", budget="p=0.25"), "evaluate")
 
 
 def test_episode_counts_name_each_explain_study_once_beside_the_return_columns() -> None:
-    spec = functools.partial(reproduce.ColumnSpec, source="explain")
-    table = reproduce.TableSpec(name="t", rows=["ppo"], columns=[
-        reproduce.ColumnSpec(label="clean", source="train", metric="normalised_mean"),
+    spec = functools.partial(schema.ColumnSpec, source="explain")
+    table = schema.TableSpec(name="t", rows=["ppo"], columns=[
+        schema.ColumnSpec(label="clean", source="train", metric="normalised_mean"),
         spec(label="PGCA", metric="PGCA/relevance_mass"), spec(label="shielded", metric="PGCA/shielded_relevance_mass")])
-    cells = {("ppo", "clean"): reproduce.Cell([0.8], 768, [0]), ("ppo", "PGCA"): reproduce.Cell([0.9], 48, [0]),
-             ("ppo", "shielded"): reproduce.Cell([math.nan], 0, [0])}
-    counts = reproduce._episode_counts(table, cells, "ppo", {"explain": "explain"})
+    cells = {("ppo", "clean"): tables.Cell([0.8], 768, [0]), ("ppo", "PGCA"): tables.Cell([0.9], 48, [0]),
+             ("ppo", "shielded"): tables.Cell([math.nan], 0, [0])}
+    counts = tables._episode_counts(table, cells, "ppo", {"explain": "explain"})
     assert counts == ["clean 768", "explain 48"]
 
 
@@ -334,42 +335,42 @@ def test_a_masked_gradient_column_reads_n_a_for_a_policy_without_a_gate() -> Non
     gated = {"settings": {"episodes": 16}, "table": [{"method": "PGCA", "relevance_mass": {"mean": 0.9},
                                                      "shielded_relevance_mass": {"mean": 0.8}}]}
     plain = {"settings": {"episodes": 16}, "table": [{"method": "PGCA", "relevance_mass": {"mean": 0.9}}]}
-    col = reproduce.ColumnSpec(label="PGCA", source="explain", metric="PGCA/shielded_relevance_mass")
-    assert reproduce._value(gated, col, "explain") == (0.8, 16, "", None)
-    value = reproduce._value(plain, col, "explain")[0]
-    assert reproduce.format_cell(reproduce.Cell([value, value], 0, [0, 1]), col) == "n/a (no gate)"
+    col = schema.ColumnSpec(label="PGCA", source="explain", metric="PGCA/shielded_relevance_mass")
+    assert tables._value(gated, col, "explain") == (0.8, 16, "", None)
+    value = tables._value(plain, col, "explain")[0]
+    assert tables.format_cell(tables.Cell([value, value], 0, [0, 1]), col) == "n/a (no gate)"
     with pytest.raises(reproduce.ConfigError, match="has no 'PGCA/deletion_auc'"):   # other rows stay required
-        reproduce._value(plain, dataclasses.replace(col, metric="PGCA/deletion_auc"), "explain")
+        tables._value(plain, dataclasses.replace(col, metric="PGCA/deletion_auc"), "explain")
     trusted = {**plain, "trust": {"evidence": {"spearman": 0.25}}}
-    assert reproduce._value(trusted, dataclasses.replace(col, metric="trust/evidence"), "explain") == (0.25, 16, "", None)
+    assert tables._value(trusted, dataclasses.replace(col, metric="trust/evidence"), "explain") == (0.25, 16, "", None)
     with pytest.raises(reproduce.ConfigError, match="no trust signal 'margin'"):
-        reproduce._value(trusted, dataclasses.replace(col, metric="trust/margin"), "explain")
+        tables._value(trusted, dataclasses.replace(col, metric="trust/margin"), "explain")
 
 
 def test_only_runs_the_matching_tasks_and_what_they_depend_on() -> None:
-    tasks = reproduce.expand(reproduce.load_experiment(ROOT / "experiments" / "budget_adversary.yaml"), quick=False)
-    chosen = {t.id for t in reproduce.select(tasks, "evaluate/budget_k1/ppo/*")}
+    tasks = plan.expand(schema.load_experiment(ROOT / "experiments" / "budget_adversary.yaml"), reproduce.JOBS, quick=False)
+    chosen = {t.id for t in plan.select(tasks, "evaluate/budget_k1/ppo/*")}
     assert chosen == {f"{kind}/s{s}" for s in (0, 1, 2) for kind in ("train/ppo", "adversary/director_k1/ppo",
                                                                        "evaluate/budget_k1/ppo")}
-    assert reproduce.select(tasks, None) == tasks
+    assert plan.select(tasks, None) == tasks
     with pytest.raises(reproduce.ConfigError, match="--only 'train/nothing' matches no task"):
-        reproduce.select(tasks, "train/nothing")
+        plan.select(tasks, "train/nothing")
 
 
 def test_quick_needs_toy_budgets_and_is_written_apart() -> None:
-    exp = reproduce.load_experiment(ROOT / "experiments" / "default_job.yaml")
-    full, quick = reproduce.expand(exp, quick=False), reproduce.expand(exp, quick=True)
+    exp = schema.load_experiment(ROOT / "experiments" / "default_job.yaml")
+    full, quick = plan.expand(exp, reproduce.JOBS, quick=False), plan.expand(exp, reproduce.JOBS, quick=True)
     assert [t.config["timesteps"] for t in full] == [1_000_000] * 5 and all(t.config["timesteps"] < 50_000 for t in quick)
     assert {t.key for t in full}.isdisjoint(t.key for t in quick)
     with pytest.raises(reproduce.ConfigError, match="--quick needs the experiment's 'quick' overrides"):
-        reproduce.expand(dataclasses.replace(exp, quick=[]), quick=True)
+        plan.expand(dataclasses.replace(exp, quick=[]), reproduce.JOBS, quick=True)
 
 
 @pytest.mark.parametrize("name, victim", [("budget_adversary", "none"), ("budget_defended", "fgmf")])
 def test_the_budget_experiments_train_a_director_per_victim_and_budget(name: str, victim: str) -> None:
-    exp = reproduce.load_experiment(ROOT / "experiments" / f"{name}.yaml")
-    tasks = reproduce.expand(exp, quick=False)
-    reproduce.check_tables(exp, tasks)
+    exp = schema.load_experiment(ROOT / "experiments" / f"{name}.yaml")
+    tasks = plan.expand(exp, reproduce.JOBS, quick=False)
+    plan.check_tables(exp, tasks)
     assert {t.config["defense"]["kind"] for t in tasks if t.kind == "train"} == {victim}
     directors = [t for t in tasks if t.kind == "adversary"]
     assert len(directors) == (9 if name == "budget_adversary" else 6) and all(t.config["eps"] == 4.0 and t.config["timesteps"] == 40_000 for t in directors)
@@ -383,17 +384,17 @@ def test_the_budget_experiments_train_a_director_per_victim_and_budget(name: str
 
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_experiment_file_loads_expands_and_its_tables_name_real_tasks(path: Path) -> None:
-    exp = reproduce.load_experiment(path)
+    exp = schema.load_experiment(path)
     for quick in (False, True) if exp.quick else (False,):   # tiny.yaml is toy already: it has no quick form
-        tasks = reproduce.expand(exp, quick=quick)
-        reproduce.check_tables(exp, tasks)
+        tasks = plan.expand(exp, reproduce.JOBS, quick=quick)
+        plan.check_tables(exp, tasks)
         assert tasks and len({t.id for t in tasks}) == len(tasks)
 
 
 def test_the_readme_experiments_are_valid_and_expand_as_described() -> None:
-    defense = reproduce.load_experiment(ROOT / "experiments" / "defense_table.yaml")
-    tasks = reproduce.expand(defense, quick=False)
-    reproduce.check_tables(defense, tasks)
+    defense = schema.load_experiment(ROOT / "experiments" / "defense_table.yaml")
+    tasks = plan.expand(defense, reproduce.JOBS, quick=False)
+    plan.check_tables(defense, tasks)
     trains = [t for t in tasks if t.kind == "train"]
     assert sorted((t.config["defense"]["kind"], t.seed) for t in trains) == sorted(
         (d, s) for d in ("none", "sappo", "fgmf") for s in (0, 1, 2))
@@ -402,34 +403,34 @@ def test_the_readme_experiments_are_valid_and_expand_as_described() -> None:
                                    and t.config["audit"] for t in evals)
     assert all(t.deps == (f"train/{t.run}/s{t.seed}", f"train/ppo/s{(t.seed + 1) % 3}") for t in evals)
     # the vanilla rows are robust_team's own tasks (same ids and keys): one results root shares them
-    robust = {t.id: t.key for t in reproduce.expand(reproduce.load_experiment(ROOT / "experiments" / "robust_team.yaml"),
+    robust = {t.id: t.key for t in plan.expand(schema.load_experiment(ROOT / "experiments" / "robust_team.yaml"), reproduce.JOBS,
                                                     quick=False)}
     vanilla = [t for t in tasks if t.run == "ppo"]
     assert len(vanilla) == 6 and all(robust[t.id] == t.key for t in vanilla)
 
 
 def test_comparisons_say_beats_only_where_the_interval_of_the_difference_excludes_zero() -> None:
-    table = reproduce.TableSpec(name="t", rows=["a", "b"], compare="a", against=["b"],
-                                columns=[reproduce.ColumnSpec(label="clean", metric="normalised_mean")])
+    table = schema.TableSpec(name="t", rows=["a", "b"], compare="a", against=["b"],
+                                columns=[schema.ColumnSpec(label="clean", metric="normalised_mean")])
     # outputs without recorded episodes: means over seeds, never a verdict
-    legacy = {("a", "clean"): reproduce.Cell([0.70, 0.72, 0.74], 768, [0, 1, 2]),
-              ("b", "clean"): reproduce.Cell([0.50, 0.52, 0.54], 768, [0, 1, 2])}
-    (line,) = reproduce.comparisons(table, legacy)
+    legacy = {("a", "clean"): tables.Cell([0.70, 0.72, 0.74], 768, [0, 1, 2]),
+              ("b", "clean"): tables.Cell([0.50, 0.52, 0.54], 768, [0, 1, 2])}
+    (line,) = tables.comparisons(table, legacy)
     assert "beats" not in line and "no verdict" in line
 
     rng = np.random.default_rng(0)
 
-    def cell(centre: float) -> reproduce.Cell:
+    def cell(centre: float) -> tables.Cell:
         strata = [rng.normal(centre, 0.1, 48) for _ in range(5)]
-        return reproduce.Cell([float(s.mean()) for s in strata], 240, list(range(5)), strata=strata)
+        return tables.Cell([float(s.mean()) for s in strata], 240, list(range(5)), strata=strata)
 
     apart = {("a", "clean"): cell(0.7), ("b", "clean"): cell(0.5)}
-    (line,) = reproduce.comparisons(table, apart)
+    (line,) = tables.comparisons(table, apart)
     assert "a beats b: IQM 0.69" in line and "vs 0.49" in line and "P(a > b) = 0.9" in line
-    (line,) = reproduce.comparisons(dataclasses.replace(table, compare="b", against=["a"]), apart)
+    (line,) = tables.comparisons(dataclasses.replace(table, compare="b", against=["a"]), apart)
     assert "b **is beaten by** a" in line
     close = {("a", "clean"): cell(0.5), ("b", "clean"): cell(0.5)}
-    (line,) = reproduce.comparisons(table, close)
+    (line,) = tables.comparisons(table, close)
     assert "**does not beat** (the interval of the difference includes 0)" in line
     gap = stats.difference(close["a", "clean"].strata, close["b", "clean"].strata)
     assert gap.low < 0 < gap.high and f"[{gap.low:.3f}".replace("-", "−") in line
@@ -438,15 +439,15 @@ def test_comparisons_say_beats_only_where_the_interval_of_the_difference_exclude
 def test_an_experiments_own_overrides_apply_to_every_run_and_a_runs_own_win() -> None:
     # fgmf_retune was measured before fgmf_dense's configuration became SCOR-PIO's default: it pins the
     # earlier defaults for every run, and its fgmf run's own pgd_steps=3 wins over the pinned 0
-    exp = reproduce.load_experiment(ROOT / "experiments" / "fgmf_retune.yaml")
-    trains = {t.run: t.config for t in reproduce.expand(exp, quick=False) if t.kind == "train"}
+    exp = schema.load_experiment(ROOT / "experiments" / "fgmf_retune.yaml")
+    trains = {t.run: t.config for t in plan.expand(exp, reproduce.JOBS, quick=False) if t.kind == "train"}
     pinned = dict(eps=4.0, subsample=0.125, every=8, lambda1=1.0, lambda2=1.0, curvature="gradient")
     for config in trains.values():
         assert {k: config["defense"]["scorpio"][k] for k in pinned} == pinned
     assert {run: c["defense"]["scorpio"]["pgd_steps"] for run, c in trains.items()} == {
         run: 3 if c["defense"]["kind"] == "fgmf" else 0 for run, c in trains.items()}
     # without the pin the same file would train today's defaults
-    bare = reproduce.expand(dataclasses.replace(exp, overrides=[]), quick=False)
+    bare = plan.expand(dataclasses.replace(exp, overrides=[]), reproduce.JOBS, quick=False)
     assert all(t.config["defense"]["scorpio"]["eps"] == 8.0 for t in bare if t.kind == "train")
 
 
@@ -454,21 +455,21 @@ def test_a_moved_default_reruns_what_reads_it_and_nothing_else(clean_run: Path) 
     # a record written when SCOR-PIO's eps default was 4: a vanilla run never reads it, so it stays cached;
     # an fgmf run at the default reads it and reruns; an fgmf run that spelled eps out stays cached
     root = clean_run / "root"
-    tasks = reproduce.expand(reproduce.load_experiment(TINY), quick=False)
+    tasks = plan.expand(schema.load_experiment(TINY), reproduce.JOBS, quick=False)
     vanilla = next(t for t in tasks if t.id == "train/none/s0")
-    record = reproduce.read_record(root, vanilla.id)
+    record = cache.read_record(root, vanilla.id)
     older = copy.deepcopy(record["config"])
     older["defense"]["scorpio"]["eps"] = 4.0
     stored = {**record, "config": older, "key": "written-by-older-code"}
-    assert reproduce.is_cached(root, vanilla, stored, {})
+    assert cache.is_cached(root, vanilla, stored, {})
     fgmf = dataclasses.replace(vanilla, config={**vanilla.config, "defense": {**vanilla.config["defense"], "kind": "fgmf"}})
-    fgmf = dataclasses.replace(fgmf, key=reproduce._key("train", fgmf.config, ()))
+    fgmf = dataclasses.replace(fgmf, key=plan.task_key(reproduce.JOBS["train"], "train", fgmf.config, ()))
     at_default = {**stored, "config": {**older, "defense": {**older["defense"], "kind": "fgmf"}}}
-    assert not reproduce.is_cached(root, fgmf, at_default, {})
+    assert not cache.is_cached(root, fgmf, at_default, {})
     spelled = copy.deepcopy(fgmf.config)
     spelled["defense"]["scorpio"]["eps"] = 4.0
-    spelled_task = dataclasses.replace(fgmf, config=spelled, key=reproduce._key("train", spelled, ()))
-    assert reproduce.is_cached(root, spelled_task, at_default, {})
+    spelled_task = dataclasses.replace(fgmf, config=spelled, key=plan.task_key(reproduce.JOBS["train"], "train", spelled, ()))
+    assert cache.is_cached(root, spelled_task, at_default, {})
     assert reproduce.without_unused_defenses(vanilla.config)["defense"] == {
         k: v for k, v in vanilla.config["defense"].items() if k not in ("scorpio", "sgam", "sappo")}
 
@@ -478,17 +479,17 @@ def test_a_results_root_holds_toy_runs_or_measured_ones_never_both(tmp_path: Pat
     (measured / "tasks" / "train__ppo__s0").mkdir(parents=True)
     (measured / "tasks" / "train__ppo__s0" / "task.json").write_text("{}")
     with pytest.raises(reproduce.ConfigError, match="holds measured runs; --quick writes toy runs only"):
-        reproduce.check_root_kind(measured, quick=True)
-    reproduce.check_root_kind(measured, quick=False)                        # a measured run may continue there
+        cache.check_root_kind(measured, quick=True)
+    cache.check_root_kind(measured, quick=False)                        # a measured run may continue there
     toy = tmp_path / "toy"
-    reproduce.check_root_kind(toy, quick=True)                              # an empty folder becomes a quick root
-    assert (toy / reproduce.QUICK_MARKER).is_file()
+    cache.check_root_kind(toy, quick=True)                              # an empty folder becomes a quick root
+    assert (toy / cache.QUICK_MARKER).is_file()
     with pytest.raises(reproduce.ConfigError, match="holds --quick \\(toy\\) runs"):
-        reproduce.check_root_kind(toy, quick=False)
+        cache.check_root_kind(toy, quick=False)
     legacy = tmp_path / "default_job-quick"                                 # the default layout, written before the marker
     (legacy / "tasks" / "train__ppo__s0").mkdir(parents=True)
     (legacy / "tasks" / "train__ppo__s0" / "task.json").write_text("{}")
-    reproduce.check_root_kind(legacy, quick=True)
+    cache.check_root_kind(legacy, quick=True)
     out = tmp_path / "cli"
     code = reproduce.entry([str(ROOT / "experiments" / "default_job.yaml"), "--quick", "--results-root", str(measured),
                             "--results", str(out / "R.md"), "--figures", str(out / "f"), "--no-progress"])

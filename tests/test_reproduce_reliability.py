@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from fgmf_marl.config import ConfigError
+from fgmf_marl.experiments import cache, plan, schema, tables
 from fgmf_marl.jobs import reproduce
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,19 +48,19 @@ def test_an_evaluation_override_of_a_placed_key_is_refused(tmp_path: Path, capsy
 
 
 def test_another_experiments_task_of_another_config_is_not_set_aside(tmp_path: Path) -> None:
-    exp = reproduce.load_experiment(TINY)
-    task = reproduce.expand(exp, quick=False)[0]
+    exp = schema.load_experiment(TINY)
+    task = plan.expand(exp, reproduce.JOBS, quick=False)[0]
     folder = tmp_path / "root" / task.folder
     folder.mkdir(parents=True)
     theirs = {"id": task.id, "kind": "train", "key": "0" * 16, "experiment": "other", "status": "done", "run_id": "x",
               "config": {**task.config, "timesteps": 999_424}}
     (folder / "task.json").write_text(json.dumps(theirs))
     with pytest.raises(ConfigError, match="belongs to experiment 'other'"):
-        reproduce.check_foreign_tasks(tmp_path / "root", [task], "tiny")
-    reproduce.check_foreign_tasks(tmp_path / "root", [task], "other")          # its own experiment may rerun it
+        cache.check_foreign_tasks(tmp_path / "root", [task], "tiny")
+    cache.check_foreign_tasks(tmp_path / "root", [task], "other")          # its own experiment may rerun it
     same = {**theirs, "config": task.config, "key": task.key}
     (folder / "task.json").write_text(json.dumps(same))
-    reproduce.check_foreign_tasks(tmp_path / "root", [task], "tiny")           # same config: shared on purpose
+    cache.check_foreign_tasks(tmp_path / "root", [task], "tiny")           # same config: shared on purpose
 
 
 @pytest.mark.parametrize("kind", ["directory", "binary", "device"])
@@ -94,17 +95,17 @@ def test_a_malformed_or_unreachable_ray_address_fails_at_once(tmp_path: Path, ca
 
 
 def test_damaged_records_and_outputs_are_one_line_errors(tmp_path: Path) -> None:
-    task = reproduce.expand(reproduce.load_experiment(TINY), quick=False)[0]
+    task = plan.expand(schema.load_experiment(TINY), reproduce.JOBS, quick=False)[0]
     folder = tmp_path / task.folder
     (folder / "out" / "eval").mkdir(parents=True)
     (folder / "task.json").write_text("[1, 2, 3]")
-    assert reproduce.read_record(tmp_path, task.id) is None
+    assert cache.read_record(tmp_path, task.id) is None
     (folder / "out" / "eval" / "summary.json").write_text('{"normalised_mean": 0.')   # truncated
     with pytest.raises(ConfigError, match="cannot be read as JSON.*--rerun 'train/none/s0'"):
-        reproduce._read_output(tmp_path, task)
+        tables._read_output(tmp_path, task)
     (folder / "out" / "eval" / "summary.json").write_text("[0.5]")
     with pytest.raises(ConfigError, match="not a JSON object"):
-        reproduce._read_output(tmp_path, task)
+        tables._read_output(tmp_path, task)
 
 
 def test_sigterm_stops_the_driver_with_143_and_leaves_no_job_running(tmp_path: Path) -> None:
@@ -135,7 +136,7 @@ def test_every_experiment_file_expands_to_the_recorded_tasks_and_cache_keys() ->
     recorded = json.loads((ROOT / "tests" / "data" / "experiment_keys.json").read_text())
     today: dict[str, dict[str, str]] = {}
     for path in sorted((ROOT / "experiments").glob("*.yaml")):
-        exp = reproduce.load_experiment(path)
+        exp = schema.load_experiment(path)
         for quick in (False, True) if exp.quick else (False,):
-            today[path.stem + ("-quick" if quick else "")] = {t.id: t.key for t in reproduce.expand(exp, quick=quick)}
+            today[path.stem + ("-quick" if quick else "")] = {t.id: t.key for t in plan.expand(exp, reproduce.JOBS, quick=quick)}
     assert today == recorded

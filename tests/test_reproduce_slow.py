@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fgmf_marl.experiments import tables
 from fgmf_marl.jobs import reproduce
 from test_reproduce import ROOT, TINY, _args, _numbers, kill_and_rerun
 
@@ -27,5 +28,5 @@ def test_quick_runs_each_experiment_within_20_minutes_labelled_as_toy(tmp_path: 
     assert reproduce.entry([*args, "--quick"]) == 0
     assert time.perf_counter() - start < 20 * 60
     text = (tmp_path / "RESULTS.md").read_text()
-    assert f"<!-- reproduce:begin {name}-quick -->" in text and text.count(reproduce.QUICK_LABEL) >= 3
+    assert f"<!-- reproduce:begin {name}-quick -->" in text and text.count(tables.QUICK_LABEL) >= 3
     assert "missing" not in text

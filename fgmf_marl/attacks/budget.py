@@ -148,6 +148,8 @@ class ValueSelector(Selector):
         return Scores(drop, drop, adversarial)
 
 
+#: the selector label of a learned director's rows in an evaluation: it chooses whom and when itself
+LEARNED = "learned"
 SELECTORS: dict[str, type[Selector]] = {s.name: s for s in (RandomSelector, FixedSelector, TimedSelector, ValueSelector)}
 
 

@@ -36,7 +36,8 @@ from fgmf_marl.atomic import atomic_write_text
 from fgmf_marl.jobs import cli
 from fgmf_marl.attacks.base import LEAST_LIKELY
 from fgmf_marl.jobs.checkpoints import PeriodicCheckpoint, Victim, load_victim, save_checkpoint
-from fgmf_marl.jobs.evaluate import LEARNED, EvalConfig, evaluate
+from fgmf_marl.attacks.budget import LEARNED
+from fgmf_marl.jobs.evaluate import EvalConfig, evaluate
 from fgmf_marl.runs import staged_run_dir
 
 PROG = "train_adversary.py"

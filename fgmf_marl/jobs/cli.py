@@ -29,6 +29,7 @@ import torch
 
 from fgmf_marl import config as cfglib
 from fgmf_marl.config import ConfigError
+from fgmf_marl.interrupts import Terminated, terminate
 
 USAGE_ERROR = 2
 INTERRUPTED = 128 + signal.SIGINT    # the shell's status for a process stopped by Ctrl-C
@@ -92,16 +93,6 @@ def load_config(cls: type[T], *, config_file: str | Path | None = None, flags: d
     return cfglib.load(cls, config_file, flags_to_overrides(flags or {}) + list(overrides), base=base)
 
 
-class Terminated(BaseException):
-    """Raised in the main thread on SIGTERM; a BaseException, as KeyboardInterrupt, so no
-    ``except Exception`` swallows it and every ``finally`` and ``staged_run_dir`` clean-up runs."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
-    raise Terminated
-
-
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None, prog: str = "") -> int:
     """Run ``main(argv)``; a ``ConfigError`` becomes one line on stderr and exit code 2.
 
@@ -110,7 +101,7 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     unwind ``main`` (removing a run without checkpoints) and return 130 and 143.
     """
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    previous = signal.signal(signal.SIGTERM, terminate) if in_main_thread else None
     try:
         return main(argv)
     except SystemExit as exc:

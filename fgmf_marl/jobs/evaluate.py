@@ -79,7 +79,7 @@ from fgmf_marl.stats import bootstrap_ci
 from fgmf_marl.atomic import atomic_write, atomic_write_text
 from fgmf_marl.attacks import ATTACKS, PRESETS, Attack, Transfer, expand_presets, has_gate, make_attack, parse_spec
 from fgmf_marl.attacks.base import MAX_ITERATIONS
-from fgmf_marl.attacks.budget import SELECTORS, Budget, BudgetedAttack, make_selector
+from fgmf_marl.attacks.budget import LEARNED, SELECTORS, Budget, BudgetedAttack, make_selector
 from fgmf_marl.attacks.frames import on_frames
 from fgmf_marl.audit import AuditConfig, AuditReport, audit
 from fgmf_marl.config import ConfigError, check_device, check_range, check_seed
@@ -92,8 +92,6 @@ from fgmf_marl.rollout import StepRecord, rollout
 from fgmf_marl.runs import staged_run_dir
 
 PROG = "evaluate.py"
-#: the selector label of a learned director's rows: it chooses whom and when itself
-LEARNED = "learned"
 
 
 @dataclass
