@@ -2,7 +2,7 @@
 
 The paper (arXiv 2412.03884) gives no algorithm we could read, so this is our concrete reading,
 re-tuned in issue 20 for the regime of this project (2-4 px entities in a 48 x 48 egocentric view;
-each choice was measured on held-out tuning episodes, docs/EXPERIMENTS.md, "PGCA for small entities"):
+each choice was measured on held-out tuning episodes, docs/experiments/explanations.md, "PGCA for small entities"):
 
 1. P, perturbation at the entities' scale (``perturbation="segments"``, default): the large flat
    colour regions (floor, wall) are the canvas; each connected non-flat segment (an entity) is
@@ -27,7 +27,7 @@ each choice was measured on held-out tuning episodes, docs/EXPERIMENTS.md, "PGCA
    *Why gated*: the arithmetic mean can only average the two masses, so it lost to P on relevance mass
    (claim (a) of issue 20); gating G by P's units cannot spread mass onto entities P found irrelevant.
    Chosen on tuning seeds 1000 / 2000 by the smallest margin over P and G on relevance mass and rank
-   (docs/EXPERIMENTS.md, "PGCA gated by P's units").
+   (docs/experiments/explanations.md, "PGCA gated by P's units").
    Agreement (per sample, in [-1, 1]) = Spearman rank correlation of P and G averaged over the
    g x g grid cells; also the top-k IoU of their most important cells, in [0, 1]. A low agreement
    tells the reviewer that the two paradigms disagree and the picture deserves less trust.

@@ -44,7 +44,7 @@ class TrainConfig:
 
     ``eval_episodes`` is 256 because per-episode returns are noisy: 32 episodes left a standard error of
     ~0.045 on the oracle-normalised mean, 256 bring it to ~0.016 for a few seconds more (measurements:
-    docs/EXPERIMENTS.md, "Evaluation protocol").
+    docs/experiments/evaluation-protocol.md, "Evaluation protocol").
     """
 
     seed: int = 0
@@ -67,7 +67,7 @@ class TrainConfig:
         where it chooses none), merged env first; ``fgmf_marl.config.load`` puts them beneath ``data``.
 
         Why: the PPO knobs were tuned for the CNN on the native env; a backbone or an env that needs
-        others (measured, docs/EXPERIMENTS.md) gets them without the user having to know, and a run's
+        others (measured, docs/experiments/) gets them without the user having to know, and a run's
         config.yaml records them like any other value.
         """
         defaults = {"env.name": EnvConfig().name, "policy.backbone": PolicyConfig().backbone}
