@@ -107,10 +107,8 @@ class PPOConfig:
     * one epoch (``n_epochs``) of minibatches of 128 (``batch_size``) at ``learning_rate`` 1e-3,
       annealed linearly to 0 (CleanRL's ``anneal_lr``): the update, not the rollout, is what costs, and
       this gives as many gradient steps per sample as 2 epochs of 256 at half the update's compute.
-    * ``ent_coef`` 0.003 (was 0.01): it scored higher, likely because evaluation is deterministic and
+    * ``ent_coef`` 0.003: it scored higher than 0.01, likely because evaluation is deterministic and
       0.01 kept the policy more random than the task needs (not measured directly).
-
-    Tried and not adopted (same reference): ``clip_range`` 0.1, ``n_steps`` 128, smaller CNNs.
     """
 
     learning_rate: float = 1e-3

@@ -42,8 +42,8 @@ class TrainConfig:
     (``runs/<name>/eval/oversight/``: PGCA maps of every agent, every ``log_every``-th step), with an
     HMAC per record when ``log_key_file`` (or ``$FGMF_LOG_KEY_FILE``) names a key.
 
-    ``eval_episodes`` is 256 because per-episode returns are noisy: 32 episodes left a standard error of
-    ~0.045 on the oracle-normalised mean, 256 bring it to ~0.016 for a few seconds more (measurements:
+    ``eval_episodes`` is 256 because per-episode returns are noisy: 256 episodes cut the standard error
+    of the oracle-normalised mean to about a third of 32's for a few seconds more (measurements:
     docs/experiments/evaluation-protocol.md, "Evaluation protocol").
     """
 
