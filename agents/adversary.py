@@ -458,7 +458,7 @@ def warm_start(policy: ActorCriticPolicy, core: DirectorCore, option: str, prob:
     other options' mass ``(1 - prob) * share``, spread evenly over the ``n_options - 1`` other options).
 
     Why: a director that starts uniform over its options is far weaker than PGD (measurements:
-    docs/EXPERIMENTS.md, "The adversary's warm start") and spends its budget rediscovering fixed attacks.
+    docs/experiments/adversary.md, "The adversary's warm start") and spends its budget rediscovering fixed attacks.
     Starting at the least-likely attack (the strongest fixed option measured on the default victim)
     turns training into a search for *improvements*, as PA-AD intends; the other options keep
     ``1 - prob`` of the mass, so PPO still explores them. ``share`` < 1 (:func:`budget_share`) makes the

@@ -1,7 +1,7 @@
 """The ``policy:`` and ``ppo:`` sections of a run config: the network and the PPO hyperparameters.
 
 Defaults are those of the embedded default job (the small CNN, PPO tuned for the native env; the
-whole run config is ``fgmf_marl.jobs.train_config.TrainConfig``; measurements: docs/EXPERIMENTS.md,
+whole run config is ``fgmf_marl.jobs.train_config.TrainConfig``; measurements: docs/experiments/ppo-defaults.md,
 "PPO defaults and the default job").
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ class PolicyConfig:
     and regularisers stay float32). float32 is the default because bfloat16 only pays on CPUs with
     native bfloat16 (AVX-512 BF16 / AMX) and is far slower on AVX2-only CPUs (``torch.backends.cpu.
     get_cpu_capability() == "AVX2"``), and the default job must not depend on which CPU it lands on
-    (measurements: docs/EXPERIMENTS.md, "Throughput and speed").
+    (measurements: docs/experiments/throughput.md, "Throughput and speed").
     """
 
     backbone: Literal["cnn", "vit"] = "cnn"
@@ -96,7 +96,7 @@ class PPOConfig:
     """SB3 PPO hyperparameters (timesteps count agent-steps: one per slot per step).
 
     Each default was chosen on the default job by its oracle-normalised return on a deterministic
-    evaluation (measurements: docs/EXPERIMENTS.md, "PPO defaults and the default job"):
+    evaluation (measurements: docs/experiments/ppo-defaults.md, "PPO defaults and the default job"):
 
     * ``gamma`` 0.9, ``gae_lambda`` 0.8: the env's potential-based shaping pays for progress at once,
       so short horizons lose little and cut the variance that other agents' random moves add to the
@@ -107,10 +107,8 @@ class PPOConfig:
     * one epoch (``n_epochs``) of minibatches of 128 (``batch_size``) at ``learning_rate`` 1e-3,
       annealed linearly to 0 (CleanRL's ``anneal_lr``): the update, not the rollout, is what costs, and
       this gives as many gradient steps per sample as 2 epochs of 256 at half the update's compute.
-    * ``ent_coef`` 0.003 (was 0.01): it scored higher, likely because evaluation is deterministic and
+    * ``ent_coef`` 0.003: it scored higher than 0.01, likely because evaluation is deterministic and
       0.01 kept the policy more random than the task needs (not measured directly).
-
-    Tried and not adopted (same reference): ``clip_range`` 0.1, ``n_steps`` 128, smaller CNNs.
     """
 
     learning_rate: float = 1e-3

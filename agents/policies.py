@@ -56,7 +56,7 @@ class CnnBackbone(nn.Module):
     The convolutions run on a channels-last copy of the input, a layout oneDNN's CPU kernels prefer:
     the same function (outputs equal up to float summation order, tested), faster forward + backward.
     The weights keep the default layout, which SB3's orthogonal init needs; flatten still reads the
-    map in (C, H, W) order (measurements: docs/EXPERIMENTS.md, "Throughput and speed").
+    map in (C, H, W) order (measurements: docs/experiments/throughput.md, "Throughput and speed").
     """
 
     def __init__(self, in_channels: int, height: int, width: int, channels: tuple[int, int, int] = (16, 32, 32),
@@ -232,7 +232,7 @@ class VitBackbone(nn.Module):
     convolution. ``stem="conv"`` is the convolutional stem of "Early Convolutions Help Transformers
     See Better" (Xiao et al., 2021): three 3 x 3 stride-2 convolutions (16, 32, ``dim`` channels, ReLU
     between), one token per 8 x 8 px. Why both: with the patchify stem PPO never learned the coverage
-    task (the value function stayed at zero explained variance; docs/EXPERIMENTS.md, "ViT
+    task (the value function stayed at zero explained variance; docs/experiments/vit.md, "ViT
     throughput"); a convolutional stem is the standard remedy for ViTs' optimisation instability.
 
     ``spatial`` returns the token grid after the last block as (B, D, h, w), the ViT analogue of a conv
@@ -263,7 +263,7 @@ class VitBackbone(nn.Module):
         self.blocks = nn.Sequential(*[_Block(dim, heads) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         # tanh, ViT's pre-logits activation, not the CNN's ReLU: with ReLU all 128 features of one seed
-        # died in PPO's first updates and never came back (docs/EXPERIMENTS.md, "ViT throughput")
+        # died in PPO's first updates and never came back (docs/experiments/vit.md, "ViT throughput")
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(dim * n_tokens, features_dim), nn.Tanh())
         #: 1/sqrt(tokens): the flattened normalised tokens have norm ~sqrt(T * dim); without the scale the
         #: features grew to norm ~90 within 100k PPO steps, saturating every tanh of SB3's MLP heads

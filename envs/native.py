@@ -118,7 +118,7 @@ class CoverageConfig:
     ``view="egocentric"`` (default) re-centres each agent's image on itself (see :func:`egocentric`):
     PPO learns from it where it did not learn from the global view, because "where is my landmark
     relative to me" becomes a fixed pattern instead of a function of two absolute positions
-    (measurements: docs/EXPERIMENTS.md, "The native environment's learnability").
+    (measurements: docs/experiments/ppo-defaults.md, "The native environment's learnability").
 
     The defaults make typical agent-landmark distances take ~10 steps at ``agent_speed=2`` px/step,
     so a 40-step episode leaves most of its steps for holding the cover.

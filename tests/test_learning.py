@@ -4,7 +4,8 @@ Guards the env and PPO defaults that made the coverage task learnable from pixel
 view, potential-based shaping, per-agent credit, short horizons, a value coefficient that leaves
 the shared CNN to the policy): before them the normalised return stayed at ~0.0 after 100k
 agent-steps. 200k agent-steps of the defaults (seed 0) must clear 0.4, well below what such runs
-score and well above what SB3's ``vf_coef=0.5`` scored (docs/EXPERIMENTS.md, "PPO defaults and the default job").
+score and well above what SB3's ``vf_coef=0.5`` scored (docs/experiments/ppo-defaults.md, "PPO
+defaults and the default job").
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ where vanilla PPO at the same budget does not.
 
 The bars (< 0.10 for vanilla, > 0.30 for the adversarially trained team, PGD-10 at 4/255, 16
 episodes) sit about four standard errors inside what these exact commands measured; the figures are
-in docs/EXPERIMENTS.md, "Adversarial team training" (the short run the slow guard rests on).
+in docs/experiments/adversarial-training.md, "Adversarial team training" (the short run the slow guard rests on).
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ says whether the step is worth spending budget on:
 "Among the largest" is a threshold: the ``1 - p`` quantile of the step score on a calibration
 rollout of the clean policy (:func:`step_scores`, seeds of their own); the hard cap binds where an
 episode has more high-scoring steps than that. Scores under attack differ from clean ones, so a
-threshold alone underspends (docs/EXPERIMENTS.md, "Budgeted attacks and the learned director"), hence
+threshold alone underspends (docs/experiments/adversary.md, "Budgeted attacks and the learned director"), hence
 pacing, as Lin et al. set their threshold so the budget is spent: once the budget left equals the
 steps left in the episode, every remaining step is attacked. Random timing needs no calibration
 (its step score is uniform, the threshold is ``1 - p``).

@@ -217,7 +217,7 @@ def connected_components(fg: Tensor) -> Tensor:
     One ``scipy.ndimage.label`` call over the whole stack (a structure that never links two images);
     scipy numbers components in raster order, so each sample's labels form one contiguous range,
     shifted here to start at 1. Why scipy: labelling in C is far cheaper than propagating labels by
-    max-pooling on every logged step (measurement: docs/EXPERIMENTS.md, "PGCA for small entities").
+    max-pooling on every logged step (measurement: docs/experiments/explanations.md, "PGCA for small entities").
     """
     labels, _ = ndimage.label(fg.detach().cpu().numpy(), structure=_EIGHT_CONNECTED_PER_IMAGE)
     labels = torch.from_numpy(labels.astype(np.int64)).to(fg.device)

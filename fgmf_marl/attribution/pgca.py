@@ -1,8 +1,8 @@
 """PGCA: perturbation-gradient consensus attribution (docs/DESIGN.md, "PGCA").
 
 The paper (arXiv 2412.03884) gives no algorithm we could read, so this is our concrete reading,
-re-tuned in issue 20 for the regime of this project (2-4 px entities in a 48 x 48 egocentric view;
-each choice was measured on held-out tuning episodes, docs/EXPERIMENTS.md, "PGCA for small entities"):
+tuned for the regime of this project (2-4 px entities in a 48 x 48 egocentric view; each choice was
+measured on held-out tuning episodes; the figures: docs/experiments/explanations.md):
 
 1. P, perturbation at the entities' scale (``perturbation="segments"``, default): the large flat
    colour regions (floor, wall) are the canvas; each connected non-flat segment (an entity) is
@@ -23,11 +23,10 @@ each choice was measured on held-out tuning episodes, docs/EXPERIMENTS.md, "PGCA
    most gradient-salient pixel and G ranks the pixels inside it, so the entities' order is P's and the
    mass inside an entity moves to where the gradient says the policy looks; entities whose removal does
    not lower the score (P = 0, e.g. a teammate that raises it) are still ranked, below, by G.
-   ``"arithmetic"`` w P + (1-w) G (w = 0.75, the default until 2026-12-04) or ``"geometric"`` P^w G^(1-w).
+   ``"arithmetic"`` w P + (1-w) G (w = 0.75) or ``"geometric"`` P^w G^(1-w).
    *Why gated*: the arithmetic mean can only average the two masses, so it lost to P on relevance mass
-   (claim (a) of issue 20); gating G by P's units cannot spread mass onto entities P found irrelevant.
-   Chosen on tuning seeds 1000 / 2000 by the smallest margin over P and G on relevance mass and rank
-   (docs/EXPERIMENTS.md, "PGCA gated by P's units").
+   (claim (a) of issue 20); gating G by P's units cannot spread mass onto entities P found irrelevant
+   (docs/experiments/explanations.md, "PGCA gated by P's units").
    Agreement (per sample, in [-1, 1]) = Spearman rank correlation of P and G averaged over the
    g x g grid cells; also the top-k IoU of their most important cells, in [0, 1]. A low agreement
    tells the reviewer that the two paradigms disagree and the picture deserves less trust.
@@ -35,9 +34,9 @@ each choice was measured on held-out tuning episodes, docs/EXPERIMENTS.md, "PGCA
    since any blur at this scale spreads mass from 4 px entities onto the background.
 5. Contrast (:func:`rank_preserving_stretch`): values above the ``low_percentile`` quantile are
    stretched linearly onto [delta, 1] and those below are compressed into [0, delta], then
-   ``** gamma``. The old percentile stretch clipped the top 1 % to 1 (23 tied pixels, so the
-   pointing game took the first in raster order) and the bottom 1 % to 0; this map is strictly
-   increasing, so the final map ranks pixels exactly as the consensus does.
+   ``** gamma``. Why: a clipping stretch ties the top pixels (the pointing game then takes the first
+   in raster order); this map is strictly increasing, so the final map ranks pixels exactly as the
+   consensus does.
 
 Every stage is returned in :class:`PGCAResult`; all maps are (B, H, W) in [0, 1]. The segment P and
 the gradient G are deterministic; only the grid P's noise field is random, seeded by ``seed``.

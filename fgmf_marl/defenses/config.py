@@ -9,7 +9,7 @@ Every regulariser follows one schedule: off for the first ``start`` fraction of 
 budget (SCOR-PIO, SA-PPO) or weight (SGAM's auxiliary losses) ramps linearly to full over the next
 ``warmup`` fraction, as SA-PPO ramps its eps. Why a delayed start: an input-gradient penalty or a
 pixel mask applied to a policy that has not yet learned what to look at keeps it from learning at
-all (docs/DESIGN.md, "The regulariser schedule"; measurements: docs/EXPERIMENTS.md, "Defenses and
+all (docs/DESIGN.md, "The regulariser schedule"; measurements: docs/experiments/defenses.md, "Defenses and
 their schedule").
 """
 from __future__ import annotations

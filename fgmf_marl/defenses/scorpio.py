@@ -29,10 +29,8 @@ Choices the design leaves open, made here:
   loss at eps 8/255, the value curvature (below) with lambda1 = lambda2 = 0.125, 4 Gauss-Legendre IG steps, on
   a quarter (``subsample``) of every minibatch (``every``), SA-PPO's sample budget. Why: of every configuration
   measured it is the one whose worst case under the strong attacks held at both 4 and 8/255 while the audit
-  passed; a small weight on many samples replaced a large weight on few (the older default, an eighth of
-  every eighth minibatch at lambda 1, eps 4 and one sign step, held nothing at 8/255). The figures and the
-  configurations it beat: docs/RESULTS.md, fgmf_dense; docs/EXPERIMENTS.md, "SCOR-PIO on SA-PPO's sample
-  budget". With ``curvature="gradient"``, finite differences are the default HVP (one extra forward +
+  passed (the figures: docs/RESULTS.md, fgmf_default and fgmf_dense; the history: docs/experiments/scorpio.md).
+  With ``curvature="gradient"``, finite differences are the default HVP (one extra forward +
   backward, cheaper than Pearlmutter's double-backward-through-a-double-backward, and it sees ReLU kinks).
 * ``pgd_steps`` K > 0: from delta0, K steps delta <- clip(delta + a w sign(grad
   l(x + delta))) with a = 2.5 eps / K, each image keeping the iterate of highest true loss (delta0

@@ -71,7 +71,7 @@ class _PoolToChannelsLast(nn.Module):
 
     The pooling is the mean of the four strided quarter-images: the same function as ``F.avg_pool2d``
     (odd rows and columns dropped alike), and faster on CPU. Pooling before the copy makes the copy a
-    quarter of the size (measurements: docs/EXPERIMENTS.md, "Throughput and speed").
+    quarter of the size (measurements: docs/experiments/throughput.md, "Throughput and speed").
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -99,7 +99,7 @@ def bilinear_upsample(k: Tensor, size: Sequence[int]) -> Tensor:
 
     Bilinear interpolation is separable: rows, then columns, each a fixed (out, in) matrix. The same
     function, but its backward is two matmuls instead of PyTorch's scalar scatter kernel, several times
-    cheaper on CPU (measurements: docs/EXPERIMENTS.md, "Throughput and speed").
+    cheaper on CPU (measurements: docs/experiments/throughput.md, "Throughput and speed").
     """
     rows = _interpolation_matrix(int(size[0]), k.shape[-2], k.device, k.dtype)
     cols = _interpolation_matrix(int(size[1]), k.shape[-1], k.device, k.dtype)

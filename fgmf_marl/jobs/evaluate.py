@@ -478,7 +478,7 @@ def worst_rows(cells: list[Cell]) -> list[dict[str, Any]]:
 def worst_across_checkpoints(worst: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per eps: mean ± std over checkpoints of each checkpoint's worst (its mean over seeds; std ddof 0).
 
-    This is the figure the README quotes when checkpoints are independent training seeds: its
+    This is the figure the README and docs/RESULTS.md quote when checkpoints are independent training seeds: its
     spread is the spread a reader retraining the method would see, while a single checkpoint's std
     over evaluation seeds only measures env-seed noise.
     """

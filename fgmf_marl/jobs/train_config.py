@@ -42,9 +42,9 @@ class TrainConfig:
     (``runs/<name>/eval/oversight/``: PGCA maps of every agent, every ``log_every``-th step), with an
     HMAC per record when ``log_key_file`` (or ``$FGMF_LOG_KEY_FILE``) names a key.
 
-    ``eval_episodes`` is 256 because per-episode returns are noisy: 32 episodes left a standard error of
-    ~0.045 on the oracle-normalised mean, 256 bring it to ~0.016 for a few seconds more (measurements:
-    docs/EXPERIMENTS.md, "Evaluation protocol").
+    ``eval_episodes`` is 256 because per-episode returns are noisy: 256 episodes cut the standard error
+    of the oracle-normalised mean to about a third of 32's for a few seconds more (measurements:
+    docs/experiments/evaluation-protocol.md, "Evaluation protocol").
     """
 
     seed: int = 0
@@ -67,7 +67,7 @@ class TrainConfig:
         where it chooses none), merged env first; ``fgmf_marl.config.load`` puts them beneath ``data``.
 
         Why: the PPO knobs were tuned for the CNN on the native env; a backbone or an env that needs
-        others (measured, docs/EXPERIMENTS.md) gets them without the user having to know, and a run's
+        others (measured, docs/experiments/) gets them without the user having to know, and a run's
         config.yaml records them like any other value.
         """
         defaults = {"env.name": EnvConfig().name, "policy.backbone": PolicyConfig().backbone}

@@ -176,8 +176,8 @@ class OversightLogger:
 
         Why wait: PGCA's cost per image roughly halves from one step of 3 agents to ~24 agent-slots
         (per-call overhead) and is flat above, so an evaluation of few env copies batches across steps
-        (docs/EXPERIMENTS.md, "logging cost with local ablations"); the maps are those of one call per
-        step (tested)."""
+        (docs/experiments/oversight-log-cost.md, "logging cost with local ablations"); the maps are those
+        of one call per step (tested)."""
         if not self._pending:
             return
         obs = torch.cat([o for _, o, _ in self._pending])

@@ -130,7 +130,8 @@ def review_signal(arrays: dict[str, np.ndarray]) -> tuple[str, np.ndarray] | Non
 
     PGCA's evidence (the largest drop of the target score one segment's removal causes) where the log
     has it: it predicted the explanation's relevance mass on held-out policies, while the P-G agreement
-    did not (docs/EXPERIMENTS.md, "PGCA for small entities"); logs written before it existed fall back to agreement.
+    did not (docs/experiments/explanations.md, "PGCA for small entities"); logs written before it
+    existed fall back to agreement.
     """
     if "evidence" in arrays and np.isfinite(arrays["evidence"]).all():
         return "evidence", arrays["evidence"].astype(np.float64)
