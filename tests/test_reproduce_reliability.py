@@ -140,3 +140,24 @@ def test_every_experiment_file_expands_to_the_recorded_tasks_and_cache_keys() ->
         for quick in (False, True) if exp.quick else (False,):
             today[path.stem + ("-quick" if quick else "")] = {t.id: t.key for t in plan.expand(exp, reproduce.JOBS, quick=quick)}
     assert today == recorded
+
+
+def test_named_configurations_expand_in_place_and_bad_names_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "small.yaml").write_text("- timesteps=1024\n- checkpoint_every=512\n")
+    (tmp_path / "configs" / "broken.yaml").write_text("timesteps: 1024\n")
+    data = yaml.safe_load(TINY.read_text())
+    data["runs"][0]["configs"] = ["small"]
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    exp = schema.load_experiment(path)
+    assert exp.runs[0].configs == [] and exp.runs[0].overrides[:2] == ["timesteps=1024", "checkpoint_every=512"]
+    (train,) = [t for t in plan.expand(exp, reproduce.JOBS, quick=False) if t.id == "train/none/s0"]
+    assert train.config["timesteps"] == 768        # the run's own override comes after the configuration
+    for name, message in (("missing", "unknown configuration 'missing'; known .*: broken, small"),
+                          ("../configs/small", "unknown configuration"),
+                          ("broken", "a named configuration is a YAML list of KEY=VALUE strings")):
+        data["runs"][0]["configs"] = [name]
+        path.write_text(yaml.safe_dump(data, allow_unicode=True))
+        with pytest.raises(ConfigError, match=message):
+            schema.load_experiment(path)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import yaml
+
 from fgmf_marl import config as cfglib
 from fgmf_marl.attribution.study import METRICS as EXPLAIN_METRICS
 from fgmf_marl.attribution.study import TRUST_SIGNALS, default_methods
@@ -25,7 +27,8 @@ class RunSpec:
 
     name: str = ""
     seeds: list[int] = field(default_factory=lambda: [0])
-    overrides: list[str] = field(default_factory=list)   # KEY=VALUE, as on train_marl.py's command line
+    configs: list[str] = field(default_factory=list)     # named configurations (experiments/configs/), before ...
+    overrides: list[str] = field(default_factory=list)   # ... KEY=VALUE, as on train_marl.py's command line
     quick: list[str] = field(default_factory=list)       # added under --quick, after the experiment's
 
 
@@ -117,7 +120,9 @@ class Experiment:
     title: str = ""
     description: str = ""
     #: train overrides of every run, before each run's own: e.g. an older experiment pins the defaults it
-    #: was measured with, so a later change of a default does not change what rerunning it computes
+    #: was measured with, so a later change of a default does not change what rerunning it computes;
+    #: ``configs`` names configurations (experiments/configs/<name>.yaml) that come before ``overrides``
+    configs: list[str] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)
     quick: list[str] = field(default_factory=list)   # train overrides of every run under --quick
     runs: list[RunSpec] = field(default_factory=list)
@@ -258,9 +263,48 @@ def _check_budget_label(where: str, label: str) -> None:
         raise ConfigError(f"{where}={label!r}; accepted: all, k=INT, p=FRACTION or k=INT,p=FRACTION (e.g. k=1,p=0.25)")
 
 
-def load_experiment(path: str | Path) -> Experiment:
-    """Read and validate an experiment file through the one loader (unknown keys are one-line errors)."""
+#: the folder of named configurations, beside the experiment files
+CONFIGS_FOLDER = "configs"
+
+
+def named_config(folder: Path, name: str, where: str) -> list[str]:
+    """The overrides of the named configuration ``folder/<name>.yaml`` (a YAML list of KEY=VALUE strings).
+
+    Why named configurations: a configuration measured in several experiments (FGMF at its defaults, the
+    PGD adversary of adversarial training) is then written once, and cannot drift between files.
+    """
+    known = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    if not name or "/" in name or name.startswith(".") or name not in known:
+        raise ConfigError(f"{where}: unknown configuration {name!r}; known (in {folder}): {', '.join(known) or 'none'}")
+    path = folder / f"{name}.yaml"
     try:
-        return cfglib.load(Experiment, path)
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot be read as YAML ({exc})") from None
+    if not isinstance(data, list) or not all(isinstance(item, str) and "=" in item for item in data):
+        raise ConfigError(f"{path}: a named configuration is a YAML list of KEY=VALUE strings")
+    return data
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and validate an experiment file through the one loader (unknown keys are one-line errors).
+
+    Named configurations are expanded here, in place: each ``configs`` list becomes the overrides it names,
+    before the file's own, so everything downstream sees plain overrides (and the same cache keys as if the
+    file had spelled them out).
+    """
+    try:
+        exp = cfglib.load(Experiment, path)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    folder = Path(path).parent / CONFIGS_FOLDER
+
+    def expanded(names: list[str], where: str) -> list[str]:
+        return [item for name in names for item in named_config(folder, name, where)]
+
+    exp.overrides = expanded(exp.configs, f"{path}: configs") + exp.overrides
+    exp.configs = []
+    for i, run in enumerate(exp.runs):
+        run.overrides = expanded(run.configs, f"{path}: runs[{i}] ({run.name}).configs") + run.overrides
+        run.configs = []
+    return exp
