@@ -543,10 +543,10 @@ def _shape_problem(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> str |
         return f"array {missing[0]!r} is missing"
     odd = next((k for k, v in arrays.items() if v.dtype.kind not in "biuf"), None)
     if odd is not None:
-        return f"array {_show(odd)} has dtype {arrays[odd].dtype}; accepted: numbers or booleans"
+        return f"array {_show(odd)} has dtype {arrays[odd].dtype}, not numbers or booleans"
     n = meta.get("n_agents")
     if isinstance(n, bool) or not isinstance(n, int) or arrays["actions"].ndim != 2 or n != arrays["actions"].shape[1]:
-        return f"n_agents is {_show(n)} but actions has shape {arrays['actions'].shape}; accepted: (steps, n_agents)"
+        return f"n_agents is {_show(n)} but actions has shape {arrays['actions'].shape}, not (steps, n_agents)"
     steps = arrays["actions"].shape[0]
     logged = arrays["logged_t"]
     if logged.ndim != 1 or logged.dtype.kind not in "iu" or (logged.size and not 0 <= logged.min() <= logged.max() < steps):
@@ -554,10 +554,10 @@ def _shape_problem(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> str |
     for names, lead in ((STEP_ARRAYS, (steps, n)), (LOGGED_ARRAYS, (len(logged), n))):
         for key, extra in names.items():
             if key in arrays and (arrays[key].ndim != 2 + extra or arrays[key].shape[:2] != lead):
-                return f"array {key!r} has shape {arrays[key].shape}; accepted: {lead} then {extra} more axes"
+                return f"array {key!r} has shape {arrays[key].shape}, not {lead} then {extra} more axes"
     frames = arrays.get("frames")
     if frames is not None and (frames.ndim != 4 or frames.shape[0] != len(logged) or frames.shape[3] != 3):
-        return f"array 'frames' has shape {frames.shape}; accepted: ({len(logged)}, height, width, 3)"
+        return f"array 'frames' has shape {frames.shape}, not ({len(logged)}, height, width, 3)"
     actions = arrays["actions"]
     if actions.size and not 0 <= actions.min() <= actions.max() < arrays["probs"].shape[2]:
         return f"actions must be in 0..{arrays['probs'].shape[2] - 1} (the probs' last axis)"
