@@ -77,6 +77,19 @@ class AdversarialTrainingConfig:
         check_range("adversary.director_steps", self.director_steps, 1, 10**8)
         check_range("adversary.director_envs", self.director_envs, 1, 4096)
 
+    def check_knobs_apply(self) -> None:
+        """A one-line ConfigError naming the first knob set away from its default that ``kind`` ignores.
+
+        Not part of :meth:`validate`: a run's saved config holds every knob, and loading it must not
+        depend on defaults staying the same; a new run checks it, since a knob that does nothing is a
+        mistake the user would otherwise only find in the results.
+        """
+        default = AdversarialTrainingConfig()
+        for name, kinds in KNOB_KINDS.items():
+            if self.kind not in kinds and getattr(self, name) != getattr(default, name):
+                raise ConfigError(f"adversary.{name}={getattr(self, name)!r} has no effect with adversary.kind="
+                                  f"{self.kind}; it applies with adversary.kind={' or '.join(kinds)}")
+
     def attack(self, eps255: float) -> Attack:
         """The fixed attack (fgsm, pgd) at budget ``eps255`` (1/255 units), quantised to the uint8 grid."""
         if self.kind == "director":
@@ -92,6 +105,13 @@ class AdversarialTrainingConfig:
         if done < self.start:
             return 0.0
         return self.eps if self.warmup <= 0 else self.eps * min(1.0, (done - self.start) / self.warmup)
+
+
+#: the adversary kinds each knob of :class:`AdversarialTrainingConfig` acts in
+KNOB_KINDS: dict[str, tuple[str, ...]] = {
+    "eps": ("fgsm", "pgd", "director"), "fraction": ("fgsm", "pgd", "director"), "start": ("fgsm", "pgd", "director"),
+    "warmup": ("fgsm", "pgd", "director"), "steps": ("pgd", "director"), "bpda": ("fgsm", "pgd"),
+    "director_every": ("director",), "director_steps": ("director",), "director_envs": ("director",)}
 
 
 class AttackedVecEnv(VecEnvWrapper):

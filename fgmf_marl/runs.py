@@ -119,6 +119,23 @@ def check_output_dir(path: str | Path, what: str = "output folder") -> None:
                           "accepted: a folder you can write to") from None
 
 
+def check_output_file(path: str | Path, what: str = "output file") -> None:
+    """A one-line ConfigError unless ``path`` is a regular file, or a new name, in a folder we can write into.
+
+    A folder, device or pipe at ``path`` is refused: the atomic writer renames its temp file over the
+    path, which would fail on a folder and replace a device node such as ``/dev/null`` with a file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is an existing folder; accepted: a file path")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} is not a regular file (a device or a pipe); accepted: a file path")
+    existing = next(p for p in path.parents if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} lies under the file {str(existing)!r}; accepted: a path in a folder")
+    check_output_dir(path.parent, f"{what} {str(path)!r}: its folder")
+
+
 def _abandoned(run: RunDir) -> bool:
     """True for a run killed before its first checkpoint: no checkpoint, only the files a run writes.
 

@@ -170,6 +170,21 @@ def _join(prefix: str, meta: dict[str, Any], arrays: Any) -> dict[str, Any]:
     return out
 
 
+def _expected_arrays(model: PPO, layers: list[VecEnv]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """The shape and dtype of every array :func:`save_resume_state` writes for ``model`` and its env ``layers``."""
+    env = model.get_env()
+    expected = {"torch_rng": (tuple(torch.get_rng_state().shape), np.dtype(np.uint8)),
+                "numpy_rng_key": (np.random.get_state()[1].shape, np.dtype(np.uint32)),
+                "last_obs": ((env.num_envs, *env.observation_space.shape), np.dtype(env.observation_space.dtype)),
+                "last_episode_starts": ((env.num_envs,), np.dtype(bool))}
+    states = [("algorithm", model.get_state())] if hasattr(model, "get_state") else []
+    states += [(f"env{i}", layer.get_state()) for i, layer in enumerate(layers) if hasattr(layer, "get_state")]
+    for prefix, state in states:
+        expected.update({f"{prefix}.{key}": (value.shape, value.dtype) for key, value in state.items()
+                         if isinstance(value, np.ndarray)})
+    return expected
+
+
 def save_resume_state(path: Path, model: PPO) -> None:
     """Write what ``--resume`` needs to continue ``model``'s training exactly, at a rollout boundary.
 
@@ -203,7 +218,9 @@ def restore_resume_state(path: Path, model: PPO) -> str | None:
     """Restore :func:`save_resume_state`'s file into the freshly loaded ``model`` and its env.
 
     Returns None when the run now continues exactly, else why not (no state file, another env stack,
-    another checkpoint): the run then resumes as SB3 does, with a fresh env ``reset()``.
+    another checkpoint, an array of another shape or dtype than this run's): the run then resumes as
+    SB3 does, with a fresh env ``reset()``. Every array is checked before anything is restored, since a
+    damaged or crafted file would otherwise fail only later, inside the training loop.
     """
     if not path.is_file():
         return f"no {path.name} beside the checkpoint"
@@ -215,6 +232,12 @@ def restore_resume_state(path: Path, model: PPO) -> str | None:
                 return f"{path.name} belongs to another checkpoint or format"
             if [e["class"] for e in meta["env"]] != [type(layer).__name__ for layer in layers]:
                 return f"{path.name} was saved with another env stack"
+            for name, (shape, dtype) in _expected_arrays(model, layers).items():
+                if name not in arrays.files:
+                    return f"{path.name} does not fit this run: it has no array {name}"
+                if arrays[name].shape != shape or arrays[name].dtype != dtype:
+                    return (f"{path.name} does not fit this run: {name} is {arrays[name].dtype} {arrays[name].shape}, "
+                            f"this run's {dtype} {shape}")
             for i, (layer, saved) in enumerate(zip(layers, meta["env"])):
                 if saved["state"] is not None:
                     layer.set_state(_join(f"env{i}", saved["state"], arrays))

@@ -10,7 +10,10 @@ Each command is a config dataclass plus ``main(argv) -> int``:
 3. :func:`run` wraps ``main``: a :class:`~fgmf_marl.config.ConfigError` anywhere becomes one line on
    stderr and exit code 2, as argparse's own usage errors do; SIGTERM (what ``kill``, a job
    scheduler or a container stop sends) is turned into the same unwinding as Ctrl-C, so a run
-   stopped before its first checkpoint is removed either way (exit 143, Ctrl-C 130).
+   stopped before its first checkpoint is removed either way (exit 143, Ctrl-C 130). An output
+   that cannot be written (a full disk, a read-only folder: :class:`~fgmf_marl.atomic.WriteError`,
+   or any OSError of :data:`WRITE_ERRNOS`) is one line and exit 2 too, after the same unwinding
+   has removed what the command had half written.
 
 argparse prints the whole usage block before an error; users asked for one line naming what was
 wrong and what is accepted, which :class:`ArgumentParser` gives.
@@ -18,6 +21,7 @@ wrong and what is accepted, which :class:`ArgumentParser` gives.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import signal
 import sys
@@ -28,6 +32,7 @@ from typing import Any, Callable, NoReturn, Sequence, TypeVar
 import torch
 
 from fgmf_marl import config as cfglib
+from fgmf_marl.atomic import WriteError
 from fgmf_marl.config import ConfigError
 from fgmf_marl.interrupts import Terminated, terminate
 
@@ -35,6 +40,8 @@ USAGE_ERROR = 2
 INTERRUPTED = 128 + signal.SIGINT    # the shell's status for a process stopped by Ctrl-C
 TERMINATED = 128 + signal.SIGTERM    # ... and by SIGTERM
 T = TypeVar("T")
+#: what an OSError means when it comes from writing, whichever writer raised it (TensorBoard's, a video encoder's)
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -94,7 +101,7 @@ def load_config(cls: type[T], *, config_file: str | Path | None = None, flags: d
 
 
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None, prog: str = "") -> int:
-    """Run ``main(argv)``; a ``ConfigError`` becomes one line on stderr and exit code 2.
+    """Run ``main(argv)``; a ``ConfigError`` or a failed write becomes one line on stderr and exit code 2.
 
     argparse's own exits (``--help``, usage errors) are returned as codes too, so callers and
     tests see one convention: the return value is the process exit status. Ctrl-C and SIGTERM
@@ -108,6 +115,12 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
         return exc.code if isinstance(exc.code, int) else USAGE_ERROR
     except ConfigError as exc:
         print(f"{prog or sys.argv[0]}: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except OSError as exc:
+        if not isinstance(exc, WriteError) and exc.errno not in WRITE_ERRNOS:
+            raise
+        print(f"{prog or sys.argv[0]}: error: cannot write {exc.filename or 'the output'}: {exc.strerror}",
+              file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
         print(f"{prog or sys.argv[0]}: interrupted", file=sys.stderr)

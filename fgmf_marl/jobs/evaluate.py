@@ -57,10 +57,12 @@ import dataclasses
 import io
 import json
 import re
+import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -89,7 +91,7 @@ from fgmf_marl.jobs.checkpoints import Victim, env_spaces, load_adversary, load_
 from fgmf_marl.oversight import OversightLogger
 from fgmf_marl.oversight.store import holds_log, read_key
 from fgmf_marl.rollout import StepRecord, rollout
-from fgmf_marl.runs import staged_run_dir
+from fgmf_marl.runs import check_output_dir, staged_run_dir
 
 PROG = "evaluate.py"
 
@@ -164,6 +166,13 @@ class EvalConfig:
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
                 raise ConfigError(f"budget_steps value {p!r} is out of range; accepted: fractions in [0, 1] "
                                   "of each episode's steps")
+        for key, values in (("budget_agents", self.budget_agents), ("budget_steps", self.budget_steps)):
+            if values is not None and not values:
+                raise ConfigError(f"{key} is an empty list; accepted: one value or more (leave it out for no "
+                                  f"{key.split('_')[1][:-1]} budget)")
+        if not self.budgets() and self.budget_selectors != list(SELECTORS):
+            raise ConfigError(f"budget_selectors={','.join(self.budget_selectors)!r} has no effect without a budget; "
+                              "it applies with budget_agents or budget_steps (--budget-agents, --budget-steps)")
         if self.budgets() and not self.budget_selectors:
             raise ConfigError(f"a budget needs at least one selector; accepted: {', '.join(SELECTORS)}")
         for name in self.budget_selectors:
@@ -737,9 +746,31 @@ def check_fixed_agents(cfg: EvalConfig, victims: Sequence[Victim]) -> None:
                                   f"per env; accepted: fixed:agent=0..{n_agents - 1}")
 
 
+@contextmanager
+def removed_on_failure(folders: Sequence[Path]) -> Iterator[None]:
+    """Remove ``folders`` (those a run creates) if the body raises, then re-raise.
+
+    Why: the run's results, which record each oversight log's head, are removed with its staged output
+    folder; logs left behind would be half-written and vouched for by nothing.
+    """
+    try:
+        yield
+    except BaseException:
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: Callable[[str], None] = print) -> EvalResult:
-    """Run the grid (and the audit) and write every output into the new folder ``out``."""
+    """Run the grid (and the audit) and write every output into the new folder ``out``.
+
+    Every input and output location is checked before any compute; a run that fails or is interrupted
+    leaves no ``out`` and none of the oversight log folders it created.
+    """
     cfglib.validate(cfg)
+    check_output_dir(out, "output folder")                                     # unwritable --out -> ConfigError
+    if cfg.log_explanations:
+        check_output_dir(cfg.log_explanations, "oversight log folder")
     log_key = read_key(cfg.log_key_file)                                       # bad key file -> ConfigError
     victims = [load_victim(p, cfg.device) for p in cfg.checkpoints]           # missing checkpoint -> ConfigError
     cfg = expand_attacks(cfg, victims)
@@ -755,8 +786,9 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
 
     cell_jobs: list[tuple[int, GridAttack | None, float]] = [
         (seed, g, e) for seed in cfg.seeds for g, e in [(None, 0.0)] + [(g, e) for e in cfg.eps for g in grid[e]]]
-    taken = [d for v in victims for s, g, e in cell_jobs
-             if (d := log_dir(v, "none" if g is None else g.label, e, s)) is not None and holds_log(d)]
+    cell_logs = [d for v in victims for s, g, e in cell_jobs
+                 if (d := log_dir(v, "none" if g is None else g.label, e, s)) is not None]
+    taken = [d for d in cell_logs if holds_log(d)]
     if taken and not cfg.log_append:                                           # a log belongs to one run
         raise ConfigError(f"oversight log folder {str(taken[0])!r} already holds a log; give --append to add to it, "
                           "or another --log-explanations folder")
@@ -776,7 +808,8 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
             return batches[victim.label, seed]
         return get
 
-    with staged_run_dir(Path(out)) as run:
+    created = [d for d in ([log_root] if log_root is not None else []) + cell_logs if not d.exists()]
+    with removed_on_failure(created), staged_run_dir(Path(out)) as run:
         cfglib.save_yaml(cfg, run.root / "config.yaml")
         bar = tqdm(total=total, desc="evaluate", disable=not progress)
         start = time.perf_counter()

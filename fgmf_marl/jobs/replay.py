@@ -12,7 +12,9 @@ cell): ``verify`` checks each and prints a line per log (exit 1 if any fails), `
 all on one page; both use :func:`~fgmf_marl.oversight.store.find_logs`, so they agree on what a log is.
 Derived files never go into a log's hash-chained files: ``render`` and ``report`` write to
 ``<log dir>/replay/`` by default (``verify`` knows that folder holds derived files), and refuse an
-``-o`` directly inside a log. A log root's report goes to ``<log root>/report.html``.
+``-o`` anywhere inside a log but its ``replay/`` (a log root's logs included). A log root's report goes
+to ``<log root>/report.html``. Output paths are checked (a writable folder, not a folder, device or
+pipe) before any frame is drawn.
 The key file may also be named by ``$FGMF_LOG_KEY_FILE``. Usage errors (missing paths, bad options,
 an unreadable key file) exit with 2, as every fgmf-marl command.
 """
@@ -29,6 +31,7 @@ from fgmf_marl.jobs import cli
 from fgmf_marl.oversight.render import derived_path, render_episode
 from fgmf_marl.oversight.report import build_report
 from fgmf_marl.oversight.store import find_logs, read_key, verify
+from fgmf_marl.runs import check_output_file
 
 PROG = "replay.py"
 
@@ -98,8 +101,11 @@ def replay(cfg: ReplayConfig) -> int:
     if cfg.command == "render":
         stem = resolve_episode(cfg.target)
         formats = ("mp4", "gif") if cfg.format == "both" else (cfg.format,)
+        out = derived_path(stem, cfg.out)
+        for fmt in formats:
+            check_output_file(out.with_suffix(f".{fmt}"), "output")
         try:
-            paths = render_episode(stem, derived_path(stem, cfg.out), formats=formats, fps=cfg.fps, scale=cfg.scale)
+            paths = render_episode(stem, out, formats=formats, fps=cfg.fps, scale=cfg.scale)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         for path in paths:
@@ -112,7 +118,8 @@ def replay(cfg: ReplayConfig) -> int:
     elif find_logs(target) == [target]:
         out = derived_path(target / "report", cfg.out, ".html")
     else:
-        out = Path(cfg.out) if cfg.out else target / "report.html"
+        out = derived_path(target / "report", cfg.out, ".html") if cfg.out else target / "report.html"
+    check_output_file(out, "output")
     print(build_report(target, out, key=read_key(cfg.log_key_file)))
     return 0
 
@@ -130,14 +137,14 @@ def build_parser() -> cli.ArgumentParser:
                    "(default: $FGMF_LOG_KEY_FILE if set, else no key)")
     r = sub.add_parser("render", help="MP4/GIF replay with PGCA overlays")
     r.add_argument("target", metavar="episode", help="<log dir>/ep_NNNNNN or <log dir>:N")
-    r.add_argument("-o", "--out", help="output path without suffix, not directly inside a log "
+    r.add_argument("-o", "--out", help="output path without suffix, not inside a log but its replay/ folder "
                    "(default: <log dir>/replay/ep_NNNNNN)")
     r.add_argument("--fps", type=float, help="frames per second (default 4)")
     r.add_argument("--scale", type=int, help="pixel upscaling of the observations (default 4)")
     r.add_argument("--format", choices=["mp4", "gif", "both"], help="video format (default both)")
     h = sub.add_parser("report", help="self-contained HTML report of an episode or a log directory")
     h.add_argument("target", help="<log dir>, a folder of logs, <log dir>/ep_NNNNNN or <log dir>:N")
-    h.add_argument("-o", "--out", help="output .html, not directly inside a log (default: <log dir>/replay/"
+    h.add_argument("-o", "--out", help="output .html, not inside a log but its replay/ folder (default: <log dir>/replay/"
                    "ep_NNNNNN.html or <log dir>/replay/report.html; a folder of logs: <folder>/report.html)")
     h.add_argument("--log-key-file", metavar="F", help="HMAC key file, to check the log's HMACs for the verdict "
                    "(default: $FGMF_LOG_KEY_FILE if set, else no key)")

@@ -48,7 +48,7 @@ from fgmf_marl.oversight import OversightLogger
 from fgmf_marl.oversight.render import overlay
 from fgmf_marl.oversight.store import read_key
 from fgmf_marl.rollout import rollout
-from fgmf_marl.runs import RunDir, staged_run_dir
+from fgmf_marl.runs import RunDir, check_output_dir, staged_run_dir
 
 PROG = "train_marl.py"
 #: SB3 keeps a rollout's observations as float32; a buffer beyond this is a typo, not an experiment
@@ -339,10 +339,16 @@ def train(cfg: TrainConfig, run_root: str | Path, *, resume: bool = False, progr
     """Train (or resume) one run in ``run_root``; returns the final evaluation summary.
 
     Resuming applies the changes :data:`RESUMABLE` allows (e.g. a larger ``timesteps``), refuses any
-    other with a one-line error, and rewrites ``config.yaml`` so it describes the run as trained.
+    other with a one-line error, and rewrites ``config.yaml`` so it describes the run as trained, after
+    every check has passed: a refused resume leaves the run as it was.
     """
+    trained = cfg
     if resume and RunDir(Path(run_root)).config.is_file():
-        check_resume(cfglib.load(TrainConfig, RunDir(Path(run_root)).config), cfg)
+        trained = cfglib.load(TrainConfig, RunDir(Path(run_root)).config)
+        check_resume(trained, cfg)
+    if not resume:
+        cfg.adversary.check_knobs_apply()
+        check_output_dir(run_root, "run directory")
     log_key = read_key(cfg.log_key_file) if cfg.log_explanations else None   # bad key file: before any compute
     venv, attacked = training_env(cfg)
     try:
@@ -350,14 +356,16 @@ def train(cfg: TrainConfig, run_root: str | Path, *, resume: bool = False, progr
             if resume:
                 model, _ = load_model(run.root, device=cfg.device, env=venv)  # staged_run_dir checked it has one
                 model.tensorboard_log = str(run.tensorboard)
-                cfglib.save_yaml(cfg, run.config)
             else:
                 cfglib.save_yaml(cfg, run.config)
                 model = defended.build_model(cfg.defense, venv, cfg.policy.policy_kwargs(), ppo_kwargs(cfg, run))
             remaining = cfg.timesteps - model.num_timesteps if resume else cfg.timesteps
-            if remaining <= 0 and (run.eval / "summary.json").is_file():
+            # nothing left to train: evaluating is all a resume may do, and only for the budget the run was given
+            if remaining <= 0 and ((run.eval / "summary.json").is_file() or cfg.timesteps < trained.timesteps):
                 raise ConfigError(f"cannot resume: the run already has {model.num_timesteps} of timesteps={cfg.timesteps}; "
                                   "raise --timesteps")
+            if resume:
+                cfglib.save_yaml(cfg, run.config)
             if remaining <= 0:   # trained but never evaluated (stopped after its last checkpoint): evaluate it
                 if not run.final_checkpoint.is_file():
                     save_checkpoint(model, run.final_checkpoint)

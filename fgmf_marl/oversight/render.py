@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
-from fgmf_marl.atomic import atomic_write
+from fgmf_marl.atomic import WriteError, atomic_write
 from fgmf_marl.config import ConfigError
 from fgmf_marl.oversight.store import DERIVED, Episode, holds_log, load_episode
 
@@ -310,10 +310,31 @@ def compose_frame(ep: Episode, j: int, scale: int = 4, agents: Sequence[int] | N
     return _pad_to(frame, h16, w16, 20)
 
 
+#: the most memory the frames of one video or page may take: all of them are composed before the first is written
+MAX_FRAME_BYTES = 2**30
+
+
+def check_frame_budget(ep: Episode, scale: int, n_frames: int) -> None:
+    """A one-line ConfigError unless ``n_frames`` frames of ``ep`` at ``scale`` fit :data:`MAX_FRAME_BYTES`.
+
+    Estimated from the agent rows' tiles alone (a lower bound), before any frame is drawn. Why: the
+    size grows with agents x scale squared, so a large scale or a large team would otherwise end in a
+    MemoryError after minutes of drawing.
+    """
+    h, w = ep.arrays["seen_obs"].shape[-2:]
+    need = 3 * n_frames * ep.n_agents * (h * scale + _LINE) * (11 + len(columns(ep)) * (w * scale + 4))
+    if need > MAX_FRAME_BYTES:
+        raise ConfigError(f"episode {ep.name}: {n_frames} frames of {ep.n_agents} agents' {h}x{w} px views at scale "
+                          f"{scale} need {need / 2**30:.1f} GiB; accepted: at most {MAX_FRAME_BYTES / 2**30:g} GiB "
+                          "of frames (a smaller scale)")
+
+
 def render_frames(ep: Episode, scale: int = 4) -> list[np.ndarray]:
-    """Every logged step's frame, padded to one size; ValueError when the episode logged no images."""
+    """Every logged step's frame, padded to one size; ValueError when the episode logged no images, ConfigError
+    when its frames exceed :data:`MAX_FRAME_BYTES`."""
     if "pgca_final" not in ep.arrays:
         raise ValueError(f"episode {ep.name} has no logged images (was it logged with every > its length?)")
+    check_frame_budget(ep, scale, len(ep.arrays["logged_t"]))
     return same_size([compose_frame(ep, j, scale) for j in range(len(ep.arrays["logged_t"]))])
 
 
@@ -326,14 +347,18 @@ def same_size(frames: list[np.ndarray]) -> list[np.ndarray]:
 def derived_path(stem: Path, out: str | Path | None, suffix: str = "") -> Path:
     """Where a file derived from episode/log ``stem`` goes: ``out``, or ``<log dir>/replay/<name><suffix>``.
 
-    An ``out`` directly inside a log folder is refused: an extra file there would make ``verify`` fail.
+    An ``out`` anywhere inside a log folder but its ``replay/`` is refused (symlinks and ``..`` resolved):
+    it could overwrite the log's own files (its manifest, an episode), and an extra file would make
+    ``verify`` fail.
     """
     if out is None:
         return stem.parent / DERIVED / f"{stem.name}{suffix}"
     path = Path(out)
-    if holds_log(path.parent):
-        raise ConfigError(f"output {str(path)!r} is inside the oversight log {str(path.parent)!r}, where only the "
-                          f"log's own files may be; write to {str(path.parent / DERIVED)!r} or outside the log")
+    real = path.resolve()
+    for folder in real.parents:
+        if holds_log(folder) and real.relative_to(folder).parts[0] != DERIVED:
+            raise ConfigError(f"output {str(path)!r} is inside the oversight log {str(folder)!r}, where only the "
+                              f"log's own files may be; write to {str(folder / DERIVED)!r} or outside the log")
     return path
 
 
@@ -356,13 +381,16 @@ def render_episode(episode: str | Path | Episode, out: str | Path, *, formats: S
         target = out.with_suffix(f".{fmt}")
         tmp = target.with_name(f".{target.stem}.partial.{fmt}")
         try:
-            if fmt == "mp4":
-                with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=16,
-                                        ffmpeg_log_level="error") as w:
-                    for f in frames:
-                        w.append_data(f)
-            else:
-                imageio.mimsave(tmp, frames, format="GIF", duration=1000.0 / fps, loop=0)
+            try:
+                if fmt == "mp4":
+                    with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=16,
+                                            ffmpeg_log_level="error") as w:
+                        for f in frames:
+                            w.append_data(f)
+                else:
+                    imageio.mimsave(tmp, frames, format="GIF", duration=1000.0 / fps, loop=0)
+            except OSError as exc:   # the encoders' own errors name the temp file, or nothing
+                raise WriteError(exc.errno, exc.strerror or str(exc).splitlines()[0], str(target)) from exc
             atomic_write(target, lambda fh: fh.write(tmp.read_bytes()))
         finally:
             tmp.unlink(missing_ok=True)

@@ -32,7 +32,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from fgmf_marl.oversight.render import (AGENT_COLOUR_NAMES, AGENT_COLOURS, OUTLINE, OWN_VIEW_LEGEND,  # noqa: E402
-                                        caption, columns, compose_frame, review_signal, same_size)
+                                        caption, check_frame_budget, columns, compose_frame, review_signal,
+                                        same_size)
 from fgmf_marl.atomic import atomic_write_bytes  # noqa: E402
 from fgmf_marl.config import ConfigError  # noqa: E402
 from fgmf_marl.oversight.store import (FORMAT, Episode, find_logs, list_episodes, load_episode,  # noqa: E402
@@ -204,6 +205,7 @@ def episode_section(ep: Episode, *, fps: float = 4.0, max_frames: int = 200, sca
     if "pgca_final" in ep.arrays:
         n = len(ep.arrays["logged_t"])
         idx = np.linspace(0, n - 1, min(n, max_frames)).round().astype(int)
+        check_frame_budget(ep, scale, len(idx))
         frames = same_size([compose_frame(ep, int(j), scale) for j in idx])
         src, note = _webp(frames, fps)
         parts.append(f"<h3>Replay ({n} logged steps; per agent: {' | '.join(columns(ep))})</h3>" + legend_html(ep)
@@ -245,6 +247,8 @@ def _section(ep: Episode, anchor: str = "") -> str:
     """:func:`episode_section`, with a log whose arrays or metadata do not fit the format as a ConfigError."""
     try:
         return episode_section(ep, anchor=anchor)
+    except ConfigError:
+        raise
     except (KeyError, IndexError, ValueError, TypeError, AttributeError) as exc:
         raise ConfigError(f"episode {ep.name!r}: its arrays or metadata do not match the {FORMAT} format "
                           f"({type(exc).__name__})") from None

@@ -499,17 +499,72 @@ def load_episode(path: str | Path) -> Episode:
     if not npz.is_file() or not js.is_file():
         raise ConfigError(f"episode {str(stem)!r} not found: expected {npz.name} and {js.name}")
     try:
-        with np.load(npz, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, KeyError) as exc:
+        with zipfile.ZipFile(npz) as archive:
+            size = sum(info.file_size for info in archive.infolist())
+        if size <= MAX_EPISODE_BYTES:
+            with np.load(npz, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, KeyError, MemoryError) as exc:
         raise ConfigError(f"episode file {str(npz)!r} is not a readable .npz ({type(exc).__name__})") from None
+    if size > MAX_EPISODE_BYTES:
+        raise ConfigError(f"episode file {str(npz)!r} unpacks to {size / 2**30:.1f} GiB; accepted: at most "
+                          f"{MAX_EPISODE_BYTES / 2**30:.0f} GiB")
     try:
         meta = json.loads(js.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"episode file {str(js)!r} is not UTF-8 JSON ({type(exc).__name__})") from None
     if not isinstance(meta, dict):
         raise ConfigError(f"episode file {str(js)!r} holds a JSON {type(meta).__name__}; accepted: a JSON object")
+    problem = _shape_problem(arrays, meta)
+    if problem:
+        raise ConfigError(f"episode {str(stem)!r}: {problem}; accepted: a {FORMAT} episode whose arrays agree "
+                          "with each other and with its n_agents")
     return Episode(stem.name, arrays, meta)
+
+
+#: the format's arrays (see the table above) by their leading axes, with the number of axes after those
+STEP_ARRAYS = {"actions": 0, "clean_actions": 0, "greedy_actions": 0, "probs": 1, "values": 0, "rewards": 0,
+               "linf": 0, "flipped": 0}
+LOGGED_ARRAYS = {"clean_obs": 3, "seen_obs": 3, "pgca_P": 2, "pgca_G": 2, "pgca_consensus": 2, "pgca_final": 2,
+                 "agreement": 0, "topk_iou": 0, "evidence": 0, "sgam_mask": 2, "relevance": 2}
+#: the largest episode file :func:`load_episode` unpacks: a crafted ``.npz`` may declare arrays of any size
+MAX_EPISODE_BYTES = 4 * 2**30
+
+
+def _shape_problem(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> str | None:
+    """What makes ``arrays`` and ``meta`` disagree with the format, or None: checked once on load, so
+    renderers and reports can index by ``n_agents``, ``logged_t`` and the actions without checks of their own.
+
+    Why: a log is data from whoever wrote it; a claimed ``n_agents`` of 10**9 or a ``logged_t`` past the
+    episode's end would otherwise surface as a MemoryError or an IndexError deep in a renderer.
+    """
+    missing = [k for k in (*STEP_ARRAYS, "logged_t") if k not in arrays]
+    if missing:
+        return f"array {missing[0]!r} is missing"
+    odd = next((k for k, v in arrays.items() if v.dtype.kind not in "biuf"), None)
+    if odd is not None:
+        return f"array {_show(odd)} has dtype {arrays[odd].dtype}, not numbers or booleans"
+    n = meta.get("n_agents")
+    if isinstance(n, bool) or not isinstance(n, int) or arrays["actions"].ndim != 2 or n != arrays["actions"].shape[1]:
+        return f"n_agents is {_show(n)} but actions has shape {arrays['actions'].shape}, not (steps, n_agents)"
+    steps = arrays["actions"].shape[0]
+    logged = arrays["logged_t"]
+    if logged.ndim != 1 or logged.dtype.kind not in "iu" or (logged.size and not 0 <= logged.min() <= logged.max() < steps):
+        return f"logged_t must be step indices in 0..{steps - 1}"
+    for names, lead in ((STEP_ARRAYS, (steps, n)), (LOGGED_ARRAYS, (len(logged), n))):
+        for key, extra in names.items():
+            if key in arrays and (arrays[key].ndim != 2 + extra or arrays[key].shape[:2] != lead):
+                return f"array {key!r} has shape {arrays[key].shape}, not {lead} then {extra} more axes"
+    frames = arrays.get("frames")
+    if frames is not None and (frames.ndim != 4 or frames.shape[0] != len(logged) or frames.shape[3] != 3):
+        return f"array 'frames' has shape {frames.shape}, not ({len(logged)}, height, width, 3)"
+    actions = arrays["actions"]
+    if actions.size and not 0 <= actions.min() <= actions.max() < arrays["probs"].shape[2]:
+        return f"actions must be in 0..{arrays['probs'].shape[2] - 1} (the probs' last axis)"
+    maps = [arrays[k].shape[-2:] for k, extra in LOGGED_ARRAYS.items() if k in arrays and extra >= 2]
+    if len(set(maps)) > 1:
+        return f"the logged images and maps differ in size: {sorted(set(maps))}"
+    return None
 
 
 def list_episodes(log_dir: str | Path) -> list[Path]:
