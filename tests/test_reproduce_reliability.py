@@ -161,3 +161,26 @@ def test_named_configurations_expand_in_place_and_bad_names_are_refused(tmp_path
         path.write_text(yaml.safe_dump(data, allow_unicode=True))
         with pytest.raises(ConfigError, match=message):
             schema.load_experiment(path)
+
+
+def test_certify_evaluations_place_their_outputs_and_table_their_certificates(tmp_path: Path) -> None:
+    exp = schema.load_experiment(ROOT / "experiments" / "certified.yaml")
+    tasks = plan.expand(exp, reproduce.JOBS, quick=True)
+    task = next(t for t in tasks if t.kind == "certify")
+    assert task.config["checkpoint"] == "tasks/train__ppo__s0/out" and task.config["out"] == task.out
+    assert task.argv(1) == ["--config", f"{task.folder}/config.yaml", "--threads", "1", "--no-progress"]
+    data = {"settings": {"episodes": 16}, "certified_rate": {"0.25": 0.75}, "return_bound": {"0.5": 0.3},
+            "smoothed_return_mean": 0.6}
+    assert tables._value(data, schema.ColumnSpec(metric="certified_rate/0.25"), "certify")[:2] == (0.75, 16)
+    assert tables._value(data, schema.ColumnSpec(metric="smoothed_return_mean"), "certify")[0] == 0.6
+    with pytest.raises(ConfigError, match="certify.json has no 'return_bound/9'"):
+        tables._value(data, schema.ColumnSpec(metric="return_bound/9"), "certify")
+    bad = yaml.safe_load((ROOT / "experiments" / "certified.yaml").read_text())
+    bad["tables"][0]["columns"][0]["metric"] = "certified_rates"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad, allow_unicode=True))
+    (tmp_path / "configs").mkdir()
+    for name in ("pgd_at", "scorpio_value"):
+        (tmp_path / "configs" / f"{name}.yaml").write_text((ROOT / "experiments" / "configs" / f"{name}.yaml").read_text())
+    with pytest.raises(ConfigError, match="accepted for a certify source"):
+        schema.load_experiment(path)

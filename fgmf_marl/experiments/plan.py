@@ -70,7 +70,7 @@ class Task:
             return args + ["--out", self.out]
         if self.kind == "adversary":
             return args + ["--victim", self.config["victim"], "--run-dir", self.out]
-        return args   # explain: its config names the out folder
+        return args   # explain, certify: their config names the checkpoint and the out folder
 
     def command(self, threads: int = 1) -> str:
         """The equivalent command, run in the results root (``scripts/`` is the repository's), for RESULTS.md."""
@@ -121,6 +121,7 @@ def _surrogate_seed(exp: Experiment, group: str, run_name: str, seed: int) -> in
 PLACED_KEYS: dict[str, tuple[str, ...]] = {
     "evaluate": ("checkpoints", "adversary", "surrogate", "out", "log_explanations"),
     "explain": ("checkpoint", "out"),
+    "certify": ("checkpoint", "out"),
     "adversary": ("victim", "run_dir"),
 }
 
@@ -172,12 +173,12 @@ def expand(exp: Experiment, jobs: Mapping[str, JobInfo], *, quick: bool, where: 
                     if ev.surrogate is not None:
                         deps.append(trains[ev.surrogate, _surrogate_seed(exp, ev.surrogate, run_name, seed)])
                         base["surrogate"] = deps[-1].out
-                elif ev.kind == "explain":
+                elif ev.kind in ("explain", "certify"):
                     base = {"checkpoint": train.out}
                 else:
                     base = {"victim": train.out}
                 tid = f"{ev.kind}/{ev.name}/{run_name}/s{seed}"
-                if ev.kind == "explain":
+                if ev.kind in ("explain", "certify"):
                     base["out"] = task_folder(tid) + "/out"
                 config = _resolve(jobs[ev.kind].config, overrides, base, f"{where}: evaluations[{i}] ({ev.name})")
                 dep_keys = tuple(d.key for d in deps)

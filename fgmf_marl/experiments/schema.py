@@ -18,7 +18,7 @@ from fgmf_marl.attribution.study import TRUST_SIGNALS, default_methods
 from fgmf_marl.config import ConfigError
 
 
-JobKind = Literal["evaluate", "explain", "adversary"]
+JobKind = Literal["evaluate", "explain", "adversary", "certify"]
 
 
 @dataclass
@@ -212,6 +212,8 @@ def _check_column(where: str, col: ColumnSpec, rows: list[str], kinds: dict[str,
                           "names it (adversary: NAME)")
     if kind == "explain":
         _check_explain_metric(where, col.metric)
+    if kind == "certify":
+        _check_certify_metric(where, col.metric)
     if kind == "evaluate":
         if col.metric not in EVAL_METRICS:
             raise ConfigError(f"{where}.metric={col.metric!r}; accepted for an evaluate source: {', '.join(EVAL_METRICS)}")
@@ -221,6 +223,20 @@ def _check_column(where: str, col: ColumnSpec, rows: list[str], kinds: dict[str,
             raise ConfigError(f"{where}: attack {col.attack!r} needs a budget, e.g. budget: k=1")
         if col.attack in BUDGET_ATTACKERS and col.metric == "flip_rate":
             raise ConfigError(f"{where}: attack {col.attack!r} is the strongest by return; flip_rate needs an attack label")
+
+
+#: what a certify source's column may read: a number of certify.json, or one entry of its tables by radius / budget
+CERTIFY_METRICS = ("base_return_mean", "smoothed_return_mean", "abstain_rate", "agrees_with_base", "median_radius")
+CERTIFY_TABLES = ("certified_rate", "return_bound")
+
+
+def _check_certify_metric(where: str, metric: str) -> None:
+    """``certified_rate/RADIUS``, ``return_bound/BUDGET`` or one of ``CERTIFY_METRICS``."""
+    table, _, key = metric.partition("/")
+    if metric in CERTIFY_METRICS or (table in CERTIFY_TABLES and key):
+        return
+    raise ConfigError(f"{where}.metric={metric!r}; accepted for a certify source: {', '.join(CERTIFY_METRICS)}, "
+                      "certified_rate/RADIUS or return_bound/BUDGET")
 
 
 def _check_explain_metric(where: str, metric: str) -> None:

@@ -73,6 +73,12 @@ def _value(data: dict[str, Any], col: ColumnSpec, kind: str) -> tuple[Any, int, 
     if kind == "train":
         per_episode = data.get(col.metric.replace("_mean", "_episodes")) if col.metric in RETURN_METRICS else None
         return data[col.metric], int(data["episodes"]), "", _episodes(per_episode)
+    if kind == "certify":
+        table, _, key = col.metric.partition("/")
+        value = data.get(table, {}).get(key) if key else data.get(col.metric)
+        if value is None:
+            raise ConfigError(f"column {col.label!r}: certify.json has no {col.metric!r}")
+        return value, int(data["settings"]["episodes"]), "", None
     if kind == "explain":
         method, metric = col.metric.split("/")
         if method == "trust":   # trust/SIGNAL: the signal's Spearman correlation with PGCA's relevance mass

@@ -23,6 +23,7 @@ from fgmf_marl.experiments.runner import check_ray_address, run_tasks
 from fgmf_marl.experiments.schema import load_experiment
 from fgmf_marl.experiments.tables import QUICK_LABEL, check_results_file, section_markdown, shown, write_section
 from fgmf_marl.jobs import cli
+from fgmf_marl.jobs.certify import CertifyConfig
 from fgmf_marl.jobs.evaluate import EvalConfig
 from fgmf_marl.jobs.explain import ExplainConfig
 from fgmf_marl.jobs.train_config import TrainConfig, without_unused_defenses
@@ -38,6 +39,7 @@ JOBS: dict[str, JobInfo] = {
                      without_unused_defenses),
     "evaluate": JobInfo("fgmf_marl.jobs.evaluate", "scripts/evaluate.py", "results.json", EvalConfig),
     "explain": JobInfo("fgmf_marl.jobs.explain", "scripts/explain_eval.py", "explain_eval.json", ExplainConfig),
+    "certify": JobInfo("fgmf_marl.jobs.certify", "scripts/certify.py", "certify.json", CertifyConfig),
     "adversary": JobInfo("fgmf_marl.jobs.adversary", "scripts/train_adversary.py", "eval/summary.json",
                          AdversaryConfig),
 }
