@@ -18,7 +18,8 @@ Choices, and why:
   submits a task once its dependencies succeeded, at most ``--max-parallel`` at a time, each with
   ``num_cpus=threads`` (1 by default: one thread per task), and ``ray.wait`` s for the next result.
   ``ray.init`` starts a local cluster unless ``--address`` (or ``RAY_ADDRESS``) names one; on a
-  cluster every node needs this package installed and the results root on a shared file system.
+  cluster every node needs this package installed and the results root on a shared file system;
+  each task record names the Ray node that ran it (``node``; ``host`` alone cannot tell two nodes of one machine apart).
 * **Each task runs its job as a subprocess of the job's entry point** (``python -c "...entry()"``
   with the job's own ``--config``), from a Ray worker that waits for it. A subprocess gives every
   task its own log file (``tasks/<task>/log.txt``, named in every failure report), thread settings
@@ -722,6 +723,7 @@ def execute(root: str, task: Task, *, threads: int = 1, rerun: bool = False) -> 
                   "code_version": code_version(),
                   "config": task.config, "overrides": list(task.overrides), "command": task.command(threads),
                   "threads": threads, "log": str(folder / "log.txt"), "host": socket.gethostname(),
+                  "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
                   "resumed_from": resume_from, "run_id": uuid.uuid4().hex, "dep_runs": deps, "started": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
         atomic_write_text(folder / "task.json", json.dumps(record, indent=2))
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
