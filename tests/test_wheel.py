@@ -55,9 +55,12 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run(env: Path, command: str, *args: str, cwd: Path) -> str:
-    """Run ``env/bin/command args`` in ``cwd`` with no PYTHONPATH; its stdout, or a failure showing its output."""
-    child_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    proc = subprocess.run([str(env / "bin" / command), *args], cwd=cwd, env={**child_env, "OMP_NUM_THREADS": "1"},
+    """Run ``env/bin/command args`` in ``cwd`` with no PYTHONPATH (nor RAY_ADDRESS); its stdout, or a failure
+    showing its output."""
+    child_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "RAY_ADDRESS")}
+    # RAY_ENABLE_...=0: fgmf-reproduce's local Ray cluster on 127.0.0.1, not on the host's routable address
+    child_env.update(OMP_NUM_THREADS="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    proc = subprocess.run([str(env / "bin" / command), *args], cwd=cwd, env=child_env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{command} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
