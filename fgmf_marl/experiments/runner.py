@@ -110,6 +110,7 @@ def execute(root: str, task: Task, *, threads: int = 1, rerun: bool = False) -> 
                   "code_version": code_version(),
                   "config": task.config, "overrides": list(task.overrides), "command": task.command(threads),
                   "threads": threads, "log": str(folder / "log.txt"), "host": socket.gethostname(),
+                  "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
                   "resumed_from": resume_from, "run_id": uuid.uuid4().hex, "dep_runs": deps, "started": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
         atomic_write_text(folder / "task.json", json.dumps(record, indent=2))
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
