@@ -44,6 +44,7 @@ from fgmf_marl.attribution.captum_baselines import (GradientShapMap, IntegratedG
 from fgmf_marl.attribution.gradcam import GradCAMPlusPlus
 from fgmf_marl.attribution.perturbation import PerturbationMap, SegmentMask
 from fgmf_marl.attribution.pgca import PGCA, PGCAStage, spearman
+from fgmf_marl.attribution.pooled import EdgeMap, SegmentPooled
 from fgmf_marl.policy import Perturb, PolicyLike
 from fgmf_marl.rollout import StepRecord, rollout
 
@@ -65,7 +66,9 @@ def default_methods(seed: int = 0, grid: int = 8, ig_steps: int = 32,
 
     P and G are PGCA's own stages (segment perturbation, gradient x (input - background)); the old
     grid P and Grad-CAM++ stay as rows, since they were PGCA's parts before issue 20, and so does PGCA's
-    arithmetic consensus, its default before the gated one.
+    arithmetic consensus, its default before the gated one. The segment-pooled rows give pixel methods PGCA's
+    segment prior, and the edge map is a model-free control (``fgmf_marl.attribution.pooled``), so the table
+    separates "segments" from "model signal".
     """
     return {
         "PGCA": lambda v: PGCA(v, grid=grid, seed=seed),
@@ -78,7 +81,12 @@ def default_methods(seed: int = 0, grid: int = 8, ig_steps: int = 32,
         "Occlusion": lambda v: OcclusionMap(v, window=max(1, image_size // grid), stride=max(1, image_size // (2 * grid))),
         "GradientShap": lambda v: GradientShapMap(v, seed=seed),
         "SmoothGrad": lambda v: SmoothGradMap(v, seed=seed),
+        "IG (segment-pooled)": lambda v: SegmentPooled(IntegratedGradientsMap(v, n_steps=ig_steps), grid=grid),
+        "SmoothGrad (segment-pooled)": lambda v: SegmentPooled(SmoothGradMap(v, seed=seed), grid=grid),
+        "Grad-CAM++ (segment-pooled)": lambda v: SegmentPooled(GradCAMPlusPlus(v), grid=grid),
+        "G (segment-pooled)": lambda v: SegmentPooled(PGCAStage(v, "G", grid=grid, seed=seed), grid=grid),
         "Segment mask (no model)": lambda v: SegmentMask(v, grid=grid),
+        "Edges (no model)": lambda v: EdgeMap(v),
         "Random (chance)": lambda v: RandomMap(v, seed=seed),
     }
 
