@@ -22,7 +22,6 @@ are therefore untouched, and with zero weights one ``train()`` gives exactly SB3
 from __future__ import annotations
 
 import math
-import time
 from collections import defaultdict
 from typing import Any, ClassVar
 

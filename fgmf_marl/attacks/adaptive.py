@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from typing import Any, Iterator, Literal
+from typing import Iterator, Literal
 
 import torch
 from torch import Tensor, nn

@@ -162,6 +162,7 @@ class Attack(ABC):
 
     name: str = "attack"
     uses_gradients: bool = True     # white-box (gradient) or black-box (queries / surrogate only)
+    uses_eps: bool = True           # False: the budget is the attack's own option (a patch's size, a severity)
     targeted: bool = False
 
     def __init__(self, eps: float, *, quantize: bool = False) -> None:
@@ -185,15 +186,24 @@ class Attack(ABC):
             if rows.numel() == clean.shape[0]:
                 rows = None
         sub = clean if rows is None else clean[rows]
-        if sub.shape[0] == 0 or self.eps == 0.0:
+        if sub.shape[0] == 0 or (self.uses_eps and self.eps == 0.0):
             return clean.clone()
         sub_target = tgt if tgt is None or rows is None else tgt[rows]
-        adv = project(self._attack(view, sub, sub_target).detach(), sub, self.eps, self.quantize)
+        adv = self.project(self._attack(view, sub, sub_target).detach(), sub)
         if rows is None:
             return adv
         out = clean.clone()
         out[rows] = adv
         return out
+
+    def project(self, adv: Tensor, clean: Tensor) -> Tensor:
+        """The threat model's feasible set: by default the L-inf ``eps``-ball around ``clean`` in [0, 1] (and the
+        uint8 grid with ``quantize``). Other threat models (L2, patches, corruptions, faults) override this one hook."""
+        return project(adv, clean, self.eps, self.quantize)
+
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        """A ValueError when this attack cannot act on observations of ``shape`` (C, H, W), e.g. a patch larger
+        than the frame; called before any episode runs. The default accepts every shape."""
 
     @abstractmethod
     def _attack(self, view: PolicyLike, clean: Tensor, target: Tensor | None) -> Tensor:

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from fgmf_marl.attacks.base import Attack
+from fgmf_marl.config import ConfigError
 from fgmf_marl.policy import PolicyLike, TargetLike
 
 
@@ -200,10 +201,17 @@ class BudgetedAttack(Attack):
         super().__init__(attack.eps, quantize=attack.quantize)
         if horizon < 1 or n_agents < 1:
             raise ValueError(f"horizon={horizon} and n_agents={n_agents} must be >= 1")
+        if getattr(attack, "stateful", False):
+            raise ConfigError(f"attack {attack.name!r} keeps state over an episode and cannot be budgeted by steps or "
+                              "agents per step; accepted: --agents to choose the faulty sensors, without a budget")
         self.attack, self.selector, self.budget = attack, selector, budget
         self.n_agents, self.horizon, self.seed = n_agents, horizon, seed
         self.uses_gradients, self.targeted = attack.uses_gradients, attack.targeted
         self.threshold = self.default_threshold() if threshold is None else float(threshold)
+
+    def project(self, adv: Tensor, clean: Tensor) -> Tensor:
+        """The wrapped attack's threat model (an L2 or patch attack stays one within a budget)."""
+        return self.attack.project(adv, clean)
 
     @property
     def needs_calibration(self) -> bool:

@@ -21,7 +21,7 @@ passes (Expectation over Transformation, for policies with randomness in the for
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

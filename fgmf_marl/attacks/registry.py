@@ -21,6 +21,7 @@ from fgmf_marl.attacks.adaptive import BPDA, EOT
 from fgmf_marl.attacks.base import LEAST_LIKELY, Attack
 from fgmf_marl.attacks.blackbox import RandomNoise, Square, Transfer
 from fgmf_marl.attacks.gradient import FGSM, MAD, PGD, CriticAttack
+from fgmf_marl.attacks.threats import CORRUPTIONS, FAULTS, Corruption, Fault, L2PGD, Patch
 from fgmf_marl.config import ConfigError
 
 Loader = Callable[[str, str], Any]  # (kind, path) -> object; kind is "surrogate" or "adversary"
@@ -77,6 +78,10 @@ ATTACKS: dict[str, AttackKind] = {
     "bpda": AttackKind(_bpda, _PGD_OPTIONS),
     "eot": AttackKind(_eot, _PGD_OPTIONS),
     "adversary": AttackKind(_adversary, loaded=("path", "adversary")),
+    "pgd_l2": AttackKind(L2PGD),
+    "patch_attack": AttackKind(Patch),
+    "corruption": AttackKind(Corruption),
+    "fault": AttackKind(Fault),
 }
 
 
@@ -104,6 +109,24 @@ PRESETS: dict[str, Preset] = {
         specs=("pgd:steps={steps},restarts={restarts}",
                f"pgd:targeted=true,target_action={LEAST_LIKELY},steps={{steps}}", "mad", "critic", "square"),
         options={"steps": 20, "restarts": 5},
+        with_surrogate=("transfer:surrogate={surrogate}",),
+        with_gate=("bpda:steps={steps}",),
+        with_random_forward=("eot:steps={steps}",),
+        with_adversary=("adversary:path={adversary}",)),
+    # the threat models beyond L-inf (fgmf_marl.attacks.threats): each alone, and all of them with the strong ones
+    # (an attack kind may not share a preset's name: a preset name is expanded before kinds are looked up)
+    "l2": Preset(specs=("pgd_l2:steps={steps},restarts={restarts}",), options={"steps": 20, "restarts": 2}),
+    "patch": Preset(specs=("patch_attack:size={size}",), options={"size": 6}),
+    "corruptions": Preset(specs=tuple(f"corruption:kind={k},severity={{severity}}" for k in CORRUPTIONS),
+                          options={"severity": 3}),
+    "faults": Preset(specs=tuple(f"fault:kind={k}" for k in FAULTS), options={}),
+    "all": Preset(
+        specs=("pgd:steps={steps},restarts={restarts}",
+               f"pgd:targeted=true,target_action={LEAST_LIKELY},steps={{steps}}", "mad", "critic", "square",
+               "pgd_l2:steps={steps},restarts={restarts}", "patch_attack:size={size}",
+               *(f"corruption:kind={k},severity={{severity}}" for k in CORRUPTIONS),
+               *(f"fault:kind={k}" for k in FAULTS)),
+        options={"steps": 20, "restarts": 5, "size": 6, "severity": 3},
         with_surrogate=("transfer:surrogate={surrogate}",),
         with_gate=("bpda:steps={steps}",),
         with_random_forward=("eot:steps={steps}",),

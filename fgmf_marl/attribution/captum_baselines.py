@@ -12,7 +12,7 @@ Both are divided by their per-sample max.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch

@@ -17,7 +17,6 @@ signature ``GradCAMPlusPlus(view).attribute(obs01, target=actions)`` are stable.
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import Tensor
