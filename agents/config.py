@@ -1,7 +1,7 @@
 """The ``policy:`` and ``ppo:`` sections of a run config: the network and the PPO hyperparameters.
 
 Defaults are those of the embedded default job (the small CNN, PPO tuned for the native env; the
-whole run config is ``fgmf_marl.jobs.train_config.TrainConfig``; measurements: docs/experiments/ppo-defaults.md,
+whole run config is ``fgmf_marl.teams.train_config.TrainConfig``; measurements: docs/experiments/ppo-defaults.md,
 "PPO defaults and the default job").
 """
 from __future__ import annotations

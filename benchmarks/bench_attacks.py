@@ -69,7 +69,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.checkpoint:
-        from fgmf_marl.jobs.checkpoints import load_victim
+        from fgmf_marl.teams.checkpoints import load_victim
 
         view = load_victim(args.checkpoint).view
     else:

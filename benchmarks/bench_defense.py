@@ -29,8 +29,8 @@ from stable_baselines3.common.callbacks import CallbackList
 from agents.defended import build_model
 from fgmf_marl import config as cfglib
 from fgmf_marl.defenses.config import ScorpioConfig
-from fgmf_marl.jobs.train import ppo_kwargs, training_callbacks, training_env
-from fgmf_marl.jobs.train_config import TrainConfig
+from fgmf_marl.teams.training import ppo_kwargs, training_callbacks, training_env
+from fgmf_marl.teams.train_config import TrainConfig
 
 #: SCOR-PIO's default knobs before experiments/fgmf_dense.yaml's configuration replaced them: an eighth of every
 #: eighth minibatch at lambda 1, eps 4, delta* one sign step, the curvature by a finite-difference HVP

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from stable_baselines3.common.callbacks import CallbackList
 
-from fgmf_marl.jobs.train_config import TrainConfig
+from fgmf_marl.teams.train_config import TrainConfig
 from agents.defended import build_model
-from fgmf_marl.jobs.train import ppo_kwargs
+from fgmf_marl.teams.training import ppo_kwargs
 from envs.registry import make_vec_env
 from fgmf_marl import config as cfglib
 

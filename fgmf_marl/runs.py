@@ -4,7 +4,7 @@
         config.yaml        the resolved config (every default filled in): rerun with --config
         checkpoints/       step_<timesteps>.zip (periodic) and final.zip; beside each periodic one,
                            step_<timesteps>.resume.npz: the random streams and env state --resume
-                           needs to continue exactly (fgmf_marl.jobs.checkpoints), and
+                           needs to continue exactly (fgmf_marl.teams.checkpoints), and
                            step_<timesteps>.time.json: the training seconds spent up to it, so a
                            resumed run reports its whole training time
         tb/                TensorBoard event files

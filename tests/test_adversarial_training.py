@@ -16,9 +16,9 @@ from envs.native import CoverageConfig
 from fgmf_marl import config as cfglib
 from fgmf_marl.attacks import PGD
 from fgmf_marl.config import ConfigError
-from fgmf_marl.jobs.checkpoints import env_spaces, load_model
+from fgmf_marl.teams.checkpoints import env_spaces, load_model
 from fgmf_marl.jobs.train import entry as train_cli
-from fgmf_marl.jobs.train_config import TrainConfig
+from fgmf_marl.teams.train_config import TrainConfig
 from helpers import tiny_view
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,7 +14,7 @@ from stable_baselines3 import PPO
 from agents.adversary import (ADVERSARY, AdversaryConfig, AdversaryParallelEnv, AdversaryVecEnv, DirectorCore, director_policy_kwargs,
                               knowledge_size, warm_start)
 from fgmf_marl.attacks.budget import Budget
-from fgmf_marl.jobs.checkpoints import load_adversary
+from fgmf_marl.teams.checkpoints import load_adversary
 from agents.policy_view import PolicyView
 from envs.batched import CoverageVecEnv
 from envs.native import CoverageConfig

@@ -17,9 +17,10 @@ from envs.native import CoverageConfig
 from fgmf_marl.attacks import FGSM, PGD
 from fgmf_marl.attacks.budget import (SELECTORS, Budget, BudgetedAttack, FixedSelector, RandomSelector,
                                       TimedSelector, ValueSelector, make_selector, step_scores)
-from fgmf_marl.jobs.evaluate import _budget_axes, _budget_key, entry as eval_cli
+from fgmf_marl.jobs.evaluate import entry as eval_cli
 from fgmf_marl.jobs.train import entry as train_cli
 from fgmf_marl.rollout import rollout
+from fgmf_marl.teams.report import _budget_axes, _budget_key
 from helpers import coverage_view
 
 CFG = CoverageConfig(max_steps=8)

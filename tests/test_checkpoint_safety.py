@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from fgmf_marl.jobs import adversary, evaluate, explain, train
-from fgmf_marl.jobs.checkpoints import load_adversary, load_model
+from fgmf_marl.teams.checkpoints import load_adversary, load_model
 
 TINY = ["env.n_envs=2", "ppo.n_steps=32", "ppo.batch_size=64", "ppo.n_epochs=1", "eval_episodes=2",
         "checkpoint_every=10000", "env.native.max_steps=10"]

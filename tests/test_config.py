@@ -199,8 +199,8 @@ def test_presets_sit_beneath_everything_a_user_writes(tmp_path: Path) -> None:
 
 
 def test_train_config_presets_follow_env_and_backbone(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fgmf_marl.jobs import train_config
-    from fgmf_marl.jobs.train_config import TrainConfig
+    from fgmf_marl.teams import train_config
+    from fgmf_marl.teams.train_config import TrainConfig
     table = {"env.name": {"pistonball": {"ppo": {"gamma": 0.95, "learning_rate": 5e-4}}},
              "policy.backbone": {"vit": {"ppo": {"learning_rate": 2e-4}}}}
     monkeypatch.setattr(train_config, "_preset_table", lambda: table)
@@ -213,7 +213,7 @@ def test_train_config_presets_follow_env_and_backbone(monkeypatch: pytest.Monkey
 
 
 def test_shipped_presets_are_valid_configs() -> None:
-    from fgmf_marl.jobs.train_config import PRESET_KEYS, TrainConfig, _preset_table
+    from fgmf_marl.teams.train_config import PRESET_KEYS, TrainConfig, _preset_table
     table = _preset_table()
     assert set(table) <= set(PRESET_KEYS)
     for key, choices in table.items():

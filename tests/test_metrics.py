@@ -143,7 +143,7 @@ def test_clean_vs_attacked_similarity_with_pgd() -> None:
 
 # ---------------------------------------------------------------- explain_eval end to end
 def _untrained_run(root):
-    from fgmf_marl.jobs.train_config import TrainConfig
+    from fgmf_marl.teams.train_config import TrainConfig
     from agents.defended import build_model
     from envs.registry import make_vec_env
     from fgmf_marl import config as cfglib

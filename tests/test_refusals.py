@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from fgmf_marl import atomic, runs
 from fgmf_marl.config import ConfigError
 from fgmf_marl.jobs import evaluate, replay, train
+from fgmf_marl.teams import grid, training
 from fgmf_marl.oversight.render import render_frames
 from fgmf_marl.oversight.store import Episode
 from fgmf_marl.runs import RunDir
@@ -180,7 +181,7 @@ def test_evaluate_checks_its_output_folders_before_loading_anything(flag: str, r
                                                                     capsys: pytest.CaptureFixture,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "a_file").write_text("x")
-    monkeypatch.setattr(evaluate, "load_victim", lambda *a, **k: pytest.fail("loaded a checkpoint first"))
+    monkeypatch.setattr(grid, "load_victim", lambda *a, **k: pytest.fail("loaded a checkpoint first"))
     argv = [str(run.root), "--out", str(tmp_path / "out"), "--attacks", "random", "--eps", "2", "--no-progress",
             flag, str(tmp_path / "a_file" / "sub")]
     _one_line_exit_2(evaluate.entry(argv), capsys, "lies under the file")
@@ -292,11 +293,12 @@ class ReachedCompute(Exception):
 FUZZ_VALUES = ["nan", "-nan", ".nan", "inf", "-inf", ".inf", "1e400", "-1e400", str(2**64), str(10**12), "-1", "0",
                "", " ", ",", ",,", "1,,2", "abc", "1.5", "-0.5", "0x10", "[1, 2]", "{a: 1}", "null", "true", "~",
                "../..", "/proc/no-such/x", "cuda:abc", "1e-300", "é"]
-#: where each command's compute begins, and the arguments that make the rest of a call valid
+#: each command's job module, where its compute begins (module, name), and the arguments that make the rest of
+#: a call valid
 COMMANDS = {
-    "train": (train, "training_env", ["--no-progress"]),
-    "evaluate": (evaluate, "load_victim", ["checkpoint", "--no-progress"]),
-    "replay": (replay, "replay", []),
+    "train": (train, (training, "training_env"), ["--no-progress"]),
+    "evaluate": (evaluate, (grid, "load_victim"), ["checkpoint", "--no-progress"]),
+    "replay": (replay, (replay, "replay"), []),
 }
 
 
@@ -332,11 +334,11 @@ def _argv(command: str, data: Any) -> list[str]:
 def test_fuzzed_flags_end_in_exit_2_or_reach_compute_never_a_traceback(command: str, data: Any, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch,
                                                                       capsys: pytest.CaptureFixture) -> None:
-    module, compute, _ = COMMANDS[command]
+    module, (library, compute), _ = COMMANDS[command]
 
     def reached(*args: Any, **kwargs: Any) -> None:
         raise ReachedCompute
-    monkeypatch.setattr(module, compute, reached)
+    monkeypatch.setattr(library, compute, reached)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("FGMF_LOG_KEY_FILE", raising=False)
     argv = [a.replace("\x00", "") for a in _argv(command, data)]   # a real command line cannot hold NUL

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 
 from agents.policy_view import PolicyView
 from fgmf_marl.jobs.train import entry as cli
-from fgmf_marl.jobs.checkpoints import load_model
+from fgmf_marl.teams.checkpoints import load_model
 from fgmf_marl.runs import RunDir
 
 FAST = ["env.n_envs=4", "ppo.n_steps=32", "ppo.batch_size=128", "ppo.n_epochs=1", "eval_episodes=4",
@@ -273,7 +273,7 @@ class _Payload:
 
 
 def test_a_resume_state_file_can_never_run_code(tmp_path: Path, trained_run: RunDir, capsys: pytest.CaptureFixture) -> None:
-    from fgmf_marl.jobs.checkpoints import restore_resume_state
+    from fgmf_marl.teams.checkpoints import restore_resume_state
 
     run = RunDir(tmp_path / "hostile")
     shutil.copytree(trained_run.root, run.root)

@@ -6,7 +6,8 @@ import pytest
 
 from fgmf_marl.attacks.registry import expand_presets, make_attack
 from fgmf_marl.config import ConfigError
-from fgmf_marl.jobs.evaluate import Cell, worst_across_checkpoints, worst_markdown, worst_rows
+from fgmf_marl.teams.cells import Cell, worst_across_checkpoints, worst_rows
+from fgmf_marl.teams.report import worst_markdown
 from fgmf_marl.stats import bootstrap_ci
 
 STRONG = ["pgd:steps=20,restarts=5", "pgd:targeted=true,target_action=least_likely,steps=20", "mad", "critic", "square"]

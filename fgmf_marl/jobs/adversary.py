@@ -35,10 +35,11 @@ from fgmf_marl import seeds
 from fgmf_marl.atomic import atomic_write_text
 from fgmf_marl.jobs import cli
 from fgmf_marl.attacks.base import LEAST_LIKELY
-from fgmf_marl.jobs.checkpoints import PeriodicCheckpoint, Victim, load_victim, save_checkpoint
 from fgmf_marl.attacks.budget import LEARNED
-from fgmf_marl.jobs.evaluate import EvalConfig, evaluate
 from fgmf_marl.runs import staged_run_dir
+from fgmf_marl.teams.checkpoints import PeriodicCheckpoint, Victim, load_victim, save_checkpoint
+from fgmf_marl.teams.eval_config import EvalConfig
+from fgmf_marl.teams.grid import evaluate
 
 PROG = "train_adversary.py"
 
@@ -185,9 +186,7 @@ def resolve_config(args: argparse.Namespace) -> AdversaryConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = cli.parse(build_parser(), argv)
-    cfg = resolve_config(args)
-    cli.apply_threads(args.threads)
+    args, cfg = cli.start(build_parser(), argv, resolve_config)
     run_dir = args.run_dir or Path("runs") / f"adversary-{Path(cfg.victim).name}-eps{cfg.eps:g}"
     summary = train_adversary(cfg, run_dir, progress=not args.no_progress)
     print(json.dumps(summary))

@@ -29,7 +29,7 @@ from fgmf_marl import seeds
 from fgmf_marl.atomic import atomic_write_text
 from fgmf_marl.config import ConfigError, check_device, check_range, check_seed
 from fgmf_marl.jobs import cli
-from fgmf_marl.jobs.checkpoints import load_model
+from fgmf_marl.teams.checkpoints import load_model
 from fgmf_marl.rollout import StepRecord, rollout
 from fgmf_marl.runs import check_output_dir, resolve_checkpoint
 
@@ -224,9 +224,7 @@ def resolve_config(args: argparse.Namespace) -> CertifyConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = cli.parse(build_parser(), argv)
-    cfg = resolve_config(args)
-    cli.apply_threads(args.threads)
+    args, cfg = cli.start(build_parser(), argv, resolve_config)
     data = certify(cfg, progress=not args.no_progress)
     print(markdown(data))
     return 0

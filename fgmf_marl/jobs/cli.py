@@ -1,12 +1,15 @@
 """The one command-line convention of fgmf-marl, shared by every script in ``scripts/``.
 
-Each command is a config dataclass plus ``main(argv) -> int``:
+Each command is a config dataclass plus ``main(argv) -> int``, which begins with :func:`start`
+(parse, resolve the config, apply ``--threads``), calls the library (``fgmf_marl.teams``, the framework)
+and prints:
 
 1. ``build_parser()`` declares the command's flags; the shared ones (``--seed``, ``--device``,
    ``--threads``) come from :func:`add_runtime_flags` so they mean the same everywhere;
-2. :func:`load_config` turns the flags into dotted overrides and goes through the one config
-   loader (:func:`fgmf_marl.config.load`: defaults < base < ``--config`` file < flags < ``KEY=VALUE``),
-   so every value is type- and range-checked in one place before any compute starts;
+2. the command's ``resolve_config(args)`` calls :func:`load_config`, which turns the flags into dotted
+   overrides and goes through the one config loader (:func:`fgmf_marl.config.load`: defaults < base <
+   ``--config`` file < flags < ``KEY=VALUE``), so every value is type- and range-checked in one place
+   before any compute starts;
 3. :func:`run` wraps ``main``: a :class:`~fgmf_marl.config.ConfigError` anywhere becomes one line on
    stderr and exit code 2, as argparse's own usage errors do; SIGTERM (what ``kill``, a job
    scheduler or a container stop sends) is turned into the same unwinding as Ctrl-C, so a run
@@ -83,6 +86,20 @@ def apply_threads(threads: int | None) -> None:
     if threads > MAX_THREADS:  # torch overflows or crashes the process on absurd counts
         raise ConfigError(f"--threads={threads} must be an integer <= {MAX_THREADS}")
     torch.set_num_threads(threads)
+
+
+def start(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+          resolve: Callable[[argparse.Namespace], T]) -> tuple[argparse.Namespace, T]:
+    """The steps every command's ``main`` begins with: parse ``argv``, resolve the config with ``resolve``
+    (through :func:`load_config`, validated), then apply ``--threads`` where the command has the flag.
+
+    In this order, so a refused config leaves torch's thread count as it was; what follows (the call
+    into the library and what is printed) is each command's own.
+    """
+    args = parse(parser, argv)
+    cfg = resolve(args)
+    apply_threads(getattr(args, "threads", None))
+    return args, cfg
 
 
 def flags_to_overrides(flags: dict[str, Any]) -> list[str]:

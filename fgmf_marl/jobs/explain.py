@@ -35,7 +35,7 @@ from fgmf_marl.attribution.study import collect_samples, default_methods, explai
 from fgmf_marl.config import ConfigError, check_device, check_range, check_seed
 from fgmf_marl.defenses.sgam import with_gradient_shield
 from fgmf_marl.jobs import cli
-from fgmf_marl.jobs.checkpoints import load_model
+from fgmf_marl.teams.checkpoints import load_model
 from fgmf_marl.runs import check_output_dir, resolve_checkpoint
 
 PROG = "explain_eval.py"
@@ -154,9 +154,7 @@ def resolve_config(args: argparse.Namespace) -> ExplainConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = cli.parse(build_parser(), argv)
-    cfg = resolve_config(args)
-    cli.apply_threads(args.threads)
+    args, cfg = cli.start(build_parser(), argv, resolve_config)
     print(f"wrote {explain(cfg, progress=not args.no_progress)}")
     return 0
 

@@ -158,7 +158,8 @@ def resolve_config(args: argparse.Namespace) -> ReplayConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return replay(resolve_config(cli.parse(build_parser(), argv)))
+    _, cfg = cli.start(build_parser(), argv, resolve_config)
+    return replay(cfg)
 
 
 def entry(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,7 @@ and not Tune, the caching rule and how resuming works: docs/DESIGN.md, "Reproduc
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import fnmatch
 import os
@@ -24,10 +25,10 @@ from fgmf_marl.experiments.schema import load_experiment
 from fgmf_marl.experiments.tables import QUICK_LABEL, check_results_file, section_markdown, shown, write_section
 from fgmf_marl.jobs import cli
 from fgmf_marl.jobs.certify import CertifyConfig
-from fgmf_marl.jobs.evaluate import EvalConfig
 from fgmf_marl.jobs.explain import ExplainConfig
-from fgmf_marl.jobs.train_config import TrainConfig, without_unused_defenses
 from fgmf_marl.runs import check_output_dir
+from fgmf_marl.teams.eval_config import EvalConfig
+from fgmf_marl.teams.train_config import TrainConfig, without_unused_defenses
 
 PROG = "reproduce.py"
 
@@ -87,12 +88,16 @@ def build_parser() -> cli.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = cli.parse(build_parser(), argv)
-    cfg = cli.load_config(ReproduceConfig, flags={
+def resolve_config(args: argparse.Namespace) -> ReproduceConfig:
+    """Defaults < flags."""
+    return cli.load_config(ReproduceConfig, flags={
         "experiment": args.experiment, "quick": args.quick or None, "address": args.address,
         "max_parallel": args.max_parallel, "results_root": args.results_root, "results": args.results,
         "figures": args.figures, "rerun": args.rerun, "only": args.only})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, cfg = cli.start(build_parser(), argv, resolve_config)
     name = Path(cfg.experiment).stem
     exp = load_experiment(cfg.experiment)
     tasks = [dataclasses.replace(t, experiment=name) for t in expand(exp, JOBS, quick=cfg.quick, where=cfg.experiment)]

@@ -34,7 +34,7 @@ from envs.registry import EnvConfig, horizon, make_vec_env, n_agents_of
 from fgmf_marl import config as cfglib
 from fgmf_marl.atomic import atomic_write
 from fgmf_marl.config import ConfigError
-from fgmf_marl.jobs.train_config import TrainConfig
+from fgmf_marl.teams.train_config import TrainConfig
 from fgmf_marl.runs import RunDir, resolve_checkpoint
 
 

@@ -1,0 +1,249 @@
+"""The outputs of a robustness evaluation: results.md's tables, episodes.csv, the plots and TensorBoard scalars.
+
+Everything here reads the rows of :mod:`fgmf_marl.teams.cells` (and the cells, for the CSV); nothing
+runs a policy. Plots use matplotlib's ``Figure`` without pyplot and are written atomically.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from torch.utils.tensorboard import SummaryWriter
+
+from fgmf_marl.atomic import atomic_write
+from fgmf_marl.teams.cells import Cell
+from fgmf_marl.teams.eval_config import EvalConfig
+
+
+def _metric_label(metric: str) -> str:
+    return "oracle-normalised return" if metric == "normalised" else "team return"
+
+
+def worst_markdown(worst: list[dict[str, Any]], across: list[dict[str, Any]]) -> str:
+    """The two worst-case tables of results.md (the second only with several checkpoints), unbudgeted attacks."""
+    worst = [r for r in worst if r.get("budget", "all") == "all"]
+    if not worst:
+        return ""
+    metric = worst[0]["metric"]
+    text = (f"\n## Worst case over attacks\n\nWeakest attack: per seed the lowest mean {_metric_label(metric)} over "
+            "the grid's attacks at that eps, then mean ± std over seeds. Per episode: every episode scored by its own "
+            "worst attack (episodes paired by env seed), then the mean [95% bootstrap CI over episodes]; the "
+            "stricter of the two.\n\n"
+            f"| checkpoint | attack | eps | worst {_metric_label(metric)} (weakest attack) | per-episode worst | seeds "
+            "| episodes | minimum per seed | attacks that were an episode's worst |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
+    for r in worst:
+        minima = "; ".join(f"seed {m['seed']}: {m['attack']} {m['value']:.3f}" for m in r["per_seed"])
+        low, high = r["episode_worst_ci95"]
+        which = "; ".join(f"{a} {n}" for a, n in r["episode_worst_attacks"].items())
+        text += (f"| {r['checkpoint']} | worst | {r['eps255']:g} | {r[f'{metric}_mean']:.3f} ± {r[f'{metric}_std']:.3f} "
+                 f"| {r['episode_worst_mean']:.3f} [{low:.3f}, {high:.3f}] | {r['seeds']} | {r['episodes']} | {minima} "
+                 f"| {which} |\n")
+    if across:
+        text += (f"\n## Worst case across checkpoints\n\nMean ± std over checkpoints of each checkpoint's worst "
+                 f"(the figure to quote).\n\n| eps | worst {_metric_label(metric)} | checkpoints | per checkpoint |\n"
+                 "|---|---|---|---|\n")
+        for r in across:
+            each = "; ".join(f"{k}: {v:.3f}" for k, v in r["per_checkpoint"].items())
+            text += (f"| {r['eps255']:g} | {r[f'{metric}_mean']:.3f} ± {r[f'{metric}_std']:.3f} | {r['checkpoints']} "
+                     f"| {each} |\n")
+    return text
+
+
+def _budget_key(label: str) -> tuple[str, str]:
+    """``k=1,p=0.25`` -> ("1", "0.25"); a missing k is ``all`` agents, a missing p every step (``1``)."""
+    parts = dict(item.split("=") for item in label.split(",")) if label != "all" else {}
+    return parts.get("k", "all"), parts.get("p", "1")
+
+
+def _budget_axes(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """The k and p values of the budget grid in ``rows``, as labels (``all`` = no limit), in order."""
+    keys = [_budget_key(r["budget"]) for r in rows if r.get("selector")]
+    return (sorted({k for k, _ in keys}, key=lambda k: (k == "all", int(k) if k != "all" else 0)),
+            sorted({p for _, p in keys}, key=float))
+
+
+def budget_markdown(rows: list[dict[str, Any]], worst: list[dict[str, Any]]) -> str:
+    """Per checkpoint and eps: each attacker's return per budget (k, p), the strongest per budget in bold.
+
+    Also what each attacker spent (share of steps attacked, most agents in one step), measured by the
+    episode loop; and, for reference, the unbudgeted worst case the budgets are fractions of.
+    """
+    budgeted = [r for r in rows if r.get("selector")]
+    if not budgeted:
+        return ""
+    metric = "normalised_mean" if "normalised_mean" in budgeted[0] else "team_return_mean"
+    text = ("\n## Budgeted attackers\n\nk: attacked agents per env and step; p: attacked share of each episode's "
+            "steps (at most floor(p x horizon)); spent: the measured share of steps attacked and the most agents "
+            "attacked in one step. Lower is a stronger attacker; the strongest per budget is in bold. "
+            f"Values: {_metric_label(metric.removesuffix('_mean'))}.\n")
+    for ckpt in dict.fromkeys(r["checkpoint"] for r in budgeted):
+        for eps in dict.fromkeys(r["eps255"] for r in budgeted if r["checkpoint"] == ckpt):
+            mine = [r for r in budgeted if r["checkpoint"] == ckpt and r["eps255"] == eps]
+            attackers = list(dict.fromkeys(r["attack"].rsplit("[", 1)[0] for r in mine))
+            everything = next((w for w in worst if w["checkpoint"] == ckpt and w["eps255"] == eps
+                               and w.get("budget", "all") == "all"), None)
+            text += f"\n### {ckpt}, eps {eps:g}/255"
+            if everything is not None:
+                text += f" (unbudgeted worst case: {everything[everything['metric'] + '_mean']:.3f})"
+            text += "\n\n| budget | " + " | ".join(attackers) + " |\n|---|" + "---|" * len(attackers) + "\n"
+            for budget in dict.fromkeys(r["budget"] for r in mine):
+                cells = {r["attack"].rsplit("[", 1)[0]: r for r in mine if r["budget"] == budget}
+                best = min(cells.values(), key=lambda r: r[metric])
+                shown = []
+                for a in attackers:
+                    r = cells.get(a)
+                    if r is None:
+                        shown.append("n/a")
+                        continue
+                    value = f"{r[metric]:.3f}"
+                    value = f"**{value}**" if r is best else value
+                    shown.append(f"{value} (spent {r.get('attacked_step_fraction', 0):.2f}, "
+                                 f"≤{r.get('attacked_agents_max', 0)} ag.)")
+                text += f"| {budget} | " + " | ".join(shown) + " |\n"
+    return text
+
+
+def plot_budget_heatmaps(rows: list[dict[str, Any]], checkpoint: str, eps255: float, path: Path) -> bool:
+    """Return vs (k, p) of ``checkpoint`` at ``eps255``, one panel per attacker; False when there is no budget grid."""
+    mine = [r for r in rows if r.get("selector") and r["checkpoint"] == checkpoint and r["eps255"] == eps255]
+    if not mine:
+        return False
+    metric = "normalised_mean" if "normalised_mean" in mine[0] else "team_return_mean"
+    ks, ps = _budget_axes(mine)
+    attackers = list(dict.fromkeys(r["attack"].rsplit("[", 1)[0] for r in mine))
+    cell = {(r["attack"].rsplit("[", 1)[0], *_budget_key(r["budget"])): r[metric] for r in mine}
+    values = [np.array([[cell.get((a, k, p), np.nan) for p in ps] for k in ks]) for a in attackers]
+    finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.array([0.0])
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    cols = min(4, len(attackers))
+    fig = Figure(figsize=(3.2 * cols + 0.8, 3.2 * ((len(attackers) + cols - 1) // cols)))
+    axes = np.atleast_1d(fig.subplots((len(attackers) + cols - 1) // cols, cols, squeeze=False)).ravel()
+    image = None
+    for ax, attacker, grid in zip(axes, attackers, values):
+        image = ax.imshow(grid, cmap="viridis", vmin=lo, vmax=hi if hi > lo else lo + 1e-6, aspect="auto")
+        ax.set_xticks(range(len(ps)), ps)
+        ax.set_yticks(range(len(ks)), ks)
+        ax.set_xlabel("p (share of steps)")
+        ax.set_ylabel("k (agents)")
+        ax.set_title(attacker, fontsize=9)
+        for i in range(len(ks)):
+            for j in range(len(ps)):
+                if np.isfinite(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8, color="white")
+    for ax in axes[len(attackers):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{checkpoint}: return under budgeted attacks, eps {eps255:g}/255", fontsize=10, y=0.995)
+    fig.subplots_adjust(top=0.82, bottom=0.2, left=0.06, right=0.9, wspace=0.35)
+    if image is not None:
+        fig.colorbar(image, cax=fig.add_axes((0.925, 0.2, 0.012, 0.62)),
+                     label="oracle-normalised return" if metric.startswith("normalised") else "team return")
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
+    return True
+
+
+def results_markdown(rows: list[dict[str, Any]], cfg: EvalConfig) -> str:
+    who = "all agents" if cfg.agents is None else "agents " + ",".join(map(str, cfg.agents))
+    text = (f"# Robustness evaluation\n\nAttacked: {who}; {cfg.episodes} episodes x {len(cfg.seeds)} seed(s) per cell; "
+            "eps in /255 units; mean ± std over episodes.\n\n"
+            "| checkpoint | attack | eps | team return | oracle-normalised | flip rate |\n|---|---|---|---|---|---|\n")
+    for r in rows:
+        norm = f"{r['normalised_mean']:.3f} ± {r['normalised_std']:.3f}" if "normalised_mean" in r else "n/a"
+        eps = "0 (clean)" if r["eps255"] == 0 else f"{r['eps255']:g}"
+        text += (f"| {r['checkpoint']} | {r['attack']} | {eps} | {r['team_return_mean']:.3f} ± {r['team_return_std']:.3f} "
+                 f"| {norm} | {r['flip_rate']:.3f} ± {r['flip_rate_std']:.3f} |\n")
+    return text
+
+
+def episodes_csv(cells: list[Cell]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["checkpoint", "attack", "eps255", "seed", "episode", "team_return", "normalised_return", "length",
+                "flip_rate"])
+    for c in cells:
+        for i, ret in enumerate(c.team_returns):
+            norm = "" if c.normalised is None else f"{c.normalised[i]:.6f}"
+            w.writerow([c.checkpoint, c.attack, f"{c.eps:g}", c.seed, i, f"{ret:.6f}", norm, int(c.lengths[i]),
+                        f"{c.flip_rates[i]:.6f}"])
+    return buf.getvalue()
+
+
+def _band(ax: Any, xs: list[float], pts: list[dict[str, Any]], key: str, **style: Any) -> None:
+    """The 95% bootstrap band of ``pts`` (rows with ``<metric>_ci95``), where every point has one."""
+    ci = key.replace("_mean", "_ci95")
+    if all(ci in r for r in pts):
+        ax.fill_between(xs, [r[ci][0] for r in pts], [r[ci][1] for r in pts], alpha=0.12, **style)
+
+
+def plot_curves(rows: list[dict[str, Any]], checkpoint: str, path: Path) -> None:
+    """Return vs eps of one checkpoint, one line per attack, clean at eps 0, 95% bootstrap bands; written atomically."""
+    mine = [r for r in rows if r["checkpoint"] == checkpoint]
+    key = "normalised_mean" if all("normalised_mean" in r for r in mine) else "team_return_mean"
+    clean = [r for r in mine if r["attack"] == "none"]
+    fig = Figure(figsize=(6, 4))  # no pyplot: no GUI backend, no global figure state
+    ax = fig.subplots()
+    for attack in dict.fromkeys(r["attack"] for r in mine if r["attack"] != "none"):
+        pts = sorted(clean + [r for r in mine if r["attack"] == attack], key=lambda r: r["eps255"])
+        xs = [r["eps255"] for r in pts]
+        ax.plot(xs, [r[key] for r in pts], marker="o", label=attack,
+                **({"color": "black", "linestyle": "--"} if attack == "worst" else {}))
+        _band(ax, xs, pts, key)
+    ax.set_xlabel("eps (/255)")
+    ax.set_ylabel("oracle-normalised team return" if key.startswith("normalised") else "team return")
+    ax.set_title(f"robustness of {checkpoint} (bands: 95% bootstrap CI of the mean)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
+
+
+def plot_comparison(rows: list[dict[str, Any]], worst: list[dict[str, Any]],
+                    across: list[dict[str, Any]], path: Path) -> None:
+    """Every checkpoint's worst case vs eps on one axis, its clean return as a dotted reference line.
+
+    Bands: the 95% bootstrap interval of each point's mean over episodes. With several checkpoints
+    (independent training seeds), a black line is their mean and its band spans their [min, max].
+    """
+    key = "normalised_mean" if all("normalised_mean" in r for r in rows) else "team_return_mean"
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
+    mine = [w for w in worst if w.get("budget", "all") == "all"]
+    for i, ckpt in enumerate(dict.fromkeys(r["checkpoint"] for r in rows)):
+        clean = next(r for r in rows if r["checkpoint"] == ckpt and r["attack"] == "none")
+        pts = [clean] + sorted((w for w in mine if w["checkpoint"] == ckpt), key=lambda w: w["eps255"])
+        xs = [r["eps255"] for r in pts]
+        color = f"C{i % 10}"
+        ax.plot(xs, [r[key] for r in pts], marker="o", color=color, label=f"{ckpt} (worst case)")
+        _band(ax, xs, pts, key, color=color)
+        ax.axhline(clean[key], color=color, linestyle=":", linewidth=1)
+    if across:
+        by_eps = sorted(across, key=lambda r: r["eps255"])
+        cleans = [r[key] for r in rows if r["attack"] == "none"]
+        xs = [0.0] + [r["eps255"] for r in by_eps]
+        values = [np.array(cleans)] + [np.array(list(r["per_checkpoint"].values())) for r in by_eps]
+        ax.plot(xs, [v.mean() for v in values], color="black", linewidth=2, label="mean over checkpoints")
+        ax.fill_between(xs, [v.min() for v in values], [v.max() for v in values], color="black", alpha=0.08)
+    ax.set_xlabel("eps (/255); eps 0 = clean")
+    ax.set_ylabel("oracle-normalised team return" if key.startswith("normalised") else "team return")
+    ax.set_title("worst case over attacks (dotted: each checkpoint's clean return)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
+
+
+def write_tensorboard(rows: list[dict[str, Any]], worst: list[dict[str, Any]], folder: Path) -> None:
+    """Every row's return and flip rate as TensorBoard scalars ``<checkpoint>/<attack>/...``, the step
+    being eps in 1/255 units (rounded to an integer: TensorBoard steps are integers; results.json
+    keeps the exact eps), so a robustness curve reads along the step axis."""
+    with SummaryWriter(str(folder)) as writer:
+        for r in rows + worst:
+            step = int(round(r["eps255"]))
+            metric = "normalised_mean" if "normalised_mean" in r else "team_return_mean"
+            writer.add_scalar(f"{r['checkpoint']}/{r['attack']}/{metric.removesuffix('_mean')}", r[metric], step)
+            if "flip_rate" in r:
+                writer.add_scalar(f"{r['checkpoint']}/{r['attack']}/flip_rate", r["flip_rate"], step)
