@@ -145,3 +145,22 @@ def test_presets_and_budgets() -> None:
         BudgetedAttack(Fault(0.0, kind="frozen"), make_selector("random"), Budget(agents=1), n_agents=2, horizon=10)
     with pytest.raises(ConfigError, match="severity"):
         make_attack("corruption", 0.0, kind="jpeg", severity=6)
+
+
+def test_evaluate_refuses_a_patch_larger_than_the_frame_before_any_episode(tmp_path, capsys) -> None:
+    from fgmf_marl.jobs.evaluate import entry as evaluate_cli
+    from fgmf_marl.jobs.train import entry as train_cli
+
+    run = tmp_path / "run"
+    assert train_cli(["--timesteps", "64", "--run-dir", str(run), "--no-progress", "env.n_envs=2", "ppo.n_steps=32",
+                      "ppo.batch_size=64", "eval_episodes=2", "env.native.max_steps=10"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "eval"
+    assert evaluate_cli([str(run), "--attacks", "patch_attack:size=99", "--eps", "4", "--episodes", "1",
+                         "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "larger than the 48x48 frame" in err[0] and not out.exists()
+    assert evaluate_cli([str(run), "--attacks", "faults", "patch", "--eps", "4", "--episodes", "1", "--n-envs", "1",
+                         "--out", str(out), "--no-progress"]) == 0
+    rows = (out / "results.md").read_text()
+    assert "fault[kind=frozen]" in rows and "patch_attack[size=6]" in rows

@@ -108,7 +108,8 @@ def flags_to_overrides(flags: dict[str, Any]) -> list[str]:
     Values are written as JSON, which the loader reads back as YAML, so a flag and the same
     ``KEY=VALUE`` override are one and the same thing.
     """
-    return [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+    # ensure_ascii=False: JSON's \ud800-style escapes of characters beyond the BMP read back as broken halves
+    return [f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in flags.items() if value is not None]
 
 
 def load_config(cls: type[T], *, config_file: str | Path | None = None, flags: dict[str, Any] | None = None,

@@ -127,13 +127,20 @@ def _attack_label(spec: str) -> str:
 
 
 def check_fits(attack: Attack, victims: list[Victim]) -> None:
-    """A one-line ConfigError when a transfer surrogate or a learned adversary was built for other images.
+    """A one-line ConfigError when an attack cannot act on a victim's observations: a transfer surrogate or a
+    learned adversary built for other images, or a threat model that does not fit the frame (a patch larger
+    than it: ``Attack.check_shape``).
 
-    Both carry a policy of their own; one trained on another env's observations would otherwise
-    fail inside the first episode with a shape error that names nothing the user typed.
+    Both checks run before any episode; otherwise the first episode would fail with a shape error that names
+    nothing the user typed.
     """
     for victim in victims:
         shape = tuple(victim.model.observation_space.shape)
+        inner = getattr(attack, "attack", attack)           # a budgeted attack's threat model is its inner one's
+        try:
+            inner.check_shape(shape)
+        except ValueError as exc:
+            raise ConfigError(f"attack {inner.name!r} on {victim.label}: {exc}") from None
         if isinstance(attack, Transfer):
             theirs = tuple(attack.surrogate.policy.observation_space.shape)
             if theirs != shape:
