@@ -37,6 +37,10 @@ NO_GPU = [] if torch.cuda.is_available() else [("train", "--device cuda", "devic
 # {file} an existing file, {latin1} a non-UTF-8 YAML file, {run} a trained run of the default env.
 CASES: list[tuple[str, str, str]] = [
     ("train", "ppo.vf_coef=-1", "ppo.vf_coef=-1.0 must be >= 0"),
+    ("train", "timesteps=1e30", "timesteps="),
+    ("evaluate", "--eps 4,4", "eps repeats 4.0"),
+    ("evaluate", "--seeds 0,0", "seeds repeats 0"),
+    ("evaluate", "--attacks pgd pgd", "attacks repeats pgd"),
     ("train", "ppo.ent_coef=-0.5", "ppo.ent_coef"),
     ("train", "ppo.max_grad_norm=-1", "ppo.max_grad_norm"),
     ("train", "ppo.max_grad_norm=0", "ppo.max_grad_norm"),

@@ -67,6 +67,12 @@ class EvalConfig:
             raise ConfigError("give at least one eps (1/255 units)")
         if not self.seeds:
             raise ConfigError("give at least one seed")
+        # a repeated value would run a grid cell twice and, with --log-explanations, collide with its own log
+        for name, values in (("eps", self.eps), ("seeds", self.seeds), ("attacks", self.attacks),
+                             ("checkpoints", self.checkpoints)):
+            repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
+            if repeated:
+                raise ConfigError(f"{name} repeats {', '.join(repeated)}; accepted: each value once")
         for seed in self.seeds:
             check_seed(seed, "seeds")
         check_range("episodes", self.episodes, 1, 100_000)

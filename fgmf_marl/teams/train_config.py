@@ -34,6 +34,9 @@ def _preset_table() -> dict[str, dict[str, dict[str, Any]]]:
     return table
 
 
+#: the largest accepted training budget (agent-steps)
+MAX_TIMESTEPS = 10_000_000_000
+
 @dataclass
 class TrainConfig:
     """Everything one training run needs; written to ``runs/<name>/config.yaml``.
@@ -84,8 +87,8 @@ class TrainConfig:
     def validate(self) -> None:
         check_seed(self.seed)
         check_device(self.device)
-        if self.timesteps < 1:
-            raise ConfigError(f"timesteps must be >= 1, got {self.timesteps}")
+        # far above any run a machine finishes (ten billion agent-steps): a typo like 1e30 is refused, not run forever
+        check_range("timesteps", self.timesteps, 1, MAX_TIMESTEPS)
         if self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         check_range("log_every", self.log_every, 1, 100_000)
