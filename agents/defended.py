@@ -19,12 +19,13 @@ from agents.fgmf_ppo import FGMFPPO
 from agents.regularised_ppo import RegularisedPPO
 from agents.safe_load import load_without_pickle
 from agents.sappo import SAPPO
+from agents.smooth_ppo import SmoothPPO
 from fgmf_marl import config as cfglib
 from fgmf_marl.config import ConfigError
 from fgmf_marl.defenses.config import DEFENSE_KINDS, DEFENSES, DefenseConfig
 
 #: defended algorithms, most specific last; plain SB3 PPO trains the kinds with no component
-ALGORITHMS: tuple[type[RegularisedPPO], ...] = (FGMFPPO, SAPPO)
+ALGORITHMS: tuple[type[RegularisedPPO], ...] = (FGMFPPO, SAPPO, SmoothPPO)
 
 
 def algorithm_class(kind: str) -> type[PPO]:

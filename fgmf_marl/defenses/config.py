@@ -28,6 +28,7 @@ DEFENSES: dict[str, frozenset[str]] = {
     "sgam": frozenset({"sgam"}),
     "fgmf": frozenset({"scorpio", "sgam"}),
     "sappo": frozenset({"sappo"}),
+    "smooth": frozenset({"smooth"}),
 }
 DEFENSE_KINDS: tuple[str, ...] = tuple(DEFENSES)
 DefenseKind = Literal[DEFENSE_KINDS]  # type: ignore[valid-type]  (built from the table at import time)
@@ -169,11 +170,22 @@ class SappoConfig:
 
 
 @dataclass
+class SmoothConfig:
+    """Gaussian noise on the training observations (``agents.smooth_ppo``), for randomised-smoothing certificates."""
+
+    sigma: float = 0.25                # noise std in input units [0, 1], as scripts/certify.py --sigma
+
+    def validate(self) -> None:
+        check_range("defense.smooth.sigma", self.sigma, 1e-6, 1.0)
+
+
+@dataclass
 class DefenseConfig:
     """Which defense trains the policy (a key of ``DEFENSES``); ``none`` is plain SB3 PPO.
 
     ``scorpio`` adds the SCOR-PIO 2.0 regulariser, ``sgam`` installs the SGAM masking layer with its
-    auxiliary losses, ``fgmf`` does both, ``sappo`` is the SA-PPO-style baseline (Zhang et al. 2020).
+    auxiliary losses, ``fgmf`` does both, ``sappo`` is the SA-PPO-style baseline (Zhang et al. 2020),
+    ``smooth`` trains on observations with Gaussian noise (the partner of randomised-smoothing certificates).
     """
 
     kind: DefenseKind = "none"
@@ -185,9 +197,10 @@ class DefenseConfig:
     scorpio: ScorpioConfig = field(default_factory=ScorpioConfig)
     sgam: SgamConfig = field(default_factory=SgamConfig)
     sappo: SappoConfig = field(default_factory=SappoConfig)
+    smooth: SmoothConfig = field(default_factory=SmoothConfig)
 
     def uses(self, component: str) -> bool:
-        """True when this kind trains ``component`` (``scorpio``, ``sgam`` or ``sappo``)."""
+        """True when this kind trains ``component`` (``scorpio``, ``sgam``, ``sappo`` or ``smooth``)."""
         return component in DEFENSES[self.kind]
 
     def validate(self) -> None:

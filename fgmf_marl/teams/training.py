@@ -27,6 +27,7 @@ from agents.adversarial import AdversarialTrainingCallback, AttackedVecEnv, Dire
 from agents.adversary import AdversaryConfig, AdversaryVecEnv, load_director
 from agents.policies import compute_dtype
 from agents.policy_view import PolicyView
+from agents.smooth_ppo import GaussianObservationNoise
 from envs.reference import ReferenceReturns, normalise
 from envs.registry import horizon, make_vec_env, n_agents_of, reference_for
 from fgmf_marl import config as cfglib
@@ -265,6 +266,8 @@ def training_env(cfg: TrainConfig) -> tuple[VecEnv, AttackedVecEnv | None]:
                               f"{MAX_BUFFER_BYTES / 2**30:.0f} GiB (fewer env.n_envs or ppo.n_steps)")
         raise ConfigError(f"ppo.batch_size={cfg.ppo.batch_size} exceeds the rollout size n_steps x slots = "
                           f"{cfg.ppo.n_steps * venv.num_envs}")
+    if cfg.defense.uses("smooth"):
+        venv = GaussianObservationNoise(venv, cfg.defense.smooth.sigma, cfg.seed)
     if cfg.adversary.kind == "none":
         return venv, None
     attacked = AttackedVecEnv(venv, view=None, fraction=cfg.adversary.fraction, seed=cfg.seed)
