@@ -26,7 +26,8 @@ import pytest
 
 from test_reproduce import ROOT, _args, _numbers
 
-pytestmark = pytest.mark.slow
+# not slow-marked: the codebase issue asks for the two-node run in CI (about 90 s on 2 cores)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 RAY = Path(sys.executable).with_name("ray")
 #: loopback addresses other than 127.0.0.1, which Ray replaces by the machine's routable address
