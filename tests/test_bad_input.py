@@ -21,8 +21,8 @@ from agents.adversary import AdversaryConfig
 from fgmf_marl import config as cfglib
 from fgmf_marl.config import ConfigError
 from fgmf_marl.jobs import adversary, evaluate, explain, replay, train
-from fgmf_marl.jobs.explain import ExplainConfig
-from fgmf_marl.jobs.replay import ReplayConfig
+from fgmf_marl.teams.explanation import ExplainConfig
+from fgmf_marl.oversight.replay import ReplayConfig
 from fgmf_marl.teams.eval_config import EvalConfig
 from fgmf_marl.teams.train_config import TrainConfig
 

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from fgmf_marl import atomic, runs
 from fgmf_marl.config import ConfigError
 from fgmf_marl.jobs import evaluate, replay, train
+from fgmf_marl.oversight import replay as replay_library
 from fgmf_marl.teams import grid, training
 from fgmf_marl.oversight.render import render_frames
 from fgmf_marl.oversight.store import Episode
@@ -298,7 +299,7 @@ FUZZ_VALUES = ["nan", "-nan", ".nan", "inf", "-inf", ".inf", "1e400", "-1e400", 
 COMMANDS = {
     "train": (train, (training, "training_env"), ["--no-progress"]),
     "evaluate": (evaluate, (grid, "load_victim"), ["checkpoint", "--no-progress"]),
-    "replay": (replay, (replay, "replay"), []),
+    "replay": (replay, (replay_library, "replay"), []),
 }
 
 

@@ -24,9 +24,9 @@ from fgmf_marl.experiments.runner import check_ray_address, run_tasks
 from fgmf_marl.experiments.schema import load_experiment
 from fgmf_marl.experiments.tables import QUICK_LABEL, check_results_file, section_markdown, shown, write_section
 from fgmf_marl.jobs import cli
-from fgmf_marl.jobs.certify import CertifyConfig
-from fgmf_marl.jobs.explain import ExplainConfig
 from fgmf_marl.runs import check_output_dir
+from fgmf_marl.teams.certification import CertifyConfig
+from fgmf_marl.teams.explanation import ExplainConfig
 from fgmf_marl.teams.eval_config import EvalConfig
 from fgmf_marl.teams.train_config import TrainConfig, without_unused_defenses
 
