@@ -49,7 +49,7 @@ class FGMFPPO(RegularisedPPO):
         gate = self.gate
         # The keep map of the PPO loss's forward on this minibatch; taken before SCOR-PIO's passes run.
         keep = gate.pop_training_keep() if gate is not None else None
-        eps = 0.0 if self._scorpio is None else self._scorpio.eps * self._schedule(cfg.scorpio.start, cfg.scorpio.warmup)
+        eps = 0.0 if self._scorpio is None else self._scorpio.eps * cfg.scorpio.scale(self._progress())
         if eps > 0 and self._due(cfg.scorpio.every):
             start = time.perf_counter()
             out = self._scorpio(self._view, self._head(obs01, cfg.scorpio.subsample), eps=eps)
@@ -62,7 +62,7 @@ class FGMFPPO(RegularisedPPO):
             if keep is None:
                 raise RuntimeError("SGAM stored no keep map: the PPO loss's forward must run in training mode")
             self._log_term("sgam_keep_ratio", keep.detach().mean())
-            aux = self._schedule(cfg.sgam.start, cfg.sgam.warmup)
+            aux = cfg.sgam.scale(self._progress())
             self._log_term("sgam_aux_scale", aux)
             if cfg.sgam.keep_coef > 0 and aux > 0:
                 terms["sgam_keep"] = aux * cfg.sgam.keep_coef * keep_ratio_loss(keep, cfg.sgam.rho)

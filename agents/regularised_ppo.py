@@ -106,15 +106,9 @@ class RegularisedPPO(PPO):
     def _head(x: Tensor, fraction: float) -> Tensor:
         return x[: max(1, math.ceil(fraction * x.shape[0]))]
 
-    def _schedule(self, start: float, warmup: float) -> float:
-        """0 before the ``start`` fraction of training, then a linear ramp to 1 over ``warmup``.
-
-        The one schedule of every regulariser (see :mod:`fgmf_marl.defenses.config` for why).
-        """
-        done = 1.0 - self._current_progress_remaining
-        if done < start:
-            return 0.0
-        return 1.0 if warmup <= 0 else min(1.0, (done - start) / warmup)
+    def _progress(self) -> float:
+        """The fraction of training done, what every regulariser's schedule reads (``Scheduled.scale``)."""
+        return 1.0 - self._current_progress_remaining
 
     def _log_term(self, name: str, value: float | Tensor) -> None:
         self._term_logs[name].append(float(value))

@@ -61,7 +61,7 @@ class SAPPO(RegularisedPPO):
         cfg = self.defense.sappo
         if not self._due(cfg.every):
             return {}
-        eps = cfg.eps / 255.0 * self._schedule(cfg.start, cfg.warmup)
+        eps = cfg.eps / 255.0 * cfg.scale(self._progress())
         if eps == 0:
             return {}
         start = time.perf_counter()

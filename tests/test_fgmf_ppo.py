@@ -156,7 +156,7 @@ def test_regularisers_wait_then_ramp() -> None:
     _collect(model)
     for remaining, scale in ((1.0, 0.0), (0.75, 0.0), (0.55, 0.5), (0.4, 1.0), (0.0, 1.0)):
         model._current_progress_remaining = remaining
-        assert model._schedule(0.3, 0.3) == pytest.approx(scale)
+        assert model.defense.sgam.scale(model._progress()) == pytest.approx(scale)   # start = warmup = 0.3
     model.set_logger(Logger(None, []))
     model._current_progress_remaining = 1.0
     model.train()

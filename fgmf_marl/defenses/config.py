@@ -42,9 +42,22 @@ MAX_INNER_STEPS = 1000
 MAX_HIDDEN = 1024
 
 
-def _check_schedule(section: str, start: float, warmup: float) -> None:
-    if not (0.0 <= start < 1.0 and 0.0 <= warmup < 1.0):
-        raise ConfigError(f"{section}.start={start} and {section}.warmup={warmup} must be in [0, 1)")
+class Scheduled:
+    """The one schedule of every regulariser's config (a base without fields, so each config keeps its own
+    field order): ``start`` and ``warmup`` are fields of the subclass."""
+
+    start: float
+    warmup: float
+
+    def scale(self, done: float) -> float:
+        """0 before the ``start`` fraction of training (``done`` in [0, 1]), then a linear ramp to 1 over ``warmup``."""
+        if done < self.start:
+            return 0.0
+        return 1.0 if self.warmup <= 0 else min(1.0, (done - self.start) / self.warmup)
+
+    def check_schedule(self, section: str) -> None:
+        if not (0.0 <= self.start < 1.0 and 0.0 <= self.warmup < 1.0):
+            raise ConfigError(f"{section}.start={self.start} and {section}.warmup={self.warmup} must be in [0, 1)")
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -53,7 +66,7 @@ def _check_fraction(name: str, value: float) -> None:
 
 
 @dataclass
-class ScorpioConfig:
+class ScorpioConfig(Scheduled):
     """SCOR-PIO 2.0 knobs (see ``fgmf_marl.defenses.scorpio`` for why the defaults are what they are)."""
 
     eps: float = 8.0                   # L-inf budget of the exploitable direction, in 1/255 units
@@ -97,11 +110,11 @@ class ScorpioConfig:
         _check_fraction("defense.scorpio.subsample", self.subsample)
         if self.every < 1:
             raise ConfigError(f"defense.scorpio.every={self.every} must be >= 1")
-        _check_schedule("defense.scorpio", self.start, self.warmup)
+        self.check_schedule("defense.scorpio")
 
 
 @dataclass
-class SgamConfig:
+class SgamConfig(Scheduled):
     """SGAM knobs (see ``fgmf_marl.defenses.sgam``)."""
 
     hidden: int = 8                    # channels of the attention convs
@@ -138,11 +151,11 @@ class SgamConfig:
             raise ConfigError(f"defense.sgam.distill_every={self.distill_every} must be >= 1")
         if not 0.0 <= self.shield_strength <= 1.0:
             raise ConfigError(f"defense.sgam.shield_strength={self.shield_strength} must be in [0, 1]")
-        _check_schedule("defense.sgam", self.start, self.warmup)
+        self.check_schedule("defense.sgam")
 
 
 @dataclass
-class SappoConfig:
+class SappoConfig(Scheduled):
     """SA-PPO-style smoothness regulariser knobs (see ``agents.sappo``)."""
 
     eps: float = 4.0                   # L-inf budget of the PGD perturbation, in 1/255 units
@@ -166,7 +179,7 @@ class SappoConfig:
         _check_fraction("defense.sappo.subsample", self.subsample)
         if self.every < 1:
             raise ConfigError(f"defense.sappo.every={self.every} must be >= 1")
-        _check_schedule("defense.sappo", self.start, self.warmup)
+        self.check_schedule("defense.sappo")
 
 
 @dataclass
