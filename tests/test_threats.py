@@ -164,3 +164,25 @@ def test_evaluate_refuses_a_patch_larger_than_the_frame_before_any_episode(tmp_p
                          "--out", str(out), "--no-progress"]) == 0
     rows = (out / "results.md").read_text()
     assert "fault[kind=frozen]" in rows and "patch_attack[size=6]" in rows
+    assert "## Robustness profile" in rows and "**worst over all**" in rows
+    assert (out / "profile_run.png").stat().st_size > 1000
+
+
+def test_the_profile_takes_the_worst_within_each_threat_model_and_over_all() -> None:
+    from fgmf_marl.teams.cells import Cell, profile_rows, threat_model
+    from fgmf_marl.teams.report import profile_markdown
+
+    def cell(attack: str, values: list[float]) -> Cell:
+        n = len(values)
+        return Cell("ckpt", attack, 4.0, 0, np.array(values) * 10, np.array(values), np.full(n, 10), 0.0, 10 * n,
+                    np.zeros(n))
+
+    cells = [cell("none", [0.9, 0.9]), cell("pgd[steps=20]", [0.5, 0.7]), cell("mad", [0.6, 0.4]),
+             cell("pgd_l2[steps=20]", [0.2, 0.9]), cell("fault[kind=frozen]", [0.8, 0.1])]
+    assert [threat_model(c.attack) for c in cells[1:]] == ["L-inf", "L-inf", "L2", "faults"]
+    rows = {r["threat_model"]: r for r in profile_rows(cells)}
+    assert list(rows) == ["L-inf", "L2", "faults", "all"]
+    assert rows["L-inf"]["mean"] == pytest.approx(0.5) and rows["L-inf"]["episode_worst_mean"] == pytest.approx(0.45)
+    assert rows["all"]["mean"] == pytest.approx(0.45)                  # the fault's mean is the weakest attack
+    assert rows["all"]["episode_worst_mean"] == pytest.approx(0.15)    # min(0.5,0.6,0.2,0.8), min(0.7,0.4,0.9,0.1)
+    assert "**worst over all**" in profile_markdown(list(rows.values()))

@@ -140,3 +140,42 @@ def worst_across_checkpoints(worst: list[dict[str, Any]]) -> list[dict[str, Any]
                      f"{metric}_std": float(values.std()), "checkpoints": len(rs),
                      "per_checkpoint": {r["checkpoint"]: r[f"{metric}_mean"] for r in rs}})
     return rows
+
+
+#: the threat model of each attack kind (the label's name before ``[``); any other kind is an L-inf attack
+THREAT_MODELS = {"pgd_l2": "L2", "patch_attack": "patch", "corruption": "corruptions", "fault": "faults"}
+PROFILE_ORDER = ("L-inf", "L2", "patch", "corruptions", "faults")
+
+
+def threat_model(attack_label: str) -> str:
+    """The threat model an attack label belongs to (``pgd[steps=20]`` -> L-inf, ``fault[kind=frozen]`` -> faults)."""
+    return THREAT_MODELS.get(attack_label.partition("[")[0].partition("@")[0], "L-inf")
+
+
+def profile_rows(cells: list[Cell]) -> list[dict[str, Any]]:
+    """The robustness profile: per checkpoint and eps, the worst case within each threat model (per seed the
+    attack of lowest mean, then the mean over seeds, and the per-episode worst case), then one row ``all``, the
+    worst case over every threat model. Unbudgeted attackers only (budgets are the budget table's).
+
+    Why: robustness to one threat model does not transfer to another, so a claim needs each, and the last row.
+    """
+    metric = _metric(cells) if cells else "normalised"
+    groups: dict[tuple[str, float], dict[str, dict[int, list[Cell]]]] = {}
+    for c in cells:
+        if c.attack != "none" and c.budget == "all":
+            for model in (threat_model(c.attack), "all"):
+                groups.setdefault((c.checkpoint, c.eps), {}).setdefault(model, {}).setdefault(c.seed, []).append(c)
+    rows = []
+    for (ckpt, eps), by_model in groups.items():
+        for model in [m for m in (*PROFILE_ORDER, "all") if m in by_model]:
+            by_seed = by_model[model]
+            minima = [min(cs, key=lambda c: float(_values(c).mean())) for _, cs in sorted(by_seed.items())]
+            per_episode = np.concatenate([stats.episode_worst({c.attack: _values(c) for c in cs})[0]
+                                          for _, cs in sorted(by_seed.items())])
+            rows.append({"checkpoint": ckpt, "eps255": eps, "threat_model": model, "metric": metric,
+                         "mean": float(np.mean([_values(c).mean() for c in minima])),
+                         "episode_worst_mean": float(per_episode.mean()),
+                         "episode_worst_ci95": bootstrap_ci(per_episode),
+                         "attacks": sorted({c.attack for cs in by_seed.values() for c in cs}),
+                         "weakest": [c.attack for c in minima]})
+    return rows

@@ -16,6 +16,9 @@ Outputs, in one folder (created only after every input is validated, removed if 
                         row, and with several checkpoints the worst case across them (:func:`worst_rows`)
     curves_<ckpt>.png   return (normalised where the env has an oracle) vs eps, one line per attack
                         and a dashed one for the worst case
+    profile_<ckpt>.png  with attacks of several threat models (L-inf, L2, patch, corruptions, faults):
+                        the per-episode worst case per threat model and eps, and over all of them
+                        (results.md/.json ``profile``: :func:`~fgmf_marl.teams.cells.profile_rows`)
     budget_<ckpt>_eps<e>.png  with a budget grid: return vs (k, p), one panel per attacker
     comparison.png      every checkpoint's worst case vs eps on one axis, clean reference lines and
                         95% bootstrap bands; with several checkpoints their mean and [min, max]
@@ -82,11 +85,12 @@ from fgmf_marl.oversight import OversightLogger
 from fgmf_marl.oversight.store import holds_log, read_key
 from fgmf_marl.rollout import StepRecord, rollout
 from fgmf_marl.runs import check_output_dir, staged_run_dir
-from fgmf_marl.teams.cells import Cell, summarise, worst_across_checkpoints, worst_rows
+from fgmf_marl.teams.cells import Cell, profile_rows, summarise, worst_across_checkpoints, worst_rows
 from fgmf_marl.teams.checkpoints import Victim, env_spaces, load_adversary, load_victim
 from fgmf_marl.teams.eval_config import EvalConfig
 from fgmf_marl.teams.report import (budget_markdown, episodes_csv, plot_budget_heatmaps, plot_comparison, plot_curves,
-                                    results_markdown, worst_markdown, write_tensorboard)
+                                    plot_profile, profile_markdown, results_markdown, worst_markdown,
+                                    write_tensorboard)
 
 
 def _loader(device: str) -> Callable[[str, str], PolicyView | LoadedAdversary]:
@@ -397,18 +401,21 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
         rows = summarise(cells)
         worst = worst_rows(cells)
         across = worst_across_checkpoints(worst) if len(victims) > 1 else []
-        text = results_markdown(rows, cfg) + worst_markdown(worst, across) + budget_markdown(rows, worst)
+        profile = profile_rows(cells)
+        text = (results_markdown(rows, cfg) + worst_markdown(worst, across) + profile_markdown(profile)
+                + budget_markdown(rows, worst))
         atomic_write_text(run.root / "episodes.csv", episodes_csv(cells))
         atomic_write_text(run.root / "results.md", text)
         logs = [c.oversight_log for c in cells if c.oversight_log is not None]
         atomic_write_text(run.root / "results.json", json.dumps(
-            {"rows": rows, "worst": worst, "worst_across_checkpoints": across,
+            {"rows": rows, "worst": worst, "worst_across_checkpoints": across, "profile": profile,
              "wall_seconds": time.perf_counter() - start,
              "audits": {k: v.to_dict() for k, v in audits.items()},
              "audit_controls": {k: v.to_dict() for k, v in controls.items()}, "oversight_logs": logs}, indent=2))
         for victim in victims:
             plot_curves([r for r in rows + worst if r.get("budget", "all") == "all"], victim.label,
                         run.root / f"curves_{victim.label}.png")
+            plot_profile(profile, victim.label, run.root / f"profile_{victim.label}.png")
             for e in cfg.eps:
                 plot_budget_heatmaps(rows, victim.label, e, run.root / f"budget_{victim.label}_eps{e:g}.png")
         plot_comparison(rows, worst, across, run.root / "comparison.png")

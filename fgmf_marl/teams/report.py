@@ -247,3 +247,46 @@ def write_tensorboard(rows: list[dict[str, Any]], worst: list[dict[str, Any]], f
             writer.add_scalar(f"{r['checkpoint']}/{r['attack']}/{metric.removesuffix('_mean')}", r[metric], step)
             if "flip_rate" in r:
                 writer.add_scalar(f"{r['checkpoint']}/{r['attack']}/flip_rate", r["flip_rate"], step)
+
+
+def profile_markdown(profile: list[dict[str, Any]]) -> str:
+    """The robustness-profile table of results.md (only when the grid has more than one threat model)."""
+    models = {r["threat_model"] for r in profile} - {"all"}
+    if len(models) < 2:
+        return ""
+    metric = profile[0]["metric"]
+    text = (f"\n## Robustness profile\n\nPer threat model the worst {_metric_label(metric)} over its attacks (the "
+            "weakest attack's mean; per episode, each episode's worst attack [95% bootstrap CI]); the last row of "
+            "each checkpoint and eps is the worst over every threat model.\n\n"
+            "| checkpoint | eps | threat model | weakest attack | per-episode worst | attacks |\n|---|---|---|---|---|---|\n")
+    for r in profile:
+        low, high = r["episode_worst_ci95"]
+        name = "**worst over all**" if r["threat_model"] == "all" else r["threat_model"]
+        text += (f"| {r['checkpoint']} | {r['eps255']:g} | {name} | {r['mean']:.3f} | {r['episode_worst_mean']:.3f} "
+                 f"[{low:.3f}, {high:.3f}] | {len(r['attacks'])} |\n")
+    return text
+
+
+def plot_profile(profile: list[dict[str, Any]], checkpoint: str, path: Path) -> bool:
+    """One bar per threat model and eps (the per-episode worst case), the worst over all last; False (nothing
+    written) when the grid has a single threat model."""
+    rows = [r for r in profile if r["checkpoint"] == checkpoint]
+    models = [m for m in dict.fromkeys(r["threat_model"] for r in rows)]
+    if len(models) < 3:   # one threat model and its "all" row
+        return False
+    eps_values = sorted({r["eps255"] for r in rows})
+    fig = Figure(figsize=(1.2 + 1.1 * len(models), 3.6))
+    ax = fig.subplots()
+    width = 0.8 / len(eps_values)
+    for i, eps in enumerate(eps_values):
+        values = [next((r["episode_worst_mean"] for r in rows if r["threat_model"] == m and r["eps255"] == eps),
+                       np.nan) for m in models]
+        ax.bar(np.arange(len(models)) + i * width, values, width, label=f"eps {eps:g}/255")
+    ax.set_xticks(np.arange(len(models)) + width * (len(eps_values) - 1) / 2, models)
+    ax.set_ylabel(f"per-episode worst {_metric_label(rows[0]['metric'])}")
+    ax.set_title(f"robustness profile of {checkpoint}", fontsize=9)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
+    return True
