@@ -184,3 +184,15 @@ def test_certify_evaluations_place_their_outputs_and_table_their_certificates(tm
         (tmp_path / "configs" / f"{name}.yaml").write_text((ROOT / "experiments" / "configs" / f"{name}.yaml").read_text())
     with pytest.raises(ConfigError, match="accepted for a certify source"):
         schema.load_experiment(path)
+
+
+def test_profile_columns_read_the_robustness_profile() -> None:
+    data = {"rows": [], "worst": [], "profile": [
+        {"eps255": 4.0, "threat_model": "L2", "episode_worst_mean": 0.25, "episodes": 3, "weakest": ["pgd_l2"],
+         "episode_worst_values": [0.0, 0.25, 0.5]}]}
+    col = schema.ColumnSpec(source="all", attack="profile:L2", eps=4, metric="normalised")
+    value, episodes, note, per_episode = tables._value(data, col, "evaluate")
+    assert (value, episodes, note) == (0.25, 3, "pgd_l2") and per_episode.tolist() == [0.0, 0.25, 0.5]
+    with pytest.raises(ConfigError, match="no robustness-profile row for faults"):
+        tables._value(data, schema.ColumnSpec(source="all", attack="profile:faults", eps=4, metric="normalised"),
+                      "evaluate")

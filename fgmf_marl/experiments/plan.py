@@ -16,7 +16,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from fgmf_marl import config as cfglib
 from fgmf_marl.config import ConfigError
-from fgmf_marl.experiments.schema import BUDGET_ATTACKERS, VERDICT_METRICS, WORST_ATTACKERS, Experiment
+from fgmf_marl.experiments.schema import (BUDGET_ATTACKERS, PROFILE_MODELS, PROFILE_PREFIX, VERDICT_METRICS,
+                                          WORST_ATTACKERS, Experiment)
 
 
 @dataclass(frozen=True)
@@ -205,10 +206,13 @@ def check_tables(exp: Experiment, tasks: list[Task], where: str = "experiment") 
             if col.metric not in VERDICT_METRICS and col.attack != "none" and col.eps not in config["eps"]:
                 raise ConfigError(f"{at}: eps {col.eps:g} is not among the eps of evaluation {col.source!r}; "
                                   f"accepted: {', '.join(f'{e:g}' for e in config['eps'])}")
-            if col.metric not in VERDICT_METRICS and col.attack not in ("none", *WORST_ATTACKERS, *BUDGET_ATTACKERS) and \
+            profiles = tuple(PROFILE_PREFIX + m for m in PROFILE_MODELS)
+            if col.metric not in VERDICT_METRICS and col.attack not in ("none", *WORST_ATTACKERS, *BUDGET_ATTACKERS,
+                                                                        *profiles) and \
                     col.attack not in [a.replace(":", "[", 1) + "]" if ":" in a else a for a in config["attacks"]]:
                 raise ConfigError(f"{at}: attack {col.attack!r} is not run by evaluation {col.source!r}; "
-                                  f"accepted: {', '.join(WORST_ATTACKERS)}, none, {', '.join(BUDGET_ATTACKERS)} or one of "
+                                  f"accepted: {', '.join(WORST_ATTACKERS)}, none, {', '.join(BUDGET_ATTACKERS)}, "
+                                  f"{', '.join(profiles)} or one of "
                                   "its attack labels")
             budgets = [b.label() for b in cfglib.from_dict(task.info.config, config).budgets()]
             if col.budget != "all" and col.budget not in budgets:

@@ -263,6 +263,9 @@ BUDGET_ATTACKERS = ("heuristic", "learned")
 
 #: the two worst cases over attacks an evaluate column can read (``evaluate.worst_rows``)
 WORST_ATTACKERS = ("worst", "worst_episode")
+#: ``profile:MODEL`` reads the robustness profile's per-episode worst case within one threat model (or ``all``)
+PROFILE_PREFIX = "profile:"
+PROFILE_MODELS = ("L-inf", "L2", "patch", "corruptions", "faults", "all")
 
 
 def _check_budget_label(where: str, label: str) -> None:

@@ -27,7 +27,7 @@ from fgmf_marl.config import ConfigError
 from fgmf_marl.experiments.cache import code_version
 from fgmf_marl.experiments.plan import Task
 from fgmf_marl.experiments.schema import (BUDGET_ATTACKERS, GATED_EXPLAIN_METRICS, RETURN_METRICS, VERDICT_METRICS,
-                                          WORST_ATTACKERS, ColumnSpec, Experiment, TableSpec)
+                                          PROFILE_PREFIX, WORST_ATTACKERS, ColumnSpec, Experiment, TableSpec)
 from fgmf_marl.runs import check_output_dir
 
 
@@ -108,6 +108,14 @@ def _value(data: dict[str, Any], col: ColumnSpec, kind: str) -> tuple[Any, int, 
             raise ConfigError(f"column {col.label!r}: no {col.attack} attacker within budget {col.budget} at eps {eps:g}")
         row = min(rows, key=lambda r: r[key])
         return row[key], int(row["episodes"]), row["attack"], _episodes(row.get(f"{col.metric}_episodes"))
+    if col.attack.startswith(PROFILE_PREFIX):
+        model = col.attack[len(PROFILE_PREFIX):]
+        row = next((r for r in data.get("profile", []) if r["eps255"] == eps and r["threat_model"] == model), None)
+        if row is None:
+            raise ConfigError(f"column {col.label!r}: results.json has no robustness-profile row for {model} at eps "
+                              f"{eps:g} (the evaluation must run attacks of that threat model)")
+        return (row["episode_worst_mean"], int(row["episodes"]), ", ".join(row["weakest"]),
+                _episodes(row["episode_worst_values"]))
     if col.attack in WORST_ATTACKERS:
         row = next((r for r in data["worst"] if r["eps255"] == eps and r.get("budget", "all") == col.budget), None)
         if row is None:

@@ -175,7 +175,8 @@ def profile_rows(cells: list[Cell]) -> list[dict[str, Any]]:
             rows.append({"checkpoint": ckpt, "eps255": eps, "threat_model": model, "metric": metric,
                          "mean": float(np.mean([_values(c).mean() for c in minima])),
                          "episode_worst_mean": float(per_episode.mean()),
-                         "episode_worst_ci95": bootstrap_ci(per_episode),
+                         "episode_worst_ci95": bootstrap_ci(per_episode), "episodes": int(per_episode.size),
+                         "episode_worst_values": [float(v) for v in per_episode],
                          "attacks": sorted({c.attack for cs in by_seed.values() for c in cs}),
                          "weakest": [c.attack for c in minima]})
     return rows
