@@ -124,8 +124,7 @@ def test_cached_tasks_are_skipped_on_a_rerun(clean_run: Path, capsys: pytest.Cap
     assert strip == [line for line in before.splitlines() if "wall time of this invocation" not in line]
 
 
-def test_rerun_flag_reruns_the_matching_tasks_and_their_dependents(clean_run: Path) -> None:
-    folder = clean_run
+def test_rerun_flag_reruns_the_matching_tasks_and_their_dependents() -> None:
     tasks = plan.expand(schema.load_experiment(TINY), reproduce.JOBS, quick=False)
     ids = {t.id for t in tasks}
     rerun: set[str] = set()
