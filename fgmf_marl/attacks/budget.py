@@ -206,7 +206,7 @@ class BudgetedAttack(Attack):
                               "agents per step; accepted: --agents to choose the faulty sensors, without a budget")
         self.attack, self.selector, self.budget = attack, selector, budget
         self.n_agents, self.horizon, self.seed = n_agents, horizon, seed
-        self.uses_gradients, self.targeted = attack.uses_gradients, attack.targeted
+        self.uses_gradients, self.targeted, self.uses_eps = attack.uses_gradients, attack.targeted, attack.uses_eps
         self.threshold = self.default_threshold() if threshold is None else float(threshold)
 
     def project(self, adv: Tensor, clean: Tensor) -> Tensor:
