@@ -14,6 +14,10 @@ steps), every threshold r obeys P_adv(R >= r) >= Phi(Phi^-1(P_clean(R >= r)) - B
 episodes the DKW band bounds P_clean(R >= r) below for all r at once with probability 1 - alpha; with every
 return in [low, high], E_adv[R] >= low + integral over [low, high] of that bound.
 
+The same theorem at one threshold r needs no floor at all: P_adv(R >= r) >= Phi(Phi^-1(p_r) - B / sigma) with p_r
+the DKW lower bound of the clean P(R >= r) (:func:`survival_bound`); at r = the random policy's return it
+certifies how often the team still beats chance under any such attack.
+
 Adapted to teams: a step's team observation is all agents' observations together, and independent noise on
 each agent's input is Gaussian noise on that joint observation, so the single-agent theorem applies with B the
 L2 norm over the joint observations; an attacker of k of n agents spends its budget on those k only (the bound
@@ -154,3 +158,18 @@ def return_bound(returns: Sequence[float] | np.ndarray, *, sigma: float, budgets
             survival = sps.norm.cdf(sps.norm.ppf(clean_low) - budget / sigma)
         out.append(ReturnBound(float(budget), float(low + (widths * survival).sum()), edges[:-1], survival))
     return out
+
+
+def survival_bound(returns: Sequence[float] | np.ndarray, threshold: float, *, sigma: float, budgets: Sequence[float],
+                   alpha: float = 0.05) -> list[float]:
+    """Lower bounds of P_adv(R >= ``threshold``) at each total L2 budget B, holding together with probability
+    >= 1 - ``alpha`` (the DKW band): Kumar et al.'s bound at one threshold, which needs no floor of the return."""
+    values = np.asarray(returns, dtype=float)
+    if values.size < 1 or not np.isfinite(values).all():
+        raise ValueError("survival_bound needs at least one finite episode return")
+    if not 0 < sigma or not 0 < alpha < 1 or any(not b >= 0 for b in budgets):
+        raise ValueError(f"need sigma > 0, alpha in (0, 1) and budgets >= 0; got {sigma}, {alpha}, {list(budgets)}")
+    slack = np.sqrt(np.log(2 / alpha) / (2 * values.size))
+    clean_low = max(float((values >= threshold).mean()) - slack, 0.0)
+    with np.errstate(divide="ignore"):
+        return [float(sps.norm.cdf(sps.norm.ppf(clean_low) - b / sigma)) for b in budgets]

@@ -94,6 +94,16 @@ def test_the_return_bound_holds_against_the_optimal_attacker_of_a_linear_policy(
         assert bound.expected_return >= truth - 0.06                 # tight up to the sampling slack
 
 
+def test_the_survival_bound_is_kumars_bound_at_one_threshold() -> None:
+    sigma, alpha = 0.2, 0.05
+    returns = np.array([0.5] * 90 + [-0.5] * 10)                        # P(R >= 0) = 0.9 on the clean episodes
+    slack = np.sqrt(np.log(2 / alpha) / 200)
+    for budget, bound in zip((0.0, 0.1, 0.4), C.survival_bound(returns, 0.0, sigma=sigma, budgets=[0.0, 0.1, 0.4],
+                                                               alpha=alpha)):
+        assert bound == pytest.approx(sps.norm.cdf(sps.norm.ppf(0.9 - slack) - budget / sigma))
+    assert C.survival_bound(returns, 1.0, sigma=sigma, budgets=[0.0])[0] == 0.0   # nothing reaches 1.0
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("certify") / "run"
@@ -112,6 +122,7 @@ def test_certify_end_to_end_writes_its_certificates(run: Path, tmp_path: Path) -
     assert data["certified_rate"]["0.25"] <= data["certified_rate"]["0.1"]
     assert data["return_bound"]["0.5"] <= data["return_bound"]["0"] <= data["smoothed_return_mean"] + 1e-9
     assert data["settings"]["return_range_assumed"] and (out / "certify.md").is_file()
+    assert 0 <= data["beats_random_bound"]["0.5"] <= data["beats_random_bound"]["0"] <= 1
     assert (out / "certify_config.yaml").is_file()
 
 

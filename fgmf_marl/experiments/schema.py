@@ -227,7 +227,7 @@ def _check_column(where: str, col: ColumnSpec, rows: list[str], kinds: dict[str,
 
 #: what a certify source's column may read: a number of certify.json, or one entry of its tables by radius / budget
 CERTIFY_METRICS = ("base_return_mean", "smoothed_return_mean", "abstain_rate", "agrees_with_base", "median_radius")
-CERTIFY_TABLES = ("certified_rate", "return_bound")
+CERTIFY_TABLES = ("certified_rate", "return_bound", "beats_random_bound")
 
 
 def _check_certify_metric(where: str, metric: str) -> None:
