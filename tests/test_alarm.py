@@ -54,3 +54,22 @@ def test_the_alarm_study_on_a_trained_policy(tmp_path) -> None:
     pgd = out["attacks"]["pgd"]
     assert out["clean_steps"] == 4 * 10 * 3 and pgd["steps"] == 4 * 10 * 3
     assert 0 <= pgd["auroc_ci95"][0] <= pgd["auroc"] <= pgd["auroc_ci95"][1] <= 1 and 0 <= pgd["detection"] <= 1
+
+
+def test_alarm_eval_end_to_end_and_its_refusals(tmp_path, capsys) -> None:
+    import json
+
+    from fgmf_marl.jobs.alarms import entry as alarm_cli
+    from fgmf_marl.jobs.train import entry as train_cli
+
+    run = tmp_path / "run"
+    assert train_cli(["--timesteps", "64", "--run-dir", str(run), "--no-progress", "env.n_envs=2", "ppo.n_steps=32",
+                      "ppo.batch_size=64", "eval_episodes=2", "env.native.max_steps=10"]) == 0
+    out = tmp_path / "alarm"
+    assert alarm_cli([str(run), "--eps", "8", "--episodes", "2", "--n-envs", "2", "--out", str(out)]) == 0
+    data = json.loads((out / "alarm_eval.json").read_text())
+    assert set(data["attacks"]) == {"pgd@8", "ll-pgd@8", "mad@8", "square@8"}
+    capsys.readouterr()
+    for bad in (["--eps", ""], ["--false-alarm-rate", "1"], ["--episodes", "0"]):
+        assert alarm_cli([str(run), "--out", str(tmp_path / "no"), *bad]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not (tmp_path / "no").exists()
