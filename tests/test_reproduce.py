@@ -470,7 +470,7 @@ def test_a_moved_default_reruns_what_reads_it_and_nothing_else(clean_run: Path) 
     spelled_task = dataclasses.replace(fgmf, config=spelled, key=plan.task_key(reproduce.JOBS["train"], "train", spelled, ()))
     assert cache.is_cached(root, spelled_task, at_default, {})
     assert reproduce.without_unused_defenses(vanilla.config)["defense"] == {
-        k: v for k, v in vanilla.config["defense"].items() if k not in ("scorpio", "sgam", "sappo")}
+        k: v for k, v in vanilla.config["defense"].items() if k not in ("scorpio", "sgam", "sappo", "smooth")}
 
 
 def test_a_results_root_holds_toy_runs_or_measured_ones_never_both(tmp_path: Path) -> None:
