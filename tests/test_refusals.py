@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from fgmf_marl import atomic, runs
 from fgmf_marl.config import ConfigError
-from fgmf_marl.jobs import evaluate, replay, train
+from fgmf_marl.jobs import adversary, alarms, certify, evaluate, explain, replay, reproduce, train
 from fgmf_marl.oversight import replay as replay_library
 from fgmf_marl.teams import grid, training
 from fgmf_marl.oversight.render import render_frames
@@ -300,6 +300,11 @@ COMMANDS = {
     "train": (train, (training, "training_env"), ["--no-progress"]),
     "evaluate": (evaluate, (grid, "load_victim"), ["checkpoint", "--no-progress"]),
     "replay": (replay, (replay_library, "replay"), []),
+    "explain": (explain, (explain, "explain"), ["--checkpoint", "ckpt", "--no-progress"]),
+    "certify": (certify, (certify, "certify"), ["ckpt", "--no-progress"]),
+    "adversary": (adversary, (adversary, "train_adversary"), ["--victim", "ckpt", "--no-progress"]),
+    "alarms": (alarms, (alarms, "resolve_checkpoint"), ["ckpt"]),
+    "reproduce": (reproduce, (reproduce, "load_experiment"), ["experiments/tiny.yaml", "--no-progress"]),
 }
 
 
