@@ -38,11 +38,7 @@ from fgmf_marl.interrupts import Terminated
 from fgmf_marl.runs import RunDir
 
 PROG = "reproduce.py"
-
-
 _PR_SET_PDEATHSIG = 1
-
-
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 

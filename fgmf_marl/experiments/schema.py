@@ -98,18 +98,10 @@ class TableSpec:
 
 
 TRAIN_METRICS = ("normalised_mean", "team_return_mean", "wall_seconds", "fps")
-
-
 EVAL_METRICS = ("normalised", "team_return", "flip_rate", "audit", "audit_control")
-
-
 #: metrics whose values are verdicts (counted per verdict), not numbers
 VERDICT_METRICS = ("audit", "audit_control")
-
-
 GATED_EXPLAIN_METRICS = ("shielded_relevance_mass",)   # explain_eval rows only a gated policy has
-
-
 RETURN_METRICS = ("normalised_mean", "team_return_mean", "normalised", "team_return")
 
 
