@@ -1,35 +1,107 @@
-"""The attack alarm: its features against their definitions, its Gaussian score against scipy's Mahalanobis
-distance, its calibrated false-alarm rate on fresh clean data, its AUROC against a brute-force pair count, and the
-study end to end on a real policy (an attack must move the scores)."""
+"""The attack alarm: its features against their definitions (the median squeezer against scipy's median filter,
+the power transform against scipy's Yeo-Johnson), its score against scipy's Mahalanobis distance, its calibrated
+false-alarm rate on fresh clean data, its AUROC against a brute-force pair count, the saved detector's refusals,
+the adaptive attack (inside the budget, quieter than PGD), and the study, the log, the report and verify end to end
+on a real policy."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
+import scipy.ndimage
+import scipy.stats
+import torch
 from scipy.spatial.distance import mahalanobis
+from torch import nn
 
 from fgmf_marl.attacks import PGD
-from fgmf_marl.oversight.alarm import FEATURES, AlarmDetector, auroc, step_features
+from fgmf_marl.config import ConfigError
+from fgmf_marl.oversight.alarm import (FEATURES, RESIDUAL_FLOOR, SQUEEZE_BITS, AdaptivePGD, AlarmDetector, auroc,
+                                       median3, step_features, yeo_johnson)
+
+
+class TinyView(nn.Module):
+    """A policy view with the two calls the alarm makes: logits, and logits with a value."""
+
+    n_actions = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 8 * 8, 3)
+        self.critic = nn.Linear(4 * 8 * 8, 1)
+
+    def _features(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(obs)).flatten(1)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return 5 * self.head(self._features(obs))
+
+    def logits_and_value(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self._features(obs)
+        return 5 * self.head(f), self.critic(f).squeeze(-1)
+
+
+def _flat_images(n: int, seed: int = 0) -> torch.Tensor:
+    """Images of flat colour blocks, like the rendered worlds the alarm watches."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = torch.rand(n, 3, 2, 2, generator=gen)
+    return blocks.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)
 
 
 def test_step_features_follow_their_definitions() -> None:
-    probs = np.array([[0.7, 0.2, 0.1], [0.4, 0.4, 0.2]])
-    previous = np.array([[0.1, 0.2, 0.7], [np.nan, np.nan, np.nan]])
-    f = step_features(probs, np.array([1.5, -0.5]), previous)
+    view = TinyView().eval()
+    obs = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    previous = torch.tensor([[0.1, 0.2, 0.7], [float("nan")] * 3])
+    with torch.no_grad():
+        f = step_features(view, obs, previous).numpy()
+        logits, values = view.logits_and_value(obs)
+    probs = torch.softmax(logits, -1).numpy().astype(np.float64)
     assert f.shape == (2, len(FEATURES))
-    assert f[:, 0] == pytest.approx([0.5, 0.0])                                   # top-1 minus top-2
-    assert f[0, 1] == pytest.approx(-(0.7 * np.log(0.7) + 0.2 * np.log(0.2) + 0.1 * np.log(0.1)))
-    assert f[:, 2].tolist() == [1.5, -0.5] and f[:, 3] == pytest.approx([0.6, 0.0])   # TV distance; new episode 0
+    top = np.sort(probs, axis=-1)
+    assert f[:, 0] == pytest.approx(top[:, -1] - top[:, -2], abs=1e-6)
+    assert f[:, 1] == pytest.approx(-(probs * np.log(probs)).sum(-1), abs=1e-5)
+    assert f[:, 2] == pytest.approx(values.numpy(), abs=1e-6)
+    assert f[:, 3] == pytest.approx([0.5 * np.abs(probs[0] - previous[0].numpy()).sum(), 0.0], abs=1e-6)
+    levels = 2 ** SQUEEZE_BITS - 1
+    with torch.no_grad():
+        p_bits = torch.softmax(view(torch.round(obs * levels) / levels), -1).numpy()
+        smoothed = scipy.ndimage.median_filter(obs.numpy(), size=(1, 1, 3, 3), mode="nearest")
+        p_median = torch.softmax(view(torch.from_numpy(smoothed)), -1).numpy()
+    assert f[:, 4] == pytest.approx(np.abs(probs - p_bits).sum(-1), abs=1e-5)
+    assert f[:, 5] == pytest.approx(np.abs(probs - p_median).sum(-1), abs=1e-5)
+    residual = np.abs(obs.numpy() - smoothed).reshape(2, -1).mean(1)
+    assert f[:, 6] == pytest.approx(np.log(residual + RESIDUAL_FLOOR), abs=1e-5)
+
+
+def test_the_median_squeezer_is_scipys_median_filter() -> None:
+    x = torch.rand(3, 2, 9, 7, generator=torch.Generator().manual_seed(2))
+    ref = scipy.ndimage.median_filter(x.numpy(), size=(1, 1, 3, 3), mode="nearest")
+    assert np.allclose(median3(x).numpy(), ref)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0, 2.0, 3.3, -1.2])
+def test_the_power_transform_is_scipys_yeo_johnson(lam: float) -> None:
+    x = np.random.default_rng(0).normal(size=(200, 1)) * 3
+    ours = yeo_johnson(torch.from_numpy(x), torch.tensor([lam], dtype=torch.float64)).numpy()[:, 0]
+    assert ours == pytest.approx(scipy.stats.yeojohnson(x[:, 0], lam), rel=1e-10, abs=1e-12)
 
 
 def test_the_score_is_the_mahalanobis_distance_and_the_false_alarm_rate_holds_on_fresh_data() -> None:
     rng = np.random.default_rng(0)
-    cov = np.array([[1.0, 0.3, 0, 0], [0.3, 2.0, 0, 0], [0, 0, 0.5, 0], [0, 0, 0, 1.0]])
-    clean = lambda n: rng.multivariate_normal(np.zeros(4), cov, n)   # noqa: E731
+    cov = np.diag([1.0, 2.0, 0.5, 1.0, 1.0, 1.0, 1.0])
+    cov[0, 1] = cov[1, 0] = 0.3
+    skew = np.array([0, 0, 0, 0, 1, 1, 0], dtype=bool)        # two heavy-tailed features, like a squeezer's distance
+    clean = lambda n: np.where(skew, np.exp(rng.multivariate_normal(np.zeros(7), cov, n)),   # noqa: E731
+                               rng.multivariate_normal(np.zeros(7), cov, n))
     detector = AlarmDetector.fit(clean(20000), clean(20000), false_alarm_rate=0.01)
-    x = np.array([1.0, -2.0, 0.5, 0.0])
-    assert detector.score(x) == pytest.approx(mahalanobis(x, detector.mean, detector.precision))
+    x = np.array([1.0, -2.0, 0.5, 0.0, 3.0, 0.1, 0.2])
+    z = np.array([scipy.stats.yeojohnson(np.array([v]), lam)[0] for v, lam in zip(x, detector.lambdas)])
+    assert detector.score(x) == pytest.approx(mahalanobis(z, detector.mean, detector.precision))
     assert detector.alarms(clean(50000)).mean() == pytest.approx(0.01, abs=0.003)
-    shifted = clean(5000) + np.array([0, 0, 3.0, 0])
+    shifted = clean(5000) + np.array([0, 0, 3.0, 0, 0, 0, 0])
     assert detector.alarms(shifted).mean() > 0.5
 
 
@@ -39,37 +111,114 @@ def test_auroc_is_the_share_of_pairs_an_attacked_step_wins() -> None:
     assert auroc(clean, attacked).value == pytest.approx(pairs)
 
 
+def _fitted(view: TinyView) -> AlarmDetector:
+    with torch.no_grad():
+        return AlarmDetector.fit(step_features(view, _flat_images(400, 0)).numpy(),
+                                 step_features(view, _flat_images(400, 1)).numpy())
+
+
+def test_a_saved_detector_loads_as_it_was_and_nothing_else_loads(tmp_path) -> None:
+    detector = _fitted(TinyView().eval())
+    detector.save(tmp_path / "alarm_detector.json")
+    loaded = AlarmDetector.load(tmp_path / "alarm_detector.json")
+    x = np.random.default_rng(0).normal(size=(5, len(FEATURES)))
+    assert loaded.score(x) == pytest.approx(detector.score(x)) and loaded.threshold == detector.threshold
+    data = json.loads((tmp_path / "alarm_detector.json").read_text())
+    bad = {"not json": b"{", "a pickle": b"\x80\x04K\x01.", "another format": json.dumps({**data, "format": "x"}).encode(),
+           "other features": json.dumps({**data, "features": data["features"][:-1]}).encode(),
+           "a non-finite mean": json.dumps({**data, "mean": [float("nan")] * len(FEATURES)}).encode(),
+           "no lambdas": json.dumps({k: v for k, v in data.items() if k != "lambdas"}).encode()}
+    for what, content in bad.items():
+        path = tmp_path / "bad.json"
+        path.write_bytes(content)
+        with pytest.raises(ConfigError) as err:
+            AlarmDetector.load(path)
+        assert "\n" not in str(err.value), what
+
+
+def test_the_adaptive_attack_stays_in_budget_and_is_quieter_than_pgd() -> None:
+    view = TinyView().eval()
+    detector = _fitted(view)
+    obs = _flat_images(64, 5)
+    eps = 8 / 255
+    torch.manual_seed(0)
+    plain = PGD(eps, steps=20)(view, obs)
+    torch.manual_seed(0)
+    hidden = AdaptivePGD(eps, detector, weight=10.0, steps=20)(view, obs)
+    assert (hidden - obs).abs().max() <= eps + 1e-6 and hidden.min() >= 0 and hidden.max() <= 1
+    with torch.no_grad():
+        loud = detector.score(step_features(view, plain, torch.softmax(view(obs), -1)).numpy())
+        quiet = detector.score(step_features(view, hidden, torch.softmax(view(obs), -1)).numpy())
+    assert np.median(quiet) < 0.5 * np.median(loud)
+
+
+def _train_tiny(run, train_cli, timesteps: int = 256) -> None:
+    assert train_cli(["--timesteps", str(timesteps), "--run-dir", str(run), "--no-progress", "env.n_envs=2",
+                      "ppo.n_steps=32", "ppo.batch_size=64", "eval_episodes=2", "env.native.max_steps=10"]) == 0
+
+
 def test_the_alarm_study_on_a_trained_policy(tmp_path) -> None:
+    from agents.policy_view import PolicyView
     from fgmf_marl.jobs.train import entry as train_cli
     from fgmf_marl.teams.alarms import alarm_study
     from fgmf_marl.teams.checkpoints import load_model
-    from agents.policy_view import PolicyView
 
     run = tmp_path / "run"
-    assert train_cli(["--timesteps", "256", "--run-dir", str(run), "--no-progress", "env.n_envs=2", "ppo.n_steps=32",
-                      "ppo.batch_size=64", "eval_episodes=2", "env.native.max_steps=10"]) == 0
+    _train_tiny(run, train_cli)
     model, cfg = load_model(run)
-    out = alarm_study(PolicyView.from_model(model).eval(), cfg.env, {"pgd": PGD(32 / 255, steps=5)}, episodes=4,
-                      n_envs=2)
-    pgd = out["attacks"]["pgd"]
-    assert out["clean_steps"] == 4 * 10 * 3 and pgd["steps"] == 4 * 10 * 3
-    assert 0 <= pgd["auroc_ci95"][0] <= pgd["auroc"] <= pgd["auroc_ci95"][1] <= 1 and 0 <= pgd["detection"] <= 1
+    out, detector = alarm_study(PolicyView.from_model(model).eval(), cfg.env, {"pgd": PGD(32 / 255, steps=5)},
+                                episodes=4, n_envs=2, adaptive_eps=[32], adaptive_weights=[1.0])
+    assert set(out["attacks"]) == {"pgd", "adaptive-pgd[weight=1]@32"}
+    for r in out["attacks"].values():
+        assert out["clean_steps"] == 4 * 10 * 3 and r["steps"] == 4 * 10 * 3
+        assert 0 <= r["auroc_ci95"][0] <= r["auroc"] <= r["auroc_ci95"][1] <= 1 and 0 <= r["detection"] <= 1
+        assert np.isfinite(r["return"])
+    # a dense 32/255 perturbation of a flat-colour world lights up the input residual: PGD is caught
+    assert out["attacks"]["pgd"]["auroc"] > 0.9 and detector.features == FEATURES
 
 
-def test_alarm_eval_end_to_end_and_its_refusals(tmp_path, capsys) -> None:
-    import json
-
+def test_alarm_eval_then_the_alarm_in_the_log_the_report_and_verify(tmp_path, capsys) -> None:
     from fgmf_marl.jobs.alarms import entry as alarm_cli
+    from fgmf_marl.jobs.evaluate import entry as evaluate_cli
+    from fgmf_marl.jobs.replay import entry as replay_cli
     from fgmf_marl.jobs.train import entry as train_cli
+    from fgmf_marl.oversight import list_episodes, load_episode
 
     run = tmp_path / "run"
-    assert train_cli(["--timesteps", "64", "--run-dir", str(run), "--no-progress", "env.n_envs=2", "ppo.n_steps=32",
-                      "ppo.batch_size=64", "eval_episodes=2", "env.native.max_steps=10"]) == 0
+    _train_tiny(run, train_cli, timesteps=64)
     out = tmp_path / "alarm"
-    assert alarm_cli([str(run), "--eps", "8", "--episodes", "2", "--n-envs", "2", "--out", str(out)]) == 0
+    assert alarm_cli([str(run), "--eps", "8", "--episodes", "2", "--n-envs", "2", "--adaptive-weights", "0.1",
+                      "--out", str(out), "--no-progress"]) == 0
     data = json.loads((out / "alarm_eval.json").read_text())
-    assert set(data["attacks"]) == {"pgd@8", "ll-pgd@8", "mad@8", "square@8"}
+    assert set(data["attacks"]) == {"pgd@8", "ll-pgd@8", "mad@8", "square@8", "adaptive-pgd[weight=0.1]@8"}
+    assert (out / "alarm_eval_config.yaml").is_file() and (out / "alarm_detector.json").is_file()
     capsys.readouterr()
-    for bad in (["--eps", ""], ["--false-alarm-rate", "1"], ["--episodes", "0"]):
+    for bad in (["--eps", ""], ["--false-alarm-rate", "1"], ["--episodes", "0"], ["--adaptive-weights", "-1"],
+                ["--adaptive-weights", "1,1"]):
         assert alarm_cli([str(run), "--out", str(tmp_path / "no"), *bad]) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not (tmp_path / "no").exists()
+
+    logs = tmp_path / "logs"
+    assert evaluate_cli([str(run), "--attacks", "pgd", "--eps", "32", "--episodes", "2", "--n-envs", "2",
+                         "--log-explanations", str(logs), "--log-every", "5", "--alarm", str(out / "alarm_detector.json"),
+                         "--out", str(tmp_path / "eval"), "--no-progress"]) == 0
+    attacked = next(p for p in logs.iterdir() if "pgd" in p.name)
+    episode = load_episode(list_episodes(attacked)[0])
+    assert episode.arrays["alarm_score"].shape == episode.arrays["actions"].shape
+    assert episode.arrays["alarm"].mean() > 0.5                       # a dense 32/255 attack rings the alarm
+    assert {"alarm_score", "alarm"} <= set(episode.meta["records"][0])
+    capsys.readouterr()
+    assert replay_cli(["verify", str(attacked)]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith("OK") and "alarms: " in line and "of 2 episodes" in line
+    assert replay_cli(["report", str(attacked), "-o", str(tmp_path / "report.html")]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert "ALARM" in page and "alarm_rate" in page
+
+    capsys.readouterr()
+    for bad in (["--alarm", str(out / "alarm_detector.json")],                                  # no log to write to
+                ["--alarm", str(out / "alarm_eval.json"), "--log-explanations", str(tmp_path / "l2")]):  # not a detector
+        assert evaluate_cli([str(run), "--attacks", "pgd", "--eps", "8", "--episodes", "1", "--out",
+                             str(tmp_path / "no"), "--no-progress", *bad]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not (tmp_path / "no").exists()
+        assert not (tmp_path / "l2").exists()

@@ -95,6 +95,11 @@ class GradientAttack(Attack):
                 return None, F.log_softmax(view(clean), dim=-1)
         return greedy(view, clean), None
 
+    def _objective(self, view: PolicyLike, adv: Tensor, labels: Tensor | None, clean_logp: Tensor | None) -> Tensor:
+        """Per-row objective (B,) the ascent maximises: the one hook an adaptive attack overrides (e.g. to add a
+        detector's score, ``fgmf_marl.oversight.alarm.AdaptivePGD``)."""
+        return objective_values(view, adv, self.objective, labels, clean_logp)
+
     def _grad(self, view: PolicyLike, adv: Tensor, labels: Tensor | None, clean_logp: Tensor | None) -> tuple[Tensor, Tensor]:
         """Objective (B,) at ``adv`` and its input gradient (EOT-averaged)."""
         total_grad: Tensor | None = None
@@ -102,7 +107,7 @@ class GradientAttack(Attack):
         for _ in range(self.eot_samples):
             x = adv.detach().requires_grad_(True)
             with torch.enable_grad():
-                obj = objective_values(view, x, self.objective, labels, clean_logp)
+                obj = self._objective(view, x, labels, clean_logp)
                 (grad,) = torch.autograd.grad(obj.sum(), x)
             obj = obj.detach()
             total_grad = grad if total_grad is None else total_grad + grad
@@ -138,7 +143,7 @@ class GradientAttack(Attack):
                 best_obj = torch.where(better, obj, best_obj)
             adv = torch.min(torch.max(adv + self.step_size * grad.sign(), lo), hi)
         with torch.no_grad():
-            obj = objective_values(view, adv, self.objective, labels, clean_logp)
+            obj = self._objective(view, adv, labels, clean_logp)
         if not self.track_best:
             return adv, obj
         better = obj > best_obj

@@ -2,9 +2,10 @@
 
 Fits the alarm (``fgmf_marl.oversight.alarm``) on clean episodes of the run's env, calibrates it to
 ``false_alarm_rate`` on other clean episodes, and reports per attack family (PGD-10, least-likely PGD-10, MAD,
-Square) and eps its AUROC with a 95 % bootstrap interval and its detection rate at that false-alarm rate
-(``fgmf_marl.teams.alarms``). Writes ``alarm_eval.{json,md}`` and ``alarm_eval_config.yaml`` in ``<run>/eval``
-(or ``--out``).
+Square, and the adaptive PGD that also minimises the alarm's score, at each of ``adaptive_weights``) and eps its
+AUROC with a 95 % bootstrap interval, its detection rate at that false-alarm rate and the team return the attack
+left (``fgmf_marl.teams.alarms``). Writes ``alarm_eval.{json,md}``, ``alarm_eval_config.yaml`` and the fitted
+``alarm_detector.json`` (for ``evaluate.py --alarm``) in ``<run>/eval`` (or ``--out``).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from fgmf_marl.attacks.base import LEAST_LIKELY, Attack
 from fgmf_marl.config import ConfigError, check_device, check_range, check_seed
 from fgmf_marl.jobs import cli
 from fgmf_marl.runs import check_output_dir, resolve_checkpoint
-from fgmf_marl.teams.alarms import alarm_study
+from fgmf_marl.teams.alarms import ADAPTIVE_WEIGHTS, alarm_study
 from fgmf_marl.teams.checkpoints import load_model
 
 PROG = "alarm_eval.py"
@@ -37,6 +38,7 @@ class AlarmEvalConfig:
     episodes: int = 8                  # per clean set (fit, calibrate, test) and per attack
     n_envs: int = 4
     false_alarm_rate: float = 0.01
+    adaptive_weights: list[float] = field(default_factory=lambda: list(ADAPTIVE_WEIGHTS))  # [] skips the adaptive attack
     out: str | None = None             # output folder (default: <run>/eval)
     seed: int = 0
     device: str = "cpu"
@@ -52,6 +54,11 @@ class AlarmEvalConfig:
         check_range("--n-envs", self.n_envs, 1, 1024)
         if not 0 < self.false_alarm_rate < 1:
             raise ConfigError(f"--false-alarm-rate={self.false_alarm_rate} must be in (0, 1)")
+        for w in self.adaptive_weights:
+            check_range("--adaptive-weights", w, 0, 1e6)
+        repeated = sorted({w for w in self.adaptive_weights if self.adaptive_weights.count(w) > 1})
+        if repeated or len(set(self.eps)) < len(self.eps):
+            raise ConfigError("--eps and --adaptive-weights take each value once")
         check_seed(self.seed)
         check_device(self.device)
 
@@ -67,11 +74,13 @@ def families(eps255: float) -> dict[str, Attack]:
 def markdown(data: dict[str, Any], checkpoint: str) -> str:
     lines = [f"# Attack alarm on {checkpoint}", "",
              f"Calibrated to {data['false_alarm_rate']:g} false alarms; measured on {data['clean_steps']} clean test "
-             f"agent-steps: {data['measured_false_alarms']:.4f}.", "",
-             "| attack | AUROC [95 % CI] | detection at the false-alarm rate | agent-steps |", "|---|---|---|---|"]
+             f"agent-steps: {data['measured_false_alarms']:.4f}. Clean team return: {data['clean_return']:.3f}.", "",
+             "| attack | AUROC [95 % CI] | detection at the false-alarm rate | team return | agent-steps |",
+             "|---|---|---|---|---|"]
     for name, r in data["attacks"].items():
         low, high = r["auroc_ci95"]
-        lines.append(f"| {name} | {r['auroc']:.3f} [{low:.3f}, {high:.3f}] | {r['detection']:.3f} | {r['steps']} |")
+        lines.append(f"| {name} | {r['auroc']:.3f} [{low:.3f}, {high:.3f}] | {r['detection']:.3f} | {r['return']:.3f} "
+                     f"| {r['steps']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -85,7 +94,10 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--n-envs", type=int, help=f"parallel env copies (default {defaults.n_envs})")
     p.add_argument("--false-alarm-rate", type=float, help=f"calibrated false-alarm rate "
                    f"(default {defaults.false_alarm_rate:g})")
+    p.add_argument("--adaptive-weights", metavar="W,...", help="weights of the alarm's score in the adaptive "
+                   f"attack's loss (default {','.join(f'{w:g}' for w in ADAPTIVE_WEIGHTS)}; empty: no adaptive attack)")
     p.add_argument("--out", help="output directory (default: <run>/eval)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     cli.add_runtime_flags(p)
     return p
 
@@ -94,25 +106,30 @@ def resolve_config(args: argparse.Namespace) -> AlarmEvalConfig:
     """Defaults < --config file < flags."""
     flags: dict[str, Any] = {n: getattr(args, n) for n in ("checkpoint", "episodes", "n_envs", "false_alarm_rate",
                                                            "out", "seed", "device")}
-    if args.eps is not None:
-        try:
-            flags["eps"] = [float(v) for v in args.eps.split(",") if v.strip()]
-        except ValueError:
-            raise ConfigError(f"--eps={args.eps!r}: accepted: comma-separated numbers, e.g. 4,8") from None
+    for name, text in (("eps", args.eps), ("adaptive_weights", args.adaptive_weights)):
+        if text is not None:
+            try:
+                flags[name] = [float(v) for v in text.split(",") if v.strip()]
+            except ValueError:
+                raise ConfigError(f"--{name.replace('_', '-')}={text!r}: accepted: comma-separated numbers, "
+                                  "e.g. 4,8") from None
     return cli.load_config(AlarmEvalConfig, config_file=args.config, flags=flags)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _, cfg = cli.start(build_parser(), argv, resolve_config)
+    args, cfg = cli.start(build_parser(), argv, resolve_config)
     ckpt, run = resolve_checkpoint(cfg.checkpoint)
     out = Path(cfg.out) if cfg.out else (run.eval if run else ckpt.parent / "eval")
     check_output_dir(out, "--out")
     model, train_cfg = load_model(cfg.checkpoint, device=cfg.device)
     attacks = {name: attack for e in cfg.eps for name, attack in families(e).items()}
-    data = alarm_study(PolicyView.from_model(model).eval(), train_cfg.env, attacks, episodes=cfg.episodes,
-                       n_envs=cfg.n_envs, seed=cfg.seed, false_alarm_rate=cfg.false_alarm_rate)
+    data, detector = alarm_study(PolicyView.from_model(model).eval(), train_cfg.env, attacks, episodes=cfg.episodes,
+                                 n_envs=cfg.n_envs, seed=cfg.seed, false_alarm_rate=cfg.false_alarm_rate,
+                                 adaptive_eps=cfg.eps, adaptive_weights=cfg.adaptive_weights,
+                                 progress=not args.no_progress)
     out.mkdir(parents=True, exist_ok=True)
     cfglib.save_yaml(cfg, out / "alarm_eval_config.yaml")
+    detector.save(out / "alarm_detector.json")
     atomic_write_text(out / "alarm_eval.json", json.dumps(data, indent=1))
     atomic_write_text(out / "alarm_eval.md", markdown(data, str(ckpt)))
     print(markdown(data, str(ckpt)))

@@ -75,6 +75,9 @@ def build_parser() -> cli.ArgumentParser:
                    help="add to oversight logs that already exist (default: refuse; a log belongs to one run)")
     p.add_argument("--log-key-file", metavar="F",
                    help="HMAC key for the oversight logs (default: $FGMF_LOG_KEY_FILE if set, else no key)")
+    p.add_argument("--alarm", metavar="JSON", help="an alarm_detector.json written by alarm_eval.py for this "
+                   "checkpoint: the oversight logs then hold its score and ALARM of every agent-step (needs "
+                   "--log-explanations; default: no alarm)")
     p.add_argument("--out", type=Path, help="output folder (default runs/eval-<time>)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -89,7 +92,7 @@ def resolve_config(args: argparse.Namespace) -> EvalConfig:
         "episodes": args.episodes, "agents": _ints(args.agents, "agents") if args.agents is not None else None,
         "n_envs": args.n_envs, "device": args.device, "audit": True if args.audit else None,
         "audit_obs": args.audit_obs, "log_explanations": args.log_explanations, "log_every": args.log_every,
-        "log_append": True if args.append else None, "log_key_file": args.log_key_file,
+        "log_append": True if args.append else None, "log_key_file": args.log_key_file, "alarm": args.alarm,
         "surrogate": args.surrogate, "adversary": args.adversary,
         "budget_agents": _ints(args.budget_agents, "budget agents") if args.budget_agents is not None else None,
         "budget_steps": _floats(args.budget_steps, "budget steps", "fractions in [0, 1], e.g. 0.1,0.25") if args.budget_steps is not None else None,

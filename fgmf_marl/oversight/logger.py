@@ -20,6 +20,11 @@ episodes whose returns the evaluation reports.
 What is explained is the action the agent took, on the observation it saw (attacked or not): the
 reviewer's question is "what did the agent look at when it acted". Attack facts per agent-step:
 ``linf = ||seen - clean||_inf`` and ``flipped`` = greedy action on seen != greedy action on clean.
+
+With an ``alarm`` (a fitted :class:`~fgmf_marl.oversight.alarm.AlarmDetector`) every agent-step also gets the
+alarm's score and verdict (``alarm_score``, ``alarm``), from the observation the agent saw only: unlike
+``flipped`` and ``linf``, which need the clean observation an evaluation has and a deployment does not, the
+alarm is what an overseer watching a live team would see.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from torch import Tensor
 
 from fgmf_marl.attribution.metrics import pointing_game, relevance_mass_accuracy
 from fgmf_marl.attribution.pgca import PGCA
+from fgmf_marl.oversight.alarm import AlarmDetector, step_features
 from fgmf_marl.oversight.render import overlay, review_signal
 from fgmf_marl.oversight.store import LogWriter
 from fgmf_marl.policy import PolicyLike
@@ -77,7 +83,8 @@ class OversightLogger:
                  pgca: PGCA | None = None,
                  frame_fn: Callable[[], np.ndarray] | None = None, tb_writer: Any = None,
                  run_info: dict[str, Any] | None = None, action_names: Sequence[str] | None = None,
-                 append: bool = False, key: bytes | None = None, explain_batch: int = EXPLAIN_BATCH) -> None:
+                 append: bool = False, key: bytes | None = None, explain_batch: int = EXPLAIN_BATCH,
+                 alarm: AlarmDetector | None = None) -> None:
         if every < 1:
             raise ValueError(f"log every must be >= 1 step, got {every}")
         if explain_batch < 1:
@@ -93,6 +100,8 @@ class OversightLogger:
         self._pending: list[tuple[int, Tensor, Tensor]] = []   # (env, observations seen, actions) of logged steps
         self._closed = False
         self._last_frames: np.ndarray | None = None
+        self.alarm = alarm
+        self._previous_probs: Tensor | None = None   # every slot's action distribution one step earlier (the alarm's)
         self.written: list[dict[str, Any]] = []
 
     @classmethod
@@ -143,6 +152,7 @@ class OversightLogger:
             self._last_frames = after
         probs = record.probs.detach().cpu().numpy()
         values = record.values.detach().cpu().numpy()
+        alarm_score = self._alarm_scores(record) if self.alarm is not None else None
         ended = []
         for b in active:
             sl = slice(b * n, (b + 1) * n)
@@ -153,6 +163,8 @@ class OversightLogger:
                              ("rewards", record.rewards), ("linf", linf)):
                 buf[key].append(np.asarray(arr[sl]))
             buf["flipped"].append(greedy[sl] != np.asarray(record.clean_actions[sl]))
+            if alarm_score is not None:
+                buf["alarm_score"].append(alarm_score[sl])
             if b in logged_pos:
                 j = logged_pos[b]
                 rows = slice(j * n, (j + 1) * n)
@@ -170,6 +182,18 @@ class OversightLogger:
             self._explain_pending()
         for b in ended:
             self._write(b, int(record.episode[b]), n)
+
+    def _alarm_scores(self, record: Any) -> np.ndarray:
+        """The alarm's score of every slot of this step (features of the observation seen, the action distribution
+        moved since the slot's previous step; none at an episode's first step)."""
+        previous = self._previous_probs
+        if previous is not None:
+            previous[torch.as_tensor(np.repeat(np.asarray(record.t) == 0, record.n_agents), device=previous.device)] \
+                = float("nan")
+        with torch.no_grad():
+            features = step_features(self.view, record.seen_obs.detach(), previous)
+        self._previous_probs = record.probs.detach().clone()
+        return self.alarm.score(features.cpu().numpy())
 
     def _explain_pending(self) -> None:
         """Explain every logged step still waiting, in ONE batched PGCA call, and file the stages per env.
@@ -212,6 +236,9 @@ class OversightLogger:
             if buf.get(key):
                 arrays[key] = np.stack(buf[key])
         arrays["logged_t"] = np.asarray(buf["logged_t"], dtype=np.int64)
+        if buf.get("alarm_score"):
+            arrays["alarm_score"] = np.stack(buf["alarm_score"]).astype(np.float32)
+            arrays["alarm"] = arrays["alarm_score"] > self.alarm.threshold
         arrays["actions"] = arrays["actions"].astype(np.int64)
         arrays["clean_actions"] = arrays["clean_actions"].astype(np.int64)
         for key in ("probs", "values", "rewards", "linf", "agreement", "topk_iou", "evidence"):
@@ -227,6 +254,10 @@ class OversightLogger:
             "mean_linf_255": float(arrays["linf"].mean() * 255),
             "max_linf_255": float(arrays["linf"].max() * 255),
         }
+        if "alarm" in arrays:
+            alarmed = np.flatnonzero(arrays["alarm"].any(axis=1))
+            summary.update(alarms=int(arrays["alarm"].sum()), alarm_rate=float(arrays["alarm"].mean()),
+                           first_alarm_t=int(alarmed[0]) if len(alarmed) else None)
         if "agreement" in arrays:
             summary.update(mean_agreement=float(arrays["agreement"].mean()),
                            min_agreement=float(arrays["agreement"].min()),
@@ -249,6 +280,8 @@ class OversightLogger:
                        "value": float(arrays["values"][i, a]), "reward": float(rewards[i, a]),
                        "linf_255": float(arrays["linf"][i, a] * 255), "flipped": bool(arrays["flipped"][i, a]),
                        "logged": t in logged_index}
+                if "alarm" in arrays:
+                    rec.update(alarm_score=float(arrays["alarm_score"][i, a]), alarm=bool(arrays["alarm"][i, a]))
                 if t in logged_index and "agreement" in arrays:
                     rec["agreement"] = float(arrays["agreement"][logged_index[t], a])
                 if t in logged_index and "evidence" in arrays:
@@ -257,6 +290,8 @@ class OversightLogger:
         meta = {"env_index": env, "episode_in_env": episode_in_env, "n_agents": n_agents,
                 "attack": self.attack_name, "every": self.every, "action_names": self.action_names,
                 "pgca": self.pgca.settings(),
+                "alarm": None if self.alarm is None else {"threshold": self.alarm.threshold,
+                                                          "false_alarm_rate": self.alarm.false_alarm_rate},
                 "run": self.run_info, "summary": summary, "records": records}
         entry = self.writer.append(arrays, meta)
         self.written.append(entry)

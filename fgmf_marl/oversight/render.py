@@ -118,6 +118,8 @@ def caption_parts(ep: Episode, j: int, agent: int) -> list[str]:
              f"ATTACKED |d|={linf:.1f}/255" if linf > 0 else "clean"]
     if bool(a["flipped"][t, agent]):
         parts.append("FLIPPED")
+    if "alarm" in a and bool(a["alarm"][t, agent]):
+        parts.append(f"ALARM {float(a['alarm_score'][t, agent]):.1f}")
     if "agreement" in a:
         parts.append(f"agreement {float(a['agreement'][j, agent]):+.2f}")
     if "evidence" in a and np.isfinite(a["evidence"][j, agent]):
@@ -202,7 +204,7 @@ def _caption_block(ep: Episode, j: int, agent: int, width: int) -> np.ndarray:
     """The caption drawn over an agent's tiles: red ATTACKED/FLIPPED fields, a dark red band when flipped."""
     t = int(ep.arrays["logged_t"][j])
     hot = (255, 110, 110)
-    runs = [(p, hot if p == "FLIPPED" or p.startswith("ATTACKED") else (235, 235, 235))
+    runs = [(p, hot if p == "FLIPPED" or p.startswith(("ATTACKED", "ALARM")) else (235, 235, 235))
             for p in caption_parts(ep, j, agent)]
     lines = _wrap(runs, width)
     if not bool(ep.arrays["flipped"][t, agent]):

@@ -10,7 +10,7 @@ from typing import Literal
 from fgmf_marl.config import ConfigError, check_range
 from fgmf_marl.oversight.render import derived_path, render_episode
 from fgmf_marl.oversight.report import build_report
-from fgmf_marl.oversight.store import find_logs, read_key, verify
+from fgmf_marl.oversight.store import alarm_line, find_logs, read_key, verify
 from fgmf_marl.runs import check_output_file
 
 
@@ -72,6 +72,8 @@ def replay(cfg: ReplayConfig) -> int:
             res = verify(log, expect_head=cfg.expect_head, key=key)
             bad += not res.ok
             line = res.message if res.ok else f"FAILED: {res.message}"
+            alarms = alarm_line(log) if res.ok else None
+            line += f"; {alarms}" if alarms else ""
             print(line if logs == [folder] else f"{_shown(log)}: {line}")
         if logs != [folder]:
             print(f"{len(logs) - bad} of {len(logs)} logs OK" + (f", {bad} FAILED" if bad else ""))

@@ -98,7 +98,8 @@ def timelines(ep: Episode) -> str:
     """Per-agent timelines as one embedded PNG."""
     a = ep.arrays
     t = np.arange(a["rewards"].shape[0])
-    fig, axes = plt.subplots(3, 1, figsize=(9, 6.5), sharex=True)
+    alarm = "alarm_score" in a
+    fig, axes = plt.subplots(4 if alarm else 3, 1, figsize=(9, 8.5 if alarm else 6.5), sharex=True)
     for k in range(ep.n_agents):
         axes[0].plot(t, np.cumsum(a["rewards"][:, k]), label=f"agent {k}")
         axes[1].plot(t, a["linf"][:, k] * 255, label=f"agent {k}")
@@ -107,11 +108,22 @@ def timelines(ep: Episode) -> str:
                         label="flipped" if k == 0 and len(flips) else None)
         if "agreement" in a:
             axes[2].plot(a["logged_t"], a["agreement"][:, k], marker=".", label=f"agent {k}")
+        if alarm:
+            axes[3].plot(t, a["alarm_score"][:, k], label=f"agent {k}")
+            raised = np.flatnonzero(a["alarm"][:, k])
+            axes[3].scatter(raised, a["alarm_score"][raised, k], marker="^", color="red", zorder=3,
+                            label="ALARM" if k == 0 and len(raised) else None)
     axes[0].set_ylabel("return so far")
     axes[1].set_ylabel("attack ||δ||∞ (/255)")
     axes[2].set_ylabel("PGCA agreement")
     axes[2].set_ylim(-1.05, 1.05)
-    axes[2].set_xlabel("step")
+    alarm_meta = ep.meta.get("alarm")
+    threshold = alarm_meta.get("threshold") if isinstance(alarm_meta, dict) else None
+    if alarm:
+        axes[3].set_ylabel("alarm score")
+        if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+            axes[3].axhline(float(threshold), color="red", linestyle="--", linewidth=1, label="threshold")
+    axes[-1].set_xlabel("step")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper right")
@@ -159,6 +171,8 @@ def review_steps(ep: Episode, limit: int = 8) -> list[tuple[int, int, str]]:
         if name:
             parts.append(f"{name} {trust[j, k]:+.2f}")
         parts.append(f"value drop {drop[t, k]:+.3f}")
+        if "alarm" in a and bool(a["alarm"][t, k]):
+            parts.append("ALARM")
         out.append((j, k, ", ".join(parts)))
     return out
 
@@ -189,7 +203,9 @@ def legend_html(ep: Episode) -> str:
         items.append("<b>SGAM keep-mask</b>: gray scale from 0 (black, masked out) to 1 (white, kept).")
     items.append("<b>Captions</b>: step, agent, action and its probability; clean, or ATTACKED with |d| = "
                  "||&delta;||&infin; in /255; FLIPPED (red) when the greedy action differs from the clean one; "
-                 "PGCA agreement (Spearman, &minus;1 to 1).")
+                 "PGCA agreement (Spearman, &minus;1 to 1)"
+                 + ("; ALARM (red) with its score when the attack alarm fired on the observation the agent saw "
+                    "(no clean observation needed, as in deployment)." if "alarm" in ep.arrays else "."))
     return "<div class='legend'>" + "<br>".join(items) + "</div>"
 
 
@@ -216,7 +232,7 @@ def episode_section(ep: Episode, *, fps: float = 4.0, max_frames: int = 200, sca
     if steps:
         parts.append(f"<h3>Look at these steps first</h3><p class='why'>{RANKING}</p><div class='steps'>")
         for rank, (j, k, why) in enumerate(steps, 1):
-            flip = " flip" if "flipped action" in why else ""
+            flip = " flip" if "flipped action" in why or why.endswith("ALARM") else ""
             img = compose_frame(ep, j, card_scale, agents=[k], focus=k, with_legend=False)
             parts.append(f"<div class='step{flip}'><b>#{rank} agent {k}: {_esc(why)}</b><br>{_esc(caption(ep, j, k))}<br>"
                          f"<img alt='agent {k} at step {int(ep.arrays['logged_t'][j])}' src='{_palette_png(img)}'></div>")
@@ -254,7 +270,8 @@ def _section(ep: Episode, anchor: str = "") -> str:
                           f"({type(exc).__name__})") from None
 
 
-_KEYS = ["team_return", "flip_rate", "mean_linf_255", "mean_agreement", "min_agreement", "relevance_mass_accuracy"]
+_KEYS = ["team_return", "flip_rate", "mean_linf_255", "alarm_rate", "mean_agreement", "min_agreement",
+         "relevance_mass_accuracy"]
 
 
 def _verdict(folder: Path, key: bytes | None) -> tuple[bool, str]:

@@ -215,6 +215,20 @@ def read_manifest(log_dir: str | Path) -> list[dict[str, Any]]:
     return [r for r in read_records(log_dir) if r["kind"] == "episode"]
 
 
+def alarm_line(log_dir: str | Path) -> str | None:
+    """One line on the attack alarms the log's episodes raised, from the manifest's summaries, or None for a log
+    written without an alarm. Read it only after :func:`verify` passed: the summaries are as trustworthy as the chain."""
+    summaries = [r.get("summary") for r in read_manifest(log_dir)]
+    counts = [s["alarms"] for s in summaries if isinstance(s, dict) and isinstance(s.get("alarms"), int)]
+    if not counts:
+        return None
+    firsts = [s["first_alarm_t"] for s in summaries
+              if isinstance(s, dict) and isinstance(s.get("first_alarm_t"), int) and not isinstance(s["first_alarm_t"], bool)]
+    earliest = f", the earliest at step {min(firsts)}" if firsts else ""
+    return (f"alarms: {sum(counts)} agent-steps in {sum(c > 0 for c in counts)} of {len(counts)} episodes"
+            f"{earliest}")
+
+
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -525,6 +539,8 @@ def load_episode(path: str | Path) -> Episode:
 #: the format's arrays (see the table above) by their leading axes, with the number of axes after those
 STEP_ARRAYS = {"actions": 0, "clean_actions": 0, "greedy_actions": 0, "probs": 1, "values": 0, "rewards": 0,
                "linf": 0, "flipped": 0}
+#: per-step arrays only some logs have: the attack alarm's score and verdict (a log written with a detector)
+OPTIONAL_STEP_ARRAYS = {"alarm_score": 0, "alarm": 0}
 LOGGED_ARRAYS = {"clean_obs": 3, "seen_obs": 3, "pgca_P": 2, "pgca_G": 2, "pgca_consensus": 2, "pgca_final": 2,
                  "agreement": 0, "topk_iou": 0, "evidence": 0, "sgam_mask": 2, "relevance": 2}
 #: the largest episode file :func:`load_episode` unpacks: a crafted ``.npz`` may declare arrays of any size
@@ -551,7 +567,7 @@ def _shape_problem(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> str |
     logged = arrays["logged_t"]
     if logged.ndim != 1 or logged.dtype.kind not in "iu" or (logged.size and not 0 <= logged.min() <= logged.max() < steps):
         return f"logged_t must be step indices in 0..{steps - 1}"
-    for names, lead in ((STEP_ARRAYS, (steps, n)), (LOGGED_ARRAYS, (len(logged), n))):
+    for names, lead in ((STEP_ARRAYS, (steps, n)), (OPTIONAL_STEP_ARRAYS, (steps, n)), (LOGGED_ARRAYS, (len(logged), n))):
         for key, extra in names.items():
             if key in arrays and (arrays[key].ndim != 2 + extra or arrays[key].shape[:2] != lead):
                 return f"array {key!r} has shape {arrays[key].shape}, not {lead} then {extra} more axes"

@@ -2,62 +2,87 @@
 
 Clean episodes on three disjoint sets of env seeds: one fits the detector, one calibrates its threshold at the
 false-alarm rate, one is the clean side of the test; each attack runs on the test seeds with every agent
-attacked at every step. Per attack: the AUROC (with its bootstrap interval) and the share of attacked steps that
-raise an alarm at the calibrated threshold, beside the false-alarm rate measured on the clean test steps.
+attacked at every step. Per attack: the AUROC (with its bootstrap interval), the share of attacked steps that
+raise an alarm at the calibrated threshold, and the team return the attack left, beside the false-alarm rate
+measured on the clean test steps. Then the honest test: at each ``adaptive_eps``, PGD that also minimises the
+fitted detector's score (``AdaptivePGD``), which knows everything about the alarm, at several weights.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from envs.registry import EnvConfig, make_vec_env, n_agents_of
 from fgmf_marl import seeds
 from fgmf_marl.attacks.base import Attack
-from fgmf_marl.oversight.alarm import FEATURES, AlarmDetector, auroc, step_features
+from fgmf_marl.oversight.alarm import FEATURES, AdaptivePGD, AlarmDetector, auroc, step_features
 from fgmf_marl.policy import PolicyLike
-from fgmf_marl.rollout import StepRecord, rollout
+from fgmf_marl.rollout import RolloutResult, StepRecord, rollout
+
+#: the adaptive attacker's weights of the detector's score against its attack loss: one weight cannot show the
+#: trade-off between doing harm and staying hidden, a sweep over orders of magnitude does
+ADAPTIVE_WEIGHTS = (0.01, 0.1, 1.0)
 
 
 def collect_features(view: PolicyLike, env_cfg: EnvConfig, episodes: int, seed: int,
-                     attack: Attack | None = None) -> np.ndarray:
-    """(N, len(FEATURES)) features of every counted agent-step of ``episodes`` episodes (see ``step_features``)."""
+                     attack: Attack | None = None) -> tuple[np.ndarray, RolloutResult]:
+    """(N, len(FEATURES)) features of every counted agent-step of ``episodes`` episodes (see ``step_features``),
+    and the rollout's result (its returns)."""
     venv = make_vec_env(env_cfg, seed=seed)
     n_agents = n_agents_of(venv, env_cfg)
     rows: list[np.ndarray] = []
-    previous: np.ndarray | None = None
+    previous: torch.Tensor | None = None
 
     def hook(rec: StepRecord) -> None:
         nonlocal previous
-        probs = rec.probs.detach().cpu().numpy().astype(np.float64)
         if previous is not None:
-            previous[np.repeat(rec.t == 0, n_agents)] = np.nan      # a new episode: no previous step
-        features = step_features(probs, rec.values.detach().cpu().numpy(), previous)
-        previous = probs.copy()
+            previous[torch.as_tensor(np.repeat(rec.t == 0, n_agents), device=previous.device)] = float("nan")
+        with torch.no_grad():
+            features = step_features(view, rec.seen_obs, previous).cpu().numpy().astype(np.float64)
+        previous = rec.probs.detach().clone()
         rows.append(features[np.repeat(rec.counted, n_agents)])
 
     try:
         perturb = None if attack is None else attack.as_perturb(view, n_agents=n_agents)
-        rollout(view, venv, episodes, n_agents=n_agents, perturb=perturb, step_hook=hook, seed=seed)
+        result = rollout(view, venv, episodes, n_agents=n_agents, perturb=perturb, step_hook=hook, seed=seed)
     finally:
         venv.close()
-    return np.concatenate(rows) if rows else np.zeros((0, len(FEATURES)))
+    return (np.concatenate(rows) if rows else np.zeros((0, len(FEATURES)))), result
 
 
 def alarm_study(view: PolicyLike, env_cfg: EnvConfig, attacks: dict[str, Attack], *, episodes: int = 8,
-                n_envs: int = 4, seed: int = 0, false_alarm_rate: float = 0.01) -> dict[str, Any]:
-    """The detector fitted and calibrated on clean episodes, then its AUROC and detection rate per attack."""
+                n_envs: int = 4, seed: int = 0, false_alarm_rate: float = 0.01,
+                adaptive_eps: Sequence[float] = (), adaptive_weights: Sequence[float] = ADAPTIVE_WEIGHTS,
+                progress: bool = False) -> tuple[dict[str, Any], AlarmDetector]:
+    """The detector fitted and calibrated on clean episodes, then its AUROC, detection rate and the attacked
+    return per attack, and per ``adaptive_eps`` (1/255 units) x ``adaptive_weights`` the adaptive attack's;
+    returns (results, detector)."""
     env_cfg = dataclasses.replace(env_cfg, n_envs=n_envs)
     base = seeds.env_seed(seed, seeds.EVALUATION)
-    fit, calibrate, test = (collect_features(view, env_cfg, episodes, base + 1000 * k) for k in (1, 2, 3))
+    bar = tqdm(total=3 + len(attacks) + len(adaptive_eps) * len(adaptive_weights), desc="alarm", disable=not progress)
+    clean_sets = []
+    for k in (1, 2, 3):
+        clean_sets.append(collect_features(view, env_cfg, episodes, base + 1000 * k))
+        bar.update(1)
+    (fit, _), (calibrate, _), (test, clean_run) = clean_sets
     detector = AlarmDetector.fit(fit, calibrate, false_alarm_rate)
     clean_scores = detector.score(test)
     out: dict[str, Any] = {"false_alarm_rate": false_alarm_rate, "clean_steps": int(test.shape[0]),
-                           "measured_false_alarms": float((clean_scores > detector.threshold).mean()), "attacks": {}}
-    for name, attack in attacks.items():
-        scores = detector.score(collect_features(view, env_cfg, episodes, base + 3000, attack))
+                           "measured_false_alarms": float((clean_scores > detector.threshold).mean()),
+                           "clean_return": float(clean_run.team_returns.mean()), "attacks": {}}
+    adaptive = {f"adaptive-pgd[weight={w:g}]@{e:g}": AdaptivePGD(e / 255, detector, weight=w)
+                for e in adaptive_eps for w in adaptive_weights}
+    for name, attack in {**attacks, **adaptive}.items():
+        features, run = collect_features(view, env_cfg, episodes, base + 3000, attack)
+        scores = detector.score(features)
         area = auroc(clean_scores, scores, seed=seed)
         out["attacks"][name] = {"auroc": area.value, "auroc_ci95": [area.low, area.high],
-                                "detection": float((scores > detector.threshold).mean()), "steps": int(scores.size)}
-    return out
+                                "detection": float((scores > detector.threshold).mean()), "steps": int(scores.size),
+                                "return": float(run.team_returns.mean())}
+        bar.update(1)
+    bar.close()
+    return out, detector

@@ -33,6 +33,7 @@ class EvalConfig:
     log_every: int = 1
     log_append: bool = False            # add to oversight logs that exist (else a log belongs to one run)
     log_key_file: str | None = None     # HMAC key of the oversight logs (or $FGMF_LOG_KEY_FILE)
+    alarm: str | None = None            # an alarm_detector.json (scripts/alarm_eval.py): its scores go into the logs
     surrogate: str | None = None        # for a preset: an independently trained policy to transfer from
     adversary: str | None = None        # for a preset: a director trained against the (one) checkpoint
     budget_agents: list[int] | None = None     # k values: at most k attacked agents per env and step
@@ -54,6 +55,11 @@ class EvalConfig:
         if (self.surrogate or self.adversary) and not any(s.partition(":")[0].strip() in PRESETS for s in self.attacks):
             raise ConfigError("surrogate/adversary feed a preset (--attacks strong); without one give "
                               "transfer:surrogate=PATH or adversary:path=PATH as attacks")
+        if self.alarm and not self.log_explanations:
+            raise ConfigError("--alarm writes its scores into the oversight log; give --log-explanations DIR too")
+        if self.alarm and len(self.checkpoints) > 1:
+            raise ConfigError(f"an alarm is fitted to one policy; got {len(self.checkpoints)} checkpoints "
+                              "(evaluate them one at a time, each with its own alarm_detector.json)")
         if self.adversary and len(self.checkpoints) > 1:
             raise ConfigError(f"adversary is trained against one checkpoint; got {len(self.checkpoints)} checkpoints "
                               "(evaluate them one at a time, or give adversary:path=PATH as an attack)")

@@ -82,6 +82,7 @@ from fgmf_marl.audit import AuditConfig, AuditReport, audit
 from fgmf_marl.config import ConfigError
 from fgmf_marl.defenses.sgam import with_gradient_shield
 from fgmf_marl.oversight import OversightLogger
+from fgmf_marl.oversight.alarm import AlarmDetector
 from fgmf_marl.oversight.store import holds_log, read_key
 from fgmf_marl.rollout import StepRecord, rollout
 from fgmf_marl.runs import check_output_dir, staged_run_dir
@@ -241,11 +242,12 @@ def cell_folder(checkpoint: str, label: str, eps255: float, seed: int) -> str:
 
 def run_cell(victim: Victim, grid: GridAttack | None, eps255: float, seed: int, cfg: EvalConfig,
              log_dir: Path | None = None, log_key: bytes | None = None,
-             calibration: Callable[[], list[torch.Tensor]] = list) -> Cell:
+             calibration: Callable[[], list[torch.Tensor]] = list, alarm: AlarmDetector | None = None) -> Cell:
     """One grid cell: ``cfg.episodes`` episodes of ``victim`` under ``grid``'s attacker (None = clean).
 
     With ``log_dir`` the cell's episodes go to an oversight log there, sealed when they all ran;
-    ``calibration`` gives the clean batches a budgeted heuristic calibrates on (called only if needed).
+    ``calibration`` gives the clean batches a budgeted heuristic calibrates on (called only if needed); with an
+    ``alarm`` the log also holds its score of every agent-step.
     """
     label = "none" if grid is None else grid.label
     venv, n_agents = _eval_env(victim, cfg.n_envs, seed)
@@ -261,7 +263,7 @@ def run_cell(victim: Victim, grid: GridAttack | None, eps255: float, seed: int, 
         hook, logger = None, None
         if log_dir is not None:
             logger = OversightLogger.for_venv(log_dir, victim.view, venv, every=cfg.log_every, attack_name=label,
-                                              append=cfg.log_append, key=log_key,
+                                              append=cfg.log_append, key=log_key, alarm=alarm,
                                               run_info={"checkpoint": victim.path, "attack": label, "eps255": eps255,
                                                         "seed": seed})
             hook = logger.step_hook
@@ -332,6 +334,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
     if cfg.log_explanations:
         check_output_dir(cfg.log_explanations, "oversight log folder")
     log_key = read_key(cfg.log_key_file)                                       # bad key file -> ConfigError
+    alarm = AlarmDetector.load(cfg.alarm) if cfg.alarm else None              # bad detector file -> ConfigError
     victims = [load_victim(p, cfg.device) for p in cfg.checkpoints]           # missing checkpoint -> ConfigError
     cfg = expand_attacks(cfg, victims)
     n_actions = min(v.view.n_actions for v in victims)
@@ -378,7 +381,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
                 label = "none" if g is None else g.label
                 bar.set_postfix_str(f"{victim.label} {label} eps={e:g} seed={seed}")
                 cells.append(run_cell(victim, g, e, seed, cfg, log_dir(victim, label, e, seed), log_key,
-                                      calibration(victim, seed)))
+                                      calibration(victim, seed), alarm))
                 if cells[-1].oversight_log is not None:
                     echo(f"oversight log {cells[-1].oversight_log['dir']} head {cells[-1].oversight_log['head']}")
                 bar.update(1)
