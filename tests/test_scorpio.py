@@ -177,6 +177,20 @@ def test_beta_below_one_shrinks_delta_on_salient_pixels(net: TinyNet) -> None:
     assert not torch.allclose(out.loss, plain.loss)
 
 
+def test_the_gradient_saliency_is_the_top_q_of_input_times_the_attack_loss_gradient(net: TinyNet) -> None:
+    torch.manual_seed(5)
+    x = torch.rand(5, *SHAPE, dtype=torch.float64)
+    out = ScorpioRegulariser(eps=0.05, q=0.25, beta=0.2, saliency="gradient")(net, x)
+    xg = x.clone().requires_grad_(True)
+    logits = net(xg)                                   # the gradient of CE at the greedy action, by autograd here
+    (g,) = torch.autograd.grad(F.cross_entropy(logits, logits.argmax(1), reduction="sum"), xg)
+    score = (x * g).abs().sum(dim=1).reshape(5, -1)
+    expected = torch.zeros_like(score, dtype=torch.bool).scatter_(1, score.topk(3, dim=1).indices, True)
+    assert torch.equal(out.mask.reshape(5, -1), expected)
+    salient = out.mask.unsqueeze(1).expand_as(out.delta)
+    assert torch.allclose(out.delta.abs()[salient], torch.tensor(0.01, dtype=torch.float64))
+
+
 def test_frank_wolfe_inside_regularizer_improves_the_model_on_the_true_hessian(net: TinyNet) -> None:
     torch.manual_seed(4)
     x = torch.rand(6, *SHAPE, dtype=torch.float64)
@@ -262,6 +276,7 @@ def test_regularizer_runs_and_backpropagates_on_real_policies(backbone: str, hvp
     ({"pgd_steps": -1}, "defense.scorpio.pgd_steps"),
     ({"pgd_steps": 2, "fw_steps": 1}, "at most one of them > 0"),
     ({"ig_steps": 0}, "defense.scorpio.ig_steps"),
+    ({"saliency": "occlusion"}, "defense.scorpio.saliency='occlusion' is unknown; accepted: ig, gradient"),
     ({"subsample": 0.0}, "defense.scorpio.subsample"),
     ({"every": 0}, "defense.scorpio.every"),
     ({"lambda1": -0.1}, "defense.scorpio.lambda1"),

@@ -34,6 +34,9 @@ DEFENSE_KINDS: tuple[str, ...] = tuple(DEFENSES)
 DefenseKind = Literal[DEFENSE_KINDS]  # type: ignore[valid-type]  (built from the table at import time)
 HVP_METHODS: tuple[str, ...] = ("finite_difference", "pearlmutter")
 CURVATURES: tuple[str, ...] = ("gradient", "value")
+#: where SCOR-PIO's salient pixels come from: Integrated Gradients of the greedy logit, or the input gradient of
+#: the attack loss times the input (the gradient the term computes anyway: no extra pass)
+SALIENCIES: tuple[str, ...] = ("ig", "gradient")
 SGAM_BASELINES: tuple[str, ...] = ("zero", "gray", "mean")
 GRAD_CLIPS: tuple[str, ...] = ("shared", "separate")
 #: bounds of the regularisers' inner loops and widths: each runs per minibatch, so far above any
@@ -70,7 +73,7 @@ class ScorpioConfig(Scheduled):
     """SCOR-PIO 2.0 knobs (see ``fgmf_marl.defenses.scorpio`` for why the defaults are what they are)."""
 
     eps: float = 8.0                   # L-inf budget of the exploitable direction, in 1/255 units
-    q: float = 0.1                     # fraction of pixels that count as salient (top-q by |IG|)
+    q: float = 0.1                     # fraction of pixels that count as salient (top-q by |saliency|)
     beta: float = 0.5                  # weight of salient pixels: 1 = plain SCORPIO, 0 = salient pixels free
     lambda1: float = 0.125             # weight of the first-order term g^T delta*
     lambda2: float = 0.125             # weight of the second-order term 1/2 delta*^T H delta*
@@ -79,7 +82,8 @@ class ScorpioConfig(Scheduled):
     hvp: str = "finite_difference"     # finite_difference | pearlmutter (curvature=gradient only)
     fd_step: float = 1.0               # finite-difference step h, relative to delta* (1 = secant over delta*)
     curvature: str = "value"           # value: l(x+delta*) - l(x) - g.delta*; gradient: 1/2 delta* . H delta* by an HVP
-    ig_steps: int = 4                  # Integrated-Gradients steps (Gauss-Legendre)
+    saliency: str = "ig"               # ig: |IG| of the greedy logit; gradient: |x * grad of the attack loss|
+    ig_steps: int = 4                  # Integrated-Gradients steps (Gauss-Legendre; saliency=ig only)
     subsample: float = 0.25            # fraction of each minibatch the regulariser runs on
     every: int = 1                     # run on every k-th minibatch
     start: float = 0.3                 # fraction of training before the term is switched on (see below)
@@ -106,6 +110,8 @@ class ScorpioConfig(Scheduled):
             raise ConfigError(f"defense.scorpio.fd_step={self.fd_step} must be > 0")
         if self.curvature not in CURVATURES:
             raise ConfigError(f"defense.scorpio.curvature={self.curvature!r} is unknown; accepted: {', '.join(CURVATURES)}")
+        if self.saliency not in SALIENCIES:
+            raise ConfigError(f"defense.scorpio.saliency={self.saliency!r} is unknown; accepted: {', '.join(SALIENCIES)}")
         check_range("defense.scorpio.ig_steps", self.ig_steps, 1, MAX_INNER_STEPS)
         _check_fraction("defense.scorpio.subsample", self.subsample)
         if self.every < 1:

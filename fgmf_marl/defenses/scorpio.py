@@ -4,8 +4,10 @@ For a minibatch of float images x in [0, 1] and a policy's logits z(x) (a ``Poli
 
 * attack loss l(x) = CE(z(x), a*) with the greedy action a* = argmax z(x) detached;
   g = grad_x l, H = Hessian of l w.r.t. x (only ever used through Hessian-vector products);
-* saliency: Integrated Gradients of z_{a*} (Captum, baseline 0), |IG| summed over channels; the
-  top-q fraction of pixels of each image form the mask m;
+* saliency: Integrated Gradients of z_{a*} (Captum, baseline 0), |IG| summed over channels
+  (``saliency="ig"``), or |x * g| summed over channels (``saliency="gradient"``: gradient x input of the attack
+  loss, from the g the term needs anyway, so no extra pass); the top-q fraction of pixels of each image form
+  the mask m;
 * pixel weights w = (1 - m) + beta * m (beta = 1 is plain SCORPIO);
 * exploitable direction: delta0 = eps * w * sign(g), then optionally K Frank-Wolfe steps on
   Q(delta) = g^T delta + 1/2 delta^T H delta over the weighted box |delta_i| <= eps * w_i, or
@@ -65,7 +67,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fgmf_marl.attribution import IntegratedGradientsMap
 from fgmf_marl.config import ConfigError
-from fgmf_marl.defenses.config import CURVATURES, HVP_METHODS, ScorpioConfig
+from fgmf_marl.defenses.config import CURVATURES, HVP_METHODS, SALIENCIES, ScorpioConfig
 
 LogitsFn = Callable[[Tensor], Tensor]
 HvpFn = Callable[[Tensor], Tensor]
@@ -228,7 +230,7 @@ class ScorpioRegulariser:
 
     def __init__(self, eps: float = 4.0 / 255, q: float = 0.1, beta: float = 0.5, lambda1: float = 1.0,
                  lambda2: float = 1.0, fw_steps: int = 0, hvp: str = "finite_difference", fd_step: float = 1.0,
-                 ig_steps: int = 4, pgd_steps: int = 0, curvature: str = "gradient") -> None:
+                 ig_steps: int = 4, pgd_steps: int = 0, curvature: str = "gradient", saliency: str = "ig") -> None:
         """``eps`` here is in the image scale [0, 1] (``from_config`` converts from 1/255 units)."""
         if not eps > 0:
             raise ConfigError(f"SCOR-PIO eps={eps} must be > 0")
@@ -243,23 +245,28 @@ class ScorpioRegulariser:
         if fw_steps < 0 or pgd_steps < 0 or ig_steps < 1 or not fd_step > 0:
             raise ConfigError(f"SCOR-PIO needs fw_steps >= 0, pgd_steps >= 0, ig_steps >= 1, fd_step > 0; got {fw_steps}, "
                               f"{pgd_steps}, {ig_steps}, {fd_step}")
+        if saliency not in SALIENCIES:
+            raise ConfigError(f"SCOR-PIO saliency={saliency!r} is unknown; accepted: {', '.join(SALIENCIES)}")
         if fw_steps and pgd_steps:
             raise ConfigError(f"SCOR-PIO takes delta* from one search: fw_steps={fw_steps} or pgd_steps={pgd_steps}, not both")
         self.eps, self.q, self.beta = eps, q, beta
         self.lambda1, self.lambda2 = lambda1, lambda2
         self.fw_steps, self.hvp, self.fd_step, self.ig_steps = fw_steps, hvp, fd_step, ig_steps
-        self.pgd_steps, self.curvature = pgd_steps, curvature
+        self.pgd_steps, self.curvature, self.saliency = pgd_steps, curvature, saliency
 
     @classmethod
     def from_config(cls, cfg: ScorpioConfig) -> "ScorpioRegulariser":
         return cls(eps=cfg.eps / 255.0, q=cfg.q, beta=cfg.beta, lambda1=cfg.lambda1, lambda2=cfg.lambda2,
                    fw_steps=cfg.fw_steps, hvp=cfg.hvp, fd_step=cfg.fd_step, ig_steps=cfg.ig_steps,
-                   pgd_steps=cfg.pgd_steps, curvature=cfg.curvature)
+                   pgd_steps=cfg.pgd_steps, curvature=cfg.curvature, saliency=cfg.saliency)
 
-    def saliency_mask(self, model: LogitsFn, x: Tensor, target: Tensor) -> Tensor:
-        """Top-q |IG| mask (B, H, W); skipped (all False) when beta = 1 makes it irrelevant."""
+    def saliency_mask(self, model: LogitsFn, x: Tensor, target: Tensor, g: Tensor) -> Tensor:
+        """Top-q saliency mask (B, H, W) (|IG|, or |x * g| with ``g`` the attack loss's input gradient); skipped
+        (all False) when beta = 1 makes it irrelevant."""
         if self.beta == 1.0:
             return torch.zeros(x.shape[0], *x.shape[2:], dtype=torch.bool, device=x.device)
+        if self.saliency == "gradient":
+            return top_q_mask((x.detach() * g.detach()).abs().sum(dim=1), self.q)
         return top_q_mask(integrated_gradients_saliency(model, x, target, self.ig_steps), self.q)
 
     def __call__(self, model: LogitsFn, x: Tensor, eps: float | None = None) -> ScorpioTerms:
@@ -274,7 +281,7 @@ class ScorpioRegulariser:
             by_value = self.curvature == "value"
             g_graph = not by_value or self.lambda1 != self.lambda2 or (self.fw_steps > 0 and self.hvp == "pearlmutter")
             g = torch.autograd.grad(clean_loss.sum(), x, create_graph=g_graph, retain_graph=g_graph or by_value)[0]
-            mask = self.saliency_mask(model, x, target)
+            mask = self.saliency_mask(model, x, target, g)
             radius = eps * pixel_weights(mask, self.beta).to(x.dtype)
 
             def hvp(v: Tensor, create_graph: bool = False) -> Tensor:
