@@ -18,7 +18,7 @@ from torch import nn
 from fgmf_marl.attacks import PGD
 from fgmf_marl.config import ConfigError
 from fgmf_marl.oversight.alarm import (FEATURES, RESIDUAL_FLOOR, SQUEEZE_BITS, AdaptivePGD, AlarmDetector, auroc,
-                                       median3, step_features, yeo_johnson)
+                                       episode_alarm_threshold, median3, step_features, yeo_johnson)
 
 
 class TinyView(nn.Module):
@@ -105,6 +105,17 @@ def test_the_score_is_the_mahalanobis_distance_and_the_false_alarm_rate_holds_on
     assert detector.alarms(shifted).mean() > 0.5
 
 
+def test_the_episode_alarm_threshold_is_the_binomial_quantile() -> None:
+    from math import comb
+    n, p = 60, 0.01
+    limit = episode_alarm_threshold(n, p, 0.01)
+    tail = lambda k: sum(comb(n, j) * p ** j * (1 - p) ** (n - j) for j in range(k + 1, n + 1))   # noqa: E731
+    assert tail(limit) <= 0.01 < tail(limit - 1)             # P(count > limit) within the rate, one less is not
+    rng = np.random.default_rng(0)
+    counts = rng.binomial(n, p, 200_000)
+    assert (counts > limit).mean() <= 0.01
+
+
 def test_auroc_is_the_share_of_pairs_an_attacked_step_wins() -> None:
     clean, attacked = np.array([0.1, 0.4, 0.35, 0.8]), np.array([0.9, 0.35, 0.7])
     pairs = ((attacked[:, None] > clean[None]) + 0.5 * (attacked[:, None] == clean[None])).mean()
@@ -172,7 +183,7 @@ def test_the_alarm_study_on_a_trained_policy(tmp_path) -> None:
     for r in out["attacks"].values():
         assert out["clean_steps"] == 4 * 10 * 3 and r["steps"] == 4 * 10 * 3
         assert 0 <= r["auroc_ci95"][0] <= r["auroc"] <= r["auroc_ci95"][1] <= 1 and 0 <= r["detection"] <= 1
-        assert np.isfinite(r["return"])
+        assert np.isfinite(r["return"]) and 0 <= r["episode_detection"] <= 1
     # a dense 32/255 perturbation of a flat-colour world lights up the input residual: PGD is caught
     assert out["attacks"]["pgd"]["auroc"] > 0.9 and detector.features == FEATURES
 
@@ -210,10 +221,10 @@ def test_alarm_eval_then_the_alarm_in_the_log_the_report_and_verify(tmp_path, ca
     capsys.readouterr()
     assert replay_cli(["verify", str(attacked)]) == 0
     line = capsys.readouterr().out
-    assert line.startswith("OK") and "alarms: " in line and "of 2 episodes" in line
+    assert line.startswith("OK") and "alarms: " in line and "of 2 episodes" in line and "2 episode alarms" in line
     assert replay_cli(["report", str(attacked), "-o", str(tmp_path / "report.html")]) == 0
     page = (tmp_path / "report.html").read_text()
-    assert "ALARM" in page and "alarm_rate" in page
+    assert "ALARM" in page and "alarm_rate" in page and "episode_alarm" in page
 
     capsys.readouterr()
     for bad in (["--alarm", str(out / "alarm_detector.json")],                                  # no log to write to

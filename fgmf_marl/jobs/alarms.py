@@ -74,13 +74,15 @@ def families(eps255: float) -> dict[str, Attack]:
 def markdown(data: dict[str, Any], checkpoint: str) -> str:
     lines = [f"# Attack alarm on {checkpoint}", "",
              f"Calibrated to {data['false_alarm_rate']:g} false alarms; measured on {data['clean_steps']} clean test "
-             f"agent-steps: {data['measured_false_alarms']:.4f}. Clean team return: {data['clean_return']:.3f}.", "",
-             "| attack | AUROC [95 % CI] | detection at the false-alarm rate | team return | agent-steps |",
-             "|---|---|---|---|---|"]
+             f"agent-steps: {data['measured_false_alarms']:.4f}. Episode alarms calibrated to "
+             f"{data['episode_false_alarm_rate']:g} of clean episodes; measured: "
+             f"{data['measured_episode_false_alarms']:.3f}. Clean team return: {data['clean_return']:.3f}.", "",
+             "| attack | AUROC [95 % CI] | steps detected | episodes detected | team return | agent-steps |",
+             "|---|---|---|---|---|---|"]
     for name, r in data["attacks"].items():
         low, high = r["auroc_ci95"]
-        lines.append(f"| {name} | {r['auroc']:.3f} [{low:.3f}, {high:.3f}] | {r['detection']:.3f} | {r['return']:.3f} "
-                     f"| {r['steps']} |")
+        lines.append(f"| {name} | {r['auroc']:.3f} [{low:.3f}, {high:.3f}] | {r['detection']:.3f} | "
+                     f"{r['episode_detection']:.3f} | {r['return']:.3f} | {r['steps']} |")
     return "\n".join(lines) + "\n"
 
 

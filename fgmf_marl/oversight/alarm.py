@@ -48,6 +48,8 @@ SQUEEZE_BITS = 4
 #: added before the log of the residual, so a frame without edges has a finite feature
 RESIDUAL_FLOOR = 1e-4
 DETECTOR_FORMAT = "fgmf-alarm-detector/1"
+#: the share of clean episodes allowed to raise an episode alarm (``episode_alarm_threshold``)
+EPISODE_FALSE_ALARM_RATE = 0.01
 
 
 def median3(x: Tensor) -> Tensor:
@@ -219,6 +221,17 @@ class AdaptivePGD(GradientAttack):
     def _objective(self, view: PolicyLike, adv: Tensor, labels: Tensor | None, clean_logp: Tensor | None) -> Tensor:
         attack = super()._objective(view, adv, labels, clean_logp)
         return attack - self.weight * self.detector.score_tensor(step_features(view, adv, self._clean_probs))
+
+
+def episode_alarm_threshold(agent_steps: int, step_rate: float, episode_rate: float = EPISODE_FALSE_ALARM_RATE) -> int:
+    """The count of alarmed agent-steps above which an episode of ``agent_steps`` raises an episode alarm: the
+    (1 - ``episode_rate``) quantile of Binomial(``agent_steps``, ``step_rate``), the count clean steps alarming
+    independently at the calibrated rate would exceed in at most ``episode_rate`` of episodes. Why: an attacker
+    that hides most of its steps still alarms some, and an overseer judges episodes; steps of one episode are
+    correlated, so the measured episode false-alarm rate is reported beside it, not assumed."""
+    if agent_steps < 0 or not 0 < step_rate < 1 or not 0 < episode_rate < 1:
+        raise ValueError(f"need agent_steps >= 0 and rates in (0, 1); got {agent_steps}, {step_rate}, {episode_rate}")
+    return int(scipy.stats.binom.isf(episode_rate, agent_steps, step_rate))
 
 
 def auroc(clean_scores: np.ndarray, attacked_scores: np.ndarray, seed: int = 0) -> stats.Estimate:

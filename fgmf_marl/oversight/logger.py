@@ -24,7 +24,8 @@ reviewer's question is "what did the agent look at when it acted". Attack facts 
 With an ``alarm`` (a fitted :class:`~fgmf_marl.oversight.alarm.AlarmDetector`) every agent-step also gets the
 alarm's score and verdict (``alarm_score``, ``alarm``), from the observation the agent saw only: unlike
 ``flipped`` and ``linf``, which need the clean observation an evaluation has and a deployment does not, the
-alarm is what an overseer watching a live team would see.
+alarm is what an overseer watching a live team would see. An episode whose count of alarmed agent-steps exceeds
+``episode_alarm_threshold`` raises an episode alarm (``summary["episode_alarm"]``).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from torch import Tensor
 
 from fgmf_marl.attribution.metrics import pointing_game, relevance_mass_accuracy
 from fgmf_marl.attribution.pgca import PGCA
-from fgmf_marl.oversight.alarm import AlarmDetector, step_features
+from fgmf_marl.oversight.alarm import AlarmDetector, episode_alarm_threshold, step_features
 from fgmf_marl.oversight.render import overlay, review_signal
 from fgmf_marl.oversight.store import LogWriter
 from fgmf_marl.policy import PolicyLike
@@ -256,8 +257,10 @@ class OversightLogger:
         }
         if "alarm" in arrays:
             alarmed = np.flatnonzero(arrays["alarm"].any(axis=1))
+            limit = episode_alarm_threshold(int(arrays["alarm"].size), self.alarm.false_alarm_rate)
             summary.update(alarms=int(arrays["alarm"].sum()), alarm_rate=float(arrays["alarm"].mean()),
-                           first_alarm_t=int(alarmed[0]) if len(alarmed) else None)
+                           first_alarm_t=int(alarmed[0]) if len(alarmed) else None,
+                           episode_alarm=bool(arrays["alarm"].sum() > limit))
         if "agreement" in arrays:
             summary.update(mean_agreement=float(arrays["agreement"].mean()),
                            min_agreement=float(arrays["agreement"].min()),

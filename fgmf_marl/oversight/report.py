@@ -270,7 +270,7 @@ def _section(ep: Episode, anchor: str = "") -> str:
                           f"({type(exc).__name__})") from None
 
 
-_KEYS = ["team_return", "flip_rate", "mean_linf_255", "alarm_rate", "mean_agreement", "min_agreement",
+_KEYS = ["team_return", "flip_rate", "mean_linf_255", "alarm_rate", "episode_alarm", "mean_agreement", "min_agreement",
          "relevance_mass_accuracy"]
 
 

@@ -225,8 +225,9 @@ def alarm_line(log_dir: str | Path) -> str | None:
     firsts = [s["first_alarm_t"] for s in summaries
               if isinstance(s, dict) and isinstance(s.get("first_alarm_t"), int) and not isinstance(s["first_alarm_t"], bool)]
     earliest = f", the earliest at step {min(firsts)}" if firsts else ""
+    flagged = sum(isinstance(s, dict) and s.get("episode_alarm") is True for s in summaries)
     return (f"alarms: {sum(counts)} agent-steps in {sum(c > 0 for c in counts)} of {len(counts)} episodes"
-            f"{earliest}")
+            f"{earliest}; {flagged} episode alarms")
 
 
 def _jsonable(obj: Any) -> Any:

@@ -3,13 +3,15 @@
 Clean episodes on three disjoint sets of env seeds: one fits the detector, one calibrates its threshold at the
 false-alarm rate, one is the clean side of the test; each attack runs on the test seeds with every agent
 attacked at every step. Per attack: the AUROC (with its bootstrap interval), the share of attacked steps that
-raise an alarm at the calibrated threshold, and the team return the attack left, beside the false-alarm rate
-measured on the clean test steps. Then the honest test: at each ``adaptive_eps``, PGD that also minimises the
+raise an alarm at the calibrated threshold, the share of attacked episodes that raise an episode alarm
+(``episode_alarm_threshold``), and the team return the attack left, beside the false-alarm rates measured on the
+clean test steps and episodes. Then the honest test: at each ``adaptive_eps``, PGD that also minimises the
 fitted detector's score (``AdaptivePGD``), which knows everything about the alarm, at several weights.
 """
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -19,7 +21,8 @@ from tqdm.auto import tqdm
 from envs.registry import EnvConfig, make_vec_env, n_agents_of
 from fgmf_marl import seeds
 from fgmf_marl.attacks.base import Attack
-from fgmf_marl.oversight.alarm import FEATURES, AdaptivePGD, AlarmDetector, auroc, step_features
+from fgmf_marl.oversight.alarm import (EPISODE_FALSE_ALARM_RATE, FEATURES, AdaptivePGD, AlarmDetector, auroc,
+                                       episode_alarm_threshold, step_features)
 from fgmf_marl.policy import PolicyLike
 from fgmf_marl.rollout import RolloutResult, StepRecord, rollout
 
@@ -28,13 +31,22 @@ from fgmf_marl.rollout import RolloutResult, StepRecord, rollout
 ADAPTIVE_WEIGHTS = (0.01, 0.1, 1.0)
 
 
+@dataclass
+class Steps:
+    """Features of every counted agent-step of a rollout, which episode each belongs to, and the rollout's result."""
+
+    features: np.ndarray        # (N, len(FEATURES))
+    episode: np.ndarray         # (N,) an id per episode (env copy x its episode number)
+    result: RolloutResult
+
+
 def collect_features(view: PolicyLike, env_cfg: EnvConfig, episodes: int, seed: int,
-                     attack: Attack | None = None) -> tuple[np.ndarray, RolloutResult]:
-    """(N, len(FEATURES)) features of every counted agent-step of ``episodes`` episodes (see ``step_features``),
-    and the rollout's result (its returns)."""
+                     attack: Attack | None = None) -> Steps:
+    """The features (see ``step_features``) of every counted agent-step of ``episodes`` episodes."""
     venv = make_vec_env(env_cfg, seed=seed)
     n_agents = n_agents_of(venv, env_cfg)
     rows: list[np.ndarray] = []
+    ids: list[np.ndarray] = []
     previous: torch.Tensor | None = None
 
     def hook(rec: StepRecord) -> None:
@@ -44,14 +56,25 @@ def collect_features(view: PolicyLike, env_cfg: EnvConfig, episodes: int, seed: 
         with torch.no_grad():
             features = step_features(view, rec.seen_obs, previous).cpu().numpy().astype(np.float64)
         previous = rec.probs.detach().clone()
-        rows.append(features[np.repeat(rec.counted, n_agents)])
+        counted = np.repeat(rec.counted, n_agents)
+        rows.append(features[counted])
+        ids.append(np.repeat(np.arange(len(rec.t)) + len(rec.t) * np.asarray(rec.episode), n_agents)[counted])
 
     try:
         perturb = None if attack is None else attack.as_perturb(view, n_agents=n_agents)
         result = rollout(view, venv, episodes, n_agents=n_agents, perturb=perturb, step_hook=hook, seed=seed)
     finally:
         venv.close()
-    return (np.concatenate(rows) if rows else np.zeros((0, len(FEATURES)))), result
+    if not rows:
+        return Steps(np.zeros((0, len(FEATURES))), np.zeros(0, dtype=int), result)
+    return Steps(np.concatenate(rows), np.concatenate(ids), result)
+
+
+def episode_alarms(alarms: np.ndarray, episode: np.ndarray, step_rate: float) -> np.ndarray:
+    """Per episode (sorted by id), whether its count of alarmed agent-steps raises an episode alarm."""
+    ids, inverse, steps = np.unique(episode, return_inverse=True, return_counts=True)
+    counts = np.bincount(inverse, weights=alarms.astype(float), minlength=len(ids))
+    return np.array([c > episode_alarm_threshold(int(n), step_rate) for c, n in zip(counts, steps)], dtype=bool)
 
 
 def alarm_study(view: PolicyLike, env_cfg: EnvConfig, attacks: dict[str, Attack], *, episodes: int = 8,
@@ -68,21 +91,27 @@ def alarm_study(view: PolicyLike, env_cfg: EnvConfig, attacks: dict[str, Attack]
     for k in (1, 2, 3):
         clean_sets.append(collect_features(view, env_cfg, episodes, base + 1000 * k))
         bar.update(1)
-    (fit, _), (calibrate, _), (test, clean_run) = clean_sets
-    detector = AlarmDetector.fit(fit, calibrate, false_alarm_rate)
-    clean_scores = detector.score(test)
-    out: dict[str, Any] = {"false_alarm_rate": false_alarm_rate, "clean_steps": int(test.shape[0]),
-                           "measured_false_alarms": float((clean_scores > detector.threshold).mean()),
-                           "clean_return": float(clean_run.team_returns.mean()), "attacks": {}}
+    fit, calibrate, test = clean_sets
+    detector = AlarmDetector.fit(fit.features, calibrate.features, false_alarm_rate)
+    clean_scores = detector.score(test.features)
+    clean_alarms = clean_scores > detector.threshold
+    out: dict[str, Any] = {"false_alarm_rate": false_alarm_rate, "clean_steps": int(clean_scores.size),
+                           "measured_false_alarms": float(clean_alarms.mean()),
+                           "episode_false_alarm_rate": EPISODE_FALSE_ALARM_RATE,
+                           "measured_episode_false_alarms": float(
+                               episode_alarms(clean_alarms, test.episode, false_alarm_rate).mean()),
+                           "clean_return": float(test.result.team_returns.mean()), "attacks": {}}
     adaptive = {f"adaptive-pgd[weight={w:g}]@{e:g}": AdaptivePGD(e / 255, detector, weight=w)
                 for e in adaptive_eps for w in adaptive_weights}
     for name, attack in {**attacks, **adaptive}.items():
-        features, run = collect_features(view, env_cfg, episodes, base + 3000, attack)
-        scores = detector.score(features)
+        steps = collect_features(view, env_cfg, episodes, base + 3000, attack)
+        scores = detector.score(steps.features)
         area = auroc(clean_scores, scores, seed=seed)
+        alarms = scores > detector.threshold
         out["attacks"][name] = {"auroc": area.value, "auroc_ci95": [area.low, area.high],
-                                "detection": float((scores > detector.threshold).mean()), "steps": int(scores.size),
-                                "return": float(run.team_returns.mean())}
+                                "detection": float(alarms.mean()), "steps": int(scores.size),
+                                "episode_detection": float(episode_alarms(alarms, steps.episode, false_alarm_rate).mean()),
+                                "return": float(steps.result.team_returns.mean())}
         bar.update(1)
     bar.close()
     return out, detector
