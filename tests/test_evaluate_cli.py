@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -134,6 +135,57 @@ def test_a_gated_victims_audit_comes_with_its_gradient_shield_control(tmp_path: 
     assert control["verdict"].startswith("FAIL") and results["audits"]["gated"]["verdict"].startswith("PASS")
     assert "Verdict: FAIL" in (out / "audit_control.md").read_text()
     assert "gradient_shield control (must FAIL): FAIL" in capsys.readouterr().out
+
+
+def test_an_eps_free_attack_runs_once_per_seed_and_joins_the_worst_case_at_every_eps(
+        run_dir: Path, tmp_path: Path, capsys) -> None:
+    from fgmf_marl.experiments import tables
+    from fgmf_marl.experiments.schema import ColumnSpec
+    from fgmf_marl.oversight import list_episodes, load_episode, verify
+
+    out, logs = tmp_path / "eval", tmp_path / "log"
+    blackout, jpeg = "fault[kind=blackout]", "corruption[kind=jpeg]"
+    args = [str(run_dir), "--episodes", "2", "--n-envs", "2", "--attacks", "pgd:steps=2", "fault:kind=blackout",
+            "corruption:kind=jpeg", "--eps", "4,8", "--seeds", "0,1", "--log-explanations", str(logs), "--log-every", "5"]
+    assert cli([*args, "--out", str(out)]) == 0                   # with the progress bar
+    assert "| 10/10 [" in capsys.readouterr().err                 # 2 seeds x (clean, pgd at 2 eps, 2 eps-free cells)
+    rows = list(csv.DictReader((out / "episodes.csv").open()))
+    for attack in (blackout, jpeg):                                # once per seed: 2 seeds x 2 episodes
+        mine = [r for r in rows if r["attack"] == attack]
+        assert sorted(r["seed"] for r in mine) == ["0", "0", "1", "1"]
+        assert {(r["eps255"], r["eps_free"]) for r in mine} == {("", "1")}
+    assert sorted((r["eps255"], r["eps_free"]) for r in rows if r["attack"] == "pgd[steps=2]") == \
+        [("4", "0")] * 4 + [("8", "0")] * 4
+    results = json.loads((out / "results.json").read_text())
+    assert [r["eps255"] for r in results["rows"] if r["attack"] in (blackout, jpeg)] == [None, None]
+    table = (out / "results.md").read_text()
+    assert table.count(f"| victim | {blackout} | own budget |") == 1 and table.count("| own budget | faults |") == 1
+    profile = {(r["threat_model"], r["eps255"]): r for r in results["profile"]}
+    assert list(profile) == [("corruptions", None), ("faults", None), ("L-inf", 4.0), ("all", 4.0), ("L-inf", 8.0),
+                             ("all", 8.0)]
+    for eps in (4.0, 8.0):                                         # the eps-free attacks join every eps's worst case
+        every = profile["all", eps]
+        assert every["attacks"] == sorted(["pgd[steps=2]", blackout, jpeg])
+        parts = [profile[m, e]["episode_worst_values"] for m, e in (("corruptions", None), ("faults", None),
+                                                                     ("L-inf", eps))]
+        assert every["episode_worst_values"] == pytest.approx(list(map(min, zip(*parts))))
+        (worst,) = [w for w in results["worst"] if w["eps255"] == eps]
+        assert worst["episode_worst_values"] == every["episode_worst_values"]
+        column = functools.partial(ColumnSpec, label="c", source="s", eps=eps, metric="normalised")
+        assert tables._value(results, column(attack="profile:faults"), "evaluate")[0] == \
+            profile["faults", None]["episode_worst_mean"]
+        assert tables._value(results, column(attack=blackout), "evaluate")[0] == \
+            next(r["normalised_mean"] for r in results["rows"] if r["attack"] == blackout)
+        assert tables._value(results, column(attack="worst"), "evaluate")[0] == worst["normalised_mean"]
+    folders = sorted(p.name for p in logs.iterdir())
+    assert [f for f in folders if "fault" in f] == ["victim__fault-kind-blackout__eps-free__s0",
+                                                    "victim__fault-kind-blackout__eps-free__s1"]
+    assert len(folders) == 10 and all(verify(logs / f).ok for f in folders)
+    assert load_episode(list_episodes(logs / folders[0])[0]).meta["run"]["eps255"] is None
+    assert cli([*args, "--out", str(tmp_path / "again"), "--append", "--no-progress"]) == 0   # a second run appends
+    recorded = json.loads((tmp_path / "again" / "results.json").read_text())["oversight_logs"]
+    assert len(recorded) == 10 and all(r["episodes"] == 4 and verify(r["dir"], expect_head=r["head"]).ok
+                                       for r in recorded)
 
 
 def test_strong_preset_runs_end_to_end_with_worst_rows(run_dir: Path, tmp_path: Path) -> None:

@@ -6,14 +6,16 @@ import pytest
 
 from fgmf_marl.attacks.registry import expand_presets, make_attack
 from fgmf_marl.config import ConfigError
-from fgmf_marl.teams.cells import Cell, worst_across_checkpoints, worst_rows
-from fgmf_marl.teams.report import worst_markdown
+from fgmf_marl.teams.cells import Cell, profile_rows, summarise, worst_across_checkpoints, worst_rows
+from fgmf_marl.teams.eval_config import EvalConfig
+from fgmf_marl.teams.grid import build_attacks, cell_folder, grid_cells
+from fgmf_marl.teams.report import episodes_csv, profile_markdown, results_markdown, worst_markdown
 from fgmf_marl.stats import bootstrap_ci
 
 STRONG = ["pgd:steps=20,restarts=5", "pgd:targeted=true,target_action=least_likely,steps=20", "mad", "critic", "square"]
 
 
-def _cell(ckpt: str, attack: str, eps: float, seed: int, norm: list[float] | None, team: list[float]) -> Cell:
+def _cell(ckpt: str, attack: str, eps: float | None, seed: int, norm: list[float] | None, team: list[float]) -> Cell:
     n = len(team)
     return Cell(ckpt, attack, eps, seed, np.array(team), None if norm is None else np.array(norm), np.full(n, 10),
                 0.0, 10 * n, np.zeros(n))
@@ -121,3 +123,104 @@ def test_bootstrap_interval_lies_within_the_data_and_around_the_mean():
     assert bootstrap_ci(np.array([0.3])) == (0.3, 0.3)
     wide = bootstrap_ci(np.random.default_rng(0).normal(0, 1, 400))
     assert wide[0] < 0 < wide[1] and wide[1] - wide[0] == pytest.approx(2 * 1.96 / 20, rel=0.2)
+
+
+# per seed, the normalised returns of two episodes: an L-inf and an L2 attack at eps 4 and 8 (their means in comments)
+EPS_GRID = {("pgd", 4.0): {0: [0.4, 0.6], 1: [0.2, 0.4]},        # 0.5, 0.3
+            ("pgd_l2", 4.0): {0: [0.6, 0.2], 1: [0.5, 0.5]},     # 0.4, 0.5
+            ("pgd", 8.0): {0: [0.1, 0.3], 1: [0.0, 0.2]},        # 0.2, 0.1
+            ("pgd_l2", 8.0): {0: [0.2, 0.0], 1: [0.3, 0.3]}}     # 0.1, 0.3
+
+
+def _eps_grid(extra: dict[tuple[str, float | None], dict[int, list[float]]] | None = None) -> list[Cell]:
+    """EPS_GRID's cells (and ``extra``'s) in run order: per seed the clean cell, then each (attack, eps)."""
+    table = {**EPS_GRID, **(extra or {})}
+    return [c for s in (0, 1) for c in [_cell("a", "none", 0.0, s, [0.9, 0.9], [9.0, 9.0])]
+            + [_cell("a", attack, eps, s, v[s], [10 * x for x in v[s]]) for (attack, eps), v in table.items()]]
+
+
+def _table_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("| a |")]
+
+
+def test_a_grid_of_eps_using_attacks_keeps_its_tables_byte_for_byte():
+    """The worst-case and profile tables of an eps-using grid, line by line from the closed form: per eps the
+    per-seed minimum of the means, then mean ± std over seeds; per episode the minimum over attacks."""
+    cells = _eps_grid()
+    worst, profile = worst_rows(cells), profile_rows(cells)
+
+    def ci(values: list[float]) -> str:
+        low, high = bootstrap_ci(np.array(values))
+        return f"[{low:.3f}, {high:.3f}]"
+
+    # eps 4: minima pgd_l2 0.4 (seed 0), pgd 0.3 (seed 1); per episode min: 0.4 pgd, 0.2 pgd_l2 | 0.2 pgd, 0.4 pgd
+    # eps 8: minima pgd_l2 0.1, pgd 0.1; per episode: 0.1 pgd, 0.0 pgd_l2 | 0.0 pgd, 0.2 pgd
+    assert _table_lines(worst_markdown(worst, [])) == [
+        (f"| a | worst | 4 | 0.350 ± 0.050 | 0.300 {ci([0.4, 0.2, 0.2, 0.4])} | 2 | 4 "
+         "| seed 0: pgd_l2 0.400; seed 1: pgd 0.300 | pgd 3; pgd_l2 1 |"),
+        (f"| a | worst | 8 | 0.100 ± 0.000 | 0.075 {ci([0.1, 0.0, 0.0, 0.2])} | 2 | 4 "
+         "| seed 0: pgd_l2 0.100; seed 1: pgd 0.100 | pgd 3; pgd_l2 1 |")]
+    assert _table_lines(profile_markdown(profile)) == [
+        f"| a | 4 | L-inf | 0.400 | 0.400 {ci([0.4, 0.6, 0.2, 0.4])} | 1 |",
+        f"| a | 4 | L2 | 0.450 | 0.450 {ci([0.6, 0.2, 0.5, 0.5])} | 1 |",
+        f"| a | 4 | **worst over all** | 0.350 | 0.300 {ci([0.4, 0.2, 0.2, 0.4])} | 2 |",
+        f"| a | 8 | L-inf | 0.150 | 0.150 {ci([0.1, 0.3, 0.0, 0.2])} | 1 |",
+        f"| a | 8 | L2 | 0.200 | 0.200 {ci([0.2, 0.0, 0.3, 0.3])} | 1 |",
+        f"| a | 8 | **worst over all** | 0.100 | 0.075 {ci([0.1, 0.0, 0.0, 0.2])} | 2 |"]
+    assert "own budget" not in worst_markdown(worst, []) + profile_markdown(profile)
+    assert [r["eps255"] for r in summarise(cells)] == [0.0, 4.0, 4.0, 8.0, 8.0]
+
+
+def test_an_eps_free_attack_stands_once_and_is_the_worst_at_every_eps():
+    """A blackout fault (eps None), the most damaging attack: one row of its own and one profile row, and the weakest
+    attack of the worst case at both eps, as it was when it was recomputed at each eps."""
+    blackout = "fault[kind=blackout]"
+    values = {0: [-0.1, -0.3], 1: [-0.05, -0.25]}                      # means -0.2, -0.15: below every other episode
+    cells = _eps_grid({(blackout, None): values})
+    rows = summarise(cells)
+    assert [(r["eps255"], r["episodes"]) for r in rows if r["attack"] == blackout] == [(None, 4)]
+    assert sum(f"| a | {blackout} | own budget |" in line for line in results_markdown(rows, EvalConfig(
+        checkpoints=["a"], eps=[4.0, 8.0])).splitlines()) == 1
+    worst = worst_rows(cells)
+    assert [r["eps255"] for r in worst] == [4.0, 8.0]
+    for r in worst:
+        assert [m["attack"] for m in r["per_seed"]] == [blackout, blackout]
+        assert r["normalised_mean"] == pytest.approx(-0.175) and r["normalised_std"] == pytest.approx(0.025)
+        assert r["episode_worst_attacks"] == {blackout: 4}
+    repeated = _eps_grid({(blackout, 4.0): values, (blackout, 8.0): values})     # the fault recomputed at each eps
+    assert worst == worst_rows(repeated)
+    profile = profile_rows(cells)
+    assert [(r["threat_model"], r["eps255"]) for r in profile] == [
+        ("faults", None), ("L-inf", 4.0), ("L2", 4.0), ("all", 4.0), ("L-inf", 8.0), ("L2", 8.0), ("all", 8.0)]
+    for r in (r for r in profile if r["threat_model"] == "all"):
+        assert r["weakest"] == [blackout, blackout] and blackout in r["attacks"]
+        assert r["episode_worst_values"] == pytest.approx([-0.1, -0.3, -0.05, -0.25])
+    text = profile_markdown(profile)
+    assert sum("| own budget | faults |" in line for line in text.splitlines()) == 1
+    assert "enters the worst over all at every eps" in text
+    csv_rows = [line.split(",") for line in episodes_csv(cells).splitlines()]
+    assert csv_rows[0][2] == "eps255" and csv_rows[0][-1] == "eps_free"
+    assert {(r[2], r[-1]) for r in csv_rows[1:] if r[1] == blackout} == {("", "1")}
+    assert {r[-1] for r in csv_rows[1:] if r[1] != blackout} == {"0"}
+
+
+def test_a_grid_of_eps_free_attacks_only_has_its_worst_case_once():
+    cells = [c for c in _eps_grid({("corruption[kind=jpeg]", None): {0: [0.3, 0.5], 1: [0.2, 0.2]},
+                                   ("fault[kind=frozen]", None): {0: [0.6, 0.1], 1: [0.4, 0.4]}})
+             if c.attack == "none" or c.eps is None]
+    (row,) = worst_rows(cells)
+    assert row["eps255"] is None and row["normalised_mean"] == pytest.approx(0.275)  # min(0.4, 0.35), min(0.2, 0.4)
+    assert "| a | worst | own budget |" in worst_markdown([row], worst_across_checkpoints([row]))
+    assert [(r["threat_model"], r["eps255"]) for r in profile_rows(cells)] == [
+        ("corruptions", None), ("faults", None), ("all", None)]
+
+
+def test_grid_cells_run_an_eps_free_attacker_once_per_seed_in_its_place():
+    cfg = EvalConfig(checkpoints=["x"], attacks=["pgd:steps=2", "fault:kind=blackout", "mad", "pgd_l2:radius=1"],
+                     eps=[4.0, 8.0], seeds=[0, 1])
+    grid = {e: build_attacks(cfg, e) for e in cfg.eps}
+    cells = [(s, "none" if g is None else g.label, e) for s, g, e in grid_cells(cfg.seeds, grid)]
+    per_seed = [("none", 0.0), ("pgd[steps=2]", 4.0), ("fault[kind=blackout]", None), ("mad", 4.0),
+                ("pgd_l2[radius=1]", None), ("pgd[steps=2]", 8.0), ("mad", 8.0)]
+    assert cells == [(s, label, e) for s in (0, 1) for label, e in per_seed]
+    assert cell_folder("a", "fault[kind=blackout]", None, 1) == "a__fault-kind-blackout__eps-free__s1"

@@ -223,3 +223,13 @@ class Attack(ABC):
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and not hasattr(v, "parameters"))
         return f"{type(self).__name__}({opts})"
+
+
+def at_eps(attack_eps: float | None, eps: float | None) -> bool:
+    """Whether an attacker evaluated at ``attack_eps`` (an evaluation's label, 1/255 units; None: eps-free, an attack
+    whose ``uses_eps`` is False) is available at the grid's ``eps``: at its own eps, or at every eps when eps-free.
+
+    Why: a budget that is the attack's own option (a patch's size, a severity) spends none of eps, so an attacker
+    held to any eps may still use it.
+    """
+    return attack_eps is None or attack_eps == eps

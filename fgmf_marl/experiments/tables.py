@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 
 from fgmf_marl import stats
 from fgmf_marl.atomic import atomic_write, atomic_write_text
+from fgmf_marl.attacks.base import at_eps
 from fgmf_marl.attacks.budget import LEARNED
 from fgmf_marl.config import ConfigError
 from fgmf_marl.experiments.cache import code_version
@@ -69,7 +70,11 @@ def _episodes(values: Any) -> np.ndarray | None:
 
 
 def _value(data: dict[str, Any], col: ColumnSpec, kind: str) -> tuple[Any, int, str, np.ndarray | None]:
-    """(value, episodes, note, per-episode values if the output records them) of one run's output for ``col``."""
+    """(value, episodes, note, per-episode values if the output records them) of one run's output for ``col``.
+
+    An evaluation's eps-free row (``eps255`` null: an attacker whose budget is its own, run once) answers a column
+    at any eps (:func:`~fgmf_marl.attacks.base.at_eps`); outputs written before it ran once hold it at each eps.
+    """
     if kind == "train":
         per_episode = data.get(col.metric.replace("_mean", "_episodes")) if col.metric in RETURN_METRICS else None
         return data[col.metric], int(data["episodes"]), "", _episodes(per_episode)
@@ -102,7 +107,7 @@ def _value(data: dict[str, Any], col: ColumnSpec, kind: str) -> tuple[Any, int, 
     eps = 0.0 if col.attack == "none" else col.eps
     if col.attack in BUDGET_ATTACKERS:
         key = f"{col.metric}_mean"
-        rows = [r for r in data["rows"] if r["eps255"] == eps and r.get("budget", "all") == col.budget
+        rows = [r for r in data["rows"] if at_eps(r["eps255"], eps) and r.get("budget", "all") == col.budget
                 and r.get("selector") is not None and (r["selector"] == LEARNED) == (col.attack == "learned")]
         if not rows:
             raise ConfigError(f"column {col.label!r}: no {col.attack} attacker within budget {col.budget} at eps {eps:g}")
@@ -110,14 +115,16 @@ def _value(data: dict[str, Any], col: ColumnSpec, kind: str) -> tuple[Any, int, 
         return row[key], int(row["episodes"]), row["attack"], _episodes(row.get(f"{col.metric}_episodes"))
     if col.attack.startswith(PROFILE_PREFIX):
         model = col.attack[len(PROFILE_PREFIX):]
-        row = next((r for r in data.get("profile", []) if r["eps255"] == eps and r["threat_model"] == model), None)
+        row = next((r for r in data.get("profile", []) if at_eps(r["eps255"], eps) and r["threat_model"] == model),
+                   None)
         if row is None:
             raise ConfigError(f"column {col.label!r}: results.json has no robustness-profile row for {model} at eps "
                               f"{eps:g} (the evaluation must run attacks of that threat model)")
         return (row["episode_worst_mean"], int(row["episodes"]), ", ".join(row["weakest"]),
                 _episodes(row["episode_worst_values"]))
     if col.attack in WORST_ATTACKERS:
-        row = next((r for r in data["worst"] if r["eps255"] == eps and r.get("budget", "all") == col.budget), None)
+        row = next((r for r in data["worst"] if at_eps(r["eps255"], eps) and r.get("budget", "all") == col.budget),
+                   None)
         if row is None:
             raise ConfigError(f"column {col.label!r}: no worst-case row at eps {eps:g}, budget {col.budget}")
         if col.metric == "flip_rate":
@@ -130,7 +137,7 @@ def _value(data: dict[str, Any], col: ColumnSpec, kind: str) -> tuple[Any, int, 
             return row["episode_worst_mean"], int(row["episodes"]), which, _episodes(row["episode_worst_values"])
         return (row[f"{row['metric']}_mean"], int(row["episodes"]), "/".join(p["attack"] for p in row["per_seed"]),
                 _episodes(row.get("episode_values")))
-    row = next((r for r in data["rows"] if r["attack"] == col.attack and r["eps255"] == eps
+    row = next((r for r in data["rows"] if r["attack"] == col.attack and at_eps(r["eps255"], eps)
                 and r.get("budget", "all") == col.budget), None)
     if row is None:
         raise ConfigError(f"column {col.label!r}: no row for attack {col.attack!r} at eps {eps:g}")

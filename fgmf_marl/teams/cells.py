@@ -2,6 +2,11 @@
 
 Every interval and per-episode worst case comes from :mod:`fgmf_marl.stats`, the one home of the
 statistics; these rows are what results.md/.json, the plots and the experiment tables read.
+
+An eps-free cell (``eps`` None: an attacker whose budget is its own option, ``Attack.uses_eps`` False) ran once per
+checkpoint and seed, and its rows keep ``eps255`` None. It is available to the attacker at every eps of the grid
+(:func:`~fgmf_marl.attacks.base.at_eps`), so it enters the worst case at each of them (:func:`by_eps`), while the
+rows of its own attack and of its threat model stand once.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fgmf_marl import stats
+from fgmf_marl.attacks.base import at_eps
 from fgmf_marl.stats import bootstrap_ci
 
 
@@ -18,7 +24,7 @@ from fgmf_marl.stats import bootstrap_ci
 class Cell:
     checkpoint: str
     attack: str
-    eps: float
+    eps: float | None                             # 1/255 units; None: eps-free (the attack's own budget)
     seed: int
     team_returns: np.ndarray
     normalised: np.ndarray | None
@@ -33,8 +39,25 @@ class Cell:
     max_attacked_agents: np.ndarray | None = None  # per episode: most agents attacked in one step (measured)
 
 
+def by_eps(cells: Sequence[Cell]) -> dict[tuple[str, float | None], list[Cell]]:
+    """The attacked ``cells`` available per (checkpoint, eps) (``at_eps``): an eps-using cell at its own eps, an
+    eps-free one at every eps of its checkpoint, or once under None where the checkpoint has eps-free cells only.
+
+    Keys in the order the eps-using cells first name them; each list in grid order (the order in which the attack
+    labels first appear). Why grid order: the worst case names the first attacker in grid order on a tie, wherever
+    an eps-free cell ran.
+    """
+    rank = {a: i for i, a in enumerate(dict.fromkeys(c.attack for c in cells))}
+    keys = list(dict.fromkeys((c.checkpoint, c.eps) for c in cells if c.eps is not None))
+    keys += [(k, None) for k in dict.fromkeys(c.checkpoint for c in cells) if all(k != ckpt for ckpt, _ in keys)]
+    return {(k, e): sorted((c for c in cells if c.checkpoint == k and at_eps(c.eps, e)), key=lambda c: rank[c.attack])
+            for k, e in keys}
+
+
 def summarise(cells: list[Cell]) -> list[dict[str, Any]]:
-    groups: dict[tuple[str, str, float], list[Cell]] = {}
+    """One row per (checkpoint, attack, eps): its episodes over seeds pooled (an eps-free attack's one row has
+    ``eps255`` None)."""
+    groups: dict[tuple[str, str, float | None], list[Cell]] = {}
     for c in cells:
         groups.setdefault((c.checkpoint, c.attack, c.eps), []).append(c)
     rows = []
@@ -79,7 +102,9 @@ def worst_rows(cells: list[Cell]) -> list[dict[str, Any]]:
 
     Budget ``all`` is the worst case over every attacker of the grid, budgeted ones included (an
     attacker without limits can act as any of them): the robustness claim. Each budget (k, p) also
-    gets its own row, the strongest attacker at that budget.
+    gets its own row, the strongest attacker at that budget. The attackers at an eps are those
+    :func:`by_eps` makes available there: the eps-free ones join every eps (in a grid of eps-free
+    attackers only, the rows have ``eps255`` None).
 
     Two aggregates, both over the oracle-normalised return where the env has an oracle (the team
     return otherwise): ``<metric>_mean`` is, per evaluation seed, the minimum over attackers of the
@@ -91,11 +116,11 @@ def worst_rows(cells: list[Cell]) -> list[dict[str, Any]]:
     seeds can take IQMs and bootstrap intervals of them (``fgmf_marl.stats``).
     """
     metric = _metric(cells)
-    groups: dict[tuple[str, float, str], dict[int, list[Cell]]] = {}
-    for c in cells:
-        if c.attack != "none":
+    groups: dict[tuple[str, float | None, str], dict[int, list[Cell]]] = {}
+    for (ckpt, eps), available in by_eps([c for c in cells if c.attack != "none"]).items():
+        for c in available:
             for budget in dict.fromkeys(("all", c.budget)):
-                groups.setdefault((c.checkpoint, c.eps, budget), {}).setdefault(c.seed, []).append(c)
+                groups.setdefault((ckpt, eps, budget), {}).setdefault(c.seed, []).append(c)
 
     def mean(c: Cell) -> float:
         return float(_values(c).mean())
@@ -157,26 +182,42 @@ def profile_rows(cells: list[Cell]) -> list[dict[str, Any]]:
     attack of lowest mean, then the mean over seeds, and the per-episode worst case), then one row ``all``, the
     worst case over every threat model. Unbudgeted attackers only (budgets are the budget table's).
 
+    A threat model whose cells are all eps-free (patches, corruptions, faults, L2 of its own radius) has one row
+    per checkpoint, ``eps255`` None, before the eps rows; the ``all`` row of every eps includes it (:func:`by_eps`).
+
     Why: robustness to one threat model does not transfer to another, so a claim needs each, and the last row.
     """
     metric = _metric(cells) if cells else "normalised"
-    groups: dict[tuple[str, float], dict[str, dict[int, list[Cell]]]] = {}
-    for c in cells:
-        if c.attack != "none" and c.budget == "all":
-            for model in (threat_model(c.attack), "all"):
-                groups.setdefault((c.checkpoint, c.eps), {}).setdefault(model, {}).setdefault(c.seed, []).append(c)
-    rows = []
-    for (ckpt, eps), by_model in groups.items():
-        for model in [m for m in (*PROFILE_ORDER, "all") if m in by_model]:
-            by_seed = by_model[model]
-            minima = [min(cs, key=lambda c: float(_values(c).mean())) for _, cs in sorted(by_seed.items())]
-            per_episode = np.concatenate([stats.episode_worst({c.attack: _values(c) for c in cs})[0]
-                                          for _, cs in sorted(by_seed.items())])
-            rows.append({"checkpoint": ckpt, "eps255": eps, "threat_model": model, "metric": metric,
-                         "mean": float(np.mean([_values(c).mean() for c in minima])),
-                         "episode_worst_mean": float(per_episode.mean()),
-                         "episode_worst_ci95": bootstrap_ci(per_episode), "episodes": int(per_episode.size),
-                         "episode_worst_values": [float(v) for v in per_episode],
-                         "attacks": sorted({c.attack for cs in by_seed.values() for c in cs}),
-                         "weakest": [c.attack for c in minima]})
+    attacked = [c for c in cells if c.attack != "none" and c.budget == "all"]
+    models = {(c.checkpoint, threat_model(c.attack)) for c in attacked}
+    free = models - {(c.checkpoint, threat_model(c.attack)) for c in attacked if c.eps is not None}
+    rows: list[dict[str, Any]] = []
+    shown: set[str] = set()
+    for (ckpt, eps), available in by_eps(attacked).items():
+        if ckpt not in shown:   # its eps-free threat models, once, before its first eps
+            shown.add(ckpt)
+            rows += [_profile_row(ckpt, None, model, [c for c in attacked if c.checkpoint == ckpt
+                                                      and threat_model(c.attack) == model], metric)
+                     for model in PROFILE_ORDER if (ckpt, model) in free]
+        rows += [_profile_row(ckpt, eps, model, [c for c in available if threat_model(c.attack) == model], metric)
+                 for model in PROFILE_ORDER if (ckpt, model) in models - free
+                 and any(threat_model(c.attack) == model for c in available)]
+        rows.append(_profile_row(ckpt, eps, "all", available, metric))
     return rows
+
+
+def _profile_row(ckpt: str, eps: float | None, model: str, cells: list[Cell], metric: str) -> dict[str, Any]:
+    """One profile row: the worst case over ``cells`` (one checkpoint's attackers of ``model`` at ``eps``)."""
+    by_seed: dict[int, list[Cell]] = {}
+    for c in cells:
+        by_seed.setdefault(c.seed, []).append(c)
+    minima = [min(cs, key=lambda c: float(_values(c).mean())) for _, cs in sorted(by_seed.items())]
+    per_episode = np.concatenate([stats.episode_worst({c.attack: _values(c) for c in cs})[0]
+                                  for _, cs in sorted(by_seed.items())])
+    return {"checkpoint": ckpt, "eps255": eps, "threat_model": model, "metric": metric,
+            "mean": float(np.mean([_values(c).mean() for c in minima])),
+            "episode_worst_mean": float(per_episode.mean()),
+            "episode_worst_ci95": bootstrap_ci(per_episode), "episodes": int(per_episode.size),
+            "episode_worst_values": [float(v) for v in per_episode],
+            "attacks": sorted({c.attack for c in cells}),
+            "weakest": [c.attack for c in minima]}

@@ -8,8 +8,9 @@ checkpoint and seed: it is the left end of every robustness curve.
 Outputs, in one folder (created only after every input is validated, removed if the run fails):
 
     config.yaml         the resolved evaluation config (rerun with --config)
-    episodes.csv        one row per episode: checkpoint, attack, eps (/255), seed, episode,
-                        team return, oracle-normalised return, length, the episode's flip rate
+    episodes.csv        one row per episode: checkpoint, attack, eps (/255; empty for an eps-free
+                        attacker), seed, episode, team return, oracle-normalised return, length, the
+                        episode's flip rate, eps_free (1 for an eps-free attacker's episodes, else 0)
     results.md/.json    per (checkpoint, attack, eps): mean +- std over all episodes of all seeds of
                         team return, normalised return and action-flip rate (the mean flip rate
                         weights episodes by their agent-steps); per (checkpoint, eps) a ``worst``
@@ -19,7 +20,8 @@ Outputs, in one folder (created only after every input is validated, removed if 
     profile_<ckpt>.png  with attacks of several threat models (L-inf, L2, patch, corruptions, faults):
                         the per-episode worst case per threat model and eps, and over all of them
                         (results.md/.json ``profile``: :func:`~fgmf_marl.teams.cells.profile_rows`)
-    budget_<ckpt>_eps<e>.png  with a budget grid: return vs (k, p), one panel per attacker
+    budget_<ckpt>_eps<e>.png  with a budget grid: return vs (k, p), one panel per attacker (its eps-free
+                        attackers: budget_<ckpt>_eps-free.png)
     comparison.png      every checkpoint's worst case vs eps on one axis, clean reference lines and
                         95% bootstrap bands; with several checkpoints their mean and [min, max]
     tb/                 the same rows as TensorBoard scalars, step = eps (/255)
@@ -44,6 +46,18 @@ checkpoint given). ``--attacks budgeted`` is the budgeted-adversary comparison: 
 PGD-10 (the two fixed attacks a director chooses between, which the budget heuristics then apply),
 BPDA-10 for a gated victim, and the learned adversary of ``--adversary``. config.yaml records the
 expanded list, so ``--config`` reruns exactly those attacks.
+
+Eps-free attackers: an attack whose budget is its own option (``Attack.uses_eps`` False: ``patch_attack``,
+``corruption``, ``fault``, ``pgd_l2`` with its own ``radius``; their budgeted versions too) acts the same at every
+eps, so it runs once per checkpoint and seed (:func:`grid_cells`), not once per eps, and the progress bar counts
+the cells that run. Its cells are labelled eps None: ``eps255`` null in results.json and in each logged episode's
+run info, empty in episodes.csv (with ``eps_free`` 1), ``own budget`` in results.md, ``eps-free`` in oversight-log
+folder names (:func:`cell_folder`) and budget heatmaps' file names. Its own row and its threat model's profile row
+stand once; the worst case at each eps (``worst`` rows and the profile's row over all threat models) includes
+it, since the attacker needs no eps budget to use it (:func:`~fgmf_marl.teams.cells.by_eps`). So the ``worst``
+rows are what they were when it was recomputed at every eps, and a grid of eps-using attacks only is unchanged;
+the L-inf worst case alone is the profile's ``L-inf`` row. In a grid of eps-free attackers only, the worst rows
+have eps None.
 
 Budgets (``--budget-agents K,... --budget-steps P,...``, :mod:`fgmf_marl.attacks.budget`): every
 attack also runs within every budget (k agents per step, a share p of each episode's steps) on the
@@ -89,9 +103,9 @@ from fgmf_marl.runs import check_output_dir, staged_run_dir
 from fgmf_marl.teams.cells import Cell, profile_rows, summarise, worst_across_checkpoints, worst_rows
 from fgmf_marl.teams.checkpoints import Victim, env_spaces, load_adversary, load_victim
 from fgmf_marl.teams.eval_config import EvalConfig
-from fgmf_marl.teams.report import (budget_markdown, episodes_csv, plot_budget_heatmaps, plot_comparison, plot_curves,
-                                    plot_profile, profile_markdown, results_markdown, worst_markdown,
-                                    write_tensorboard)
+from fgmf_marl.teams.report import (budget_markdown, episodes_csv, eps_tag, eps_text, plot_budget_heatmaps,
+                                    plot_comparison, plot_curves, plot_profile, profile_markdown, results_markdown,
+                                    worst_markdown, write_tensorboard)
 
 
 def _loader(device: str) -> Callable[[str, str], PolicyView | LoadedAdversary]:
@@ -229,22 +243,41 @@ def expand_attacks(cfg: EvalConfig, victims: Sequence[Victim]) -> EvalConfig:
     return dataclasses.replace(cfg, attacks=attacks, surrogate=None, adversary=None)
 
 
-def cell_folder(checkpoint: str, label: str, eps255: float, seed: int) -> str:
-    """The oversight-log folder name of one grid cell, ``<checkpoint>__<attack>__eps<e>__s<seed>``, shell-safe.
+def cell_folder(checkpoint: str, label: str, eps255: float | None, seed: int) -> str:
+    """The oversight-log folder name of one grid cell, ``<checkpoint>__<attack>__eps<e>__s<seed>``, shell-safe;
+    an eps-free cell's (``eps255`` None) is ``<checkpoint>__<attack>__eps-free__s<seed>``.
 
     Attack labels hold ``[ ] = , @ :`` (``pgd[steps=20]``); each run of other characters than
     ``A-Za-z0-9._-`` becomes one ``-``, so the name needs no quoting; the exact label is in every
     episode's run info.
     """
     safe = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{checkpoint}__{label}").strip("-")
-    return f"{safe}__eps{eps255:g}__s{seed}"
+    return f"{safe}__{eps_tag(eps255)}__s{seed}"
 
 
-def run_cell(victim: Victim, grid: GridAttack | None, eps255: float, seed: int, cfg: EvalConfig,
+def grid_cells(seeds: Sequence[int],
+               grid: dict[float, list[GridAttack]]) -> list[tuple[int, GridAttack | None, float | None]]:
+    """The (seed, attacker, eps) cells one checkpoint runs, in run order: per seed the clean cell (None, eps 0),
+    then per eps of ``grid`` its attackers; an eps-free attacker (``Attack.uses_eps`` False) only once, with eps
+    None, in its place among the first eps's attackers (so the labels' first appearance stays the grid order).
+
+    Why: its episodes do not depend on eps, so every further eps would recompute the same cells.
+    """
+    first = next(iter(grid))
+    cells: list[tuple[int, GridAttack | None, float | None]] = []
+    for seed in seeds:
+        cells.append((seed, None, 0.0))
+        cells += [(seed, g, e if g.attack.uses_eps else None) for e, attackers in grid.items() for g in attackers
+                  if g.attack.uses_eps or e == first]
+    return cells
+
+
+def run_cell(victim: Victim, grid: GridAttack | None, eps255: float | None, seed: int, cfg: EvalConfig,
              log_dir: Path | None = None, log_key: bytes | None = None,
              calibration: Callable[[], list[torch.Tensor]] = list, alarm: AlarmDetector | None = None) -> Cell:
     """One grid cell: ``cfg.episodes`` episodes of ``victim`` under ``grid``'s attacker (None = clean).
 
+    ``eps255`` labels the cell (None: eps-free, the attack's own budget); the attack already holds its eps.
     With ``log_dir`` the cell's episodes go to an oversight log there, sealed when they all ran;
     ``calibration`` gives the clean batches a budgeted heuristic calibrates on (called only if needed); with an
     ``alarm`` the log also holds its score of every agent-step.
@@ -344,11 +377,10 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
     check_fixed_agents(cfg, victims)                                           # fixed:agent=J beyond the team -> ConfigError
     log_root = Path(cfg.log_explanations) if cfg.log_explanations else None
 
-    def log_dir(victim: Victim, label: str, e: float, seed: int) -> Path | None:
+    def log_dir(victim: Victim, label: str, e: float | None, seed: int) -> Path | None:
         return None if log_root is None else log_root / cell_folder(victim.label, label, e, seed)
 
-    cell_jobs: list[tuple[int, GridAttack | None, float]] = [
-        (seed, g, e) for seed in cfg.seeds for g, e in [(None, 0.0)] + [(g, e) for e in cfg.eps for g in grid[e]]]
+    cell_jobs = grid_cells(cfg.seeds, grid)
     cell_logs = [d for v in victims for s, g, e in cell_jobs
                  if (d := log_dir(v, "none" if g is None else g.label, e, s)) is not None]
     taken = [d for d in cell_logs if holds_log(d)]
@@ -379,7 +411,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
         for victim in victims:
             for seed, g, e in cell_jobs:
                 label = "none" if g is None else g.label
-                bar.set_postfix_str(f"{victim.label} {label} eps={e:g} seed={seed}")
+                bar.set_postfix_str(f"{victim.label} {label} eps={eps_text(e)} seed={seed}")
                 cells.append(run_cell(victim, g, e, seed, cfg, log_dir(victim, label, e, seed), log_key,
                                       calibration(victim, seed), alarm))
                 if cells[-1].oversight_log is not None:
@@ -419,8 +451,8 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
             plot_curves([r for r in rows + worst if r.get("budget", "all") == "all"], victim.label,
                         run.root / f"curves_{victim.label}.png")
             plot_profile(profile, victim.label, run.root / f"profile_{victim.label}.png")
-            for e in cfg.eps:
-                plot_budget_heatmaps(rows, victim.label, e, run.root / f"budget_{victim.label}_eps{e:g}.png")
+            for e in [*cfg.eps, None]:
+                plot_budget_heatmaps(rows, victim.label, e, run.root / f"budget_{victim.label}_{eps_tag(e)}.png")
         plot_comparison(rows, worst, across, run.root / "comparison.png")
         write_tensorboard(rows, worst, run.root / "tb")
     echo(text)
