@@ -85,7 +85,8 @@ class PolicyView(nn.Module):
         return self.forward(obs), self.value(obs)
 
     def actor_layers(self) -> list[tuple[str, nn.Module]]:
-        """Parametrised modules on the actor path, input to output, at the granularity Adebayo et al. use."""
+        """Parametrised modules on the actor path, input to output: each backbone layer, the head, the actor MLP,
+        the action layer (the gate and the critic are off the path); a ViT's learned positions as ``backbone.params``."""
         backbone = self.extractor.backbone
         layers: list[tuple[str, nn.Module]] = []
         for name, child in backbone.named_children():

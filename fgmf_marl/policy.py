@@ -71,7 +71,8 @@ class PolicyLike(Protocol):
         ...
 
     def actor_layers(self) -> list[tuple[str, nn.Module]]:
-        """Parametrised modules on the actor path, input to output (for model-randomisation checks).
+        """Parametrised modules on the actor path, input to output, named as in the policy: what the
+        model-parameter randomisation test (``fgmf_marl.attribution.randomisation``) may re-initialise.
 
         A name ending in ``.params`` stands for the module's own parameters only (not its children's).
         """

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from fgmf_marl.attribution import PGCA, GradCAMPlusPlus
+from fgmf_marl.attribution import PGCA
 from fgmf_marl.attribution.study import episode_mean_ci
 from fgmf_marl.attribution.metrics import (auc, deletion_auc, deletion_insertion_curves, insertion_auc,
-                                           map_similarity, max_sensitivity, model_randomisation, pointing_game,
+                                           map_similarity, max_sensitivity, pointing_game,
                                            relevance_mass_accuracy, relevance_rank_accuracy, support_spearman)
 from test_attribution import make_view, random_obs
 
@@ -81,26 +81,6 @@ def test_map_similarity_hand_computed() -> None:
     assert rev["spearman"].item() == pytest.approx(-1.0) and rev["topk_iou"].item() == 0.0
 
 
-def test_model_randomisation_changes_gradcam_but_not_an_edge_detector() -> None:
-    view = make_view()
-    obs = random_obs(4)
-    target = view(obs).argmax(-1)
-    stages = model_randomisation(GradCAMPlusPlus, view, obs, target, seed=0)
-    assert [s["layer"] for s in stages][0] == "action_net" and stages[-1]["layer"].startswith("backbone.convs")
-    assert stages[-1]["spearman"] < 0.5  # fully randomised: maps no longer resemble the trained model's
-    # the original view is untouched
-    torch.testing.assert_close(view(obs).argmax(-1), target)
-
-    class Edges:
-        def __init__(self, _view):
-            pass
-
-        def attribute(self, x, target=None):
-            return (x[:, :, 1:, :] - x[:, :, :-1, :]).abs().sum(1)[:, :, :-1]
-    for s in model_randomisation(Edges, view, obs, target):
-        assert s["spearman"] == pytest.approx(1.0)
-
-
 def test_support_spearman_matches_scipy_on_the_support_only() -> None:
     from scipy.stats import spearmanr
 
@@ -123,6 +103,7 @@ def test_support_spearman_matches_scipy_on_the_support_only() -> None:
     square = torch.zeros(1, 6, 6, dtype=torch.bool)
     square[0, :2, :2] = True
     assert support_spearman(x, y, square).item() == pytest.approx(-1.0)
+    assert math.isnan(support_spearman(square.float(), x, square).item())   # flat on the support: no ranking
 
 
 def test_clean_vs_attacked_similarity_with_pgd() -> None:
@@ -142,13 +123,13 @@ def test_clean_vs_attacked_similarity_with_pgd() -> None:
 
 
 # ---------------------------------------------------------------- explain_eval end to end
-def _untrained_run(root):
+def _untrained_run(root, **policy):
     from fgmf_marl.teams.train_config import TrainConfig
     from agents.defended import build_model
     from envs.registry import make_vec_env
     from fgmf_marl import config as cfglib
     from fgmf_marl.runs import RunDir
-    cfg = cfglib.from_dict(TrainConfig, {"env": {"n_envs": 1, "native": {"max_steps": 10}}})
+    cfg = cfglib.from_dict(TrainConfig, {"env": {"n_envs": 1, "native": {"max_steps": 10}}, "policy": policy})
     run = RunDir(root)
     run.checkpoints.mkdir(parents=True)
     cfglib.save_yaml(cfg, run.config)
@@ -180,8 +161,21 @@ def test_explain_eval_cli_writes_table_for_all_methods(tmp_path, capsys) -> None
     lo, hi = row["relevance_mass"]["ci95"]
     assert lo <= row["relevance_mass"]["mean"] <= hi
     assert (run.eval / "explain_eval.md").exists() and (run.eval / "explain_eval_config.yaml").exists()
+    assert data["settings"]["randomisation_n"] == 2 and len(data["mprt"]) == len(data["table"])
+    assert data["mprt"][0]["similarity"]["original"] == pytest.approx(1.0) and "Model-parameter randomisation" in out
     assert run_cli(main, ["--checkpoint", str(tmp_path / "missing")]) == 2
     assert run_cli(main, ["--checkpoint", str(run.root), "--every", "0"]) == 2
+
+
+def test_explain_eval_refuses_the_randomisation_test_where_quantus_cannot_randomise_the_actor(tmp_path, capsys) -> None:
+    """A ViT's learned positions and attention input projections have no ``reset_parameters``: one line, exit 2,
+    before any episode is run; without the test the study runs."""
+    from fgmf_marl.jobs.explain import main
+    from fgmf_marl.jobs.cli import run as run_cli
+    run = _untrained_run(tmp_path / "vit", backbone="vit", vit_dim=8, vit_depth=1, vit_heads=2)
+    assert run_cli(main, ["--checkpoint", str(run.root), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "backbone.pos" in err and "--randomisation-samples 0" in err
 
 
 def test_episode_mean_ci_lies_within_the_per_episode_range() -> None:
@@ -240,8 +234,16 @@ def test_study_sanity_rows_separate_model_free_maps_from_model_dependent_ones() 
     assert rand["randomised_mass_drop"] == pytest.approx(np.zeros(6))
     assert np.nanmax(np.abs(seg["randomised_mass_drop"])) == 0.0
     assert np.nanmean(grad["randomised_entity_spearman"]) < 0.9
-    assert {"randomised_entity_spearman", "randomised_mass_drop"} <= set(result.table()[0])
-    assert "randomised_entity_spearman ↓" in result.markdown() and "randomised_mass_drop ↑" in result.markdown()
+    assert {"randomised_entity_spearman", "randomised_mass_drop", "mprt/action_net"} <= set(result.table()[0])
+    mprt = {row["method"]: row for row in result.mprt_table()}
+    assert mprt["random"]["passes"] is False and mprt["segments"]["passes"] is False   # model-free: no fall
+    assert mprt["random"]["passes_entity"] is False and mprt["segments"]["passes_entity"] is None   # flat on its support
+    assert mprt["random"]["mass_falls"] is False and mprt["random"]["similarity"]["backbone.convs.0"] == 1.0
+    assert list(mprt["G"]["similarity"]) == ["original", *result.mprt_layers] and result.mprt_layers[0] == "action_net"
+    assert mprt["G"]["final"][0] == pytest.approx(np.nanmean(grad["randomised_spearman"]))
+    markdown = result.markdown()
+    assert "randomised_mass_drop" not in markdown.split("\n")[0]            # the MPRT has a table of its own
+    assert "| random | 1.000 | 1.000 |" in markdown and "+ backbone.convs.0 (all random)" in markdown
 
 
 def test_a_trust_signal_that_tracks_the_explanation_flags_the_worse_steps() -> None:

@@ -18,15 +18,15 @@ Robustness:
 - max-sensitivity (Yeh et al. 2019): max over ``n_samples`` uniform perturbations in the L-inf ball of
   radius r of ||phi(x + d) - phi(x)||_F / ||phi(x)||_F, with the target action held fixed.
 - map similarity of clean vs attacked observations: Spearman rank correlation and top-k IoU.
-Sanity: model-parameter randomisation (Adebayo et al. 2018), cascading from the logits down.
+Sanity: the model-parameter randomisation test (Adebayo et al. 2018) is Quantus' own, in
+:mod:`fgmf_marl.attribution.randomisation`; :func:`support_spearman` scores its maps on the entity pixels.
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fgmf_marl.attribution.base import Attribution, target_score
 from fgmf_marl.attribution.pgca import spearman, topk_iou
@@ -138,7 +138,9 @@ def support_spearman(a: Tensor, b: Tensor, support: Tensor) -> Tensor:
 
     Why: a method whose map is zero off a model-free support (PGCA's segments) shares that support with
     every model, so the full-map Spearman measures the support, not the model; inside it the ranking is
-    what the model decides. nan where a sample's support has fewer than 2 pixels.
+    what the model decides. nan where a sample's support has fewer than 2 pixels or either map is constant on
+    it (no ranking to compare: a model-free mask that is flat on its support must not read as "uncorrelated";
+    scipy and Quantus give nan there too).
     """
     fa, fb = torch.as_tensor(a).float().flatten(1), torch.as_tensor(b).float().flatten(1)
     sup = torch.as_tensor(support).bool().flatten(1)
@@ -146,41 +148,7 @@ def support_spearman(a: Tensor, b: Tensor, support: Tensor) -> Tensor:
         raise ValueError(f"maps and support must share a shape, got {tuple(a.shape)}, {tuple(b.shape)}, {tuple(support.shape)}")
     out = torch.full((fa.shape[0],), float("nan"))
     for i in range(fa.shape[0]):
-        if int(sup[i].sum()) >= 2:
-            out[i] = spearman(fa[i, sup[i]][None], fb[i, sup[i]][None])[0]
+        va, vb = fa[i, sup[i]], fb[i, sup[i]]
+        if va.numel() >= 2 and bool(va.amax() > va.amin()) and bool(vb.amax() > vb.amin()):
+            out[i] = spearman(va[None], vb[None])[0]
     return out
-
-
-def _randomise(module: nn.Module, gen: torch.Generator, own_only: bool = False) -> None:
-    params = module._parameters.values() if own_only else module.parameters()
-    with torch.no_grad():
-        for p in params:
-            if p is None:
-                continue
-            scale = float(p.std()) if p.numel() > 1 and float(p.std()) > 0 else 0.1
-            p.copy_(torch.randn(p.shape, generator=gen) * scale)
-
-
-def model_randomisation(method_factory: Callable[[PolicyLike], Attribution], view: PolicyLike, obs: Tensor, target: TargetLike,
-                        *, seed: int = 0, top_fraction: float = 0.1) -> list[dict[str, Any]]:
-    """Cascading model-parameter randomisation (Adebayo et al. 2018), from the logits to the input.
-
-    Each stage re-draws the parameters of one more layer (Gaussian with the layer's own weight std,
-    so the scale is kept and only the learned structure is destroyed) on a deep copy of ``view``, and
-    compares the maps for the *same* target actions with the original maps. A sane method's
-    similarity drops; one that ignores the model (an edge detector) does not. Each stage also holds
-    its maps (``maps``, and the trained model's under ``original``), so a caller can score them
-    against ground truth or on a support (:func:`support_spearman`).
-    """
-    target = as_target(target, obs.shape[0], obs.device)
-    original = method_factory(view).attribute(obs, target=target)
-    randomised = copy.deepcopy(view)
-    gen = torch.Generator().manual_seed(seed)
-    stages = []
-    for name, module in reversed(randomised.actor_layers()):
-        _randomise(module, gen, own_only=name.endswith(".params"))
-        maps = method_factory(randomised).attribute(obs, target=target)
-        sim = map_similarity(original, maps, top_fraction)
-        stages.append({"layer": name, "spearman": float(sim["spearman"].nanmean()),
-                       "topk_iou": float(sim["topk_iou"].nanmean()), "maps": maps.detach(), "original": original.detach()})
-    return stages

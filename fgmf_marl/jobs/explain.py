@@ -9,7 +9,10 @@ bootstrap intervals over episodes (see
 :mod:`fgmf_marl.attribution.study`). With ``eps`` > 0 the maps are also compared on PGD-attacked
 observations (also their relevance mass on those observations), and for a policy with an SGAM gate
 every method also runs with the gate's ``gradient_shield`` on (same forward, masked gradients), the
-masked-gradient check; PGCA's agreement is scored as a trust signal. Prints a Markdown table and writes ``<run>/eval/explain_eval.{md,json}`` plus the
+masked-gradient check; PGCA's agreement is scored as a trust signal. On ``randomisation-samples`` agent-steps
+every method also takes the model-parameter randomisation test (Quantus' MPRT, cascading from the logits
+down), reported as its own table: the similarity after each layer, the relevance mass before and after, and
+which methods pass. Prints the Markdown tables and writes ``<run>/eval/explain_eval.{md,json}`` plus the
 resolved config (``explain_eval_config.yaml``, rerun with ``--config``) next to them.
 """
 from __future__ import annotations
@@ -40,8 +43,8 @@ def build_parser() -> cli.ArgumentParser:
                    f"(default {defaults.eps:g})")
     p.add_argument("--sensitivity-samples", type=int, help="agent-steps for max-sensitivity and the attack "
                    f"similarity, 0 skips (default {defaults.sensitivity_samples})")
-    p.add_argument("--randomisation-samples", type=int, help="agent-steps for the model-randomisation sanity check, "
-                   f"0 skips (default {defaults.randomisation_samples})")
+    p.add_argument("--randomisation-samples", type=int, help="agent-steps for the model-parameter randomisation "
+                   f"test (Quantus' MPRT, every method, its own table), 0 skips (default {defaults.randomisation_samples})")
     p.add_argument("--ig-steps", type=int, help=f"Integrated Gradients steps (default {defaults.ig_steps})")
     p.add_argument("--deletion-steps", type=int, help="points on the deletion/insertion curves "
                    f"(default {defaults.deletion_steps})")

@@ -17,6 +17,7 @@ from fgmf_marl import config as cfglib
 from fgmf_marl import seeds
 from fgmf_marl.atomic import atomic_write_text
 from fgmf_marl.attacks import PGD
+from fgmf_marl.attribution.randomisation import ActorPath
 from fgmf_marl.attribution.study import collect_samples, default_methods, explain_eval
 from fgmf_marl.config import ConfigError, check_device, check_range, check_seed
 from fgmf_marl.defenses.sgam import with_gradient_shield
@@ -46,7 +47,7 @@ class ExplainConfig:
     grid: int = 8                      # PGCA / perturbation grid (cells per side)
     eps: float = 4.0                   # PGD budget (1/255 units) of the clean-vs-attacked similarity; 0 skips it
     sensitivity_samples: int = 12      # agent-steps for max-sensitivity and the attack similarity; 0 skips
-    randomisation_samples: int = 12    # agent-steps for the model-randomisation sanity check; 0 skips
+    randomisation_samples: int = 12    # agent-steps for the model-randomisation test (Quantus' MPRT); 0 skips
     ig_steps: int = 32                 # Integrated Gradients steps
     deletion_steps: int = 16           # points on the deletion / insertion curves
     out: str | None = None             # output folder (default: <run>/eval)
@@ -81,6 +82,11 @@ def explain(cfg: ExplainConfig, *, progress: bool = True) -> Path:
     check_range("--grid", cfg.grid, 1, train_cfg.env.image_size)   # cells of at least one pixel
     torch.manual_seed(cfg.seed)
     view = PolicyView.from_model(model).eval()
+    if cfg.randomisation_samples:
+        try:
+            ActorPath(view)                               # Quantus' MPRT can re-initialise every actor layer
+        except ValueError as err:
+            raise ConfigError(f"--randomisation-samples: {err}; pass --randomisation-samples 0") from None
     eval_seed = seeds.env_seed(cfg.seed, seeds.EXPLANATION)
     env_cfg = dataclasses.replace(train_cfg.env, n_envs=cfg.n_envs)
     venv = make_vec_env(env_cfg, seed=eval_seed)
@@ -99,10 +105,12 @@ def explain(cfg: ExplainConfig, *, progress: bool = True) -> Path:
     print(header)
     print(table)
     settings = {**cfglib.to_dict(cfg), "checkpoint_file": str(ckpt), "n_samples": result.n_samples,
+                "randomisation_n": min(cfg.randomisation_samples, result.n_samples),
                 "eval_seed": eval_seed, "n_episodes": result.n_episodes, "seconds": round(time.perf_counter() - start, 1)}
     out.mkdir(parents=True, exist_ok=True)
     cfglib.save_yaml(cfg, out / "explain_eval_config.yaml")
     atomic_write_text(out / "explain_eval.json", json.dumps({"settings": settings, "table": result.table(),
-                                                            "mass_kept": result.ratios(), "trust": result.trust}, indent=1))
+                                                            "mass_kept": result.ratios(), "trust": result.trust,
+                                                            "mprt": result.mprt_table()}, indent=1))
     atomic_write_text(out / "explain_eval.md", header + "\n\n" + table + "\n")
     return out / "explain_eval.md"
