@@ -90,17 +90,21 @@ class CnnBackbone(nn.Module):
         return self._columns[2]
 
     def features_of_ablations(self, ablations: Ablations, clean: Tensor) -> Tensor:
-        """``head(spatial(ablations.images()))`` (n, features_dim), recomputing only each ablation's receptive field.
+        """``head(spatial(ablations.images()))`` (n, features_dim), recomputing only what each ablation can change.
 
-        ``clean`` (B, D, h, w) is ``spatial(ablations.obs)``. Each ablation's window on the last map is the
-        square (side rounded up to even, so that few window sizes occur) covering the positions its box can
-        reach; every convolution runs on the crop that window reads, built from one gather of ``obs``,
-        ``baseline`` and ``region`` packed together (zero padding emulated by a zero margin, then by
-        masking), and the head's linear layer adds only the window's change to the clean pre-activation
-        (a sparse product, as ``embedding_bag`` with weights). A window size whose convolutions would cost
-        more than ``LOCAL_COST_LIMIT`` of a full pass takes the full pass. Equal to the full pass up to
-        float summation order (tested). Why: an ablation-based explanation (PGCA's P) removes one small
-        entity per copy, and a full pass recomputes a map that mostly cannot change.
+        ``clean`` (B, D, h, w) is ``spatial(ablations.obs)``. Layer by layer, an ablation can change only the
+        positions its box reaches: a window (one size per group of ablations) that each convolution
+        recomputes alone, from an input crop that is the clean activation of the layer below (a zero margin
+        standing for the padding) with the window recomputed there written in; the first convolution reads a
+        crop of the ablated image (one gather of ``obs``, ``baseline`` and ``region`` packed together). The
+        head's linear layer adds only the last window's change to the clean pre-activation (a sparse product,
+        as ``embedding_bag`` with weights). Ablations are grouped by the side of their last window (rounded up
+        to even, so that a batch has two or three groups); a group whose last window's receptive field costs
+        more than ``LOCAL_COST_LIMIT`` of a full pass takes the full pass. Equal to the full pass up to float
+        summation order (tested). Why: an ablation-based explanation (PGCA's P) removes one small entity per
+        copy; a full pass recomputes a map that mostly cannot change, and even the last window's whole
+        receptive field is a third of a 48 x 48 image for a 2 x 2 px entity, whose first layers change at a
+        few positions only.
         """
         sample, box = ablations.sample, ablations.box.long()
         device = box.device
@@ -115,35 +119,43 @@ class CnnBackbone(nn.Module):
                                for d, n_in in enumerate(sizes[-1])))
         macs = [conv.in_channels * conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1] for conv in convs]
         full_cost = sum(m * h * w for m, (h, w) in zip(macs, sizes[1:]))
+        geometry = [tuple(torch.tensor(v, device=device) for v in (conv.kernel_size, conv.stride, conv.padding, size))
+                    for conv, size in zip(convs, sizes[1:])]                       # per layer: kernel, stride, padding, size
         lo, hi = box[:, 0::2], box[:, 1::2]                                        # (n, 2): (y, x)
-        for conv, size in zip(convs, sizes[1:]):                                   # the positions each layer can change
-            k, st, p = (torch.tensor(v, device=device) for v in (conv.kernel_size, conv.stride, conv.padding))
+        reachable = []                                                             # per layer: [lo, hi) it can change
+        for k, st, p, size in geometry:
             lo = (-((k - 1 - p - lo) // st)).clamp_min(0)
-            hi = torch.minimum((hi - 1 + p) // st + 1, torch.tensor(size, device=device))
+            hi = torch.minimum((hi - 1 + p) // st + 1, size)
+            reachable.append((lo, hi))
         reach = (hi - lo).amax(1)                                                  # 0: no convolution reads the region
         side = reach + reach % 2
-        (depth, height, width), last = clean.shape[1:], torch.tensor(sizes[-1], device=device)
-        packed = clean_rows = None
+        depth, height, width = clean.shape[1:]
+        clean_rows = clean.permute(0, 2, 3, 1).reshape(-1, depth)
+        inputs: list[Tensor] | None = None
         for value in torch.unique(side[reach > 0]).tolist():
             members = (side == value).nonzero()[:, 0]
-            extents = [[min(value, height), min(value, width)]]                   # per layer, last map first
-            starts = [torch.minimum(lo[members], last - torch.tensor(extents[0], device=device))]
-            for conv in reversed(convs):
-                starts.append(starts[-1] * torch.tensor(conv.stride, device=device) - torch.tensor(conv.padding, device=device))
-                extents.append([(e - 1) * conv.stride[d] + conv.kernel_size[d] for d, e in enumerate(extents[-1])])
-            starts, extents = starts[::-1], extents[::-1]                         # image first
-            if sum(m * e[0] * e[1] for m, e in zip(macs, extents[1:])) > LOCAL_COST_LIMIT * full_cost:
+            if receptive_cost(convs, [min(value, height), min(value, width)]) > LOCAL_COST_LIMIT * full_cost:
                 pre[members] = linear(self.spatial(ablations.images(members)).flatten(1))
                 continue
-            if packed is None:
-                margin = receptive_margin(convs, sizes)
-                packed, clean_rows = pack_for_crops(ablations, margin), clean.permute(0, 2, 3, 1).reshape(-1, depth)
-            x = ablated_crop(packed, ablations, members, starts[0] + margin, extents[0])
-            for i, conv in enumerate(convs, start=1):
+            if inputs is None:
+                inputs = self.crop_sources(ablations, convs)
+            x = start = window = None
+            for i, (conv, size, (_, stride, padding, size_t)) in enumerate(zip(convs, sizes[1:], geometry)):
+                lo_i, hi_i = reachable[i][0][members], reachable[i][1][members]
+                side_i = value if i == len(convs) - 1 else int((hi_i - lo_i).amax())
+                extent = [min(side_i, size[0]), min(side_i, size[1])]
+                start = torch.minimum(lo_i, size_t - torch.tensor(extent, device=device))
+                corner = start * stride - padding
+                crop_extent = [(e - 1) * conv.stride[d] + conv.kernel_size[d] for d, e in enumerate(extent)]
+                margin = max(conv.padding)                                          # the crop source's zero margin
+                if i == 0:
+                    x = ablated_crop(inputs[0], ablations, members, corner + margin, crop_extent)
+                else:   # the clean input around the window, with the window the layer below recomputed written in
+                    x = write_window(crop_rows(inputs[i], sample[members], corner + margin, crop_extent),
+                                     window - corner, x).permute(0, 3, 1, 2)
                 x = torch.relu(F.conv2d(x, conv.weight, conv.bias, conv.stride))
-                if i < len(convs):
-                    x = x * crop_validity(starts[i], extents[i], sizes[i])[:, None]
-            rows, cols = window_indices(starts[-1], extents[-1])
+                window = start
+            rows, cols = window_indices(start, list(x.shape[-2:]))
             position = (rows[:, :, None] * width + cols[:, None, :])                 # (m, kh, kw) on the last map
             flat = (sample[members][:, None, None] * (height * width) + position).flatten()
             change = x.permute(0, 2, 3, 1).reshape(-1, depth) - clean_rows.index_select(0, flat)   # (m kh kw, D)
@@ -152,8 +164,18 @@ class CnnBackbone(nn.Module):
                                             per_sample_weights=change.reshape(members.numel(), -1), mode="sum")
         return activation(pre)
 
+    def crop_sources(self, ablations: Ablations, convs: list[nn.Conv2d]) -> list[Tensor]:
+        """What each convolution's crops are cut from, channels last with a zero margin of its padding: the packed
+        image (``pack_for_crops``) for the first, the clean activation of the layer below for the others."""
+        sources = [pack_for_crops(ablations, max(convs[0].padding))]
+        x = ablations.obs.contiguous(memory_format=torch.channels_last)
+        for conv, above in zip(convs[:-1], convs[1:]):
+            x = torch.relu(F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding))   # as ``spatial`` computes it
+            sources.append(F.pad(x, (max(above.padding),) * 4).permute(0, 2, 3, 1).contiguous())
+        return sources
 
-#: a window size takes the full pass when its windows' convolutions cost more than this share of it
+
+#: a group of ablations takes the full pass when its last window's receptive field costs more than this share of it
 LOCAL_COST_LIMIT = 0.6
 
 
@@ -161,13 +183,14 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def receptive_margin(convs: list[nn.Conv2d], sizes: list[tuple[int, ...]]) -> int:
-    """Pixels by which the input crop of any last-map window can overhang the image (the zero margin)."""
-    first, end = [0, 0], [sizes[-1][0], sizes[-1][1]]                          # window [0, 1) and [.., size)
+def receptive_cost(convs: list[nn.Conv2d], window: list[int]) -> int:
+    """Multiply-adds of computing a ``window`` of the last map from its whole receptive field (each layer's output
+    over the crop the layer above reads): the local recompute's cost bound, compared with a full pass's."""
+    extents, cost = window, 0
     for conv in reversed(convs):
-        first = [f * conv.stride[d] - conv.padding[d] for d, f in enumerate(first)]
-        end = [(e - 1) * conv.stride[d] - conv.padding[d] + conv.kernel_size[d] for d, e in enumerate(end)]
-    return max(0, -min(first), *(e - s for e, s in zip(end, sizes[0])))
+        cost += conv.in_channels * conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1] * extents[0] * extents[1]
+        extents = [(e - 1) * conv.stride[d] + conv.kernel_size[d] for d, e in enumerate(extents)]
+    return cost
 
 
 def window_indices(start: Tensor, extent: list[int]) -> tuple[Tensor, Tensor]:
@@ -176,10 +199,23 @@ def window_indices(start: Tensor, extent: list[int]) -> tuple[Tensor, Tensor]:
             start[:, 1:] + torch.arange(extent[1], device=start.device))
 
 
-def crop_validity(start: Tensor, extent: list[int], size: tuple[int, ...]) -> Tensor:
-    """(n, h, w) bool: which positions of windows starting at ``start`` (n, 2) lie inside a ``size`` map."""
+def crop_rows(source: Tensor, sample: Tensor, start: Tensor, extent: list[int]) -> Tensor:
+    """Windows (m, h, w, C) of ``source`` (B, H, W, C) at images ``sample`` (m,) and corners ``start`` (m, 2)."""
+    _, height, width, channels = source.shape
     rows, cols = window_indices(start, extent)
-    return ((rows >= 0) & (rows < size[0]))[:, :, None] & ((cols >= 0) & (cols < size[1]))[:, None, :]
+    index = (sample[:, None, None] * height + rows[:, :, None]) * width + cols[:, None, :]
+    return source.reshape(-1, channels).index_select(0, index.flatten()).reshape(*index.shape, channels)
+
+
+def write_window(crop: Tensor, offset: Tensor, values: Tensor) -> Tensor:
+    """``crop`` (m, h, w, C) with ``values`` (m, C, vh, vw) written in at ``offset`` (m, 2), in place; what falls
+    outside the crop is dropped."""
+    m, height, width, channels = crop.shape
+    rows, cols = window_indices(offset, list(values.shape[-2:]))
+    inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
+    target = (torch.arange(m, device=crop.device)[:, None, None] * height + rows[:, :, None]) * width + cols[:, None, :]
+    crop.reshape(-1, channels).index_copy_(0, target[inside], values.permute(0, 2, 3, 1)[inside])
+    return crop
 
 
 def pack_for_crops(ablations: Ablations, margin: int) -> Tensor:
@@ -189,18 +225,20 @@ def pack_for_crops(ablations: Ablations, margin: int) -> Tensor:
     obs = ablations.obs
     if ablations.region.numel() and int(ablations.region.max()) >= 2 ** 24 - 1:
         raise ValueError(f"ablation region labels must be < 2**24 - 1 to be packed exactly, got {int(ablations.region.max())}")
-    packed = torch.cat([obs, ablations.baseline.to(obs.dtype), (ablations.region + 1).to(obs.dtype)[:, None]], 1)
-    return F.pad(packed, (margin,) * 4).permute(0, 2, 3, 1).contiguous()
+    b, c, h, w = obs.shape
+    packed = obs.new_zeros(b, h + 2 * margin, w + 2 * margin, 2 * c + 1)
+    inside = packed[:, margin:margin + h, margin:margin + w]
+    inside[..., :c] = obs.permute(0, 2, 3, 1)
+    inside[..., c:2 * c] = ablations.baseline.permute(0, 2, 3, 1)
+    inside[..., 2 * c] = ablations.region + 1
+    return packed
 
 
 def ablated_crop(packed: Tensor, ablations: Ablations, members: Tensor, start: Tensor, extent: list[int]) -> Tensor:
     """Windows (m, C, h, w) of the ablated copies ``members`` starting at ``start`` (m, 2) in ``packed``'s
     (margin-shifted) coordinates; channels-last in memory, as the convolutions prefer."""
-    _, padded_h, padded_w, width = packed.shape
-    c = (width - 1) // 2
-    rows, cols = window_indices(start, extent)
-    index = ((ablations.sample[members][:, None, None] * padded_h + rows[:, :, None]) * padded_w + cols[:, None, :])
-    crop = packed.reshape(-1, width).index_select(0, index.flatten()).reshape(*index.shape, width)   # (m, h, w, 2C+1)
+    crop = crop_rows(packed, ablations.sample[members], start, extent)          # (m, h, w, 2C+1)
+    c = (crop.shape[-1] - 1) // 2
     replaced = crop[..., -1:] == (ablations.label[members] + 1).to(crop.dtype)[:, None, None, None]
     return torch.where(replaced, crop[..., c:2 * c], crop[..., :c]).permute(0, 3, 1, 2)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from agents.policy_view import PolicyView
@@ -443,3 +444,85 @@ def test_rankdata_is_scipys_average_rank_with_ties_and_on_whole_maps() -> None:
     np.testing.assert_allclose(ours, np.stack([stats.rankdata(r) for r in rows]))
     whole = np.round(rng.random((2, 84 * 84)), 2)                       # an 84 x 84 map, ties included
     np.testing.assert_allclose(rankdata(torch.from_numpy(whole)).numpy(), np.stack([stats.rankdata(r) for r in whole]))
+
+
+from agents.policies import LOCAL_COST_LIMIT, ablated_crop, conv_output_size, pack_for_crops, window_indices  # noqa: E402
+
+
+def _receptive_field_features(net, ablations, clean: torch.Tensor) -> torch.Tensor:
+    """The former ``CnnBackbone.features_of_ablations`` (commit 975ad26), the reference of the layer-by-layer one:
+    every convolution of a group runs on the crop the last window's whole receptive field reads."""
+    sample, box = ablations.sample, ablations.box.long()
+    _, linear, activation = net.fc
+    pre = linear(clean.flatten(1))[sample]
+    convs = [m for m in net.convs if isinstance(m, nn.Conv2d)]
+    sizes = [tuple(ablations.obs.shape[-2:])]
+    for conv in convs:
+        sizes.append(tuple(conv_output_size(n, conv.kernel_size[d], conv.stride[d], conv.padding[d]) for d, n in enumerate(sizes[-1])))
+    macs = [conv.in_channels * conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1] for conv in convs]
+    full_cost = sum(m * h * w for m, (h, w) in zip(macs, sizes[1:]))
+    lo, hi = box[:, 0::2], box[:, 1::2]
+    for conv, size in zip(convs, sizes[1:]):
+        k, st, p = (torch.tensor(v) for v in (conv.kernel_size, conv.stride, conv.padding))
+        lo = (-((k - 1 - p - lo) // st)).clamp_min(0)
+        hi = torch.minimum((hi - 1 + p) // st + 1, torch.tensor(size))
+    reach = (hi - lo).amax(1)
+    side = reach + reach % 2
+    (depth, height, width), last = clean.shape[1:], torch.tensor(sizes[-1])
+    first, end = [0, 0], [sizes[-1][0], sizes[-1][1]]
+    for conv in reversed(convs):
+        first = [f * conv.stride[d] - conv.padding[d] for d, f in enumerate(first)]
+        end = [(e - 1) * conv.stride[d] - conv.padding[d] + conv.kernel_size[d] for d, e in enumerate(end)]
+    margin = max(0, -min(first), *(e - s for e, s in zip(end, sizes[0])))
+    packed, clean_rows = pack_for_crops(ablations, margin), clean.permute(0, 2, 3, 1).reshape(-1, depth)
+    for value in torch.unique(side[reach > 0]).tolist():
+        members = (side == value).nonzero()[:, 0]
+        extents = [[min(value, height), min(value, width)]]
+        starts = [torch.minimum(lo[members], last - torch.tensor(extents[0]))]
+        for conv in reversed(convs):
+            starts.append(starts[-1] * torch.tensor(conv.stride) - torch.tensor(conv.padding))
+            extents.append([(e - 1) * conv.stride[d] + conv.kernel_size[d] for d, e in enumerate(extents[-1])])
+        starts, extents = starts[::-1], extents[::-1]
+        if sum(m * e[0] * e[1] for m, e in zip(macs, extents[1:])) > LOCAL_COST_LIMIT * full_cost:
+            pre[members] = linear(net.spatial(ablations.images(members)).flatten(1))
+            continue
+        x = ablated_crop(packed, ablations, members, starts[0] + margin, extents[0])
+        for i, conv in enumerate(convs, start=1):
+            x = torch.relu(F.conv2d(x, conv.weight, conv.bias, conv.stride))
+            if i < len(convs):
+                rows, cols = window_indices(starts[i], extents[i])
+                x = x * (((rows >= 0) & (rows < sizes[i][0]))[:, :, None] & ((cols >= 0) & (cols < sizes[i][1]))[:, None, :])[:, None]
+        rows, cols = window_indices(starts[-1], extents[-1])
+        position = rows[:, :, None] * width + cols[:, None, :]
+        flat = (sample[members][:, None, None] * (height * width) + position).flatten()
+        change = x.permute(0, 2, 3, 1).reshape(-1, depth) - clean_rows.index_select(0, flat)
+        column = position[..., None] + torch.arange(depth) * (height * width)
+        pre[members] += F.embedding_bag(column.reshape(members.numel(), -1), net.linear_columns(),
+                                        per_sample_weights=change.reshape(members.numel(), -1), mode="sum")
+    return activation(pre)
+
+
+def test_pgca_with_layerwise_ablations_equals_the_receptive_field_recompute(monkeypatch: pytest.MonkeyPatch) -> None:
+    """P's ablations recomputed window by window, layer by layer (``CnnBackbone.features_of_ablations``) against
+    the former recompute of each last window's whole receptive field, on native observations (2-4 px entities,
+    walls, four env steps of four env copies): every PGCA stage within 1e-5."""
+    from envs.batched import CoverageVecEnv
+    from envs.native import CoverageConfig
+    from helpers import coverage_view
+    cfg = CoverageConfig()
+    view = coverage_view(cfg)
+    venv = CoverageVecEnv(cfg, n_envs=4, seed=5)
+    rng = np.random.default_rng(0)
+    frames = [torch.as_tensor(venv.reset())]
+    for _ in range(3):
+        frames.append(torch.as_tensor(venv.step(rng.integers(0, 5, venv.num_envs))[0]))
+    obs = torch.cat(frames).float() / 255
+    target = torch.arange(obs.shape[0]) % view.n_actions
+    pgca = PGCA(view)
+    layerwise = pgca.explain(obs, target)
+    net = view.extractor.backbone
+    monkeypatch.setattr(net, "features_of_ablations", lambda ablations, clean: _receptive_field_features(net, ablations, clean))
+    former = pgca.explain(obs, target)
+    assert bool((former.P > 0).any())
+    for name in ("P", "G", "consensus", "final", "agreement", "topk_iou", "evidence"):
+        torch.testing.assert_close(getattr(layerwise, name), getattr(former, name), atol=1e-5, rtol=0, msg=name)

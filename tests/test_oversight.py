@@ -312,3 +312,97 @@ def test_explain_batch_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="explain_batch must be >= 1"):
         OversightLogger(tmp_path / "log", make_view(), explain_batch=0)
     assert not (tmp_path / "log").exists()
+
+
+def test_logged_images_are_numpys_float16_and_uint8_of_what_the_policy_saw(tmp_path: Path) -> None:
+    """The logger converts by torch (half, round) before the host copy: bit for bit numpy's astype(float16) and
+    rint, on the observations and on values of every float16 range (normal, subnormal, underflow, overflow)."""
+    view, venv = make_view(), make_venv()
+    seen: list[torch.Tensor] = []
+    clean: list[torch.Tensor] = []
+    with OversightLogger(tmp_path, view, pgca=PGCA(view, grid=4)) as log:
+        def hook(record) -> None:
+            seen.append(record.seen_obs.clone())
+            clean.append(record.clean_obs.clone())
+            log.step_hook(record)
+        rollout(view, venv, 2, perturb=sign_noise(), step_hook=hook)
+    ep = load_episode(tmp_path / "ep_000000")   # env copy 0: slots 0 and 1 of every step
+    expect_seen = np.stack([s[:2].numpy().astype(np.float16) for s in seen])
+    expect_clean = np.stack([np.rint(c[:2].numpy() * 255).astype(np.uint8) for c in clean])
+    assert np.array_equal(ep.arrays["seen_obs"].view(np.uint16), expect_seen.view(np.uint16))
+    assert np.array_equal(ep.arrays["clean_obs"], expect_clean)
+    values = torch.cat([torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * scale
+                        for scale in (1.0, 1e-4, 1e-7, 1e5)] + [torch.tensor([0.0, 1.0, 65504.0, 65520.0, 6e-8, 3e-8])])
+    with np.errstate(over="ignore"):
+        assert np.array_equal(values.half().numpy().view(np.uint16), values.numpy().astype(np.float16).view(np.uint16))
+
+
+def test_episodes_are_written_in_the_background_and_close_waits_for_them(tmp_path: Path, monkeypatch) -> None:
+    """Episodes reach the log in the order they ended, from a writer thread; when ``close()`` returns every one
+    is written and chained, the log is sealed and the thread is gone."""
+    import threading
+    import time
+    writers: list[str] = []
+    append = LogWriter.append
+
+    def slow_append(self, arrays, meta):
+        writers.append(threading.current_thread().name)
+        time.sleep(0.05)   # a slow disk: the evaluation goes on meanwhile
+        return append(self, arrays, meta)
+    monkeypatch.setattr(LogWriter, "append", slow_append)
+    view = make_view()
+    venv = DummyVecEnv([lambda i=i: SquareEnv(5 + 2 * (i // 2), seed=i) for i in range(4)])   # copies end at 5 and 7
+    venv.n_agents = 2
+    log = OversightLogger(tmp_path, view, pgca=PGCA(view, grid=4))
+    result = rollout(view, venv, 4, step_hook=log.step_hook)
+    head = log.close()
+    assert verify(tmp_path, expect_head=head).ok and verify(tmp_path).sealed
+    assert len(writers) == 4 and all(name.startswith("oversight-log") for name in writers)
+    metas = [load_episode(tmp_path / e["episode"]).meta for e in read_manifest(tmp_path)]
+    assert [(m["env_index"], m["summary"]["steps"]) for m in metas] == [(0, 5), (1, 7), (0, 5), (1, 7)]   # as they ended
+    assert sorted(result.lengths.tolist()) == [5, 5, 7, 7]
+    assert log.close() == head   # idempotent
+    assert not any(t.name.startswith("oversight-log") for t in threading.enumerate())
+
+
+def test_a_failed_episode_write_is_raised_and_no_later_episode_is_written(tmp_path: Path, monkeypatch) -> None:
+    from fgmf_marl.atomic import WriteError
+    calls: list[int] = []
+    append = LogWriter.append
+
+    def failing_append(self, arrays, meta):
+        calls.append(1)
+        if len(calls) == 2:
+            raise WriteError(28, "No space left on device", str(self.dir / "ep_000001.npz"))
+        return append(self, arrays, meta)
+    monkeypatch.setattr(LogWriter, "append", failing_append)
+    view = make_view()
+    with pytest.raises(WriteError, match="No space left"):
+        with OversightLogger(tmp_path, view, pgca=PGCA(view, grid=4)) as log:
+            rollout(view, make_venv(n_envs=1), 4, step_hook=log.step_hook)
+    assert len(calls) == 2   # the episodes after the failed one were not written
+    result = verify(tmp_path)
+    assert result.ok and result.n_entries == 1 and not result.sealed
+
+
+def test_an_interrupted_evaluation_still_writes_the_episodes_that_ended(tmp_path: Path, monkeypatch, caplog) -> None:
+    """An exception inside ``with OversightLogger(...)`` (SIGTERM, a failing env) waits for the queued writes: the
+    finished episodes are in the log, complete, and it stays unsealed, as an interrupted run's."""
+    import time
+    append = LogWriter.append
+    monkeypatch.setattr(LogWriter, "append", lambda self, arrays, meta: (time.sleep(0.1), append(self, arrays, meta))[1])
+    view = make_view()
+
+    class Stop(Exception):
+        pass
+    with pytest.raises(Stop):
+        with OversightLogger(tmp_path, view, pgca=PGCA(view, grid=4)) as log:
+            def hook(record) -> None:
+                log.step_hook(record)
+                if record.episode[0] == 2 and record.t[0] == 1:
+                    raise Stop
+            rollout(view, make_venv(n_envs=1), 5, step_hook=hook)
+    result = verify(tmp_path)
+    assert result.ok and result.n_entries == 2 and not result.sealed
+    assert [load_episode(tmp_path / e["episode"]).meta["summary"]["steps"] for e in read_manifest(tmp_path)] == [5, 5]
+    assert not caplog.records   # no write failed

@@ -243,6 +243,8 @@ def segment_units(obs: Tensor, *, tol: float = 12 / 255, bins: int = 16, grid: i
     near = torch.full((b, h, w), float("inf"), device=obs.device, dtype=obs.dtype)   # L-inf to the nearest flat colour
     cls = torch.zeros(b, h, w, dtype=torch.long, device=obs.device)               # which one (the first on ties)
     for j in range(colours.shape[1]):
+        if not bool(valid[:, j].any()):   # no image has this flat colour: nothing is nearer to it
+            continue
         dist = (obs - colours[:, j, :, None, None]).abs_().amax(1).masked_fill_(~valid[:, j, None, None], float("inf"))
         closer = dist < near
         near, cls = torch.where(closer, dist, near), cls.masked_fill_(closer, j)
@@ -252,15 +254,13 @@ def segment_units(obs: Tensor, *, tol: float = 12 / 255, bins: int = 16, grid: i
     ys, xs = cell_edges(h, grid), cell_edges(w, grid)
     row = torch.bucketize(torch.arange(h, device=obs.device), torch.tensor(ys[1:-1], device=obs.device), right=True)
     col = torch.bucketize(torch.arange(w, device=obs.device), torch.tensor(xs[1:-1], device=obs.device), right=True)
-    cell = (row[:, None] * grid + col[None, :]).expand(b, h, w)                   # (B, H, W) in [0, g^2)
-    flat = labels.flatten(1)
-    area = torch.zeros(b, h * w + 1, dtype=torch.long, device=obs.device).scatter_add_(
-        1, flat, torch.ones_like(flat))
-    large = area.gather(1, flat).reshape(b, h, w) > split_area
-    sub = torch.where(large, cell + 1, torch.zeros_like(cell))
-    key = (torch.arange(b, device=obs.device)[:, None, None] * (h * w + 1) + labels) * (grid * grid + 1) + sub
+    cell = (row[:, None] * grid + col[None, :]).flatten()                          # (H W,) in [0, g^2)
     on = fg.flatten()
-    keys, inverse = torch.unique(key.flatten()[on], return_inverse=True)          # foreground pixels only
+    pixel = on.nonzero()[:, 0]                                                     # foreground pixels only, raster order
+    component = pixel // (h * w) * (h * w + 1) + labels.flatten()[pixel]          # numbered over the batch
+    large = torch.bincount(component)[component] > split_area
+    key = component * (grid * grid + 1) + torch.where(large, cell[pixel % (h * w)] + 1, 0)
+    keys, inverse = torch.unique(key, return_inverse=True)
     unit = torch.full((b * h * w,), -1, dtype=torch.long, device=obs.device).masked_scatter_(on, inverse).reshape(b, h, w)
     sample = keys // ((h * w + 1) * (grid * grid + 1))
     # fill colour of each unit: the flat colour most common on its 1 px border (else the modal colour).
@@ -268,17 +268,18 @@ def segment_units(obs: Tensor, *, tol: float = 12 / 255, bins: int = 16, grid: i
     n, k = int(sample.numel()), colours.shape[1]
     votes = torch.zeros((n + 1) * k, device=obs.device, dtype=obs.dtype)
     if n:
-        ids = unit + 1                                                             # 0 on flat pixels
+        ids = (unit + 1).int()                                     # 0 on flat pixels; int32 halves the passes' memory
         big = neighbourhood(ids, torch.maximum, 0)
         small = neighbourhood(torch.where(ids > 0, ids, n + 1), torch.minimum, n + 1)
         small = small.masked_fill_(small > n, 0)
         for nb in (big, small):
             ok = (~fg) & (nb > 0)
-            votes.scatter_add_(0, ((nb - 1) * k + cls)[ok], torch.ones(int(ok.sum()), device=obs.device, dtype=obs.dtype))
+            votes.scatter_add_(0, (nb[ok].long() - 1) * k + cls[ok], torch.ones(int(ok.sum()), device=obs.device, dtype=obs.dtype))
     votes = votes.reshape(n + 1, k)
     fill_cls = torch.where(votes[:n].sum(1) > 0, votes[:n].argmax(1), torch.zeros(n, dtype=torch.long, device=obs.device))
     fill = colours[sample, fill_cls] if n else torch.zeros(0, c, device=obs.device)   # (n, C)
-    baseline = torch.where(fg[:, None], fill[unit.clamp_min(0)].permute(0, 3, 1, 2) if n else obs, obs)
+    baseline = obs.clone()
+    baseline.permute(0, 2, 3, 1)[fg] = fill[unit[fg]]                              # units painted, flat pixels kept
     return Segments(unit=unit, sample=sample, background=colours[:, 0], baseline=baseline)
 
 

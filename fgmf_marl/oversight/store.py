@@ -88,6 +88,7 @@ import hmac
 import io
 import json
 import logging
+import math
 import os
 import re
 import zipfile
@@ -231,6 +232,12 @@ def alarm_line(log_dir: str | Path) -> str | None:
 
 
 def _jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON values: numpy arrays and scalars as lists and numbers, non-finite floats as null."""
+    kind = type(obj)
+    if kind is float:   # the common leaves first: an episode's records hold thousands
+        return obj if math.isfinite(obj) else None
+    if kind is int or kind is bool or kind is str or obj is None:
+        return obj
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -338,6 +345,7 @@ class LogWriter:
             raise ConfigError(f"oversight log {str(self.dir)!r} carries HMACs; give its key "
                               f"(--log-key-file or ${KEY_ENV}) to append to it")
         self.records = read_records(self.dir)
+        self._lines = [json.dumps(r, sort_keys=True) for r in self.records]   # the manifest's lines, encoded once
 
     @property
     def head(self) -> str:
@@ -353,12 +361,12 @@ class LogWriter:
         index = self.n_episodes
         name = f"ep_{index:06d}"
         meta = _jsonable({"format": FORMAT, "episode": name, **meta})
-        atomic_write_bytes(self.dir / f"{name}.npz", npz_bytes(arrays))
-        atomic_write_bytes(self.dir / f"{name}.json", json.dumps(meta, indent=1).encode())
+        files = {f"{name}.npz": npz_bytes(arrays), f"{name}.json": json.dumps(meta, indent=1).encode()}
+        for fname, data in files.items():
+            atomic_write_bytes(self.dir / fname, data)
         return self._commit({
             "kind": "episode", "index": index, "episode": name,
-            "files": {f"{name}.json": sha256_file(self.dir / f"{name}.json"),
-                      f"{name}.npz": sha256_file(self.dir / f"{name}.npz")},
+            "files": {fname: hashlib.sha256(data).hexdigest() for fname, data in sorted(files.items())},
             "summary": meta.get("summary", {}), "prev_hash": self.head,
         })
 
@@ -375,9 +383,10 @@ class LogWriter:
         record["entry_hash"] = entry_hash(record)
         if self.key is not None:
             record["hmac"] = record_hmac(record, self.key)
-        lines = [json.dumps(r, sort_keys=True) for r in [*self.records, record]]
+        lines = self._lines + [json.dumps(record, sort_keys=True)]
         atomic_write_bytes(self.dir / MANIFEST, ("\n".join(lines) + "\n").encode())
         self.records.append(record)
+        self._lines = lines
         return record
 
 

@@ -73,7 +73,7 @@ import json
 import re
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -293,15 +293,17 @@ def run_cell(victim: Victim, grid: GridAttack | None, eps255: float | None, seed
             attack = _budgeted(grid, victim, n_agents, seed, calibration)
             perturb = on_frames(attack.as_perturb(victim.view, n_agents=n_agents, agents=cfg.agents),
                                 venv.observation_space.shape[0], victim.train_config.env.adapter.frame_stack, n_agents)
-        hook, logger = None, None
-        if log_dir is not None:
-            logger = OversightLogger.for_venv(log_dir, victim.view, venv, every=cfg.log_every, attack_name=label,
-                                              append=cfg.log_append, key=log_key, alarm=alarm,
-                                              run_info={"checkpoint": victim.path, "attack": label, "eps255": eps255,
-                                                        "seed": seed})
-            hook = logger.step_hook
-        result = rollout(victim.view, venv, cfg.episodes, n_agents=n_agents, perturb=perturb, step_hook=hook, seed=seed)
-        log = None if logger is None else logger.summary(logger.close())
+        with ExitStack() as log_scope:   # a failed cell's episodes are written before its folder may be removed
+            hook, logger = None, None
+            if log_dir is not None:
+                logger = log_scope.enter_context(OversightLogger.for_venv(
+                    log_dir, victim.view, venv, every=cfg.log_every, attack_name=label, append=cfg.log_append,
+                    key=log_key, alarm=alarm, run_info={"checkpoint": victim.path, "attack": label, "eps255": eps255,
+                                                        "seed": seed}))
+                hook = logger.step_hook
+            result = rollout(victim.view, venv, cfg.episodes, n_agents=n_agents, perturb=perturb, step_hook=hook,
+                             seed=seed)
+            log = None if logger is None else logger.summary(logger.close())
     finally:
         venv.close()
     return Cell(victim.label, label, eps255, seed, result.team_returns,

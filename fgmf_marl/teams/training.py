@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,14 +162,16 @@ def evaluate_clean(model: PPO, cfg: TrainConfig, episodes: int, log_dir: Path | 
     eval_seed = seeds.env_seed(cfg.seed, seeds.EVALUATION)
     venv = make_vec_env(cfg.env, seed=eval_seed)
     view = PolicyView.from_model(model)
-    logger = None
-    if log_dir is not None:
-        logger = OversightLogger.for_venv(log_dir, view, venv, every=cfg.log_every, key=log_key,
-                                          run_info={"checkpoint": "final", "seed": eval_seed})
     try:
-        result = rollout(view, venv, episodes, n_agents=n_agents_of(venv, cfg.env),
-                         step_hook=logger.step_hook if logger else None, progress=logger is not None)
-        log = None if logger is None else logger.summary(logger.close())
+        with ExitStack() as log_scope:   # an interrupted evaluation's finished episodes are written before it stops
+            logger = None
+            if log_dir is not None:
+                logger = log_scope.enter_context(OversightLogger.for_venv(
+                    log_dir, view, venv, every=cfg.log_every, key=log_key,
+                    run_info={"checkpoint": "final", "seed": eval_seed}))
+            result = rollout(view, venv, episodes, n_agents=n_agents_of(venv, cfg.env),
+                             step_hook=logger.step_hook if logger else None, progress=logger is not None)
+            log = None if logger is None else logger.summary(logger.close())
     finally:
         venv.close()
     summary: dict[str, Any] = {
