@@ -385,9 +385,10 @@ class OversightLogger:
     def __enter__(self) -> "OversightLogger":
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        """Seal on a clean exit; after an exception the episodes that ended are still written (a failed write
-        is logged, not raised over the exception) and the log stays unsealed, as an interrupted run's."""
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, *_: object) -> None:
+        """Seal on a clean exit; after an exception the episodes that ended are still written (a write that
+        failed meanwhile is logged, not raised over the exception) and the log stays unsealed, as an
+        interrupted run's."""
         if exc_type is None:
             self.close()
         else:
@@ -396,5 +397,5 @@ class OversightLogger:
             self._closed = True
             self._stop_writer()
             self._queued.clear()
-            if self._write_error is not None:
+            if self._write_error is not None and self._write_error is not exc:
                 _log.warning("oversight log %s: an episode was not written: %s", self.writer.dir, self._write_error)
