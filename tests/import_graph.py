@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("fgmf_marl", "agents", "envs")
 #: floors, top first: a module may import its own floor and the floors below it
-FLOORS = ("fgmf_marl.jobs", "fgmf_marl.teams", "agents", "envs", "fgmf_marl")
+FLOORS = ("fgmf_marl.jobs", "fgmf_marl.experiments", "fgmf_marl.teams", "agents", "envs", "fgmf_marl")
 
 
 @dataclass
@@ -41,7 +41,7 @@ def module_name(path: Path) -> str:
 
 
 def floor(module: str) -> int:
-    """Index into FLOORS (0 = top); ``fgmf_marl.jobs`` and ``fgmf_marl.teams`` before the rest of ``fgmf_marl``."""
+    """Index into FLOORS (0 = top); ``jobs``, ``experiments`` and ``teams`` before the rest of ``fgmf_marl``."""
     for i, prefix in enumerate(FLOORS):
         if module == prefix or module.startswith(prefix + "."):
             return i

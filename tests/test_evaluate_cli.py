@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -182,6 +183,9 @@ def test_an_eps_free_attack_runs_once_per_seed_and_joins_the_worst_case_at_every
                                                     "victim__fault-kind-blackout__eps-free__s1"]
     assert len(folders) == 10 and all(verify(logs / f).ok for f in folders)
     assert load_episode(list_episodes(logs / folders[0])[0]).meta["run"]["eps255"] is None
+    summary = load_episode(list_episodes(logs / "victim__fault-kind-blackout__eps-free__s0")[0]).meta["summary"]
+    assert "relevance_mass_accuracy" not in summary   # a blacked-out view has no map to score: no NaN, no key
+    assert all(math.isfinite(v) for v in summary.values() if isinstance(v, float))
     assert cli([*args, "--out", str(tmp_path / "again"), "--append", "--no-progress"]) == 0   # a second run appends
     recorded = json.loads((tmp_path / "again" / "results.json").read_text())["oversight_logs"]
     assert len(recorded) == 10 and all(r["episodes"] == 4 and verify(r["dir"], expect_head=r["head"]).ok
@@ -241,6 +245,8 @@ def _label(spec: str) -> str:
     (["--attacks", "strong:steps=0"], "preset 'strong' option steps=0 must be an integer >= 1"),
     (["--seeds", "0,-1"], "seeds=-1 is out of range; accepted: integers 0.."),
     (["--surrogate", "runs/x"], "surrogate/adversary feed a preset (--attacks strong)"),
+    (["--attacks", "pgd:steps=1", "fault:kind=frozen", "--budget-agents", "1"],   # before the pgd cells run
+     "attack 'fault' keeps state over an episode and cannot be budgeted"),
 ])
 def test_cli_errors_exit_2_with_one_line_and_no_output(run_dir: Path, tmp_path: Path, capsys, extra, message) -> None:
     out = tmp_path / "eval"

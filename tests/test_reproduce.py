@@ -235,7 +235,7 @@ def test_a_failed_task_is_reported_with_its_log_and_blocks_only_its_dependents(
     assert f"train/broken/s0 failed: log {log}" in err and "exceeds the rollout size" in log.read_text()
     assert "evaluate/pgd/broken/s0 blocked" in err and "depends on train/broken/s0" in err
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "missing (train/broken/s0)" in text and "`train/broken/s0`: failed, log" in text
+    assert "missing (train/broken/s0)" in text and "`train/broken/s0`: failed, log `tasks/train__broken__s0/log.txt`" in text   # in the results root
 
 
 def _write(folder: Path, edit: dict) -> Path:

@@ -185,6 +185,14 @@ def _choose(scores: Scores, k: int, allowed: Tensor | None) -> tuple[Tensor, Ten
     return chosen, step.masked_fill(~chosen.any(1), float("-inf"))
 
 
+def check_budgetable(attack: Attack) -> None:
+    """A one-line ConfigError for an attack that keeps state over an episode (a sensor fault): a budget of steps
+    or agents per step would cut that state mid-episode, so such an attack is not budgeted."""
+    if getattr(attack, "stateful", False):
+        raise ConfigError(f"attack {attack.name!r} keeps state over an episode and cannot be budgeted by steps or "
+                          "agents per step; accepted: --agents to choose the faulty sensors, without a budget")
+
+
 class BudgetedAttack(Attack):
     """``attack`` within ``budget``, on the agents and steps ``selector`` picks (see the module docstring).
 
@@ -201,9 +209,7 @@ class BudgetedAttack(Attack):
         super().__init__(attack.eps, quantize=attack.quantize)
         if horizon < 1 or n_agents < 1:
             raise ValueError(f"horizon={horizon} and n_agents={n_agents} must be >= 1")
-        if getattr(attack, "stateful", False):
-            raise ConfigError(f"attack {attack.name!r} keeps state over an episode and cannot be budgeted by steps or "
-                              "agents per step; accepted: --agents to choose the faulty sensors, without a budget")
+        check_budgetable(attack)
         self.attack, self.selector, self.budget = attack, selector, budget
         self.n_agents, self.horizon, self.seed = n_agents, horizon, seed
         self.uses_gradients, self.targeted, self.uses_eps = attack.uses_gradients, attack.targeted, attack.uses_eps

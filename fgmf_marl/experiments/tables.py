@@ -53,6 +53,15 @@ class Cell:
         return [s for s in self.strata if s is not None]
 
 
+def _in_root(root: Path, path: str) -> str:
+    """``path`` relative to the results root where it lies inside it (the section says its commands run there), so
+    a committed results file names no folder of the machine that wrote it."""
+    try:
+        return Path(path).resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path
+
+
 def _read_output(root: Path, task: Task) -> dict[str, Any]:
     """The task's output JSON; a damaged one is a one-line ConfigError naming it (rerun that task)."""
     path = root / task.out / task.info.output
@@ -350,7 +359,7 @@ def section_markdown(name: str, exp: Experiment, tasks: list[Task], records: dic
               and r["id"] in {t.id for t in tasks}]
     if failed:
         lines += ["Tasks that did not finish (their cells are marked missing):", ""]
-        lines += [f"- `{r['id']}`: {r['status']}" + (f", log `{r['log']}`" if r.get("log") else "")
+        lines += [f"- `{r['id']}`: {r['status']}" + (f", log `{_in_root(root, r['log'])}`" if r.get("log") else "")
                   + (f" ({r['reason']})" if r.get("reason") else "") for r in failed]
         lines.append("")
     seeds = {r.name: r.seeds for r in exp.runs}

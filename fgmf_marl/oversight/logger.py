@@ -106,7 +106,6 @@ class OversightLogger:
         self._buf: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
         self.explain_batch = explain_batch
         self._pending: list[tuple[int, Tensor, Tensor]] = []   # (env, observations seen, actions) of logged steps
-        self._closed = False
         self._last_frames: np.ndarray | None = None
         self.alarm = alarm
         self._previous_probs: Tensor | None = None   # every slot's action distribution one step earlier (the alarm's)
@@ -312,8 +311,10 @@ class OversightLogger:
             h, w = arrays["relevance"].shape[-2:]
             final = torch.from_numpy(arrays["pgca_final"].astype(np.float32)).reshape(-1, h, w)
             rel = torch.from_numpy(arrays["relevance"]).reshape(-1, h, w)
-            summary.update(relevance_mass_accuracy=float(np.nanmean(relevance_mass_accuracy(final, rel).numpy())),
-                           pointing_game=float(np.nanmean(pointing_game(final, rel).numpy())))
+            for key, metric in (("relevance_mass_accuracy", relevance_mass_accuracy), ("pointing_game", pointing_game)):
+                scores = metric(final, rel).numpy()
+                if np.isfinite(scores).any():   # none where no step had both a map and an entity (a blacked-out view)
+                    summary[key] = float(np.nanmean(scores))
         records = []
         logged_index = {t: i for i, t in enumerate(arrays["logged_t"].tolist())}
         for i, t in enumerate(buf["t"]):
@@ -363,7 +364,6 @@ class OversightLogger:
         """
         self._buf.clear()
         self._pending.clear()
-        self._closed = True
         try:
             self._collect_writes()
         finally:
@@ -394,7 +394,6 @@ class OversightLogger:
         else:
             self._buf.clear()
             self._pending.clear()
-            self._closed = True
             self._stop_writer()
             self._queued.clear()
             if self._write_error is not None and self._write_error is not exc:

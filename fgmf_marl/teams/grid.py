@@ -90,7 +90,7 @@ from fgmf_marl import config as cfglib
 from fgmf_marl import seeds
 from fgmf_marl.atomic import atomic_write_text
 from fgmf_marl.attacks import Attack, Transfer, expand_presets, has_gate, make_attack, parse_spec
-from fgmf_marl.attacks.budget import LEARNED, Budget, BudgetedAttack, make_selector
+from fgmf_marl.attacks.budget import LEARNED, Budget, BudgetedAttack, check_budgetable, make_selector
 from fgmf_marl.attacks.frames import on_frames
 from fgmf_marl.audit import AuditConfig, AuditReport, audit
 from fgmf_marl.config import ConfigError
@@ -190,6 +190,7 @@ def build_attacks(cfg: EvalConfig, eps255: float, n_actions: int | None = None) 
                 if g.budget != b:
                     budgeted.append(GridAttack(f"{g.base}@{LEARNED}[{b.label()}]", g.attack.within(b), g.base, b, LEARNED))
             else:
+                check_budgetable(g.attack)              # a sensor fault -> ConfigError before any episode
                 budgeted += [GridAttack(f"{g.base}@{sel}[{b.label()}]", g.attack, g.base, b, sel)
                              for sel in cfg.budget_selectors]
     return out + budgeted
