@@ -15,7 +15,8 @@ import torch
 from scipy.spatial.distance import mahalanobis
 from torch import nn
 
-from fgmf_marl.attacks import PGD
+from fgmf_marl.attacks import PGD, expand_presets
+from fgmf_marl.attacks.threats import FAULTS
 from fgmf_marl.config import ConfigError
 from fgmf_marl.oversight.alarm import (FEATURES, RESIDUAL_FLOOR, SQUEEZE_BITS, AdaptivePGD, AlarmDetector, auroc,
                                        episode_alarm_threshold, median3, step_features, yeo_johnson)
@@ -188,6 +189,19 @@ def test_the_alarm_study_on_a_trained_policy(tmp_path) -> None:
     assert out["attacks"]["pgd"]["auroc"] > 0.9 and detector.features == FEATURES
 
 
+def test_the_alarm_families_beyond_l_inf_are_evaluate_py_s_threat_models() -> None:
+    from fgmf_marl.attacks.threats import L2PGD, Corruption, Patch
+    from fgmf_marl.jobs.alarms import THREAT_MODELS, families, own_budget_families
+
+    assert set(families(8)) == {"pgd@8", "ll-pgd@8", "mad@8", "square@8"}
+    l2 = families(8, threat_models=["l2"])["pgd-l2@8"]
+    assert isinstance(l2, L2PGD) and l2.eps == pytest.approx(8 / 255) and l2.steps == 10
+    once = own_budget_families(THREAT_MODELS)
+    assert set(once) == {s.replace(":", "[", 1) + "]" for s in expand_presets(["patch", "corruptions", "faults"])}
+    assert sum(isinstance(a, Corruption) for a in once.values()) == 10 and sum(isinstance(a, Patch) for a in once.values()) == 1
+    assert own_budget_families(["l2"]) == {}
+
+
 def test_alarm_eval_then_the_alarm_in_the_log_the_report_and_verify(tmp_path, capsys) -> None:
     from fgmf_marl.jobs.alarms import entry as alarm_cli
     from fgmf_marl.jobs.evaluate import entry as evaluate_cli
@@ -199,13 +213,18 @@ def test_alarm_eval_then_the_alarm_in_the_log_the_report_and_verify(tmp_path, ca
     _train_tiny(run, train_cli, timesteps=64)
     out = tmp_path / "alarm"
     assert alarm_cli([str(run), "--eps", "8", "--episodes", "2", "--n-envs", "2", "--adaptive-weights", "0.1",
-                      "--out", str(out), "--no-progress"]) == 0
+                      "--threat-models", "faults", "--surrogate", str(run), "--out", str(out), "--no-progress"]) == 0
     data = json.loads((out / "alarm_eval.json").read_text())
-    assert set(data["attacks"]) == {"pgd@8", "ll-pgd@8", "mad@8", "square@8", "adaptive-pgd[weight=0.1]@8"}
+    faults = {f"fault[kind={k}]" for k in FAULTS}          # labelled as evaluate.py labels the faults preset
+    assert faults == {s.replace(":", "[", 1) + "]" for s in expand_presets(["faults"])}
+    assert set(data["attacks"]) == {"pgd@8", "ll-pgd@8", "mad@8", "square@8", "transfer@8",
+                                    "adaptive-pgd[weight=0.1]@8"} | faults
+    assert data["attacks"]["fault[kind=blackout]"]["auroc"] > 0.9   # a black frame is far from every clean one
     assert (out / "alarm_eval_config.yaml").is_file() and (out / "alarm_detector.json").is_file()
     capsys.readouterr()
     for bad in (["--eps", ""], ["--false-alarm-rate", "1"], ["--episodes", "0"], ["--adaptive-weights", "-1"],
-                ["--adaptive-weights", "1,1"]):
+                ["--adaptive-weights", "1,1"], ["--threat-models", "l3"], ["--threat-models", "l2,l2"],
+                ["--surrogate", str(tmp_path / "nosuch")]):
         assert alarm_cli([str(run), "--out", str(tmp_path / "no"), *bad]) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not (tmp_path / "no").exists()
 

@@ -1,10 +1,13 @@
 """``scripts/alarm_eval.py RUN``: how well the attack alarm separates attacked agent-steps from clean ones.
 
 Fits the alarm (``fgmf_marl.oversight.alarm``) on clean episodes of the run's env, calibrates it to
-``false_alarm_rate`` on other clean episodes, and reports per attack family (PGD-10, least-likely PGD-10, MAD,
-Square, and the adaptive PGD that also minimises the alarm's score, at each of ``adaptive_weights``) and eps its
-AUROC with a 95 % bootstrap interval, its detection rate at that false-alarm rate and the team return the attack
-left (``fgmf_marl.teams.alarms``). Writes ``alarm_eval.{json,md}``, ``alarm_eval_config.yaml`` and the fitted
+``false_alarm_rate`` on other clean episodes, and reports per attack family and eps its AUROC with a 95 % bootstrap
+interval, its detection rate at that false-alarm rate and the team return the attack left
+(``fgmf_marl.teams.alarms``). The families: PGD-10, least-likely PGD-10, MAD, Square, transfer PGD-10 from
+``surrogate`` (when given), and the adaptive PGD that also minimises the alarm's score at each of
+``adaptive_weights``, at every eps; then the threat models beyond L-inf named in ``threat_models``: L2 PGD-10 at
+the eps-equivalent radius (every eps), and the attacks with a budget of their own, run once (the ``patch``,
+``corruptions`` and ``faults`` presets of ``evaluate.py --attacks``). Writes ``alarm_eval.{json,md}``, ``alarm_eval_config.yaml`` and the fitted
 ``alarm_detector.json`` (for ``evaluate.py --alarm``) in ``<run>/eval`` (or ``--out``).
 """
 from __future__ import annotations
@@ -18,8 +21,9 @@ from typing import Any, Sequence
 from agents.policy_view import PolicyView
 from fgmf_marl import config as cfglib
 from fgmf_marl.atomic import atomic_write_text
-from fgmf_marl.attacks import MAD, PGD, Square
+from fgmf_marl.attacks import MAD, PGD, Square, Transfer, expand_presets, make_attack, parse_spec
 from fgmf_marl.attacks.base import LEAST_LIKELY, Attack
+from fgmf_marl.attacks.threats import L2PGD
 from fgmf_marl.config import ConfigError, check_device, check_range, check_seed
 from fgmf_marl.jobs import cli
 from fgmf_marl.runs import check_output_dir, resolve_checkpoint
@@ -27,6 +31,8 @@ from fgmf_marl.teams.alarms import ADAPTIVE_WEIGHTS, alarm_study
 from fgmf_marl.teams.checkpoints import load_model
 
 PROG = "alarm_eval.py"
+#: the threat models beyond L-inf the alarm can be measured against: ``l2`` at every eps, the rest once each
+THREAT_MODELS = ("l2", "patch", "corruptions", "faults")
 
 
 @dataclass
@@ -39,6 +45,8 @@ class AlarmEvalConfig:
     n_envs: int = 4
     false_alarm_rate: float = 0.01
     adaptive_weights: list[float] = field(default_factory=lambda: list(ADAPTIVE_WEIGHTS))  # [] skips the adaptive attack
+    surrogate: str | None = None       # another policy's run or checkpoint: adds transfer PGD-10 from it
+    threat_models: list[str] = field(default_factory=lambda: list(THREAT_MODELS))   # beyond L-inf; [] skips them
     out: str | None = None             # output folder (default: <run>/eval)
     seed: int = 0
     device: str = "cpu"
@@ -59,16 +67,39 @@ class AlarmEvalConfig:
         repeated = sorted({w for w in self.adaptive_weights if self.adaptive_weights.count(w) > 1})
         if repeated or len(set(self.eps)) < len(self.eps):
             raise ConfigError("--eps and --adaptive-weights take each value once")
+        unknown = sorted(set(self.threat_models) - set(THREAT_MODELS))
+        if unknown or len(set(self.threat_models)) < len(self.threat_models):
+            raise ConfigError(f"--threat-models {','.join(self.threat_models)!r}: accepted: each of "
+                              f"{', '.join(THREAT_MODELS)} at most once, or empty")
         check_seed(self.seed)
         check_device(self.device)
 
 
-def families(eps255: float) -> dict[str, Attack]:
-    """The attack families the alarm is measured against, at ``eps255`` (1/255 units)."""
+def families(eps255: float, surrogate: PolicyView | None = None, threat_models: Sequence[str] = ()) -> dict[str, Attack]:
+    """The attack families the alarm is measured against at ``eps255`` (1/255 units): the L-inf ones, transfer
+    from ``surrogate`` when given, and L2 PGD when ``threat_models`` names ``l2``."""
     eps = eps255 / 255
-    return {f"pgd@{eps255:g}": PGD(eps, steps=10),
-            f"ll-pgd@{eps255:g}": PGD(eps, steps=10, targeted=True, target_action=LEAST_LIKELY),
-            f"mad@{eps255:g}": MAD(eps), f"square@{eps255:g}": Square(eps)}
+    out: dict[str, Attack] = {
+        f"pgd@{eps255:g}": PGD(eps, steps=10),
+        f"ll-pgd@{eps255:g}": PGD(eps, steps=10, targeted=True, target_action=LEAST_LIKELY),
+        f"mad@{eps255:g}": MAD(eps), f"square@{eps255:g}": Square(eps)}
+    if surrogate is not None:
+        out[f"transfer@{eps255:g}"] = Transfer(surrogate, PGD(eps, steps=10))
+    if "l2" in threat_models:
+        out[f"pgd-l2@{eps255:g}"] = L2PGD(eps, steps=10)
+    return out
+
+
+def own_budget_families(threat_models: Sequence[str]) -> dict[str, Attack]:
+    """The attacks of ``threat_models`` whose budget is their own (a patch's size, a corruption's severity, a
+    fault), at their presets' settings, labelled as ``evaluate.py`` labels them; each is run once."""
+    presets = [m for m in threat_models if m != "l2"]
+    out: dict[str, Attack] = {}
+    for spec in expand_presets(presets):
+        name, options = parse_spec(spec)
+        label = spec.replace(":", "[", 1) + "]" if ":" in spec else spec
+        out[label] = make_attack(name, 0.0, **options)     # eps unused: these attacks carry their own budget
+    return out
 
 
 def markdown(data: dict[str, Any], checkpoint: str) -> str:
@@ -98,6 +129,10 @@ def build_parser() -> cli.ArgumentParser:
                    f"(default {defaults.false_alarm_rate:g})")
     p.add_argument("--adaptive-weights", metavar="W,...", help="weights of the alarm's score in the adaptive "
                    f"attack's loss (default {','.join(f'{w:g}' for w in ADAPTIVE_WEIGHTS)}; empty: no adaptive attack)")
+    p.add_argument("--surrogate", metavar="RUN", help="another policy's run or checkpoint (e.g. a vanilla policy of "
+                   "another seed): adds transfer PGD-10 from it")
+    p.add_argument("--threat-models", metavar="M,...", help="threat models beyond L-inf to measure "
+                   f"(default {','.join(THREAT_MODELS)}; empty: none)")
     p.add_argument("--out", help="output directory (default: <run>/eval)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     cli.add_runtime_flags(p)
@@ -107,7 +142,9 @@ def build_parser() -> cli.ArgumentParser:
 def resolve_config(args: argparse.Namespace) -> AlarmEvalConfig:
     """Defaults < --config file < flags."""
     flags: dict[str, Any] = {n: getattr(args, n) for n in ("checkpoint", "episodes", "n_envs", "false_alarm_rate",
-                                                           "out", "seed", "device")}
+                                                           "surrogate", "out", "seed", "device")}
+    if args.threat_models is not None:
+        flags["threat_models"] = [m.strip() for m in args.threat_models.split(",") if m.strip()]
     for name, text in (("eps", args.eps), ("adaptive_weights", args.adaptive_weights)):
         if text is not None:
             try:
@@ -124,8 +161,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(cfg.out) if cfg.out else (run.eval if run else ckpt.parent / "eval")
     check_output_dir(out, "--out")
     model, train_cfg = load_model(cfg.checkpoint, device=cfg.device)
-    attacks = {name: attack for e in cfg.eps for name, attack in families(e).items()}
-    data, detector = alarm_study(PolicyView.from_model(model).eval(), train_cfg.env, attacks, episodes=cfg.episodes,
+    surrogate = None
+    if cfg.surrogate:
+        surrogate_model, _ = load_model(cfg.surrogate, device=cfg.device)
+        if surrogate_model.observation_space.shape != model.observation_space.shape:
+            raise ConfigError(f"--surrogate sees observations {surrogate_model.observation_space.shape}, the run "
+                              f"{model.observation_space.shape}; accepted: a policy trained on the run's env")
+        surrogate = PolicyView.from_model(surrogate_model).eval()
+    attacks = {name: attack for e in cfg.eps for name, attack in families(e, surrogate, cfg.threat_models).items()}
+    attacks.update(own_budget_families(cfg.threat_models))
+    view = PolicyView.from_model(model).eval()
+    for attack in attacks.values():                          # a patch larger than the frame -> one line, no compute
+        try:
+            attack.check_shape(tuple(model.observation_space.shape))
+        except ValueError as exc:
+            raise ConfigError(f"attack {attack.name!r}: {exc}") from None
+    data, detector = alarm_study(view, train_cfg.env, attacks, episodes=cfg.episodes,
                                  n_envs=cfg.n_envs, seed=cfg.seed, false_alarm_rate=cfg.false_alarm_rate,
                                  adaptive_eps=cfg.eps, adaptive_weights=cfg.adaptive_weights,
                                  progress=not args.no_progress)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from envs.registry import EnvConfig, make_vec_env, n_agents_of
 from fgmf_marl import seeds
 from fgmf_marl.attacks.base import Attack
+from fgmf_marl.attacks.frames import on_frames
 from fgmf_marl.oversight.alarm import (EPISODE_FALSE_ALARM_RATE, FEATURES, AdaptivePGD, AlarmDetector, auroc,
                                        episode_alarm_threshold, step_features)
 from fgmf_marl.policy import PolicyLike
@@ -61,7 +62,9 @@ def collect_features(view: PolicyLike, env_cfg: EnvConfig, episodes: int, seed: 
         ids.append(np.repeat(np.arange(len(rec.t)) + len(rec.t) * np.asarray(rec.episode), n_agents)[counted])
 
     try:
-        perturb = None if attack is None else attack.as_perturb(view, n_agents=n_agents)
+        perturb = None if attack is None else on_frames(   # on stacked frames only the newest is attacked, as in grid
+            attack.as_perturb(view, n_agents=n_agents), venv.observation_space.shape[0], env_cfg.adapter.frame_stack,
+            n_agents)
         result = rollout(view, venv, episodes, n_agents=n_agents, perturb=perturb, step_hook=hook, seed=seed)
     finally:
         venv.close()
