@@ -6,7 +6,7 @@ from fgmf_marl.attacks.adaptive import BPDA, EOT, StraightThroughGate, has_gate,
 from fgmf_marl.attacks.base import Attack, Perturb, check_eps, margin, project, slot_mask
 from fgmf_marl.attacks.blackbox import RandomNoise, Square, Transfer
 from fgmf_marl.attacks.gradient import FGSM, MAD, PGD, CriticAttack, GradientAttack, objective_values
-from fgmf_marl.attacks.registry import ATTACKS, PRESETS, expand_presets, make_attack, parse_spec
+from fgmf_marl.attacks.registry import ATTACKS, PRESETS, attack_label, expand_presets, make_attack, parse_spec
 
 __all__ = [
     "ATTACKS", "Attack", "BPDA", "CriticAttack", "EOT", "FGSM", "GradientAttack", "MAD", "PGD", "PRESETS", "Perturb",

@@ -155,6 +155,12 @@ def _split(spec: str) -> tuple[str, dict[str, Any]]:
     return name, opts
 
 
+def attack_label(spec: str) -> str:
+    """How tables, logs and results name the attack of ``spec``: ``"pgd:steps=20"`` -> ``"pgd[steps=20]"``, a bare
+    name unchanged (one spelling everywhere, so a table's column finds its rows)."""
+    return spec.replace(":", "[", 1) + "]" if ":" in spec else spec
+
+
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``"pgd:steps=20,loss=margin"`` -> ``("pgd", {"steps": 20, "loss": "margin"})`` (values parsed as YAML)."""
     name, opts = _split(spec)

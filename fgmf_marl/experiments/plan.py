@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from fgmf_marl import config as cfglib
+from fgmf_marl.attacks.registry import attack_label
 from fgmf_marl.config import ConfigError
 from fgmf_marl.experiments.schema import (BUDGET_ATTACKERS, PROFILE_MODELS, PROFILE_PREFIX, VERDICT_METRICS,
                                           WORST_ATTACKERS, Experiment)
@@ -209,7 +210,7 @@ def check_tables(exp: Experiment, tasks: list[Task], where: str = "experiment") 
             profiles = tuple(PROFILE_PREFIX + m for m in PROFILE_MODELS)
             if col.metric not in VERDICT_METRICS and col.attack not in ("none", *WORST_ATTACKERS, *BUDGET_ATTACKERS,
                                                                         *profiles) and \
-                    col.attack not in [a.replace(":", "[", 1) + "]" if ":" in a else a for a in config["attacks"]]:
+                    col.attack not in [attack_label(a) for a in config["attacks"]]:
                 raise ConfigError(f"{at}: attack {col.attack!r} is not run by evaluation {col.source!r}; "
                                   f"accepted: {', '.join(WORST_ATTACKERS)}, none, {', '.join(BUDGET_ATTACKERS)}, "
                                   f"{', '.join(profiles)} or one of "

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 from agents.policy_view import PolicyView
 from fgmf_marl import config as cfglib
 from fgmf_marl.atomic import atomic_write_text
-from fgmf_marl.attacks import MAD, PGD, Square, Transfer, expand_presets, make_attack, parse_spec
+from fgmf_marl.attacks import MAD, PGD, Square, Transfer, attack_label, expand_presets, make_attack, parse_spec
 from fgmf_marl.attacks.base import LEAST_LIKELY, Attack
 from fgmf_marl.attacks.threats import L2PGD
 from fgmf_marl.config import ConfigError, check_device, check_range, check_seed
@@ -97,8 +97,7 @@ def own_budget_families(threat_models: Sequence[str]) -> dict[str, Attack]:
     out: dict[str, Attack] = {}
     for spec in expand_presets(presets):
         name, options = parse_spec(spec)
-        label = spec.replace(":", "[", 1) + "]" if ":" in spec else spec
-        out[label] = make_attack(name, 0.0, **options)     # eps unused: these attacks carry their own budget
+        out[attack_label(spec)] = make_attack(name, 0.0, **options)     # eps unused: these attacks carry their own budget
     return out
 
 

@@ -89,7 +89,7 @@ from envs.registry import horizon, make_vec_env, n_agents_of, reference_for
 from fgmf_marl import config as cfglib
 from fgmf_marl import seeds
 from fgmf_marl.atomic import atomic_write_text
-from fgmf_marl.attacks import Attack, Transfer, expand_presets, has_gate, make_attack, parse_spec
+from fgmf_marl.attacks import Attack, Transfer, attack_label, expand_presets, has_gate, make_attack, parse_spec
 from fgmf_marl.attacks.budget import LEARNED, Budget, BudgetedAttack, check_budgetable, make_selector
 from fgmf_marl.attacks.frames import on_frames
 from fgmf_marl.audit import AuditConfig, AuditReport, audit
@@ -141,10 +141,6 @@ class EvalResult:
     audits: dict[str, AuditReport]
 
 
-def _attack_label(spec: str) -> str:
-    return spec.replace(":", "[", 1) + "]" if ":" in spec else spec
-
-
 def check_fits(attack: Attack, victims: list[Victim]) -> None:
     """A one-line ConfigError when an attack cannot act on a victim's observations: a transfer surrogate or a
     learned adversary built for other images, or a threat model that does not fit the frame (a patch larger
@@ -178,7 +174,7 @@ def build_attacks(cfg: EvalConfig, eps255: float, n_actions: int | None = None) 
     for spec in cfg.attacks:
         name, opts = parse_spec(spec)
         attack = make_attack(name, eps255 / 255.0, loader=_loader(cfg.device), n_actions=n_actions, **opts)
-        label = _attack_label(spec)
+        label = attack_label(spec)
         if isinstance(attack, AdversaryAttack) and not attack.budget.unlimited:   # the budget it was trained for
             out.append(GridAttack(f"{label}@{LEARNED}[{attack.budget.label()}]", attack, label, attack.budget, LEARNED))
         else:
