@@ -56,8 +56,10 @@ def test_step_features_follow_their_definitions() -> None:
     view = TinyView().eval()
     obs = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     previous = torch.tensor([[0.1, 0.2, 0.7], [float("nan")] * 3])
+    previous_obs = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    previous_obs[1] = float("nan")                              # slot 1's episode just began
     with torch.no_grad():
-        f = step_features(view, obs, previous).numpy()
+        f = step_features(view, obs, previous, previous_obs).numpy()
         logits, values = view.logits_and_value(obs)
     probs = torch.softmax(logits, -1).numpy().astype(np.float64)
     assert f.shape == (2, len(FEATURES))
@@ -75,6 +77,10 @@ def test_step_features_follow_their_definitions() -> None:
     assert f[:, 5] == pytest.approx(np.abs(probs - p_median).sum(-1), abs=1e-5)
     residual = np.abs(obs.numpy() - smoothed).reshape(2, -1).mean(1)
     assert f[:, 6] == pytest.approx(np.log(residual + RESIDUAL_FLOOR), abs=1e-5)
+    change = np.abs(obs.numpy()[0] - previous_obs.numpy()[0]).mean()
+    assert f[0, 7] == pytest.approx(np.log(change + RESIDUAL_FLOOR), abs=1e-5) and np.isnan(f[1, 7])
+    with torch.no_grad():
+        assert np.isnan(step_features(view, obs, previous).numpy()[:, 7]).all()    # no previous frame at all
 
 
 def test_the_median_squeezer_is_scipys_median_filter() -> None:
@@ -92,18 +98,41 @@ def test_the_power_transform_is_scipys_yeo_johnson(lam: float) -> None:
 
 def test_the_score_is_the_mahalanobis_distance_and_the_false_alarm_rate_holds_on_fresh_data() -> None:
     rng = np.random.default_rng(0)
-    cov = np.diag([1.0, 2.0, 0.5, 1.0, 1.0, 1.0, 1.0])
+    cov = np.diag([1.0, 2.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.5])
     cov[0, 1] = cov[1, 0] = 0.3
-    skew = np.array([0, 0, 0, 0, 1, 1, 0], dtype=bool)        # two heavy-tailed features, like a squeezer's distance
-    clean = lambda n: np.where(skew, np.exp(rng.multivariate_normal(np.zeros(7), cov, n)),   # noqa: E731
-                               rng.multivariate_normal(np.zeros(7), cov, n))
-    detector = AlarmDetector.fit(clean(20000), clean(20000), false_alarm_rate=0.01)
-    x = np.array([1.0, -2.0, 0.5, 0.0, 3.0, 0.1, 0.2])
+    cov[6, 7] = cov[7, 6] = 0.6                                # the frame change correlates with the residual
+    skew = np.array([0, 0, 0, 0, 1, 1, 0, 0], dtype=bool)     # two heavy-tailed features, like a squeezer's distance
+    clean = lambda n: np.where(skew, np.exp(rng.multivariate_normal(np.zeros(8), cov, n)),   # noqa: E731
+                               rng.multivariate_normal(np.zeros(8), cov, n))
+    first_steps = clean(500)
+    first_steps[:, 7] = np.nan                                 # episode starts: no frame change, not fitted on
+    detector = AlarmDetector.fit(np.concatenate([clean(20000), first_steps]), clean(20000), false_alarm_rate=0.01)
+    x = np.array([1.0, -2.0, 0.5, 0.0, 3.0, 0.1, 0.2, -1.0])
     z = np.array([scipy.stats.yeojohnson(np.array([v]), lam)[0] for v, lam in zip(x, detector.lambdas)])
     assert detector.score(x) == pytest.approx(mahalanobis(z, detector.mean, detector.precision))
+    # a step without a frame change: the distance under the marginal of the other seven features
+    marginal = np.linalg.inv(np.linalg.inv(detector.precision)[:7, :7])
+    x_first = np.concatenate([x[:7], [np.nan]])
+    assert detector.score(x_first) == pytest.approx(mahalanobis(z[:7], detector.mean[:7], marginal))
+    assert detector.score(np.stack([x, x_first])) == pytest.approx([float(detector.score(x)), float(detector.score(x_first))])
     assert detector.alarms(clean(50000)).mean() == pytest.approx(0.01, abs=0.003)
-    shifted = clean(5000) + np.array([0, 0, 3.0, 0, 0, 0, 0])
+    shifted = clean(5000) + np.array([0, 0, 3.0, 0, 0, 0, 0, 0])
     assert detector.alarms(shifted).mean() > 0.5
+    with pytest.raises(ValueError, match="NaN only in log_frame_change"):
+        AlarmDetector.fit(np.where(np.arange(8) == 2, np.nan, clean(100)), clean(100))
+
+
+def test_a_frozen_camera_is_caught_by_the_frame_change() -> None:
+    """Every frame a frozen camera delivers is a clean frame; only the change since the previous one gives it away."""
+    view = TinyView().eval()
+    with torch.no_grad():
+        def features(n: int, seed: int, frozen: bool = False) -> np.ndarray:
+            obs = _flat_images(n, seed)
+            previous = obs.clone() if frozen else obs + 0.05 * torch.randn(obs.shape, generator=torch.Generator().manual_seed(seed))
+            return step_features(view, obs, previous_obs=previous.clamp(0, 1)).numpy()
+        detector = AlarmDetector.fit(features(400, 0), features(400, 1))
+        assert detector.alarms(features(400, 2)).mean() < 0.05
+        assert detector.alarms(features(400, 2, frozen=True)).mean() > 0.9
 
 
 def test_the_episode_alarm_threshold_is_the_binomial_quantile() -> None:
@@ -125,8 +154,8 @@ def test_auroc_is_the_share_of_pairs_an_attacked_step_wins() -> None:
 
 def _fitted(view: TinyView) -> AlarmDetector:
     with torch.no_grad():
-        return AlarmDetector.fit(step_features(view, _flat_images(400, 0)).numpy(),
-                                 step_features(view, _flat_images(400, 1)).numpy())
+        return AlarmDetector.fit(step_features(view, _flat_images(400, 0), previous_obs=_flat_images(400, 2)).numpy(),
+                                 step_features(view, _flat_images(400, 1), previous_obs=_flat_images(400, 3)).numpy())
 
 
 def test_a_saved_detector_loads_as_it_was_and_nothing_else_loads(tmp_path) -> None:

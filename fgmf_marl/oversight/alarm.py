@@ -9,6 +9,10 @@ Features of each agent-step (:func:`step_features`, in torch so that an adaptive
   on a squeezed copy of it, for two squeezers: bit-depth reduction to ``SQUEEZE_BITS`` bits and a 3x3 median
   filter. A small perturbation that a squeezer removes changes the policy's answer when squeezed; a clean
   observation mostly does not.
+* temporal: the log of the mean absolute change of the observation since the agent's previous one. A sensor
+  fault delivers clean frames (a frozen camera: no change at all; a teammate's view swapped in: a jump), which
+  no per-frame feature can tell from clean ones. The feature is undefined at an episode's first step (NaN):
+  the detector scores such a step on the marginal distribution of the other features.
 * input statistics (in the spirit of Hendrycks & Gimpel 2017): the log of the mean absolute residual of the
   observation after a 3x3 median filter, the high-frequency energy a dense perturbation adds. On rendered worlds
   of flat colours (the native env, pistonball) a clean frame's residual is its edges only, so this feature is the
@@ -42,7 +46,10 @@ from fgmf_marl.attacks.gradient import GradientAttack
 from fgmf_marl.config import ConfigError
 from fgmf_marl.policy import PolicyLike
 
-FEATURES = ("margin", "entropy", "value", "prob_change", "squeeze_bits", "squeeze_median", "log_residual")
+FEATURES = ("margin", "entropy", "value", "prob_change", "squeeze_bits", "squeeze_median", "log_residual",
+            "log_frame_change")
+#: features that are undefined (NaN) where there is no previous step; every other feature must be finite
+OPTIONAL_FEATURES = ("log_frame_change",)
 #: bits kept by the bit-depth squeezer: coarse enough to remove a perturbation of a few 1/255 steps
 SQUEEZE_BITS = 4
 #: added before the log of the residual, so a frame without edges has a finite feature
@@ -67,10 +74,12 @@ def squeeze_bits(x: Tensor, bits: int = SQUEEZE_BITS) -> Tensor:
     return x + (torch.round(x * levels) / levels - x).detach()
 
 
-def step_features(view: PolicyLike, obs: Tensor, previous: Tensor | None = None) -> Tensor:
+def step_features(view: PolicyLike, obs: Tensor, previous: Tensor | None = None,
+                  previous_obs: Tensor | None = None) -> Tensor:
     """(B, len(FEATURES)) features of ``obs`` (B, C, H, W) in [0, 1] seen by ``view``; ``previous`` (B, n_actions)
     are the same slots' action probabilities one step earlier (NaN rows, or None, where an episode just began,
-    whose change is 0). Differentiable in ``obs``."""
+    whose change is 0), ``previous_obs`` (B, C, H, W) the observations they saw then (NaN rows, or None: the frame
+    change is NaN there). Differentiable in ``obs``."""
     logits, values = view.logits_and_value(obs)
     probs = torch.softmax(logits, dim=-1)
     top = probs.topk(min(2, probs.shape[-1]), dim=-1).values
@@ -86,8 +95,14 @@ def step_features(view: PolicyLike, obs: Tensor, previous: Tensor | None = None)
     smoothed = median3(obs)
     squeezed_median = (probs - torch.softmax(view(smoothed), dim=-1)).abs().sum(-1)
     log_residual = ((obs - smoothed).abs().flatten(1).mean(1) + RESIDUAL_FLOOR).log()
-    return torch.stack([margin, entropy, values.reshape(-1), change, squeezed_bits, squeezed_median, log_residual],
-                       dim=-1)
+    if previous_obs is None:
+        frame_change = torch.full_like(margin, float("nan"))
+    else:
+        if previous_obs.shape != obs.shape:
+            raise ValueError(f"previous_obs must be like obs {tuple(obs.shape)}; got {tuple(previous_obs.shape)}")
+        frame_change = ((obs - previous_obs.to(obs)).abs().flatten(1).mean(1) + RESIDUAL_FLOOR).log()
+    return torch.stack([margin, entropy, values.reshape(-1), change, squeezed_bits, squeezed_median, log_residual,
+                        frame_change], dim=-1)
 
 
 def yeo_johnson(x: Tensor, lambdas: Tensor) -> Tensor:
@@ -130,10 +145,15 @@ class AlarmDetector:
             raise ValueError(f"features has {clean.shape[1]} columns for {len(features)} names {features}")
         if clean.shape[0] < clean.shape[1] + 1 or held_out.shape[0] < 1:
             raise ValueError(f"need more than {clean.shape[1]} clean steps to fit and one to calibrate")
-        if not np.isfinite(clean).all() or not np.isfinite(held_out).all():
-            raise ValueError("clean features must be finite")
+        optional = np.array([f in OPTIONAL_FEATURES for f in features])
+        for data in (clean, held_out):
+            if np.isinf(data).any() or np.isnan(data[:, ~optional]).any():
+                raise ValueError(f"clean features must be finite (NaN only in {', '.join(OPTIONAL_FEATURES)})")
         if not 0 < false_alarm_rate < 1:
             raise ValueError(f"false_alarm_rate={false_alarm_rate} must be in (0, 1)")
+        clean = clean[np.isfinite(clean).all(axis=1)]          # the Gaussian is fitted on complete steps
+        if clean.shape[0] < clean.shape[1] + 1:
+            raise ValueError(f"need more than {clean.shape[1]} clean steps with every feature defined to fit")
         lambdas = np.array([scipy.stats.yeojohnson(col)[1] if np.ptp(col) > 0 else 1.0 for col in clean.T])
         z = cls._transform(clean, lambdas)
         cov = np.cov(z, rowvar=False) + ridge * np.eye(z.shape[1])
@@ -150,11 +170,25 @@ class AlarmDetector:
         return self.score_tensor(torch.as_tensor(np.asarray(features, dtype=np.float64))).numpy()
 
     def score_tensor(self, features: Tensor) -> Tensor:
-        """:meth:`score` in torch, differentiable in ``features`` (what an adaptive attacker descends)."""
+        """:meth:`score` in torch, differentiable in ``features`` (what an adaptive attacker descends). A row with
+        NaN features (an optional feature undefined at an episode's first step) is scored on the marginal Gaussian
+        of its defined features: the Mahalanobis distance under the inverse of their sub-covariance."""
         z = yeo_johnson(features, torch.as_tensor(self.lambdas, dtype=features.dtype, device=features.device))
         diff = z - torch.as_tensor(self.mean, dtype=features.dtype, device=features.device)
         precision = torch.as_tensor(self.precision, dtype=features.dtype, device=features.device)
-        return torch.einsum("...i,ij,...j->...", diff, precision, diff).clamp(min=1e-12).sqrt()
+        missing = torch.isnan(diff)
+        if not missing.any():
+            return torch.einsum("...i,ij,...j->...", diff, precision, diff).clamp(min=1e-12).sqrt()
+        covariance = torch.linalg.inv(precision)
+        filled = torch.nan_to_num(diff)                # NaN never enters the graph; those columns are dropped below
+        score = torch.zeros(diff.shape[:-1], dtype=diff.dtype, device=diff.device)
+        for pattern in torch.unique(missing.reshape(-1, missing.shape[-1]), dim=0):
+            keep = ~pattern
+            sub = torch.linalg.inv(covariance[keep][:, keep])
+            d = filled[..., keep]
+            rows = (missing == pattern).all(dim=-1)
+            score = torch.where(rows, torch.einsum("...i,ij,...j->...", d, sub, d).clamp(min=1e-12).sqrt(), score)
+        return score
 
     def alarms(self, features: np.ndarray) -> np.ndarray:
         """True where a step's score exceeds the calibrated threshold."""
@@ -200,8 +234,10 @@ class AdaptivePGD(GradientAttack):
     adaptive attack of Carlini & Wagner 2017 and Tramer et al. 2020: the attacker knows the detector).
 
     The attacker sees one observation, not the agent's previous step, so the ``prob_change`` feature is estimated
-    against the action distribution on the clean observation (the closest thing to the previous step it has);
-    the bit squeezer is passed straight through (BPDA). ``weight`` trades success for stealth."""
+    against the action distribution on the clean observation (the closest thing to the previous step it has) and
+    the frame change is left undefined (the detector scores its other features, on their marginal); an eps-bounded
+    perturbation moves the frame change by at most eps per pixel anyway. The bit squeezer is passed straight
+    through (BPDA). ``weight`` trades success for stealth."""
 
     name = "adaptive_pgd"
 

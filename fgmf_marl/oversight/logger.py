@@ -109,6 +109,7 @@ class OversightLogger:
         self._last_frames: np.ndarray | None = None
         self.alarm = alarm
         self._previous_probs: Tensor | None = None   # every slot's action distribution one step earlier (the alarm's)
+        self._previous_obs: Tensor | None = None     # and the observation it saw then
         self.written: list[dict[str, Any]] = []
         self._writer_thread: ThreadPoolExecutor | None = None
         self._queued: deque[tuple[Future, int]] = deque()   # (episode write, its arrays' bytes), oldest first
@@ -196,14 +197,16 @@ class OversightLogger:
 
     def _alarm_scores(self, record: Any) -> np.ndarray:
         """The alarm's score of every slot of this step (features of the observation seen, the action distribution
-        moved since the slot's previous step; none at an episode's first step)."""
-        previous = self._previous_probs
-        if previous is not None:
-            previous[torch.as_tensor(np.repeat(np.asarray(record.t) == 0, record.n_agents), device=previous.device)] \
-                = float("nan")
+        and the frame moved since the slot's previous step; none at an episode's first step)."""
+        previous, previous_obs = self._previous_probs, self._previous_obs
+        if previous is not None and previous_obs is not None:
+            fresh = torch.as_tensor(np.repeat(np.asarray(record.t) == 0, record.n_agents))
+            previous[fresh.to(previous.device)] = float("nan")
+            previous_obs[fresh.to(previous_obs.device)] = float("nan")
         with torch.no_grad():
-            features = step_features(self.view, record.seen_obs.detach(), previous)
+            features = step_features(self.view, record.seen_obs.detach(), previous, previous_obs)
         self._previous_probs = record.probs.detach().clone()
+        self._previous_obs = record.seen_obs.detach().float().clone()
         return self.alarm.score(features.cpu().numpy())
 
     def _explain_pending(self) -> None:

@@ -49,14 +49,18 @@ def collect_features(view: PolicyLike, env_cfg: EnvConfig, episodes: int, seed: 
     rows: list[np.ndarray] = []
     ids: list[np.ndarray] = []
     previous: torch.Tensor | None = None
+    previous_obs: torch.Tensor | None = None
 
     def hook(rec: StepRecord) -> None:
-        nonlocal previous
-        if previous is not None:
-            previous[torch.as_tensor(np.repeat(rec.t == 0, n_agents), device=previous.device)] = float("nan")
+        nonlocal previous, previous_obs
+        fresh = torch.as_tensor(np.repeat(rec.t == 0, n_agents))
+        if previous is not None and previous_obs is not None:
+            previous[fresh.to(previous.device)] = float("nan")
+            previous_obs[fresh.to(previous_obs.device)] = float("nan")
         with torch.no_grad():
-            features = step_features(view, rec.seen_obs, previous).cpu().numpy().astype(np.float64)
+            features = step_features(view, rec.seen_obs, previous, previous_obs).cpu().numpy().astype(np.float64)
         previous = rec.probs.detach().clone()
+        previous_obs = rec.seen_obs.detach().clone()
         counted = np.repeat(rec.counted, n_agents)
         rows.append(features[counted])
         ids.append(np.repeat(np.arange(len(rec.t)) + len(rec.t) * np.asarray(rec.episode), n_agents)[counted])
