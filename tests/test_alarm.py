@@ -122,6 +122,17 @@ def test_the_score_is_the_mahalanobis_distance_and_the_false_alarm_rate_holds_on
         AlarmDetector.fit(np.where(np.arange(8) == 2, np.nan, clean(100)), clean(100))
 
 
+def test_no_tail_of_a_feature_is_squashed_by_the_power_transform() -> None:
+    """A right-skewed clean feature makes scipy's maximum-likelihood lambda large, whose transform maps the whole
+    left tail to about one value; clipped to [0, 2], a step far below every clean one still scores as an outlier."""
+    rng = np.random.default_rng(0)
+    clean = lambda n: np.column_stack([rng.normal(size=n), -rng.exponential(size=n)])   # noqa: E731
+    assert scipy.stats.yeojohnson(clean(20000)[:, 1])[1] > 2           # what the unclipped fit would use
+    detector = AlarmDetector.fit(clean(20000), clean(20000), features=("a", "b"))
+    assert (detector.lambdas >= 0).all() and (detector.lambdas <= 2).all()
+    assert detector.alarms(np.array([[0.0, -30.0]])).all()          # far below the clean range: an outlier
+
+
 def test_a_frozen_camera_is_caught_by_the_frame_change() -> None:
     """Every frame a frozen camera delivers is a clean frame; only the change since the previous one gives it away."""
     view = TinyView().eval()

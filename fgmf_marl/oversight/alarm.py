@@ -48,6 +48,10 @@ from fgmf_marl.policy import PolicyLike
 
 FEATURES = ("margin", "entropy", "value", "prob_change", "squeeze_bits", "squeeze_median", "log_residual",
             "log_frame_change")
+#: the Yeo-Johnson lambdas allowed: within [0, 2] the transform is unbounded on both sides; outside it one tail is
+#: squashed toward a constant (lambda > 2 bounds the negative side, lambda < 0 the positive), and an attack that
+#: moves a feature into that tail would score like a clean step
+LAMBDA_RANGE = (0.0, 2.0)
 #: features that are undefined (NaN) where there is no previous step; every other feature must be finite
 OPTIONAL_FEATURES = ("log_frame_change",)
 #: bits kept by the bit-depth squeezer: coarse enough to remove a perturbation of a few 1/255 steps
@@ -123,9 +127,9 @@ class AlarmDetector:
     """A Gaussian model of clean agent-steps and the score threshold of the chosen false-alarm rate.
 
     Each feature is first Yeo-Johnson transformed with the lambda that makes it most Gaussian on the clean fit set
-    (maximum likelihood, scipy): the raw features are heavy-tailed (a squeezer's distance is ~0 on most clean steps
-    and large on a few), and a Gaussian fitted to heavy tails puts its threshold so far out that attacked steps
-    hide below it."""
+    (maximum likelihood, scipy; clipped to ``LAMBDA_RANGE``, where neither tail is squashed): the raw features are
+    heavy-tailed (a squeezer's distance is ~0 on most clean steps and large on a few), and a Gaussian fitted to
+    heavy tails puts its threshold so far out that attacked steps hide below it."""
 
     mean: np.ndarray            # (F,) of the transformed features
     precision: np.ndarray       # (F, F) inverse of their (ridge-regularised) covariance
@@ -154,7 +158,8 @@ class AlarmDetector:
         clean = clean[np.isfinite(clean).all(axis=1)]          # the Gaussian is fitted on complete steps
         if clean.shape[0] < clean.shape[1] + 1:
             raise ValueError(f"need more than {clean.shape[1]} clean steps with every feature defined to fit")
-        lambdas = np.array([scipy.stats.yeojohnson(col)[1] if np.ptp(col) > 0 else 1.0 for col in clean.T])
+        lambdas = np.array([np.clip(scipy.stats.yeojohnson(col)[1], *LAMBDA_RANGE) if np.ptp(col) > 0 else 1.0
+                            for col in clean.T])
         z = cls._transform(clean, lambdas)
         cov = np.cov(z, rowvar=False) + ridge * np.eye(z.shape[1])
         detector = cls(z.mean(axis=0), np.linalg.inv(cov), lambdas, float("inf"), false_alarm_rate, tuple(features))
@@ -223,6 +228,7 @@ class AlarmDetector:
         n = len(features)
         if (features != FEATURES or mean.shape != (n,) or precision.shape != (n, n) or lambdas.shape != (n,)
                 or not all(np.isfinite(a).all() for a in (mean, precision, lambdas))
+                or (lambdas < LAMBDA_RANGE[0]).any() or (lambdas > LAMBDA_RANGE[1]).any()
                 or not math.isfinite(threshold) or not 0 < rate < 1):
             raise ConfigError(f"the alarm detector {path} does not fit this version's features {', '.join(FEATURES)} "
                               "(or holds non-finite numbers); refit it with scripts/alarm_eval.py")
