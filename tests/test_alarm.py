@@ -124,8 +124,8 @@ def test_the_score_is_the_mahalanobis_distance_and_the_false_alarm_rate_holds_on
 
 def test_no_tail_of_a_feature_is_squashed_by_the_power_transform() -> None:
     """A negative, left-skewed clean feature (like a log frame change) makes scipy's maximum-likelihood lambda ~20,
-    whose transform maps the whole negative side to about one value (a frozen frame scored 0.007 there); clipped
-    to [0, 2], a step far below every clean one scores as the outlier it is."""
+    whose transform maps the whole negative side to about one value; clipped to [0, 2], a step far below every
+    clean one scores as the outlier it is."""
     rng = np.random.default_rng(0)
     clean = lambda n: np.column_stack([rng.normal(size=n), -5 - 0.2 * rng.exponential(size=n)])   # noqa: E731
     assert scipy.stats.yeojohnson(clean(20000)[:, 1])[1] > 10          # what the unclipped fit would use

@@ -7,8 +7,9 @@ interval, its detection rate at that false-alarm rate and the team return the at
 ``surrogate`` (when given), and the adaptive PGD that also minimises the alarm's score at each of
 ``adaptive_weights``, at every eps; then the threat models beyond L-inf named in ``threat_models``: L2 PGD-10 at
 the eps-equivalent radius (every eps), and the attacks with a budget of their own, run once (the ``patch``,
-``corruptions`` and ``faults`` presets of ``evaluate.py --attacks``). Writes ``alarm_eval.{json,md}``, ``alarm_eval_config.yaml`` and the fitted
-``alarm_detector.json`` (for ``evaluate.py --alarm``) in ``<run>/eval`` (or ``--out``).
+``corruptions`` and ``faults`` presets of ``evaluate.py --attacks``). Writes ``alarm_eval.{json,md}``,
+``alarm_eval_config.yaml`` and the fitted ``alarm_detector.json`` (for ``evaluate.py --alarm``) in ``<run>/eval``
+(or ``--out``).
 """
 from __future__ import annotations
 

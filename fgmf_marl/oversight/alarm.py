@@ -109,6 +109,27 @@ def step_features(view: PolicyLike, obs: Tensor, previous: Tensor | None = None,
                         frame_change], dim=-1)
 
 
+class StepHistory:
+    """Each slot's action distribution and observation one step earlier, forgotten where an episode begins: what
+    :func:`step_features` compares a step with. One home for the evaluation's log and the alarm study, so both
+    score a step against the same past."""
+
+    def __init__(self) -> None:
+        self.probs: Tensor | None = None
+        self.obs: Tensor | None = None
+
+    def features(self, view: PolicyLike, seen_obs: Tensor, probs: Tensor, fresh: np.ndarray) -> Tensor:
+        """``step_features`` of this step's ``seen_obs`` (no graph), then remember it and its ``probs``; ``fresh``
+        (slots,) marks the slots whose episode begins with this step (no past to compare with)."""
+        if self.probs is not None and self.obs is not None:
+            self.probs[torch.as_tensor(fresh, device=self.probs.device)] = float("nan")
+            self.obs[torch.as_tensor(fresh, device=self.obs.device)] = float("nan")
+        with torch.no_grad():
+            features = step_features(view, seen_obs, self.probs, self.obs)
+        self.probs, self.obs = probs.detach().clone(), seen_obs.detach().clone()
+        return features
+
+
 def yeo_johnson(x: Tensor, lambdas: Tensor) -> Tensor:
     """The Yeo-Johnson power transform (Yeo & Johnson 2000; ``scipy.stats.yeojohnson(x, lmbda)``) of each column of
     ``x`` (..., F) with its own ``lambdas`` (F,); differentiable, so an adaptive attacker sees through it."""

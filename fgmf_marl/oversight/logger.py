@@ -43,7 +43,7 @@ from torch import Tensor
 
 from fgmf_marl.attribution.metrics import pointing_game, relevance_mass_accuracy
 from fgmf_marl.attribution.pgca import PGCA
-from fgmf_marl.oversight.alarm import AlarmDetector, episode_alarm_threshold, step_features
+from fgmf_marl.oversight.alarm import AlarmDetector, StepHistory, episode_alarm_threshold
 from fgmf_marl.oversight.render import overlay, review_signal
 from fgmf_marl.oversight.store import LogWriter
 from fgmf_marl.policy import PolicyLike
@@ -108,8 +108,7 @@ class OversightLogger:
         self._pending: list[tuple[int, Tensor, Tensor]] = []   # (env, observations seen, actions) of logged steps
         self._last_frames: np.ndarray | None = None
         self.alarm = alarm
-        self._previous_probs: Tensor | None = None   # every slot's action distribution one step earlier (the alarm's)
-        self._previous_obs: Tensor | None = None     # and the observation it saw then
+        self._alarm_history = StepHistory()          # every slot's previous step, what the alarm compares with
         self.written: list[dict[str, Any]] = []
         self._writer_thread: ThreadPoolExecutor | None = None
         self._queued: deque[tuple[Future, int]] = deque()   # (episode write, its arrays' bytes), oldest first
@@ -198,15 +197,8 @@ class OversightLogger:
     def _alarm_scores(self, record: Any) -> np.ndarray:
         """The alarm's score of every slot of this step (features of the observation seen, the action distribution
         and the frame moved since the slot's previous step; none at an episode's first step)."""
-        previous, previous_obs = self._previous_probs, self._previous_obs
-        if previous is not None and previous_obs is not None:
-            fresh = torch.as_tensor(np.repeat(np.asarray(record.t) == 0, record.n_agents))
-            previous[fresh.to(previous.device)] = float("nan")
-            previous_obs[fresh.to(previous_obs.device)] = float("nan")
-        with torch.no_grad():
-            features = step_features(self.view, record.seen_obs.detach(), previous, previous_obs)
-        self._previous_probs = record.probs.detach().clone()
-        self._previous_obs = record.seen_obs.detach().float().clone()
+        features = self._alarm_history.features(self.view, record.seen_obs, record.probs,
+                                                np.repeat(np.asarray(record.t) == 0, record.n_agents))
         return self.alarm.score(features.cpu().numpy())
 
     def _explain_pending(self) -> None:

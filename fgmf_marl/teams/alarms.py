@@ -15,15 +15,14 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from envs.registry import EnvConfig, make_vec_env, n_agents_of
 from fgmf_marl import seeds
 from fgmf_marl.attacks.base import Attack
 from fgmf_marl.attacks.frames import on_frames
-from fgmf_marl.oversight.alarm import (EPISODE_FALSE_ALARM_RATE, FEATURES, AdaptivePGD, AlarmDetector, auroc,
-                                       episode_alarm_threshold, step_features)
+from fgmf_marl.oversight.alarm import (EPISODE_FALSE_ALARM_RATE, FEATURES, AdaptivePGD, AlarmDetector, StepHistory,
+                                       auroc, episode_alarm_threshold)
 from fgmf_marl.policy import PolicyLike
 from fgmf_marl.rollout import RolloutResult, StepRecord, rollout
 
@@ -43,24 +42,16 @@ class Steps:
 
 def collect_features(view: PolicyLike, env_cfg: EnvConfig, episodes: int, seed: int,
                      attack: Attack | None = None) -> Steps:
-    """The features (see ``step_features``) of every counted agent-step of ``episodes`` episodes."""
+    """The features (``fgmf_marl.oversight.alarm.step_features``) of every counted agent-step of ``episodes`` episodes."""
     venv = make_vec_env(env_cfg, seed=seed)
     n_agents = n_agents_of(venv, env_cfg)
     rows: list[np.ndarray] = []
     ids: list[np.ndarray] = []
-    previous: torch.Tensor | None = None
-    previous_obs: torch.Tensor | None = None
+    history = StepHistory()
 
     def hook(rec: StepRecord) -> None:
-        nonlocal previous, previous_obs
-        fresh = torch.as_tensor(np.repeat(rec.t == 0, n_agents))
-        if previous is not None and previous_obs is not None:
-            previous[fresh.to(previous.device)] = float("nan")
-            previous_obs[fresh.to(previous_obs.device)] = float("nan")
-        with torch.no_grad():
-            features = step_features(view, rec.seen_obs, previous, previous_obs).cpu().numpy().astype(np.float64)
-        previous = rec.probs.detach().clone()
-        previous_obs = rec.seen_obs.detach().clone()
+        features = history.features(view, rec.seen_obs, rec.probs, np.repeat(rec.t == 0, n_agents))
+        features = features.cpu().numpy().astype(np.float64)
         counted = np.repeat(rec.counted, n_agents)
         rows.append(features[counted])
         ids.append(np.repeat(np.arange(len(rec.t)) + len(rec.t) * np.asarray(rec.episode), n_agents)[counted])
