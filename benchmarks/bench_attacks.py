@@ -28,8 +28,8 @@ def default_view(size: int = 48):
     from stable_baselines3 import PPO
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    from agents.config import PolicyConfig
-    from agents.policy_view import PolicyView
+    from fgmf_marl.agents.config import PolicyConfig
+    from fgmf_marl.agents.policy_view import PolicyView
 
     class _Env(gym.Env):
         observation_space = gym.spaces.Box(0, 255, (3, size, size), np.uint8)

@@ -40,8 +40,8 @@ from captum.attr import FeatureAblation, Saliency
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from agents.policies import ImageFeatures
-from agents.policy_view import PolicyView
+from fgmf_marl.agents.policies import ImageFeatures
+from fgmf_marl.agents.policy_view import PolicyView
 from fgmf_marl.attacks import PGD
 from fgmf_marl.attribution import PGCA, normalise_maps
 from fgmf_marl.oversight import OversightLogger
@@ -66,14 +66,14 @@ class _Synthetic(gym.Env):
 
 def make_env(n_envs: int, n_agents: int):
     try:
-        from envs.batched import CoverageVecEnv
-        from envs.native import CoverageConfig
+        from fgmf_marl.envs.batched import CoverageVecEnv
+        from fgmf_marl.envs.native import CoverageConfig
         venv = CoverageVecEnv(CoverageConfig(n_agents=n_agents), n_envs=n_envs, seed=0)
         return venv, "native"
     except ImportError:
         venv = DummyVecEnv([lambda i=i: _Synthetic(seed=i) for i in range(n_envs * n_agents)])
         venv.n_agents = n_agents
-        return venv, "synthetic (envs.native not importable)"
+        return venv, "synthetic (fgmf_marl.envs.native not importable)"
 
 
 def make_view(venv) -> PolicyView:

@@ -1,7 +1,7 @@
 """Training throughput of PPO, SA-PPO, FGMF-PPO and adversarial training side by side, and each part's cost.
 
 Every configuration trains the default job (native coverage env, default CNN, default PPO
-hyperparameters from ``agents.config.TrainConfig``); only ``defense`` differs. The models are
+hyperparameters from ``fgmf_marl.agents.config.TrainConfig``); only ``defense`` differs. The models are
 built once and then trained in interleaved rounds (one rollout + one ``train()`` each per round, the
 order rotating), so machine-load drift hits every row alike; each row reports its median
 agent-steps/s and the median over rounds of its ratio to vanilla PPO *in the same round*.
@@ -26,11 +26,11 @@ from tqdm.auto import tqdm
 
 from stable_baselines3.common.callbacks import CallbackList
 
-from agents.defended import build_model
 from fgmf_marl import config as cfglib
+from fgmf_marl.agents.defended import build_model
 from fgmf_marl.defenses.config import ScorpioConfig
-from fgmf_marl.teams.training import ppo_kwargs, training_callbacks, training_env
 from fgmf_marl.teams.train_config import TrainConfig
+from fgmf_marl.teams.training import ppo_kwargs, training_callbacks, training_env
 
 #: SCOR-PIO's default knobs before experiments/fgmf_dense.yaml's configuration replaced them: an eighth of every
 #: eighth minibatch at lambda 1, eps 4, delta* one sign step, the curvature by a finite-difference HVP

@@ -3,7 +3,7 @@
 Rows: the batched native coverage env (``CoverageVecEnv``, what training uses), the reference
 single native env (``CoverageParallelEnv``), raw ``pettingzoo.butterfly.pistonball_v6`` (parallel
 API, full-size frames) and the SuperSuit pistonball chain the trainer uses
-(``envs.registry.make_vec_env``: resize to the adapter size, ``pettingzoo_env_to_vec_env_v1``,
+(``fgmf_marl.envs.registry.make_vec_env``: resize to the adapter size, ``pettingzoo_env_to_vec_env_v1``,
 ``concat_vec_envs_v1``). Random actions are drawn before timing; each row runs for ``--seconds``
 after one warm-up step. The goal (issue 3): batched native >= 50,000 agent-steps/s on 2 cores.
 
@@ -17,8 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-from envs.batched import CoverageVecEnv
-from envs.native import CoverageConfig, CoverageParallelEnv
+from fgmf_marl.envs.batched import CoverageVecEnv
+from fgmf_marl.envs.native import CoverageConfig, CoverageParallelEnv
 
 GOAL = 50_000.0
 
@@ -78,7 +78,7 @@ def bench_pistonball_raw(seconds: float) -> float:
 
 
 def bench_pistonball_chain(n_envs: int, size: int, seconds: float) -> float:
-    from envs.registry import AdapterConfig, EnvConfig, make_vec_env
+    from fgmf_marl.envs.registry import AdapterConfig, EnvConfig, make_vec_env
 
     venv = make_vec_env(EnvConfig(name="pistonball", n_envs=n_envs, adapter=AdapterConfig(size=size)), seed=0)
     venv.reset()

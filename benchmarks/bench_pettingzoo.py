@@ -2,7 +2,7 @@
 
 Both train on the same env, PettingZoo's ``pistonball_v6`` with its default physics (20 pistons,
 125 cycles) and discrete actions, the action space our policies have, drawn with
-``render_mode="rgb_array"`` (without it pistonball never redraws; ``envs/registry.py``), and both are
+``render_mode="rgb_array"`` (without it pistonball never redraws; ``fgmf_marl/envs/registry.py``), and both are
 scored by the same definition: the deterministic policy's team return (per episode, the mean over
 the pistons of their summed rewards), mean ± std over ``--episodes`` episodes from the same seeds,
 beside a uniformly random policy's. Measured side by side in one run:
@@ -36,7 +36,7 @@ from pettingzoo.butterfly import pistonball_v6
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 
-from envs.registry import SeededVecEnv
+from fgmf_marl.envs.registry import SeededVecEnv
 from fgmf_marl.jobs.train import entry as train_entry
 
 MAX_CYCLES = 125

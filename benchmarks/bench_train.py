@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from stable_baselines3.common.callbacks import CallbackList
 
-from fgmf_marl.teams.train_config import TrainConfig
-from agents.defended import build_model
-from fgmf_marl.teams.training import ppo_kwargs
-from envs.registry import make_vec_env
 from fgmf_marl import config as cfglib
+from fgmf_marl.agents.defended import build_model
+from fgmf_marl.envs.registry import make_vec_env
+from fgmf_marl.teams.train_config import TrainConfig
+from fgmf_marl.teams.training import ppo_kwargs
 
 
 def env_only(cfg: TrainConfig, steps: int) -> float:

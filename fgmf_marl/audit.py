@@ -54,9 +54,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from fgmf_marl.atomic import atomic_write_text
 from fgmf_marl.attacks import BPDA, FGSM, PGD, Attack, RandomNoise, Square, Transfer, has_gate
 from fgmf_marl.attacks.gradient import objective_values
-from fgmf_marl.atomic import atomic_write_text
 from fgmf_marl.config import ConfigError
 from fgmf_marl.policy import PolicyLike
 

@@ -2,7 +2,7 @@
 
 Attacks, attributions, defenses, the audit, the episode loop and the oversight log reach a trained
 policy only through :class:`PolicyLike`, so the framework never imports the package that builds
-networks (``agents``); ``agents.policy_view.PolicyView`` is the implementation every command uses.
+networks (``agents``); ``fgmf_marl.agents.policy_view.PolicyView`` is the implementation every command uses.
 
 Conventions shared by every floor above:
 

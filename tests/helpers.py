@@ -9,10 +9,10 @@ import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from agents.policies import ImageFeatures
-from agents.policy_view import PolicyView
-from envs.batched import CoverageVecEnv
-from envs.native import CoverageConfig
+from fgmf_marl.agents.policies import ImageFeatures
+from fgmf_marl.agents.policy_view import PolicyView
+from fgmf_marl.envs.batched import CoverageVecEnv
+from fgmf_marl.envs.native import CoverageConfig
 
 
 class ImageEnv(gym.Env):

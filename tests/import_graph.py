@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("fgmf_marl", "agents", "envs")
+PACKAGES = ("fgmf_marl",)
 #: floors, top first: a module may import its own floor and the floors below it
-FLOORS = ("fgmf_marl.jobs", "fgmf_marl.experiments", "fgmf_marl.teams", "agents", "envs", "fgmf_marl")
+FLOORS = ("fgmf_marl.jobs", "fgmf_marl.experiments", "fgmf_marl.teams", "fgmf_marl.agents", "fgmf_marl.envs",
+          "fgmf_marl")
 
 
 @dataclass
@@ -100,7 +101,7 @@ def build() -> Graph:
 
 
 def upward(graph: Graph) -> list[Import]:
-    """Imports from a floor to one above it (``fgmf_marl`` -> ``envs``, ``envs`` -> ``agents``, ...)."""
+    """Imports from a floor to one above it (``fgmf_marl.certify`` -> ``fgmf_marl.envs``, ``fgmf_marl.envs`` -> ``fgmf_marl.agents``, ...)."""
     return [i for i in graph.imports if floor(i.target) < floor(i.source)]
 
 

@@ -9,15 +9,15 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from agents.adversarial import AdversarialTrainingConfig, AttackedVecEnv
-from agents.adversary import AdversaryConfig, load_director
-from envs.batched import CoverageVecEnv
-from envs.native import CoverageConfig
 from fgmf_marl import config as cfglib
+from fgmf_marl.agents.adversarial import AdversarialTrainingConfig, AttackedVecEnv
+from fgmf_marl.agents.adversary import AdversaryConfig, load_director
 from fgmf_marl.attacks import PGD
 from fgmf_marl.config import ConfigError
-from fgmf_marl.teams.checkpoints import env_spaces, load_model
+from fgmf_marl.envs.batched import CoverageVecEnv
+from fgmf_marl.envs.native import CoverageConfig
 from fgmf_marl.jobs.train import entry as train_cli
+from fgmf_marl.teams.checkpoints import env_spaces, load_model
 from fgmf_marl.teams.train_config import TrainConfig
 from helpers import tiny_view
 

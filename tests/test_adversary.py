@@ -11,19 +11,19 @@ import torch
 from pettingzoo.test import parallel_api_test
 from stable_baselines3 import PPO
 
-from agents.adversary import (ADVERSARY, AdversaryConfig, AdversaryParallelEnv, AdversaryVecEnv, DirectorCore, director_policy_kwargs,
+from fgmf_marl.agents.adversary import (ADVERSARY, AdversaryConfig, AdversaryParallelEnv, AdversaryVecEnv, DirectorCore, director_policy_kwargs,
                               knowledge_size, warm_start)
-from fgmf_marl.attacks.budget import Budget
-from fgmf_marl.teams.checkpoints import load_adversary
-from agents.policy_view import PolicyView
-from envs.batched import CoverageVecEnv
-from envs.native import CoverageConfig
-from envs.registry import EnvConfig, make_parallel_env
+from fgmf_marl.agents.policy_view import PolicyView
 from fgmf_marl.attacks import PGD
+from fgmf_marl.attacks.budget import Budget
 from fgmf_marl.attacks.registry import make_attack
+from fgmf_marl.envs.batched import CoverageVecEnv
+from fgmf_marl.envs.native import CoverageConfig
+from fgmf_marl.envs.registry import EnvConfig, make_parallel_env
 from fgmf_marl.jobs.adversary import entry as cli
 from fgmf_marl.jobs.evaluate import entry as eval_cli
 from fgmf_marl.jobs.train import entry as train_cli
+from fgmf_marl.teams.checkpoints import load_adversary
 from helpers import coverage_view
 
 CFG = CoverageConfig(max_steps=8)

@@ -211,7 +211,7 @@ def _train_tiny(run, train_cli, timesteps: int = 256) -> None:
 
 
 def test_the_alarm_study_on_a_trained_policy(tmp_path) -> None:
-    from agents.policy_view import PolicyView
+    from fgmf_marl.agents.policy_view import PolicyView
     from fgmf_marl.jobs.train import entry as train_cli
     from fgmf_marl.teams.alarms import alarm_study
     from fgmf_marl.teams.checkpoints import load_model

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from agents.policy_view import PolicyView
+from fgmf_marl.agents.policy_view import PolicyView
 from fgmf_marl.attacks import (ATTACKS, BPDA, EOT, FGSM, MAD, PGD, CriticAttack, RandomNoise, Square,
                                Transfer, make_attack, parse_spec, project, slot_mask)
 from fgmf_marl.attacks.gradient import objective_values

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agents.policy_view import PolicyView
+from fgmf_marl.agents.policy_view import PolicyView
 from fgmf_marl.attribution import GradCAMPlusPlus
 from helpers import tiny_view
 
@@ -234,8 +234,8 @@ def test_captum_baselines_behind_the_interface() -> None:
 from captum.attr import FeatureAblation, IntegratedGradients, Saliency  # noqa: E402
 
 from fgmf_marl.attribution import GradientShapMap, PGCAStage, RandomMap, SegmentPerturbation, SmoothGradMap  # noqa: E402
-from fgmf_marl.attribution.base import normalise_maps  # noqa: E402
 from fgmf_marl.attribution import perturbation  # noqa: E402
+from fgmf_marl.attribution.base import normalise_maps  # noqa: E402
 from fgmf_marl.attribution.perturbation import background_colour, connected_components, segment_units  # noqa: E402
 from fgmf_marl.attribution.pgca import rank_preserving_stretch  # noqa: E402
 
@@ -446,7 +446,7 @@ def test_rankdata_is_scipys_average_rank_with_ties_and_on_whole_maps() -> None:
     np.testing.assert_allclose(rankdata(torch.from_numpy(whole)).numpy(), np.stack([stats.rankdata(r) for r in whole]))
 
 
-from agents.policies import LOCAL_COST_LIMIT, ablated_crop, conv_output_size, pack_for_crops, window_indices  # noqa: E402
+from fgmf_marl.agents.policies import LOCAL_COST_LIMIT, ablated_crop, conv_output_size, pack_for_crops, window_indices  # noqa: E402
 
 
 def _receptive_field_features(net, ablations, clean: torch.Tensor) -> torch.Tensor:
@@ -506,8 +506,8 @@ def test_pgca_with_layerwise_ablations_equals_the_receptive_field_recompute(monk
     """P's ablations recomputed window by window, layer by layer (``CnnBackbone.features_of_ablations``) against
     the former recompute of each last window's whole receptive field, on native observations (2-4 px entities,
     walls, four env steps of four env copies): every PGCA stage within 1e-5."""
-    from envs.batched import CoverageVecEnv
-    from envs.native import CoverageConfig
+    from fgmf_marl.envs.batched import CoverageVecEnv
+    from fgmf_marl.envs.native import CoverageConfig
     from helpers import coverage_view
     cfg = CoverageConfig()
     view = coverage_view(cfg)

@@ -17,13 +17,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agents.adversary import AdversaryConfig
 from fgmf_marl import config as cfglib
+from fgmf_marl.agents.adversary import AdversaryConfig
 from fgmf_marl.config import ConfigError
 from fgmf_marl.jobs import adversary, evaluate, explain, replay, train
-from fgmf_marl.teams.explanation import ExplainConfig
 from fgmf_marl.oversight.replay import ReplayConfig
 from fgmf_marl.teams.eval_config import EvalConfig
+from fgmf_marl.teams.explanation import ExplainConfig
 from fgmf_marl.teams.train_config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

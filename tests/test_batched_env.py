@@ -11,10 +11,10 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from stable_baselines3.common.vec_env import VecEnv
 
-from envs.batched import BatchedCoverage, CoverageVecEnv
-from envs.native import CoverageConfig, CoverageParallelEnv
-from envs.reference import reference_returns
 from fgmf_marl.config import ConfigError
+from fgmf_marl.envs.batched import BatchedCoverage, CoverageVecEnv
+from fgmf_marl.envs.native import CoverageConfig, CoverageParallelEnv
+from fgmf_marl.envs.reference import reference_returns
 
 def chw(obs: np.ndarray) -> np.ndarray:
     """A reference observation (H, W, C) in the batched env's layout (C, H, W)."""

@@ -11,12 +11,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agents.policy_view import PolicyView
-from envs.batched import CoverageVecEnv
-from envs.native import CoverageConfig
+from fgmf_marl.agents.policy_view import PolicyView
 from fgmf_marl.attacks import FGSM, PGD
 from fgmf_marl.attacks.budget import (SELECTORS, Budget, BudgetedAttack, FixedSelector, RandomSelector,
                                       TimedSelector, ValueSelector, make_selector, step_scores)
+from fgmf_marl.envs.batched import CoverageVecEnv
+from fgmf_marl.envs.native import CoverageConfig
 from fgmf_marl.jobs.evaluate import entry as eval_cli
 from fgmf_marl.jobs.train import entry as train_cli
 from fgmf_marl.rollout import rollout

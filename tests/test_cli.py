@@ -1,6 +1,7 @@
 """The one command-line convention (``fgmf_marl.jobs.cli``): every command shares flags, loader and errors."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import pytest
@@ -84,3 +85,12 @@ def test_overrides_may_stand_between_options(tmp_path) -> None:
     parser = train.build_parser()
     args = cli.parse(parser, ["--run-dir", str(tmp_path), "ppo.n_steps=32", "--timesteps", "100", "seed=3"])
     assert args.overrides == ["ppo.n_steps=32", "seed=3"] and args.timesteps == 100
+
+
+def test_command_name_is_the_console_command_when_run_as_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/fgmf-evaluate", "--help"])
+    assert cli.command_name("evaluate.py") == "fgmf-evaluate"
+    monkeypatch.setattr(sys, "argv", ["scripts/evaluate.py"])
+    assert cli.command_name("evaluate.py") == "evaluate.py"
+    monkeypatch.setattr(sys, "argv", [""])
+    assert cli.command_name("evaluate.py") == "evaluate.py"

@@ -14,8 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fgmf_marl import config as cfglib
 from fgmf_marl.attacks.registry import expand_presets
-from fgmf_marl.jobs.train import entry as train_cli
 from fgmf_marl.jobs.evaluate import entry as cli
+from fgmf_marl.jobs.train import entry as train_cli
 from fgmf_marl.teams.eval_config import EvalConfig
 
 FAST_TRAIN = ["env.n_envs=2", "ppo.n_steps=32", "ppo.batch_size=64", "ppo.n_epochs=1", "eval_episodes=2",

@@ -15,13 +15,13 @@ from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from agents.defended import algorithm_class, build_model, load_model
-from agents.fgmf_ppo import FGMFPPO
-from agents.policies import ImageFeatures
-from agents.policy_view import PolicyView
-from agents.safe_load import ppo_objects
-from agents.sappo import SAPPO
 from fgmf_marl import config as cfglib
+from fgmf_marl.agents.defended import algorithm_class, build_model, load_model
+from fgmf_marl.agents.fgmf_ppo import FGMFPPO
+from fgmf_marl.agents.policies import ImageFeatures
+from fgmf_marl.agents.policy_view import PolicyView
+from fgmf_marl.agents.safe_load import ppo_objects
+from fgmf_marl.agents.sappo import SAPPO
 from fgmf_marl.config import ConfigError
 from fgmf_marl.defenses.config import DefenseConfig
 from fgmf_marl.defenses.sgam import SGAM

@@ -117,7 +117,7 @@ def test_layouts_and_bad_stacks() -> None:
 def test_pistonballs_stack_holds_the_newest_frame_last_as_frame_history_assumes() -> None:
     """SuperSuit's frame_stack_v1 through our env chain: each step's older frames are the previous step's newer
     ones (the layout FrameHistory reads), and the stack starts from zeros."""
-    from envs.registry import EnvConfig, make_vec_env
+    from fgmf_marl.envs.registry import EnvConfig, make_vec_env
     from fgmf_marl import config as cfglib
 
     cfg = cfglib.load(EnvConfig, overrides=["name=pistonball", "n_envs=1", "adapter.size=32", "adapter.grayscale=true",

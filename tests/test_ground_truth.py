@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from pettingzoo.butterfly import pistonball_v6
 
-from envs.ground_truth import PistonballMasks, _head_footprint, box, pistonball_masks, reduce_any, stamp
-from envs.registry import AdapterConfig, EnvConfig, make_vec_env
+from fgmf_marl.envs.ground_truth import PistonballMasks, _head_footprint, box, pistonball_masks, reduce_any, stamp
+from fgmf_marl.envs.registry import AdapterConfig, EnvConfig, make_vec_env
 
 BLUE = np.array([65, 159, 221])   # pistonball's colour of the ball and of the piston heads
 

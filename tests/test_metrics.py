@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from fgmf_marl.attribution import PGCA
-from fgmf_marl.attribution.study import episode_mean_ci
 from fgmf_marl.attribution.metrics import (auc, deletion_auc, deletion_insertion_curves, insertion_auc,
                                            map_similarity, max_sensitivity, pointing_game,
                                            relevance_mass_accuracy, relevance_rank_accuracy, support_spearman)
+from fgmf_marl.attribution.study import episode_mean_ci
 from test_attribution import make_view, random_obs
 
 
@@ -125,8 +125,8 @@ def test_clean_vs_attacked_similarity_with_pgd() -> None:
 # ---------------------------------------------------------------- explain_eval end to end
 def _untrained_run(root, **policy):
     from fgmf_marl.teams.train_config import TrainConfig
-    from agents.defended import build_model
-    from envs.registry import make_vec_env
+    from fgmf_marl.agents.defended import build_model
+    from fgmf_marl.envs.registry import make_vec_env
     from fgmf_marl import config as cfglib
     from fgmf_marl.runs import RunDir
     cfg = cfglib.from_dict(TrainConfig, {"env": {"n_envs": 1, "native": {"max_steps": 10}}, "policy": policy})
@@ -193,8 +193,8 @@ def test_episode_mean_ci_lies_within_the_per_episode_range() -> None:
 def test_study_sanity_rows_separate_model_free_maps_from_model_dependent_ones() -> None:
     """The randomisation rows of ``explain_eval``: a seeded random map and the model-free segment mask
     lose nothing when the model is randomised, and the gradient map's ranking inside the entities changes."""
-    from envs.batched import CoverageVecEnv
-    from envs.native import CoverageConfig
+    from fgmf_marl.envs.batched import CoverageVecEnv
+    from fgmf_marl.envs.native import CoverageConfig
     from fgmf_marl.attribution import RandomMap
     from fgmf_marl.attribution.perturbation import SegmentMask
     from fgmf_marl.attribution.pgca import PGCAStage

@@ -6,10 +6,10 @@ import pytest
 from pettingzoo.test import parallel_api_test, parallel_seed_test, render_test
 from pettingzoo.utils.conversions import parallel_to_aec
 
-from envs.native import (BACKGROUND, DISTRACTORS, LANDMARK, OWN, TEAMMATE, WALL, CoverageConfig, CoverageParallelEnv,
-                         oracle_action, oracle_assignment)
-from envs.reference import ReferenceReturns, normalised_return, reference_returns
 from fgmf_marl.config import ConfigError
+from fgmf_marl.envs.native import (BACKGROUND, DISTRACTORS, LANDMARK, OWN, TEAMMATE, WALL, CoverageConfig, CoverageParallelEnv,
+                         oracle_action, oracle_assignment)
+from fgmf_marl.envs.reference import ReferenceReturns, normalised_return, reference_returns
 
 
 def test_parallel_api() -> None:

@@ -13,12 +13,12 @@ import pytest
 import torch
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from fgmf_marl.attribution import PGCA
 from fgmf_marl.atomic import atomic_write
-from envs.native import ACTION_NAMES as NATIVE_ACTION_NAMES
-from fgmf_marl.oversight import OversightLogger, load_episode, read_manifest, verify
-from fgmf_marl.jobs.replay import main as replay_main
+from fgmf_marl.attribution import PGCA
 from fgmf_marl.config import ConfigError
+from fgmf_marl.envs.native import ACTION_NAMES as NATIVE_ACTION_NAMES
+from fgmf_marl.jobs.replay import main as replay_main
+from fgmf_marl.oversight import OversightLogger, load_episode, read_manifest, verify
 from fgmf_marl.oversight.store import MANIFEST, LogWriter, npz_bytes
 from fgmf_marl.rollout import rollout
 from test_attribution import make_view
@@ -240,8 +240,8 @@ def test_replay_verify_cli_exit_codes(tmp_path: Path, capsys, copy_log) -> None:
 
 
 def test_logger_on_native_env_records_frames_relevance_and_scores(tmp_path: Path) -> None:
-    from envs.batched import CoverageVecEnv
-    from envs.native import CoverageConfig
+    from fgmf_marl.envs.batched import CoverageVecEnv
+    from fgmf_marl.envs.native import CoverageConfig
     venv = CoverageVecEnv(CoverageConfig(max_steps=4), n_envs=2, seed=3)
     view = make_view(size=48)
     rendered = []

@@ -19,8 +19,8 @@ import pytest
 
 from fgmf_marl.config import ConfigError
 from fgmf_marl.jobs.cli import run
-from fgmf_marl.oversight import store
 from fgmf_marl.jobs.replay import main as replay_main
+from fgmf_marl.oversight import store
 from fgmf_marl.oversight.report import build_report
 from fgmf_marl.oversight.store import (GENESIS, MANIFEST, LogWriter, entry_hash, load_episode, read_key,
                                        read_records, record_hmac, sha256_file, verify)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from envs.registry import MASKED_ENVS, PETTINGZOO_ENVS
+from fgmf_marl.envs.registry import MASKED_ENVS, PETTINGZOO_ENVS
 from fgmf_marl.jobs.evaluate import entry as eval_cli
 from fgmf_marl.jobs.explain import entry as explain_cli
 from fgmf_marl.jobs.train import entry as train_cli

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.policies import CnnBackbone, ImageFeatures, VitBackbone, compute_dtype
+from fgmf_marl.agents.policies import CnnBackbone, ImageFeatures, VitBackbone, compute_dtype
 from fgmf_marl.policy import Ablations
 
 
@@ -94,8 +94,8 @@ def test_empty_net_arch_feeds_features_to_the_heads() -> None:
     from stable_baselines3 import PPO
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    from agents.config import PolicyConfig
-    from agents.policy_view import PolicyView
+    from fgmf_marl.agents.config import PolicyConfig
+    from fgmf_marl.agents.policy_view import PolicyView
 
     class Images(gym.Env):
         observation_space = gym.spaces.Box(0, 255, (3, 48, 48), dtype=np.uint8)

@@ -25,10 +25,10 @@ from fgmf_marl import atomic, runs
 from fgmf_marl.config import ConfigError
 from fgmf_marl.jobs import adversary, alarms, certify, evaluate, explain, replay, reproduce, train
 from fgmf_marl.oversight import replay as replay_library
-from fgmf_marl.teams import grid, training
 from fgmf_marl.oversight.render import render_frames
 from fgmf_marl.oversight.store import Episode
 from fgmf_marl.runs import RunDir
+from fgmf_marl.teams import grid, training
 from test_oversight import sign_noise, write_log
 
 pytestmark = pytest.mark.usefixtures("one_thread")

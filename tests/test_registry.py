@@ -6,9 +6,9 @@ import pytest
 from pettingzoo.test import parallel_api_test
 from stable_baselines3.common.vec_env import VecEnv
 
-from envs.native import CoverageConfig
-from envs.registry import ENVIRONMENTS, AdapterConfig, EnvConfig, make_parallel_env, make_vec_env, n_agents_of
 from fgmf_marl.config import ConfigError, from_dict
+from fgmf_marl.envs.native import CoverageConfig
+from fgmf_marl.envs.registry import ENVIRONMENTS, AdapterConfig, EnvConfig, make_parallel_env, make_vec_env, n_agents_of
 
 ADAPTER_AGENTS = {"pistonball": 20, "cooperative_pong": 2, "kaz": 4}
 

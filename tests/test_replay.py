@@ -8,10 +8,10 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
+from fgmf_marl.jobs.replay import main as replay_main
 from fgmf_marl.oversight import load_episode
 from fgmf_marl.oversight.render import render_frames
 from fgmf_marl.oversight.report import build_report
-from fgmf_marl.jobs.replay import main as replay_main
 from test_oversight import sign_noise, write_log
 
 
@@ -196,7 +196,7 @@ def test_frame_headers_captions_colour_bars_and_relevance_outline(small_log: Pat
 
 def test_legend_colours_match_the_native_env() -> None:
     """The legend's copy of the env's colours (this layer may not import envs) stays equal to the env's."""
-    from envs import native
+    from fgmf_marl.envs import native
     from fgmf_marl.oversight import render
     assert [tuple(c) for c in native.RENDER_AGENTS.tolist()] == list(render.AGENT_COLOURS)
     assert len(render.AGENT_COLOUR_NAMES) == len(render.AGENT_COLOURS)
@@ -252,8 +252,8 @@ def test_cards_show_and_frame_their_agent(small_log: Path, tmp_path: Path) -> No
 def test_report_is_at_most_1_mb_per_episode_on_a_native_env_log(tmp_path: Path) -> None:
     """The native env's defaults (48x48 images, 3 agents, 40 steps), every step logged, under sign noise
     (noisy observations compress worst): measured 0.74 MB per episode (the GIF-based page was 3.6 MB)."""
-    from envs.batched import CoverageVecEnv
-    from envs.native import CoverageConfig
+    from fgmf_marl.envs.batched import CoverageVecEnv
+    from fgmf_marl.envs.native import CoverageConfig
     from fgmf_marl.attribution import PGCA
     from fgmf_marl.oversight import OversightLogger
     from fgmf_marl.oversight.report import build_report

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from agents.defended import build_model
-from agents.sappo import SAPPO, kl_pgd_delta, policy_kl
 from fgmf_marl import config as cfglib
+from fgmf_marl.agents.defended import build_model
+from fgmf_marl.agents.sappo import SAPPO, kl_pgd_delta, policy_kl
 from fgmf_marl.config import ConfigError
 from fgmf_marl.defenses.config import DefenseConfig
 

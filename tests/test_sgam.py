@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agents.policy_view import PolicyView
 from fgmf_marl import config as cfglib
+from fgmf_marl.agents.policy_view import PolicyView
 from fgmf_marl.attribution import GradCAMPlusPlus
 from fgmf_marl.config import ConfigError
 from fgmf_marl.defenses.config import DefenseConfig, SgamConfig

@@ -10,7 +10,7 @@ import yaml
 import gymnasium as gym
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from agents.smooth_ppo import GaussianObservationNoise
+from fgmf_marl.agents.smooth_ppo import GaussianObservationNoise
 from fgmf_marl.jobs.train import entry as train_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -5,7 +5,7 @@ import numpy as np
 import supersuit as ss
 from pettingzoo.test import parallel_api_test
 
-from envs.native import CoverageConfig, CoverageParallelEnv
+from fgmf_marl.envs.native import CoverageConfig, CoverageParallelEnv
 
 CFG = CoverageConfig(max_steps=6)
 

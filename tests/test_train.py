@@ -12,10 +12,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from agents.policy_view import PolicyView
+from fgmf_marl.agents.policy_view import PolicyView
 from fgmf_marl.jobs.train import entry as cli
-from fgmf_marl.teams.checkpoints import load_model
 from fgmf_marl.runs import RunDir
+from fgmf_marl.teams.checkpoints import load_model
 
 FAST = ["env.n_envs=4", "ppo.n_steps=32", "ppo.batch_size=128", "ppo.n_epochs=1", "eval_episodes=4",
         "checkpoint_every=768"]

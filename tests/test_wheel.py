@@ -22,7 +22,7 @@ import pytest
 from test_reproduce import ROOT, TINY, _numbers
 
 #: what the wheel is built from: pyproject's metadata and readme, and the packages it finds
-SOURCES = ("pyproject.toml", "README.md", "fgmf_marl", "agents", "envs")
+SOURCES = ("pyproject.toml", "README.md", "fgmf_marl")
 #: the console commands this test does not otherwise run: each must at least start
 HELP_ONLY = ("explain", "reproduce", "adversary", "certify")
 #: toy training (tests/test_train.py's FAST), with its only checkpoint the last
@@ -67,13 +67,15 @@ def _run(env: Path, command: str, *args: str, cwd: Path) -> str:
 
 
 def test_installed_commands_train_evaluate_and_verify_outside_the_checkout(venv: Path, tmp_path: Path) -> None:
-    imported = _run(venv, "python", "-c", "import fgmf_marl, agents, envs; "
+    imported = _run(venv, "python", "-c", "import fgmf_marl.agents, fgmf_marl.envs; "
                     "from fgmf_marl.experiments.cache import code_version; "
-                    "print(fgmf_marl.__file__, agents.__file__, envs.__file__, code_version())", cwd=tmp_path).split()
-    assert all(Path(f).is_relative_to(venv) for f in imported[:3]), imported
-    assert imported[3] == "unknown"      # no checkout around the installed package: no git version to claim
+                    "print(fgmf_marl.agents.__file__, fgmf_marl.envs.__file__, code_version())", cwd=tmp_path).split()
+    assert all(Path(f).is_relative_to(venv) for f in imported[:2]), imported
+    assert imported[2] == "unknown"      # no checkout around the installed package: no git version to claim
+    site = Path(imported[0]).parents[2]
+    assert sorted(p.name for p in site.iterdir() if (p / "__init__.py").is_file()) == ["fgmf_marl"]  # no generic top-level names
     for command in HELP_ONLY:
-        assert "usage:" in _run(venv, f"fgmf-{command}", "--help", cwd=tmp_path)
+        assert _run(venv, f"fgmf-{command}", "--help", cwd=tmp_path).startswith(f"usage: fgmf-{command} ")
     _run(venv, "fgmf-train", *TINY_TRAIN, "--run-dir", "run", cwd=tmp_path)
     assert json.loads((tmp_path / "run" / "eval" / "summary.json").read_text())["episodes"] == 2
     _run(venv, "fgmf-evaluate", "run", "--attacks", "pgd:steps=2", "--eps", "2", "--episodes", "2", "--n-envs", "2",

@@ -6,11 +6,11 @@ import pytest
 
 from fgmf_marl.attacks.registry import expand_presets, make_attack
 from fgmf_marl.config import ConfigError
+from fgmf_marl.stats import bootstrap_ci
 from fgmf_marl.teams.cells import Cell, profile_rows, summarise, worst_across_checkpoints, worst_rows
 from fgmf_marl.teams.eval_config import EvalConfig
 from fgmf_marl.teams.grid import build_attacks, cell_folder, grid_cells
 from fgmf_marl.teams.report import episodes_csv, profile_markdown, results_markdown, worst_markdown
-from fgmf_marl.stats import bootstrap_ci
 
 STRONG = ["pgd:steps=20,restarts=5", "pgd:targeted=true,target_action=least_likely,steps=20", "mad", "critic", "square"]
 

@@ -8,7 +8,7 @@ Every attack is an :class:`Attack`: options in a typed constructor, then
 
     adv01 = attack(view, obs01, agent_mask=None, target=None)
 
-``view`` is a :class:`~fgmf_marl.policy.PolicyLike` (``agents.policy_view.PolicyView`` in every
+``view`` is a :class:`~fgmf_marl.policy.PolicyLike` (``fgmf_marl.agents.policy_view.PolicyView`` in every
 command), ``obs01`` a float batch (B, C, H, W) in [0, 1] holding any number of agents x
 envs at once (slot = env * n_agents + agent). ``agent_mask`` (B,) selects the attacked rows (one
 compromised sensor, or a subset of agents); the other rows come back bit-identical. ``target``

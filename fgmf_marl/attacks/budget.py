@@ -270,7 +270,7 @@ def step_scores(attack: BudgetedAttack, view: PolicyLike, clean: Tensor) -> np.n
 class BudgetState:
     """One budget spent per env over episodes: the single place where k and the step count are enforced.
 
-    Heuristic attackers (:class:`BudgetedPerturb`) and the learned director (``agents.adversary``)
+    Heuristic attackers (:class:`BudgetedPerturb`) and the learned director (``fgmf_marl.agents.adversary``)
     both ask :meth:`grant` which of the agents they want to attack they may attack this step.
     """
 

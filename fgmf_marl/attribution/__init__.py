@@ -3,12 +3,12 @@
 ``method.attribute(obs01, target=actions) -> (B, H, W)``; see :mod:`fgmf_marl.attribution.base`.
 """
 from fgmf_marl.attribution.base import Attribution, normalise_maps, target_score
-from fgmf_marl.policy import as_target
 from fgmf_marl.attribution.captum_baselines import (GradientShapMap, IntegratedGradientsMap, OcclusionMap, RandomMap,
                                                      SmoothGradMap)
 from fgmf_marl.attribution.gradcam import GradCAMPlusPlus
 from fgmf_marl.attribution.perturbation import PerturbationMap, PerturbationParts, SegmentPerturbation
 from fgmf_marl.attribution.pgca import PGCA, PGCAResult, PGCAStage
+from fgmf_marl.policy import as_target
 
 METHODS = {
     "pgca": PGCA,

@@ -1,7 +1,7 @@
 """The one attribution interface of fgmf-marl (Captum's API shape).
 
 Every explanation method is an :class:`Attribution`: built from a :class:`~fgmf_marl.policy.PolicyLike`
-(``agents.policy_view.PolicyView`` in every command) and called as
+(``fgmf_marl.agents.policy_view.PolicyView`` in every command) and called as
 ``method.attribute(obs01, target=actions)``. Inputs are float images (B, C, H, W) in [0, 1], the
 attacker's scale, for any batch of agents x envs at once; the output is one map (B, H, W) per sample,
 non-negative and normalised to [0, 1] per sample unless a method documents otherwise, so that maps

@@ -57,9 +57,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fgmf_marl.attribution.base import Attribution, TargetKind, normalise_maps, target_score, upsample
-from fgmf_marl.policy import PolicyLike, TargetLike, check_obs
 from fgmf_marl.attribution.gradcam import GradCAMPlusPlus, gradcam_pp_weights
 from fgmf_marl.attribution.perturbation import PerturbationMap, SegmentPerturbation, background_colour, cell_edges
+from fgmf_marl.policy import PolicyLike, TargetLike, check_obs
 
 
 @dataclass

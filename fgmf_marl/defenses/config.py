@@ -19,7 +19,7 @@ from typing import Literal
 
 from fgmf_marl.config import ConfigError, check_range
 
-#: The one table of defense kinds: each kind names the components it trains. ``agents.defended`` picks
+#: The one table of defense kinds: each kind names the components it trains. ``fgmf_marl.agents.defended`` picks
 #: the algorithm class that trains those components; the kinds' names, the ``Literal`` the config loader
 #: checks and the CLI's choices all derive from this table.
 DEFENSES: dict[str, frozenset[str]] = {
@@ -162,7 +162,7 @@ class SgamConfig(Scheduled):
 
 @dataclass
 class SappoConfig(Scheduled):
-    """SA-PPO-style smoothness regulariser knobs (see ``agents.sappo``)."""
+    """SA-PPO-style smoothness regulariser knobs (see ``fgmf_marl.agents.sappo``)."""
 
     eps: float = 4.0                   # L-inf budget of the PGD perturbation, in 1/255 units
     kappa: float = 0.1                 # weight of KL(pi(x) || pi(x + delta))
@@ -190,7 +190,7 @@ class SappoConfig(Scheduled):
 
 @dataclass
 class SmoothConfig:
-    """Gaussian noise on the training observations (``agents.smooth_ppo``), for randomised-smoothing certificates."""
+    """Gaussian noise on the training observations (``fgmf_marl.agents.smooth_ppo``), for randomised-smoothing certificates."""
 
     sigma: float = 0.25                # noise std in input units [0, 1], as scripts/certify.py --sigma
 

@@ -9,7 +9,7 @@ map s(x); upsampled, it gives the soft keep-mask k = sigmoid((s - tau) / T), and
 so perturbations where k ~ 0 are cut off before the backbone. ``mask(x)`` returns k (B, 1, H, W)
 for the oversight log, the replay and the attacks' BPDA.
 
-Training signals besides the RL loss (computed by ``agents.fgmf_ppo.FGMFPPO``):
+Training signals besides the RL loss (computed by ``fgmf_marl.agents.fgmf_ppo.FGMFPPO``):
 
 * ``distillation_loss``: binary cross-entropy between the low-resolution keep map and the
   policy's own Grad-CAM++ map (``fgmf_marl.attribution.GradCAMPlusPlus``, detached). The teacher is

@@ -1,6 +1,6 @@
 """``scripts/train_adversary.py``: train the PA-AD-style director against a frozen team, and its command line.
 
-The director, its environments and its use as an attack live in :mod:`agents.adversary`; this job
+The director, its environments and its use as an attack live in :mod:`fgmf_marl.agents.adversary`; this job
 loads the victim checkpoint, builds the director's training env on episodes no team run trains or
 evaluates on (``fgmf_marl.seeds.ADVERSARY_TRAINING``), trains it with SB3's PPO within its budget
 (``budget_agents``, ``budget_steps``), and writes the run directory that ``evaluate.py --attacks
@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Sequence
 
 
-from agents.adversary import AdversaryConfig
+from fgmf_marl.agents.adversary import AdversaryConfig
 from fgmf_marl.jobs import cli
 from fgmf_marl.teams.adversary_training import train_adversary
 
-PROG = "train_adversary.py"
+PROG = cli.command_name("train_adversary.py")
 
 
 # ---------------------------------------------------------------------------------------- CLI

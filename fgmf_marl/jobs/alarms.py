@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from agents.policy_view import PolicyView
 from fgmf_marl import config as cfglib
+from fgmf_marl.agents.policy_view import PolicyView
 from fgmf_marl.atomic import atomic_write_text
 from fgmf_marl.attacks import MAD, PGD, Square, Transfer, attack_label, expand_presets, make_attack, parse_spec
 from fgmf_marl.attacks.base import LEAST_LIKELY, Attack
@@ -31,7 +31,7 @@ from fgmf_marl.runs import check_output_dir, resolve_checkpoint
 from fgmf_marl.teams.alarms import ADAPTIVE_WEIGHTS, alarm_study
 from fgmf_marl.teams.checkpoints import load_model
 
-PROG = "alarm_eval.py"
+PROG = cli.command_name("alarm_eval.py")
 #: the threat models beyond L-inf the alarm can be measured against: ``l2`` at every eps, the rest once each
 THREAT_MODELS = ("l2", "patch", "corruptions", "faults")
 

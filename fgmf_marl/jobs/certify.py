@@ -17,7 +17,7 @@ from fgmf_marl.config import ConfigError
 from fgmf_marl.jobs import cli
 from fgmf_marl.teams.certification import CertifyConfig, certify, markdown
 
-PROG = "certify.py"
+PROG = cli.command_name("certify.py")
 
 
 # ---------------------------------------------------------------------------------------- CLI

@@ -47,6 +47,14 @@ T = TypeVar("T")
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
+def command_name(script: str) -> str:
+    """The name a user typed: the console command's (``fgmf-evaluate``) when the process is one, else ``script``
+    (``evaluate.py``: ``python scripts/evaluate.py``, and what tests calling ``main`` see). Why: usage lines and
+    one-line errors should name the command that works, not a file the installed user does not have."""
+    invoked = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return invoked if invoked.startswith("fgmf-") else script
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with a one-line error message and exit status 2."""
 

@@ -14,7 +14,7 @@ from fgmf_marl.jobs import cli
 from fgmf_marl.teams.eval_config import EvalConfig
 from fgmf_marl.teams.grid import evaluate
 
-PROG = "evaluate.py"
+PROG = cli.command_name("evaluate.py")
 
 
 def _floats(text: str, what: str = "eps", accepted: str = "numbers in 1/255 units, e.g. 1,2,4,8") -> list[float]:

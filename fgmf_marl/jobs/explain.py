@@ -4,7 +4,7 @@ Runs ``episodes`` evaluation episodes on the run's env (fresh seeds,
 ``fgmf_marl.seeds.EXPLANATION``), keeps every ``every``-th step of every agent, and compares PGCA,
 its stages P and G alone, the old grid P and Grad-CAM++, Integrated Gradients, Occlusion, GradientShap,
 SmoothGrad and a random map on the same observations against both ground-truth masks (the native env
-draws them; for pistonball ``envs/ground_truth.py`` computes them from the physics state), with 95 %
+draws them; for pistonball ``fgmf_marl/envs/ground_truth.py`` computes them from the physics state), with 95 %
 bootstrap intervals over episodes (see
 :mod:`fgmf_marl.attribution.study`). With ``eps`` > 0 the maps are also compared on PGD-attacked
 observations (also their relevance mass on those observations), and for a policy with an SGAM gate
@@ -25,7 +25,7 @@ from typing import Sequence
 from fgmf_marl.jobs import cli
 from fgmf_marl.teams.explanation import ExplainConfig, explain
 
-PROG = "explain_eval.py"
+PROG = cli.command_name("explain_eval.py")
 
 
 # ---------------------------------------------------------------------------------------- CLI

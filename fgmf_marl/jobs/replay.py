@@ -26,7 +26,7 @@ from typing import Sequence
 from fgmf_marl.jobs import cli
 from fgmf_marl.oversight.replay import ReplayConfig, replay
 
-PROG = "replay.py"
+PROG = cli.command_name("replay.py")
 
 
 # ------------------------------------------------------------------------------------------ CLI

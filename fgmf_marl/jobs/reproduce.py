@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from agents.adversary import AdversaryConfig
+from fgmf_marl.agents.adversary import AdversaryConfig
 from fgmf_marl.config import ConfigError, check_range
 from fgmf_marl.experiments.cache import check_foreign_tasks, check_root_kind, with_cached
 from fgmf_marl.experiments.plan import JobInfo, check_tables, expand, select
@@ -26,11 +26,11 @@ from fgmf_marl.experiments.tables import QUICK_LABEL, check_results_file, sectio
 from fgmf_marl.jobs import cli
 from fgmf_marl.runs import check_output_dir
 from fgmf_marl.teams.certification import CertifyConfig
-from fgmf_marl.teams.explanation import ExplainConfig
 from fgmf_marl.teams.eval_config import EvalConfig
+from fgmf_marl.teams.explanation import ExplainConfig
 from fgmf_marl.teams.train_config import TrainConfig, without_unused_defenses
 
-PROG = "reproduce.py"
+PROG = cli.command_name("reproduce.py")
 
 
 #: every job an experiment can run: its module (whose entry() a task runs), the equivalent script, the output

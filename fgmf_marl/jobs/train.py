@@ -9,16 +9,16 @@ from typing import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from envs.registry import ENVIRONMENTS
 from fgmf_marl import config as cfglib
 from fgmf_marl.config import ConfigError
 from fgmf_marl.defenses.config import DEFENSE_KINDS
+from fgmf_marl.envs.registry import ENVIRONMENTS
 from fgmf_marl.jobs import cli
 from fgmf_marl.runs import RunDir
 from fgmf_marl.teams.train_config import TrainConfig
 from fgmf_marl.teams.training import train
 
-PROG = "train_marl.py"
+PROG = cli.command_name("train_marl.py")
 
 
 def build_parser() -> cli.ArgumentParser:

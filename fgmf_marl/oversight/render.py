@@ -31,7 +31,7 @@ FONT_PX = 13                         # caption text height; a line is FONT_PX + 
 _LINE = FONT_PX + 5
 OUTLINE = (0, 255, 255)              # ground-truth relevance outline (cyan: absent from inferno and from the env)
 FOCUS = (255, 230, 0)                # the frame around the agent a review card is about
-#: The native coverage env's colours (``envs.native``; the log does not record them, and this layer may not import
+#: The native coverage env's colours (``fgmf_marl.envs.native``; the log does not record them, and this layer may not import
 #: envs, so they are copied here and a test keeps them equal). Global frame: one colour per agent.
 AGENT_COLOURS = ((240, 60, 60), (60, 100, 240), (250, 160, 40), (40, 220, 220), (250, 250, 250), (160, 90, 250),
                  (150, 150, 150), (250, 120, 180))

@@ -31,11 +31,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from fgmf_marl.atomic import atomic_write_bytes  # noqa: E402
+from fgmf_marl.config import ConfigError  # noqa: E402
 from fgmf_marl.oversight.render import (AGENT_COLOUR_NAMES, AGENT_COLOURS, OUTLINE, OWN_VIEW_LEGEND,  # noqa: E402
                                         caption, check_frame_budget, columns, compose_frame, review_signal,
                                         same_size)
-from fgmf_marl.atomic import atomic_write_bytes  # noqa: E402
-from fgmf_marl.config import ConfigError  # noqa: E402
 from fgmf_marl.oversight.store import (FORMAT, Episode, find_logs, list_episodes, load_episode,  # noqa: E402
                                        verify)
 

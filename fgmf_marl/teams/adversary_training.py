@@ -12,18 +12,18 @@ import numpy as np
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import VecMonitor
 
-from agents.adversary import (
+from fgmf_marl import config as cfglib
+from fgmf_marl import seeds
+from fgmf_marl.agents.adversary import (
     AdversaryConfig,
     AdversaryVecEnv,
     director_policy_kwargs,
     warm_start,
 )
-from envs.registry import horizon, make_vec_env, n_agents_of
-from fgmf_marl import config as cfglib
-from fgmf_marl import seeds
 from fgmf_marl.atomic import atomic_write_text
 from fgmf_marl.attacks.base import LEAST_LIKELY
 from fgmf_marl.attacks.budget import LEARNED
+from fgmf_marl.envs.registry import horizon, make_vec_env, n_agents_of
 from fgmf_marl.runs import staged_run_dir
 from fgmf_marl.teams.checkpoints import (
     PeriodicCheckpoint,

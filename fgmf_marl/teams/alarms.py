@@ -17,10 +17,10 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from envs.registry import EnvConfig, make_vec_env, n_agents_of
 from fgmf_marl import seeds
 from fgmf_marl.attacks.base import Attack
 from fgmf_marl.attacks.frames import on_frames
+from fgmf_marl.envs.registry import EnvConfig, make_vec_env, n_agents_of
 from fgmf_marl.oversight.alarm import (EPISODE_FALSE_ALARM_RATE, FEATURES, AdaptivePGD, AlarmDetector, StepHistory,
                                        auroc, episode_alarm_threshold)
 from fgmf_marl.policy import PolicyLike

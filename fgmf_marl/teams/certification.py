@@ -14,14 +14,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from agents.policy_view import PolicyView
-from envs.reference import normalise
-from envs.registry import MAX_ENVS, make_vec_env, n_agents_of, reference_for
 from fgmf_marl import certify as C
 from fgmf_marl import config as cfglib
 from fgmf_marl import seeds
+from fgmf_marl.agents.policy_view import PolicyView
 from fgmf_marl.atomic import atomic_write_text
 from fgmf_marl.config import ConfigError, check_device, check_range, check_seed
+from fgmf_marl.envs.reference import normalise
+from fgmf_marl.envs.registry import MAX_ENVS, make_vec_env, n_agents_of, reference_for
 from fgmf_marl.rollout import StepRecord, rollout
 from fgmf_marl.runs import check_output_dir, resolve_checkpoint
 from fgmf_marl.teams.checkpoints import load_model

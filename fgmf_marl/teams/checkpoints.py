@@ -3,7 +3,7 @@
 A checkpoint is SB3's ``.zip`` inside a run directory (:mod:`fgmf_marl.runs`); the run's
 ``config.yaml`` decides which algorithm class and which layers (SGAM) it is rebuilt with, and every
 object SB3 would unpickle from the ``.zip`` is rebuilt from that config instead
-(:mod:`agents.safe_load`), so loading a checkpoint someone sent you cannot run code. Every load
+(:mod:`fgmf_marl.agents.safe_load`), so loading a checkpoint someone sent you cannot run code. Every load
 path (evaluation, the explanation study, the adversary's victim and surrogate, the learned
 adversary, ``--resume``) goes through :func:`load_model` or :func:`load_adversary` here.
 """
@@ -26,16 +26,16 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper, VecTransposeImage
 
-from agents import defended
-from agents.adversary import AdversaryConfig, LoadedAdversary, load_director
-from agents.policy_view import PolicyView
-from agents.safe_load import ppo_objects
-from envs.registry import EnvConfig, horizon, make_vec_env, n_agents_of
 from fgmf_marl import config as cfglib
+from fgmf_marl.agents import defended
+from fgmf_marl.agents.adversary import AdversaryConfig, LoadedAdversary, load_director
+from fgmf_marl.agents.policy_view import PolicyView
+from fgmf_marl.agents.safe_load import ppo_objects
 from fgmf_marl.atomic import atomic_write
 from fgmf_marl.config import ConfigError
-from fgmf_marl.teams.train_config import TrainConfig
+from fgmf_marl.envs.registry import EnvConfig, horizon, make_vec_env, n_agents_of
 from fgmf_marl.runs import RunDir, resolve_checkpoint
+from fgmf_marl.teams.train_config import TrainConfig
 
 
 def save_checkpoint(model: PPO, path: Path) -> None:

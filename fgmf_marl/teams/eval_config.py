@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from envs.registry import MAX_ENVS
 from fgmf_marl.attacks import PRESETS, expand_presets, parse_spec
 from fgmf_marl.attacks.base import MAX_ITERATIONS
 from fgmf_marl.attacks.budget import SELECTORS, Budget, make_selector
 from fgmf_marl.config import ConfigError, check_device, check_range, check_seed
+from fgmf_marl.envs.registry import MAX_ENVS
 
 
 @dataclass

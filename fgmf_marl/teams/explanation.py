@@ -11,16 +11,16 @@ from pathlib import Path
 
 import torch
 
-from agents.policy_view import PolicyView
-from envs.registry import MASKED_ENVS, MAX_ENVS, make_vec_env, n_agents_of
 from fgmf_marl import config as cfglib
 from fgmf_marl import seeds
+from fgmf_marl.agents.policy_view import PolicyView
 from fgmf_marl.atomic import atomic_write_text
 from fgmf_marl.attacks import PGD
 from fgmf_marl.attribution.randomisation import ActorPath
 from fgmf_marl.attribution.study import collect_samples, default_methods, explain_eval
 from fgmf_marl.config import ConfigError, check_device, check_range, check_seed
 from fgmf_marl.defenses.sgam import with_gradient_shield
+from fgmf_marl.envs.registry import MASKED_ENVS, MAX_ENVS, make_vec_env, n_agents_of
 from fgmf_marl.runs import check_output_dir, resolve_checkpoint
 from fgmf_marl.teams.checkpoints import load_model
 

@@ -82,12 +82,10 @@ import torch
 from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
 
-from agents.adversary import AdversaryAttack, LoadedAdversary
-from agents.policy_view import PolicyView
-from envs.reference import normalise
-from envs.registry import horizon, make_vec_env, n_agents_of, reference_for
 from fgmf_marl import config as cfglib
 from fgmf_marl import seeds
+from fgmf_marl.agents.adversary import AdversaryAttack, LoadedAdversary
+from fgmf_marl.agents.policy_view import PolicyView
 from fgmf_marl.atomic import atomic_write_text
 from fgmf_marl.attacks import Attack, Transfer, attack_label, expand_presets, has_gate, make_attack, parse_spec
 from fgmf_marl.attacks.budget import LEARNED, Budget, BudgetedAttack, check_budgetable, make_selector
@@ -95,6 +93,8 @@ from fgmf_marl.attacks.frames import on_frames
 from fgmf_marl.audit import AuditConfig, AuditReport, audit
 from fgmf_marl.config import ConfigError
 from fgmf_marl.defenses.sgam import with_gradient_shield
+from fgmf_marl.envs.reference import normalise
+from fgmf_marl.envs.registry import horizon, make_vec_env, n_agents_of, reference_for
 from fgmf_marl.oversight import OversightLogger
 from fgmf_marl.oversight.alarm import AlarmDetector
 from fgmf_marl.oversight.store import holds_log, read_key

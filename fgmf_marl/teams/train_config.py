@@ -13,12 +13,12 @@ from typing import Any
 
 import yaml
 
-from agents.adversarial import AdversarialTrainingConfig
-from agents.config import PolicyConfig, PPOConfig
-from agents.policies import cnn_min_image_size
-from envs.registry import EnvConfig
+from fgmf_marl.agents.adversarial import AdversarialTrainingConfig
+from fgmf_marl.agents.config import PolicyConfig, PPOConfig
+from fgmf_marl.agents.policies import cnn_min_image_size
 from fgmf_marl.config import ConfigError, check_device, check_range, check_seed, merge
 from fgmf_marl.defenses.config import DEFENSES, DefenseConfig
+from fgmf_marl.envs.registry import EnvConfig
 
 #: tuned settings per env and per backbone (rl-zoo style), beside this file
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")

@@ -3,7 +3,7 @@
 One policy is shared by every agent (each agent is a slot of the VecEnv), so the team's data
 trains one network; the native env draws each agent's own body in a distinct colour, which is
 what lets a shared policy act differently per agent. Training is SB3's PPO (or a defended
-subclass chosen by ``defense.kind``, see ``agents.defended``); this module adds the run directory,
+subclass chosen by ``defense.kind``, see ``fgmf_marl.agents.defended``); this module adds the run directory,
 team-level TensorBoard scalars, checkpoints, resume and a final clean evaluation.
 """
 from __future__ import annotations
@@ -23,21 +23,21 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.vec_env import VecEnv
 from torch.utils.tensorboard import SummaryWriter
 
-from agents import defended
-from agents.adversarial import AdversarialTrainingCallback, AttackedVecEnv, DirectorTrainer
-from agents.adversary import AdversaryConfig, AdversaryVecEnv, load_director
-from agents.policies import compute_dtype
-from agents.policy_view import PolicyView
-from agents.smooth_ppo import GaussianObservationNoise
-from envs.reference import ReferenceReturns, normalise
-from envs.registry import horizon, make_vec_env, n_agents_of, reference_for
 from fgmf_marl import config as cfglib
 from fgmf_marl import seeds
+from fgmf_marl.agents import defended
+from fgmf_marl.agents.adversarial import AdversarialTrainingCallback, AttackedVecEnv, DirectorTrainer
+from fgmf_marl.agents.adversary import AdversaryConfig, AdversaryVecEnv, load_director
+from fgmf_marl.agents.policies import compute_dtype
+from fgmf_marl.agents.policy_view import PolicyView
+from fgmf_marl.agents.smooth_ppo import GaussianObservationNoise
 from fgmf_marl.atomic import atomic_write_text
 from fgmf_marl.attacks import PGD
 from fgmf_marl.attacks.frames import on_frames
 from fgmf_marl.attribution import PGCA
 from fgmf_marl.config import ConfigError
+from fgmf_marl.envs.reference import ReferenceReturns, normalise
+from fgmf_marl.envs.registry import horizon, make_vec_env, n_agents_of, reference_for
 from fgmf_marl.oversight import OversightLogger
 from fgmf_marl.oversight.render import overlay
 from fgmf_marl.oversight.store import read_key

@@ -4,7 +4,7 @@ Like sb3-contrib's ``MaskablePPO``, the algorithm subclasses SB3's ``PPO`` and o
 the loop below is SB3's own (``stable_baselines3/ppo/ppo.py``, v2.x) with one addition: after the
 clipped surrogate, value and entropy terms, ``_regularisers(obs01, actions)`` returns extra loss
 terms that are added before the single backward pass. ``RegularisedPPO`` holds that loop once;
-``agents.fgmf_ppo.FGMFPPO`` and ``agents.sappo.SAPPO`` only define their terms and declare which
+``fgmf_marl.agents.fgmf_ppo.FGMFPPO`` and ``fgmf_marl.agents.sappo.SAPPO`` only define their terms and declare which
 defense components (``fgmf_marl.defenses.config.DEFENSES``) they train.
 
 Each term is logged to TensorBoard on its own (``train/ppo_loss``, ``train/scorpio_loss``,
@@ -34,8 +34,8 @@ from stable_baselines3.common.utils import explained_variance
 from torch import Tensor
 from torch.nn import functional as F
 
-from agents.policy_view import PolicyView
 from fgmf_marl import config as cfglib
+from fgmf_marl.agents.policy_view import PolicyView
 from fgmf_marl.config import ConfigError
 from fgmf_marl.defenses.config import DEFENSES, DefenseConfig
 

@@ -10,7 +10,7 @@ the small space of policy-level directions and gradients find the pixels.
 Three shapes of the same mechanism (:class:`DirectorCore` holds it, once):
 
 * :class:`AdversaryParallelEnv`: a PettingZoo ``ParallelEnv`` wrapper adding ``adversary_0`` to any of
-  our environments as the policy sees them (channel-first, e.g. ``envs.registry.make_parallel_env``); the victims stay listed as agents (their observations, rewards and infos are the
+  our environments as the policy sees them (channel-first, e.g. ``fgmf_marl.envs.registry.make_parallel_env``); the victims stay listed as agents (their observations, rewards and infos are the
   env's, infos add what the attack did) but they are frozen checkpoints: the actions passed for them
   are ignored, their policy acts on the perturbed observation. Passes ``parallel_api_test``.
 * :class:`AdversaryVecEnv`: the same over our batched SB3 VecEnvs (all env copies attacked in one
@@ -43,9 +43,9 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import VecEnv
 from torch import Tensor, nn
 
-from agents.config import MAX_BATCH, MAX_EPOCHS, MAX_ROLLOUT_STEPS
-from agents.policies import ImageFeatures
-from agents.safe_load import load_without_pickle, ppo_objects
+from fgmf_marl.agents.config import MAX_BATCH, MAX_EPOCHS, MAX_ROLLOUT_STEPS
+from fgmf_marl.agents.policies import ImageFeatures
+from fgmf_marl.agents.safe_load import load_without_pickle, ppo_objects
 from fgmf_marl.attacks import PGD, Attack
 from fgmf_marl.attacks.base import LEAST_LIKELY, MAX_ITERATIONS
 from fgmf_marl.attacks.budget import Budget, BudgetState, allowed_agents, check_agents, envs_of

@@ -4,7 +4,7 @@ Every environment reaches training, attacks and explanations as an SB3 ``VecEnv`
 sharing: one slot per agent per environment copy, slot = env * n_agents + agent, observations
 channel-first uint8 images (C, H, W), discrete actions. Every ParallelEnv, the native one included,
 emits PettingZoo's (H, W, C) images. The native env's VecEnv is its batched numpy twin
-(``envs.batched``, channel-first, tested equal to the ParallelEnv through the transpose);
+(``fgmf_marl.envs.batched``, channel-first, tested equal to the ParallelEnv through the transpose);
 PettingZoo's butterfly environments go through the SuperSuit chain
 
     [color_reduction] -> resize -> frame_stack -> transpose to CHW
@@ -26,11 +26,11 @@ from pettingzoo import ParallelEnv
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper, VecMonitor
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs
 
-from envs.batched import CoverageVecEnv
-from envs.ground_truth import PistonballMasks
-from envs.native import MAX_EPISODE_STEPS, MAX_SIZE, CoverageConfig, CoverageParallelEnv
-from envs.reference import ReferenceReturns, reference_returns
 from fgmf_marl.config import ConfigError, check_range
+from fgmf_marl.envs.batched import CoverageVecEnv
+from fgmf_marl.envs.ground_truth import PistonballMasks
+from fgmf_marl.envs.native import MAX_EPISODE_STEPS, MAX_SIZE, CoverageConfig, CoverageParallelEnv
+from fgmf_marl.envs.reference import ReferenceReturns, reference_returns
 
 
 MAX_ENVS = 4096         # env copies of one VecEnv
@@ -80,7 +80,7 @@ def _pistonball(cfg: AdapterConfig) -> ParallelEnv:
     from pettingzoo.butterfly import pistonball_v6  # deferred: pygame
 
     # As pong: with render_mode None, pistonball never redraws its screen, and every observation is the
-    # first frame (docs/DESIGN.md, "The native environment"). Its masks: envs/ground_truth.py.
+    # first frame (docs/DESIGN.md, "The native environment"). Its masks: fgmf_marl/envs/ground_truth.py.
     env = pistonball_v6.parallel_env(continuous=False, max_cycles=cfg.max_cycles, render_mode="rgb_array")
     return PistonballMasks(env, cfg.size)
 
@@ -175,7 +175,7 @@ class SeededVecEnv(VecEnvWrapper):
 
 
 class MaskedVecEnv(SeededVecEnv):
-    """A :class:`SeededVecEnv` whose env reports ground-truth masks in its infos (``envs/ground_truth.py``):
+    """A :class:`SeededVecEnv` whose env reports ground-truth masks in its infos (``fgmf_marl/envs/ground_truth.py``):
     ``relevance_masks()`` / ``target_masks()`` are those of the current observations, (num_envs, size, size).
 
     A slot whose episode just ended holds the next episode's first observation while its infos
@@ -215,7 +215,7 @@ class MaskedVecEnv(SeededVecEnv):
         return self._masks["target_mask"].copy()
 
 
-#: PettingZoo envs whose ground-truth masks ``envs/ground_truth.py`` computes
+#: PettingZoo envs whose ground-truth masks ``fgmf_marl/envs/ground_truth.py`` computes
 MASKED_ENVS = ("pistonball",)
 
 

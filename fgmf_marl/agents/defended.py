@@ -2,7 +2,7 @@
 
 A defense kind names the components it trains (``fgmf_marl.defenses.config.DEFENSES``); the
 algorithm is the first class of :data:`ALGORITHMS` that trains all of them: SB3's own ``PPO`` for
-``none``, ``agents.fgmf_ppo.FGMFPPO`` for ``scorpio``/``sgam``/``fgmf``, ``agents.sappo.SAPPO`` for
+``none``, ``fgmf_marl.agents.fgmf_ppo.FGMFPPO`` for ``scorpio``/``sgam``/``fgmf``, ``fgmf_marl.agents.sappo.SAPPO`` for
 ``sappo``. SGAM changes the network (a gate module in front of the backbone), so a checkpoint is
 loaded through the defended class, which rebuilds the gate from the run's ``defense`` config before
 the weights are read.
@@ -15,12 +15,12 @@ from typing import Any
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import VecEnv
 
-from agents.fgmf_ppo import FGMFPPO
-from agents.regularised_ppo import RegularisedPPO
-from agents.safe_load import load_without_pickle
-from agents.sappo import SAPPO
-from agents.smooth_ppo import SmoothPPO
 from fgmf_marl import config as cfglib
+from fgmf_marl.agents.fgmf_ppo import FGMFPPO
+from fgmf_marl.agents.regularised_ppo import RegularisedPPO
+from fgmf_marl.agents.safe_load import load_without_pickle
+from fgmf_marl.agents.sappo import SAPPO
+from fgmf_marl.agents.smooth_ppo import SmoothPPO
 from fgmf_marl.config import ConfigError
 from fgmf_marl.defenses.config import DEFENSE_KINDS, DEFENSES, DefenseConfig
 
@@ -54,7 +54,7 @@ def load_model(path: str | Path, defense: DefenseConfig, objects: dict[str, Any]
     """Load a checkpoint written by ``build_model``'s model, unpickling nothing from it.
 
     ``defense`` (the run's config) decides the algorithm and its layers; ``objects`` are the
-    checkpoint's serialized entries rebuilt from the run's config (``agents.safe_load.ppo_objects``).
+    checkpoint's serialized entries rebuilt from the run's config (``fgmf_marl.agents.safe_load.ppo_objects``).
     """
     cls = algorithm_class(defense.kind)
     if cls is PPO:

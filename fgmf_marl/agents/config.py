@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 from stable_baselines3.common.utils import LinearSchedule
 
-from agents.policies import CNN_LAYOUTS, CnnLayout, ImageFeatures
+from fgmf_marl.agents.policies import CNN_LAYOUTS, CnnLayout, ImageFeatures
 from fgmf_marl.config import ConfigError, check_range
 
 
@@ -29,7 +29,7 @@ MAX_EPOCHS = 1000
 class PolicyConfig:
     """Policy network: backbone (features extractor) and the actor/critic MLP heads.
 
-    ``cnn_layout`` is the CNN's convolution geometry (``agents.policies.CNN_LAYOUTS``: ``small`` for the
+    ``cnn_layout`` is the CNN's convolution geometry (``fgmf_marl.agents.policies.CNN_LAYOUTS``: ``small`` for the
     native env's 48 x 48 views, ``nature`` for 84 x 84 Atari-style frames); ``net_arch=[]`` feeds the
     features straight into the action and value layers, as SB3's ``CnnPolicy`` does with ``NatureCNN``.
 
@@ -54,7 +54,7 @@ class PolicyConfig:
 
     @property
     def torch_train_dtype(self) -> torch.dtype:
-        """dtype of the policy's forward during training (see ``agents.policies.compute_dtype``)."""
+        """dtype of the policy's forward during training (see ``fgmf_marl.agents.policies.compute_dtype``)."""
         return getattr(torch, self.train_dtype)
 
     def validate(self) -> None:

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from agents.policy_view import PolicyView
-from agents.regularised_ppo import RegularisedPPO
+from fgmf_marl.agents.policy_view import PolicyView
+from fgmf_marl.agents.regularised_ppo import RegularisedPPO
 
 
 def policy_kl(clean_logits: Tensor, perturbed_logits: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
 """Reference returns of the native coverage env: what "oracle-normalised" is normalised by.
 
 A random policy scores 0 and the scripted optimal-assignment oracle 1. Both are simulated on the
-batched env (``envs.batched.BatchedCoverage``) over seeded episodes and cached per config, so every
+batched env (``fgmf_marl.envs.batched.BatchedCoverage``) over seeded episodes and cached per config, so every
 evaluation of the same env normalises by the same two numbers at no extra cost.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from envs.batched import BatchedCoverage
-from envs.native import N_ACTIONS, CoverageConfig
+from fgmf_marl.envs.batched import BatchedCoverage
+from fgmf_marl.envs.native import N_ACTIONS, CoverageConfig
 
 
 @dataclass(frozen=True)

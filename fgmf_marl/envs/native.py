@@ -55,8 +55,8 @@ terminates (time is not in the observation, so learners must bootstrap at the ti
 
 Observation of agent ``i``: an RGB image, uint8 ``(size, size, 3)`` (height, width, channel), the
 layout of PettingZoo's image environments, so SuperSuit's wrappers (``frame_stack_v1``,
-``color_reduction_v0``, ``resize_v1``) compose on it; ``envs.registry`` transposes it to the
-channel-first ``(3, size, size)`` SB3 trains on, which ``envs.batched`` produces directly. It shows
+``color_reduction_v0``, ``resize_v1``) compose on it; ``fgmf_marl.envs.registry`` transposes it to the
+channel-first ``(3, size, size)`` SB3 trains on, which ``fgmf_marl.envs.batched`` produces directly. It shows
 background, then distractors (rings), then landmarks (green squares), then all agents as teammates
 (blue squares), then agent ``i`` itself on top in red. Draw order puts every relevant entity above
 every distractor, so:
@@ -74,7 +74,7 @@ distinct agents minimising the total L1 distance (brute force over all ``P(n_age
 injections, vectorised, first minimum wins); each assigned agent not yet covering its landmark moves
 along the axis with the larger remaining distance (ties: x), others stay.
 
-This module is the readable reference implementation (per-entity loops); ``envs.batched`` is the
+This module is the readable reference implementation (per-entity loops); ``fgmf_marl.envs.batched`` is the
 vectorised one used for training, tested to match it exactly under the same seeds.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """FGMF-PPO: PPO with the SCOR-PIO 2.0 regulariser and the SGAM masking layer (docs/DESIGN.md, "FGMF").
 
-The PPO loop and the logging of each term are :class:`agents.regularised_ppo.RegularisedPPO`'s; this
+The PPO loop and the logging of each term are :class:`fgmf_marl.agents.regularised_ppo.RegularisedPPO`'s; this
 class adds the two components' terms. Each is logged to TensorBoard on its own
 (``train/scorpio_loss``, ``train/scorpio_first_order``, ``train/scorpio_second_order``,
 ``train/sgam_keep_loss``, ``train/sgam_keep_ratio``, ``train/sgam_distill_loss``,
@@ -13,8 +13,8 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from agents.policy_view import PolicyView
-from agents.regularised_ppo import RegularisedPPO
+from fgmf_marl.agents.policy_view import PolicyView
+from fgmf_marl.agents.regularised_ppo import RegularisedPPO
 from fgmf_marl.defenses.scorpio import ScorpioRegulariser
 from fgmf_marl.defenses.sgam import SGAM, distillation_loss, gradcam_teacher, keep_ratio_loss
 

@@ -1,10 +1,10 @@
 """Batched ``coverage_v0``: numpy over B environments at once, and its SB3 ``VecEnv``.
 
-Training and evaluation use this implementation; ``envs.native.CoverageParallelEnv`` is the
+Training and evaluation use this implementation; ``fgmf_marl.envs.native.CoverageParallelEnv`` is the
 readable reference it is tested against (same observations, rewards, dones and masks under the same
 seeds). Observations are channel-first ``(3, H, W)``, what SB3 trains on: the reference's
-PettingZoo ``(H, W, 3)`` images transposed, as ``envs.registry`` does for every PettingZoo env.
-Dynamics, rewards and drawing are defined in ``envs.native``'s docstring; here they are vectorised:
+PettingZoo ``(H, W, 3)`` images transposed, as ``fgmf_marl.envs.registry`` does for every PettingZoo env.
+Dynamics, rewards and drawing are defined in ``fgmf_marl.envs.native``'s docstring; here they are vectorised:
 ``step`` has no Python loop over environments or agents (only over the few distractors, so that
 overlapping distractors of different colours are drawn in the reference's order). Sprites
 are drawn with precomputed flat pixel offsets and one fancy-indexed write per entity kind into one
@@ -27,7 +27,7 @@ from gymnasium import spaces
 from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvStepReturn
 
-from envs.native import (ACTION_NAMES, BACKGROUND, DISTRACTORS, LANDMARK, MOVES, N_ACTIONS, OWN, RENDER_AGENTS, TEAMMATE,
+from fgmf_marl.envs.native import (ACTION_NAMES, BACKGROUND, DISTRACTORS, LANDMARK, MOVES, N_ACTIONS, OWN, RENDER_AGENTS, TEAMMATE,
                          WALL, CoverageConfig, bounce, egocentric, oracle_action, oracle_assignment, ring_mask,
                          sample_episode)
 
@@ -97,7 +97,7 @@ class BatchedCoverage:
         return self.rewards()
 
     def potentials(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Coverage and shaping potentials of the current states (definitions in ``envs.native``):
+        """Coverage and shaping potentials of the current states (definitions in ``fgmf_marl.envs.native``):
         landmarks covered (B,), team potential (B,), my-landmark-covered flags (B, N), local potentials (B, N)."""
         cfg = self.config
         diff = np.abs(self.agents[:, :, None, :] - self.landmarks[:, None, :, :])  # (B, N, K, 2)
@@ -161,7 +161,7 @@ class BatchedCoverage:
         return np.moveaxis(egocentric(np.moveaxis(obs, 2, -1), self.agents, cfg.entity_size, WALL), -1, 2)
 
     def _egocentric_observations(self, base: np.ndarray) -> np.ndarray:
-        """The fast path of :func:`envs.native.egocentric` for observations (even ``size``).
+        """The fast path of :func:`fgmf_marl.envs.native.egocentric` for observations (even ``size``).
 
         An egocentric image samples every second world pixel, so it is a plain window of one of
         the four parity sub-grids ``base[..., py::2, px::2]``, padded with walls: the windows are

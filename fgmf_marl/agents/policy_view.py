@@ -12,7 +12,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import Tensor, nn
 
-from agents.policies import ImageFeatures, image_extractors
+from fgmf_marl.agents.policies import ImageFeatures, image_extractors
 from fgmf_marl.policy import Ablations
 
 

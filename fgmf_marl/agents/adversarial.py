@@ -24,7 +24,7 @@ Choices:
   a BPDA attacker it never trained against, and BPDA was that team's worst attack on some seeds
   (docs/RESULTS.md, robust_team). On a policy without a gate it is exactly the plain attack.
 
-``kind: director`` is ATLA (Zhang et al. 2021) with the PA-AD director of :mod:`agents.adversary`
+``kind: director`` is ATLA (Zhang et al. 2021) with the PA-AD director of :mod:`fgmf_marl.agents.adversary`
 as the attacker: every ``director_every`` team rollouts the director trains for ``director_steps``
 steps with PPO against the current (frozen for that phase) team, on episodes of its own, and the
 team's next rollouts meet it. It starts warm at the least-likely attack, the strongest fixed one, so
@@ -43,7 +43,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 
 from stable_baselines3 import PPO
 
-from agents.adversary import AdversaryAttack, AdversaryConfig, AdversaryVecEnv, director_policy_kwargs, warm_start
+from fgmf_marl.agents.adversary import AdversaryAttack, AdversaryConfig, AdversaryVecEnv, director_policy_kwargs, warm_start
 from fgmf_marl.attacks import BPDA, Attack, make_attack
 from fgmf_marl.config import ConfigError, check_range
 from fgmf_marl.policy import PolicyLike

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 
-from agents.regularised_ppo import RegularisedPPO
+from fgmf_marl.agents.regularised_ppo import RegularisedPPO
 
 
 class SmoothPPO(RegularisedPPO):
