@@ -18,8 +18,10 @@ from torch import nn
 from fgmf_marl.attacks import PGD, expand_presets
 from fgmf_marl.attacks.threats import FAULTS
 from fgmf_marl.config import ConfigError
-from fgmf_marl.oversight.alarm import (FEATURES, RESIDUAL_FLOOR, SQUEEZE_BITS, AdaptivePGD, AlarmDetector, auroc,
-                                       episode_alarm_threshold, median3, step_features, yeo_johnson)
+from fgmf_marl.attribution.pgca import PGCAResult
+from fgmf_marl.oversight.alarm import (FEATURES, RESIDUAL_FLOOR, SQUEEZE_BITS, AdaptivePGD, AlarmDetector, StepHistory,
+                                       auroc, episode_alarm_threshold, explanation_features, feature_names, median3,
+                                       step_features, yeo_johnson)
 
 
 class TinyView(nn.Module):
@@ -81,6 +83,47 @@ def test_step_features_follow_their_definitions() -> None:
     assert f[0, 7] == pytest.approx(np.log(change + RESIDUAL_FLOOR), abs=1e-5) and np.isnan(f[1, 7])
     with torch.no_grad():
         assert np.isnan(step_features(view, obs, previous).numpy()[:, 7]).all()    # no previous frame at all
+
+
+def _explained(final: torch.Tensor, seed: int = 0) -> PGCAResult:
+    """A PGCA result with the given final maps and arbitrary, known evidence and agreement."""
+    gen = torch.Generator().manual_seed(seed)
+    b = final.shape[0]
+    return PGCAResult(P=final, G=final, consensus=final, final=final, agreement=torch.rand(b, generator=gen) * 2 - 1,
+                      topk_iou=torch.rand(b, generator=gen), target=torch.zeros(b, dtype=torch.long),
+                      evidence=torch.rand(b, generator=gen) * 3)
+
+
+def test_explanation_features_follow_their_definitions() -> None:
+    gen = torch.Generator().manual_seed(4)
+    final, previous = torch.rand(3, 6, 6, generator=gen), torch.rand(3, 6, 6, generator=gen)
+    previous[2] = float("nan")                                  # slot 2's episode just began
+    mask, previous_mask = torch.rand(3, 6, 6, generator=gen), torch.rand(3, 6, 6, generator=gen)
+    explanation = _explained(final)
+    f = explanation_features(explanation, mask, previous, previous_mask).numpy()
+    assert f.shape == (3, 4)
+    assert f[:, 0] == pytest.approx(explanation.evidence.numpy()) and f[:, 1] == pytest.approx(explanation.agreement.numpy())
+    a, b = final.numpy().reshape(3, -1), previous.numpy().reshape(3, -1)
+    tv = 0.5 * np.abs(a / a.sum(1, keepdims=True) - b / b.sum(1, keepdims=True)).sum(1)
+    assert f[:2, 2] == pytest.approx(tv[:2], abs=1e-6) and np.isnan(f[2, 2])
+    assert f[:, 3] == pytest.approx(np.abs(mask.numpy() - previous_mask.numpy()).reshape(3, -1).mean(1), abs=1e-6)
+    assert explanation_features(explanation, None, final).numpy()[:, 2] == pytest.approx(0.0, abs=1e-6)   # no change
+    assert np.isnan(explanation_features(explanation).numpy()[:, 2]).all()                  # no previous map at all
+
+
+def test_the_step_history_forgets_a_slot_whose_episode_begins() -> None:
+    view = TinyView().eval()
+    obs = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    history = StepHistory()
+    with torch.no_grad():
+        probs = torch.softmax(view(obs), -1)
+    final = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(6))
+    first = history.features(view, obs, probs, np.array([True, True]), _explained(final), final)
+    assert first.shape == (2, len(feature_names(True, mask=True))) and np.isnan(first[:, [7, 10, 11]].numpy()).all()
+    second = history.features(view, obs, probs, np.array([False, True]), _explained(final), final)
+    assert second[0, [7, 10, 11]].numpy() == pytest.approx([np.log(RESIDUAL_FLOOR), 0.0, 0.0], abs=1e-6)
+    assert np.isnan(second[1, [7, 10, 11]].numpy()).all()
+    assert feature_names() == FEATURES and feature_names(True)[-1] == "explanation_change"
 
 
 def test_the_median_squeezer_is_scipys_median_filter() -> None:
@@ -230,6 +273,27 @@ def test_the_alarm_study_on_a_trained_policy(tmp_path) -> None:
     assert out["attacks"]["pgd"]["auroc"] > 0.9 and detector.features == FEATURES
 
 
+def test_the_explained_detector_sees_the_same_steps_and_leaves_the_policy_side_unchanged(tmp_path) -> None:
+    from fgmf_marl.agents.policy_view import PolicyView
+    from fgmf_marl.jobs.train import entry as train_cli
+    from fgmf_marl.teams.alarms import alarm_study
+    from fgmf_marl.teams.checkpoints import load_model
+
+    run = tmp_path / "run"
+    _train_tiny(run, train_cli)
+    model, cfg = load_model(run)
+    view = PolicyView.from_model(model).eval()
+    kwargs = dict(episodes=3, n_envs=2, adaptive_eps=[32], adaptive_weights=[1.0])
+    plain, _ = alarm_study(view, cfg.env, {"pgd": PGD(32 / 255, steps=3)}, **kwargs)
+    out, detector = alarm_study(view, cfg.env, {"pgd": PGD(32 / 255, steps=3)}, explanations=True, **kwargs)
+    explained = out.pop("explained")
+    assert out == plain and detector.features == FEATURES     # explaining every step changes nothing else
+    assert explained["features"] == list(feature_names(True)) and set(explained["attacks"]) == set(out["attacks"])
+    assert 0 <= explained["measured_false_alarms"] <= 1
+    for r in explained["attacks"].values():
+        assert 0 <= r["auroc_ci95"][0] <= r["auroc"] <= r["auroc_ci95"][1] <= 1 and 0 <= r["detection"] <= 1
+
+
 def test_the_alarm_families_beyond_l_inf_are_evaluate_py_s_threat_models() -> None:
     from fgmf_marl.attacks.threats import L2PGD, Corruption, Patch
     from fgmf_marl.jobs.alarms import THREAT_MODELS, families, own_budget_families
@@ -254,8 +318,11 @@ def test_alarm_eval_then_the_alarm_in_the_log_the_report_and_verify(tmp_path, ca
     _train_tiny(run, train_cli, timesteps=64)
     out = tmp_path / "alarm"
     assert alarm_cli([str(run), "--eps", "8", "--episodes", "2", "--n-envs", "2", "--adaptive-weights", "0.1",
-                      "--threat-models", "faults", "--surrogate", str(run), "--out", str(out), "--no-progress"]) == 0
+                      "--threat-models", "faults", "--surrogate", str(run), "--explanations", "--out", str(out),
+                      "--no-progress"]) == 0
     data = json.loads((out / "alarm_eval.json").read_text())
+    assert set(data["explained"]["attacks"]) == set(data["attacks"])
+    assert "AUROC without them" in (out / "alarm_eval.md").read_text()
     faults = {f"fault[kind={k}]" for k in FAULTS}          # labelled as evaluate.py labels the faults preset
     assert faults == {s.replace(":", "[", 1) + "]" for s in expand_presets(["faults"])}
     assert set(data["attacks"]) == {"pgd@8", "ll-pgd@8", "mad@8", "square@8", "transfer@8",

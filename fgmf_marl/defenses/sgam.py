@@ -281,3 +281,19 @@ def distillation_loss(gate: SGAM, obs01: Tensor, teacher: Tensor) -> Tensor:
     """BCE between the low-resolution keep map and the detached Grad-CAM++ teacher (B, h, w)."""
     student = gate.keep_lowres(obs01)[:, 0].clamp(1e-6, 1 - 1e-6)
     return F.binary_cross_entropy(student, teacher.detach())
+
+
+def sgam_mask_of(view: PolicyLike, obs: Tensor) -> Tensor | None:
+    """The SGAM keep-mask (B, H, W) in [0, 1] when the policy's input gate has one, else None."""
+    gate = getattr(view, "gate", None)
+    fn = getattr(gate, "mask", None)
+    if fn is None:
+        return None
+    with torch.no_grad():
+        mask = fn(obs)
+    if mask.ndim == 4:
+        mask = mask.mean(dim=1)
+    if tuple(mask.shape[-2:]) != tuple(obs.shape[-2:]):
+        mask = torch.nn.functional.interpolate(mask[:, None], size=obs.shape[-2:], mode="bilinear",
+                                               align_corners=False)[:, 0]
+    return mask

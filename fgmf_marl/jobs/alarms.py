@@ -7,7 +7,8 @@ interval, its detection rate at that false-alarm rate and the team return the at
 ``surrogate`` (when given), and the adaptive PGD that also minimises the alarm's score at each of
 ``adaptive_weights``, at every eps; then the threat models beyond L-inf named in ``threat_models``: L2 PGD-10 at
 the eps-equivalent radius (every eps), and the attacks with a budget of their own, run once (the ``patch``,
-``corruptions`` and ``faults`` presets of ``evaluate.py --attacks``). Writes ``alarm_eval.{json,md}``,
+``corruptions`` and ``faults`` presets of ``evaluate.py --attacks``). With ``explanations``, PGCA explains every
+agent-step and a second detector with the explanation-side features is measured beside the first. Writes ``alarm_eval.{json,md}``,
 ``alarm_eval_config.yaml`` and the fitted ``alarm_detector.json`` (for ``evaluate.py --alarm``) in ``<run>/eval``
 (or ``--out``).
 """
@@ -48,6 +49,7 @@ class AlarmEvalConfig:
     adaptive_weights: list[float] = field(default_factory=lambda: list(ADAPTIVE_WEIGHTS))  # [] skips the adaptive attack
     surrogate: str | None = None       # another policy's run or checkpoint: adds transfer PGD-10 from it
     threat_models: list[str] = field(default_factory=lambda: list(THREAT_MODELS))   # beyond L-inf; [] skips them
+    explanations: bool = False         # also a detector with PGCA's features (PGCA at every agent-step: slower)
     out: str | None = None             # output folder (default: <run>/eval)
     seed: int = 0
     device: str = "cpu"
@@ -114,6 +116,18 @@ def markdown(data: dict[str, Any], checkpoint: str) -> str:
         low, high = r["auroc_ci95"]
         lines.append(f"| {name} | {r['auroc']:.3f} [{low:.3f}, {high:.3f}] | {r['detection']:.3f} | "
                      f"{r['episode_detection']:.3f} | {r['return']:.3f} | {r['steps']} |")
+    if "explained" in data:
+        explained = data["explained"]
+        lines += ["", f"With the explanation-side features too ({', '.join(explained['features'][-4:])}; "
+                  f"measured false alarms {explained['measured_false_alarms']:.4f}, episodes "
+                  f"{explained['measured_episode_false_alarms']:.3f}); the adaptive attacker hid from the first "
+                  "detector only:", "",
+                  "| attack | AUROC [95 % CI] | steps detected | episodes detected | AUROC without them |",
+                  "|---|---|---|---|---|"]
+        for name, r in explained["attacks"].items():
+            low, high = r["auroc_ci95"]
+            lines.append(f"| {name} | {r['auroc']:.3f} [{low:.3f}, {high:.3f}] | {r['detection']:.3f} | "
+                         f"{r['episode_detection']:.3f} | {data['attacks'][name]['auroc']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -133,6 +147,9 @@ def build_parser() -> cli.ArgumentParser:
                    "another seed): adds transfer PGD-10 from it")
     p.add_argument("--threat-models", metavar="M,...", help="threat models beyond L-inf to measure "
                    f"(default {','.join(THREAT_MODELS)}; empty: none)")
+    p.add_argument("--explanations", action="store_true", default=None, help="also measure a detector with PGCA's "
+                   "evidence, P-G agreement and the change of the explanation and of the SGAM keep-mask (PGCA at "
+                   "every agent-step: slower)")
     p.add_argument("--out", help="output directory (default: <run>/eval)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     cli.add_runtime_flags(p)
@@ -142,7 +159,8 @@ def build_parser() -> cli.ArgumentParser:
 def resolve_config(args: argparse.Namespace) -> AlarmEvalConfig:
     """Defaults < --config file < flags."""
     flags: dict[str, Any] = {n: getattr(args, n) for n in ("checkpoint", "episodes", "n_envs", "false_alarm_rate",
-                                                           "surrogate", "out", "seed", "device")}
+                                                           "surrogate", "explanations", "out", "seed",
+                                                           "device")}
     if args.threat_models is not None:
         flags["threat_models"] = [m.strip() for m in args.threat_models.split(",") if m.strip()]
     for name, text in (("eps", args.eps), ("adaptive_weights", args.adaptive_weights)):
@@ -179,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data, detector = alarm_study(view, train_cfg.env, attacks, episodes=cfg.episodes,
                                  n_envs=cfg.n_envs, seed=cfg.seed, false_alarm_rate=cfg.false_alarm_rate,
                                  adaptive_eps=cfg.eps, adaptive_weights=cfg.adaptive_weights,
-                                 progress=not args.no_progress)
+                                 explanations=cfg.explanations, progress=not args.no_progress)
     out.mkdir(parents=True, exist_ok=True)
     cfglib.save_yaml(cfg, out / "alarm_eval_config.yaml")
     detector.save(out / "alarm_detector.json")

@@ -13,6 +13,11 @@ Features of each agent-step (:func:`step_features`, in torch so that an adaptive
   fault delivers clean frames (a frozen camera: no change at all; a teammate's view swapped in: a jump), which
   no per-frame feature can tell from clean ones. The feature is undefined at an episode's first step (NaN):
   the detector scores such a step on the marginal distribution of the other features.
+* explanation-side (:func:`explanation_features`, optional: the detector is fitted on them only where PGCA runs at
+  every step), from what the oversight log computes for a step: PGCA's evidence (the largest drop of the action's
+  score one segment's removal causes), its P-G agreement, how far its final map moved since the agent's previous
+  step, and how far the SGAM keep-mask moved, where the policy has one. An attack that changes the action without
+  changing what the scene shows should leave an explanation that disagrees with itself or jumps.
 * input statistics (in the spirit of Hendrycks & Gimpel 2017): the log of the mean absolute residual of the
   observation after a 3x3 median filter, the high-frequency energy a dense perturbation adds. On rendered worlds
   of flat colours (the native env, pistonball) a clean frame's residual is its edges only, so this feature is the
@@ -43,17 +48,21 @@ from torch import Tensor
 from fgmf_marl import stats
 from fgmf_marl.atomic import atomic_write_text
 from fgmf_marl.attacks.gradient import GradientAttack
+from fgmf_marl.attribution.pgca import PGCAResult
 from fgmf_marl.config import ConfigError
 from fgmf_marl.policy import PolicyLike
 
 FEATURES = ("margin", "entropy", "value", "prob_change", "squeeze_bits", "squeeze_median", "log_residual",
             "log_frame_change")
+#: the explanation-side features (:func:`explanation_features`), after ``FEATURES``; ``mask_change`` only for a policy
+#: with an SGAM gate
+EXPLANATION_FEATURES = ("evidence", "agreement", "explanation_change", "mask_change")
 #: the Yeo-Johnson lambdas allowed: within [0, 2] the transform is unbounded on both sides; outside it one tail is
 #: squashed toward a constant (lambda > 2 bounds the negative side, lambda < 0 the positive), and an attack that
 #: moves a feature into that tail would score like a clean step
 LAMBDA_RANGE = (0.0, 2.0)
 #: features that are undefined (NaN) where there is no previous step; every other feature must be finite
-OPTIONAL_FEATURES = ("log_frame_change",)
+OPTIONAL_FEATURES = ("log_frame_change", "explanation_change", "mask_change")
 #: bits kept by the bit-depth squeezer: coarse enough to remove a perturbation of a few 1/255 steps
 SQUEEZE_BITS = 4
 #: added before the log of the residual, so a frame without edges has a finite feature
@@ -109,24 +118,66 @@ def step_features(view: PolicyLike, obs: Tensor, previous: Tensor | None = None,
                         frame_change], dim=-1)
 
 
+def feature_names(explanations: bool = False, mask: bool = False) -> tuple[str, ...]:
+    """The columns :class:`StepHistory` computes: ``FEATURES``, then with ``explanations`` the explanation-side
+    ones (``mask_change`` only with ``mask``, a policy with an SGAM gate)."""
+    if not explanations:
+        return FEATURES
+    return FEATURES + EXPLANATION_FEATURES[:3] + (EXPLANATION_FEATURES[3:] if mask else ())
+
+
+def _total_variation(a: Tensor, b: Tensor) -> Tensor:
+    """Half the L1 distance between the maps (B, H, W) ``a`` and ``b``, each normalised to sum 1 (an all-zero map
+    stays zero)."""
+    a, b = a.flatten(1), b.flatten(1)
+    return 0.5 * (a / a.sum(1, keepdim=True).clamp(min=1e-12) - b / b.sum(1, keepdim=True).clamp(min=1e-12)).abs().sum(1)
+
+
+def explanation_features(explanation: PGCAResult, mask: Tensor | None = None, previous_final: Tensor | None = None,
+                         previous_mask: Tensor | None = None) -> Tensor:
+    """(B, 3), or (B, 4) with ``mask``, explanation-side features of a batch PGCA explained (the action taken, on
+    the observation seen): its ``evidence``, its P-G ``agreement``, the total variation between its final map and
+    ``previous_final`` (the slot's map one step earlier; NaN rows, or None: NaN), and with ``mask`` (B, H, W) the
+    mean absolute change of the SGAM keep-mask since ``previous_mask`` (NaN likewise). Why total variation: a map's
+    scale varies from step to step; where its mass sits is what an overseer reads."""
+    final = explanation.final.float()
+    nan = torch.full((final.shape[0],), float("nan"), device=final.device)
+    change = nan if previous_final is None else _total_variation(final, previous_final.to(final))
+    columns = [explanation.evidence.to(final), explanation.agreement.to(final), change]
+    if mask is not None:
+        columns.append(nan if previous_mask is None
+                       else (mask.float() - previous_mask.to(final)).abs().flatten(1).mean(1))
+    return torch.stack(columns, dim=-1)
+
+
 class StepHistory:
-    """Each slot's action distribution and observation one step earlier, forgotten where an episode begins: what
-    :func:`step_features` compares a step with. One home for the evaluation's log and the alarm study, so both
-    score a step against the same past."""
+    """Each slot's action distribution, observation and (when explained) final explanation map and SGAM keep-mask
+    one step earlier, forgotten where an episode begins: what :func:`step_features` and :func:`explanation_features`
+    compare a step with. One home for the evaluation's log and the alarm study, so both score a step against the
+    same past."""
 
     def __init__(self) -> None:
-        self.probs: Tensor | None = None
-        self.obs: Tensor | None = None
+        self._last: dict[str, Tensor] = {}
 
-    def features(self, view: PolicyLike, seen_obs: Tensor, probs: Tensor, fresh: np.ndarray) -> Tensor:
-        """``step_features`` of this step's ``seen_obs`` (no graph), then remember it and its ``probs``; ``fresh``
-        (slots,) marks the slots whose episode begins with this step (no past to compare with)."""
-        if self.probs is not None and self.obs is not None:
-            self.probs[torch.as_tensor(fresh, device=self.probs.device)] = float("nan")
-            self.obs[torch.as_tensor(fresh, device=self.obs.device)] = float("nan")
+    def features(self, view: PolicyLike, seen_obs: Tensor, probs: Tensor, fresh: np.ndarray,
+                 explanation: PGCAResult | None = None, mask: Tensor | None = None) -> Tensor:
+        """``step_features`` of this step's ``seen_obs`` (no graph), followed by ``explanation_features`` when
+        ``explanation`` (PGCA's of the actions taken on ``seen_obs``) is given, with ``mask`` (the SGAM keep-mask of
+        ``seen_obs``) when given; then remember this step. ``fresh`` (slots,) marks the slots whose episode begins
+        with this step (no past to compare with). Columns: :func:`feature_names`."""
+        for past in self._last.values():
+            past[torch.as_tensor(fresh, device=past.device)] = float("nan")
+        last = self._last
         with torch.no_grad():
-            features = step_features(view, seen_obs, self.probs, self.obs)
-        self.probs, self.obs = probs.detach().clone(), seen_obs.detach().clone()
+            features = step_features(view, seen_obs, last.get("probs"), last.get("obs"))
+        current = {"probs": probs, "obs": seen_obs}
+        if explanation is not None:
+            more = explanation_features(explanation, mask, last.get("final"), last.get("mask"))
+            features = torch.cat([features, more.to(features)], dim=-1)
+            current["final"] = explanation.final.float()
+            if mask is not None:
+                current["mask"] = mask.float()
+        self._last = {key: value.detach().clone() for key, value in current.items()}
         return features
 
 

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from fgmf_marl.attribution.metrics import pointing_game, relevance_mass_accuracy
 from fgmf_marl.attribution.pgca import PGCA
+from fgmf_marl.defenses.sgam import sgam_mask_of
 from fgmf_marl.oversight.alarm import AlarmDetector, StepHistory, episode_alarm_threshold
 from fgmf_marl.oversight.render import overlay, review_signal
 from fgmf_marl.oversight.store import LogWriter
@@ -58,22 +59,6 @@ _log = logging.getLogger(__name__)
 PER_STEP = ("actions", "clean_actions", "greedy_actions", "probs", "values", "rewards", "linf", "flipped")
 PER_LOGGED = ("clean_obs", "seen_obs", "pgca_P", "pgca_G", "pgca_consensus", "pgca_final", "agreement", "topk_iou",
               "evidence", "sgam_mask", "relevance", "frames")
-
-
-def sgam_mask_of(view: PolicyLike, obs: Tensor) -> Tensor | None:
-    """The SGAM keep-mask (B, H, W) in [0, 1] when the policy's input gate has one, else None."""
-    gate = getattr(view, "gate", None)
-    fn = getattr(gate, "mask", None)
-    if fn is None:
-        return None
-    with torch.no_grad():
-        mask = fn(obs)
-    if mask.ndim == 4:
-        mask = mask.mean(dim=1)
-    if tuple(mask.shape[-2:]) != tuple(obs.shape[-2:]):
-        mask = torch.nn.functional.interpolate(mask[:, None], size=obs.shape[-2:], mode="bilinear",
-                                               align_corners=False)[:, 0]
-    return mask
 
 
 class OversightLogger:
