@@ -1,16 +1,21 @@
 """``--defense smooth``: the training env's Gaussian noise has the configured strength, is reproducible and resumes
-exactly; the defense trains, saves its sigma, and a sigma out of range is a one-line error."""
+exactly; the stability term is the mean KL over its noisy copies (against scipy's KL on the same draws) and trains
+without the env's noise; the defense trains, saves its sigma, and a sigma out of range or a defense with no noise is
+a one-line error."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import pytest
+import scipy.stats
+import torch
 import yaml
-import gymnasium as gym
 from stable_baselines3.common.vec_env import DummyVecEnv
+from torch import nn
 
-from fgmf_marl.agents.smooth_ppo import GaussianObservationNoise
+from fgmf_marl.agents.smooth_ppo import GaussianObservationNoise, noise_consistency
 from fgmf_marl.jobs.train import entry as train_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,3 +68,56 @@ def test_a_sigma_out_of_range_is_refused(tmp_path: Path, capsys: pytest.CaptureF
     assert train_cli(["--defense", "smooth", "defense.smooth.sigma=2", "--run-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "defense.smooth.sigma" in err[0] and not (tmp_path / "r").exists()
+
+
+def test_the_stability_term_is_the_mean_kl_over_its_noisy_copies() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+    with torch.no_grad():
+        net[-1].weight.mul_(20)                                 # confident enough that the noise moves it visibly
+    x = torch.rand(6, 3, 8, 8)
+    x[0] = 1.0                                                  # saturated: the noisy copies are clipped to [0, 1]
+    sigma, copies = 0.3, 3
+    kl = noise_consistency(net, x, sigma, copies, torch.Generator().manual_seed(7))
+    noise = torch.randn((copies * 6, 3, 8, 8), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        p = torch.softmax(net(x), -1).double().numpy()
+        q = torch.softmax(net((x.repeat(copies, 1, 1, 1) + sigma * noise).clamp(0, 1)), -1).double().numpy()
+    expected = np.mean([[scipy.stats.entropy(p[b], q[i * 6 + b]) for b in range(6)] for i in range(copies)], axis=0)
+    assert expected.min() > 1e-3 and kl.detach().numpy() == pytest.approx(expected, rel=1e-3)
+    kl.sum().backward()
+    assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in net.parameters())
+
+    class Blind(nn.Module):
+        """Ignores its input: no noise can move it, so the term is 0 (closed form)."""
+
+        def forward(self, obs: torch.Tensor) -> torch.Tensor:
+            return torch.tensor([1.0, -2.0, 0.5]).expand(obs.shape[0], 3)
+
+    assert noise_consistency(Blind(), x, sigma, copies).abs().max() < 1e-7
+
+
+def test_the_stability_term_trains_on_clean_frames(tmp_path: Path) -> None:
+    from fgmf_marl import config as cfglib
+    from fgmf_marl.teams.train_config import TrainConfig
+    from fgmf_marl.teams.training import training_env
+
+    run = tmp_path / "run"
+    assert train_cli(["--defense", "smooth", "defense.smooth.augment=false", "defense.smooth.consistency=1",
+                      "defense.smooth.subsample=1", "--timesteps", "128", "--run-dir", str(run), "--no-progress",
+                      "env.n_envs=2", "ppo.n_steps=32", "ppo.batch_size=64", "eval_episodes=2",
+                      "env.native.max_steps=10"]) == 0
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["defense"]["smooth"]["augment"] is False and config["defense"]["smooth"]["consistency"] == 1
+    cfg = cfglib.from_dict(TrainConfig, config)
+    venv, _ = training_env(cfg)
+    try:
+        assert not isinstance(venv, GaussianObservationNoise)   # PPO's frames are clean; only the term sees noise
+    finally:
+        venv.close()
+
+
+def test_a_smooth_defense_without_noise_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert train_cli(["--defense", "smooth", "defense.smooth.augment=false", "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "augment" in err[0] and not (tmp_path / "r").exists()

@@ -1,28 +1,65 @@
-"""``--defense smooth``: PPO on observations with Gaussian noise, the policy randomised-smoothing certificates
-are made for (Cohen et al. 2019 train with Gaussian augmentation; Kumar et al. 2022 train the agent on noisy
-observations).
+"""``--defense smooth``: PPO trained for randomised-smoothing certificates at ``sigma``, by Gaussian noise in two
+places that compose:
 
-The noise is added by the training env (:class:`GaussianObservationNoise`, installed by the trainer when
-``defense.kind`` is ``smooth``), to every agent's observation at every step of the rollouts, so the rollout
-buffer holds what the policy acted on and PPO's ratios compare like with like; no loss term is added. The
-trained policy is evaluated and attacked as any other (noise-free), and certified by ``scripts/certify.py``
+* ``augment`` (default): the training env adds the noise (:class:`GaussianObservationNoise`, installed by the
+  trainer) to every agent's observation at every step of the rollouts, so the rollout buffer holds what the policy
+  acted on and PPO's ratios compare like with like (Cohen et al. 2019 train with Gaussian augmentation; Kumar et
+  al. 2022 train the agent on noisy observations).
+* ``consistency`` > 0: a stability term (Zheng et al. 2016; Li et al. 2019 certify such networks): the mean over
+  ``copies`` noisy copies of KL(pi(.|x) || pi(.|clip(x + N(0, sigma^2)))), the clean distribution detached as in
+  SA-PPO, on a ``subsample`` of each minibatch. Why: the certificate's radius grows with the probability that the
+  base policy keeps its action under the noise, and augmentation alone only teaches it to act well on noisy
+  frames, not to act *the same*. The noise is the certificate's (``fgmf_marl.certify``: clipped, not rounded),
+  drawn from the algorithm's own generator. With ``augment`` off, PPO learns on clean frames and only this term
+  sees noise; with both on, ``x`` is already a noisy frame.
+
+The trained policy is evaluated and attacked as any other (noise-free), and certified by ``scripts/certify.py``
 with the same sigma.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
+from torch import Tensor
 
+from fgmf_marl.agents.policy_view import PolicyView
 from fgmf_marl.agents.regularised_ppo import RegularisedPPO
+from fgmf_marl.agents.sappo import policy_kl
+
+
+def noise_consistency(view: PolicyView, x: Tensor, sigma: float, copies: int,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """(B,) per observation of ``x`` (B, C, H, W) in [0, 1]: the mean over ``copies`` draws of
+    KL(pi(.|x) || pi(.|clip(x + N(0, sigma^2 I), 0, 1))), pi(.|x) detached; differentiable in the policy."""
+    with torch.no_grad():
+        clean = view(x)
+    repeated = x.detach().repeat(copies, 1, 1, 1)
+    noise = torch.randn(repeated.shape, generator=generator, device=x.device, dtype=x.dtype)
+    kl = policy_kl(clean.repeat(copies, 1), view((repeated + sigma * noise).clamp(0.0, 1.0)))
+    return kl.reshape(copies, x.shape[0]).mean(dim=0)
 
 
 class SmoothPPO(RegularisedPPO):
-    """PPO trained on noisy observations (``defense.smooth``); the noise lives in the training env."""
+    """PPO trained with Gaussian noise (``defense.smooth``): in the training env (``augment``) and/or as the
+    stability term (``consistency``)."""
 
     components: ClassVar[frozenset[str]] = frozenset({"smooth"})
     default_kind: ClassVar[str] = "smooth"
+
+    def _regularisers(self, obs01: Tensor, actions: Tensor) -> dict[str, Tensor]:
+        cfg = self.defense.smooth
+        if cfg.consistency == 0:
+            return {}
+        start = time.perf_counter()
+        kl = noise_consistency(self._view, self._head(obs01, cfg.subsample), cfg.sigma, cfg.copies,
+                               self._generator).mean()
+        self._log_term("smooth_kl", kl.detach())
+        self._log_term("smooth_seconds", time.perf_counter() - start)
+        return {"smooth": cfg.consistency * kl}
 
 
 class GaussianObservationNoise(VecEnvWrapper):

@@ -190,12 +190,23 @@ class SappoConfig(Scheduled):
 
 @dataclass
 class SmoothConfig:
-    """Gaussian noise on the training observations (``fgmf_marl.agents.smooth_ppo``), for randomised-smoothing certificates."""
+    """Gaussian noise in training (``fgmf_marl.agents.smooth_ppo``), for randomised-smoothing certificates: on the
+    training env's observations (``augment``, Gaussian augmentation) and/or as a stability term (``consistency``)."""
 
     sigma: float = 0.25                # noise std in input units [0, 1], as scripts/certify.py --sigma
+    augment: bool = True               # the training env's observations carry the noise (PPO learns on noisy frames)
+    consistency: float = 0.0           # weight of mean_i KL(pi(x) || pi(clip(x + N(0, sigma^2)))) over `copies`
+    copies: int = 2                    # noisy copies of each observation in the stability term
+    subsample: float = 0.25            # fraction of each minibatch the stability term runs on
 
     def validate(self) -> None:
         check_range("defense.smooth.sigma", self.sigma, 1e-6, 1.0)
+        check_range("defense.smooth.consistency", self.consistency, 0)
+        check_range("defense.smooth.copies", self.copies, 1, MAX_INNER_STEPS)
+        _check_fraction("defense.smooth.subsample", self.subsample)
+        if not self.augment and self.consistency == 0:
+            raise ConfigError("defense.smooth trains with no noise (augment=false and consistency=0); accepted: "
+                              "augment=true, or consistency > 0")
 
 
 @dataclass

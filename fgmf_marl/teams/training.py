@@ -269,7 +269,7 @@ def training_env(cfg: TrainConfig) -> tuple[VecEnv, AttackedVecEnv | None]:
                               f"{MAX_BUFFER_BYTES / 2**30:.0f} GiB (fewer env.n_envs or ppo.n_steps)")
         raise ConfigError(f"ppo.batch_size={cfg.ppo.batch_size} exceeds the rollout size n_steps x slots = "
                           f"{cfg.ppo.n_steps * venv.num_envs}")
-    if cfg.defense.uses("smooth"):
+    if cfg.defense.uses("smooth") and cfg.defense.smooth.augment:
         venv = GaussianObservationNoise(venv, cfg.defense.smooth.sigma, cfg.seed)
     if cfg.adversary.kind == "none":
         return venv, None
