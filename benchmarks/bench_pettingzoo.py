@@ -20,23 +20,38 @@ beside a uniformly random policy's. Measured side by side in one run:
 Prints returns, wall times and the recipe/ours ratios. Usage:
     python benchmarks/bench_pettingzoo.py [--timesteps 2000000] [--episodes 16] [--out runs/bench_pettingzoo]
         [--recipe-wall-seconds 3600]   (the recipe at one wall-time budget: it stops there, at any step count)
+
+``--chains`` times the env alone instead, no training: pistonball's observation chain as SuperSuit's own
+wrappers compose it (parallel env -> ``PistonballMasks`` -> SuperSuit's AEC observation wrappers, each
+stepped through ``aec_to_parallel``) against ``fgmf_marl.envs.registry.make_parallel_env`` (the same
+transforms on the parallel side; tested equal in ``tests/test_supersuit.py``), both under the same
+``pettingzoo_env_to_vec_env_v1`` -> ``concat_vec_envs_v1`` of ``--chain-copies`` copies, random actions, at
+pistonball's preset adapter (84 x 84 grey, 3 frames) and at the default one (48 x 48 RGB). The two alternate
+over ``--chain-rounds`` rounds; prints median agent-steps/s (wall and CPU) and the median of the per-round
+speed ratios, registry / SuperSuit's wrappers:
+    python benchmarks/bench_pettingzoo.py --chains [--chain-rounds 5] [--chain-steps 40] [--chain-copies 8]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+import gymnasium as gym
 import numpy as np
 import supersuit as ss
 import torch
+from pettingzoo import ParallelEnv
 from pettingzoo.butterfly import pistonball_v6
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.vec_env import VecEnv
 
-from fgmf_marl.envs.registry import SeededVecEnv
+from fgmf_marl.envs.ground_truth import PistonballMasks
+from fgmf_marl.envs.registry import AdapterConfig, EnvConfig, SeededVecEnv, make_parallel_env
 from fgmf_marl.jobs.train import entry as train_entry
 
 MAX_CYCLES = 125
@@ -115,6 +130,65 @@ def train_ours(timesteps: int, episodes: int, seed: int, run_dir: Path) -> dict[
             "wall_seconds": summary["wall_seconds"], "timesteps": summary["timesteps"]}
 
 
+def supersuit_chain(adapter: AdapterConfig) -> ParallelEnv:
+    """Pistonball's observation chain as SuperSuit's own wrappers compose it (what ``make_parallel_env``
+    built before its transforms moved to the parallel side; ``tests/test_supersuit.py`` builds the same)."""
+    def chw_space(space: gym.spaces.Box, agent: Any = None) -> gym.spaces.Box:
+        h, w, c = space.shape
+        return gym.spaces.Box(0, 255, (c, h, w), np.uint8)
+
+    env = PistonballMasks(pistonball_v6.parallel_env(continuous=False, max_cycles=adapter.max_cycles,
+                                                     render_mode="rgb_array"), adapter.size)
+    if adapter.grayscale:
+        env = ss.color_reduction_v0(env, "full")
+    env = ss.resize_v1(env, adapter.size, adapter.size)
+    if adapter.grayscale or adapter.frame_stack > 1:
+        env = ss.frame_stack_v1(env, adapter.frame_stack)
+    return ss.observation_lambda_v0(env, lambda obs, space, agent=None: np.ascontiguousarray(obs.transpose(2, 0, 1)),
+                                    chw_space)
+
+
+def time_chains(rounds: int, steps: int, copies: int) -> None:
+    """Agent-steps/s of SuperSuit's wrappers and of the registry's chain, alternating, per adapter."""
+    adapters = {"preset: 84 grey x 3": AdapterConfig(size=84, grayscale=True, frame_stack=3, max_cycles=MAX_CYCLES),
+                "default: 48 RGB": AdapterConfig(size=48, max_cycles=MAX_CYCLES)}
+    print(f"pistonball, {copies} copies x 20 pistons, {steps} steps per round, {rounds} alternating rounds, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"\n| {'adapter':<20} | {'chain':<22} | {'agent-steps/s wall':>18} | {'agent-steps/s CPU':>17} |")
+    print(f"|{'-' * 22}|{'-' * 24}|{'-' * 20}|{'-' * 19}|")
+    speedups = {}
+    for label, adapter in adapters.items():
+        chains = {"SuperSuit's wrappers": supersuit_chain(adapter),
+                  "registry": make_parallel_env(EnvConfig(name="pistonball", adapter=adapter))}
+        venvs: dict[str, VecEnv] = {}
+        for name, env in chains.items():
+            venvs[name] = SeededVecEnv(ss.concat_vec_envs_v1(ss.pettingzoo_env_to_vec_env_v1(env), copies, num_cpus=0,
+                                                             base_class="stable_baselines3"), copies)
+            venvs[name].seed(0)
+            venvs[name].reset()
+        actions = np.random.default_rng(0).integers(0, 3, size=(steps, venvs["registry"].num_envs))
+        wall: dict[str, list[float]] = {name: [] for name in venvs}
+        cpu: dict[str, list[float]] = {name: [] for name in venvs}
+        for r in range(rounds):
+            for name in (list(venvs) if r % 2 == 0 else list(venvs)[::-1]):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                for a in actions:
+                    venvs[name].step(a)
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+        for name, venv in venvs.items():
+            done = steps * venv.num_envs
+            print(f"| {label:<20} | {name:<22} | {done / statistics.median(wall[name]):>18,.0f} | "
+                  f"{done / statistics.median(cpu[name]):>17,.0f} |")
+            venv.close()
+        speedups[label] = (statistics.median(a / b for a, b in zip(wall["SuperSuit's wrappers"], wall["registry"])),
+                           statistics.median(a / b for a, b in zip(cpu["SuperSuit's wrappers"], cpu["registry"])))
+    print()
+    for label, (wall_ratio, cpu_ratio) in speedups.items():
+        print(f"{label}: registry / SuperSuit's wrappers speed, median of {rounds} rounds: "
+              f"wall {wall_ratio:.2f}x, CPU {cpu_ratio:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timesteps", type=int, default=2_000_000, help="agent-steps each (default: the recipe's 2M)")
@@ -128,7 +202,18 @@ def main() -> None:
     parser.add_argument("--recipe-wall-seconds", type=float, default=None,
                         help="stop the recipe's training after this much wall time, at whatever agent-step count "
                         "it reached (default: none, train all --timesteps)")
+    parser.add_argument("--chains", action="store_true",
+                        help="time the env chain alone (SuperSuit's wrappers vs the registry's), no training")
+    parser.add_argument("--chain-rounds", type=int, default=5, help="--chains: alternating rounds (default 5)")
+    parser.add_argument("--chain-steps", type=int, default=40, help="--chains: VecEnv steps per round (default 40)")
+    parser.add_argument("--chain-copies", type=int, default=RECIPE_COPIES,
+                        help=f"--chains: env copies (default {RECIPE_COPIES}, the preset's)")
     args = parser.parse_args()
+    if args.chains:
+        if min(args.chain_rounds, args.chain_steps, args.chain_copies) < 1:
+            parser.error("--chain-rounds, --chain-steps and --chain-copies must be >= 1")
+        time_chains(args.chain_rounds, args.chain_steps, args.chain_copies)
+        return
     if args.timesteps < 1 or args.episodes < 1 or args.recipe_cpus < 0 or (
             args.recipe_wall_seconds is not None and args.recipe_wall_seconds <= 0):
         parser.error(f"--timesteps {args.timesteps} and --episodes {args.episodes} must be >= 1, "

@@ -14,8 +14,8 @@ here in closed form from the physics state, the same geometry ``pistonball.obser
 
 The masks are made at the crop's resolution and reduced to the policy's ``size x size`` image by
 "any pixel of the cell", so a 2-pixel ball edge still marks its cell. :class:`PistonballMasks`
-adds both to every agent's ``infos`` at ``reset`` and ``step`` (before SuperSuit's observation
-wrappers, which pass infos through); ``fgmf_marl.envs.registry.SeededVecEnv`` turns them into the
+adds both to every agent's ``infos`` at ``reset`` and ``step`` (before the registry's observation
+transforms, which pass infos through); ``fgmf_marl.envs.registry.MaskedVecEnv`` turns them into the
 ``relevance_masks()`` / ``target_masks()`` a rollout reads.
 """
 from __future__ import annotations

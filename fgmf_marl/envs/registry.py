@@ -12,19 +12,27 @@ PettingZoo's butterfly environments go through the SuperSuit chain
 
 Transposing inside the PettingZoo chain (rather than SB3's ``VecTransposeImage``) keeps the parallel
 env and the VecEnv in one layout, so the adversary wrapper can work at the PettingZoo level
-(``make_parallel_env``).
+(``make_parallel_env``). The chain's observation transforms are SuperSuit's, applied on the parallel
+side by :class:`ObservationMap` (SuperSuit's own wrappers for them are AEC wrappers, which would run
+every ParallelEnv through ``aec_to_parallel`` and transform each observation twice), and pistonball's
+AEC env crops each observation once per frame (:class:`ObservedOncePerFrame`); both are tested equal
+to the chain of SuperSuit's wrappers (``tests/test_supersuit.py``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, Callable, Sequence
 
 import gymnasium as gym
 import numpy as np
 import supersuit as ss
-from pettingzoo import ParallelEnv
+from pettingzoo import AECEnv, ParallelEnv
+from pettingzoo.utils import BaseParallelWrapper, BaseWrapper
+from pettingzoo.utils.conversions import aec_to_parallel
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper, VecMonitor
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs
+from supersuit.utils.basic_transforms import color_reduction, resize
 
 from fgmf_marl.config import ConfigError, check_range
 from fgmf_marl.envs.batched import CoverageVecEnv
@@ -75,14 +83,46 @@ class EnvConfig:
         check_range("env.n_envs", self.n_envs, 1, MAX_ENVS)
 
 
+class ObservedOncePerFrame(BaseWrapper):
+    """Pistonball's AEC env whose ``observe(agent)`` is cropped once per frame: later calls return the same
+    array until pistonball draws its next frame (its ``frames`` counter advances, at the end of each cycle),
+    ``reset`` or ``render``. Callers must not write into the arrays it returns.
+
+    Why: ``aec_to_parallel`` observes every agent twice per step (``last()`` before each agent's action,
+    then all of them at the end of the cycle), and pistonball crops every observation from its screen,
+    which changes only when it draws, so the second crop would copy the first.
+    """
+
+    def __init__(self, env: AECEnv) -> None:
+        super().__init__(env)
+        self._frame: int | None = None
+        self._crops: dict[str, np.ndarray] = {}
+
+    def reset(self, seed: int | None = None, options: dict | None = None) -> None:
+        self._frame = None
+        self.env.reset(seed=seed, options=options)
+
+    def render(self) -> Any:
+        self._frame = None
+        return self.env.render()
+
+    def observe(self, agent: str) -> np.ndarray:
+        frame = self.env.unwrapped.frames
+        if frame != self._frame:
+            self._frame, self._crops = frame, {}
+        if agent not in self._crops:
+            self._crops[agent] = self.env.observe(agent)
+        return self._crops[agent]
+
+
 # The butterfly imports are deferred: they load pygame, needed only when that env is asked for.
 def _pistonball(cfg: AdapterConfig) -> ParallelEnv:
     from pettingzoo.butterfly import pistonball_v6  # deferred: pygame
 
     # As pong: with render_mode None, pistonball never redraws its screen, and every observation is the
     # first frame (docs/DESIGN.md, "The native environment"). Its masks: fgmf_marl/envs/ground_truth.py.
-    env = pistonball_v6.parallel_env(continuous=False, max_cycles=cfg.max_cycles, render_mode="rgb_array")
-    return PistonballMasks(env, cfg.size)
+    env = pistonball_v6.env(continuous=False, max_cycles=cfg.max_cycles, render_mode="rgb_array")
+    return PistonballMasks(aec_to_parallel(ObservedOncePerFrame(env)), cfg.size)
 
 
 def _cooperative_pong(cfg: AdapterConfig) -> ParallelEnv:
@@ -113,12 +153,53 @@ def _check_name(name: str) -> None:
         raise ConfigError(f"unknown environment {name!r}; known: {', '.join(ENVIRONMENTS)}")
 
 
-def _to_chw(env: ParallelEnv) -> ParallelEnv:
-    def space_fn(space: gym.spaces.Box, agent: Any = None) -> gym.spaces.Box:
+class ObservationMap(BaseParallelWrapper):
+    """A ParallelEnv whose observations are ``fn(obs, space)`` of the env's (``space``: the env's observation
+    space of that agent) and whose observation spaces are ``space_fn(space)``; rewards, terminations,
+    truncations and infos pass through.
+
+    Why: SuperSuit's observation wrappers are AEC wrappers, and a ParallelEnv given to them is stepped
+    through ``aec_to_parallel``, which observes every agent twice per step, so each transform would run twice.
+    """
+
+    def __init__(self, env: ParallelEnv, fn: Callable[[np.ndarray, gym.spaces.Box], np.ndarray],
+                 space_fn: Callable[[gym.spaces.Box], gym.spaces.Box]) -> None:
+        super().__init__(env)
+        self._fn = fn
+        self._inner = {agent: env.observation_space(agent) for agent in env.possible_agents}
+        self._spaces = {agent: space_fn(space) for agent, space in self._inner.items()}
+
+    def observation_space(self, agent: str) -> gym.spaces.Box:
+        return self._spaces[agent]
+
+    def _map(self, observations: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {agent: self._fn(obs, self._inner[agent]) for agent, obs in observations.items()}
+
+    def reset(self, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
+        observations, infos = self.env.reset(seed=seed, options=options)
+        return self._map(observations), infos
+
+    def step(self, actions: dict) -> tuple[dict, dict, dict, dict, dict]:
+        observations, rewards, terminations, truncations, infos = self.env.step(actions)
+        return self._map(observations), rewards, terminations, truncations, infos
+
+
+def _supersuit_transform(env: ParallelEnv, transform: ModuleType, param: Any) -> ObservationMap:
+    """One of SuperSuit's basic observation transforms (``supersuit.utils.basic_transforms``) with the
+    parameter its wrapper passes it (``ss.color_reduction_v0``: the mode; ``ss.resize_v1``: (x, y, linear))."""
+    def space_fn(space: gym.spaces.Box) -> gym.spaces.Box:
+        transform.check_param(space, param)
+        return transform.change_obs_space(space, param)
+
+    return ObservationMap(env, lambda obs, space: transform.change_observation(obs, space, param), space_fn)
+
+
+def _to_chw(env: ParallelEnv) -> ObservationMap:
+    def space_fn(space: gym.spaces.Box) -> gym.spaces.Box:
         h, w, c = space.shape
         return gym.spaces.Box(0, 255, (c, h, w), np.uint8)
 
-    return ss.observation_lambda_v0(env, lambda obs, space, agent=None: np.ascontiguousarray(obs.transpose(2, 0, 1)), space_fn)
+    return ObservationMap(env, lambda obs, space: np.ascontiguousarray(obs.transpose(2, 0, 1)), space_fn)
 
 
 def make_parallel_env(cfg: EnvConfig, render_mode: str | None = None) -> ParallelEnv:
@@ -132,9 +213,10 @@ def make_parallel_env(cfg: EnvConfig, render_mode: str | None = None) -> Paralle
     adapter = cfg.adapter
     env = PETTINGZOO_ENVS[cfg.name](adapter)
     if adapter.grayscale:
-        env = ss.color_reduction_v0(env, "full")
-    env = ss.resize_v1(env, adapter.size, adapter.size)
-    # frame_stack_v1 also gives grayscale frames their channel axis (H, W) -> (H, W, k).
+        env = _supersuit_transform(env, color_reduction, "full")
+    env = _supersuit_transform(env, resize, (adapter.size, adapter.size, True))
+    # frame_stack_v1 also gives grayscale frames their channel axis (H, W) -> (H, W, k); it has a
+    # parallel wrapper of its own, which it picks for a ParallelEnv.
     if adapter.grayscale or adapter.frame_stack > 1:
         env = ss.frame_stack_v1(env, adapter.frame_stack)
     return _to_chw(env)
