@@ -322,7 +322,7 @@ def test_alarm_eval_then_the_alarm_in_the_log_the_report_and_verify(tmp_path, ca
                       "--no-progress"]) == 0
     data = json.loads((out / "alarm_eval.json").read_text())
     assert set(data["explained"]["attacks"]) == set(data["attacks"])
-    assert "AUROC without them" in (out / "alarm_eval.md").read_text()
+    assert "explanation-side features too (evidence, agreement, explanation_change;" in (out / "alarm_eval.md").read_text()
     faults = {f"fault[kind={k}]" for k in FAULTS}          # labelled as evaluate.py labels the faults preset
     assert faults == {s.replace(":", "[", 1) + "]" for s in expand_presets(["faults"])}
     assert set(data["attacks"]) == {"pgd@8", "ll-pgd@8", "mad@8", "square@8", "transfer@8",

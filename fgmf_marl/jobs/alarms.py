@@ -29,6 +29,7 @@ from fgmf_marl.attacks.threats import L2PGD
 from fgmf_marl.config import ConfigError, check_device, check_range, check_seed
 from fgmf_marl.jobs import cli
 from fgmf_marl.runs import check_output_dir, resolve_checkpoint
+from fgmf_marl.oversight.alarm import FEATURES
 from fgmf_marl.teams.alarms import ADAPTIVE_WEIGHTS, alarm_study
 from fgmf_marl.teams.checkpoints import load_model
 
@@ -118,7 +119,8 @@ def markdown(data: dict[str, Any], checkpoint: str) -> str:
                      f"{r['episode_detection']:.3f} | {r['return']:.3f} | {r['steps']} |")
     if "explained" in data:
         explained = data["explained"]
-        lines += ["", f"With the explanation-side features too ({', '.join(explained['features'][-4:])}; "
+        added = ", ".join(f for f in explained["features"] if f not in FEATURES)
+        lines += ["", f"With the explanation-side features too ({added}; "
                   f"measured false alarms {explained['measured_false_alarms']:.4f}, episodes "
                   f"{explained['measured_episode_false_alarms']:.3f}); the adaptive attacker hid from the first "
                   "detector only:", "",
