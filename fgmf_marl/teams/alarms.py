@@ -81,7 +81,7 @@ def collect_features(view: PolicyLike, env_cfg: EnvConfig, episodes: int, seed: 
     finally:
         venv.close()
     if not rows:
-        return Steps(np.zeros((0, len(FEATURES))), np.zeros(0, dtype=int), result)   # no counted step to explain
+        return Steps(np.zeros((0, len(FEATURES))), np.zeros(0, dtype=int), result)
     return Steps(np.concatenate(rows), np.concatenate(ids), result)
 
 
