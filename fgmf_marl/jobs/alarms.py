@@ -105,6 +105,12 @@ def own_budget_families(threat_models: Sequence[str]) -> dict[str, Attack]:
     return out
 
 
+def _detection_cells(r: dict[str, Any]) -> str:
+    """A row's AUROC with its interval and its shares of attacked steps and episodes detected, as table cells."""
+    low, high = r["auroc_ci95"]
+    return f"{r['auroc']:.3f} [{low:.3f}, {high:.3f}] | {r['detection']:.3f} | {r['episode_detection']:.3f}"
+
+
 def markdown(data: dict[str, Any], checkpoint: str) -> str:
     lines = [f"# Attack alarm on {checkpoint}", "",
              f"Calibrated to {data['false_alarm_rate']:g} false alarms; measured on {data['clean_steps']} clean test "
@@ -114,9 +120,7 @@ def markdown(data: dict[str, Any], checkpoint: str) -> str:
              "| attack | AUROC [95 % CI] | steps detected | episodes detected | team return | agent-steps |",
              "|---|---|---|---|---|---|"]
     for name, r in data["attacks"].items():
-        low, high = r["auroc_ci95"]
-        lines.append(f"| {name} | {r['auroc']:.3f} [{low:.3f}, {high:.3f}] | {r['detection']:.3f} | "
-                     f"{r['episode_detection']:.3f} | {r['return']:.3f} | {r['steps']} |")
+        lines.append(f"| {name} | {_detection_cells(r)} | {r['return']:.3f} | {r['steps']} |")
     if "explained" in data:
         explained = data["explained"]
         added = ", ".join(f for f in explained["features"] if f not in FEATURES)
@@ -127,9 +131,7 @@ def markdown(data: dict[str, Any], checkpoint: str) -> str:
                   "| attack | AUROC [95 % CI] | steps detected | episodes detected | AUROC without them |",
                   "|---|---|---|---|---|"]
         for name, r in explained["attacks"].items():
-            low, high = r["auroc_ci95"]
-            lines.append(f"| {name} | {r['auroc']:.3f} [{low:.3f}, {high:.3f}] | {r['detection']:.3f} | "
-                         f"{r['episode_detection']:.3f} | {data['attacks'][name]['auroc']:.3f} |")
+            lines.append(f"| {name} | {_detection_cells(r)} | {data['attacks'][name]['auroc']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
