@@ -10,10 +10,14 @@
         tb/                TensorBoard event files
         eval/              evaluation outputs (summary.json, summary.md, CSVs, plots)
 
+An evaluation's output folder (``evaluate.py --out``) is staged the same way; until it finishes it holds
+``config.yaml`` and ``cells/``, one JSON file per finished grid cell, which ``evaluate.py --resume`` continues
+from (its progress, as checkpoints are a training's).
+
 A run directory is created only after the config has been validated, and removed again if the
-run fails (or is interrupted: Ctrl-C, SIGTERM) before it wrote its first checkpoint, so bad input
-never leaves a half-written run. What a ``kill -9`` before the first checkpoint leaves (only the
-files a run writes, no checkpoint) is taken over by the next run into the same directory.
+run fails (or is interrupted: Ctrl-C, SIGTERM) before it made progress (a checkpoint, a finished cell), so bad
+input never leaves a half-written run. What a ``kill -9`` before that leaves (only the files a run writes, no
+progress) is taken over by the next run into the same directory.
 """
 from __future__ import annotations
 
@@ -28,8 +32,8 @@ from typing import Iterator
 from fgmf_marl.config import ConfigError
 
 _STEP_RE = re.compile(r"step_(\d+)\.zip$")
-#: what a run writes before its first checkpoint (evaluate.py writes config.yaml first, too)
-RUN_FILES = frozenset({"config.yaml", "tb", "eval", "checkpoints"})
+#: what a run writes before its first checkpoint or finished cell (evaluate.py writes config.yaml first, too)
+RUN_FILES = frozenset({"config.yaml", "tb", "eval", "checkpoints", "cells"})
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,11 @@ class RunDir:
     @property
     def eval(self) -> Path:
         return self.root / "eval"
+
+    @property
+    def cells(self) -> Path:
+        """An unfinished evaluation's finished grid cells (``fgmf_marl.teams.grid.evaluate``)."""
+        return self.root / "cells"
 
     @property
     def final_checkpoint(self) -> Path:
@@ -80,6 +89,10 @@ class RunDir:
 
     def has_checkpoint(self) -> bool:
         return self.latest_checkpoint() is not None
+
+    def has_progress(self) -> bool:
+        """A checkpoint or a finished evaluation cell: what ``--resume`` continues from."""
+        return self.has_checkpoint() or any(self.cells.glob("*.json"))
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, RunDir | None]:
@@ -137,39 +150,39 @@ def check_output_file(path: str | Path, what: str = "output file") -> None:
 
 
 def _abandoned(run: RunDir) -> bool:
-    """True for a run killed before its first checkpoint: no checkpoint, only the files a run writes.
+    """True for a run killed before it made progress: no checkpoint or finished cell, only the files a run writes.
 
     The temp files of an atomic write a kill interrupted (``.<name>.<random>.tmp``) count as the run's.
     """
     names = {p.name for p in run.root.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp"))}
-    return not run.has_checkpoint() and names <= RUN_FILES
+    return not run.has_progress() and names <= RUN_FILES
 
 
 @contextmanager
-def staged_run_dir(root: Path, *, resume: bool = False) -> Iterator[RunDir]:
+def staged_run_dir(root: Path, *, resume: bool = False, flag: str = "--run-dir") -> Iterator[RunDir]:
     """Create (or, resuming, reuse) a run directory; delete a new one if the body fails early.
 
-    "Early" means before any checkpoint exists: an interrupted long run keeps its checkpoints
-    (they are what ``--resume`` continues from), a run that crashed at start-up leaves nothing.
-    A folder that holds no checkpoint and only what a run writes (``config.yaml``, ``tb/``,
-    ``eval/``, ``checkpoints/``: what ``kill -9`` leaves) is emptied and taken over; resuming
-    such a folder is refused with a pointer to rerun without ``--resume``, since there is nothing
-    to continue from. Any other content is refused.
+    "Early" means before any progress exists (a checkpoint, an evaluation's finished cell): an interrupted
+    long run keeps its progress (what ``--resume`` continues from), a run that crashed at start-up leaves
+    nothing. A folder that holds no progress and only what a run writes (``config.yaml``, ``tb/``, ``eval/``,
+    ``checkpoints/``, ``cells/``: what ``kill -9`` leaves) is emptied and taken over; resuming such a folder is
+    refused with a pointer to rerun without ``--resume``, since there is nothing to continue from. Any other
+    content is refused. ``flag`` names the option that chose the folder, for the error messages.
     """
     run = RunDir(Path(root))
     if resume:
         if not run.config.is_file():
             raise ConfigError(f"cannot resume: {str(root)!r} is not a run directory (no config.yaml)")
-        if not run.has_checkpoint():
-            raise ConfigError(f"cannot resume: {str(root)!r} holds no checkpoint (it was stopped before its first "
-                              "one); rerun without --resume to start it from zero")
+        if not run.has_progress():
+            raise ConfigError(f"cannot resume: {str(root)!r} holds no checkpoint or finished cell (it was stopped "
+                              "before its first one); rerun without --resume to start it from zero")
         yield run
         return
     check_output_dir(run.root, "run directory")
     if run.root.exists() and any(run.root.iterdir()):
         if not _abandoned(run):
             raise ConfigError(f"run directory {str(root)!r} already exists and is not empty; use --resume or "
-                              "another --run-dir")
+                              f"another {flag}")
         _empty(run.root)
         run.root.rmdir()
     created = not run.root.exists()
@@ -180,7 +193,7 @@ def staged_run_dir(root: Path, *, resume: bool = False) -> Iterator[RunDir]:
     try:
         yield run
     except BaseException:
-        if not run.has_checkpoint():
+        if not run.has_progress():
             shutil.rmtree(run.root, ignore_errors=True) if created else _empty(run.root)
         raise
 

@@ -163,7 +163,7 @@ def test_a_run_killed_before_its_first_checkpoint_is_taken_over(tmp_path: Path) 
     (run.tensorboard / "ppo_1").mkdir(parents=True)
     run.config.write_text("old")
     (root / ".config.yaml.k3j9x.tmp").write_text("half")  # an atomic write kill -9 interrupted
-    with pytest.raises(ConfigError, match="holds no checkpoint .*rerun without --resume"):
+    with pytest.raises(ConfigError, match="holds no checkpoint or finished cell .*rerun without --resume"):
         with staged_run_dir(root, resume=True):
             pass
     with staged_run_dir(root) as taken:

@@ -5,6 +5,7 @@ import csv
 import functools
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from fgmf_marl.attacks.registry import expand_presets
 from fgmf_marl.jobs.evaluate import entry as cli
 from fgmf_marl.jobs.train import entry as train_cli
 from fgmf_marl.teams.eval_config import EvalConfig
+from tests.conftest import grid_stopped_at_cell
 
 FAST_TRAIN = ["env.n_envs=2", "ppo.n_steps=32", "ppo.batch_size=64", "ppo.n_epochs=1", "eval_episodes=2",
               "checkpoint_every=10000", "env.native.max_steps=10"]
@@ -262,3 +264,49 @@ def test_missing_checkpoint_is_a_clean_error(tmp_path: Path, capsys) -> None:
     assert "does not exist" in err and not (tmp_path / "eval").exists()
     assert cli(["--out", str(tmp_path / "eval"), "--no-progress"]) == 2
     assert "at least one checkpoint" in capsys.readouterr().err
+
+
+def test_an_interrupted_evaluation_resumes_to_what_an_uninterrupted_run_writes(
+        run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The independent reference is the same evaluation run without interruption: a run stopped after its third
+    cell keeps those cells (and nothing else of its outputs), is refused without --resume, and with --resume
+    (config.yaml of the folder as its config) runs the other cells and writes the same episodes and tables."""
+    args = ("--attacks", "random", "pgd:steps=2", "--eps", "4", "--seeds", "0,1")
+    assert _eval(run_dir, tmp_path / "whole", *args) == 0
+    stopped = tmp_path / "stopped"
+    with grid_stopped_at_cell(4):
+        assert _eval(run_dir, stopped, *args) != 0
+    assert sorted(p.name for p in stopped.iterdir()) == ["cells", "config.yaml"]
+    assert len(list((stopped / "cells").glob("*.json"))) == 3
+    capsys.readouterr()
+    assert _eval(run_dir, stopped, *args) == 2                 # not silently restarted, not overwritten
+    assert "use --resume or another --out" in capsys.readouterr().err
+    assert cli(["--out", str(stopped), "--resume", "--no-progress"]) == 0
+    assert not (stopped / "cells").exists()
+    assert (stopped / "episodes.csv").read_text() == (tmp_path / "whole" / "episodes.csv").read_text()
+    whole, resumed = (json.loads((folder / "results.json").read_text()) for folder in (tmp_path / "whole", stopped))
+    assert resumed["resumed_cells"] == 3 and whole["resumed_cells"] == 0
+    for key in ("rows", "worst", "profile"):
+        assert resumed[key] == whole[key]
+
+
+def test_resume_refuses_another_config_a_finished_evaluation_and_oversight_logs(
+        run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    stopped = tmp_path / "stopped"
+    with grid_stopped_at_cell(2):
+        assert _eval(run_dir, stopped, "--attacks", "random", "--eps", "4") != 0
+    assert _eval(run_dir, tmp_path / "done", "--attacks", "random", "--eps", "4") == 0
+    capsys.readouterr()
+    for argv, message in (
+            ([str(run_dir), "--out", str(stopped), "--attacks", "random", "--eps", "8"], "records another evaluation "
+             r"\(config.yaml differs in eps\)"),
+            (["--out", str(tmp_path / "done")], "holds a finished evaluation"),
+            (["--out", str(tmp_path / "nothing")], "is not an evaluation's output folder"),
+            ([str(run_dir), "--attacks", "random"], "--resume needs --out"),
+            (["--out", str(stopped), "--log-explanations", str(tmp_path / "logs")], "cannot continue an evaluation "
+             "that writes oversight logs")):
+        assert cli([*argv, "--resume", "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert sorted(p.name for p in stopped.iterdir()) == ["cells", "config.yaml"]   # refusals leave it as it was
+    assert not (tmp_path / "logs").exists()

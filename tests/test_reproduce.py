@@ -23,6 +23,7 @@ from fgmf_marl import stats
 from fgmf_marl.experiments import cache, plan, runner, schema, tables
 from fgmf_marl.jobs import reproduce
 from fgmf_marl.jobs.train import entry as train_cli
+from tests.conftest import grid_stopped_at_cell
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "experiments" / "tiny.yaml"
@@ -493,3 +494,28 @@ def test_a_results_root_holds_toy_runs_or_measured_ones_never_both(tmp_path: Pat
     code = reproduce.entry([str(ROOT / "experiments" / "default_job.yaml"), "--quick", "--results-root", str(measured),
                             "--results", str(out / "R.md"), "--figures", str(out / "f"), "--no-progress"])
     assert code == 2 and not (out / "R.md").exists()
+
+
+def test_an_interrupted_evaluation_task_resumes_from_its_finished_cells(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a kill after an evaluation's first cell leaves (config.yaml and cells/) is continued with --resume, and
+    the record says from what; a finished evaluation's folder is never resumed."""
+    from fgmf_marl import config as cfglib
+    from fgmf_marl.teams import grid
+    from fgmf_marl.teams.eval_config import EvalConfig
+    tasks = plan.expand(schema.load_experiment(TINY), reproduce.JOBS, quick=False)
+    train = next(t for t in tasks if t.id == "train/none/s0")
+    evaluation = next(t for t in tasks if t.id == "evaluate/pgd/none/s0")
+    assert runner.execute(str(tmp_path), train)["status"] == "done"
+    monkeypatch.chdir(tmp_path)
+    with grid_stopped_at_cell(2), pytest.raises(KeyboardInterrupt):
+        grid.evaluate(cfglib.from_dict(EvalConfig, evaluation.config), evaluation.out, progress=False, echo=lambda _: None)
+    assert len(list((tmp_path / evaluation.out / "cells").glob("*.json"))) == 1
+    (tmp_path / evaluation.folder / "task.json").write_text(json.dumps(
+        {"id": evaluation.id, "key": evaluation.key, "status": "running", "config": evaluation.config, "run_id": "killed"}))
+    record = runner.execute(str(tmp_path), evaluation)
+    assert record["status"] == "done" and record["resumed_from"] == "1 finished cells"
+    assert "--resume" in (tmp_path / evaluation.folder / "log.txt").read_text()
+    assert json.loads((tmp_path / evaluation.out / "results.json").read_text())["resumed_cells"] == 1
+    record = runner.execute(str(tmp_path), evaluation, rerun=True)
+    assert record["status"] == "done" and record["resumed_from"] is None

@@ -69,7 +69,7 @@ class Task:
         if self.kind == "train":
             return args + ["--run-dir", self.out] + (["--resume"] if resume else [])
         if self.kind == "evaluate":
-            return args + ["--out", self.out]
+            return args + ["--out", self.out] + (["--resume"] if resume else [])
         if self.kind == "adversary":
             return args + ["--victim", self.config["victim"], "--run-dir", self.out]
         return args   # explain, certify: their config names the checkpoint and the out folder

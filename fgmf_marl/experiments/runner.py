@@ -4,8 +4,9 @@
 Each task runs its job's entry point in a subprocess, from a Ray worker that waits for it: every task
 gets its own log file, thread settings that cannot leak between tasks, and clean kills (the child dies
 with its worker by ``PR_SET_PDEATHSIG`` and holds the task's lock until it exits, so a rerun never races
-a dying run). An interrupted training task resumes from its latest checkpoint; other tasks are short
-and rerun from zero (docs/DESIGN.md, "Reproducing an experiment").
+a dying run). An interrupted training task resumes from its latest checkpoint and an interrupted evaluation
+from its finished grid cells; other tasks are short and rerun from zero (docs/DESIGN.md, "Reproducing an
+experiment").
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def _set_aside(root: Path, folder: Path, why: str) -> None:
 
 
 def _prepare(root: Path, task: Task, rerun: bool) -> str | None:
-    """Clear what an earlier attempt left that cannot be continued; return the checkpoint to resume from."""
+    """Clear what an earlier attempt left that cannot be continued; return what the task resumes from (a
+    training's checkpoint, an evaluation's finished cells), or None to start from zero."""
     folder, out = root / task.folder, root / task.out
     record = read_record(root, task.id)
     legacy = record is not None and "run_id" not in record   # from before run ids and not upgraded: kept aside
@@ -73,6 +75,10 @@ def _prepare(root: Path, task: Task, rerun: bool) -> str | None:
         budget = task.config["timesteps"]
         if latest is not None and (latest.name == "final.zip" or int(latest.stem[len("step_"):]) <= budget):
             return latest.name   # --resume trains on, or only evaluates a run that finished training
+    if task.kind == "evaluate" and not (out / "results.json").exists():
+        finished = RunDir(out).cells.glob("*.json")
+        if (count := sum(1 for _ in finished)) and (out / "config.yaml").is_file():
+            return f"{count} finished cells"   # --resume runs the others
     shutil.rmtree(out)   # nothing to continue from: killed before the first checkpoint, or a short job
     return None
 

@@ -79,12 +79,22 @@ def build_parser() -> cli.ArgumentParser:
                    "checkpoint: the oversight logs then hold its score and ALARM of every agent-step (needs "
                    "--log-explanations; default: no alarm)")
     p.add_argument("--out", type=Path, help="output folder (default runs/eval-<time>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished evaluation in --out: its finished cells are kept, the others run "
+                        "(its config.yaml is the default --config; another config is refused)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
 
 def resolve_config(args: argparse.Namespace) -> EvalConfig:
-    """Defaults < --config file < flags."""
+    """Defaults < --config file (resuming: the evaluation's own config.yaml unless --config is given) < flags."""
+    if args.resume:
+        if args.out is None:
+            raise ConfigError("--resume needs --out pointing at the evaluation to continue")
+        if args.config is None:
+            args.config = args.out / "config.yaml"
+            if not args.config.is_file():
+                raise ConfigError(f"cannot resume: {str(args.out)!r} is not an evaluation's output folder (no config.yaml)")
     flags: dict[str, Any] = {
         "checkpoints": list(args.checkpoints) or None, "attacks": args.attacks,
         "eps": _floats(args.eps) if args.eps is not None else None,
@@ -105,7 +115,7 @@ def resolve_config(args: argparse.Namespace) -> EvalConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     args, cfg = cli.start(build_parser(), argv, resolve_config)
     out = args.out or Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = evaluate(cfg, out, progress=not args.no_progress)
+    result = evaluate(cfg, out, resume=args.resume, progress=not args.no_progress)
     print(f"results: {result.folder / 'results.md'}\nepisodes: {result.folder / 'episodes.csv'}")
     return 0
 

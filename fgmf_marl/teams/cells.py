@@ -39,6 +39,46 @@ class Cell:
     max_attacked_agents: np.ndarray | None = None  # per episode: most agents attacked in one step (measured)
 
 
+#: the array fields of a Cell and the dtypes a saved cell may give them (anything else is refused on load)
+_CELL_ARRAYS = ("team_returns", "normalised", "lengths", "flip_rates", "attacked_steps", "max_attacked_agents")
+_CELL_DTYPES = frozenset({"float64", "float32", "int64", "int32", "bool"})
+
+
+def cell_record(cell: Cell) -> dict[str, Any]:
+    """``cell`` as plain JSON data that :func:`cell_from_record` reads back equal (arrays with their dtypes).
+
+    Why: an evaluation saves each finished cell, so that ``evaluate.py --resume`` continues an interrupted grid
+    without recomputing it; Python's float repr round-trips float64 exactly, so the resumed tables are the ones an
+    uninterrupted run writes."""
+    data: dict[str, Any] = {}
+    for name, value in vars(cell).items():
+        if name in _CELL_ARRAYS:
+            data[name] = None if value is None else {"dtype": str(np.asarray(value).dtype),
+                                                     "values": np.asarray(value).tolist()}
+        else:
+            data[name] = value.item() if isinstance(value, np.generic) else value
+    return data
+
+
+def cell_from_record(data: Any) -> Cell:
+    """The :class:`Cell` of :func:`cell_record`'s data; ValueError for anything else (unknown or missing fields, an
+    array that is not a flat list of numbers of an allowed dtype)."""
+    fields = set(Cell.__dataclass_fields__)
+    if not isinstance(data, dict) or not set(data) <= fields or not {"checkpoint", "attack", "eps", "seed"} <= set(data):
+        raise ValueError(f"not a saved grid cell: expected the fields {sorted(fields)}")
+    values = dict(data)
+    for name in _CELL_ARRAYS:
+        array = values.get(name)
+        if array is None:
+            continue
+        if not isinstance(array, dict) or array.get("dtype") not in _CELL_DTYPES or not isinstance(array.get("values"), list):
+            raise ValueError(f"saved grid cell field {name!r} is not an array of {', '.join(sorted(_CELL_DTYPES))}")
+        if not all(isinstance(v, (int, float)) for v in array["values"]):
+            raise ValueError(f"saved grid cell field {name!r} holds something other than numbers")
+        values[name] = np.asarray(array["values"], dtype=array["dtype"])
+    return Cell(**values)
+
+
 def by_eps(cells: Sequence[Cell]) -> dict[tuple[str, float | None], list[Cell]]:
     """The attacked ``cells`` available per (checkpoint, eps) (``at_eps``): an eps-using cell at its own eps, an
     eps-free one at every eps of its checkpoint, or once under None where the checkpoint has eps-free cells only.

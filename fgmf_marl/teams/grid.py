@@ -5,7 +5,9 @@ attack adapted to its ``perturb`` callable, so "return under attack" means what 
 training and in the oversight log. A clean row (attack ``none``, eps 0) is always evaluated per
 checkpoint and seed: it is the left end of every robustness curve.
 
-Outputs, in one folder (created only after every input is validated, removed if the run fails):
+Outputs, in one folder (created only after every input is validated, removed if the run fails before a cell
+finished; until the run ends it also holds ``cells/``, one JSON file per finished grid cell, which
+``evaluate.py --resume`` continues from: :func:`evaluate`):
 
     config.yaml         the resolved evaluation config (rerun with --config)
     episodes.csv        one row per episode: checkpoint, attack, eps (/255; empty for an eps-free
@@ -79,6 +81,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+import yaml
 from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
 
@@ -99,8 +102,9 @@ from fgmf_marl.oversight import OversightLogger
 from fgmf_marl.oversight.alarm import AlarmDetector
 from fgmf_marl.oversight.store import holds_log, read_key
 from fgmf_marl.rollout import StepRecord, rollout
-from fgmf_marl.runs import check_output_dir, staged_run_dir
-from fgmf_marl.teams.cells import Cell, profile_rows, summarise, worst_across_checkpoints, worst_rows
+from fgmf_marl.runs import RunDir, check_output_dir, staged_run_dir
+from fgmf_marl.teams.cells import (Cell, cell_from_record, cell_record, profile_rows, summarise, worst_across_checkpoints,
+                                   worst_rows)
 from fgmf_marl.teams.checkpoints import Victim, env_spaces, load_adversary, load_victim
 from fgmf_marl.teams.eval_config import EvalConfig
 from fgmf_marl.teams.report import (budget_markdown, episodes_csv, eps_tag, eps_text, plot_budget_heatmaps,
@@ -355,20 +359,58 @@ def removed_on_failure(folders: Sequence[Path]) -> Iterator[None]:
         raise
 
 
-def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: Callable[[str], None] = print) -> EvalResult:
+def saved_cells(out: Path, cfg: EvalConfig) -> dict[str, Cell]:
+    """The finished cells of the unfinished evaluation in ``out`` (by :func:`cell_folder` name), checked to be
+    this ``cfg``'s (its expanded config must equal the recorded ``config.yaml``); ConfigError otherwise."""
+    run = RunDir(out)
+    if not run.config.is_file():
+        raise ConfigError(f"cannot resume: {str(out)!r} is not an evaluation's output folder (no config.yaml)")
+    if (run.root / "results.json").is_file():
+        raise ConfigError(f"cannot resume: {str(out)!r} holds a finished evaluation (results.json); nothing to continue")
+    recorded = yaml.safe_load(run.config.read_text(encoding="utf-8"))
+    wanted = yaml.safe_load(yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
+    if recorded != wanted:
+        recorded = recorded if isinstance(recorded, dict) else {}
+        differ = sorted(k for k in set(wanted) | set(recorded) if recorded.get(k) != wanted.get(k))
+        raise ConfigError(f"cannot resume: {str(out)!r} records another evaluation (config.yaml differs in "
+                          f"{', '.join(differ) or 'its form'}); resume with the same config, or rerun into a new --out")
+    cells: dict[str, Cell] = {}
+    for path in sorted(run.cells.glob("*.json")):
+        try:
+            cell = cell_from_record(json.loads(path.read_text(encoding="utf-8")))
+        except ValueError as exc:   # json.JSONDecodeError is a ValueError
+            raise ConfigError(f"cannot resume: {str(path)!r} is not a saved grid cell ({exc})") from None
+        cells[path.stem] = cell
+    return cells
+
+
+def evaluate(cfg: EvalConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
+             echo: Callable[[str], None] = print) -> EvalResult:
     """Run the grid (and the audit) and write every output into the new folder ``out``.
 
     Every input and output location is checked before any compute; a run that fails or is interrupted
-    leaves no ``out`` and none of the oversight log folders it created.
+    before a cell finished leaves no ``out`` and none of the oversight log folders it created. Without oversight
+    logs each cell is saved in ``out/cells/`` as it finishes, and ``resume=True`` (``evaluate.py --resume``) runs
+    only the cells an interrupted run left missing, for the config ``out`` records (another one is refused). Why:
+    one checkpoint's evaluation under the strong attacks on pistonball is hours of CPU, longer than a machine may
+    stay up; each cell seeds its own random streams (:func:`run_cell`), so a resumed run writes what an
+    uninterrupted one writes. The audit is not saved part-way: a resumed run recomputes it. With oversight logs a
+    run is all-or-nothing (a log is sealed by the run that wrote it) and cannot be resumed.
     """
     cfglib.validate(cfg)
-    check_output_dir(out, "output folder")                                     # unwritable --out -> ConfigError
+    if resume and cfg.log_explanations:
+        raise ConfigError("--resume cannot continue an evaluation that writes oversight logs (--log-explanations): "
+                          "each log is sealed by the run that wrote it; rerun it into a new --out")
+    if not resume:
+        check_output_dir(out, "output folder")                                 # unwritable --out -> ConfigError
     if cfg.log_explanations:
         check_output_dir(cfg.log_explanations, "oversight log folder")
     log_key = read_key(cfg.log_key_file)                                       # bad key file -> ConfigError
     alarm = AlarmDetector.load(cfg.alarm) if cfg.alarm else None              # bad detector file -> ConfigError
     victims = [load_victim(p, cfg.device) for p in cfg.checkpoints]           # missing checkpoint -> ConfigError
     cfg = expand_attacks(cfg, victims)
+    saved = saved_cells(Path(out), cfg) if resume else {}                     # another config's cells -> ConfigError
+    resumed_cells = len(saved)
     n_actions = min(v.view.n_actions for v in victims)
     grid = {e: build_attacks(cfg, e, n_actions) for e in cfg.eps}              # unknown attack / option -> ConfigError
     for attack in (g.attack for attackers in grid.values() for g in attackers):
@@ -403,16 +445,29 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
         return get
 
     created = [d for d in ([log_root] if log_root is not None else []) + cell_logs if not d.exists()]
-    with removed_on_failure(created), staged_run_dir(Path(out)) as run:
-        cfglib.save_yaml(cfg, run.root / "config.yaml")
+    with removed_on_failure(created), staged_run_dir(Path(out), resume=resume, flag="--out") as run:
+        if not resume:
+            cfglib.save_yaml(cfg, run.config)
         bar = tqdm(total=total, desc="evaluate", disable=not progress)
         start = time.perf_counter()
         for victim in victims:
             for seed, g, e in cell_jobs:
                 label = "none" if g is None else g.label
+                name = cell_folder(victim.label, label, e, seed)
+                if name in saved:
+                    cell = saved.pop(name)
+                    if (cell.checkpoint, cell.attack, cell.eps, cell.seed) != (victim.label, label, e, seed):
+                        raise ConfigError(f"cannot resume: {str(run.cells / name)!r}.json holds another cell "
+                                          f"({cell.checkpoint} {cell.attack} eps={eps_text(cell.eps)} seed={cell.seed})")
+                    cells.append(cell)
+                    bar.update(1)
+                    continue
                 bar.set_postfix_str(f"{victim.label} {label} eps={eps_text(e)} seed={seed}")
                 cells.append(run_cell(victim, g, e, seed, cfg, log_dir(victim, label, e, seed), log_key,
                                       calibration(victim, seed), alarm))
+                if log_root is None:   # a logged run is all-or-nothing (see the docstring)
+                    run.cells.mkdir(exist_ok=True)
+                    atomic_write_text(run.cells / f"{name}.json", json.dumps(cell_record(cells[-1])))
                 if cells[-1].oversight_log is not None:
                     echo(f"oversight log {cells[-1].oversight_log['dir']} head {cells[-1].oversight_log['head']}")
                 bar.update(1)
@@ -443,7 +498,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
         logs = [c.oversight_log for c in cells if c.oversight_log is not None]
         atomic_write_text(run.root / "results.json", json.dumps(
             {"rows": rows, "worst": worst, "worst_across_checkpoints": across, "profile": profile,
-             "wall_seconds": time.perf_counter() - start,
+             "wall_seconds": time.perf_counter() - start, "resumed_cells": resumed_cells,
              "audits": {k: v.to_dict() for k, v in audits.items()},
              "audit_controls": {k: v.to_dict() for k, v in controls.items()}, "oversight_logs": logs}, indent=2))
         for victim in victims:
@@ -454,5 +509,6 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, progress: bool = True, echo: C
                 plot_budget_heatmaps(rows, victim.label, e, run.root / f"budget_{victim.label}_{eps_tag(e)}.png")
         plot_comparison(rows, worst, across, run.root / "comparison.png")
         write_tensorboard(rows, worst, run.root / "tb")
+        shutil.rmtree(run.cells, ignore_errors=True)   # every output above holds them now
     echo(text)
     return EvalResult(folder=run.root, cells=cells, summary=rows, audits=audits)

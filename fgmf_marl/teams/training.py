@@ -347,7 +347,7 @@ def train(cfg: TrainConfig, run_root: str | Path, *, resume: bool = False, progr
     try:
         with staged_run_dir(Path(run_root), resume=resume) as run:
             if resume:
-                model, _ = load_model(run.root, device=cfg.device, env=venv)  # staged_run_dir checked it has one
+                model, _ = load_model(run.root, device=cfg.device, env=venv)  # one line if it holds no checkpoint
                 model.tensorboard_log = str(run.tensorboard)
             else:
                 cfglib.save_yaml(cfg, run.config)
