@@ -1,13 +1,16 @@
 """The worst case over attacks (per seed, then over seeds and checkpoints) and the ``strong`` preset's expansion."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from fgmf_marl.attacks.registry import expand_presets, make_attack
 from fgmf_marl.config import ConfigError
 from fgmf_marl.stats import bootstrap_ci
-from fgmf_marl.teams.cells import Cell, profile_rows, summarise, worst_across_checkpoints, worst_rows
+from fgmf_marl.teams.cells import (Cell, cell_from_record, cell_record, profile_rows, summarise, worst_across_checkpoints,
+                                   worst_rows)
 from fgmf_marl.teams.eval_config import EvalConfig
 from fgmf_marl.teams.grid import build_attacks, cell_folder, grid_cells
 from fgmf_marl.teams.report import episodes_csv, profile_markdown, results_markdown, worst_markdown
@@ -224,3 +227,25 @@ def test_grid_cells_run_an_eps_free_attacker_once_per_seed_in_its_place():
                 ("pgd_l2[radius=1]", None), ("pgd[steps=2]", 8.0), ("mad", 8.0)]
     assert cells == [(s, label, e) for s in (0, 1) for label, e in per_seed]
     assert cell_folder("a", "fault[kind=blackout]", None, 1) == "a__fault-kind-blackout__eps-free__s1"
+
+
+def test_a_saved_cell_reads_back_equal_and_anything_else_is_refused() -> None:
+    """What ``evaluate.py --resume`` reads: the cell JSON round-trips every field exactly (dtypes, NaN, None), and a
+    file that is not one (unknown or missing fields, arrays of other dtypes or non-numbers) is a ValueError."""
+    cell = Cell("victim", "pgd[steps=20]", None, 3, np.array([0.1, 1 / 3]), np.array([0.25, np.nan], dtype=np.float32),
+                np.array([40, 17]), float("nan"), 114, np.array([0.2, 0.0]), budget="k=1", selector="timed",
+                attacked_steps=np.array([5, 7], dtype=np.int32), max_attacked_agents=np.array([1, 1]))
+    back = cell_from_record(json.loads(json.dumps(cell_record(cell))))
+    for name, value in vars(cell).items():
+        theirs = getattr(back, name)
+        if isinstance(value, np.ndarray):
+            assert theirs.dtype == value.dtype and np.array_equal(theirs, value, equal_nan=True), name
+        else:
+            assert theirs == value or (value != value and theirs != theirs), name
+    good = cell_record(cell)
+    for bad in ([1, 2], {**good, "command": "rm -rf /"}, {k: v for k, v in good.items() if k != "seed"},
+                {**good, "lengths": {"dtype": "object", "values": [1]}},
+                {**good, "lengths": {"dtype": "int64", "values": ["__import__('os')"]}},
+                {**good, "team_returns": [0.1, 0.2]}):
+        with pytest.raises(ValueError):
+            cell_from_record(bad)
