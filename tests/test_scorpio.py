@@ -164,6 +164,57 @@ def test_value_curvature_is_the_taylor_remainder_and_matches_the_explicit_hessia
     assert skew.loss.requires_grad
 
 
+class PeakNet(nn.Module):
+    """Two logits, margin 0.5 + k |x - x0|^2: the greedy action 0 is least likely at x0, so near x0 every step of
+    the attack loss's gradient sign overshoots and lowers the loss (a negative gain), far from it the step raises it."""
+
+    def __init__(self, x0: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("x0", x0)
+        self.k = nn.Parameter(torch.tensor(2.0, dtype=x0.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        margin = 0.5 + self.k * (x - self.x0).pow(2).flatten(1).sum(1)
+        return torch.stack([margin, torch.zeros_like(margin)], dim=1)
+
+
+@pytest.mark.parametrize("curvature", ["value", "gradient"])
+def test_zero_candidate_drops_the_samples_whose_search_lowered_the_loss(curvature: str) -> None:
+    """delta = 0 is in the box: with zero_candidate a sample whose delta* has a negative gain adds 0 and no gradient.
+    Reference: the closed form of PeakNet's loss along delta0 = -r (the gradient sign there is -sign(x - x0))."""
+    r, lam = 0.05, 0.125
+    x0 = torch.zeros(1, *SHAPE, dtype=torch.float64)
+    x = torch.cat([x0 + 0.1 * r, x0 + 3.0 * r])                  # near the peak, far from it
+    net = PeakNet(x0)
+
+    def gains(k: torch.Tensor) -> torch.Tensor:                   # l(x + delta0) - l(x), closed form
+        def loss(d2: torch.Tensor) -> torch.Tensor:
+            return F.softplus(-(0.5 + k * d2))
+        n = x[0].numel()
+        near_far = torch.tensor([[0.9 * r, 2.0 * r], [0.1 * r, 3.0 * r]], dtype=torch.float64)
+        return loss(n * near_far[0].pow(2)) - loss(n * near_far[1].pow(2))
+
+    def regulariser(zero_candidate: bool) -> ScorpioRegulariser:
+        return ScorpioRegulariser(eps=r, beta=1.0, lambda1=lam, lambda2=lam, curvature=curvature,
+                                  zero_candidate=zero_candidate)
+
+    off, on = regulariser(False)(net, x), regulariser(True)(net, x)
+    assert off.descent_share == on.descent_share == 0.5
+    assert torch.equal(on.delta[0], torch.zeros_like(on.delta[0])) and torch.all(on.delta[1] == -r)
+    assert on.loss > 0 and on.loss > off.loss
+    if curvature == "value":   # R = lam * mean(max(0, gain)) against R = lam * mean(gain)
+        k = net.k.detach().clone().requires_grad_(True)
+        g = gains(k)
+        assert g[0] < 0 < g[1]
+        torch.testing.assert_close(off.loss, lam * g.mean(), rtol=1e-10, atol=1e-14)
+        reference = lam * g.clamp_min(0).mean()
+        torch.testing.assert_close(on.loss, reference, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(torch.autograd.grad(on.loss, net.k)[0], torch.autograd.grad(reference, k)[0],
+                                   rtol=1e-8, atol=1e-14)
+    only_near = regulariser(True)(net, x[:1])                     # every sample dropped: nothing to learn from
+    assert only_near.loss == 0 and torch.autograd.grad(only_near.loss, net.k, allow_unused=True)[0] in (None, 0)
+
+
 def test_beta_below_one_shrinks_delta_on_salient_pixels(net: TinyNet) -> None:
     torch.manual_seed(3)
     x = torch.rand(4, *SHAPE, dtype=torch.float64)

@@ -3,7 +3,7 @@
 The PPO loop and the logging of each term are :class:`fgmf_marl.agents.regularised_ppo.RegularisedPPO`'s; this
 class adds the two components' terms. Each is logged to TensorBoard on its own
 (``train/scorpio_loss``, ``train/scorpio_first_order``, ``train/scorpio_second_order``,
-``train/sgam_keep_loss``, ``train/sgam_keep_ratio``, ``train/sgam_distill_loss``,
+``train/scorpio_descent_share``, ``train/sgam_keep_loss``, ``train/sgam_keep_ratio``, ``train/sgam_distill_loss``,
 ``train/<term>_seconds``, ...), as the mean over the minibatches where the term ran.
 """
 from __future__ import annotations
@@ -56,6 +56,7 @@ class FGMFPPO(RegularisedPPO):
             terms["scorpio"] = out.loss
             self._log_term("scorpio_first_order", out.first_order)
             self._log_term("scorpio_second_order", out.second_order)
+            self._log_term("scorpio_descent_share", out.descent_share)
             self._log_term("scorpio_seconds", time.perf_counter() - start)
         if gate is not None:
             start = time.perf_counter()

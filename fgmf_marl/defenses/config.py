@@ -83,6 +83,7 @@ class ScorpioConfig(Scheduled):
     fd_step: float = 1.0               # finite-difference step h, relative to delta* (1 = secant over delta*)
     curvature: str = "value"           # value: l(x+delta*) - l(x) - g.delta*; gradient: 1/2 delta* . H delta* by an HVP
     saliency: str = "ig"               # ig: |IG| of the greedy logit; gradient: |x * grad of the attack loss|
+    zero_candidate: bool = False       # delta = 0 is one of delta*'s candidates: no sample's term is below 0
     ig_steps: int = 4                  # Integrated-Gradients steps (Gauss-Legendre; saliency=ig only)
     subsample: float = 0.25            # fraction of each minibatch the regulariser runs on
     every: int = 1                     # run on every k-th minibatch

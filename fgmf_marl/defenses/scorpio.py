@@ -50,6 +50,13 @@ Choices the design leaves open, made here:
   can lower by flattening its loss surface at the sampled points while l still rises over an eps-step
   (gradient masking, and the audit flagged exactly that on SA-PPO's sample budget); a penalty on values
   cannot be met that way.
+* ``zero_candidate``: delta = 0 lies in the box, so the attacker's gain over it (l(x + delta*) - l(x) with the value
+  curvature, the model value Q(delta*) with the gradient form) is never below 0; with the knob on, a sample whose
+  searched delta* has a negative gain takes delta = 0 instead and adds nothing (no gradient). Why: a negative gain
+  makes R negative, and R is then lowered further by raising the clean loss l(x), i.e. by making each clean input
+  the attack loss's local peak (its greedy action least likely there, every nearby image more confident): not
+  robustness, and it costs the clean policy. Off by default, so that every configuration measured before it keeps
+  its meaning; whether a sample's searched gain was negative is reported either way (``descent_share``).
 * Attention layers are run on PyTorch's math SDPA kernel inside the regulariser, because the
   fused CPU attention kernel has no double backward; this does not change the policy.
 """
@@ -216,6 +223,7 @@ class ScorpioTerms:
     loss: Tensor            # R = lambda1 * first_order + lambda2 * second_order (differentiable)
     first_order: Tensor     # mean g^T delta*
     second_order: Tensor    # mean 1/2 delta*^T H delta*
+    descent_share: Tensor   # share of samples whose searched delta* has a negative gain (taken to 0 with zero_candidate)
     delta: Tensor           # delta* (detached), (B, C, H, W)
     mask: Tensor            # salient-pixel mask m, (B, H, W) bool
     n: int                  # number of samples it ran on
@@ -230,7 +238,8 @@ class ScorpioRegulariser:
 
     def __init__(self, eps: float = 4.0 / 255, q: float = 0.1, beta: float = 0.5, lambda1: float = 1.0,
                  lambda2: float = 1.0, fw_steps: int = 0, hvp: str = "finite_difference", fd_step: float = 1.0,
-                 ig_steps: int = 4, pgd_steps: int = 0, curvature: str = "gradient", saliency: str = "ig") -> None:
+                 ig_steps: int = 4, pgd_steps: int = 0, curvature: str = "gradient", saliency: str = "ig",
+                 zero_candidate: bool = False) -> None:
         """``eps`` here is in the image scale [0, 1] (``from_config`` converts from 1/255 units)."""
         if not eps > 0:
             raise ConfigError(f"SCOR-PIO eps={eps} must be > 0")
@@ -253,12 +262,14 @@ class ScorpioRegulariser:
         self.lambda1, self.lambda2 = lambda1, lambda2
         self.fw_steps, self.hvp, self.fd_step, self.ig_steps = fw_steps, hvp, fd_step, ig_steps
         self.pgd_steps, self.curvature, self.saliency = pgd_steps, curvature, saliency
+        self.zero_candidate = zero_candidate
 
     @classmethod
     def from_config(cls, cfg: ScorpioConfig) -> "ScorpioRegulariser":
         return cls(eps=cfg.eps / 255.0, q=cfg.q, beta=cfg.beta, lambda1=cfg.lambda1, lambda2=cfg.lambda2,
                    fw_steps=cfg.fw_steps, hvp=cfg.hvp, fd_step=cfg.fd_step, ig_steps=cfg.ig_steps,
-                   pgd_steps=cfg.pgd_steps, curvature=cfg.curvature, saliency=cfg.saliency)
+                   pgd_steps=cfg.pgd_steps, curvature=cfg.curvature, saliency=cfg.saliency,
+                   zero_candidate=cfg.zero_candidate)
 
     def saliency_mask(self, model: LogitsFn, x: Tensor, target: Tensor, g: Tensor) -> Tensor:
         """Top-q saliency mask (B, H, W) (|IG|, or |x * g| with ``g`` the attack loss's input gradient); skipped
@@ -296,13 +307,17 @@ class ScorpioRegulariser:
             else:
                 delta = radius * torch.sign(g.detach())
             first_each = _bdot(g, delta)
-            first = first_each.mean()
             if by_value:
                 # the second-order Taylor remainder of the loss along delta*: 1/2 delta*^T H delta* + O(|delta*|^3)
-                second = (attack_loss(model(x + delta), target) - clean_loss - first_each).mean()
+                second_each = attack_loss(model(x + delta), target) - clean_loss - first_each
             else:
                 # The curvature term is always measured (it is logged); it only carries a graph when weighted.
-                second = 0.5 * _bdot(delta, hvp(delta, create_graph=self.lambda2 != 0.0)).mean()
+                second_each = 0.5 * _bdot(delta, hvp(delta, create_graph=self.lambda2 != 0.0))
+            descent = (first_each + second_each).detach() < 0   # the gain of delta* over delta = 0
+            if self.zero_candidate:   # those samples take delta = 0: both terms 0, no gradient
+                first_each, second_each = first_each * ~descent, second_each * ~descent
+                delta = delta * ~descent.view((-1,) + (1,) * (delta.dim() - 1))
+            first, second = first_each.mean(), second_each.mean()
             loss = self.lambda1 * first + self.lambda2 * second
         return ScorpioTerms(loss=loss, first_order=first.detach(), second_order=second.detach(),
-                            delta=delta.detach(), mask=mask, n=int(x.shape[0]))
+                            descent_share=descent.float().mean(), delta=delta.detach(), mask=mask, n=int(x.shape[0]))
