@@ -1,4 +1,5 @@
-"""A run stopped before its first checkpoint: SIGTERM cleans up as Ctrl-C does, kill -9's leftovers are taken over."""
+"""A run stopped before its first checkpoint: SIGTERM cleans up as Ctrl-C does, kill -9's leftovers are taken over;
+SIGUSR1 stops a job where --resume loses nothing."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from fgmf_marl import interrupts
 from fgmf_marl.jobs import evaluate, train
 from fgmf_marl.runs import RunDir
 
@@ -64,3 +66,43 @@ def test_sigterm_removes_the_run_and_kill_9_leftovers_are_taken_over(tmp_path: P
     assert evaluate.entry([str(killed), "--out", str(out), "--attacks", "random", "--eps", "2", "--episodes", "1",
                            "--n-envs", "1", "--no-progress"]) == 0
     assert (out / "results.md").is_file()
+
+
+def test_sigusr1_stops_a_training_at_its_next_rollout_boundary_with_a_checkpoint(tmp_path: Path) -> None:
+    """SIGUSR1 loses no training: the run saves a checkpoint at the next rollout boundary (no periodic one is due
+    before 100,000 steps), exits 143, and --resume continues from that checkpoint, exactly (its resume state)."""
+    run_dir = tmp_path / "run"
+    proc = _start_long_run(run_dir)
+    _wait_for(run_dir / "config.yaml", proc)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=60) == 143
+    err = proc.stderr.read()
+    assert "stopped on request at step" in err and err.strip().endswith("train_marl.py: terminated"), err[-2000:]
+    checkpoint = RunDir(run_dir).latest_checkpoint()
+    steps = int(checkpoint.stem[len("step_"):])
+    rollout = 32 * 2 * 3                                   # ppo.n_steps x env copies x agents
+    assert steps > 0 and steps % rollout == 0 and steps < 100000
+    assert RunDir.resume_state_of(checkpoint).is_file()   # the native env resumes exactly
+    assert (RunDir(run_dir).root / "checkpoints" / f"{checkpoint.stem}.time.json").is_file()
+    assert train.entry(["--resume", "--run-dir", str(run_dir), "--timesteps", str(steps + rollout), "eval_episodes=2",
+                        "--no-progress"]) == 0
+    assert RunDir(run_dir).final_checkpoint.is_file()
+
+
+def test_sigusr1_stops_an_evaluation_after_the_cell_in_progress(tmp_path: Path, capsys) -> None:
+    """A stop requested during an evaluation ends it once its current cell is saved (exit 143, no results yet);
+    --resume runs only the cells left. The request does not outlive the job that received it."""
+    run_dir = tmp_path / "run"
+    assert train.entry(["--timesteps", "192", "eval_episodes=2", "--run-dir", str(run_dir), *TINY]) == 0
+    out = tmp_path / "eval"
+    argv = [str(run_dir), "--out", str(out), "--attacks", "random", "fgsm", "--eps", "2", "--episodes", "1",
+            "--n-envs", "1", "--no-progress"]
+    interrupts.request_stop()
+    assert evaluate.entry(argv) == 143
+    assert "stopped on request after cell" in capsys.readouterr().err
+    assert len(list(RunDir(out).cells.glob("*.json"))) == 1 and not (out / "results.md").exists()
+    assert not interrupts.stop_requested()
+    assert evaluate.entry(["--out", str(out), "--resume", "--no-progress"]) == 0
+    text = (out / "results.md").read_text()
+    assert "| random |" in text and "| fgsm |" in text

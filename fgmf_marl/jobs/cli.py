@@ -37,7 +37,7 @@ import torch
 from fgmf_marl import config as cfglib
 from fgmf_marl.atomic import WriteError
 from fgmf_marl.config import ConfigError
-from fgmf_marl.interrupts import Terminated, terminate
+from fgmf_marl.interrupts import Terminated, clear_stop_request, request_stop, terminate
 
 USAGE_ERROR = 2
 INTERRUPTED = 128 + signal.SIGINT    # the shell's status for a process stopped by Ctrl-C
@@ -131,10 +131,12 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
 
     argparse's own exits (``--help``, usage errors) are returned as codes too, so callers and
     tests see one convention: the return value is the process exit status. Ctrl-C and SIGTERM
-    unwind ``main`` (removing a run without checkpoints) and return 130 and 143.
+    unwind ``main`` (removing a run without checkpoints) and return 130 and 143; SIGUSR1 asks the job to stop
+    at its next resumable point (``fgmf_marl.interrupts``), and it then returns 143 too.
     """
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, terminate) if in_main_thread else None
+    previous_usr1 = signal.signal(signal.SIGUSR1, request_stop) if in_main_thread else None
     try:
         return main(argv)
     except SystemExit as exc:
@@ -155,5 +157,7 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
         print(f"{prog or sys.argv[0]}: terminated", file=sys.stderr)
         return TERMINATED
     finally:
+        clear_stop_request()
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGUSR1, previous_usr1)

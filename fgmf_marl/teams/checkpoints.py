@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import sys
 import time
 import zipfile
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from fgmf_marl.agents.safe_load import ppo_objects
 from fgmf_marl.atomic import atomic_write
 from fgmf_marl.config import ConfigError
 from fgmf_marl.envs.registry import EnvConfig, horizon, make_vec_env, n_agents_of
+from fgmf_marl.interrupts import Terminated, stop_requested
 from fgmf_marl.runs import RunDir, resolve_checkpoint
 from fgmf_marl.teams.train_config import TrainConfig
 
@@ -263,7 +265,9 @@ class PeriodicCheckpoint(BaseCallback):
     redirected to a file shows progress; ``also(timesteps)`` first saves what must be restored with the
     checkpoint (an ATLA director, the exact-resume state). At a rollout boundary (the start of the next
     rollout, or the end of training, after the update on the last one) nothing is half-collected, so a
-    resume can continue exactly.
+    resume can continue exactly. A stop requested by SIGUSR1 (``fgmf_marl.interrupts``) is honoured at the
+    first rollout boundary after this process trained a rollout: a checkpoint is saved there, due or not,
+    and :class:`~fgmf_marl.interrupts.Terminated` raised, so the stop loses no training.
     """
 
     def __init__(self, run: RunDir, every: int, total: int | None = None,
@@ -284,18 +288,27 @@ class PeriodicCheckpoint(BaseCallback):
 
     def _on_rollout_start(self) -> None:
         self._save_if_due()
+        if stop_requested() and self.num_timesteps > self._started_at:
+            if not self.run.checkpoint_at(self.num_timesteps).is_file():
+                self._save()
+            print(f"stopped on request at step {self.num_timesteps}: checkpoint "
+                  f"{self.run.checkpoint_at(self.num_timesteps)} (--resume continues from it)", file=sys.stderr)
+            raise Terminated
 
     def _on_training_end(self) -> None:   # after the update on the last rollout: a boundary too
         self._save_if_due()
 
     def _save_if_due(self) -> None:
         if self.num_timesteps >= self._next:
-            if self.also is not None:   # first: a team checkpoint never exists without what it needs
-                self.also(self.num_timesteps)
-            save_checkpoint(self.model, self.run.checkpoint_at(self.num_timesteps))
-            if self.echo is not None:
-                rate = (self.num_timesteps - self._started_at) / max(time.perf_counter() - self._start, 1e-9)
-                of = f"/{self.total}" if self.total else ""
-                self.echo(f"step {self.num_timesteps}{of} ({rate:.0f} steps/s), checkpoint "
-                          f"{self.run.checkpoint_at(self.num_timesteps)}")
+            self._save()
             self._next += self.every * max(1, (self.num_timesteps - self._next) // self.every + 1)
+
+    def _save(self) -> None:
+        if self.also is not None:   # first: a team checkpoint never exists without what it needs
+            self.also(self.num_timesteps)
+        save_checkpoint(self.model, self.run.checkpoint_at(self.num_timesteps))
+        if self.echo is not None:
+            rate = (self.num_timesteps - self._started_at) / max(time.perf_counter() - self._start, 1e-9)
+            of = f"/{self.total}" if self.total else ""
+            self.echo(f"step {self.num_timesteps}{of} ({rate:.0f} steps/s), checkpoint "
+                      f"{self.run.checkpoint_at(self.num_timesteps)}")

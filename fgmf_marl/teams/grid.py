@@ -74,6 +74,7 @@ import dataclasses
 import json
 import re
 import shutil
+import sys
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -98,6 +99,7 @@ from fgmf_marl.config import ConfigError
 from fgmf_marl.defenses.sgam import with_gradient_shield
 from fgmf_marl.envs.reference import normalise
 from fgmf_marl.envs.registry import horizon, make_vec_env, n_agents_of, reference_for
+from fgmf_marl.interrupts import Terminated, stop_requested
 from fgmf_marl.oversight import OversightLogger
 from fgmf_marl.oversight.alarm import AlarmDetector
 from fgmf_marl.oversight.store import holds_log, read_key
@@ -394,8 +396,9 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, resume: bool = False, progress
     only the cells an interrupted run left missing, for the config ``out`` records (another one is refused). Why:
     one checkpoint's evaluation under the strong attacks on pistonball is hours of CPU, longer than a machine may
     stay up; each cell seeds its own random streams (:func:`run_cell`), so a resumed run writes what an
-    uninterrupted one writes. The audit is not saved part-way: a resumed run recomputes it. With oversight logs a
-    run is all-or-nothing (a log is sealed by the run that wrote it) and cannot be resumed.
+    uninterrupted one writes. The audit is not saved part-way: a resumed run recomputes it. A stop requested by
+    SIGUSR1 (``fgmf_marl.interrupts``) ends the run after the cell in progress is saved. With oversight logs a
+    run is all-or-nothing (a log is sealed by the run that wrote it), cannot be resumed, and ignores SIGUSR1.
     """
     cfglib.validate(cfg)
     if resume and cfg.log_explanations:
@@ -468,6 +471,10 @@ def evaluate(cfg: EvalConfig, out: str | Path, *, resume: bool = False, progress
                 if log_root is None:   # a logged run is all-or-nothing (see the docstring)
                     run.cells.mkdir(exist_ok=True)
                     atomic_write_text(run.cells / f"{name}.json", json.dumps(cell_record(cells[-1])))
+                    if stop_requested():   # SIGUSR1: stop where --resume loses nothing
+                        print(f"stopped on request after cell {name} ({len(cells)} of {total} done; --resume runs "
+                              "the others)", file=sys.stderr)
+                        raise Terminated
                 if cells[-1].oversight_log is not None:
                     echo(f"oversight log {cells[-1].oversight_log['dir']} head {cells[-1].oversight_log['head']}")
                 bar.update(1)
