@@ -1,6 +1,7 @@
 """reproduce.py refuses, in one line and before any task runs, what would misattribute results or lose work:
 an evaluation override naming another model or an outside path, another experiment's task in a shared root,
-a bad --results file, an unreachable Ray address; damaged records are errors, not tracebacks; SIGTERM is 143."""
+a bad --results file, an unreachable Ray address; damaged records are errors, not tracebacks; SIGTERM is 143, and
+SIGUSR1 stops the jobs where a rerun loses nothing."""
 from __future__ import annotations
 
 import json
@@ -18,6 +19,7 @@ import yaml
 from fgmf_marl.config import ConfigError
 from fgmf_marl.experiments import cache, plan, schema, tables
 from fgmf_marl.jobs import reproduce
+from fgmf_marl.runs import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "experiments" / "tiny.yaml"
@@ -126,6 +128,38 @@ def test_sigterm_stops_the_driver_with_143_and_leaves_no_job_running(tmp_path: P
                           text=True)
     running = [line for line in jobs.stdout.split() if line]
     assert not running, f"a job outlived its driver: {running}"
+
+
+def test_sigusr1_stops_the_driver_once_its_jobs_stopped_at_a_checkpoint(tmp_path: Path) -> None:
+    """A stop request to the driver reaches its jobs: the training in flight saves a checkpoint at its next rollout
+    boundary (none is due for 100,000 steps) and exits 143, nothing else starts, the driver exits 143."""
+    data = yaml.safe_load(TINY.read_text())
+    run = data["runs"][0]
+    run["seeds"] = [0]
+    run["overrides"] = [o for o in run["overrides"] if not o.startswith(("timesteps", "checkpoint_every"))] + [
+        "timesteps=100000", "checkpoint_every=100000"]
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(yaml.safe_dump(data, allow_unicode=True))
+    cmd = [sys.executable, str(ROOT / "scripts" / "reproduce.py"), *_args(tmp_path, exp)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300   # a guard against a hang, not a speed check
+    task = tmp_path / "root" / "tasks" / "train__none__s0"
+    while not ((task / "out" / "config.yaml").is_file() and "job_pid" in json.loads(
+            (task / "task.json").read_text() or "{}")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    time.sleep(0.5)                                        # into learning
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "stop requested" in out and "task train/none/s0 stopped on request" in out, out[-2000:]
+    record = json.loads((task / "task.json").read_text())
+    assert record["status"] == "failed" and record["returncode"] == 143
+    checkpoint = RunDir(task / "out").latest_checkpoint()
+    assert checkpoint is not None and 0 < int(checkpoint.stem[len("step_"):]) < 100000
+    assert "stopped on request at step" in (task / "log.txt").read_text()
+    assert not (tmp_path / "root" / "tasks" / "evaluate__pgd__none__s0" / "out").exists()   # nothing else started
 
 
 def test_every_experiment_file_expands_to_the_recorded_tasks_and_cache_keys() -> None:

@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import ray
 import yaml
@@ -35,7 +35,7 @@ from fgmf_marl.config import ConfigError
 from fgmf_marl.experiments.cache import REPO, same_config, code_version, dep_runs, is_cached, read_record, \
     upgrade_legacy_record
 from fgmf_marl.experiments.plan import Task
-from fgmf_marl.interrupts import Terminated
+from fgmf_marl.interrupts import Terminated, request_stop, stop_requested
 from fgmf_marl.runs import RunDir
 
 PROG = "reproduce.py"
@@ -125,6 +125,8 @@ def execute(root: str, task: Task, *, threads: int = 1, rerun: bool = False) -> 
             proc = subprocess.Popen([sys.executable, "-c", code, *argv], cwd=base, env=env, stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, pass_fds=(lock,),
                                     preexec_fn=_die_with_parent)
+            record["job_pid"] = proc.pid   # where the driver forwards a stop request (SIGUSR1)
+            atomic_write_text(folder / "task.json", json.dumps(record, indent=2))
             try:
                 returncode = proc.wait()
             finally:
@@ -152,7 +154,8 @@ def _last_line(text: str) -> str:
 def _note_sigterm() -> list[int]:
     """Replace Ray's SIGTERM handler (a C++ stack dump, exit 134) by one that notes the signal; the driver loop
     checks the note between waits and unwinds (cancelling its tasks, shutting Ray down) to exit 143. Why not
-    raise from the handler: raised inside Ray's wait, the exception surfaces as a SystemError."""
+    raise from the handler: raised inside Ray's wait, the exception surfaces as a SystemError. SIGUSR1 keeps
+    (or gets back) the handler that records a stop request (``fgmf_marl.interrupts``), which the loop forwards."""
     noted: list[int] = []
 
     def note(signum: int, frame: object) -> None:
@@ -161,7 +164,25 @@ def _note_sigterm() -> list[int]:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, note)
+        signal.signal(signal.SIGUSR1, request_stop)
     return noted
+
+
+def _forward_stop(root: Path, tasks: Sequence[Task], signalled: set[str]) -> None:
+    """Send SIGUSR1 once to the job of each task in flight that runs on this host (its record's ``job_pid``; a
+    task whose job has not started yet is signalled on a later call) and add it to ``signalled``: each job
+    stops where its ``--resume`` loses nothing. A job on another node of a Ray cluster is left to finish."""
+    for task in tasks:
+        record = read_record(root, task.id) or {}
+        pid = record.get("job_pid")
+        if (task.id in signalled or record.get("status") != "running" or not isinstance(pid, int)
+                or record.get("host") != socket.gethostname()):
+            continue
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError:   # it has just ended
+            pass
+        signalled.add(task.id)
 
 
 def run_tasks(root: Path, tasks: list[Task], *, max_parallel: int, address: str | None, threads: int = 1,
@@ -170,7 +191,11 @@ def run_tasks(root: Path, tasks: list[Task], *, max_parallel: int, address: str 
     """Run ``tasks`` (dependencies first) on Ray; return each task's record, failed and blocked ones included.
 
     Cached tasks are never submitted (and Ray is not started when all are cached). Each record gains
-    ``ray_overhead_seconds``: the driver's submit-to-result time minus the job's own wall time.
+    ``ray_overhead_seconds``: the driver's submit-to-result time minus the job's own wall time. SIGUSR1 (a stop
+    request) is forwarded to the jobs in flight, no task is started after it, and once those jobs have
+    stopped at their next resumable point the driver exits as on SIGTERM (143): a rerun resumes them, losing
+    nothing. Why: a session's end or a machine's planned stop otherwise costs each training the steps since its
+    last checkpoint.
     """
     records: dict[str, dict[str, Any]] = {}
     todo: list[Task] = []
@@ -199,8 +224,15 @@ def run_tasks(root: Path, tasks: list[Task], *, max_parallel: int, address: str 
         raise ConfigError(f"Ray did not start{'' if local else f' at {address}'}: {_last_line(str(exc))}") from None
     terminated = _note_sigterm()
     in_flight: dict[Any, tuple[Task, float]] = {}
+    forwarded, signalled = False, set()
     try:
         while todo or in_flight:
+            if stop_requested():
+                if not forwarded:
+                    bar.write(f"{PROG}: stop requested: the jobs in flight stop at their next resumable point, "
+                              "no other task starts")
+                    forwarded = True
+                _forward_stop(root, [t for t, _ in in_flight.values()], signalled)
             # ready evaluations before new training, then training seed by seed: tables fill row by row
             for task in sorted(todo, key=lambda t: (t.kind == "train", t.seed)):
                 states = [records.get(d, {}).get("status") for d in task.deps]
@@ -209,12 +241,14 @@ def run_tasks(root: Path, tasks: list[Task], *, max_parallel: int, address: str 
                     bad = next(d for d in task.deps if records[d]["status"] in ("failed", "blocked"))
                     records[task.id] = {"id": task.id, "status": "blocked", "log": None, "reason": f"depends on {bad}"}
                     bar.update(1)
-                elif all(s == "done" for s in states) and len(in_flight) < max_parallel:
+                elif all(s == "done" for s in states) and len(in_flight) < max_parallel and not forwarded:
                     todo.remove(task)
                     ref = _remote_execute.options(num_cpus=threads).remote(
                         str(root), task, threads=threads, rerun=rerun(task))
                     in_flight[ref] = (task, time.perf_counter())
             if not in_flight:
+                if forwarded:
+                    break   # stopped: raised below
                 if todo:   # unreachable for tasks made by expand(): dependencies come first
                     raise RuntimeError(f"tasks {[t.id for t in todo]} wait on dependencies that never ran")
                 continue
@@ -232,10 +266,14 @@ def run_tasks(root: Path, tasks: list[Task], *, max_parallel: int, address: str 
                 if not record.get("cached") and "wall_seconds" in record:
                     record["ray_overhead_seconds"] = round(time.perf_counter() - submitted - record["wall_seconds"], 2)
                 records[task.id] = record
-                if record["status"] != "done":
+                if record["status"] != "done" and forwarded and record.get("returncode") == 143:
+                    bar.write(f"{PROG}: task {task.id} stopped on request; a rerun resumes it")
+                elif record["status"] != "done":
                     bar.write(f"{PROG}: task {task.id} failed (exit {record.get('returncode', '?')}): "
                               f"log {record.get('log')}")
                 bar.update(1)
+        if forwarded:   # whatever finished meanwhile is recorded; the tables wait for the rerun
+            raise Terminated
     finally:
         for ref in in_flight:
             ray.cancel(ref, force=True)
