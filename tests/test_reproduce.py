@@ -410,7 +410,7 @@ def test_the_readme_experiments_are_valid_and_expand_as_described() -> None:
 
 
 def test_comparisons_say_beats_only_where_the_interval_of_the_difference_excludes_zero() -> None:
-    table = schema.TableSpec(name="t", rows=["a", "b"], compare="a", against=["b"],
+    table = schema.TableSpec(name="t", rows=["a", "b"], compare=["a"], against=["b"],
                                 columns=[schema.ColumnSpec(label="clean", metric="normalised_mean")])
     # outputs without recorded episodes: means over seeds, never a verdict
     legacy = {("a", "clean"): tables.Cell([0.70, 0.72, 0.74], 768, [0, 1, 2]),
@@ -427,8 +427,13 @@ def test_comparisons_say_beats_only_where_the_interval_of_the_difference_exclude
     apart = {("a", "clean"): cell(0.7), ("b", "clean"): cell(0.5)}
     (line,) = tables.comparisons(table, apart)
     assert "a beats b: IQM 0.69" in line and "vs 0.49" in line and "P(a > b) = 0.9" in line
-    (line,) = tables.comparisons(dataclasses.replace(table, compare="b", against=["a"]), apart)
+    (line,) = tables.comparisons(dataclasses.replace(table, compare=["b"], against=["a"]), apart)
     assert "b **is beaten by** a" in line
+    # several candidates: each is compared with each baseline, in the order given
+    three = {**apart, ("c", "clean"): cell(0.5)}
+    first, second = tables.comparisons(dataclasses.replace(table, rows=["a", "b", "c"], compare=["a", "b"],
+                                                           against=["c"]), three)
+    assert first.startswith("- clean: a beats c") and second.startswith("- clean: b ") and "P(b > c)" in second
     close = {("a", "clean"): cell(0.5), ("b", "clean"): cell(0.5)}
     (line,) = tables.comparisons(table, close)
     assert "**does not beat** (the interval of the difference includes 0)" in line

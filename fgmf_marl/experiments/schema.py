@@ -84,14 +84,16 @@ class ColumnSpec:
 
 @dataclass
 class TableSpec:
-    """Rows are run groups; ``per_seed`` adds a row per seed; ``compare`` is checked ``against`` rows."""
+    """Rows are run groups; ``per_seed`` adds a row per seed; each row of ``compare`` is checked ``against`` each
+    of those rows (several when a table carries more than one candidate, e.g. a defense with and without
+    adversarial training)."""
 
     name: str = ""
     title: str = ""
     rows: list[str] = field(default_factory=list)
     columns: list[ColumnSpec] = field(default_factory=list)
     per_seed: bool = False
-    compare: str | None = None
+    compare: list[str] = field(default_factory=list)
     against: list[str] = field(default_factory=list)
     plot: bool = False
     notes: str = ""
@@ -163,7 +165,7 @@ class Experiment:
             if not table.rows or not table.columns:
                 raise ConfigError(f"{where} needs rows and columns")
             _known(f"{where}.rows", table.rows, runs, "run")
-            _known(f"{where}.against", table.against + ([table.compare] if table.compare else []), table.rows,
+            _known(f"{where}.against", table.against + table.compare, table.rows,
                    "row of this table")
             for j, col in enumerate(table.columns):
                 _check_column(f"{where}.columns[{j}]", col, table.rows, kinds,

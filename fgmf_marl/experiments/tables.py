@@ -234,28 +234,26 @@ def format_cell(cell: Cell, col: ColumnSpec) -> str:
 
 
 def comparisons(table: TableSpec, cells: dict[tuple[str, str], Cell]) -> list[str]:
-    """One sentence per return column and baseline: whether ``compare`` beats it, in those words.
+    """One sentence per row of ``compare``, return column and baseline: whether the row beats it, in those words.
 
     "beats" only where the 95 % interval of the IQM difference (stratified bootstrap over seeds x
     episodes) excludes 0, with the probability of improvement and its interval beside it (Agarwal et
     al. 2021). Cells whose outputs predate per-episode values get means over seeds and no verdict.
     """
-    if table.compare is None:
-        return []
     lines = []
-    for col in table.columns:
+    for row, col in ((row, col) for row in table.compare for col in table.columns):
         if col.metric not in RETURN_METRICS:
             continue
-        mine = cells[table.compare, col.label]
+        mine = cells[row, col.label]
         for other in table.against:
             theirs = cells[other, col.label]
             if not mine.values or not theirs.values:
-                lines.append(f"- {col.label}: {table.compare} vs {other} cannot be compared (missing cells).")
+                lines.append(f"- {col.label}: {row} vs {other} cannot be compared (missing cells).")
                 continue
             a, b = mine.by_episode(), theirs.by_episode()
             if a is None or b is None:
                 (m, ms), (t, ts) = _mean_std(mine), _mean_std(theirs)
-                lines.append(f"- {col.label}: {table.compare} {_fmt(m, col.metric)} ± {_fmt(ms, col.metric)} vs {other} "
+                lines.append(f"- {col.label}: {row} {_fmt(m, col.metric)} ± {_fmt(ms, col.metric)} vs {other} "
                              f"{_fmt(t, col.metric)} ± {_fmt(ts, col.metric)} (mean ± std over seeds); the outputs "
                              "record no episodes, so there is no interval of the difference and no verdict.")
                 continue
@@ -264,10 +262,10 @@ def comparisons(table: TableSpec, cells: dict[tuple[str, str], Cell]) -> list[st
             verdict = ("beats" if gap.low > 0 else "**is beaten by**" if gap.high < 0
                        else "**does not beat** (the interval of the difference includes 0)")
             centre_a, centre_b = (float(stats.iqm(np.concatenate(x))) for x in (a, b))
-            lines.append(f"- {col.label}: {table.compare} {verdict} {other}: IQM {_fmt(centre_a, col.metric)} vs "
+            lines.append(f"- {col.label}: {row} {verdict} {other}: IQM {_fmt(centre_a, col.metric)} vs "
                          f"{_fmt(centre_b, col.metric)}, difference {_fmt(gap.value, col.metric)} "
                          f"[{_fmt(gap.low, col.metric)}, {_fmt(gap.high, col.metric)}]; "
-                         f"P({table.compare} > {other}) = {better.value:.2f} [{better.low:.2f}, {better.high:.2f}] "
+                         f"P({row} > {other}) = {better.value:.2f} [{better.low:.2f}, {better.high:.2f}] "
                          f"({len(a)} vs {len(b)} seeds, {sum(x.size for x in a)} vs {sum(x.size for x in b)} episodes).")
     return lines
 
@@ -394,7 +392,7 @@ def section_markdown(name: str, exp: Experiment, tasks: list[Task], records: dic
             lines += ["", "Per-seed means of the attacked columns:", "", *spread]
         claims = comparisons(table, cells)
         if claims:
-            lines += ["", f"{table.compare} against {', '.join(table.against)}:", "", *claims]
+            lines += ["", f"{', '.join(table.compare)} against {', '.join(table.against)}:", "", *claims]
         if table.plot:
             path = figures / f"{name}__{table.name}.png"
             plot_table(table, cells, path, f"{name}: {table.title or table.name}{label}")
