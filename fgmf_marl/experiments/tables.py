@@ -7,6 +7,7 @@ their episodes, and "beats" is said only where the interval of the difference ex
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -241,7 +242,7 @@ def comparisons(table: TableSpec, cells: dict[tuple[str, str], Cell]) -> list[st
     al. 2021). Cells whose outputs predate per-episode values get means over seeds and no verdict.
     """
     lines = []
-    for row, col in ((row, col) for row in table.compare for col in table.columns):
+    for row, col in itertools.product(table.compare, table.columns):
         if col.metric not in RETURN_METRICS:
             continue
         mine = cells[row, col.label]

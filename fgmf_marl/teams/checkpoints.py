@@ -287,9 +287,9 @@ class PeriodicCheckpoint(BaseCallback):
         return True
 
     def _on_rollout_start(self) -> None:
-        self._save_if_due()
+        saved = self._save_if_due()
         if stop_requested() and self.num_timesteps > self._started_at:
-            if not self.run.checkpoint_at(self.num_timesteps).is_file():
+            if not saved:
                 self._save()
             print(f"stopped on request at step {self.num_timesteps}: checkpoint "
                   f"{self.run.checkpoint_at(self.num_timesteps)} (--resume continues from it)", file=sys.stderr)
@@ -298,10 +298,13 @@ class PeriodicCheckpoint(BaseCallback):
     def _on_training_end(self) -> None:   # after the update on the last rollout: a boundary too
         self._save_if_due()
 
-    def _save_if_due(self) -> None:
-        if self.num_timesteps >= self._next:
-            self._save()
-            self._next += self.every * max(1, (self.num_timesteps - self._next) // self.every + 1)
+    def _save_if_due(self) -> bool:
+        """Save a checkpoint if one is due; whether it did."""
+        if self.num_timesteps < self._next:
+            return False
+        self._save()
+        self._next += self.every * max(1, (self.num_timesteps - self._next) // self.every + 1)
+        return True
 
     def _save(self) -> None:
         if self.also is not None:   # first: a team checkpoint never exists without what it needs
