@@ -187,6 +187,42 @@ def validate(obj: Any) -> None:
         check()
 
 
+#: field metadata: the value a config recorded before the field existed meant (:func:`added_field`)
+LEGACY = "legacy"
+
+
+def added_field(default: Any, legacy: Any) -> Any:
+    """A config field added after configs were first recorded whose default is not, or may not stay, the
+    behaviour before it existed: ``default`` for new configs, ``legacy`` for a recorded config without it.
+
+    Why: a recorded run (a run's ``config.yaml``, a reproduce task record) must keep meaning what it ran
+    when the field's default moves (:func:`fill_legacy`)."""
+    return dataclasses.field(default=default, metadata={LEGACY: legacy})
+
+
+def fill_legacy(cls: type, data: dict) -> dict:
+    """``data`` (plain config data of ``cls``) with every section recorded before some of its fields existed
+    completed by those fields' legacy values (:func:`added_field`); other data unchanged.
+
+    A section counts as such a record when it holds every field of its class that has no legacy value: the
+    project writes configs whole, a user's hand-written section names only what it changes (and so takes
+    today's defaults). The rule holds because every field added since configs were first recorded whose
+    default is not the old behaviour is an ``added_field``."""
+    if not dataclasses.is_dataclass(cls):
+        return data
+    hints = get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    out = dict(data)
+    for f in fields:
+        if dataclasses.is_dataclass(hints[f.name]) and isinstance(out.get(f.name), dict):
+            out[f.name] = fill_legacy(hints[f.name], out[f.name])
+    if all(f.name in data for f in fields if LEGACY not in f.metadata):
+        for f in fields:
+            if LEGACY in f.metadata and f.name not in out:
+                out[f.name] = f.metadata[LEGACY]
+    return out
+
+
 def from_dict(cls: type[T], data: dict | None) -> T:
     """Build and validate a config of type ``cls`` from plain data (missing keys keep defaults)."""
     obj = _build(cls, data or {}, "")
@@ -253,7 +289,7 @@ def read_yaml(path: str | Path) -> dict:
 def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
          base: dict | None = None) -> T:
     """Defaults, then the class's presets, then ``base`` data, then the YAML file, then dotted overrides;
-    validated.
+    validated. A section recorded before some of its fields existed takes their legacy values (:func:`fill_legacy`).
 
     A config class may define ``presets(data) -> dict``: tuned values for the choices ``data`` made (a
     backbone, an env), merged beneath everything ``data`` sets, so what a user writes always wins
@@ -262,7 +298,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | No
     data = apply_overrides(base or {}, [])
     if path is not None:
         data = merge(data, read_yaml(path))
-    data = apply_overrides(data, overrides or [])
+    data = fill_legacy(cls, apply_overrides(data, overrides or []))
     presets = getattr(cls, "presets", None)
     if callable(presets):
         data = merge(presets(data), data)

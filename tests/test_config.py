@@ -220,3 +220,42 @@ def test_shipped_presets_are_valid_configs() -> None:
         for choice in choices:
             cfg = cfglib.load(TrainConfig, overrides=[f"{key}={choice}"])
             assert cfglib.to_dict(cfg) == cfglib.to_dict(cfglib.from_dict(TrainConfig, cfglib.to_dict(cfg)))
+
+
+@dataclass
+class Knobs:
+    size: int = 3
+    method: str = cfglib.added_field("new", legacy="old")      # added later; its default is not the old behaviour
+    strict: bool = cfglib.added_field(True, legacy=False)
+
+
+@dataclass
+class Recorded:
+    name: str = "x"
+    knobs: Knobs = field(default_factory=Knobs)
+
+
+def test_a_config_recorded_before_a_field_existed_keeps_its_legacy_value(tmp_path: Path) -> None:
+    # a whole section written before `method` and `strict` existed means what it ran: the legacy values
+    assert cfglib.fill_legacy(Recorded, {"name": "y", "knobs": {"size": 5}}) == {
+        "name": "y", "knobs": {"size": 5, "method": "old", "strict": False}}
+    record = tmp_path / "config.yaml"
+    record.write_text("name: y\nknobs:\n  size: 5\n  strict: true\n")
+    cfg = cfglib.load(Recorded, record)
+    assert (cfg.knobs.method, cfg.knobs.strict) == ("old", True)                    # what it spells is kept
+    assert cfglib.load(Recorded, record, ["knobs.method=new"]).knobs.method == "new"
+    # a partial section (a user's: it leaves out a field that has no legacy value) takes today's defaults
+    assert cfglib.fill_legacy(Recorded, {"knobs": {"strict": True}}) == {"knobs": {"strict": True}}
+    partial = cfglib.load(Recorded, overrides=["name=z"])
+    assert (partial.knobs.method, partial.knobs.strict) == ("new", True)
+    whole = cfglib.to_dict(Recorded())                                              # written today: nothing to fill
+    assert cfglib.fill_legacy(Recorded, whole) == whole
+
+
+def test_scorpio_fields_added_after_the_first_records_carry_their_legacy_values() -> None:
+    from fgmf_marl.defenses.config import ScorpioConfig
+    section = cfglib.to_dict(ScorpioConfig())
+    for name in ("saliency", "zero_candidate"):
+        del section[name]
+    filled = cfglib.fill_legacy(ScorpioConfig, section)
+    assert (filled["saliency"], filled["zero_candidate"]) == ("ig", False)

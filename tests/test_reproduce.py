@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
+from fgmf_marl import config as cfglib
 from fgmf_marl import stats
 from fgmf_marl.experiments import cache, plan, runner, schema, tables
 from fgmf_marl.jobs import reproduce
@@ -454,6 +455,26 @@ def test_an_experiments_own_overrides_apply_to_every_run_and_a_runs_own_win() ->
     # without the pin the same file would train today's defaults
     bare = plan.expand(dataclasses.replace(exp, overrides=[]), reproduce.JOBS, quick=False)
     assert all(t.config["defense"]["scorpio"]["eps"] == 8.0 for t in bare if t.kind == "train")
+
+
+@dataclasses.dataclass
+class _Knobs:
+    size: int = 3
+    method: str = cfglib.added_field("new", legacy="old")   # added after the record below; default not the old behaviour
+
+
+@dataclasses.dataclass
+class _Job:
+    seed: int = 0
+    knobs: _Knobs = dataclasses.field(default_factory=_Knobs)
+
+
+def test_a_record_from_before_a_field_existed_keys_as_its_legacy_value_not_todays_default() -> None:
+    job = plan.JobInfo("m", "scripts/m.py", "out.json", _Job)
+    record = {"seed": 1, "knobs": {"size": 3}}                  # written whole, before `method` existed
+    key = plan.task_key(job, "train", record, ())
+    assert key == plan.task_key(job, "train", {"seed": 1, "knobs": {"size": 3, "method": "old"}}, ())
+    assert key != plan.task_key(job, "train", cfglib.to_dict(_Job(seed=1)), ())
 
 
 def test_a_moved_default_reruns_what_reads_it_and_nothing_else(clean_run: Path) -> None:

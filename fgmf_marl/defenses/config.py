@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from fgmf_marl.config import ConfigError, check_range
+from fgmf_marl.config import ConfigError, added_field, check_range
 
 #: The one table of defense kinds: each kind names the components it trains. ``fgmf_marl.agents.defended`` picks
 #: the algorithm class that trains those components; the kinds' names, the ``Literal`` the config loader
@@ -82,8 +82,9 @@ class ScorpioConfig(Scheduled):
     hvp: str = "finite_difference"     # finite_difference | pearlmutter (curvature=gradient only)
     fd_step: float = 1.0               # finite-difference step h, relative to delta* (1 = secant over delta*)
     curvature: str = "value"           # value: l(x+delta*) - l(x) - g.delta*; gradient: 1/2 delta* . H delta* by an HVP
-    saliency: str = "ig"               # ig: |IG| of the greedy logit; gradient: |x * grad of the attack loss|
-    zero_candidate: bool = False       # delta = 0 is one of delta*'s candidates: no sample's term is below 0
+    # ig: |IG| of the greedy logit; gradient: |x * grad of the attack loss| (added_field: records before it ran IG)
+    saliency: str = added_field("ig", legacy="ig")
+    zero_candidate: bool = added_field(False, legacy=False)   # delta = 0 is one of delta*'s candidates: no term < 0
     ig_steps: int = 4                  # Integrated-Gradients steps (Gauss-Legendre; saliency=ig only)
     subsample: float = 0.25            # fraction of each minibatch the regulariser runs on
     every: int = 1                     # run on every k-th minibatch

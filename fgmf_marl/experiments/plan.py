@@ -97,8 +97,9 @@ def _delta(config: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
 
 
 def task_key(job: JobInfo, kind: str, config: dict[str, Any], dep_keys: Sequence[str]) -> str:
-    """The cache key of a ``kind`` task of ``job`` with ``config`` on dependencies of ``dep_keys``."""
-    delta = _delta(job.comparable(config), cfglib.to_dict(job.config()))
+    """The cache key of a ``kind`` task of ``job`` with ``config`` on dependencies of ``dep_keys``; a recorded
+    ``config`` written before some of its fields existed is read with their legacy values (``config.fill_legacy``)."""
+    delta = _delta(job.comparable(cfglib.fill_legacy(job.config, config)), cfglib.to_dict(job.config()))
     blob = json.dumps({"kind": kind, "config": delta, "deps": list(dep_keys)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
