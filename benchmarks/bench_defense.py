@@ -8,11 +8,11 @@ agent-steps/s and the median over rounds of its ratio to vanilla PPO *in the sam
 the process's CPU time (one torch thread: the CPU ratio does not count the time other jobs held the core, so it is
 the steadier figure on a shared machine; the goal is stated in wall time).
 
-Rows: PPO; FGMF-PPO (default knobs); SA-PPO (default knobs); PPO and FGMF-PPO with PGD adversarial
-training (``--adversary pgd``, its default knobs); FGMF-PPO with the older default SCOR-PIO knobs (``OLD_SCORPIO``:
-a sparse, cheaper term); then the components: SCOR-PIO alone, SCOR-PIO
-without its IG saliency (beta = 1, i.e. plain SCORPIO), SGAM alone, SGAM without the Grad-CAM++
-distillation. Usage:
+Rows: PPO; FGMF-PPO (default knobs); the cheaper-FGMF candidates on the former default knobs (``FORMER_SCORPIO``);
+SA-PPO (default knobs); PPO and FGMF-PPO with PGD adversarial training (``--adversary pgd``, its default knobs);
+FGMF-PPO with the older default SCOR-PIO knobs (``OLD_SCORPIO``: a sparse, cheaper term); then the components:
+SCOR-PIO alone, SCOR-PIO without its saliency weight (beta = 1, i.e. plain SCORPIO), SGAM alone, SGAM without the
+Grad-CAM++ distillation; then today's default spelled out and the former default. Usage:
     python benchmarks/bench_defense.py [--rounds 3] [--rollouts 1] [--policy cnn|vit] [--extra]
                                        [--n-envs N] [--no-warmup] [--only 1 2 ...]
 ``--extra`` adds the SCOR-PIO variants (gradient curvature by each HVP, 2 Frank-Wolfe steps, the full minibatch).
@@ -39,24 +39,30 @@ from fgmf_marl.teams.training import ppo_kwargs, training_callbacks, training_en
 OLD_SCORPIO = ["defense.scorpio.eps=4", "defense.scorpio.subsample=0.125", "defense.scorpio.every=8",
                "defense.scorpio.lambda1=1", "defense.scorpio.lambda2=1", "defense.scorpio.pgd_steps=0",
                "defense.scorpio.curvature=gradient"]
+#: FGMF's SCOR-PIO knobs before the cheaper FGMF became the default (experiments/configs/scorpio_value.yaml): the
+#: salient pixels by Integrated Gradients, the term on a quarter of each minibatch
+FORMER_SCORPIO = ["defense.scorpio.saliency=ig", "defense.scorpio.subsample=0.25"]
 #: the cheaper FGMF candidates (issue: <= 2x vanilla's run): SCOR-PIO's salient pixels from gradient x input of
 #: the attack loss (no extra pass) instead of Integrated Gradients
 CHEAP_SALIENCY = ["defense.scorpio.saliency=gradient"]
 CONFIGS: list[tuple[str, list[str]]] = [
     ("PPO (vanilla)", ["defense.kind=none"]),
     ("FGMF-PPO (default knobs)", ["defense.kind=fgmf"]),
-    ("FGMF-PPO, saliency from the gradient", ["defense.kind=fgmf", *CHEAP_SALIENCY]),
-    ("FGMF-PPO, that and delta* by PGD-1", ["defense.kind=fgmf", *CHEAP_SALIENCY, "defense.scorpio.pgd_steps=1"]),
+    ("FGMF-PPO, former default, gradient saliency", ["defense.kind=fgmf", *FORMER_SCORPIO, *CHEAP_SALIENCY]),
+    ("FGMF-PPO, that and delta* by PGD-1", ["defense.kind=fgmf", *FORMER_SCORPIO, *CHEAP_SALIENCY,
+                                            "defense.scorpio.pgd_steps=1"]),
     ("SA-PPO (default knobs)", ["defense.kind=sappo"]),
     ("PPO + PGD adversarial training", ["defense.kind=none", "adversary.kind=pgd"]),
     ("FGMF-PPO + PGD adversarial training", ["defense.kind=fgmf", "adversary.kind=pgd"]),
     ("FGMF-PPO, the older default (sparse SCOR-PIO)", ["defense.kind=fgmf", *OLD_SCORPIO]),
     ("  SCOR-PIO only", ["defense.kind=scorpio"]),
-    ("  SCOR-PIO only, no IG (beta=1)", ["defense.kind=scorpio", "defense.scorpio.beta=1.0"]),
+    ("  SCOR-PIO only, no saliency weight (beta=1)", ["defense.kind=scorpio", "defense.scorpio.beta=1.0"]),
     ("  SGAM only", ["defense.kind=sgam"]),
     ("  SGAM only, no distillation", ["defense.kind=sgam", "defense.sgam.distill_coef=0"]),
-    # appended, so that the row numbers of the commands recorded in docs/ keep their meaning
+    # appended, so that the row numbers of the commands recorded in docs/ keep their meaning (row 12 is today's
+    # default, spelled out; row 13 the default before it)
     ("FGMF-PPO, gradient saliency, subsample 1/8", ["defense.kind=fgmf", *CHEAP_SALIENCY, "defense.scorpio.subsample=0.125"]),
+    ("FGMF-PPO, the former default (IG saliency, 1/4)", ["defense.kind=fgmf", *FORMER_SCORPIO]),
 ]
 # Regularisers and the attacker start after 30% of training by default; a benchmark of a few updates
 # would then time plain PPO, so every term is switched on from the first update (the cost of the
@@ -144,7 +150,7 @@ def main() -> None:
         robust = statistics.median(ratios[names.index("FGMF-PPO + PGD adversarial training")])
         print(f"FGMF-PPO + PGD adversarial training / PPO throughput: {robust:.3f}x, i.e. {1 / robust:.2f}x the wall "
               f"time in the attacked phase (goal <= 3x): {'met' if 1 / robust <= 3 else 'NOT met'}")
-    print("Component cost = 1 - (row ratio); e.g. the IG saliency costs the gap between the two SCOR-PIO rows.")
+    print("Component cost = 1 - (row ratio); e.g. the saliency weight costs the gap between the two SCOR-PIO rows.")
 
 
 if __name__ == "__main__":

@@ -82,11 +82,12 @@ class ScorpioConfig(Scheduled):
     hvp: str = "finite_difference"     # finite_difference | pearlmutter (curvature=gradient only)
     fd_step: float = 1.0               # finite-difference step h, relative to delta* (1 = secant over delta*)
     curvature: str = "value"           # value: l(x+delta*) - l(x) - g.delta*; gradient: 1/2 delta* . H delta* by an HVP
-    # ig: |IG| of the greedy logit; gradient: |x * grad of the attack loss| (added_field: records before it ran IG)
-    saliency: str = added_field("ig", legacy="ig")
+    # gradient: |x * grad of the attack loss|; ig: |IG| of the greedy logit (the default until the cheaper FGMF, and
+    # what a config recorded before this field meant)
+    saliency: str = added_field("gradient", legacy="ig")
     zero_candidate: bool = added_field(False, legacy=False)   # delta = 0 is one of delta*'s candidates: no term < 0
     ig_steps: int = 4                  # Integrated-Gradients steps (Gauss-Legendre; saliency=ig only)
-    subsample: float = 0.25            # fraction of each minibatch the regulariser runs on
+    subsample: float = 0.125           # fraction of each minibatch the regulariser runs on
     every: int = 1                     # run on every k-th minibatch
     start: float = 0.3                 # fraction of training before the term is switched on (see below)
     warmup: float = 0.3                # fraction of training over which eps then ramps up linearly from 0

@@ -28,10 +28,12 @@ Choices the design leaves open, made here:
   which for ReLU networks (whose exact Hessian only sees the softmax curvature) measures the
   curvature an eps-attacker really meets, as CURE does; a small h recovers the exact HVP.
 * Default knobs (``ScorpioConfig``, what ``--defense fgmf`` trains with): delta* from PGD-2 on the attack
-  loss at eps 8/255, the value curvature (below) with lambda1 = lambda2 = 0.125, 4 Gauss-Legendre IG steps, on
-  a quarter (``subsample``) of every minibatch (``every``), SA-PPO's sample budget. Why: of every configuration
-  measured it is the one whose worst case under the strong attacks held at both 4 and 8/255 while the audit
-  passed (the figures: docs/RESULTS.md, fgmf_default and fgmf_dense; the history: docs/experiments/scorpio.md).
+  loss at eps 8/255, the value curvature (below) with lambda1 = lambda2 = 0.125, the gradient saliency, on an
+  eighth (``subsample``) of every minibatch (``every``). Why: of every configuration measured, the one with
+  4-step IG saliency on a quarter of each minibatch (SA-PPO's sample budget) held its worst case under the strong
+  attacks at both 4 and 8/255 while the audit passed, and this cheaper one is level with it on every column at
+  three seeds for about two thirds of its cost (the figures: docs/RESULTS.md, fgmf_default, fgmf_dense and
+  fgmf_cheap; the history: docs/experiments/scorpio.md).
   With ``curvature="gradient"``, finite differences are the default HVP (one extra forward +
   backward, cheaper than Pearlmutter's double-backward-through-a-double-backward, and it sees ReLU kinks).
 * ``pgd_steps`` K > 0: from delta0, K steps delta <- clip(delta + a w sign(grad
