@@ -247,6 +247,7 @@ def _label(spec: str) -> str:
     (["--attacks", "strong:steps=0"], "preset 'strong' option steps=0 must be an integer >= 1"),
     (["--seeds", "0,-1"], "seeds=-1 is out of range; accepted: integers 0.."),
     (["--surrogate", "runs/x"], "surrogate/adversary feed a preset (--attacks strong)"),
+    (["--attacks", "learned"], "--attacks learned expands to no attack here (the preset 'learned' is the director"),
     (["--attacks", "pgd:steps=1", "fault:kind=frozen", "--budget-agents", "1"],   # before the pgd cells run
      "attack 'fault' keeps state over an episode and cannot be budgeted"),
 ])
@@ -310,3 +311,22 @@ def test_resume_refuses_another_config_a_finished_evaluation_and_oversight_logs(
         assert len(err.splitlines()) == 1 and re.search(message, err), err
     assert sorted(p.name for p in stopped.iterdir()) == ["cells", "config.yaml"]   # refusals leave it as it was
     assert not (tmp_path / "logs").exists()
+
+
+def test_two_evaluations_of_one_policy_pair_their_episodes_so_a_table_can_join_their_attackers(
+        run_dir: Path, tmp_path: Path) -> None:
+    # the same attack in two evaluations of other attack lists scores every episode alike (env seeds follow the
+    # episode, not the grid): what lets a worst-case column join an evaluation run later (tables.joined_worst)
+    from fgmf_marl.experiments import tables
+    from fgmf_marl.experiments.schema import ColumnSpec
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert _eval(run_dir, first, "--attacks", "random", "pgd:steps=2", "--eps", "8", "--seeds", "0,1") == 0
+    assert _eval(run_dir, second, "--attacks", "pgd:steps=2", "--eps", "8", "--seeds", "0,1") == 0
+    a, b = (json.loads((out / "results.json").read_text()) for out in (first, second))
+    pgd_a, pgd_b = ([r for r in d["rows"] if r["attack"] == "pgd[steps=2]"][0] for d in (a, b))
+    assert pgd_a["normalised_episodes"] == pgd_b["normalised_episodes"]
+    col = ColumnSpec(source="strong", attack="worst_episode", eps=8, metric="normalised", also=["learned"])
+    value, note, worst = tables.joined_worst(a, [b], col)   # the joined attacker is already in: nothing changes
+    row = [r for r in a["worst"] if r["eps255"] == 8][0]
+    assert worst.tolist() == row["episode_worst_values"] and value == pytest.approx(row["episode_worst_mean"])
+    assert note.endswith("pgd[steps=2] 0")

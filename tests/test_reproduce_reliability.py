@@ -4,6 +4,7 @@ a bad --results file, an unreachable Ray address; damaged records are errors, no
 SIGUSR1 stops the jobs where a rerun loses nothing."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -214,8 +215,8 @@ def test_certify_evaluations_place_their_outputs_and_table_their_certificates(tm
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad, allow_unicode=True))
     (tmp_path / "configs").mkdir()
-    for name in ("pgd_at", "scorpio_value"):
-        (tmp_path / "configs" / f"{name}.yaml").write_text((ROOT / "experiments" / "configs" / f"{name}.yaml").read_text())
+    for config in (ROOT / "experiments" / "configs").glob("*.yaml"):
+        (tmp_path / "configs" / config.name).write_text(config.read_text())
     with pytest.raises(ConfigError, match="accepted for a certify source"):
         schema.load_experiment(path)
 
@@ -230,3 +231,43 @@ def test_profile_columns_read_the_robustness_profile() -> None:
     with pytest.raises(ConfigError, match="no robustness-profile row for faults"):
         tables._value(data, schema.ColumnSpec(source="all", attack="profile:faults", eps=4, metric="normalised"),
                       "evaluate")
+
+
+def test_a_worst_case_column_joins_another_evaluations_attackers_episode_by_episode(tmp_path: Path) -> None:
+    strong = {"rows": [], "worst": [{"eps255": 8.0, "budget": "all", "metric": "normalised", "episodes": 3,
+                                     "episode_worst_mean": 0.5, "episode_worst_values": [0.5, 0.2, 0.8],
+                                     "episode_worst_attacks": {"pgd": 3}}]}
+    learned = {"rows": [
+        {"attack": "none", "eps255": 0, "budget": "all", "normalised_episodes": [0.0, 0.0, 0.0]},       # clean: not an attacker
+        {"attack": "adversary[d]", "eps255": 4.0, "budget": "all", "normalised_episodes": [0.0, 0.0, 0.0]},   # another eps
+        {"attack": "adversary[d]", "eps255": 8.0, "budget": "all", "normalised_episodes": [0.4, 0.3, 0.9]}]}
+    col = schema.ColumnSpec(source="strong", attack="worst_episode", eps=8, metric="normalised", also=["learned"])
+    value, note, worst = tables.joined_worst(strong, [learned], col)
+    assert worst.tolist() == [0.4, 0.2, 0.8] and value == pytest.approx(1.4 / 3)
+    assert note == "pgd 3; adversary[d] 1"   # the director made one episode strictly worse
+    learned["rows"][2]["normalised_episodes"] = [0.4, 0.3]
+    with pytest.raises(ConfigError, match="the joined evaluations must run the same episodes"):
+        tables.joined_worst(strong, [learned], col)
+    # the experiment file: `also` only on a per-episode worst case, naming evaluations that pair episodes with it
+    data = yaml.safe_load((ROOT / "experiments" / "learned_worst.yaml").read_text())
+    (tmp_path / "configs").mkdir()
+    for config in (ROOT / "experiments" / "configs").glob("*.yaml"):
+        (tmp_path / "configs" / config.name).write_text(config.read_text())
+
+    def load(mutate) -> None:
+        bad = copy.deepcopy(data)
+        mutate(bad)
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(bad, allow_unicode=True))
+        exp = schema.load_experiment(path)
+        plan.check_tables(exp, plan.expand(exp, reproduce.JOBS, quick=False))
+
+    load(lambda d: None)
+    with pytest.raises(ConfigError, match="also joins other evaluations' attackers .* attack: worst_episode"):
+        load(lambda d: d["tables"][0]["columns"][2].update(attack="worst"))
+    with pytest.raises(ConfigError, match="also names 'director4', which is not an evaluate source"):
+        load(lambda d: d["tables"][0]["columns"][2].update(also=["director4"]))
+    with pytest.raises(ConfigError, match="eps 4 is not among the eps of evaluation 'learned8' \\(also\\)"):
+        load(lambda d: d["tables"][0]["columns"][2].update(also=["learned8"]))
+    with pytest.raises(ConfigError, match="runs other episodes than 'strong', so their episodes do not pair"):
+        load(lambda d: d["evaluations"][3]["overrides"].__setitem__(3, "episodes=16"))

@@ -131,6 +131,9 @@ PRESETS: dict[str, Preset] = {
         with_gate=("bpda:steps={steps}",),
         with_random_forward=("eot:steps={steps}",),
         with_adversary=("adversary:path={adversary}",)),
+    # a learned adversary alone, the director trained against the victim: the evaluation a table's per-episode worst
+    # case joins (``also``) to the strong attacks already measured, so the director counts without rerunning them
+    "learned": Preset(specs=(), options={}, with_adversary=("adversary:path={adversary}",)),
     # the budgeted-adversary comparison (issue 19): the two fixed attacks a director chooses between,
     # which every budget heuristic then applies within the budget, and the director itself
     "budgeted": Preset(

@@ -194,7 +194,8 @@ def expand(exp: Experiment, jobs: Mapping[str, JobInfo], *, quick: bool, where: 
 
 
 def check_tables(exp: Experiment, tasks: list[Task], where: str = "experiment") -> None:
-    """Every evaluate column asks for what its evaluation computes (an eps it runs, an audit it makes)."""
+    """Every evaluate column asks for what its evaluation computes (an eps it runs, an audit it makes), and the
+    evaluations a column joins (``also``) pair episodes with its own."""
     evaluations = {t.source: t for t in tasks if t.kind == "evaluate"}
     for i, table in enumerate(exp.tables):
         for j, col in enumerate(table.columns):
@@ -224,6 +225,16 @@ def check_tables(exp: Experiment, tasks: list[Task], where: str = "experiment") 
                     not any(a.partition(":")[0].strip() == "adversary" for a in config["attacks"]):
                 raise ConfigError(f"{at}: attack 'learned' needs a director: evaluation {col.source!r} names no "
                                   "adversary (adversary: NAME)")
+            for other in col.also:   # their episodes are paired with this source's by env seed
+                also = evaluations[other].config
+                if col.eps not in also["eps"]:
+                    raise ConfigError(f"{at}: eps {col.eps:g} is not among the eps of evaluation {other!r} (also); "
+                                      f"accepted: {', '.join(f'{e:g}' for e in also['eps'])}")
+                differ = [k for k in ("seeds", "episodes", "n_envs") if also[k] != config[k]]
+                if differ:
+                    raise ConfigError(f"{at}: evaluation {other!r} (also) runs other {', '.join(differ)} than "
+                                      f"{col.source!r}, so their episodes do not pair; accepted: the same seeds, "
+                                      "episodes and n_envs")
 
 
 def select(tasks: list[Task], pattern: str | None) -> list[Task]:

@@ -72,6 +72,12 @@ class ColumnSpec:
     budgeted heuristic (random, fixed, timed, value selectors), ``learned`` the trained director.
     Why the split: the budgeted-adversary question is whether learning whom and when beats every
     heuristic at the same budget, so both must be columns of one table.
+
+    ``also`` (with ``attack: worst_episode``): other evaluate sources of the same runs whose attackers join the
+    worst case, every episode scored by its worst attacker over all of them (episodes paired by env seed, so the
+    sources must run the same evaluation seeds, episodes and env copies). Why: an attacker that needs its own
+    task per victim (a director trained against it) then counts in the robustness claim without rerunning the
+    evaluation of every other attack.
     """
 
     label: str = ""
@@ -80,6 +86,7 @@ class ColumnSpec:
     attack: str = "worst"
     eps: float | None = None
     budget: str = "all"
+    also: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -193,6 +200,15 @@ def _check_column(where: str, col: ColumnSpec, rows: list[str], kinds: dict[str,
     _check_budget_label(f"{where}.budget", col.budget)
     if col.budget != "all" and (col.source not in kinds or kinds[col.source] != "evaluate"):
         raise ConfigError(f"{where}.budget is for evaluate sources, not {col.source!r}")
+    if col.also:
+        if col.attack != "worst_episode" or kinds.get(col.source) != "evaluate":
+            raise ConfigError(f"{where}.also joins other evaluations' attackers to a per-episode worst case; accepted "
+                              "only with an evaluate source and attack: worst_episode")
+        for other in col.also:
+            if kinds.get(other) != "evaluate":
+                raise ConfigError(f"{where}.also names {other!r}, which is not an evaluate source; known: "
+                                  f"{', '.join(k for k, v in kinds.items() if v == 'evaluate') or 'none'}")
+            _known(f"{where}.also", rows, eval_runs[other], f"run evaluated by {other!r}")
     if col.source == "train":
         if col.metric not in TRAIN_METRICS:
             raise ConfigError(f"{where}.metric={col.metric!r}; accepted for source train: {', '.join(TRAIN_METRICS)}")

@@ -155,6 +155,31 @@ def _value(data: dict[str, Any], col: ColumnSpec, kind: str) -> tuple[Any, int, 
     return row[key], int(row["episodes"]), "", _episodes(row.get(f"{col.metric}_episodes"))
 
 
+def joined_worst(data: dict[str, Any], others: list[dict[str, Any]], col: ColumnSpec) -> tuple[float, str, np.ndarray]:
+    """(mean, which attackers, per-episode values) of the per-episode worst case at ``col.eps`` over the worst-case
+    row of ``data`` and every attacker without a budget that the evaluations ``others`` ran at that eps.
+
+    Episodes are paired by position: each output lists its episodes seed by seed in the rollout's canonical
+    order, the same env seeds where the evaluations run the same seeds, episodes and env copies
+    (``plan.check_tables``). The note adds, per joined attacker, the episodes it made strictly worse."""
+    _, _, which, worst = _value(data, col, "evaluate")
+    row = next(r for r in data["worst"] if at_eps(r["eps255"], col.eps) and r.get("budget", "all") == "all")
+    key = f"{row['metric']}_episodes"
+    notes = [which] if which else []
+    for other in others:
+        for r in other["rows"]:
+            if r["attack"] == "none" or not at_eps(r["eps255"], col.eps) or r.get("budget", "all") != "all":
+                continue
+            values = np.asarray(r[key], dtype=float)
+            if values.shape != worst.shape:
+                raise ConfigError(f"column {col.label!r}: {r['attack']} has {values.size} episodes where the worst case "
+                                  f"has {worst.size}; the joined evaluations must run the same episodes")
+            taken = int((values < worst).sum())
+            worst = np.minimum(worst, values)
+            notes.append(f"{r['attack']} {taken}")
+    return float(worst.mean()), "; ".join(notes), worst
+
+
 def table_cells(root: Path, table: TableSpec, tasks: list[Task], records: dict[str, dict[str, Any]],
                 exp: Experiment) -> dict[tuple[str, str], Cell]:
     """``(row, column label) -> Cell`` from the tasks' outputs; missing outputs are listed, not guessed."""
@@ -166,10 +191,15 @@ def table_cells(root: Path, table: TableSpec, tasks: list[Task], records: dict[s
             cell = Cell([], 0, [])
             for seed in seeds[row]:
                 task = index[col.source, row, seed]
-                if records.get(task.id, {}).get("status") != "done":
-                    cell.missing.append(task.id)
+                joined = [index[other, row, seed] for other in col.also]
+                missing = [t.id for t in (task, *joined) if records.get(t.id, {}).get("status") != "done"]
+                if missing:
+                    cell.missing += missing
                     continue
                 value, episodes, note, per_episode = _value(_read_output(root, task), col, task.kind)
+                if joined:
+                    value, note, per_episode = joined_worst(_read_output(root, task),
+                                                            [_read_output(root, t) for t in joined], col)
                 cell.values.append(value)
                 cell.strata.append(per_episode)
                 cell.episodes += episodes
@@ -231,7 +261,8 @@ def format_cell(cell: Cell, col: ColumnSpec) -> str:
     else:
         mean, std = _mean_std(cell)
         text = f"{_fmt(mean, col.metric)} ± {_fmt(std, col.metric)}"
-    return text + (f" (missing {len(cell.missing)} seed(s))" if cell.missing else "")
+    seeds = {m.rpartition("/")[2] for m in cell.missing}   # a seed may miss several tasks (a joined evaluation)
+    return text + (f" (missing {len(seeds)} seed(s))" if seeds else "")
 
 
 def comparisons(table: TableSpec, cells: dict[tuple[str, str], Cell]) -> list[str]:

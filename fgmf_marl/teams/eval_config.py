@@ -63,8 +63,12 @@ class EvalConfig:
         if self.adversary and len(self.checkpoints) > 1:
             raise ConfigError(f"adversary is trained against one checkpoint; got {len(self.checkpoints)} checkpoints "
                               "(evaluate them one at a time, or give adversary:path=PATH as an attack)")
-        for spec in expand_presets(self.attacks, surrogate=self.surrogate, adversary=self.adversary, gated=True,
-                                   random_forward=True):
+        expanded = expand_presets(self.attacks, surrogate=self.surrogate, adversary=self.adversary, gated=True,
+                                  random_forward=True)
+        if not expanded:
+            raise ConfigError(f"--attacks {','.join(self.attacks)} expands to no attack here (the preset 'learned' is "
+                              "the director given by --adversary); accepted: an attack or a preset with its inputs")
+        for spec in expanded:
             parse_spec(spec)
         for e in self.eps:
             if not 0 < e <= 255:
