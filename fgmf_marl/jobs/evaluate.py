@@ -43,7 +43,8 @@ def build_parser() -> cli.ArgumentParser:
                    help=f"attack specs name[:key=value,...]; names: {', '.join(ATTACKS)}; presets: "
                         f"{', '.join(PRESETS)} (strong[:steps=N,restarts=R]: PGD-20 x5 restarts, least-likely PGD, "
                         "mad, critic, square, + transfer/bpda/eot/adversary where they apply; budgeted[:steps=N]: "
-                        "PGD-10, least-likely PGD-10, + bpda/adversary where they apply) (default: random fgsm "
+                        "PGD-10, least-likely PGD-10, + bpda/adversary where they apply; learned: the --adversary "
+                        "director alone) (default: random fgsm "
                         "pgd mad critic; e.g. pgd:steps=20 transfer:surrogate=runs/other adversary:path=runs/adv)")
     p.add_argument("--surrogate", metavar="RUN_OR_ZIP",
                    help="for a preset: an independently trained vanilla policy to transfer attacks from "
