@@ -196,10 +196,10 @@ def table_cells(root: Path, table: TableSpec, tasks: list[Task], records: dict[s
                 if missing:
                     cell.missing += missing
                     continue
-                value, episodes, note, per_episode = _value(_read_output(root, task), col, task.kind)
+                data = _read_output(root, task)
+                value, episodes, note, per_episode = _value(data, col, task.kind)
                 if joined:
-                    value, note, per_episode = joined_worst(_read_output(root, task),
-                                                            [_read_output(root, t) for t in joined], col)
+                    value, note, per_episode = joined_worst(data, [_read_output(root, t) for t in joined], col)
                 cell.values.append(value)
                 cell.strata.append(per_episode)
                 cell.episodes += episodes
