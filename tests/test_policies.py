@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from fgmf_marl.agents.policies import CnnBackbone, ImageFeatures, VitBackbone, compute_dtype
+from fgmf_marl.agents.policies import (CnnBackbone, ImageFeatures, SpaceToDepthGradConv2d, VitBackbone,
+                                      compute_dtype)
 from fgmf_marl.policy import Ablations
 
 
@@ -88,6 +89,44 @@ def test_nature_layout_is_sb3s_nature_cnn() -> None:
     x = torch.rand(4, 3, 84, 84)
     assert ours.spatial(x).shape == (4, 64, 7, 7)
     torch.testing.assert_close(ours.head(ours.spatial(x)), reference(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels, kernel, stride, size", [(3, 8, 4, 84), (3, 8, 4, 83), (9, 4, 2, 21), (2, 6, 3, 17)])
+def test_space_to_depth_gradient_conv_equals_pytorchs_to_second_order(channels, kernel, stride, size) -> None:
+    """Forward bit for bit, input / weight / bias gradients and second derivatives (an input gradient's own
+    gradient for the input and the parameters, as SCOR-PIO and Hessian-vector products take) equal PyTorch's
+    ``nn.Conv2d`` in float64, sizes that the stride divides and sizes it does not (rows no output reads)."""
+    torch.manual_seed(0)
+    reference = torch.nn.Conv2d(channels, 5, kernel, stride=stride).double()
+    fast = SpaceToDepthGradConv2d(channels, 5, kernel, stride).double()
+    fast.load_state_dict(reference.state_dict())
+    x = torch.rand(3, channels, size, size, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(fast(x.detach()), reference(x.detach()))
+    assert torch.equal(fast(x), reference(x))
+
+    def derivatives(conv: torch.nn.Conv2d) -> list[torch.Tensor]:
+        out = torch.tanh(conv(x)).pow(2).sum()
+        first = torch.autograd.grad(out, [x, conv.weight, conv.bias], create_graph=True)
+        second = torch.autograd.grad((first[0] * torch.sin(x)).sum(), [x, conv.weight, conv.bias])
+        return [*first, *second]
+
+    for mine, theirs in zip(derivatives(fast), derivatives(reference), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
+    small = SpaceToDepthGradConv2d(2, 3, 2 * stride, stride).double()   # finite differences on a small input
+    assert torch.autograd.gradgradcheck(small, (torch.rand(1, 2, 2 * stride + 3, 2 * stride + 1, dtype=torch.float64,
+                                                           requires_grad=True),))
+
+
+def test_space_to_depth_conv_is_the_nature_layouts_first_convolution_only() -> None:
+    nature = CnnBackbone(3, 84, 84, channels=(32, 64, 64), features_dim=512, layout="nature")
+    small = CnnBackbone(3, 48, 48)
+    kinds = [type(m) for m in nature.convs if isinstance(m, torch.nn.Conv2d)]
+    assert kinds == [SpaceToDepthGradConv2d, torch.nn.Conv2d, torch.nn.Conv2d]
+    assert not any(isinstance(m, SpaceToDepthGradConv2d) for m in small.modules())
+    assert list(nature.state_dict()) == [f"convs.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")] + \
+        ["fc.1.weight", "fc.1.bias"]
+    with pytest.raises(ValueError, match="stride >= 2 dividing the kernel"):
+        SpaceToDepthGradConv2d(3, 4, 3, 2)
 
 
 def test_empty_net_arch_feeds_features_to_the_heads() -> None:

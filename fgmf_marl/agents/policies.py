@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import gymnasium as gym
 import torch
@@ -43,6 +43,71 @@ def cnn_min_image_size(layout: CnnLayout) -> int:
     return size
 
 
+def space_to_depth_weight(weight: Tensor, stride: int) -> Tensor:
+    """(O, C, k, k) kernel of a stride-``stride`` convolution as the (O, C * stride^2, k / stride, k / stride) kernel
+    of the stride-1 convolution of ``F.pixel_unshuffle(x, stride)`` (its channel order: c * stride^2 + i * stride + j)."""
+    o, c, kh, kw = weight.shape
+    return (weight.view(o, c, kh // stride, stride, kw // stride, stride).permute(0, 1, 3, 5, 2, 4)
+            .reshape(o, c * stride * stride, kh // stride, kw // stride))
+
+
+class _InputGradBySpaceToDepth(torch.autograd.Function):
+    """Identity on ``y`` = conv2d(x.detach(), weight, bias, stride) whose gradient for ``x`` is that convolution's.
+
+    The input gradient is a stride-1 transposed convolution with the space-to-depth kernel, then
+    ``pixel_shuffle`` (zeros for the rows and columns a floor-sized output never reads). It is built from
+    differentiable operations, so second derivatives (SCOR-PIO's parameter gradient through an input gradient,
+    Hessian-vector products) flow through it; the weight and bias gradients flow through ``y``'s own node.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, y: Tensor, weight: Tensor, stride: int) -> Tensor:
+        ctx.save_for_backward(weight)
+        ctx.stride, ctx.size = stride, x.shape[-2:]
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor, None, None]:
+        (weight,) = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.pixel_shuffle(F.conv_transpose2d(grad, space_to_depth_weight(weight, ctx.stride)), ctx.stride)
+            height, width = ctx.size
+            grad_x = F.pad(grad_x, (0, width - grad_x.shape[-1], 0, height - grad_x.shape[-2]))
+        return grad_x, grad, None, None
+
+
+class SpaceToDepthGradConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (stride s > 1, kernel a multiple of s, no padding) whose input gradient takes a faster route.
+
+    The forward pass is ``nn.Conv2d``'s, bit for bit. Only where the input requires a gradient (attacks, input
+    attributions, SCOR-PIO, SA-PPO's inner PGD) is the input gradient computed as the gradient of the equal
+    stride-1 convolution of the space-to-depth image (equal up to float summation order, tested against
+    PyTorch's own to first and second order). Why: oneDNN's CPU kernel for the input gradient of an 8 x 8 /
+    stride 4 convolution over a 3-channel image costs several forward passes, and it is most of every
+    gradient step on pistonball's NatureCNN (measurements: docs/experiments/throughput.md).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int) -> None:
+        if stride < 2 or kernel_size % stride:
+            raise ValueError(f"SpaceToDepthGradConv2d needs stride >= 2 dividing the kernel; got kernel {kernel_size}, "
+                             f"stride {stride}")
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return super().forward(x)
+        y = F.conv2d(x.detach(), self.weight, self.bias, self.stride)
+        return _InputGradBySpaceToDepth.apply(x, y, self.weight, self.stride[0])
+
+
+def _image_conv(c_in: int, c_out: int, kernel: int, stride: int, padding: int) -> nn.Conv2d:
+    """The first (image-reading) convolution: :class:`SpaceToDepthGradConv2d` where its shape allows, else plain."""
+    if padding == 0 and stride > 1 and kernel % stride == 0:
+        return SpaceToDepthGradConv2d(c_in, c_out, kernel, stride)
+    return nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding)
+
+
 class CnnBackbone(nn.Module):
     """Three convolutions and a linear head over the flattened map.
 
@@ -56,7 +121,8 @@ class CnnBackbone(nn.Module):
     The convolutions run on a channels-last copy of the input, a layout oneDNN's CPU kernels prefer:
     the same function (outputs equal up to float summation order, tested), faster forward + backward.
     The weights keep the default layout, which SB3's orthogonal init needs; flatten still reads the
-    map in (C, H, W) order (measurements: docs/experiments/throughput.md, "Throughput and speed").
+    map in (C, H, W) order (measurements: docs/experiments/throughput.md, "Throughput and speed"). The nature
+    layout's first convolution is a :class:`SpaceToDepthGradConv2d` (the same function and parameters).
     """
 
     def __init__(self, in_channels: int, height: int, width: int, channels: tuple[int, int, int] = (16, 32, 32),
@@ -66,7 +132,8 @@ class CnnBackbone(nn.Module):
             raise ValueError(f"unknown CNN layout {layout!r}; known: {', '.join(CNN_LAYOUTS)}")
         layers: list[nn.Module] = []
         for c_in, c_out, (kernel, stride, padding) in zip((in_channels, *channels[:2]), channels, CNN_LAYOUTS[layout]):
-            layers += [nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding), nn.ReLU()]
+            conv = (_image_conv if not layers else nn.Conv2d)(c_in, c_out, kernel, stride=stride, padding=padding)
+            layers += [conv, nn.ReLU()]
         self.convs = nn.Sequential(*layers)
         with torch.no_grad():
             fmap_numel = self.convs(torch.zeros(1, in_channels, height, width)).numel()
