@@ -177,6 +177,24 @@ def test_every_experiment_file_expands_to_the_recorded_tasks_and_cache_keys() ->
     assert today == recorded
 
 
+def test_a_knob_a_runs_kind_ignores_is_refused_when_the_plan_is_made(tmp_path: Path) -> None:
+    """A train override that a run's adversary kind ignores fails the whole experiment before any task starts,
+    naming the run, in its measured and its --quick form (as ``train_marl.py`` refuses it for a new run)."""
+    data = yaml.safe_load(TINY.read_text())
+    for quick in (False, True):
+        data["quick"], data["runs"][0]["quick"] = ["timesteps=512"], []
+        (data["runs"][0]["quick"] if quick else data["runs"][0]["overrides"]).append("adversary.director_steps=64")
+        path = tmp_path / "exp.yaml"
+        path.write_text(yaml.safe_dump(data, allow_unicode=True))
+        with pytest.raises(ConfigError, match=r"runs\[0\] \(none\): adversary.director_steps=64 has no effect with "
+                                              r"adversary.kind=none"):
+            plan.expand(schema.load_experiment(path), reproduce.JOBS, quick=quick)
+        data["runs"][0]["overrides"] = [o for o in data["runs"][0]["overrides"] if "director" not in o]
+    data["runs"][0]["overrides"] += ["adversary.kind=director", "adversary.director_steps=64"]
+    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    assert len(plan.expand(schema.load_experiment(path), reproduce.JOBS, quick=False)) == 4   # where it applies
+
+
 def test_named_configurations_expand_in_place_and_bad_names_are_refused(tmp_path: Path) -> None:
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "small.yaml").write_text("- timesteps=1024\n- checkpoint_every=512\n")

@@ -29,6 +29,9 @@ class JobInfo:
     config: type
     #: the part of a resolved config that can change what the job computes (keys and agreement read only it)
     comparable: Callable[[dict[str, Any]], dict[str, Any]] = lambda config: config
+    #: the checks a new run of the job makes beyond its config's validate (e.g. a knob its kind ignores), run on
+    #: every task when the plan is made, so that a bad experiment fails before any task starts
+    check_new: Callable[[Any], None] = lambda config: None
 
 
 @dataclass(frozen=True)
@@ -104,9 +107,11 @@ def task_key(job: JobInfo, kind: str, config: dict[str, Any], dep_keys: Sequence
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _resolve(cls: type, overrides: list[str], base: dict[str, Any], where: str) -> dict[str, Any]:
+def _resolve(job: JobInfo, overrides: list[str], base: dict[str, Any], where: str) -> dict[str, Any]:
     try:
-        return cfglib.to_dict(cfglib.load(cls, overrides=overrides, base=base))
+        config = cfglib.load(job.config, overrides=overrides, base=base)
+        job.check_new(config)
+        return cfglib.to_dict(config)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
@@ -153,7 +158,7 @@ def expand(exp: Experiment, jobs: Mapping[str, JobInfo], *, quick: bool, where: 
         if any(o.partition("=")[0].strip() == "seed" for o in overrides):
             raise ConfigError(f"{where}: runs[{i}] ({run.name}) sets seed in its overrides; list seeds under 'seeds'")
         for seed in run.seeds:
-            config = _resolve(jobs["train"].config, overrides, {"seed": seed}, f"{where}: runs[{i}] ({run.name})")
+            config = _resolve(jobs["train"], overrides, {"seed": seed}, f"{where}: runs[{i}] ({run.name})")
             task = Task(f"train/{run.name}/s{seed}", "train", "train", run.name, seed, config, (),
                         task_key(jobs["train"], "train", config, ()), tuple(overrides), job=jobs["train"])
             trains[run.name, seed] = task
@@ -183,7 +188,7 @@ def expand(exp: Experiment, jobs: Mapping[str, JobInfo], *, quick: bool, where: 
                 tid = f"{ev.kind}/{ev.name}/{run_name}/s{seed}"
                 if ev.kind in ("explain", "certify"):
                     base["out"] = task_folder(tid) + "/out"
-                config = _resolve(jobs[ev.kind].config, overrides, base, f"{where}: evaluations[{i}] ({ev.name})")
+                config = _resolve(jobs[ev.kind], overrides, base, f"{where}: evaluations[{i}] ({ev.name})")
                 dep_keys = tuple(d.key for d in deps)
                 job = jobs[ev.kind]
                 task = Task(tid, ev.kind, ev.name, run_name, seed, config, tuple(d.id for d in deps),

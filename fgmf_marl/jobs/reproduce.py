@@ -37,7 +37,7 @@ PROG = cli.command_name("reproduce.py")
 #: that marks it done, its config class and the part of a config that can change its result
 JOBS: dict[str, JobInfo] = {
     "train": JobInfo("fgmf_marl.jobs.train", "scripts/train_marl.py", "eval/summary.json", TrainConfig,
-                     without_unused_defenses),
+                     without_unused_defenses, TrainConfig.check_new_run),
     "evaluate": JobInfo("fgmf_marl.jobs.evaluate", "scripts/evaluate.py", "results.json", EvalConfig),
     "explain": JobInfo("fgmf_marl.jobs.explain", "scripts/explain_eval.py", "explain_eval.json", ExplainConfig),
     "certify": JobInfo("fgmf_marl.jobs.certify", "scripts/certify.py", "certify.json", CertifyConfig),

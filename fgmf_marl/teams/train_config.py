@@ -102,6 +102,14 @@ class TrainConfig:
             raise ConfigError(f"policy.vit_patch_size={self.policy.vit_patch_size} must divide the image size {size} "
                               "(env.native.size or env.adapter.size)")
 
+    def check_new_run(self) -> None:
+        """The checks a new run makes beyond :meth:`validate`: no knob set that its kind ignores (one-line error).
+
+        Not part of ``validate``, because a recorded config holds every knob and must load whatever the defaults
+        become; a new run (``train_marl.py``, or an experiment's plan before any task starts) checks it.
+        """
+        self.adversary.check_knobs_apply()
+
 
 def without_unused_defenses(config: dict[str, Any]) -> dict[str, Any]:
     """A resolved train config (as a dict) without the knob sections of the defense components its

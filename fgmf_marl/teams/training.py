@@ -340,7 +340,7 @@ def train(cfg: TrainConfig, run_root: str | Path, *, resume: bool = False, progr
         trained = cfglib.load(TrainConfig, RunDir(Path(run_root)).config)
         check_resume(trained, cfg)
     if not resume:
-        cfg.adversary.check_knobs_apply()
+        cfg.check_new_run()
         check_output_dir(run_root, "run directory")
     log_key = read_key(cfg.log_key_file) if cfg.log_explanations else None   # bad key file: before any compute
     venv, attacked = training_env(cfg)
