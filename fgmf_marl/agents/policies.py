@@ -132,7 +132,9 @@ class CnnBackbone(nn.Module):
             raise ValueError(f"unknown CNN layout {layout!r}; known: {', '.join(CNN_LAYOUTS)}")
         layers: list[nn.Module] = []
         for c_in, c_out, (kernel, stride, padding) in zip((in_channels, *channels[:2]), channels, CNN_LAYOUTS[layout]):
-            conv = (_image_conv if not layers else nn.Conv2d)(c_in, c_out, kernel, stride=stride, padding=padding)
+            reads_image = not layers
+            conv = (_image_conv(c_in, c_out, kernel, stride, padding) if reads_image
+                    else nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding))
             layers += [conv, nn.ReLU()]
         self.convs = nn.Sequential(*layers)
         with torch.no_grad():
