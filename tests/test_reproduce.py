@@ -77,6 +77,38 @@ def test_tiny_experiment_end_to_end_on_a_local_ray_cluster(clean_run: Path) -> N
     assert _numbers(folder / "root")["train__none__s0"][0] == 768
 
 
+def test_the_section_releases_its_scores_and_they_give_back_every_interval(clean_run: Path) -> None:
+    """The scores file beside RESULTS.md holds each cell's per-seed values and episodes: each seed's value is its
+    output's own figure, and the IQM and stratified-bootstrap interval recomputed from the file's episodes by
+    ``fgmf_marl.stats`` are the section's cells, digit for digit."""
+    text = (clean_run / "RESULTS.md").read_text()
+    assert "- scores: [scores/tiny.json](scores/tiny.json)" in text
+    scores = json.loads((clean_run / "scores" / "tiny.json").read_text(),
+                        parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert scores["experiment"] == "tiny" and scores["code_version"] == cache.code_version()
+    table = scores["tables"]["tiny"]
+    assert [c["label"] for c in table["columns"]] == ["clean", "PGD-2 ε = 2/255", "worst ε = 2/255", "wall"]
+    cells = table["rows"]["none"]
+    root = clean_run / "root"
+    for seed in (0, 1):
+        summary = json.loads((root / "tasks" / f"train__none__s{seed}" / "out" / "eval" / "summary.json").read_text())
+        clean = cells["clean"]["seeds"][seed]
+        assert clean["task"] == f"train/none/s{seed}" and clean["value"] == summary["normalised_mean"]
+        assert clean["episodes"] == summary["normalised_episodes"]
+        results = json.loads((root / "tasks" / f"evaluate__pgd__none__s{seed}" / "out" / "results.json").read_text())
+        pgd_row = next(r for r in results["rows"] if r["attack"] == "pgd[steps=2]" and r["eps255"] == 2)
+        assert cells["PGD-2 ε = 2/255"]["seeds"][seed]["episodes"] == pgd_row["normalised_episodes"]
+        assert cells["wall"]["seeds"][seed]["episodes"] is None               # a wall time has no episodes
+    row = next(line for line in text.splitlines() if line.startswith("| none | 2 |")).split(" | ")
+
+    def shown(x: float) -> str:
+        return f"{x:.3f}".replace("-", "−")
+
+    for column, label in enumerate(("clean", "PGD-2 ε = 2/255", "worst ε = 2/255"), start=2):
+        est = stats.estimate([np.asarray(s["episodes"]) for s in cells[label]["seeds"]], stats.iqm)
+        assert row[column] == f"{shown(est.value)} [{shown(est.low)}, {shown(est.high)}]"
+
+
 def test_legacy_training_records_are_upgraded_not_retrained(clean_run: Path, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture) -> None:
     """Records from before run ids: a training whose recorded config keys to today's key is kept (and

@@ -210,6 +210,47 @@ def table_cells(root: Path, table: TableSpec, tasks: list[Task], records: dict[s
     return cells
 
 
+def _json_number(value: Any) -> Any:
+    """``value`` as strict JSON has it: a float NaN or infinity becomes null, a numpy scalar a Python one."""
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def section_scores(name: str, exp: Experiment, tasks: list[Task], records: dict[str, dict[str, Any]],
+                   root: Path) -> dict[str, Any]:
+    """The scores behind every cell of the experiment's tables: per table, row and column, each seed's value, its
+    task, and its episodes' values where the output records them (null where it does not, e.g. an explanation
+    study's means). Why: a reader can recompute every IQM, interval and probability of improvement, or another
+    statistic, without the results root (Agarwal et al. 2021 ask for per-run scores to be released)."""
+    index = {(t.source, t.run, t.seed): t for t in tasks}
+    tables = {}
+    for table in exp.tables:
+        cells = table_cells(root, table, tasks, records, exp)
+        rows = {}
+        for row in table.rows:
+            rows[row] = {}
+            for col in table.columns:
+                cell = cells[row, col.label]
+                rows[row][col.label] = {
+                    "seeds": [{"seed": seed, "task": index[col.source, row, seed].id, "value": _json_number(value),
+                               "episodes": None if per_episode is None else [_json_number(v) for v in per_episode]}
+                              for seed, value, per_episode in zip(cell.seeds, cell.values, cell.strata, strict=True)],
+                    "missing": cell.missing}
+        tables[table.name] = {
+            "title": table.title or table.name,
+            "columns": [{"label": c.label, "source": c.source, "metric": c.metric, "attack": c.attack, "eps": c.eps,
+                         "budget": c.budget, "also": list(c.also)} for c in table.columns],
+            "rows": rows}
+    return {"experiment": name, "code_version": code_version(), "tables": tables}
+
+
+def write_scores(path: Path, scores: dict[str, Any]) -> None:
+    """The scores file of a section (:func:`section_scores`), strict JSON, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(scores, indent=1, allow_nan=False) + "\n")
+
+
 def _episode_counts(table: TableSpec, cells: dict[tuple[str, str], Cell], row: str, kinds: dict[str, str]) -> list[str]:
     """``label N`` per return column of ``row``, and ``source N`` once per explain study (all its columns
     score the same episodes; a column a policy has no value for, e.g. no gate, counts none)."""
@@ -359,8 +400,10 @@ def environment() -> dict[str, str]:
 
 
 def section_markdown(name: str, exp: Experiment, tasks: list[Task], records: dict[str, dict[str, Any]], root: Path,
-                     *, quick: bool, command: str, figures: Path, results: Path, wall: float) -> str:
-    """The experiment's section of RESULTS.md (figures written alongside)."""
+                     *, quick: bool, command: str, figures: Path, results: Path, wall: float,
+                     scores: Path | None = None) -> str:
+    """The experiment's section of RESULTS.md (figures written alongside); ``scores``, the section's scores file
+    (:func:`section_scores`), is linked from it."""
     version = code_version()
     label = f" — {QUICK_LABEL}" if quick else ""
     done = [records[t.id] for t in tasks if records.get(t.id, {}).get("status") == "done"]
@@ -381,7 +424,12 @@ def section_markdown(name: str, exp: Experiment, tasks: list[Task], records: dic
               + ", ".join(f"`{v}`" for v in versions),
               f"- dates: {starts[0] if starts else '-'} to {ends[-1] if ends else '-'}; task wall time in all "
               f"{sum(r.get('wall_seconds', 0) for r in done):.0f} s",
-              "- environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
+              "- environment: " + ", ".join(f"{k} {v}" for k, v in env.items())]
+    if scores is not None:
+        link = os.path.relpath(scores, results.parent)
+        lines.append(f"- scores: [{link}]({link}): each cell's per-seed values and per-episode scores, to recompute "
+                     "any statistic below")
+    lines.append("")
     if len(versions) > 1 or (versions and versions != [version]):
         lines += ["Cells come from code versions other than the one that wrote this section; `--rerun` "
                   "recomputes them.", ""]

@@ -22,7 +22,8 @@ from fgmf_marl.experiments.cache import check_foreign_tasks, check_root_kind, wi
 from fgmf_marl.experiments.plan import JobInfo, check_tables, expand, select
 from fgmf_marl.experiments.runner import check_ray_address, run_tasks
 from fgmf_marl.experiments.schema import load_experiment
-from fgmf_marl.experiments.tables import QUICK_LABEL, check_results_file, section_markdown, shown, write_section
+from fgmf_marl.experiments.tables import (QUICK_LABEL, check_results_file, section_markdown, section_scores, shown,
+                                          write_scores, write_section)
 from fgmf_marl.jobs import cli
 from fgmf_marl.runs import check_output_dir
 from fgmf_marl.teams.certification import CertifyConfig
@@ -107,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = Path(cfg.results_root or Path("runs") / "reproduce" / f"{name}{suffix}").resolve()
     results = Path(cfg.results or ("docs/RESULTS.quick.md" if cfg.quick else "docs/RESULTS.md"))
     figures = Path(cfg.figures or ("docs/figures/quick" if cfg.quick else "docs/figures"))
-    for folder, what in ((root, "--results-root"), (figures, "--figures")):
+    scores = results.parent / "scores" / f"{name}{suffix}.json"   # beside the results file, as its figures
+    for folder, what in ((root, "--results-root"), (figures, "--figures"), (scores.parent, "scores folder")):
         check_output_dir(folder, what)
     check_results_file(results)
     check_foreign_tasks(root, chosen, name)
@@ -127,8 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                        + ([f"--results-root {shown(root)}"] if cfg.results_root else [])
                        + ([f"--only '{cfg.only}'"] if cfg.only else []))
     # --only limits what runs, not what the tables show: every other cell already computed is kept
-    text = section_markdown(name, exp, tasks, with_cached(root, tasks, records), root, quick=cfg.quick, command=command,
-                            figures=figures, results=results, wall=time.perf_counter() - start)
+    shown_records = with_cached(root, tasks, records)
+    text = section_markdown(name, exp, tasks, shown_records, root, quick=cfg.quick, command=command, figures=figures,
+                            results=results, wall=time.perf_counter() - start, scores=scores)
+    write_scores(scores, section_scores(name, exp, tasks, shown_records, root))
     write_section(results, name + suffix, text)
     bad = [r for r in records.values() if r["status"] != "done"]
     cached = sum(1 for r in records.values() if r.get("cached"))
