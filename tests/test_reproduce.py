@@ -93,7 +93,9 @@ def test_the_section_releases_its_scores_and_they_give_back_every_interval(clean
     for seed in (0, 1):
         summary = json.loads((root / "tasks" / f"train__none__s{seed}" / "out" / "eval" / "summary.json").read_text())
         clean = cells["clean"]["seeds"][seed]
-        assert clean["task"] == f"train/none/s{seed}" and clean["value"] == summary["normalised_mean"]
+        record = json.loads((root / "tasks" / f"train__none__s{seed}" / "task.json").read_text())
+        assert clean["task"] == record["id"] and clean["key"] == record["key"]
+        assert clean["value"] == summary["normalised_mean"]
         assert clean["episodes"] == summary["normalised_episodes"]
         results = json.loads((root / "tasks" / f"evaluate__pgd__none__s{seed}" / "out" / "results.json").read_text())
         pgd_row = next(r for r in results["rows"] if r["attack"] == "pgd[steps=2]" and r["eps255"] == 2)

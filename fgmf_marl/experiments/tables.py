@@ -220,28 +220,28 @@ def _json_number(value: Any) -> Any:
 def section_scores(name: str, exp: Experiment, tasks: list[Task], records: dict[str, dict[str, Any]],
                    root: Path) -> dict[str, Any]:
     """The scores behind every cell of the experiment's tables: per table, row and column, each seed's value, its
-    task, and its episodes' values where the output records them (null where it does not, e.g. an explanation
-    study's means). Why: a reader can recompute every IQM, interval and probability of improvement, or another
-    statistic, without the results root (Agarwal et al. 2021 ask for per-run scores to be released)."""
+    task and the task's cache key, and its episodes' values where the output records them (null where it does
+    not, e.g. an explanation study's means). Why: a reader can recompute every IQM, interval and probability of
+    improvement, or another statistic, without the results root (Agarwal et al. 2021 ask for per-run scores)."""
     index = {(t.source, t.run, t.seed): t for t in tasks}
+
+    def seed_scores(col: ColumnSpec, row: str, seed: int, value: Any, per_episode: np.ndarray | None) -> dict[str, Any]:
+        task = index[col.source, row, seed]
+        return {"seed": seed, "task": task.id, "key": task.key, "value": _json_number(value),
+                "episodes": None if per_episode is None else [_json_number(v) for v in per_episode]}
+
     tables = {}
     for table in exp.tables:
         cells = table_cells(root, table, tasks, records, exp)
-        rows = {}
-        for row in table.rows:
-            rows[row] = {}
-            for col in table.columns:
-                cell = cells[row, col.label]
-                rows[row][col.label] = {
-                    "seeds": [{"seed": seed, "task": index[col.source, row, seed].id, "value": _json_number(value),
-                               "episodes": None if per_episode is None else [_json_number(v) for v in per_episode]}
-                              for seed, value, per_episode in zip(cell.seeds, cell.values, cell.strata, strict=True)],
-                    "missing": cell.missing}
-        tables[table.name] = {
-            "title": table.title or table.name,
-            "columns": [{"label": c.label, "source": c.source, "metric": c.metric, "attack": c.attack, "eps": c.eps,
-                         "budget": c.budget, "also": list(c.also)} for c in table.columns],
-            "rows": rows}
+        rows = {row: {col.label: {"seeds": [seed_scores(col, row, *part) for part in
+                                            zip(cells[row, col.label].seeds, cells[row, col.label].values,
+                                                cells[row, col.label].strata, strict=True)],
+                                  "missing": cells[row, col.label].missing}
+                      for col in table.columns}
+                for row in table.rows}
+        columns = [{"label": c.label, "source": c.source, "metric": c.metric, "attack": c.attack, "eps": c.eps,
+                    "budget": c.budget, "also": list(c.also)} for c in table.columns]
+        tables[table.name] = {"title": table.title or table.name, "columns": columns, "rows": rows}
     return {"experiment": name, "code_version": code_version(), "tables": tables}
 
 
