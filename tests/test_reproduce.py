@@ -94,8 +94,9 @@ def test_the_section_releases_its_scores_and_they_give_back_every_interval(clean
         summary = json.loads((root / "tasks" / f"train__none__s{seed}" / "out" / "eval" / "summary.json").read_text())
         clean = cells["clean"]["seeds"][seed]
         record = json.loads((root / "tasks" / f"train__none__s{seed}" / "task.json").read_text())
-        assert clean["task"] == record["id"] and clean["key"] == record["key"]
-        assert clean["value"] == summary["normalised_mean"]
+        assert clean["tasks"] == {record["id"]: record["key"]} and clean["code_versions"] == {
+            record["id"]: record["code_version"]}
+        assert clean["value"] == summary["normalised_mean"] and clean["n_episodes"] == summary["episodes"]
         assert clean["episodes"] == summary["normalised_episodes"]
         results = json.loads((root / "tasks" / f"evaluate__pgd__none__s{seed}" / "out" / "results.json").read_text())
         pgd_row = next(r for r in results["rows"] if r["attack"] == "pgd[steps=2]" and r["eps255"] == 2)
@@ -109,6 +110,56 @@ def test_the_section_releases_its_scores_and_they_give_back_every_interval(clean
     for column, label in enumerate(("clean", "PGD-2 ε = 2/255", "worst ε = 2/255"), start=2):
         est = stats.estimate([np.asarray(s["episodes"]) for s in cells[label]["seeds"]], stats.iqm)
         assert row[column] == f"{shown(est.value)} [{shown(est.low)}, {shown(est.high)}]"
+
+
+def test_a_fresh_results_root_keeps_the_cells_the_scores_file_holds(clean_run: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """A section regenerated where the results root is gone (another machine) reads the seeds it does not compute
+    from the scores file, under the same task keys only: the cells come back digit for digit and say where from."""
+    shutil.copy(clean_run / "RESULTS.md", tmp_path / "RESULTS.md")
+    shutil.copytree(clean_run / "scores", tmp_path / "scores")
+    assert reproduce.entry([*_args(tmp_path), "--only", "train/none/s0"]) == 0
+    assert "1/1 tasks done (0 cached)" in capsys.readouterr().out            # only s0 trained here
+    text = (tmp_path / "RESULTS.md").read_text()
+
+    def table(lines: str) -> list[str]:
+        return [line for line in lines.splitlines() if line.startswith("| none")]
+
+    assert "missing" not in text and table(text) == table((clean_run / "RESULTS.md").read_text())
+    assert "3 task(s) are not in this results root" in text
+    for task in ("train/none/s1", "evaluate/pgd/none/s0", "evaluate/pgd/none/s1"):
+        cells_row = next(line for line in text.splitlines() if line.startswith(f"| `{task}` |"))
+        assert cells_row.count("| scores file |") == 1
+    before, after = (json.loads((folder / "scores" / "tiny.json").read_text()) for folder in (clean_run, tmp_path))
+    assert after["tables"]["tiny"]["rows"]["none"]["PGD-2 ε = 2/255"] == before["tables"]["tiny"]["rows"]["none"][
+        "PGD-2 ε = 2/255"]
+
+    # an entry made under another key (another config) is not this task's: its cells are missing
+    after["tables"]["tiny"]["rows"]["none"]["clean"]["seeds"][1]["tasks"]["train/none/s1"] = "0123456789abcdef"
+    (tmp_path / "scores" / "tiny.json").write_text(json.dumps(after))
+    assert reproduce.entry([*_args(tmp_path), "--only", "train/none/s0"]) == 0
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| none seed 1 | 1 | missing (train/none/s1) |" in text
+
+
+def test_a_damaged_scores_file_is_a_one_line_error_before_anything_runs(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "scores").mkdir()
+    (tmp_path / "scores" / "tiny.json").write_text("{not json")
+    assert reproduce.entry(_args(tmp_path)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tiny.json: cannot be read as a scores file" in err
+    assert not (tmp_path / "root").exists() and not (tmp_path / "RESULTS.md").exists()
+    (tmp_path / "scores" / "tiny.json").write_text(json.dumps({"experiment": "other", "tables": {}}))
+    assert reproduce.entry(_args(tmp_path)) == 2
+    assert "is not the scores file of experiment 'tiny'" in capsys.readouterr().err
+    entry = {"seed": 0, "tasks": {"train/none/s0": "k"}, "code_versions": {"train/none/s0": "v"}, "value": "0.5",
+             "n_episodes": 4, "note": "", "episodes": [0.1, "0.2"]}              # a number written as a string
+    (tmp_path / "scores" / "tiny.json").write_text(json.dumps(
+        {"experiment": "tiny", "tables": {"tiny": {"rows": {"none": {"clean": {"seeds": [entry]}}}}}}))
+    assert reproduce.entry(_args(tmp_path)) == 2
+    assert "table 'tiny' is not as reproduce.py writes it" in capsys.readouterr().err
+    assert not (tmp_path / "root").exists() and not (tmp_path / "RESULTS.md").exists()
 
 
 def test_legacy_training_records_are_upgraded_not_retrained(clean_run: Path, tmp_path: Path,

@@ -46,6 +46,9 @@ class Cell:
     notes: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)   # task ids without an output
     strata: list[np.ndarray | None] = field(default_factory=list)   # per seed, its episodes' values if recorded
+    counts: list[int] = field(default_factory=list)       # per seed, its episodes
+    seed_notes: list[str] = field(default_factory=list)   # per seed, what its value was taken from ('' if nothing)
+    archived: dict[int, dict[str, Any]] = field(default_factory=dict)   # seed -> the scores entry it was read from
 
     def by_episode(self) -> list[np.ndarray] | None:
         """The per-seed episode values (the strata of ``fgmf_marl.stats``), or None if a seed lacks them."""
@@ -181,8 +184,10 @@ def joined_worst(data: dict[str, Any], others: list[dict[str, Any]], col: Column
 
 
 def table_cells(root: Path, table: TableSpec, tasks: list[Task], records: dict[str, dict[str, Any]],
-                exp: Experiment) -> dict[tuple[str, str], Cell]:
-    """``(row, column label) -> Cell`` from the tasks' outputs; missing outputs are listed, not guessed."""
+                exp: Experiment, scores: dict[str, Any] | None = None) -> dict[tuple[str, str], Cell]:
+    """``(row, column label) -> Cell`` from the tasks' outputs; a seed whose tasks have no output here is read from
+    ``scores`` (the section's scores file, :func:`section_scores`) where it holds that seed under the same task
+    keys, else listed as missing, not guessed."""
     index = {(t.source, t.run, t.seed): t for t in tasks}
     seeds = {r.name: r.seeds for r in exp.runs}
     cells = {}
@@ -194,20 +199,66 @@ def table_cells(root: Path, table: TableSpec, tasks: list[Task], records: dict[s
                 joined = [index[other, row, seed] for other in col.also]
                 missing = [t.id for t in (task, *joined) if records.get(t.id, {}).get("status") != "done"]
                 if missing:
-                    cell.missing += missing
-                    continue
-                data = _read_output(root, task)
-                value, episodes, note, per_episode = _value(data, col, task.kind)
-                if joined:
-                    value, note, per_episode = joined_worst(data, [_read_output(root, t) for t in joined], col)
+                    entry = archived_seed(scores, table, row, col, seed, [task, *joined])
+                    if entry is None:
+                        cell.missing += missing
+                        continue
+                    value, episodes, note = _float_or(entry["value"]), entry["n_episodes"], entry["note"]
+                    per_episode = (None if entry["episodes"] is None
+                                   else np.array([_float_or(v) for v in entry["episodes"]], dtype=float))
+                    cell.archived[seed] = entry
+                else:
+                    data = _read_output(root, task)
+                    value, episodes, note, per_episode = _value(data, col, task.kind)
+                    if joined:
+                        value, note, per_episode = joined_worst(data, [_read_output(root, t) for t in joined], col)
                 cell.values.append(value)
                 cell.strata.append(per_episode)
                 cell.episodes += episodes
+                cell.counts.append(episodes)
+                cell.seed_notes.append(note)
                 cell.seeds.append(seed)
                 if note:
                     cell.notes.append(f"seed {seed} {note}")
             cells[row, col.label] = cell
     return cells
+
+
+def _float_or(value: Any) -> Any:
+    """A scores file's null back as NaN (what it stands for); anything else unchanged."""
+    return math.nan if value is None else value
+
+
+def archived_seed(scores: dict[str, Any] | None, table: TableSpec, row: str, col: ColumnSpec, seed: int,
+                  tasks: list[Task]) -> dict[str, Any] | None:
+    """The scores file's entry of one seed of one cell, if it was computed by exactly ``tasks`` (the same ids and
+    cache keys: the same configs), else None. Why: a results root lives on the machine that ran it; with this,
+    a section regenerated elsewhere keeps the cells an earlier run computed and computes only the new ones."""
+    if scores is None:
+        return None
+    cell = scores.get("tables", {}).get(table.name, {}).get("rows", {}).get(row, {}).get(col.label)
+    wanted = {t.id: t.key for t in tasks}
+    return next((e for e in (cell or {}).get("seeds", []) if e["seed"] == seed and e["tasks"] == wanted), None)
+
+
+#: what a scores file's seed entry holds (:func:`section_scores`)
+ENTRY_KEYS = frozenset({"seed", "tasks", "code_versions", "value", "n_episodes", "note", "episodes"})
+
+
+def _is_score(value: Any) -> bool:
+    return value is None or isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_entry(e: Any) -> bool:
+    """``e`` has the shape :func:`section_scores` writes for one seed (so a table can take it as it is)."""
+    return (isinstance(e, dict) and e.keys() == ENTRY_KEYS and type(e["seed"]) is int
+            and isinstance(e["tasks"], dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in e["tasks"].items())
+            and isinstance(e["code_versions"], dict) and e["code_versions"].keys() == e["tasks"].keys()
+            and all(isinstance(v, str) for v in e["code_versions"].values())
+            and (_is_score(e["value"]) or isinstance(e["value"], str)) and type(e["n_episodes"]) is int
+            and isinstance(e["note"], str)
+            and (e["episodes"] is None or isinstance(e["episodes"], list) and all(map(_is_score, e["episodes"]))))
 
 
 def _json_number(value: Any) -> Any:
@@ -218,24 +269,30 @@ def _json_number(value: Any) -> Any:
 
 
 def section_scores(name: str, exp: Experiment, tasks: list[Task], records: dict[str, dict[str, Any]],
-                   root: Path) -> dict[str, Any]:
-    """The scores behind every cell of the experiment's tables: per table, row and column, each seed's value, its
-    task and the task's cache key, and its episodes' values where the output records them (null where it does
-    not, e.g. an explanation study's means). Why: a reader can recompute every IQM, interval and probability of
-    improvement, or another statistic, without the results root (Agarwal et al. 2021 ask for per-run scores)."""
+                   root: Path, scores: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The scores behind every cell of the experiment's tables: per table, row and column, each seed's value, the
+    tasks it came from with their cache keys and code versions, its episode count and note, and its episodes'
+    values where the output records them (null where it does not, e.g. an explanation study's means); seeds read
+    from an earlier ``scores`` file are carried over. Why: a reader can recompute every IQM, interval and
+    probability of improvement, or another statistic, without the results root (Agarwal et al. 2021 ask for
+    per-run scores), and a later run elsewhere can keep these cells (:func:`archived_seed`)."""
     index = {(t.source, t.run, t.seed): t for t in tasks}
 
-    def seed_scores(col: ColumnSpec, row: str, seed: int, value: Any, per_episode: np.ndarray | None) -> dict[str, Any]:
-        task = index[col.source, row, seed]
-        return {"seed": seed, "task": task.id, "key": task.key, "value": _json_number(value),
-                "episodes": None if per_episode is None else [_json_number(v) for v in per_episode]}
+    def seed_scores(row: str, col: ColumnSpec, cell: Cell, i: int) -> dict[str, Any]:
+        seed = cell.seeds[i]
+        if seed in cell.archived:
+            return cell.archived[seed]
+        cell_tasks = [index[col.source, row, seed], *(index[other, row, seed] for other in col.also)]
+        return {"seed": seed, "tasks": {t.id: t.key for t in cell_tasks},
+                "code_versions": {t.id: str(records[t.id].get("code_version", "unknown")) for t in cell_tasks},
+                "value": _json_number(cell.values[i]), "n_episodes": cell.counts[i], "note": cell.seed_notes[i],
+                "episodes": None if cell.strata[i] is None else [_json_number(v) for v in cell.strata[i]]}
 
     tables = {}
     for table in exp.tables:
-        cells = table_cells(root, table, tasks, records, exp)
-        rows = {row: {col.label: {"seeds": [seed_scores(col, row, *part) for part in
-                                            zip(cells[row, col.label].seeds, cells[row, col.label].values,
-                                                cells[row, col.label].strata, strict=True)],
+        cells = table_cells(root, table, tasks, records, exp, scores)
+        rows = {row: {col.label: {"seeds": [seed_scores(row, col, cells[row, col.label], i)
+                                            for i in range(len(cells[row, col.label].seeds))],
                                   "missing": cells[row, col.label].missing}
                       for col in table.columns}
                 for row in table.rows}
@@ -243,6 +300,30 @@ def section_scores(name: str, exp: Experiment, tasks: list[Task], records: dict[
                     "budget": c.budget, "also": list(c.also)} for c in table.columns]
         tables[table.name] = {"title": table.title or table.name, "columns": columns, "rows": rows}
     return {"experiment": name, "code_version": code_version(), "tables": tables}
+
+
+def load_scores(path: Path, name: str) -> dict[str, Any] | None:
+    """The section's scores file as an earlier run wrote it, or None if there is none; one that cannot be read as
+    one is a one-line ConfigError naming it (checked before any task runs)."""
+    if not path.exists():
+        return None
+    try:
+        scores = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot be read as a scores file ({exc}); accepted: the JSON file reproduce.py "
+                          "wrote, or no file") from None
+    if not isinstance(scores, dict) or scores.get("experiment") != name or not isinstance(scores.get("tables"), dict):
+        raise ConfigError(f"{path}: is not the scores file of experiment {name!r}; accepted: the JSON file "
+                          "reproduce.py wrote for it, or no file")
+    for table_name, table in scores["tables"].items():
+        rows = table.get("rows") if isinstance(table, dict) else None
+        cells = [c for r in rows.values() if isinstance(r, dict) for c in r.values()] if isinstance(rows, dict) else []
+        if (not isinstance(rows, dict) or not all(isinstance(r, dict) for r in rows.values())
+                or not all(isinstance(c, dict) and isinstance(c.get("seeds"), list) and all(map(_is_entry, c["seeds"]))
+                           for c in cells)):
+            raise ConfigError(f"{path}: table {table_name!r} is not as reproduce.py writes it; accepted: the JSON file "
+                              "reproduce.py wrote, or no file")
+    return scores
 
 
 def write_scores(path: Path, scores: dict[str, Any]) -> None:
@@ -401,15 +482,20 @@ def environment() -> dict[str, str]:
 
 def section_markdown(name: str, exp: Experiment, tasks: list[Task], records: dict[str, dict[str, Any]], root: Path,
                      *, quick: bool, command: str, figures: Path, results: Path, wall: float,
-                     scores: Path | None = None) -> str:
-    """The experiment's section of RESULTS.md (figures written alongside); ``scores``, the section's scores file
-    (:func:`section_scores`), is linked from it."""
+                     scores_path: Path | None = None, scores: dict[str, Any] | None = None) -> str:
+    """The experiment's section of RESULTS.md (figures written alongside); ``scores_path``, the section's scores
+    file (:func:`section_scores`), is linked from it, and the seeds ``scores`` (an earlier one) holds of tasks not
+    done in ``root`` fill their cells (:func:`table_cells`)."""
     version = code_version()
     label = f" — {QUICK_LABEL}" if quick else ""
     done = [records[t.id] for t in tasks if records.get(t.id, {}).get("status") == "done"]
     starts = sorted(r["started"] for r in done if r.get("started"))
     ends = sorted(r["finished"] for r in done if r.get("finished"))
-    versions = sorted({r.get("code_version", "unknown") for r in done})
+    all_cells = {(table.name, key): cell for table in exp.tables
+                 for key, cell in table_cells(root, table, tasks, records, exp, scores).items()}
+    archived = {task_id: entry["code_versions"][task_id] for cell in all_cells.values()
+                for entry in cell.archived.values() for task_id in entry["tasks"]}
+    versions = sorted({r.get("code_version", "unknown") for r in done} | set(archived.values()))
     env = environment()
     lines = [f"## {name}: {exp.title}{label}", ""]
     if quick:
@@ -425,14 +511,18 @@ def section_markdown(name: str, exp: Experiment, tasks: list[Task], records: dic
               f"- dates: {starts[0] if starts else '-'} to {ends[-1] if ends else '-'}; task wall time in all "
               f"{sum(r.get('wall_seconds', 0) for r in done):.0f} s",
               "- environment: " + ", ".join(f"{k} {v}" for k, v in env.items())]
-    if scores is not None:
-        link = os.path.relpath(scores, results.parent)
+    if scores_path is not None:
+        link = os.path.relpath(scores_path, results.parent)
         lines.append(f"- scores: [{link}]({link}): each cell's per-seed values and per-episode scores, to recompute "
                      "any statistic below")
     lines.append("")
     if len(versions) > 1 or (versions and versions != [version]):
         lines += ["Cells come from code versions other than the one that wrote this section; `--rerun` "
                   "recomputes them.", ""]
+    if archived:
+        lines += [f"{len(archived)} task(s) are not in this results root: their cells are read from the scores file, "
+                  "as an earlier run under the same task keys computed them (marked `scores file` in the last "
+                  "table); running those tasks here replaces them.", ""]
     failed = [r for r in records.values() if r.get("status") in ("failed", "blocked")
               and r["id"] in {t.id for t in tasks}]
     if failed:
@@ -443,7 +533,7 @@ def section_markdown(name: str, exp: Experiment, tasks: list[Task], records: dic
     seeds = {r.name: r.seeds for r in exp.runs}
     kinds = {e.name: e.kind for e in exp.evaluations}
     for table in exp.tables:
-        cells = table_cells(root, table, tasks, records, exp)
+        cells = {key: cell for (table_name, key), cell in all_cells.items() if table_name == table.name}
         lines += [f"### {table.title or table.name}{label}", ""]
         head = [c.label for c in table.columns]
         lines += ["| run | seeds | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
@@ -484,8 +574,11 @@ def section_markdown(name: str, exp: Experiment, tasks: list[Task], records: dic
     for task in tasks:
         r = records.get(task.id, {})
         wall_s = f"{r['wall_seconds']:.0f} s" if "wall_seconds" in r else r.get("status", "-")
+        code = r.get("code_version", "-")
+        if task.id in archived and r.get("status") != "done":
+            wall_s, code = "scores file", archived[task.id]
         lines.append(f"| `{task.id}` | `{task.command()}` | `{' '.join(task.overrides) or 'defaults'}` | "
-                     f"{wall_s} | `{str(r.get('code_version', '-'))[:12]}` | {r.get('resumed_from') or '-'} |")
+                     f"{wall_s} | `{str(code)[:12]}` | {r.get('resumed_from') or '-'} |")
     return "\n".join(lines) + "\n"
 
 
