@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from fgmf_marl.config import ConfigError
+from fgmf_marl import stats
 from fgmf_marl.experiments import cache, plan, schema, tables
 from fgmf_marl.jobs import reproduce
 from fgmf_marl.runs import RunDir
@@ -223,9 +224,14 @@ def test_certify_evaluations_place_their_outputs_and_table_their_certificates(tm
     assert task.config["checkpoint"] == "tasks/train__ppo__s0/out" and task.config["out"] == task.out
     assert task.argv(1) == ["--config", f"{task.folder}/config.yaml", "--threads", "1", "--no-progress"]
     data = {"settings": {"episodes": 16}, "certified_rate": {"0.25": 0.75}, "return_bound": {"0.5": 0.3},
-            "smoothed_return_mean": 0.6}
-    assert tables._value(data, schema.ColumnSpec(metric="certified_rate/0.25"), "certify")[:2] == (0.75, 16)
-    assert tables._value(data, schema.ColumnSpec(metric="smoothed_return_mean"), "certify")[0] == 0.6
+            "smoothed_return_mean": 0.6, "smoothed_returns": [0.5, 0.7]}
+    assert tables._value(data, schema.ColumnSpec(metric="certified_rate/0.25"), "certify") == (0.75, 16, "", None)
+    value, _, _, per_episode = tables._value(data, schema.ColumnSpec(metric="smoothed_return_mean"), "certify")
+    assert value == 0.6 and per_episode.tolist() == [0.5, 0.7]   # the smoothed team's episodes: an IQM with its CI
+    cell = tables.Cell([0.6], 2, [0], strata=[per_episode])
+    est = stats.estimate([per_episode], stats.iqm)
+    assert tables.format_cell(cell, schema.ColumnSpec(metric="smoothed_return_mean")) == (
+        f"{est.value:.3f} [{est.low:.3f}, {est.high:.3f}]")
     with pytest.raises(ConfigError, match="certify.json has no 'return_bound/9'"):
         tables._value(data, schema.ColumnSpec(metric="return_bound/9"), "certify")
     bad = yaml.safe_load((ROOT / "experiments" / "certified.yaml").read_text())

@@ -112,6 +112,9 @@ EVAL_METRICS = ("normalised", "team_return", "flip_rate", "audit", "audit_contro
 VERDICT_METRICS = ("audit", "audit_control")
 GATED_EXPLAIN_METRICS = ("shielded_relevance_mass",)   # explain_eval rows only a gated policy has
 RETURN_METRICS = ("normalised_mean", "team_return_mean", "normalised", "team_return")
+#: metrics whose outputs record each episode's value, so their cells are IQMs with intervals: the returns, and a
+#: certify source's smoothed team's clean return (certify.json ``smoothed_returns``)
+EPISODE_METRICS = (*RETURN_METRICS, "smoothed_return_mean")
 
 
 @dataclass

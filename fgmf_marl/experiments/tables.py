@@ -28,8 +28,9 @@ from fgmf_marl.attacks.budget import LEARNED
 from fgmf_marl.config import ConfigError
 from fgmf_marl.experiments.cache import code_version
 from fgmf_marl.experiments.plan import Task
-from fgmf_marl.experiments.schema import (BUDGET_ATTACKERS, GATED_EXPLAIN_METRICS, RETURN_METRICS, VERDICT_METRICS,
-                                          PROFILE_PREFIX, WORST_ATTACKERS, ColumnSpec, Experiment, TableSpec)
+from fgmf_marl.experiments.schema import (BUDGET_ATTACKERS, EPISODE_METRICS, GATED_EXPLAIN_METRICS, RETURN_METRICS,
+                                          VERDICT_METRICS, PROFILE_PREFIX, WORST_ATTACKERS, ColumnSpec, Experiment,
+                                          TableSpec)
 from fgmf_marl.runs import check_output_dir
 
 
@@ -96,7 +97,8 @@ def _value(data: dict[str, Any], col: ColumnSpec, kind: str) -> tuple[Any, int, 
         value = data.get(table, {}).get(key) if key else data.get(col.metric)
         if value is None:
             raise ConfigError(f"column {col.label!r}: certify.json has no {col.metric!r}")
-        return value, int(data["settings"]["episodes"]), "", None
+        per_episode = data.get("smoothed_returns") if col.metric == "smoothed_return_mean" else None
+        return value, int(data["settings"]["episodes"]), "", _episodes(per_episode)
     if kind == "explain":
         method, metric = col.metric.split("/")
         if method == "trust":   # trust/SIGNAL: the signal's Spearman correlation with PGCA's relevance mass
@@ -335,7 +337,7 @@ def write_scores(path: Path, scores: dict[str, Any]) -> None:
 def _episode_counts(table: TableSpec, cells: dict[tuple[str, str], Cell], row: str, kinds: dict[str, str]) -> list[str]:
     """``label N`` per return column of ``row``, and ``source N`` once per explain study (all its columns
     score the same episodes; a column a policy has no value for, e.g. no gate, counts none)."""
-    out = [f"{c.label} {cells[row, c.label].episodes}" for c in table.columns if c.metric in RETURN_METRICS]
+    out = [f"{c.label} {cells[row, c.label].episodes}" for c in table.columns if c.metric in EPISODE_METRICS]
     studies = dict.fromkeys(c.source for c in table.columns if kinds.get(c.source) == "explain")
     out += [f"{source} {max(cells[row, c.label].episodes for c in table.columns if c.source == source)}"
             for source in studies]
@@ -364,7 +366,7 @@ def _mean_std(cell: Cell) -> tuple[float, float]:
 def _iqm(cell: Cell, col: ColumnSpec) -> stats.Estimate | None:
     """The return column's IQM over seeds x episodes with its stratified-bootstrap interval, where every seed's
     output records its episodes (older outputs do not: their cells stay mean ± std over seeds)."""
-    strata = cell.by_episode() if col.metric in RETURN_METRICS else None
+    strata = cell.by_episode() if col.metric in EPISODE_METRICS else None
     return None if strata is None else stats.estimate(strata, stats.iqm)
 
 
