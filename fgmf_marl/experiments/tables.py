@@ -331,7 +331,7 @@ def load_scores(path: Path, name: str) -> dict[str, Any] | None:
 def write_scores(path: Path, scores: dict[str, Any]) -> None:
     """The scores file of a section (:func:`section_scores`), strict JSON, written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(scores, indent=1, allow_nan=False) + "\n")
+    atomic_write_text(path, json.dumps(scores, indent=1, allow_nan=False, ensure_ascii=False) + "\n")
 
 
 def _episode_counts(table: TableSpec, cells: dict[tuple[str, str], Cell], row: str, kinds: dict[str, str]) -> list[str]:
