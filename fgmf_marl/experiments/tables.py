@@ -270,12 +270,22 @@ def _json_number(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
+#: every table's cells by table name (:func:`section_cells`)
+SectionCells = dict[str, dict[tuple[str, str], Cell]]
+
+
+def section_cells(exp: Experiment, tasks: list[Task], records: dict[str, dict[str, Any]], root: Path,
+                  scores: dict[str, Any] | None = None) -> SectionCells:
+    """Every table's cells (:func:`table_cells`), read once for both the section and its scores file."""
+    return {table.name: table_cells(root, table, tasks, records, exp, scores) for table in exp.tables}
+
+
 def section_scores(name: str, exp: Experiment, tasks: list[Task], records: dict[str, dict[str, Any]],
-                   root: Path, scores: dict[str, Any] | None = None) -> dict[str, Any]:
+                   all_cells: SectionCells) -> dict[str, Any]:
     """The scores behind every cell of the experiment's tables: per table, row and column, each seed's value, the
     tasks it came from with their cache keys and code versions, its episode count and note, and its episodes'
     values where the output records them (null where it does not, e.g. an explanation study's means); seeds read
-    from an earlier ``scores`` file are carried over. Why: a reader can recompute every IQM, interval and
+    from an earlier scores file are carried over as they were. Why: a reader can recompute every IQM, interval and
     probability of improvement, or another statistic, without the results root (Agarwal et al. 2021 ask for
     per-run scores), and a later run elsewhere can keep these cells (:func:`archived_seed`)."""
     index = {(t.source, t.run, t.seed): t for t in tasks}
@@ -292,7 +302,7 @@ def section_scores(name: str, exp: Experiment, tasks: list[Task], records: dict[
 
     tables = {}
     for table in exp.tables:
-        cells = table_cells(root, table, tasks, records, exp, scores)
+        cells = all_cells[table.name]
         rows = {row: {col.label: {"seeds": [seed_scores(row, col, cells[row, col.label], i)
                                             for i in range(len(cells[row, col.label].seeds))],
                                   "missing": cells[row, col.label].missing}
@@ -483,19 +493,16 @@ def environment() -> dict[str, str]:
 
 
 def section_markdown(name: str, exp: Experiment, tasks: list[Task], records: dict[str, dict[str, Any]], root: Path,
-                     *, quick: bool, command: str, figures: Path, results: Path, wall: float,
-                     scores_path: Path | None = None, scores: dict[str, Any] | None = None) -> str:
-    """The experiment's section of RESULTS.md (figures written alongside); ``scores_path``, the section's scores
-    file (:func:`section_scores`), is linked from it, and the seeds ``scores`` (an earlier one) holds of tasks not
-    done in ``root`` fill their cells (:func:`table_cells`)."""
+                     all_cells: SectionCells, *, quick: bool, command: str, figures: Path, results: Path, wall: float,
+                     scores_path: Path | None = None) -> str:
+    """The experiment's section of RESULTS.md (figures written alongside) from its tables' cells
+    (:func:`section_cells`); ``scores_path``, the section's scores file (:func:`section_scores`), is linked from it."""
     version = code_version()
     label = f" — {QUICK_LABEL}" if quick else ""
     done = [records[t.id] for t in tasks if records.get(t.id, {}).get("status") == "done"]
     starts = sorted(r["started"] for r in done if r.get("started"))
     ends = sorted(r["finished"] for r in done if r.get("finished"))
-    all_cells = {(table.name, key): cell for table in exp.tables
-                 for key, cell in table_cells(root, table, tasks, records, exp, scores).items()}
-    archived = {task_id: entry["code_versions"][task_id] for cell in all_cells.values()
+    archived = {task_id: entry["code_versions"][task_id] for cells in all_cells.values() for cell in cells.values()
                 for entry in cell.archived.values() for task_id in entry["tasks"]}
     versions = sorted({r.get("code_version", "unknown") for r in done} | set(archived.values()))
     env = environment()
@@ -535,7 +542,7 @@ def section_markdown(name: str, exp: Experiment, tasks: list[Task], records: dic
     seeds = {r.name: r.seeds for r in exp.runs}
     kinds = {e.name: e.kind for e in exp.evaluations}
     for table in exp.tables:
-        cells = {key: cell for (table_name, key), cell in all_cells.items() if table_name == table.name}
+        cells = all_cells[table.name]
         lines += [f"### {table.title or table.name}{label}", ""]
         head = [c.label for c in table.columns]
         lines += ["| run | seeds | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]

@@ -22,8 +22,8 @@ from fgmf_marl.experiments.cache import check_foreign_tasks, check_root_kind, wi
 from fgmf_marl.experiments.plan import JobInfo, check_tables, expand, select
 from fgmf_marl.experiments.runner import check_ray_address, run_tasks
 from fgmf_marl.experiments.schema import load_experiment
-from fgmf_marl.experiments.tables import (QUICK_LABEL, check_results_file, load_scores, section_markdown,
-                                          section_scores, shown, write_scores, write_section)
+from fgmf_marl.experiments.tables import (QUICK_LABEL, check_results_file, load_scores, section_cells,
+                                          section_markdown, section_scores, shown, write_scores, write_section)
 from fgmf_marl.jobs import cli
 from fgmf_marl.runs import check_output_dir
 from fgmf_marl.teams.certification import CertifyConfig
@@ -131,9 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                        + ([f"--only '{cfg.only}'"] if cfg.only else []))
     # --only limits what runs, not what the tables show: every other cell already computed is kept
     shown_records = with_cached(root, tasks, records)
-    text = section_markdown(name, exp, tasks, shown_records, root, quick=cfg.quick, command=command, figures=figures,
-                            results=results, wall=time.perf_counter() - start, scores_path=scores, scores=earlier)
-    write_scores(scores, section_scores(name + suffix, exp, tasks, shown_records, root, earlier))
+    cells = section_cells(exp, tasks, shown_records, root, earlier)
+    text = section_markdown(name, exp, tasks, shown_records, root, cells, quick=cfg.quick, command=command,
+                            figures=figures, results=results, wall=time.perf_counter() - start, scores_path=scores)
+    write_scores(scores, section_scores(name + suffix, exp, tasks, shown_records, cells))
     write_section(results, name + suffix, text)
     bad = [r for r in records.values() if r["status"] != "done"]
     cached = sum(1 for r in records.values() if r.get("cached"))
